@@ -1,0 +1,117 @@
+"""The public entry points: ``rewrite``, ``explain``, ``trainable_parameters``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from fxpeft.capture import capture
+from fxpeft.errors import MatchError
+from fxpeft.explain import Explanation, build_explanation
+from fxpeft.graph_module import AdaptedModule
+from fxpeft.match import MatchResult, match
+from fxpeft.program import Program
+from fxpeft.rules import Rule, RuleSet, load_rules
+from fxpeft.transforms import LoraPass, PassResult, RewritePass, run_passes
+
+log = logging.getLogger("fxpeft")
+RulesLike = "str | Path | RuleSet | Rule | Iterable[Rule]"
+ADAPTER_PARAM_MARKERS = (".lora_A.", ".lora_B.")
+
+
+def default_passes() -> list[RewritePass]:
+    """The rewrite passes, in the order they run."""
+    return [LoraPass()]
+
+
+def _matched(model: torch.nn.Module, rules: Any, example_inputs: Any, leaf_modules: Sequence[type],
+             overrides: dict[str, Any]) -> tuple[Program, RuleSet, MatchResult]:
+    ruleset = load_rules(rules).with_params(**overrides)
+    program = capture(model, example_inputs, leaf_modules)
+    return program, ruleset, match(program, ruleset)
+
+
+def explain(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = None,
+            leaf_modules: Sequence[type] = (), **overrides: Any) -> Explanation:
+    """Per rule, the module paths it matches; for a rule that matches nothing, the closest
+    module names. ``print(fxpeft.explain(model, "lora_qv.toml"))`` shows the report.
+
+    >>> import torch, fxpeft
+    >>> class Attn(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__(); self.q_proj = torch.nn.Linear(4, 4); self.v_proj = torch.nn.Linear(4, 4)
+    ...     def forward(self, x): return self.q_proj(x) + self.v_proj(x)
+    >>> fxpeft.explain(Attn(), "lora_qv.toml").rules[0].matched
+    ['q_proj', 'v_proj']
+    """
+    program, ruleset, result = _matched(model, rules, example_inputs, leaf_modules, overrides)
+    return build_explanation(program, ruleset, result)
+
+
+def _require_matches(program: Program, ruleset: RuleSet, result: MatchResult) -> None:
+    report = build_explanation(program, ruleset, result)
+    for index, rule in enumerate(ruleset.rules):
+        if not rule.optional and not result.for_rule(index):
+            raise MatchError(f"{ruleset.source}: rule {rule.name!r} matched nothing in "
+                             f"{program.model_class}; closest module names: "
+                             f"{', '.join(report.rules[index].closest) or 'none'} "
+                             f"(set optional = true to allow this; fxpeft.explain shows why)")
+
+
+def freeze_base(gm: torch.nn.Module) -> None:
+    """Only adapter parameters require grad."""
+    for name, param in gm.named_parameters():
+        param.requires_grad_(any(marker in f".{name}." for marker in ADAPTER_PARAM_MARKERS))
+
+
+def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = None,
+            leaf_modules: Sequence[type] = (), **overrides: Any) -> AdaptedModule:
+    """Capture ``model``, match ``rules``, and splice adapters: an adapted ``GraphModule``.
+
+    ``rules`` is a path, a bundled name (``"lora_qv.toml"``) or rule objects; keyword
+    ``overrides`` (``r=16``) replace those parameters in every rule that has them. The base
+    parameters are shared with ``model`` and frozen; only adapter parameters train.
+
+    >>> import torch, fxpeft
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    >>> gm = fxpeft.rewrite(net, fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"])), r=2)
+    >>> fxpeft.trainable_parameters(gm)
+    (16, 36)
+    """
+    program, ruleset, result = _matched(model, rules, example_inputs, leaf_modules, overrides)
+    _require_matches(program, ruleset, result)
+    reports = run_passes(program, result.matches, default_passes())
+    gm = program.graph_module
+    freeze_base(gm)
+    gm.meta["fxpeft"] = {"rules": ruleset, "matches": result.matches, "passes": reports,
+                         "program": program}
+    return gm
+
+
+def pass_report(gm: AdaptedModule) -> list[PassResult]:
+    """What each pass did to ``gm``."""
+    return list(gm.meta.get("fxpeft", {}).get("passes", []))
+
+
+def trainable_parameters(gm: torch.nn.Module, print_line: bool = False) -> tuple[int, int]:
+    """(trainable, total) parameter counts, as PEFT's ``get_nb_trainable_parameters``; with
+    ``print_line`` also prints PEFT's ``print_trainable_parameters`` line.
+
+    >>> trainable_parameters(torch.nn.Linear(2, 2))
+    (6, 6)
+    """
+    trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in gm.parameters())
+    if print_line:
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+    return trainable, total
+
+
+def adapter_state_dict(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors of ``gm``, by module path (``...q_proj.lora_A.weight``)."""
+    return {name: t.detach() for name, t in gm.state_dict().items()
+            if any(marker in f".{name}." for marker in ADAPTER_PARAM_MARKERS)}

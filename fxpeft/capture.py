@@ -1,0 +1,188 @@
+"""Frontends: turn an ``nn.Module`` into a ``Program`` (an ``AdaptedModule`` plus its index).
+
+HF transformers models go through non-strict ``torch.export`` with dynamic batch and sequence
+dimensions; plain modules through ``torch.fx.symbolic_trace`` (with user leaf modules), falling
+back to ``torch.export`` when example inputs are given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import operator
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch.utils._sympy.numbers import int_oo
+
+from fxpeft import hf
+from fxpeft.errors import CaptureError
+from fxpeft.graph_module import AdaptedModule, record_attention_dropout
+from fxpeft.patterns import find_linear_sites
+from fxpeft.program import Program
+
+log = logging.getLogger("fxpeft")
+aten = torch.ops.aten
+_EXPORT_CHECKS = (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+                  aten.sym_constrain_range_for_size.default)
+INPUTS_MODULE, OUTPUT_MODULE = "fxpeft_inputs", "fxpeft_output"
+
+
+def capture(model: torch.nn.Module, example_inputs: Any = None,
+            leaf_modules: Sequence[type] = ()) -> Program:
+    """Capture ``model`` into a ``Program``; the model's parameters are shared, not copied.
+
+    >>> program = capture(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+    >>> program.frontend, [s.module_path for s in program.sites]
+    ('symbolic_trace', ['0'])
+    """
+    if isinstance(model, AdaptedModule):
+        raise CaptureError(f"{type(model).__name__} is already an fxpeft graph; rewrite the "
+                           f"original model instead (or load several adapters into it)")
+    if hf.is_hf_model(model):
+        program = _capture_hf(model, example_inputs)
+    else:
+        program = _capture_plain(model, example_inputs, tuple(leaf_modules))
+    program.sites = find_linear_sites(program.graph_module)
+    log.debug("capture: %s via %s, %d linear sites", program.model_class, program.frontend,
+              len(program.sites))
+    return program
+
+
+def _fail(model: torch.nn.Module, how: str, err: Exception, advice: str) -> CaptureError:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    return CaptureError(f"could not capture {type(model).__name__} with {how}: {reason}\n"
+                        f"Try: {advice}")
+
+
+@contextlib.contextmanager
+def _capture_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Train mode (so every dropout probability lands in the graph) and no KV cache."""
+    was_training, config = model.training, getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    model.train()
+    if config is not None:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if config is not None:
+            config.use_cache = use_cache
+
+
+def _capture_hf(model: torch.nn.Module, example_inputs: Any) -> Program:
+    inputs = dict(example_inputs) if example_inputs is not None else hf.example_inputs(model)
+    if "input_ids" not in inputs:
+        raise CaptureError(f"{type(model).__name__}: example_inputs must include input_ids")
+    inputs = {"input_ids": inputs.pop("input_ids"), **inputs}
+    with _capture_mode(model):
+        try:
+            exported = torch.export.export(model, (), inputs, dynamic_shapes=hf.dynamic_shapes(inputs),
+                                           strict=False)
+        except Exception as err:  # torch.export raises many types; all mean "could not capture"
+            raise _fail(model, "torch.export", err, "pass example_inputs= that the model's forward "
+                        "accepts, or load it with attn_implementation='sdpa' or 'eager'") from err
+    graph_module = _hf_graph_module(model, exported, tuple(inputs))
+    return Program(graph_module, type(model).__name__, "export",
+                   info={"inputs": tuple(inputs), "config": model.config})
+
+
+def _max_sequence(exported: torch.export.ExportedProgram, example: torch.fx.Node) -> int | None:
+    size = example.meta["val"].shape[1] if "val" in example.meta else None
+    bound = exported.range_constraints.get(getattr(size, "node", None) and size.node.expr)
+    upper = getattr(bound, "upper", None)
+    return int(upper) if upper is not None and upper != int_oo else None
+
+
+def _hf_graph_module(model: torch.nn.Module, exported: torch.export.ExportedProgram,
+                     names: tuple[str, ...]) -> AdaptedModule:
+    root = exported.module()
+    graph = root.graph
+    strip_export_checks(graph)
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    cls = type(model).__name__
+    root.add_module(INPUTS_MODULE, hf.InputAdapter(names, cls, model.config,
+                                                   _max_sequence(exported, placeholders[0])))
+    root.add_module(OUTPUT_MODULE, hf.OutputAdapter(root._out_spec, model.config, cls))
+    _wire_signature(graph, placeholders)
+    graph._codegen = torch.fx.graph.CodeGen()
+    graph_module = AdaptedModule(root, graph, class_name=f"Adapted{cls}")
+    record_attention_dropout(graph)
+    graph_module.train(model.training)
+    return graph_module
+
+
+def _wire_signature(graph: torch.fx.Graph, placeholders: list[torch.fx.Node]) -> None:
+    """``forward(input_ids, attention_mask=None, ..., labels=None, **kwargs)`` around the body."""
+    for node in placeholders[1:]:
+        node.args = (None,)
+    with graph.inserting_after(placeholders[-1]):
+        kwargs = graph.placeholder("**kwargs")
+    with graph.inserting_after(placeholders[-1]):
+        labels = graph.placeholder("labels", default_value=None)
+    with graph.inserting_after(kwargs):
+        named = {p.target: p for p in placeholders}
+        adapter = graph.call_module(INPUTS_MODULE, (named, labels, kwargs))
+    for index, node in enumerate(placeholders):
+        with graph.inserting_after(adapter):
+            filled = graph.call_function(operator.getitem, (adapter, index))
+        node.replace_all_uses_with(filled, delete_user_cb=lambda user: user is not adapter)
+    output = next(iter(graph.find_nodes(op="output")))
+    flat = output.args[0]
+    with graph.inserting_before(output):
+        wrapped = graph.call_module(OUTPUT_MODULE, (labels, kwargs, *flat))
+    output.args = (wrapped,)
+
+
+def strip_export_checks(graph: torch.fx.Graph) -> int:
+    """Remove export's input guards and metadata asserts (they pin nothing we rely on)."""
+    doomed = [n for n in graph.nodes if (n.op == "call_module" and n.target == "_guards_fn")
+              or (n.op == "call_function" and n.target in _EXPORT_CHECKS and not n.users)]
+    for node in doomed:
+        graph.erase_node(node)
+    return len(doomed)
+
+
+class _LeafTracer(torch.fx.Tracer):
+    def __init__(self, leaf_modules: tuple[type, ...]) -> None:
+        super().__init__()
+        self.leaf_modules = leaf_modules
+
+    def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, self.leaf_modules) or super().is_leaf_module(module, qualified_name)
+
+
+def _capture_plain(model: torch.nn.Module, example_inputs: Any,
+                   leaf_modules: tuple[type, ...]) -> Program:
+    tracer = _LeafTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:  # symbolic tracing raises anything the model's Python does
+        if example_inputs is None:
+            raise _fail(model, "torch.fx.symbolic_trace", err, "mark untraceable submodules with "
+                        "leaf_modules=(...), or pass example_inputs= to capture with torch.export") from err
+        return _capture_plain_export(model, example_inputs)
+    graph_module = AdaptedModule(tracer.root, graph, class_name=f"Adapted{type(model).__name__}")
+    graph_module.train(model.training)
+    return Program(graph_module, type(model).__name__, "symbolic_trace")
+
+
+def _capture_plain_export(model: torch.nn.Module, example_inputs: Any) -> Program:
+    args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
+    auto = torch.export.Dim.AUTO
+    shapes = pytree.tree_map(lambda t: {i: auto for i in range(t.dim())}
+                             if isinstance(t, torch.Tensor) else None, (args, kwargs))
+    with _capture_mode(model):
+        try:
+            exported = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+        except Exception as err:
+            raise _fail(model, "torch.export", err, "check example_inputs match forward()") from err
+    root = exported.module()
+    strip_export_checks(root.graph)
+    graph_module = AdaptedModule(root, root.graph, class_name=f"Adapted{type(model).__name__}")
+    record_attention_dropout(graph_module.graph)
+    graph_module.train(model.training)
+    return Program(graph_module, type(model).__name__, "export")

@@ -1,0 +1,75 @@
+"""The adapted GraphModule: a ``torch.fx.GraphModule`` that owns train/eval semantics.
+
+Exported graphs bake dropout in as constants (``aten.dropout(x, p, train)``, SDPA's
+``dropout_p``), and ``ep.module().train()`` raises. ``AdaptedModule.train(mode)`` rewrites those
+constants instead, recompiling only when the mode actually changes (the HF Trainer calls
+``train()`` every step).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+aten = torch.ops.aten
+SDPA_P_META = "fxpeft_dropout_p"
+_SDPA = aten.scaled_dot_product_attention.default
+_SDPA_P_INDEX = 4  # (query, key, value, attn_mask, dropout_p, is_causal)
+
+
+def _sdpa_p(node: torch.fx.Node) -> float:
+    if "dropout_p" in node.kwargs:
+        return node.kwargs["dropout_p"]
+    return node.args[_SDPA_P_INDEX] if len(node.args) > _SDPA_P_INDEX else 0.0
+
+
+def _set_sdpa_p(node: torch.fx.Node, p: float) -> None:
+    if "dropout_p" in node.kwargs or len(node.args) <= _SDPA_P_INDEX:
+        if len(node.args) <= 3:
+            node.args = node.args + (None,)
+        node.kwargs = {**node.kwargs, "dropout_p": p}
+    else:
+        node.args = node.args[:_SDPA_P_INDEX] + (p,) + node.args[_SDPA_P_INDEX + 1:]
+
+
+def record_attention_dropout(graph: torch.fx.Graph) -> None:
+    """Remember each SDPA node's dropout probability, so ``eval()`` can zero it and ``train()``
+    restore it. Call once, on a graph captured in train mode."""
+    for node in graph.find_nodes(op="call_function", target=_SDPA):
+        node.meta.setdefault(SDPA_P_META, float(_sdpa_p(node)))
+
+
+def set_dropout_mode(graph: torch.fx.Graph, training: bool) -> bool:
+    """Point every dropout in ``graph`` at ``training``. Returns whether anything changed.
+
+    >>> g = torch.fx.Graph(); x = g.placeholder("x")
+    >>> _ = g.output(g.call_function(aten.dropout.default, (x, 0.1, False)))
+    >>> set_dropout_mode(g, True), set_dropout_mode(g, True)
+    (True, False)
+    """
+    changed = False
+    for node in graph.find_nodes(op="call_function", target=aten.dropout.default):
+        if node.args[2] != training:
+            node.args = (node.args[0], node.args[1], training)
+            changed = True
+    for node in graph.find_nodes(op="call_function", target=_SDPA):
+        wanted = node.meta.get(SDPA_P_META, 0.0) if training else 0.0
+        if _sdpa_p(node) != wanted:
+            _set_sdpa_p(node, wanted)
+            changed = True
+    return changed
+
+
+class AdaptedModule(torch.fx.GraphModule):
+    """What ``fxpeft.rewrite`` returns. ``train()`` / ``eval()`` switch every dropout in the graph.
+
+    >>> gm = AdaptedModule(torch.nn.Module(), torch.fx.Graph())
+    >>> gm.eval().training
+    False
+    """
+
+    def train(self, mode: bool = True) -> "AdaptedModule":
+        super().train(mode)
+        if set_dropout_mode(self.graph, mode):
+            self.recompile()
+        return self

@@ -1,0 +1,136 @@
+"""What fxpeft knows about transformers models: example inputs, the call signature, the loss."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.utils._pytree as pytree
+
+# Keyword arguments callers (the HF Trainer, generate) may pass that a captured graph can ignore.
+IGNORED_KWARGS = frozenset({"num_items_in_batch", "return_dict", "use_cache", "output_attentions",
+                            "output_hidden_states", "return_loss"})
+
+
+def is_hf_model(model: torch.nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> dict[str, torch.Tensor]:
+    """Inputs for capture, synthesised from the model's config.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                   num_attention_heads=2, vocab_size=32)
+    >>> sorted(example_inputs(LlamaForCausalLM(cfg)))
+    ['attention_mask', 'input_ids']
+    """
+    config = model.config
+    vocab = getattr(config, "vocab_size", None) or 2
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids.clone()
+    return inputs
+
+
+def dynamic_shapes(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Dynamic batch and sequence dimensions for every 2-D (or wider) tensor input."""
+    dynamic = torch.export.Dim.DYNAMIC
+    return {name: ({0: dynamic, 1: dynamic} if isinstance(t, torch.Tensor) and t.dim() >= 2 else None)
+            for name, t in inputs.items()}
+
+
+def _shift_right(labels: torch.Tensor, start: int, pad: int) -> torch.Tensor:
+    shifted = labels.new_zeros(labels.shape)
+    shifted[..., 1:] = labels[..., :-1].clone()
+    shifted[..., 0] = start
+    return shifted.masked_fill(shifted == -100, pad)
+
+
+class InputAdapter(torch.nn.Module):
+    """First node of an HF graph: fills optional inputs and rejects unknown keywords.
+
+    ``attention_mask=None`` becomes all ones; for encoder-decoders, ``decoder_input_ids=None``
+    is ``labels`` shifted right, as transformers does.
+    """
+
+    def __init__(self, names: tuple[str, ...], model_class: str, config: Any, max_seq: int | None):
+        super().__init__()
+        self.names, self.model_class, self.max_seq = names, model_class, max_seq
+        self.start = getattr(config, "decoder_start_token_id", None) or 0
+        self.pad = getattr(config, "pad_token_id", None) or 0
+
+    def forward(self, inputs: dict[str, Any], labels: Any, kwargs: dict[str, Any]) -> tuple:
+        unknown = sorted(set(kwargs) - IGNORED_KWARGS)
+        if unknown:
+            raise TypeError(f"{self.model_class} graph got unexpected inputs {unknown}; it was "
+                            f"captured with {list(self.names)} (pass example_inputs= with them to "
+                            f"capture them)")
+        ids = inputs["input_ids"]
+        if self.max_seq is not None and ids.shape[-1] > self.max_seq:
+            raise ValueError(f"sequence length {ids.shape[-1]} exceeds the {self.max_seq} "
+                             f"positions {self.model_class} supports")
+        filled = dict(inputs)
+        if filled.get("attention_mask") is None:
+            filled["attention_mask"] = torch.ones_like(ids)
+        if "decoder_input_ids" in filled and filled["decoder_input_ids"] is None:
+            if labels is None:
+                raise ValueError(f"{self.model_class} needs decoder_input_ids or labels")
+            filled["decoder_input_ids"] = _shift_right(labels, self.start, self.pad)
+        return tuple(filled[n] for n in self.names)
+
+
+def _causal_loss(out: Any, labels: torch.Tensor, config: Any, kwargs: dict) -> torch.Tensor:
+    from transformers.loss.loss_utils import ForCausalLMLoss
+    return ForCausalLMLoss(out.logits, labels, vocab_size=out.logits.shape[-1],
+                           num_items_in_batch=kwargs.get("num_items_in_batch"))
+
+
+def _token_loss(out: Any, labels: torch.Tensor, config: Any, kwargs: dict) -> torch.Tensor:
+    from transformers.loss.loss_utils import ForMaskedLMLoss
+    return ForMaskedLMLoss(out.logits, labels, vocab_size=out.logits.shape[-1],
+                           num_items_in_batch=kwargs.get("num_items_in_batch"))
+
+
+def _sequence_loss(out: Any, labels: torch.Tensor, config: Any, kwargs: dict) -> torch.Tensor:
+    from transformers.loss.loss_utils import ForSequenceClassificationLoss
+    return ForSequenceClassificationLoss(labels, out.logits, config)
+
+
+# Output class name prefix -> how transformers computes that head's loss.
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "CausalLMOutput": _causal_loss,
+    "Seq2SeqLMOutput": _token_loss,
+    "MaskedLMOutput": _token_loss,
+    "TokenClassifierOutput": _token_loss,
+    "SequenceClassifierOutput": _sequence_loss,
+}
+
+
+def loss_for(output_class: str) -> Callable[..., torch.Tensor] | None:
+    return next((fn for prefix, fn in LOSSES.items() if output_class.startswith(prefix)), None)
+
+
+class OutputAdapter(torch.nn.Module):
+    """Last node of an HF graph: rebuilds the model's output dataclass and adds ``loss``."""
+
+    def __init__(self, spec: pytree.TreeSpec, config: Any, model_class: str) -> None:
+        super().__init__()
+        self.spec, self.config, self.model_class = spec, config, model_class
+        self.output_class = getattr(spec.type, "__name__", str(spec.type))
+        self.loss = loss_for(self.output_class)
+
+    def forward(self, labels: Any, kwargs: dict[str, Any], *flat: Any) -> Any:
+        out = pytree.tree_unflatten(list(flat), self.spec)
+        if labels is None:
+            return out
+        if self.loss is None:
+            raise ValueError(f"fxpeft cannot compute a loss for {self.model_class} "
+                             f"({self.output_class}); call without labels and use .logits")
+        return type(out)(loss=self.loss(out, labels, self.config, kwargs), **out)

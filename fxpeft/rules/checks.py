@@ -1,0 +1,87 @@
+"""Small value checks shared by the rule dataclasses. Each returns an error message or None."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+Check = Callable[[Any], "str | None"]
+
+
+def _show(value: Any) -> str:
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def positive_int(value: Any) -> str | None:
+    """>>> positive_int(8) is None and positive_int(0) is not None
+    True
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return f"expected a positive integer, got {_show(value)}"
+    return None
+
+
+def positive_number(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        return f"expected a positive number, got {_show(value)}"
+    return None
+
+
+def probability(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        return f"expected a number in [0, 1), got {_show(value)}"
+    return None
+
+
+def boolean(value: Any) -> str | None:
+    return None if isinstance(value, bool) else f"expected true or false, got {_show(value)}"
+
+
+def text(value: Any) -> str | None:
+    return None if isinstance(value, str) and value else f"expected a non-empty string, got {_show(value)}"
+
+
+def one_of(*choices: str) -> Check:
+    def check(value: Any) -> str | None:
+        if value in choices:
+            return None
+        return f"expected one of {', '.join(map(repr, choices))}, got {_show(value)}"
+    return check
+
+
+def int_list(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not value or any(
+            isinstance(v, bool) or not isinstance(v, int) for v in value):
+        return f"expected a non-empty list of integers, got {_show(value)}"
+    return None
+
+
+def int_pair(value: Any) -> str | None:
+    if value is None:
+        return None
+    problem = int_list(value)
+    if problem or len(value) != 2:
+        return f"expected [first, last] (two integers), got {_show(value)}"
+    lo, hi = value
+    if (lo < 0) == (hi < 0) and lo > hi:
+        return f"expected first <= last, got {_show(list(value))}"
+    return None
+
+
+def regex_list(value: Any) -> str | None:
+    if not isinstance(value, (list, tuple)) or any(not isinstance(v, str) or not v for v in value):
+        return f"expected a list of regular expressions (strings), got {_show(value)}"
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            return f"bad regular expression {pattern!r}: {err}"
+    return None
+
+
+def string_list(value: Any) -> str | None:
+    if not isinstance(value, (list, tuple)) or any(not isinstance(v, str) or not v for v in value):
+        return f"expected a list of strings, got {_show(value)}"
+    return None

@@ -1,0 +1,183 @@
+"""Typed, frozen rule objects. They validate themselves when built, never during a search."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from fxpeft.errors import RuleError
+from fxpeft.rules import checks
+
+def _spec(default: Any, check: checks.Check, doc: str) -> Any:
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+def did_you_mean(word: str, choices: Any) -> str:
+    """A ``did you mean ...?`` suffix, or "" when nothing is close.
+
+    >>> did_you_mean("alpah", ["alpha", "r"])
+    ' (did you mean "alpha"?)'
+    """
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def check_fields(obj: Any, prefix: str) -> None:
+    """Run every field's check; freeze lists into tuples. Raises RuleError naming the key."""
+    for spec in dataclasses.fields(obj):
+        value = getattr(obj, spec.name)
+        problem = spec.metadata["check"](value) if "check" in spec.metadata else None
+        if problem:
+            raise RuleError(problem, key=f"{prefix}{spec.name}")
+        if isinstance(value, list):
+            object.__setattr__(obj, spec.name, tuple(value))
+
+
+def known_keys(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+@dataclass(frozen=True)
+class Where:
+    """Constraints on a match. Every given constraint must hold.
+
+    ``path``: regexes searched (``re.search``) in the module path; any one may match.
+    ``exclude``: regexes; a module path matching any of them is skipped.
+    ``layers``: explicit layer indices; ``layer_range``: ``[first, last]`` inclusive,
+    negative values count from the end (``[-2, -1]`` is the top two layers).
+    ``module_type``: class names (``Linear``) or qualified names of the module.
+
+    >>> Where(path=[r"\\.q_proj$"]).path
+    ('\\\\.q_proj$',)
+    """
+
+    path: tuple[str, ...] = _spec((), checks.regex_list, "module-path regexes (any)")
+    exclude: tuple[str, ...] = _spec((), checks.regex_list, "module-path regexes to skip")
+    layers: tuple[int, ...] | None = _spec(None, checks.int_list, "explicit layer indices")
+    layer_range: tuple[int, int] | None = _spec(None, checks.int_pair, "[first, last] layers")
+    module_type: tuple[str, ...] = _spec((), checks.string_list, "module class names")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "where.")
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    """LoRA: ``y = f(x) + scale * B(A(dropout(x)))`` with ``scale = alpha / r`` (or
+    ``alpha / sqrt(r)`` with ``use_rslora``). ``init = "default"`` gives PEFT's kaiming-uniform
+    A and zero B; ``init = "random"`` makes B random too (PEFT's ``init_lora_weights=False``).
+
+    >>> LoraParams(r=8, alpha=16).scale
+    2.0
+    """
+
+    kind: ClassVar[str] = "lora"
+    match_kinds: ClassVar[tuple[str, ...]] = ("linear",)
+    r: int = _spec(8, checks.positive_int, "rank")
+    alpha: float = _spec(8, checks.positive_number, "scaling numerator")
+    dropout: float = _spec(0.0, checks.probability, "dropout on the adapter input")
+    use_rslora: bool = _spec(False, checks.boolean, "scale by alpha/sqrt(r)")
+    init: str = _spec("default", checks.one_of("default", "random"), "initialisation")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "params.")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.r ** 0.5 if self.use_rslora else self.r)
+
+
+_REWRITE_KINDS: dict[str, type] = {"lora": LoraParams}
+
+
+def rewrite_kinds() -> dict[str, type]:
+    """The rewrite kinds rules may name, with their parameter classes.
+
+    >>> "lora" in rewrite_kinds()
+    True
+    """
+    return dict(_REWRITE_KINDS)
+
+
+def match_kinds() -> list[str]:
+    """What rules may match: the union of every rewrite kind's ``match_kinds``."""
+    return sorted({m for cls in _REWRITE_KINDS.values() for m in cls.match_kinds})
+
+
+def register_rewrite_kind(params_cls: type) -> type:
+    """Make a parameter class (with ``kind`` and ``match_kinds``) nameable from rule files."""
+    _REWRITE_KINDS[params_cls.kind] = params_cls
+    return params_cls
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: a match kind, ``where`` constraints, and a rewrite with its parameters.
+
+    >>> Rule(match="linear", where=Where(path=["q_proj"]), params=LoraParams(r=4)).rewrite
+    'lora'
+    """
+
+    match: str = _spec("linear", checks.text, "what to match")
+    where: Where = field(default_factory=Where)
+    params: Any = field(default_factory=LoraParams)
+    name: str = _spec("", lambda v: None if isinstance(v, str) else "expected a string", "name")
+    optional: bool = _spec(False, checks.boolean, "may match nothing")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "")
+        kinds = match_kinds()
+        if self.match not in kinds:
+            raise RuleError(f'unknown match kind "{self.match}"{did_you_mean(self.match, kinds)}'
+                            f"; known: {', '.join(kinds)}", key="match")
+        if type(self.params) not in _REWRITE_KINDS.values():
+            raise RuleError(f"params must be one of {sorted(_REWRITE_KINDS)} parameter objects, "
+                            f"got {type(self.params).__name__}", key="params")
+        if self.match not in self.params.match_kinds:
+            raise RuleError(f'rewrite "{self.rewrite}" applies to {"/".join(self.params.match_kinds)}'
+                            f' matches, not "{self.match}"', key="match")
+
+    @property
+    def rewrite(self) -> str:
+        return self.params.kind
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """An ordered set of rules; a module claimed by an earlier rule is not matched by a later one.
+
+    >>> RuleSet([Rule(where=Where(path=["q_proj"]))]).rules[0].name
+    'rule[0]'
+    """
+
+    rules: tuple[Rule, ...]
+    source: str = "<python>"
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        rules = tuple(self.rules)
+        if not rules:
+            raise RuleError("a rule set needs at least one rule", file=self.source, key="rule")
+        named = tuple(r if r.name else dataclasses.replace(r, name=f"rule[{i}]")
+                      for i, r in enumerate(rules))
+        object.__setattr__(self, "rules", named)
+
+    def with_params(self, **overrides: Any) -> "RuleSet":
+        """A copy with ``overrides`` applied to every rule whose rewrite has those parameters.
+
+        >>> RuleSet([Rule(where=Where(path=["q"]))]).with_params(r=16).rules[0].params.r
+        16
+        """
+        if not overrides:
+            return self
+        accepted = {k for r in self.rules for k in known_keys(type(r.params))}
+        for key in overrides:
+            if key not in accepted:
+                raise RuleError(f"no rule takes a parameter {key!r}{did_you_mean(key, accepted)}",
+                                file=self.source, key=f"override.{key}")
+        rules = [dataclasses.replace(r, params=dataclasses.replace(r.params, **{
+            k: v for k, v in overrides.items() if k in known_keys(type(r.params))}))
+            for r in self.rules]
+        return dataclasses.replace(self, rules=tuple(rules))

@@ -1,0 +1,6 @@
+"""Rewrite passes: each consumes match records of one rewrite kind and splices the graph."""
+
+from fxpeft.transforms.base import PassResult, RewritePass, run_passes
+from fxpeft.transforms.lora import LoraPass
+
+__all__ = ["LoraPass", "PassResult", "RewritePass", "run_passes"]

@@ -1,0 +1,74 @@
+"""The LoRA pass: for each matched linear ``y = f(x)``, splice ``y + scale * B(A(dropout(x)))``."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from fxpeft.errors import PassError
+from fxpeft.match import Match
+from fxpeft.program import LinearSite, Program
+from fxpeft.rules.schema import LoraParams
+
+aten = torch.ops.aten
+ADAPTER_META = "fxpeft_adapter"
+
+
+def make_lora_modules(site: LinearSite, params: LoraParams, like: torch.Tensor) -> tuple[torch.nn.Linear, torch.nn.Linear]:
+    """A (kaiming-uniform, as PEFT and ``nn.Linear`` do) and B (zeros unless ``init="random"``)."""
+    factory = {"dtype": like.dtype, "device": like.device}
+    lora_a = torch.nn.Linear(site.in_features, params.r, bias=False, **factory)
+    lora_b = torch.nn.Linear(params.r, site.out_features, bias=False, **factory)
+    if params.init == "default":
+        torch.nn.init.zeros_(lora_b.weight)
+    return lora_a, lora_b
+
+
+def _attach(gm: torch.fx.GraphModule, path: str, name: str, module: torch.nn.Module) -> str:
+    owner = gm.get_submodule(path)
+    if hasattr(owner, name):
+        raise PassError(f"{path} already has {name!r}: it was adapted twice")
+    owner.add_module(name, module)
+    return f"{path}.{name}"
+
+
+def splice_lora(gm: torch.fx.GraphModule, site: LinearSite, params: LoraParams) -> list[torch.fx.Node]:
+    """Insert the LoRA branch after ``site.node`` and route its users through the sum."""
+    weight = gm.get_parameter(site.weight_target)
+    lora_a, lora_b = make_lora_modules(site, params, weight)
+    a_path = _attach(gm, site.module_path, "lora_A", lora_a)
+    b_path = _attach(gm, site.module_path, "lora_B", lora_b)
+    graph, y = gm.graph, site.node
+    with graph.inserting_before(y.next):  # keeps creation order
+        x = site.input
+        if params.dropout > 0:
+            x = graph.call_function(aten.dropout.default, (x, params.dropout, gm.training))
+        down = graph.call_function(aten.linear.default, (x, graph.get_attr(f"{a_path}.weight")))
+        up = graph.call_function(aten.linear.default, (down, graph.get_attr(f"{b_path}.weight")))
+        scaled = graph.call_function(aten.mul.Tensor, (up, params.scale))
+        total = graph.call_function(aten.add.Tensor, (y, scaled))
+    y.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+    added = _nodes_between(y, total)
+    for node in added:
+        node.meta[ADAPTER_META] = {"kind": "lora", "module_path": site.module_path,
+                                   "adapter": "default", "scale": params.scale}
+    return added
+
+
+def _nodes_between(first: torch.fx.Node, last: torch.fx.Node) -> list[torch.fx.Node]:
+    nodes, node = [], first.next
+    while node is not last:
+        nodes.append(node)
+        node = node.next
+    return nodes + [last]
+
+
+class LoraPass:
+    """Consumes ``rewrite = "lora"`` matches on linear sites."""
+
+    name = "lora"
+    kind = "lora"
+
+    def run(self, program: Program, matches: list[Match]) -> None:
+        for found in matches:
+            splice_lora(program.graph_module, found.site, found.rule.params)

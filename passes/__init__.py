@@ -1,0 +1,1 @@
+"""Bundled fxpeft rule files (package data)."""

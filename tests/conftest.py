@@ -1,0 +1,86 @@
+"""Tiny models built from configs, shared by the tests, plus graph-inspection helpers."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+VOCAB = 128
+
+
+def tiny_llama(**overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**{**cfg, **overrides})).eval()
+
+
+def tiny_mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2,
+                                            vocab_size=VOCAB)).eval()
+
+
+def tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        vocab_size=VOCAB)).eval()
+
+
+def tiny_gpt2(**overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256,
+               bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(GPT2Config(**{**cfg, **overrides})).eval()
+
+
+def tiny_opt():
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                    num_attention_heads=4, vocab_size=VOCAB, word_embed_proj_dim=64,
+                                    max_position_embeddings=256, pad_token_id=1)).eval()
+
+
+def tiny_bert(num_labels: int = 3):
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(hidden_size=64, intermediate_size=128,
+                                                    num_hidden_layers=2, num_attention_heads=4,
+                                                    vocab_size=VOCAB, num_labels=num_labels,
+                                                    max_position_embeddings=256)).eval()
+
+
+def tiny_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16,
+                                               vocab_size=VOCAB, decoder_start_token_id=0,
+                                               pad_token_id=0)).eval()
+
+
+def token_batch(batch: int = 3, seq: int = 11, seed: int = 1) -> torch.Tensor:
+    return torch.randint(2, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def nodes_with_target(gm: torch.fx.GraphModule, target) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
