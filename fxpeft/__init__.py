@@ -6,7 +6,8 @@ True
 """
 
 from fxpeft import rules
-from fxpeft.api import adapter_state_dict, explain, rewrite, trainable_parameters
+from fxpeft.adapters import adapter_state_dict
+from fxpeft.api import explain, rewrite, trainable_parameters
 from fxpeft.errors import CaptureError, FxpeftError, MatchError, PassError, RuleError
 from fxpeft.graph_module import AdaptedModule
 

@@ -8,6 +8,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from fxpeft.adapters import freeze_base
 from fxpeft.capture import capture
 from fxpeft.errors import MatchError
 from fxpeft.explain import Explanation, build_explanation
@@ -15,16 +16,10 @@ from fxpeft.graph_module import AdaptedModule
 from fxpeft.match import MatchResult, match
 from fxpeft.program import Program
 from fxpeft.rules import Rule, RuleSet, load_rules
-from fxpeft.transforms import LoraPass, PassResult, RewritePass, run_passes
+from fxpeft.transforms import PassResult, default_passes, run_passes
 
 log = logging.getLogger("fxpeft")
 RulesLike = "str | Path | RuleSet | Rule | Iterable[Rule]"
-ADAPTER_PARAM_MARKERS = (".lora_A.", ".lora_B.")
-
-
-def default_passes() -> list[RewritePass]:
-    """The rewrite passes, in the order they run."""
-    return [LoraPass()]
 
 
 def _matched(model: torch.nn.Module, rules: Any, example_inputs: Any, leaf_modules: Sequence[type],
@@ -59,12 +54,6 @@ def _require_matches(program: Program, ruleset: RuleSet, result: MatchResult) ->
                              f"{program.model_class}; closest module names: "
                              f"{', '.join(report.rules[index].closest) or 'none'} "
                              f"(set optional = true to allow this; fxpeft.explain shows why)")
-
-
-def freeze_base(gm: torch.nn.Module) -> None:
-    """Only adapter parameters require grad."""
-    for name, param in gm.named_parameters():
-        param.requires_grad_(any(marker in f".{name}." for marker in ADAPTER_PARAM_MARKERS))
 
 
 def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = None,
@@ -109,9 +98,3 @@ def trainable_parameters(gm: torch.nn.Module, print_line: bool = False) -> tuple
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
     return trainable, total
-
-
-def adapter_state_dict(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter tensors of ``gm``, by module path (``...q_proj.lora_A.weight``)."""
-    return {name: t.detach() for name, t in gm.state_dict().items()
-            if any(marker in f".{name}." for marker in ADAPTER_PARAM_MARKERS)}
