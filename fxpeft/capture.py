@@ -59,18 +59,23 @@ def _fail(model: torch.nn.Module, how: str, err: Exception, advice: str) -> Capt
 
 @contextlib.contextmanager
 def _capture_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Train mode (so every dropout probability lands in the graph) and no KV cache."""
-    was_training, config = model.training, getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", None)
+    """Train mode (so every dropout probability lands in the graph) and no KV cache.
+
+    Sub-modules may hold their own config copies (T5's decoder stack), so each is switched.
+    """
+    was_training = model.training
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and hasattr(c, "use_cache")}
+    saved = {key: config.use_cache for key, config in configs.items()}
     model.train()
-    if config is not None:
+    for config in configs.values():
         config.use_cache = False
     try:
         yield
     finally:
         model.train(was_training)
-        if config is not None:
-            config.use_cache = use_cache
+        for key, config in configs.items():
+            config.use_cache = saved[key]
 
 
 def _capture_hf(model: torch.nn.Module, example_inputs: Any) -> Program:

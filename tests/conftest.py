@@ -84,3 +84,32 @@ def nodes_with_target(gm: torch.fx.GraphModule, target) -> list[torch.fx.Node]:
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+def adapter_nodes(gm: torch.fx.GraphModule, kind: str = "lora") -> list[torch.fx.Node]:
+    """Nodes a pass added for adapters of ``kind``."""
+    return [n for n in gm.graph.nodes if n.meta.get("fxpeft_adapter", {}).get("kind") == kind]
+
+
+def lora_branch_count(gm: torch.fx.GraphModule) -> int:
+    """One LoRA branch ends in one ``add`` that joins it to the base output."""
+    return sum(1 for n in adapter_nodes(gm) if n.target == torch.ops.aten.add.Tensor)
+
+
+def randomize_adapters(gm: torch.nn.Module, seed: int = 0) -> None:
+    """Non-zero adapter weights, so outputs and gradients depend on every adapter tensor."""
+    import fxpeft
+    generator = torch.Generator().manual_seed(seed)
+    names = set(fxpeft.adapter_state_dict(gm))
+    with torch.no_grad():
+        for name, param in gm.named_parameters():
+            if name in names:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def assert_only_adapters_get_grads(gm: torch.nn.Module) -> None:
+    import fxpeft
+    adapter_names = set(fxpeft.adapter_state_dict(gm))
+    with_grad = {n for n, p in gm.named_parameters() if p.grad is not None}
+    assert with_grad == adapter_names, (with_grad ^ adapter_names)
+    assert all(p.grad.abs().sum() > 0 for n, p in gm.named_parameters() if n in adapter_names)

@@ -1,0 +1,93 @@
+"""LoRA on every model family: branch counts, lint, identity at init, gradients on adapters only."""
+
+import pytest
+import torch
+
+import fxpeft
+from conftest import (VOCAB, assert_only_adapters_get_grads, lora_branch_count, randomize_adapters,
+                      tiny_bert, tiny_gpt2, tiny_llama, tiny_mistral, tiny_opt, tiny_qwen2, tiny_t5,
+                      token_batch)
+from fxpeft.rules import LoraParams, Rule, Where
+
+
+def qv_rule(*paths: str) -> Rule:
+    return Rule(where=Where(path=list(paths)), params=LoraParams(r=4, alpha=8))
+
+
+def lm_batch():
+    ids = token_batch(3, 10)
+    return {"input_ids": ids}, {"labels": ids}
+
+
+def bert_batch():
+    return {"input_ids": token_batch(3, 10)}, {"labels": torch.tensor([0, 2, 1])}
+
+
+def t5_batch():
+    return ({"input_ids": token_batch(3, 10), "decoder_input_ids": token_batch(3, 7, seed=2)},
+            {"labels": token_batch(3, 7, seed=3)})
+
+
+FAMILIES = {
+    # name: (builder, rules, expected LoRA branches, batch)
+    "llama": (tiny_llama, "lora_qv.toml", 4, lm_batch),
+    "mistral": (tiny_mistral, "lora_qv.toml", 4, lm_batch),
+    "qwen2": (tiny_qwen2, "lora_qv.toml", 4, lm_batch),
+    "opt": (tiny_opt, "lora_qv.toml", 4, lm_batch),
+    "gpt2": (tiny_gpt2, qv_rule(r"c_attn$"), 2, lm_batch),
+    "bert": (tiny_bert, qv_rule(r"\.query$", r"\.value$"), 4, bert_batch),
+    # encoder self-attention (2 layers) + decoder self- and cross-attention (2 layers), q and v
+    "t5": (tiny_t5, qv_rule(r"\.q$", r"\.v$"), 12, t5_batch),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    build, rules, branches, batch = FAMILIES[request.param]
+    model = build()
+    return model, fxpeft.rewrite(model, rules), branches, batch()
+
+
+def test_branch_count_and_lint(family):
+    model, gm, branches, _ = family
+    gm.graph.lint()
+    assert lora_branch_count(gm) == branches
+    lora_linears = [n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default
+                    and n.meta.get("fxpeft_adapter")]
+    assert len(lora_linears) == 2 * branches
+
+
+def test_identity_at_init(family):
+    model, gm, _, (inputs, _) = family
+    torch.testing.assert_close(gm(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_gradients_reach_only_adapters(family):
+    model, gm, _, (inputs, targets) = family
+    randomize_adapters(gm)
+    gm.zero_grad(set_to_none=True)
+    gm.train()
+    gm(**inputs, **targets).loss.backward()
+    gm.eval()
+    assert_only_adapters_get_grads(gm)
+    randomize_adapters(gm, seed=1)  # leave B non-zero but deterministic for later tests in module
+
+
+def test_loss_matches_base_model_at_init():
+    model = tiny_bert()
+    gm = fxpeft.rewrite(model, qv_rule(r"\.query$"))
+    inputs, targets = bert_batch()
+    torch.testing.assert_close(gm(**inputs, **targets).loss, model(**inputs, **targets).loss)
+
+
+def test_t5_labels_alone_build_decoder_inputs():
+    model = tiny_t5()
+    gm = fxpeft.rewrite(model, qv_rule(r"\.q$"))
+    ids, labels = token_batch(2, 9), token_batch(2, 5, seed=4)
+    ours, theirs = gm(input_ids=ids, labels=labels), model(input_ids=ids, labels=labels)
+    torch.testing.assert_close(ours.logits, theirs.logits, rtol=0, atol=0)
+    torch.testing.assert_close(ours.loss, theirs.loss)
+
+
+def test_vocab_constant_is_shared():
+    assert VOCAB == tiny_llama().config.vocab_size
