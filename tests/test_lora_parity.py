@@ -1,0 +1,68 @@
+"""fxpeft LoRA equals PEFT's LoRA numerically, with the same trainable-parameter counts."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import fxpeft
+from conftest import tiny_gpt2, tiny_llama, token_batch
+from fxpeft.rules import LoraParams, Rule, Where
+
+
+def copy_peft_lora_into(gm: torch.nn.Module, peft_model: torch.nn.Module) -> int:
+    """Copy PEFT's lora_A/B (adapter "default") onto fxpeft's parameters of the same module path."""
+    ours = dict(gm.named_parameters())
+    copied = 0
+    with torch.no_grad():
+        for name, value in peft_model.named_parameters():
+            if ".lora_" not in name:
+                continue
+            target = name.removeprefix("base_model.model.").replace(".default.", ".")
+            ours[target].copy_(value)
+            copied += 1
+    return copied
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_llama_matches_peft(use_rslora):
+    base = tiny_llama()
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                        init_lora_weights=False, use_rslora=use_rslora)
+    peft_model = get_peft_model(copy.deepcopy(base), config).eval()
+    gm = fxpeft.rewrite(base, "lora_qv.toml", dropout=0.0, use_rslora=use_rslora)
+    assert copy_peft_lora_into(gm, peft_model) == 8
+    ids = token_batch()
+    torch.testing.assert_close(gm(ids).logits, peft_model(input_ids=ids).logits, rtol=0, atol=1e-5)
+    assert fxpeft.trainable_parameters(gm) == peft_model.get_nb_trainable_parameters()
+
+
+def test_gpt2_conv1d_matches_peft():
+    base = tiny_gpt2()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                        init_lora_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(base), config).eval()
+    rule = Rule(where=Where(path=[r"c_attn$"]), params=LoraParams(r=4, alpha=8))
+    gm = fxpeft.rewrite(base, rule)
+    assert copy_peft_lora_into(gm, peft_model) == 4
+    ids = token_batch()
+    torch.testing.assert_close(gm(ids).logits, peft_model(input_ids=ids).logits, rtol=0, atol=1e-5)
+    assert fxpeft.trainable_parameters(gm) == peft_model.get_nb_trainable_parameters()
+
+
+def test_all_linear_selects_the_same_modules_as_peft():
+    base = tiny_llama()
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules="all-linear"))
+    theirs = sorted(n.removeprefix("base_model.model.").removesuffix(".lora_A")
+                    for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
+    ours = fxpeft.explain(base, "lora_all_linear.toml").rules[0].matched
+    assert sorted(ours) == theirs and "lm_head" not in ours
+
+
+def test_print_trainable_parameters_line(capsys):
+    gm = fxpeft.rewrite(tiny_llama(), "lora_qv.toml")
+    trainable, total = fxpeft.trainable_parameters(gm, print_line=True)
+    line = capsys.readouterr().out.strip()
+    assert line == (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+                    f"trainable%: {100 * trainable / total:.4f}")
