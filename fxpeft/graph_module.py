@@ -17,7 +17,7 @@ _SDPA = aten.scaled_dot_product_attention.default
 _SDPA_P_INDEX = 4  # (query, key, value, attn_mask, dropout_p, is_causal)
 
 
-def _sdpa_p(node: torch.fx.Node) -> float:
+def sdpa_dropout_p(node: torch.fx.Node) -> float:
     if "dropout_p" in node.kwargs:
         return node.kwargs["dropout_p"]
     return node.args[_SDPA_P_INDEX] if len(node.args) > _SDPA_P_INDEX else 0.0
@@ -36,7 +36,7 @@ def record_attention_dropout(graph: torch.fx.Graph) -> None:
     """Remember each SDPA node's dropout probability, so ``eval()`` can zero it and ``train()``
     restore it. Call once, on a graph captured in train mode."""
     for node in graph.find_nodes(op="call_function", target=_SDPA):
-        node.meta.setdefault(SDPA_P_META, float(_sdpa_p(node)))
+        node.meta.setdefault(SDPA_P_META, float(sdpa_dropout_p(node)))
 
 
 def set_dropout_mode(graph: torch.fx.Graph, training: bool) -> bool:
@@ -54,7 +54,7 @@ def set_dropout_mode(graph: torch.fx.Graph, training: bool) -> bool:
             changed = True
     for node in graph.find_nodes(op="call_function", target=_SDPA):
         wanted = node.meta.get(SDPA_P_META, 0.0) if training else 0.0
-        if _sdpa_p(node) != wanted:
+        if sdpa_dropout_p(node) != wanted:
             _set_sdpa_p(node, wanted)
             changed = True
     return changed
