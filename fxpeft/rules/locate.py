@@ -64,5 +64,8 @@ class KeyLocator:
         while key:
             if key in self.lines:
                 return self.lines[key]
-            key = key.rsplit(".", 1)[0] if "." in key else ""
+            if key.endswith("]"):  # rule[0] of an inline array: the array's own line
+                key = key[:key.rindex("[")]
+            else:
+                key = key.rsplit(".", 1)[0] if "." in key else ""
         return None
