@@ -179,7 +179,7 @@ def _capture_plain_export(model: torch.nn.Module, example_inputs: Any) -> Progra
     args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
     auto = torch.export.Dim.AUTO
     shapes = pytree.tree_map(lambda t: {i: auto for i in range(t.dim())}
-                             if isinstance(t, torch.Tensor) else None, (args, kwargs))
+                             if isinstance(t, torch.Tensor) else None, kwargs or args)
     with _capture_mode(model):
         try:
             exported = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)

@@ -1,0 +1,119 @@
+"""Capture: both frontends, linear sites tied to module paths and types, and clear failures."""
+
+import pytest
+import torch
+
+import fxpeft
+from conftest import assert_only_adapters_get_grads, randomize_adapters, tiny_gpt2, tiny_llama, token_batch
+from fxpeft.capture import capture
+from fxpeft.rules import LoraParams, Rule, Where
+
+
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = torch.nn.Linear(8, 8)
+        self.v_proj = torch.nn.Linear(8, 8)
+        self.out = torch.nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x):
+        hidden = torch.relu(self.q_proj(x)) + self.v_proj(x)
+        return torch.nn.functional.linear(hidden, self.out)
+
+
+class Branchy(torch.nn.Module):
+    """Python control flow on a shape: symbolic_trace cannot follow it; torch.export can."""
+
+    def forward(self, x):
+        return x * 2 if x.shape[0] > 1 else x
+
+
+class WithBranchy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = torch.nn.Linear(8, 8)
+        self.branchy = Branchy()
+
+    def forward(self, x):
+        return self.branchy(self.q_proj(x))
+
+
+def test_llama_sites_carry_module_paths_and_types():
+    program = capture(tiny_llama())
+    paths = program.module_paths()
+    assert len(paths) == 15 and paths[0] == "model.layers.0.self_attn.q_proj" and paths[-1] == "lm_head"
+    assert {s.module_type for s in program.sites} == {"torch.nn.modules.linear.Linear"}
+    assert all(s.kind == "linear" for s in program.sites)
+    assert program.layer_count == 2 and program.frontend == "export"
+
+
+def test_gpt2_conv1d_sites_are_addmm():
+    sites = {s.module_path: s for s in capture(tiny_gpt2()).sites}
+    conv = sites["transformer.h.0.attn.c_attn"]
+    assert conv.kind == "addmm" and conv.fan_in_fan_out
+    assert conv.module_type.endswith("Conv1D") and (conv.in_features, conv.out_features) == (64, 192)
+    assert sites["lm_head"].kind == "linear"
+
+
+def test_plain_module_uses_symbolic_trace_and_trains():
+    block = Block()
+    program = capture(block)
+    assert program.frontend == "symbolic_trace"
+    assert [(s.module_path, s.kind) for s in program.sites] == [
+        ("q_proj", "module"), ("v_proj", "module"), ("out", "linear")]
+    gm = fxpeft.rewrite(block, "lora_qv.toml")
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(gm(x), block(x), rtol=0, atol=0)
+    randomize_adapters(gm)
+    gm(x).sum().backward()
+    assert_only_adapters_get_grads(gm)
+
+
+def test_leaf_modules_make_untraceable_code_capturable():
+    model = WithBranchy()
+    with pytest.raises(fxpeft.CaptureError, match="could not capture WithBranchy") as caught:
+        capture(model)
+    assert "leaf_modules" in str(caught.value)
+    gm = fxpeft.rewrite(model, "lora_qv.toml", leaf_modules=[Branchy])
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    assert any(n.op == "call_module" and n.target == "branchy" for n in gm.graph.nodes)
+
+
+def test_example_inputs_fall_back_to_export_for_plain_modules():
+    model = WithBranchy()
+    x = torch.ones(2, 8)
+    program = capture(model, example_inputs=(x,))
+    assert program.frontend == "export" and program.module_paths() == ["q_proj"]
+    gm = fxpeft.rewrite(model, "lora_qv.toml", example_inputs=(x,))
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
+def test_hf_capture_failure_names_the_model_and_what_to_try():
+    with pytest.raises(fxpeft.CaptureError) as caught:
+        capture(tiny_llama(), example_inputs={"input_ids": token_batch(), "bogus": torch.ones(1)})
+    message = str(caught.value)
+    assert message.startswith("could not capture LlamaForCausalLM with torch.export")
+    assert "Try:" in message and len(message) < 1000
+
+
+def test_capture_leaves_the_model_as_it_was():
+    model = tiny_llama()
+    model.config.use_cache = True
+    capture(model)
+    assert model.training is False and model.config.use_cache is True
+
+
+def test_adapted_graph_cannot_be_rewritten_again():
+    gm = fxpeft.rewrite(Block(), "lora_qv.toml")
+    with pytest.raises(fxpeft.CaptureError, match="already an fxpeft graph"):
+        fxpeft.rewrite(gm, "lora_qv.toml")
+
+
+def test_per_call_overrides_change_rank_and_scale():
+    gm = fxpeft.rewrite(Block(), Rule(where=Where(path=["q_proj"]), params=LoraParams(r=2)), r=3,
+                        alpha=6)
+    assert gm.get_parameter("q_proj.lora_A.weight").shape == (3, 8)
+    scales = [n.args[1] for n in gm.graph.nodes
+              if n.target == torch.ops.aten.mul.Tensor and n.meta.get("fxpeft_adapter")]
+    assert scales == [2.0]
