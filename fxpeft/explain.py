@@ -41,6 +41,7 @@ class RuleReport:
     optional: bool
     closest: list[str] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
+    bound: dict[str, str] = field(default_factory=dict)  # path -> what a pattern bound there
 
 
 @dataclass
@@ -63,7 +64,9 @@ class Explanation:
         lines = [f"{self.model_class}: {len(self.rules)} rule(s)"]
         for report in self.rules:
             lines.append(f"- {report.name} ({report.rewrite}): {len(report.matched)} match(es)")
-            lines += [f"    {path}" for path in report.matched]
+            for path in report.matched:
+                lines.append(f"    {path}")
+                lines += [f"      bound: {report.bound[path]}"] if path in report.bound else []
             if not report.matched:
                 lines.append(f"    nothing matched{' (optional)' if report.optional else ''}; "
                              f"closest module names: {', '.join(report.closest) or 'none'}")
@@ -77,5 +80,8 @@ def build_explanation(program: Program, rules: RuleSet, result: MatchResult) -> 
         matched = result.paths(index)
         reasons = {m.module_path: m.reason for m in result.misses if m.rule_index == index}
         closest = [] if matched else closest_names(rule.where.path or ("",), list(reasons))
-        reports.append(RuleReport(rule.name, rule.rewrite, matched, rule.optional, closest, reasons))
+        bound = {m.module_path: m.site.describe() for m in result.for_rule(index)
+                 if hasattr(m.site, "describe")}
+        reports.append(RuleReport(rule.name, rule.rewrite, matched, rule.optional, closest, reasons,
+                                  bound))
     return Explanation(program.model_class, reports)

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch.fx
 
+from fxpeft.attention import find_attention_sites
 from fxpeft.program import Program, layer_index
 from fxpeft.rules.schema import Rule, RuleSet, Where
 
@@ -78,8 +79,13 @@ def _linear_candidates(program: Program) -> list[Candidate]:
     return [Candidate(s.module_path, s.module_type, s.node, s) for s in program.sites]
 
 
+def _attention_candidates(program: Program) -> list[Candidate]:
+    return [Candidate(s.module_path, s.module_type, s.output, s) for s in find_attention_sites(program)]
+
+
 # match kind -> how to enumerate its candidates. Patterns for new kinds register here.
-CANDIDATE_FINDERS: dict[str, Callable[[Program], list[Candidate]]] = {"linear": _linear_candidates}
+CANDIDATE_FINDERS: dict[str, Callable[[Program], list[Candidate]]] = {
+    "linear": _linear_candidates, "attention": _attention_candidates}
 
 
 def candidates(program: Program, kind: str) -> list[Candidate]:

@@ -113,3 +113,19 @@ def assert_only_adapters_get_grads(gm: torch.nn.Module) -> None:
     with_grad = {n for n, p in gm.named_parameters() if p.grad is not None}
     assert with_grad == adapter_names, (with_grad ^ adapter_names)
     assert all(p.grad.abs().sum() > 0 for n, p in gm.named_parameters() if n in adapter_names)
+
+
+def tiny_qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        vocab_size=VOCAB)).eval()
+
+
+def tiny_gemma():
+    from transformers import GemmaConfig, GemmaForCausalLM
+    torch.manual_seed(0)
+    return GemmaForCausalLM(GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                        vocab_size=VOCAB)).eval()

@@ -89,7 +89,44 @@ class LoraParams:
         return self.alpha / (self.r ** 0.5 if self.use_rslora else self.r)
 
 
-_REWRITE_KINDS: dict[str, type] = {"lora": LoraParams}
+@dataclass(frozen=True)
+class AdaptionPromptParams:
+    """LLaMA-Adapter (PEFT's ``AdaptionPromptConfig``): ``adapter_len`` learned prompt tokens per
+    layer, attended through the layer's frozen k/v projections with their own softmax, times a
+    zero-initialised gate (``gate = "tanh"``: times ``tanh(gate)``, as the paper's later code).
+
+    >>> AdaptionPromptParams().adapter_len
+    10
+    """
+
+    kind: ClassVar[str] = "adaption_prompt"
+    match_kinds: ClassVar[tuple[str, ...]] = ("attention",)
+    adapter_len: int = _spec(10, checks.positive_int, "prompt tokens per layer")
+    gate: str = _spec("scale", checks.one_of("scale", "tanh"), "how the gate scales the scores")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "params.")
+
+
+@dataclass(frozen=True)
+class IA3Params:
+    """IA3: a learned vector, initialised to ones, scales a linear's output (or, with
+    ``feedforward = true``, its input, as PEFT's ``feedforward_modules``).
+
+    >>> IA3Params(feedforward=True).feedforward
+    True
+    """
+
+    kind: ClassVar[str] = "ia3"
+    match_kinds: ClassVar[tuple[str, ...]] = ("linear",)
+    feedforward: bool = _spec(False, checks.boolean, "scale the input instead of the output")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "params.")
+
+
+_REWRITE_KINDS: dict[str, type] = {"lora": LoraParams, "adaption_prompt": AdaptionPromptParams,
+                                   "ia3": IA3Params}
 
 
 def rewrite_kinds() -> dict[str, type]:

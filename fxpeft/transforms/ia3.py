@@ -1,0 +1,120 @@
+"""The IA3 pass: a learned vector ``ia3_l`` (ones at init) scales a linear's output, or, for
+feed-forward sites, its input. Shapes are PEFT's: ``(out, 1)`` for outputs, ``(1, in)`` for inputs,
+so the saved tensors need no reshaping. ``fold_ia3`` merges the vectors into the weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from fxpeft.adapters import register_adapter_names
+from fxpeft.errors import PassError
+from fxpeft.match import Match
+from fxpeft.patterns import fetch_attr
+from fxpeft.program import LinearSite, Program
+from fxpeft.rules.schema import IA3Params
+from fxpeft.transforms.lora import ADAPTER_META
+
+aten = torch.ops.aten
+IA3 = "ia3_l"
+register_adapter_names(IA3)
+
+
+def _register(gm: torch.fx.GraphModule, site: LinearSite, params: IA3Params) -> str:
+    owner = gm.get_submodule(site.module_path)
+    if hasattr(owner, IA3):
+        raise PassError(f"{site.module_path} already has {IA3!r}: it was adapted twice")
+    weight = gm.get_parameter(site.weight_target)
+    shape = (1, site.in_features) if params.feedforward else (site.out_features, 1)
+    owner.register_parameter(IA3, torch.nn.Parameter(torch.ones(shape, dtype=weight.dtype,
+                                                                 device=weight.device)))
+    return f"{site.module_path}.{IA3}"
+
+
+def _bias_target(gm: torch.fx.GraphModule, site: LinearSite) -> str | None:
+    """Where the site's bias lives, if it has one (it is scaled too when outputs are)."""
+    if site.kind == "module":
+        return f"{site.node.target}.bias" if gm.get_submodule(site.node.target).bias is not None else None
+    args = site.node.args
+    bias = args[0] if site.kind == "addmm" else (args[2] if len(args) > 2 else None)
+    return bias.target if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else None
+
+
+def splice_ia3(gm: torch.fx.GraphModule, site: LinearSite, params: IA3Params) -> list[torch.fx.Node]:
+    """``y * l`` after ``site.node``, or ``f(x * l)`` for a feed-forward site."""
+    target = _register(gm, site, params)
+    graph = gm.graph
+    anchor = site.node if params.feedforward else site.node.next
+    with graph.inserting_before(anchor):
+        vector = graph.call_function(aten.view.default, (graph.get_attr(target), [-1]))
+        scaled_from = site.input if params.feedforward else site.node
+        scaled = graph.call_function(aten.mul.Tensor, (scaled_from, vector))
+    if params.feedforward:
+        site.node.replace_input_with(site.input, scaled)
+    else:
+        site.node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+    meta = {"kind": "ia3", "module_path": site.module_path, "adapter": "default", "parameter": target,
+            "feedforward": params.feedforward, "weight": site.weight_target,
+            "bias": _bias_target(gm, site), "fan_in_fan_out": site.fan_in_fan_out}
+    added = [vector.args[0], vector, scaled]
+    for node in added:
+        node.meta[ADAPTER_META] = meta
+    return added
+
+
+class IA3Pass:
+    """Consumes ``rewrite = "ia3"`` matches on linear sites."""
+
+    name = "ia3"
+    kind = "ia3"
+
+    def run(self, program: Program, matches: list[Match]) -> None:
+        for found in matches:
+            splice_ia3(program.graph_module, found.site, found.rule.params)
+
+
+def _replace_parameter(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    """Swap in a new frozen parameter at ``target`` (the original model's stays untouched)."""
+    path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(path)
+    setattr(owner, name, torch.nn.Parameter(value, requires_grad=False))
+
+
+def _fold_one(gm: torch.fx.GraphModule, scaled: torch.fx.Node) -> None:
+    meta = scaled.meta[ADAPTER_META]
+    vector = fetch_attr(gm, meta["parameter"]).detach()
+    weight = fetch_attr(gm, meta["weight"]).detach()
+    # Weights are (out, in), or (in, out) for fan-in-fan-out: which axis does the vector scale?
+    along_columns = meta["feedforward"] != meta["fan_in_fan_out"]
+    factor = vector.reshape(1, -1) if along_columns else vector.reshape(-1, 1)
+    _replace_parameter(gm, meta["weight"], weight * factor)
+    if meta["bias"] and not meta["feedforward"]:
+        _replace_parameter(gm, meta["bias"], fetch_attr(gm, meta["bias"]).detach() * vector.flatten())
+    scaled.replace_all_uses_with(scaled.args[0])
+    view = scaled.args[1]
+    for node in (scaled, view, view.args[0]):
+        gm.graph.erase_node(node)
+    path, _, name = meta["parameter"].rpartition(".")
+    delattr(gm.get_submodule(path), name)
+
+
+def fold_ia3(gm: torch.fx.GraphModule) -> int:
+    """Merge every IA3 vector into its linear's weight (and, for output scaling, bias); the graph
+    gets back the base op count. Returns how many were folded.
+
+    >>> import fxpeft
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    >>> from fxpeft.rules import Rule, Where
+    >>> from fxpeft.rules.schema import IA3Params
+    >>> gm = fxpeft.rewrite(net, Rule(where=Where(path=["0"]), params=IA3Params()))
+    >>> n = len(gm.graph.nodes); fold_ia3(gm), n - len(gm.graph.nodes)
+    (1, 3)
+    """
+    doomed = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == aten.mul.Tensor
+              and n.meta.get(ADAPTER_META, {}).get("kind") == "ia3"]
+    for scaled in doomed:
+        _fold_one(gm, scaled)
+    gm.graph.lint()
+    gm.recompile()
+    return len(doomed)
