@@ -36,3 +36,13 @@ def adapter_state_dict(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
     {}
     """
     return {name: t.detach() for name, t in gm.state_dict().items() if is_adapter_parameter(name)}
+
+
+def adapter_component(base: str, adapter: str) -> str:
+    """The name component ``base`` (``lora_A``) takes for ``adapter``: the default adapter keeps
+    PEFT's plain name, others get their name appended, so several adapters share one module.
+
+    >>> adapter_component("lora_A", "default"), adapter_component("lora_A", "sql")
+    ('lora_A', 'lora_A_sql')
+    """
+    return base if adapter == "default" else f"{base}_{adapter}"
