@@ -1,0 +1,37 @@
+"""Benchmark hygiene shared by the bench scripts: interleaved sides, warm-up, medians, and the
+machine state (threads, load average) printed beside every ratio."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def machine_line() -> str:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return (f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+            f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+def interleaved_medians(sides: dict[str, Callable[[], None]], steps: int, warmup: int) -> dict[str, float]:
+    """Run each side once per round, round-robin, so machine noise hits every side alike;
+    return the median seconds per call of each side after ``warmup`` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for round_index in range(warmup + steps):
+        for name, step in sides.items():
+            start = time.perf_counter()
+            step()
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def print_ratios(medians: dict[str, float], reference: str) -> None:
+    print(machine_line())
+    for name, seconds in medians.items():
+        print(f"{name:<28} {seconds * 1000:9.1f} ms/step   {seconds / medians[reference]:6.3f} x {reference}")
