@@ -25,30 +25,28 @@ def copy_peft_lora_into(gm: torch.nn.Module, peft_model: torch.nn.Module) -> int
     return copied
 
 
-@pytest.mark.parametrize("use_rslora", [False, True])
-def test_llama_matches_peft(use_rslora):
-    base = tiny_llama()
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                        init_lora_weights=False, use_rslora=use_rslora)
+def assert_matches_peft(base: torch.nn.Module, config: LoraConfig, rules, copies: int, **overrides) -> None:
+    """fxpeft with PEFT's (non-zero) LoRA weights gives PEFT's logits and parameter counts."""
     peft_model = get_peft_model(copy.deepcopy(base), config).eval()
-    gm = fxpeft.rewrite(base, "lora_qv.toml", dropout=0.0, use_rslora=use_rslora)
-    assert copy_peft_lora_into(gm, peft_model) == 8
+    gm = fxpeft.rewrite(base, rules, **overrides)
+    assert copy_peft_lora_into(gm, peft_model) == copies
     ids = token_batch()
     torch.testing.assert_close(gm(ids).logits, peft_model(input_ids=ids).logits, rtol=0, atol=1e-5)
     assert fxpeft.trainable_parameters(gm) == peft_model.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_llama_matches_peft(use_rslora):
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                        init_lora_weights=False, use_rslora=use_rslora)
+    assert_matches_peft(tiny_llama(), config, "lora_qv.toml", 8, dropout=0.0, use_rslora=use_rslora)
 
 
 def test_gpt2_conv1d_matches_peft():
-    base = tiny_gpt2()
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
                         init_lora_weights=False)
-    peft_model = get_peft_model(copy.deepcopy(base), config).eval()
     rule = Rule(where=Where(path=[r"c_attn$"]), params=LoraParams(r=4, alpha=8))
-    gm = fxpeft.rewrite(base, rule)
-    assert copy_peft_lora_into(gm, peft_model) == 4
-    ids = token_batch()
-    torch.testing.assert_close(gm(ids).logits, peft_model(input_ids=ids).logits, rtol=0, atol=1e-5)
-    assert fxpeft.trainable_parameters(gm) == peft_model.get_nb_trainable_parameters()
+    assert_matches_peft(tiny_gpt2(), config, rule, 4)
 
 
 def test_all_linear_selects_the_same_modules_as_peft():
