@@ -41,17 +41,23 @@ def _bias_target(gm: torch.fx.GraphModule, site: LinearSite) -> str | None:
     return bias.target if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else None
 
 
+def _current_input(site: LinearSite) -> torch.fx.Node:
+    """The site's input as the graph has it now (an earlier splice may have replaced
+    ``site.input``, e.g. IA3 on the previous linear's output)."""
+    return site.node.args[len(site.node.args) - 2 if site.kind in ("addmm", "mm") else 0]
+
+
 def splice_ia3(gm: torch.fx.GraphModule, site: LinearSite, params: IA3Params) -> list[torch.fx.Node]:
     """``y * l`` after ``site.node``, or ``f(x * l)`` for a feed-forward site."""
     target = _register(gm, site, params)
     graph = gm.graph
     anchor = site.node if params.feedforward else site.node.next
+    source = _current_input(site) if params.feedforward else site.node
     with graph.inserting_before(anchor):
         vector = graph.call_function(aten.view.default, (graph.get_attr(target), [-1]))
-        scaled_from = site.input if params.feedforward else site.node
-        scaled = graph.call_function(aten.mul.Tensor, (scaled_from, vector))
+        scaled = graph.call_function(aten.mul.Tensor, (source, vector))
     if params.feedforward:
-        site.node.replace_input_with(site.input, scaled)
+        site.node.replace_input_with(source, scaled)
     else:
         site.node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
     meta = {"kind": "ia3", "module_path": site.module_path, "adapter": "default", "parameter": target,
@@ -77,20 +83,30 @@ class IA3Pass:
 def _replace_parameter(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
     """Swap in a new frozen parameter at ``target`` (the original model's stays untouched)."""
     path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(path)
-    setattr(owner, name, torch.nn.Parameter(value, requires_grad=False))
+    setattr(gm.get_submodule(path), name, torch.nn.Parameter(value, requires_grad=False))
 
 
-def _fold_one(gm: torch.fx.GraphModule, scaled: torch.fx.Node) -> None:
-    meta = scaled.meta[ADAPTER_META]
+def merge_ia3(gm: torch.fx.GraphModule, node: torch.fx.Node, meta: dict, gate: float,
+              weights: dict[str, torch.Tensor]) -> None:
+    """Fold the IA3 vector behind ``node`` into ``weights`` (target -> merged tensor): the weight
+    (and, for output scaling, the bias). The signature of ``fxpeft.merge``'s mergers."""
+    if node.target != aten.mul.Tensor or gate == 0:
+        return
+    if gate != 1:
+        raise PassError(f"ia3 at {meta['module_path']}: cannot fold a partly open gate ({gate})")
     vector = fetch_attr(gm, meta["parameter"]).detach()
-    weight = fetch_attr(gm, meta["weight"]).detach()
     # Weights are (out, in), or (in, out) for fan-in-fan-out: which axis does the vector scale?
     along_columns = meta["feedforward"] != meta["fan_in_fan_out"]
-    factor = vector.reshape(1, -1) if along_columns else vector.reshape(-1, 1)
-    _replace_parameter(gm, meta["weight"], weight * factor)
+    weight = weights.get(meta["weight"], fetch_attr(gm, meta["weight"]).detach())
+    weights[meta["weight"]] = weight * (vector.reshape(1, -1) if along_columns else vector.reshape(-1, 1))
     if meta["bias"] and not meta["feedforward"]:
-        _replace_parameter(gm, meta["bias"], fetch_attr(gm, meta["bias"]).detach() * vector.flatten())
+        bias = weights.get(meta["bias"], fetch_attr(gm, meta["bias"]).detach())
+        weights[meta["bias"]] = bias * vector.flatten()
+
+
+def _strip(gm: torch.fx.GraphModule, scaled: torch.fx.Node) -> None:
+    """Route ``scaled``'s users to its input and drop the vector: the base graph again."""
+    meta = scaled.meta[ADAPTER_META]
     scaled.replace_all_uses_with(scaled.args[0])
     view = scaled.args[1]
     for node in (scaled, view, view.args[0]):
@@ -100,8 +116,9 @@ def _fold_one(gm: torch.fx.GraphModule, scaled: torch.fx.Node) -> None:
 
 
 def fold_ia3(gm: torch.fx.GraphModule) -> int:
-    """Merge every IA3 vector into its linear's weight (and, for output scaling, bias); the graph
-    gets back the base op count. Returns how many were folded.
+    """Merge every IA3 vector into its linear's weight (and, for output scaling, bias), in place
+    on ``gm`` with new parameter objects; the graph gets back the base op count. Returns how many
+    were folded.
 
     >>> import fxpeft
     >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2))
@@ -113,8 +130,13 @@ def fold_ia3(gm: torch.fx.GraphModule) -> int:
     """
     doomed = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == aten.mul.Tensor
               and n.meta.get(ADAPTER_META, {}).get("kind") == "ia3"]
+    weights: dict[str, torch.Tensor] = {}
     for scaled in doomed:
-        _fold_one(gm, scaled)
+        merge_ia3(gm, scaled, scaled.meta[ADAPTER_META], 1.0, weights)
+    for target, value in weights.items():
+        _replace_parameter(gm, target, value)
+    for scaled in doomed:
+        _strip(gm, scaled)
     gm.graph.lint()
     gm.recompile()
     return len(doomed)
