@@ -7,9 +7,12 @@ True
 
 from fxpeft import rules
 from fxpeft.adapters import adapter_state_dict
-from fxpeft.api import explain, rewrite, trainable_parameters
+from fxpeft.api import add_adapter, explain, rewrite, trainable_parameters
 from fxpeft.errors import CaptureError, FxpeftError, MatchError, PassError, RuleError
 from fxpeft.graph_module import AdaptedModule
+from fxpeft.merge import merge, merge_into
+from fxpeft.serialize import AdapterFileError, load, save
 
-__all__ = ["AdaptedModule", "CaptureError", "FxpeftError", "MatchError", "PassError", "RuleError",
-           "adapter_state_dict", "explain", "rewrite", "rules", "trainable_parameters"]
+__all__ = ["AdaptedModule", "AdapterFileError", "CaptureError", "FxpeftError", "MatchError",
+           "PassError", "RuleError", "adapter_state_dict", "add_adapter", "explain", "load", "merge",
+           "merge_into", "rewrite", "rules", "save", "trainable_parameters"]

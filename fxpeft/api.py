@@ -8,9 +8,11 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from fxpeft.adapter_set import AdapterRecord, adapter_records, add_modules_to_save
 from fxpeft.adapters import freeze_base
 from fxpeft.capture import capture
-from fxpeft.errors import MatchError
+from fxpeft.errors import FxpeftError, MatchError
+from fxpeft.gates import active_adapters, adapter_names, check_adapter_name, set_adapter
 from fxpeft.explain import Explanation, build_explanation
 from fxpeft.graph_module import AdaptedModule
 from fxpeft.match import MatchResult, match
@@ -57,12 +59,15 @@ def _require_matches(program: Program, ruleset: RuleSet, result: MatchResult) ->
 
 
 def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = None,
-            leaf_modules: Sequence[type] = (), **overrides: Any) -> AdaptedModule:
+            leaf_modules: Sequence[type] = (), adapter: str = "default",
+            modules_to_save: Sequence[str] = (), **overrides: Any) -> AdaptedModule:
     """Capture ``model``, match ``rules``, and splice adapters: an adapted ``GraphModule``.
 
     ``rules`` is a path, a bundled name (``"lora_qv.toml"``) or rule objects; keyword
     ``overrides`` (``r=16``) replace those parameters in every rule that has them. The base
-    parameters are shared with ``model`` and frozen; only adapter parameters train.
+    parameters are shared with ``model`` and frozen; only adapter parameters train. ``adapter``
+    names the adapter (see ``add_adapter``); ``modules_to_save`` (PEFT's, e.g. ``["classifier"]``)
+    get fully trainable copies.
 
     >>> import torch, fxpeft
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
@@ -72,11 +77,48 @@ def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = N
     """
     program, ruleset, result = _matched(model, rules, example_inputs, leaf_modules, overrides)
     _require_matches(program, ruleset, result)
+    gm = program.graph_module
+    gm.meta["fxpeft"] = {"rules": ruleset, "matches": result.matches, "program": program}
+    gm.meta["fxpeft"]["passes"] = _apply(program, ruleset, result, adapter, modules_to_save)
+    return gm
+
+
+def _apply(program: Program, ruleset: RuleSet, result: MatchResult, adapter: str,
+           modules_to_save: Sequence[str]) -> list[PassResult]:
+    program.info["adapter"] = check_adapter_name(adapter)
     reports = run_passes(program, result.matches, default_passes())
     gm = program.graph_module
+    if modules_to_save:
+        add_modules_to_save(gm, modules_to_save, adapter)
     freeze_base(gm)
-    gm.meta["fxpeft"] = {"rules": ruleset, "matches": result.matches, "passes": reports,
-                         "program": program}
+    adapter_records(gm)[adapter] = AdapterRecord(ruleset, result.matches, tuple(modules_to_save))
+    return reports
+
+
+def add_adapter(gm: AdaptedModule, adapter: str, rules: RulesLike, *,
+                modules_to_save: Sequence[str] = (), **overrides: Any) -> AdaptedModule:
+    """Splice a second (third, ...) named adapter into ``gm``, without re-tracing. It starts
+    inactive; ``gm.set_adapter(adapter)`` switches to it.
+
+    >>> import torch, fxpeft
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    >>> gm = fxpeft.rewrite(net, fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"])))
+    >>> _ = fxpeft.add_adapter(gm, "other", fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"])))
+    >>> gm.adapter_names, gm.active_adapters
+    (['default', 'other'], ['default'])
+    """
+    if adapter in adapter_records(gm) or adapter in adapter_names(gm):
+        raise FxpeftError(f"adapter {adapter!r} already exists in this graph")
+    if modules_to_save and any(r.modules_to_save for r in adapter_records(gm).values()):
+        raise FxpeftError("modules_to_save in more than one adapter of a graph is not supported")
+    program = gm.meta["fxpeft"]["program"]
+    ruleset = load_rules(rules).with_params(**overrides)
+    result = match(program, ruleset)
+    _require_matches(program, ruleset, result)
+    active = active_adapters(gm)
+    gm.meta["fxpeft"].setdefault("passes", []).extend(
+        _apply(program, ruleset, result, adapter, modules_to_save))
+    set_adapter(gm, active)
     return gm
 
 

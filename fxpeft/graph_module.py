@@ -73,3 +73,35 @@ class AdaptedModule(torch.fx.GraphModule):
         if set_dropout_mode(self.graph, mode):
             self.recompile()
         return self
+
+    # Several named adapters (fxpeft.gates): switching fills gate buffers, so it never re-traces
+    # and never recompiles under torch.compile.
+
+    @property
+    def adapter_names(self) -> list[str]:
+        from fxpeft.gates import adapter_names
+        return adapter_names(self)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        from fxpeft.gates import active_adapters
+        return active_adapters(self)
+
+    def set_adapter(self, names: "str | list[str]") -> None:
+        """Activate ``names`` (one adapter, or several that add up); the others go off."""
+        from fxpeft.gates import set_adapter
+        set_adapter(self, names)
+
+    def disable_adapters(self):
+        """``with gm.disable_adapters(): ...`` runs the base model."""
+        from fxpeft.gates import disable_adapters
+        return disable_adapters(self)
+
+    def add_adapter(self, adapter: str, rules, **kwargs) -> "AdaptedModule":
+        """Splice another named adapter (inactive) into this graph; see ``fxpeft.add_adapter``."""
+        from fxpeft.api import add_adapter
+        return add_adapter(self, adapter, rules, **kwargs)
+
+    def delete_adapter(self, adapter: str) -> None:
+        from fxpeft.adapter_set import delete_adapter
+        delete_adapter(self, adapter)

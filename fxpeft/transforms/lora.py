@@ -1,11 +1,20 @@
-"""The LoRA pass: for each matched linear ``y = f(x)``, splice ``y + scale * B(A(dropout(x)))``."""
+"""The LoRA pass: for each matched linear ``y = f(x)``, splice
+``y + scale * B(gate * A(dropout(x)))``.
+
+``gate`` is the adapter's 0-d gate buffer (``fxpeft.gates``), on the rank-r tensor where it is
+cheapest; its nodes carry ``fxpeft_gate`` meta, the branch's other nodes ``fxpeft_adapter`` meta
+(with the targets merge needs). Adapter ``"default"`` adds ``lora_A`` / ``lora_B``, any other
+``lora_A_<name>`` / ``lora_B_<name>``; the adapter name comes from ``program.info["adapter"]``.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.fx
 
+from fxpeft.adapters import adapter_component, register_adapter_names
 from fxpeft.errors import PassError
+from fxpeft.gates import GATE_META, gate_node
 from fxpeft.match import Match
 from fxpeft.program import LinearSite, Program
 from fxpeft.rules.schema import LoraParams
@@ -32,26 +41,37 @@ def _attach(gm: torch.fx.GraphModule, path: str, name: str, module: torch.nn.Mod
     return f"{path}.{name}"
 
 
-def splice_lora(gm: torch.fx.GraphModule, site: LinearSite, params: LoraParams) -> list[torch.fx.Node]:
-    """Insert the LoRA branch after ``site.node`` and route its users through the sum."""
+def _lora_meta(site: LinearSite, params: LoraParams, adapter: str, a_path: str,
+               b_path: str) -> dict:
+    return {"kind": "lora", "module_path": site.module_path, "adapter": adapter,
+            "scale": params.scale, "weight": site.weight_target, "lora_A": f"{a_path}.weight",
+            "lora_B": f"{b_path}.weight", "fan_in_fan_out": site.fan_in_fan_out}
+
+
+def splice_lora(gm: torch.fx.GraphModule, site: LinearSite, params: LoraParams,
+                adapter: str = "default") -> list[torch.fx.Node]:
+    """Insert ``adapter``'s LoRA branch after ``site.node`` and route its users through the sum."""
     weight = gm.get_parameter(site.weight_target)
     lora_a, lora_b = make_lora_modules(site, params, weight)
-    a_path = _attach(gm, site.module_path, "lora_A", lora_a)
-    b_path = _attach(gm, site.module_path, "lora_B", lora_b)
+    names = adapter_component("lora_A", adapter), adapter_component("lora_B", adapter)
+    register_adapter_names(*names)
+    a_path = _attach(gm, site.module_path, names[0], lora_a)
+    b_path = _attach(gm, site.module_path, names[1], lora_b)
     graph, y = gm.graph, site.node
     with graph.inserting_before(y.next):  # keeps creation order
         x = site.input
         if params.dropout > 0:
             x = graph.call_function(aten.dropout.default, (x, params.dropout, gm.training))
         down = graph.call_function(aten.linear.default, (x, graph.get_attr(f"{a_path}.weight")))
-        up = graph.call_function(aten.linear.default, (down, graph.get_attr(f"{b_path}.weight")))
+        gated = graph.call_function(aten.mul.Tensor, (down, gate_node(gm, adapter, weight)))
+        gated.meta[GATE_META] = adapter
+        up = graph.call_function(aten.linear.default, (gated, graph.get_attr(f"{b_path}.weight")))
         scaled = graph.call_function(aten.mul.Tensor, (up, params.scale))
         total = graph.call_function(aten.add.Tensor, (y, scaled))
     y.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
-    added = _nodes_between(y, total)
+    added = [n for n in _nodes_between(y, total) if GATE_META not in n.meta]
     for node in added:
-        node.meta[ADAPTER_META] = {"kind": "lora", "module_path": site.module_path,
-                                   "adapter": "default", "scale": params.scale}
+        node.meta[ADAPTER_META] = _lora_meta(site, params, adapter, a_path, b_path)
     return added
 
 
@@ -70,5 +90,6 @@ class LoraPass:
     kind = "lora"
 
     def run(self, program: Program, matches: list[Match]) -> None:
+        adapter = program.info.get("adapter", "default")
         for found in matches:
-            splice_lora(program.graph_module, found.site, found.rule.params)
+            splice_lora(program.graph_module, found.site, found.rule.params, adapter)
