@@ -19,10 +19,10 @@ def _literal(pattern: str) -> str:
 
 
 def closest_names(patterns: tuple[str, ...], paths: list[str], limit: int = 5) -> list[str]:
-    """Module names in ``paths`` closest to the literal parts of ``patterns``.
+    """Module names in ``paths``, those closest to the literal parts of ``patterns`` first.
 
     >>> closest_names(("q_prj",), ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"])
-    ['q_proj']
+    ['q_proj', 'up_proj']
     """
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
     found: list[str] = []
@@ -30,7 +30,8 @@ def closest_names(patterns: tuple[str, ...], paths: list[str], limit: int = 5) -
         for name in difflib.get_close_matches(_literal(pattern), leaves, n=limit, cutoff=0.5):
             if name not in found:
                 found.append(name)
-    return found[:limit] or leaves[:limit]
+    # then the rest, so a family with other names (GPT-2's c_attn) still shows what it has
+    return (found + [leaf for leaf in leaves if leaf not in found])[:limit]
 
 
 @dataclass
