@@ -17,7 +17,9 @@ def register_adapter_names(*names: str) -> None:
 
 
 def is_adapter_parameter(name: str) -> bool:
-    """>>> is_adapter_parameter("model.q_proj.lora_A.weight"), is_adapter_parameter("model.q_proj.weight")
+    """Whether the parameter or buffer called ``name`` belongs to an adapter.
+
+    >>> is_adapter_parameter("model.q_proj.lora_A.weight"), is_adapter_parameter("model.q_proj.weight")
     (True, False)
     """
     return any(part in _ADAPTER_NAMES for part in name.split("."))

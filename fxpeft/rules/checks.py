@@ -13,7 +13,9 @@ def _show(value: Any) -> str:
 
 
 def positive_int(value: Any) -> str | None:
-    """>>> positive_int(8) is None and positive_int(0) is not None
+    """An error message unless ``value`` is a positive integer.
+
+    >>> positive_int(8) is None and positive_int(0) is not None
     True
     """
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
