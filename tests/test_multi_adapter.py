@@ -1,0 +1,91 @@
+"""Several named adapters in one graph: switch and disable at run time, without recompiling."""
+
+import pytest
+import torch
+
+import fxpeft
+from conftest import randomize_adapters, tiny_llama, token_batch
+
+
+def single(rules, seed, **overrides):
+    gm = fxpeft.rewrite(tiny_llama(), rules, dropout=0.0, **overrides)
+    randomize_adapters(gm, seed)
+    return gm.eval()
+
+
+def copy_adapter(source, target, adapter):
+    """``source``'s default-adapter tensors into ``target``'s ``adapter``."""
+    suffix = "" if adapter == "default" else f"_{adapter}"
+    theirs = fxpeft.adapter_state_dict(source)
+    state = target.state_dict()
+    with torch.no_grad():
+        for name, tensor in theirs.items():
+            ours = name.replace("lora_A", f"lora_A{suffix}").replace("lora_B", f"lora_B{suffix}")
+            state[ours].copy_(tensor)
+
+
+@pytest.fixture(scope="module")
+def two():
+    first, second = single("lora_qv", 1), single("lora_all_linear", 2, r=4)
+    gm = fxpeft.rewrite(tiny_llama(), "lora_qv", dropout=0.0)
+    gm.add_adapter("second", "lora_all_linear", dropout=0.0, r=4)
+    copy_adapter(first, gm, "default")
+    copy_adapter(second, gm, "second")
+    return gm.eval(), first, second
+
+
+def test_each_adapter_equals_its_single_adapter_graph(two):
+    gm, first, second = two
+    ids, base = token_batch(), tiny_llama()
+    assert gm.adapter_names == ["default", "second"] and gm.active_adapters == ["default"]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids).logits, first(ids).logits, rtol=0, atol=0)
+        gm.set_adapter("second")
+        torch.testing.assert_close(gm(ids).logits, second(ids).logits, rtol=0, atol=0)
+        with gm.disable_adapters():
+            torch.testing.assert_close(gm(ids).logits, base(ids).logits, rtol=0, atol=0)
+        assert gm.active_adapters == ["second"]
+    gm.set_adapter("default")
+    with pytest.raises(fxpeft.FxpeftError, match="no adapter 'third'"):
+        gm.set_adapter("third")
+
+
+def test_switching_under_torch_compile_never_recompiles(two):
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+    gm, first, second = two
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompileCounter()
+    compiled = torch.compile(gm, backend=backend, dynamic=True)
+    ids = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, first(ids).logits, rtol=0, atol=1e-5)
+        frames, graphs = backend.frame_count, counters["stats"]["unique_graphs"]
+        gm.set_adapter("second")
+        torch.testing.assert_close(compiled(ids).logits, second(ids).logits, rtol=0, atol=1e-5)
+        with gm.disable_adapters():
+            torch.testing.assert_close(compiled(ids).logits, tiny_llama()(ids).logits, rtol=0, atol=1e-5)
+        gm.set_adapter("default")
+        torch.testing.assert_close(compiled(ids).logits, first(ids).logits, rtol=0, atol=1e-5)
+    assert frames > 0 and backend.frame_count == frames and counters["stats"]["unique_graphs"] == graphs
+    assert sum(counters["recompiles"].values()) == 0
+
+
+def test_load_a_second_adapter_from_disk_and_delete_it(tmp_path):
+    other = single("lora_qv", 3, r=2)
+    folder = fxpeft.save(other, tmp_path / "other")
+    gm = single("lora_qv", 4)
+    nodes = len(gm.graph.nodes)
+    fxpeft.load(gm, folder, adapter="other")
+    gm.set_adapter("other")
+    ids = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids).logits, other(ids).logits, rtol=0, atol=0)
+    fxpeft.save(gm, tmp_path / "again", adapter="other")
+    assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == \
+        (folder / "adapter_model.safetensors").read_bytes()
+    gm.delete_adapter("other")
+    gm.set_adapter("default")
+    assert gm.adapter_names == ["default"] and len(gm.graph.nodes) == nodes
+    assert not any("_other" in n for n, _ in gm.named_parameters())
