@@ -19,6 +19,7 @@ from fxpeft.adapter_set import MODULES_TO_SAVE, fetch, strip_adapters
 from fxpeft.errors import FxpeftError
 from fxpeft.gates import GATE_META, GATES, adapter_names
 from fxpeft.graph_module import AdaptedModule
+from fxpeft.transforms.ia3 import merge_ia3
 from fxpeft.transforms.lora import ADAPTER_META
 
 aten = torch.ops.aten
@@ -41,7 +42,8 @@ def _fold_modules_to_save(gm: torch.fx.GraphModule, node: torch.fx.Node, meta: d
         weights[meta["base"]] = fetch(gm, meta["copy"]).detach().clone()
 
 
-MERGERS: dict[str, Merger] = {"lora": _fold_lora, MODULES_TO_SAVE: _fold_modules_to_save}
+MERGERS: dict[str, Merger] = {"lora": _fold_lora, MODULES_TO_SAVE: _fold_modules_to_save,
+                              "ia3": merge_ia3}
 
 
 def register_merger(kind: str, fn: Merger) -> None:

@@ -1,6 +1,5 @@
 """IA3: ones at init, PEFT's names and shapes, PEFT parity both ways, merging by folding."""
 
-import pytest
 import torch
 
 import fxpeft
@@ -109,14 +108,12 @@ def test_fold_scales_output_bias_too():
     torch.testing.assert_close(gm(x), before, rtol=0, atol=1e-6)
 
 
-@pytest.mark.skipif(not hasattr(fxpeft, "merge"), reason="fxpeft.merge not present")
-def test_fxpeft_merge_folds_ia3_when_registered():
-    from fxpeft import merge as merge_module  # noqa: F401
+def test_fxpeft_merge_folds_ia3():
     gm = fxpeft.rewrite(tiny_llama(), "ia3.toml")
     _randomise(gm)
     ids = token_batch()
-    try:
-        merged = fxpeft.merge(gm)
-    except fxpeft.FxpeftError as err:
-        pytest.skip(f"merge has no ia3 merger yet: {err}")
+    merged = fxpeft.merge(gm)
+    merged.graph.lint()
+    assert len(merged.graph.nodes) == len(capture(tiny_llama()).graph.nodes)
+    assert not any("ia3_l" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(merged(ids).logits, gm(ids).logits, rtol=0, atol=1e-5)

@@ -6,7 +6,8 @@ from fxpeft.transforms.ia3 import IA3Pass
 from fxpeft import peft_format_prompt_ia3  # noqa: F401,E402  PEFT formats of these passes' kinds
 from fxpeft.transforms.lora import LoraPass
 
-__all__ = ["AdaptionPromptPass", "IA3Pass", "LoraPass", "PassResult", "RewritePass", "default_passes", "run_passes"]
+__all__ = ["AdaptionPromptPass", "IA3Pass", "LoraPass", "PassResult", "RewritePass", "default_passes",
+           "run_passes"]
 
 
 def default_passes() -> list[RewritePass]:

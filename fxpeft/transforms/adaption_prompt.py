@@ -90,7 +90,8 @@ def _gated_probabilities(graph: torch.fx.Graph, site: AttentionSite, scores: tor
     return graph.call_function(aten.mul.Tensor, (gate, probs))
 
 
-def _adapter_branch(graph: torch.fx.Graph, site: AttentionSite, params: AdaptionPromptParams) -> torch.fx.Node:
+def _adapter_branch(graph: torch.fx.Graph, site: AttentionSite,
+                    params: AdaptionPromptParams) -> torch.fx.Node:
     """The prompt's contribution, ``(b, heads, s, head_dim)`` like the attention output."""
     prompt = graph.get_attr(f"{site.module_path}.{PROMPT}")
     gate = graph.get_attr(f"{site.module_path}.{GATE}")

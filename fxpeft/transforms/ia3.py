@@ -63,10 +63,9 @@ def splice_ia3(gm: torch.fx.GraphModule, site: LinearSite, params: IA3Params) ->
     meta = {"kind": "ia3", "module_path": site.module_path, "adapter": "default", "parameter": target,
             "feedforward": params.feedforward, "weight": site.weight_target,
             "bias": _bias_target(gm, site), "fan_in_fan_out": site.fan_in_fan_out}
-    added = [vector.args[0], vector, scaled]
-    for node in added:
-        node.meta[ADAPTER_META] = meta
-    return added
+    vector.args[0].meta[ADAPTER_META] = vector.meta[ADAPTER_META] = meta
+    scaled.meta[ADAPTER_META] = {**meta, "bypass": 0}  # removing the adapter reads args[0]
+    return [vector.args[0], vector, scaled]
 
 
 class IA3Pass:
