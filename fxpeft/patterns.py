@@ -44,21 +44,20 @@ def _from_functional(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearSit
         return None
     target, weight = found
     path, kind = owning_module(node) or (target.rsplit(".", 1)[0], "torch.nn.modules.linear.Linear")
-    return LinearSite(node, "linear", path, kind, node.args[0], weight.shape[1], weight.shape[0], target)
+    return LinearSite(node, "linear", path, kind, weight.shape[1], weight.shape[0], target)
 
 
 def _from_addmm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearSite | None:
     """GPT-2 ``Conv1D``: ``addmm(bias, x2d, W[in, out])`` or ``mm(x2d, W[in, out])``."""
     if node.op != "call_function" or node.target not in (aten.addmm.default, aten.mm.default):
         return None
-    x, w = node.args[-2], node.args[-1]
-    found = _weight(gm, w)
+    found = _weight(gm, node.args[-1])
     owner = owning_module(node)
     if found is None or owner is None:
         return None
     target, weight = found
     kind = "addmm" if node.target is aten.addmm.default else "mm"
-    return LinearSite(node, kind, owner[0], owner[1], x, weight.shape[0], weight.shape[1], target)
+    return LinearSite(node, kind, owner[0], owner[1], weight.shape[0], weight.shape[1], target)
 
 
 def _from_call_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearSite | None:
@@ -68,7 +67,7 @@ def _from_call_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearSi
     if not isinstance(module, torch.nn.Linear):
         return None
     kind = f"{type(module).__module__}.{type(module).__qualname__}"
-    return LinearSite(node, "module", node.target, kind, node.args[0], module.in_features,
+    return LinearSite(node, "module", node.target, kind, module.in_features,
                       module.out_features, f"{node.target}.weight")
 
 

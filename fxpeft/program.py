@@ -34,7 +34,6 @@ class LinearSite:
     kind: str
     module_path: str
     module_type: str
-    input: torch.fx.Node
     in_features: int
     out_features: int
     weight_target: str
@@ -42,6 +41,12 @@ class LinearSite:
     @property
     def layer(self) -> int | None:
         return layer_index(self.module_path)
+
+    @property
+    def input(self) -> torch.fx.Node:
+        """The input as the graph has it now: an earlier splice (IA3 on a feed-forward input)
+        may have routed it through new nodes since capture."""
+        return self.node.args[-2 if self.kind in ("addmm", "mm") else 0]
 
     @property
     def fan_in_fan_out(self) -> bool:

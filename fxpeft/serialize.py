@@ -57,8 +57,9 @@ def peft_config(program: Program, rec: AdapterRecord, fmt: PeftFormat) -> dict[s
     model_config = program.info.get("config")
     config = {"peft_type": fmt.peft_type, "task_type": _task_type(program.model_class),
               "base_model_name_or_path": getattr(model_config, "_name_or_path", None) or None,
-              "revision": None, "inference_mode": True,
-              "modules_to_save": list(rec.modules_to_save) or None}
+              "revision": None, "inference_mode": True}
+    if rec.modules_to_save:  # only PEFT configs that know the field (not ADAPTION_PROMPT) get it
+        config["modules_to_save"] = list(rec.modules_to_save)
     mine = [m for m in rec.matches if m.rule.rewrite == fmt.kind]
     return {**config, **fmt.to_config(mine, program)}
 

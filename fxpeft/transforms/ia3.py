@@ -41,18 +41,12 @@ def _bias_target(gm: torch.fx.GraphModule, site: LinearSite) -> str | None:
     return bias.target if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else None
 
 
-def _current_input(site: LinearSite) -> torch.fx.Node:
-    """The site's input as the graph has it now (an earlier splice may have replaced
-    ``site.input``, e.g. IA3 on the previous linear's output)."""
-    return site.node.args[len(site.node.args) - 2 if site.kind in ("addmm", "mm") else 0]
-
-
 def splice_ia3(gm: torch.fx.GraphModule, site: LinearSite, params: IA3Params) -> list[torch.fx.Node]:
     """``y * l`` after ``site.node``, or ``f(x * l)`` for a feed-forward site."""
     target = _register(gm, site, params)
     graph = gm.graph
     anchor = site.node if params.feedforward else site.node.next
-    source = _current_input(site) if params.feedforward else site.node
+    source = site.input if params.feedforward else site.node
     with graph.inserting_before(anchor):
         vector = graph.call_function(aten.view.default, (graph.get_attr(target), [-1]))
         scaled = graph.call_function(aten.mul.Tensor, (source, vector))
