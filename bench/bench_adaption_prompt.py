@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from bench_lora import step_fn  # noqa: E402
 from common import interleaved_medians, print_ratios  # noqa: E402
 
 import fxpeft  # noqa: E402
+from fxpeft.rules import RuleSet, load_rules  # noqa: E402
 
 PEFT_SIDE = "HF PEFT adaption prompt"
 
@@ -38,6 +40,14 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     return LlamaForCausalLM(config).eval(), "tiny Llama (4 layers, hidden 256)"
 
 
+def top_layers_rules(count: int) -> RuleSet:
+    """The bundled llama_adapter.toml, moved to the top ``count`` layers (PEFT's adapter_layers)."""
+    rules = load_rules("llama_adapter.toml")
+    return dataclasses.replace(rules, rules=tuple(
+        dataclasses.replace(r, where=dataclasses.replace(r.where, layer_range=(-count, -1)))
+        for r in rules.rules))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     for name, default in (("batch", 4), ("seq", 64), ("steps", 10), ("warmup", 3),
@@ -51,7 +61,8 @@ def main() -> None:
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     peft_model = get_peft_model(copy.deepcopy(base), AdaptionPromptConfig(
         adapter_len=args.adapter_len, adapter_layers=args.adapter_layers, task_type="CAUSAL_LM"))
-    gm = fxpeft.rewrite(copy.deepcopy(base), "llama_adapter.toml", adapter_len=args.adapter_len)
+    gm = fxpeft.rewrite(copy.deepcopy(base), top_layers_rules(args.adapter_layers),
+                        adapter_len=args.adapter_len)
     sides = {"fxpeft adaption prompt": step_fn(gm, ids), PEFT_SIDE: step_fn(peft_model, ids)}
     print(f"{label}: batch {args.batch} x seq {args.seq}, adapter_len {args.adapter_len}, "
           f"top {args.adapter_layers} layers, {args.steps} steps after {args.warmup} warm-up")
