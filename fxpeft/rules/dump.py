@@ -18,9 +18,9 @@ from fxpeft.rules.schema import Rule, RuleSet
 def _value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_value(v) for v in value) + "]"
-    if isinstance(value, str) and "'" not in value and "\n" not in value:
+    if isinstance(value, str) and "'" not in value and value.isprintable():
         return f"'{value}'"  # a literal string keeps regex backslashes readable
-    return json.dumps(value)
+    return json.dumps(value, ensure_ascii=False)  # TOML has no surrogate escapes
 
 
 def _table(obj: Any) -> list[str]:
