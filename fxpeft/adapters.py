@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from fxpeft.errors import PassError
+
 _ADAPTER_NAMES: set[str] = {"lora_A", "lora_B"}
 
 
@@ -48,3 +50,26 @@ def adapter_component(base: str, adapter: str) -> str:
     ('lora_A', 'lora_A_sql')
     """
     return base if adapter == "default" else f"{base}_{adapter}"
+
+
+def attach_component(gm: torch.nn.Module, path: str, base: str, adapter: str,
+                     value: "torch.nn.Module | torch.nn.Parameter") -> str:
+    """Add ``value`` (a submodule or a parameter) to the module at ``path`` as ``adapter``'s
+    component ``base`` (``adapter_component``), registered as an adapter name; returns its target.
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> attach_component(net, "0", "ia3_l", "sql", torch.nn.Parameter(torch.ones(2, 1)))
+    '0.ia3_l_sql'
+    >>> is_adapter_parameter("0.ia3_l_sql")
+    True
+    """
+    name = adapter_component(base, adapter)
+    owner = gm.get_submodule(path)
+    if hasattr(owner, name):  # a second rule or adapter would silently share (or clobber) it
+        raise PassError(f"{path} already has {name!r}: adapter {adapter!r} was applied to it twice")
+    register_adapter_names(name)
+    if isinstance(value, torch.nn.Parameter):
+        owner.register_parameter(name, value)
+    else:
+        owner.add_module(name, value)
+    return f"{path}.{name}" if path else name

@@ -17,6 +17,7 @@ from fxpeft.explain import Explanation, build_explanation
 from fxpeft.graph_module import AdaptedModule
 from fxpeft.match import MatchResult, match
 from fxpeft.program import Program
+from fxpeft.rollback import rollback_on_error
 from fxpeft.rules import Rule, RuleSet, load_rules
 from fxpeft.transforms import PassResult, default_passes, run_passes
 
@@ -86,10 +87,11 @@ def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = N
 def _apply(program: Program, ruleset: RuleSet, result: MatchResult, adapter: str,
            modules_to_save: Sequence[str]) -> list[PassResult]:
     program.info["adapter"] = check_adapter_name(adapter)
-    reports = run_passes(program, result.matches, default_passes())
     gm = program.graph_module
-    if modules_to_save:
-        add_modules_to_save(gm, modules_to_save, adapter)
+    with rollback_on_error(gm):  # a pass failing part-way must not leave a half-adapted graph
+        reports = run_passes(program, result.matches, default_passes())
+        if modules_to_save:
+            add_modules_to_save(gm, modules_to_save, adapter)
     freeze_base(gm)
     adapter_records(gm)[adapter] = AdapterRecord(ruleset, result.matches, tuple(modules_to_save))
     return reports

@@ -11,6 +11,7 @@ from conftest import (token_batch, tiny_gemma, tiny_llama, tiny_mistral, tiny_op
 from fxpeft.capture import capture
 from fxpeft.rules import Rule, Where
 from fxpeft.rules.schema import AdaptionPromptParams
+from fxpeft.gates import GATE_META
 from fxpeft.transforms.lora import ADAPTER_META
 from peft_io import load_into, peft_adapted, save_from
 
@@ -71,7 +72,8 @@ def test_graph_gets_one_branch_per_matched_layer_and_nothing_elsewhere():
         assert not any(name.startswith("aten.scaled_dot_product") for name in counts)
     assert _base_nodes_by_module(gm) == _base_nodes_by_module(base)  # layer 0 untouched too
     added = sum(sum(c.values()) for c in by_layer.values())
-    assert len(gm.graph.nodes) == len(base.graph.nodes) + added
+    gates = [n for n in gm.graph.nodes if GATE_META in n.meta]  # per layer: read on/off, times it
+    assert len(gates) == 2 * 2 and len(gm.graph.nodes) == len(base.graph.nodes) + added + len(gates)
 
 
 def test_query_is_reused_not_recomputed():

@@ -6,6 +6,7 @@ import fxpeft
 from conftest import nodes_with_target, token_batch, tiny_llama
 from fxpeft.capture import capture
 from fxpeft.transforms.ia3 import fold_ia3
+from fxpeft.gates import GATE_META
 from fxpeft.transforms.lora import ADAPTER_META
 from peft_io import load_into, peft_adapted, save_from
 
@@ -39,7 +40,9 @@ def test_graph_scales_kv_outputs_and_down_proj_input():
     gm = fxpeft.rewrite(model, "ia3.toml")
     gm.graph.lint()
     added = [n for n in gm.graph.nodes if ADAPTER_META in n.meta]
-    assert len(added) == 3 * 6 and len(gm.graph.nodes) == len(base.graph.nodes) + len(added)
+    gates = [n for n in gm.graph.nodes if GATE_META in n.meta]  # one gate read per site
+    assert len(added) == 5 * 6 and len(gates) == 6
+    assert len(gm.graph.nodes) == len(base.graph.nodes) + len(added) + len(gates)
     for linear in nodes_with_target(gm, aten.linear.default):
         name = str(linear.args[1])
         if "down_proj" in name:  # the input is scaled

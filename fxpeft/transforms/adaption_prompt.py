@@ -9,6 +9,10 @@ recomputes q (and RoPE) and applies ``o_proj`` a second time; here the graph's o
 query is reused and ``o`` runs once, on the sum (equal to PEFT when ``o`` has no bias).
 The adapter keys get no RoPE, as in PEFT. With grouped-query attention the query heads are
 grouped onto the prompt's k/v heads instead of repeating k/v.
+
+Adapter ``"default"`` adds PEFT's ``adaption_prompt`` / ``adaption_gate``, any other
+``adaption_prompt_<name>`` / ``adaption_gate_<name>``. The learned gate is multiplied by the
+adapter's on/off gate (``fxpeft.gates``), so an off adapter adds exact zeros.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from fxpeft.adapters import register_adapter_names
+from fxpeft.adapters import attach_component, register_adapter_names
 from fxpeft.attention import AttentionSite
 from fxpeft.errors import PassError
+from fxpeft.gates import GATE_META, gate_node
 from fxpeft.match import Match
 from fxpeft.program import LinearSite, Program
 from fxpeft.rules.schema import AdaptionPromptParams
@@ -37,13 +42,12 @@ def make_adaption_parameters(site: AttentionSite, params: AdaptionPromptParams,
     return torch.nn.Parameter(prompt), torch.nn.Parameter(torch.zeros(1, **factory))
 
 
-def _register(gm: torch.fx.GraphModule, site: AttentionSite, params: AdaptionPromptParams) -> None:
-    owner = gm.get_submodule(site.module_path)
-    if hasattr(owner, PROMPT):
-        raise PassError(f"{site.module_path} already has an adaption prompt: it was adapted twice")
+def _register(gm: torch.fx.GraphModule, site: AttentionSite, params: AdaptionPromptParams,
+              adapter: str) -> tuple[str, str]:
+    """The prompt and gate parameters of ``adapter``; returns their targets."""
     prompt, gate = make_adaption_parameters(site, params, gm.get_parameter(site.k.weight_target))
-    owner.register_parameter(PROMPT, prompt)
-    owner.register_parameter(GATE, gate)
+    return (attach_component(gm, site.module_path, PROMPT, adapter, prompt),
+            attach_component(gm, site.module_path, GATE, adapter, gate))
 
 
 def _project(graph: torch.fx.Graph, site: LinearSite, x: torch.fx.Node) -> torch.fx.Node:
@@ -77,6 +81,14 @@ def _ungroup(graph: torch.fx.Graph, mixed: torch.fx.Node, groups: int) -> torch.
     return graph.call_function(aten.flatten.using_ints, (split, 1, 2))
 
 
+def _switched(gm: torch.fx.GraphModule, gate: torch.fx.Node, adapter: str) -> torch.fx.Node:
+    """The learned gate times the adapter's on/off gate: exactly 0 when the adapter is off."""
+    on = gate_node(gm, adapter, gm.get_parameter(gate.target))
+    switched = gm.graph.call_function(aten.mul.Tensor, (gate, on))
+    switched.meta[GATE_META] = adapter
+    return switched
+
+
 def _gated_probabilities(graph: torch.fx.Graph, site: AttentionSite, scores: torch.fx.Node,
                          gate: torch.fx.Node, params: AdaptionPromptParams) -> torch.fx.Node:
     """``gate * softmax(scale * scores)``, the softmax in fp32 and cast back, as PEFT does."""
@@ -90,11 +102,12 @@ def _gated_probabilities(graph: torch.fx.Graph, site: AttentionSite, scores: tor
     return graph.call_function(aten.mul.Tensor, (gate, probs))
 
 
-def _adapter_branch(graph: torch.fx.Graph, site: AttentionSite,
-                    params: AdaptionPromptParams) -> torch.fx.Node:
+def _adapter_branch(gm: torch.fx.GraphModule, site: AttentionSite, params: AdaptionPromptParams,
+                    targets: tuple[str, str], adapter: str) -> torch.fx.Node:
     """The prompt's contribution, ``(b, heads, s, head_dim)`` like the attention output."""
-    prompt = graph.get_attr(f"{site.module_path}.{PROMPT}")
-    gate = graph.get_attr(f"{site.module_path}.{GATE}")
+    graph = gm.graph
+    prompt = graph.get_attr(targets[0])
+    gate = _switched(gm, graph.get_attr(targets[1]), adapter)
     keys = _prompt_heads(graph, site, _project(graph, site.k, prompt))
     values = _prompt_heads(graph, site, _project(graph, site.v, prompt))
     groups = site.heads // site.kv_heads
@@ -106,23 +119,26 @@ def _adapter_branch(graph: torch.fx.Graph, site: AttentionSite,
 
 
 def splice_adaption_prompt(gm: torch.fx.GraphModule, site: AttentionSite,
-                           params: AdaptionPromptParams) -> list[torch.fx.Node]:
-    """Register the prompt and gate at ``site.module_path`` and add their branch to the output."""
+                           params: AdaptionPromptParams, adapter: str = "default") -> list[torch.fx.Node]:
+    """Register ``adapter``'s prompt and gate at ``site.module_path`` and add their branch to the
+    output."""
     if site.heads % site.kv_heads:
         raise PassError(f"{site.module_path}: {site.heads} query heads do not group onto "
                         f"{site.kv_heads} k/v heads")
-    _register(gm, site, params)
+    targets = _register(gm, site, params, adapter)
     graph, output = gm.graph, site.output
     first = output.next
     with graph.inserting_before(first):
-        total = graph.call_function(aten.add.Tensor, (output, _adapter_branch(graph, site, params)))
+        branch = _adapter_branch(gm, site, params, targets, adapter)
+        total = graph.call_function(aten.add.Tensor, (output, branch))
     output.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
     added = []
     node = output.next
     while node is not first:
-        node.meta[ADAPTER_META] = {"kind": "adaption_prompt", "module_path": site.module_path,
-                                   "adapter": "default", "gate": params.gate}
-        added.append(node)
+        if GATE_META not in node.meta:  # gate nodes carry only their adapter, as LoRA's do
+            node.meta[ADAPTER_META] = {"kind": "adaption_prompt", "module_path": site.module_path,
+                                       "adapter": adapter, "gate": params.gate}
+            added.append(node)
         node = node.next
     return added
 
@@ -134,5 +150,6 @@ class AdaptionPromptPass:
     kind = "adaption_prompt"
 
     def run(self, program: Program, matches: list[Match]) -> None:
+        adapter = program.info.get("adapter", "default")
         for found in matches:
-            splice_adaption_prompt(program.graph_module, found.site, found.rule.params)
+            splice_adaption_prompt(program.graph_module, found.site, found.rule.params, adapter)

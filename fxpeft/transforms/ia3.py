@@ -1,6 +1,10 @@
 """The IA3 pass: a learned vector ``ia3_l`` (ones at init) scales a linear's output, or, for
 feed-forward sites, its input. Shapes are PEFT's: ``(out, 1)`` for outputs, ``(1, in)`` for inputs,
 so the saved tensors need no reshaping. ``fold_ia3`` merges the vectors into the weights.
+
+Adapter ``"default"`` adds ``ia3_l``, any other ``ia3_l_<name>`` (the name comes from
+``program.info["adapter"]``). The scale is ``lerp(1, l, gate)`` with the adapter's gate
+(``fxpeft.gates``): exactly ``l`` when on and exactly ``1`` when off, so switching is data.
 """
 
 from __future__ import annotations
@@ -8,8 +12,9 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from fxpeft.adapters import register_adapter_names
+from fxpeft.adapters import attach_component, register_adapter_names
 from fxpeft.errors import PassError
+from fxpeft.gates import GATE_META, GATES, adapter_names, gate_node
 from fxpeft.match import Match
 from fxpeft.patterns import fetch_attr
 from fxpeft.program import LinearSite, Program
@@ -21,15 +26,11 @@ IA3 = "ia3_l"
 register_adapter_names(IA3)
 
 
-def _register(gm: torch.fx.GraphModule, site: LinearSite, params: IA3Params) -> str:
-    owner = gm.get_submodule(site.module_path)
-    if hasattr(owner, IA3):
-        raise PassError(f"{site.module_path} already has {IA3!r}: it was adapted twice")
+def _register(gm: torch.fx.GraphModule, site: LinearSite, params: IA3Params, adapter: str) -> str:
     weight = gm.get_parameter(site.weight_target)
     shape = (1, site.in_features) if params.feedforward else (site.out_features, 1)
-    owner.register_parameter(IA3, torch.nn.Parameter(torch.ones(shape, dtype=weight.dtype,
-                                                                 device=weight.device)))
-    return f"{site.module_path}.{IA3}"
+    vector = torch.nn.Parameter(torch.ones(shape, dtype=weight.dtype, device=weight.device))
+    return attach_component(gm, site.module_path, IA3, adapter, vector)
 
 
 def _bias_target(gm: torch.fx.GraphModule, site: LinearSite) -> str | None:
@@ -41,25 +42,38 @@ def _bias_target(gm: torch.fx.GraphModule, site: LinearSite) -> str | None:
     return bias.target if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else None
 
 
-def splice_ia3(gm: torch.fx.GraphModule, site: LinearSite, params: IA3Params) -> list[torch.fx.Node]:
-    """``y * l`` after ``site.node``, or ``f(x * l)`` for a feed-forward site."""
-    target = _register(gm, site, params)
+def _gated_vector(gm: torch.fx.GraphModule, target: str, adapter: str) -> list[torch.fx.Node]:
+    """Nodes computing ``lerp(1, l, gate)`` flat; the last is the scale. lerp, not
+    ``1 + gate * (l - 1)``: its two-sided formula is bit-exact at both gate 0 and gate 1."""
+    graph = gm.graph
+    vector = graph.call_function(aten.view.default, (graph.get_attr(target), [-1]))
+    ones = graph.call_function(aten.ones_like.default, (vector,))
+    gate = gate_node(gm, adapter, gm.get_parameter(target))
+    return [vector.args[0], vector, ones,
+            graph.call_function(aten.lerp.Tensor, (ones, vector, gate))]
+
+
+def splice_ia3(gm: torch.fx.GraphModule, site: LinearSite, params: IA3Params,
+               adapter: str = "default") -> list[torch.fx.Node]:
+    """``y * l`` after ``site.node``, or ``f(x * l)`` for a feed-forward site (``l`` gated)."""
+    target = _register(gm, site, params, adapter)
     graph = gm.graph
     anchor = site.node if params.feedforward else site.node.next
     source = site.input if params.feedforward else site.node
     with graph.inserting_before(anchor):
-        vector = graph.call_function(aten.view.default, (graph.get_attr(target), [-1]))
-        scaled = graph.call_function(aten.mul.Tensor, (source, vector))
+        added = _gated_vector(gm, target, adapter)
+        scaled = graph.call_function(aten.mul.Tensor, (source, added[-1]))
     if params.feedforward:
         site.node.replace_input_with(source, scaled)
     else:
         site.node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
-    meta = {"kind": "ia3", "module_path": site.module_path, "adapter": "default", "parameter": target,
+    meta = {"kind": "ia3", "module_path": site.module_path, "adapter": adapter, "parameter": target,
             "feedforward": params.feedforward, "weight": site.weight_target,
             "bias": _bias_target(gm, site), "fan_in_fan_out": site.fan_in_fan_out}
-    vector.args[0].meta[ADAPTER_META] = vector.meta[ADAPTER_META] = meta
+    for node in added:
+        node.meta[ADAPTER_META] = meta
     scaled.meta[ADAPTER_META] = {**meta, "bypass": 0}  # removing the adapter reads args[0]
-    return [vector.args[0], vector, scaled]
+    return [*added, scaled]
 
 
 class IA3Pass:
@@ -69,8 +83,9 @@ class IA3Pass:
     kind = "ia3"
 
     def run(self, program: Program, matches: list[Match]) -> None:
+        adapter = program.info.get("adapter", "default")
         for found in matches:
-            splice_ia3(program.graph_module, found.site, found.rule.params)
+            splice_ia3(program.graph_module, found.site, found.rule.params, adapter)
 
 
 def _replace_parameter(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
@@ -98,20 +113,23 @@ def merge_ia3(gm: torch.fx.GraphModule, node: torch.fx.Node, meta: dict, gate: f
 
 
 def _strip(gm: torch.fx.GraphModule, scaled: torch.fx.Node) -> None:
-    """Route ``scaled``'s users to its input and drop the vector: the base graph again."""
+    """Route ``scaled``'s users to its input and drop its gated vector: the base graph again."""
     meta = scaled.meta[ADAPTER_META]
     scaled.replace_all_uses_with(scaled.args[0])
-    view = scaled.args[1]
-    for node in (scaled, view, view.args[0]):
+    doomed = [scaled]
+    while doomed:  # the scale's producers, unless something else (another gate user) reads them
+        node = doomed.pop()
+        inputs = [n for n in node.all_input_nodes if ADAPTER_META in n.meta or GATE_META in n.meta]
         gm.graph.erase_node(node)
+        doomed.extend(n for n in inputs if not n.users and n not in doomed)
     path, _, name = meta["parameter"].rpartition(".")
     delattr(gm.get_submodule(path), name)
 
 
 def fold_ia3(gm: torch.fx.GraphModule) -> int:
-    """Merge every IA3 vector into its linear's weight (and, for output scaling, bias), in place
-    on ``gm`` with new parameter objects; the graph gets back the base op count. Returns how many
-    were folded.
+    """Merge every active IA3 vector into its linear's weight (and, for output scaling, bias),
+    in place on ``gm`` with new parameter objects, and drop inactive ones; the graph gets back
+    the base op count. Returns how many vectors were removed.
 
     >>> import fxpeft
     >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2))
@@ -119,13 +137,15 @@ def fold_ia3(gm: torch.fx.GraphModule) -> int:
     >>> from fxpeft.rules.schema import IA3Params
     >>> gm = fxpeft.rewrite(net, Rule(where=Where(path=["0"]), params=IA3Params()))
     >>> n = len(gm.graph.nodes); fold_ia3(gm), n - len(gm.graph.nodes)
-    (1, 3)
+    (1, 6)
     """
     doomed = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == aten.mul.Tensor
               and n.meta.get(ADAPTER_META, {}).get("kind") == "ia3"]
+    gates = {name: float(getattr(getattr(gm, GATES), name)) for name in adapter_names(gm)}
     weights: dict[str, torch.Tensor] = {}
     for scaled in doomed:
-        merge_ia3(gm, scaled, scaled.meta[ADAPTER_META], 1.0, weights)
+        meta = scaled.meta[ADAPTER_META]
+        merge_ia3(gm, scaled, meta, gates.get(meta["adapter"], 1.0), weights)
     for target, value in weights.items():
         _replace_parameter(gm, target, value)
     for scaled in doomed:

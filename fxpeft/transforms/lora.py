@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from fxpeft.adapters import adapter_component, register_adapter_names
-from fxpeft.errors import PassError
+from fxpeft.adapters import attach_component
 from fxpeft.gates import GATE_META, gate_node
 from fxpeft.match import Match
 from fxpeft.program import LinearSite, Program
@@ -33,14 +32,6 @@ def make_lora_modules(site: LinearSite, params: LoraParams, like: torch.Tensor) 
     return lora_a, lora_b
 
 
-def _attach(gm: torch.fx.GraphModule, path: str, name: str, module: torch.nn.Module) -> str:
-    owner = gm.get_submodule(path)
-    if hasattr(owner, name):
-        raise PassError(f"{path} already has {name!r}: it was adapted twice")
-    owner.add_module(name, module)
-    return f"{path}.{name}"
-
-
 def _lora_meta(site: LinearSite, params: LoraParams, adapter: str, a_path: str,
                b_path: str) -> dict:
     return {"kind": "lora", "module_path": site.module_path, "adapter": adapter,
@@ -53,10 +44,8 @@ def splice_lora(gm: torch.fx.GraphModule, site: LinearSite, params: LoraParams,
     """Insert ``adapter``'s LoRA branch after ``site.node`` and route its users through the sum."""
     weight = gm.get_parameter(site.weight_target)
     lora_a, lora_b = make_lora_modules(site, params, weight)
-    names = adapter_component("lora_A", adapter), adapter_component("lora_B", adapter)
-    register_adapter_names(*names)
-    a_path = _attach(gm, site.module_path, names[0], lora_a)
-    b_path = _attach(gm, site.module_path, names[1], lora_b)
+    a_path = attach_component(gm, site.module_path, "lora_A", adapter, lora_a)
+    b_path = attach_component(gm, site.module_path, "lora_B", adapter, lora_b)
     graph, y = gm.graph, site.node
     with graph.inserting_before(y.next):  # keeps creation order
         x = site.input
