@@ -16,6 +16,7 @@ import torch
 import torch.fx
 
 from fxpeft.adapter_set import MODULES_TO_SAVE, fetch, strip_adapters
+from fxpeft.adapters import is_adapter_parameter
 from fxpeft.errors import FxpeftError
 from fxpeft.gates import GATE_META, GATES, adapter_names
 from fxpeft.graph_module import AdaptedModule
@@ -89,13 +90,15 @@ def _place(root: torch.nn.Module, target: str, value: Any) -> None:
 
 
 def _module_with(module: torch.nn.Module, target: str, weights: dict) -> torch.nn.Module:
-    """A ``call_module`` target whose weight merged: a shallow copy holding the new weight."""
+    """A ``call_module`` target as the merged graph needs it: a shallow copy holding the merged
+    weights and none of the adapters' own parameters or submodules (``lora_A``, ``ia3_l_b``)."""
     changed = {k[len(target) + 1:]: v for k, v in weights.items() if k.startswith(f"{target}.")}
-    if not changed:
+    adapters = [k for k in (*module._parameters, *module._modules) if is_adapter_parameter(k)]
+    if not changed and not adapters:
         return module
     clone = copy.copy(module)
-    clone._parameters = dict(module._parameters)
-    clone._modules = {k: v for k, v in module._modules.items() if not k.startswith("lora_")}
+    clone._parameters = {k: v for k, v in module._parameters.items() if k not in adapters}
+    clone._modules = {k: v for k, v in module._modules.items() if k not in adapters}
     for name, value in changed.items():
         clone._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
     return clone

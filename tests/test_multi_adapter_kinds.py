@@ -156,6 +156,22 @@ def test_merge_folds_only_active_ia3(lora_ia3, ids):
         gm.set_adapter("default")
 
 
+def test_merge_of_a_traced_module_drops_every_ia3_vector():
+    from fxpeft.rules import Rule, Where
+    from fxpeft.rules.schema import IA3Params
+    rule = Rule(where=Where(path=["^0$"]), params=IA3Params())
+    gm = fxpeft.rewrite(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)), rule)
+    gm.add_adapter("b", rule)
+    randomize_adapters(gm)
+    x = torch.randn(5, 3)
+    for active in ("default", "b"):
+        gm.set_adapter(active)
+        merged = fxpeft.merge(gm)
+        assert [n for n, _ in merged.named_parameters()] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+        torch.testing.assert_close(merged(x), gm(x), rtol=0, atol=1e-6)
+    gm.set_adapter("default")
+
+
 def test_fold_ia3_drops_inactive_adapters(ids):
     gm, first, second = two_adapters("ia3.toml", "ia3.toml")
     gm.set_adapter("b")
