@@ -13,7 +13,6 @@ replaces that node by its ``i``-th argument (the LoRA ``add`` bypasses to ``y``)
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 

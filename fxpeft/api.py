@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -18,7 +17,7 @@ from fxpeft.graph_module import AdaptedModule
 from fxpeft.match import MatchResult, match
 from fxpeft.program import Program
 from fxpeft.rollback import rollback_on_error
-from fxpeft.rules import Rule, RuleSet, load_rules
+from fxpeft.rules import RuleSet, load_rules
 from fxpeft.transforms import PassResult, default_passes, run_passes
 
 log = logging.getLogger("fxpeft")

@@ -8,6 +8,7 @@ back to ``torch.export`` when example inputs are given.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import operator
 from typing import Any, Iterator, Sequence
@@ -171,8 +172,28 @@ def _capture_plain(model: torch.nn.Module, example_inputs: Any,
                         "leaf_modules=(...), or pass example_inputs= to capture with torch.export") from err
         return _capture_plain_export(model, example_inputs)
     graph_module = AdaptedModule(tracer.root, graph, class_name=f"Adapted{type(model).__name__}")
+    _detach_called_modules(graph_module)
     graph_module.train(model.training)
     return Program(graph_module, type(model).__name__, "symbolic_trace")
+
+
+def _shell(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy sharing ``module``'s parameters and buffers but with its own attribute tables, so
+    adapters attached to it (and its train flag) leave the user's module as it was."""
+    shell = copy.copy(module)
+    shell._modules, shell._parameters = dict(module._modules), dict(module._parameters)
+    shell._buffers = dict(module._buffers)
+    return shell
+
+
+def _detach_called_modules(graph_module: torch.fx.GraphModule) -> None:
+    """GraphModule keeps the user's own objects for ``call_module`` targets; swap in shells, as
+    the export frontend never touches the user's modules either."""
+    targets = {n.target for n in graph_module.graph.nodes if n.op == "call_module"}
+    for target in sorted(targets, key=lambda t: t.count(".")):
+        parent, _, name = target.rpartition(".")
+        owner = graph_module.get_submodule(parent) if parent else graph_module
+        owner._modules[name] = _shell(owner._modules[name])
 
 
 def _capture_plain_export(model: torch.nn.Module, example_inputs: Any) -> Program:

@@ -18,7 +18,7 @@ import torch.fx
 from fxpeft.adapter_set import MODULES_TO_SAVE, fetch, strip_adapters
 from fxpeft.adapters import is_adapter_parameter
 from fxpeft.errors import FxpeftError
-from fxpeft.gates import GATE_META, GATES, adapter_names
+from fxpeft.gates import GATES, adapter_names
 from fxpeft.graph_module import AdaptedModule
 from fxpeft.transforms.ia3 import merge_ia3
 from fxpeft.transforms.lora import ADAPTER_META

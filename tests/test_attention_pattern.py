@@ -89,7 +89,7 @@ def test_explain_shows_what_was_bound_per_layer():
     assert report.rules[0].matched == ["model.layers.1.self_attn", "model.layers.2.self_attn"]
     text = str(report)
     for layer in (1, 2):
-        assert (f"bound: sdpa attention: query=" in text
+        assert ("bound: sdpa attention: query=" in text
                 and f"k=model.layers.{layer}.self_attn.k_proj" in text
                 and f"o=model.layers.{layer}.self_attn.o_proj" in text)
     assert "kv_heads=2" in text

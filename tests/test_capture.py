@@ -69,6 +69,16 @@ def test_plain_module_uses_symbolic_trace_and_trains():
     assert_only_adapters_get_grads(gm)
 
 
+def test_rewrite_leaves_the_users_plain_module_unchanged():
+    block = Block()
+    before = [name for name, _ in block.named_parameters()]
+    gm = fxpeft.rewrite(block, "lora_qv.toml").train()
+    assert [name for name, _ in block.named_parameters()] == before
+    assert not hasattr(block.q_proj, "lora_A") and block.training is True
+    gm.eval()
+    assert block.training is True and gm.get_parameter("q_proj.weight") is block.q_proj.weight
+
+
 def test_leaf_modules_make_untraceable_code_capturable():
     model = WithBranchy()
     with pytest.raises(fxpeft.CaptureError, match="could not capture WithBranchy") as caught:

@@ -24,8 +24,7 @@ from fxpeft.adapters import attach_component, register_adapter_names
 from fxpeft.attention import AttentionSite
 from fxpeft.errors import PassError
 from fxpeft.gates import GATE_META, gate_node
-from fxpeft.match import Match
-from fxpeft.program import LinearSite, Program
+from fxpeft.program import LinearSite
 from fxpeft.rules.schema import AdaptionPromptParams
 from fxpeft.transforms.lora import ADAPTER_META
 
@@ -141,15 +140,3 @@ def splice_adaption_prompt(gm: torch.fx.GraphModule, site: AttentionSite,
             added.append(node)
         node = node.next
     return added
-
-
-class AdaptionPromptPass:
-    """Consumes ``rewrite = "adaption_prompt"`` matches on attention sites."""
-
-    name = "adaption_prompt"
-    kind = "adaption_prompt"
-
-    def run(self, program: Program, matches: list[Match]) -> None:
-        adapter = program.info.get("adapter", "default")
-        for found in matches:
-            splice_adaption_prompt(program.graph_module, found.site, found.rule.params, adapter)

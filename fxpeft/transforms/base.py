@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from fxpeft.errors import FxpeftError, PassError
 from fxpeft.match import Match
@@ -40,6 +40,28 @@ class RewritePass(Protocol):
 
     def run(self, program: Program, matches: list[Match]) -> None:
         """Splice the graph for ``matches``. Must leave the graph valid."""
+
+
+@dataclass(frozen=True)
+class SplicePass:
+    """A rewrite pass that splices one branch per match with
+    ``splice(graph_module, site, params, adapter)``; its ``kind`` is its name.
+
+    >>> SplicePass("lora", print).kind
+    'lora'
+    """
+
+    name: str
+    splice: Callable[..., object]
+
+    @property
+    def kind(self) -> str:
+        return self.name
+
+    def run(self, program: Program, matches: list[Match]) -> None:
+        adapter = program.info.get("adapter", "default")
+        for found in matches:
+            self.splice(program.graph_module, found.site, found.rule.params, adapter)
 
 
 def _count_parameters(program: Program) -> int:

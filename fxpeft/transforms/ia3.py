@@ -15,9 +15,8 @@ import torch.fx
 from fxpeft.adapters import attach_component, register_adapter_names
 from fxpeft.errors import PassError
 from fxpeft.gates import GATE_META, GATES, adapter_names, gate_node
-from fxpeft.match import Match
 from fxpeft.patterns import fetch_attr
-from fxpeft.program import LinearSite, Program
+from fxpeft.program import LinearSite
 from fxpeft.rules.schema import IA3Params
 from fxpeft.transforms.lora import ADAPTER_META
 
@@ -76,16 +75,6 @@ def splice_ia3(gm: torch.fx.GraphModule, site: LinearSite, params: IA3Params,
     return [*added, scaled]
 
 
-class IA3Pass:
-    """Consumes ``rewrite = "ia3"`` matches on linear sites."""
-
-    name = "ia3"
-    kind = "ia3"
-
-    def run(self, program: Program, matches: list[Match]) -> None:
-        adapter = program.info.get("adapter", "default")
-        for found in matches:
-            splice_ia3(program.graph_module, found.site, found.rule.params, adapter)
 
 
 def _replace_parameter(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:

@@ -14,8 +14,7 @@ import torch.fx
 
 from fxpeft.adapters import attach_component
 from fxpeft.gates import GATE_META, gate_node
-from fxpeft.match import Match
-from fxpeft.program import LinearSite, Program
+from fxpeft.program import LinearSite
 from fxpeft.rules.schema import LoraParams
 
 aten = torch.ops.aten
@@ -70,15 +69,3 @@ def _nodes_between(first: torch.fx.Node, last: torch.fx.Node) -> list[torch.fx.N
         nodes.append(node)
         node = node.next
     return nodes + [last]
-
-
-class LoraPass:
-    """Consumes ``rewrite = "lora"`` matches on linear sites."""
-
-    name = "lora"
-    kind = "lora"
-
-    def run(self, program: Program, matches: list[Match]) -> None:
-        adapter = program.info.get("adapter", "default")
-        for found in matches:
-            splice_lora(program.graph_module, found.site, found.rule.params, adapter)
