@@ -206,3 +206,30 @@ def test_failed_add_adapter_leaves_the_graph_as_it_was(monkeypatch, ids):
     gm.add_adapter("b", "ia3.toml")  # the graph's index is still valid: a retry works
     assert gm.adapter_names == ["default", "b"]
     assert_same(logits(gm, ids), out)
+
+
+def test_switching_every_kind_under_torch_compile_never_recompiles(ids):
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+    gm = single("lora_qv", 5)
+    gm.add_adapter("scale", "ia3.toml")
+    gm.add_adapter("prompt", "llama_adapter.toml")
+    randomize_adapters(gm, 6)
+    expected = {}
+    for name in gm.adapter_names:
+        gm.set_adapter(name)
+        expected[name] = logits(gm, ids)
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompileCounter()
+    compiled = torch.compile(gm, backend=backend, dynamic=True)
+    with torch.no_grad():
+        gm.set_adapter("default")
+        torch.testing.assert_close(compiled(ids).logits, expected["default"], rtol=0, atol=1e-5)
+        frames = backend.frame_count
+        for name in ["scale", "prompt", "default"]:
+            gm.set_adapter(name)
+            torch.testing.assert_close(compiled(ids).logits, expected[name], rtol=0, atol=1e-5)
+        with gm.disable_adapters():
+            torch.testing.assert_close(compiled(ids).logits, tiny_llama()(ids).logits, rtol=0, atol=1e-5)
+    assert frames > 0 and backend.frame_count == frames and sum(counters["recompiles"].values()) == 0
