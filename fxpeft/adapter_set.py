@@ -84,6 +84,7 @@ def add_modules_to_save(gm: torch.fx.GraphModule, names: Sequence[str], adapter:
         copied = copy.deepcopy(module)
         for child in [n for n, _ in copied.named_children() if n.startswith(("lora_", MODULES_TO_SAVE))]:
             delattr(copied, child)  # adapters' own submodules are not part of the copy
+        copied.requires_grad_(True)  # the base it copies may already be frozen
         name = adapter_component(MODULES_TO_SAVE, adapter)
         module.add_module(name, copied)
         if _copy_reads(gm, path, f"{path}.{name}", adapter) == 0:

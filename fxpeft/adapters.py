@@ -28,9 +28,11 @@ def is_adapter_parameter(name: str) -> bool:
 
 
 def freeze_base(gm: torch.nn.Module) -> None:
-    """Only adapter parameters require grad."""
+    """Base parameters stop requiring grad. Adapter parameters keep their own setting: new ones
+    train, and an adapter loaded for inference stays frozen when another is added."""
     for name, param in gm.named_parameters():
-        param.requires_grad_(is_adapter_parameter(name))
+        if not is_adapter_parameter(name):
+            param.requires_grad_(False)
 
 
 def adapter_state_dict(gm: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -218,6 +218,14 @@ def load(model: torch.nn.Module, directory: "str | Path", adapter: str = "defaul
             delete_adapter(gm, adapter)
         raise
     if not trainable:
-        gm.requires_grad_(False)
-        gm.eval()
+        _freeze_adapter(gm, adapter, fmt)
+        if not grown:  # a graph the caller already holds keeps its mode
+            gm.eval()
     return gm
+
+
+def _freeze_adapter(gm: torch.nn.Module, adapter: str, fmt: PeftFormat) -> None:
+    """Only ``adapter``'s tensors stop requiring grad; other adapters keep theirs."""
+    for name, param in gm.named_parameters():
+        if to_peft_key(name, adapter, fmt.components) is not None:
+            param.requires_grad_(False)

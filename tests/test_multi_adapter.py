@@ -89,3 +89,20 @@ def test_load_a_second_adapter_from_disk_and_delete_it(tmp_path):
     gm.set_adapter("default")
     assert gm.adapter_names == ["default"] and len(gm.graph.nodes) == nodes
     assert not any("_other" in n for n, _ in gm.named_parameters())
+
+
+def test_inference_load_freezes_only_the_loaded_adapter(tmp_path):
+    folder = fxpeft.save(single("lora_qv", 5), tmp_path / "frozen")
+    gm = fxpeft.rewrite(tiny_llama(), "lora_qv").train()
+    fxpeft.load(gm, folder, adapter="served")  # trainable=False
+    assert gm.training  # the caller's graph keeps its mode
+    grads = {n: p.requires_grad for n, p in gm.named_parameters() if ".lora_" in n}
+    assert all(grads[n] for n in grads if "_served" not in n)
+    assert not any(grads[n] for n in grads if "_served" in n)
+    gm.add_adapter("third", "lora_qv")  # adding another adapter must not unfreeze "served"
+    assert not any(p.requires_grad for n, p in gm.named_parameters() if "_served" in n)
+    fresh = fxpeft.load(tiny_llama(), folder)
+    assert not fresh.training and not any(p.requires_grad for p in fresh.parameters())
+    trainable = fxpeft.load(tiny_llama(), folder, trainable=True)
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad} == set(
+        fxpeft.adapter_state_dict(trainable))
