@@ -21,7 +21,7 @@ import torch.fx
 
 from fxpeft.adapters import adapter_component, register_adapter_names
 from fxpeft.errors import FxpeftError
-from fxpeft.gates import GATE_META, GATES, gate_node
+from fxpeft.gates import GATE_META, GATES, drop_unused_per_sample, gate_node
 from fxpeft.rules import RuleSet
 from fxpeft.transforms.lora import ADAPTER_META
 
@@ -124,6 +124,7 @@ def strip_adapters(graph: torch.fx.Graph, adapters: set[str]) -> list[str]:
             if node.op == "get_attr":
                 targets.append(node.target)
             graph.erase_node(node)
+    drop_unused_per_sample(graph)
     left = [n.name for n in graph.nodes if _belongs(n, adapters)]
     if left:
         raise FxpeftError(f"cannot remove adapter nodes {left[:3]}: their pass gave no \"bypass\"")

@@ -19,10 +19,12 @@ import torch.fx
 import torch.utils._pytree as pytree
 from networkx.algorithms.isomorphism import DiGraphMatcher
 
+from fxpeft.gates import sample_gate
 from fxpeft.patterns import owning_module
 from fxpeft.program import LinearSite, Program
 
 aten = torch.ops.aten
+ADAPTER_META = "fxpeft_adapter"  # fxpeft.transforms.lora.ADAPTER_META (importing it here is circular)
 ANCHOR_OPS: dict[Any, str] = {
     aten.scaled_dot_product_attention.default: "sdpa",
     aten.matmul.default: "matmul",
@@ -91,6 +93,14 @@ def _anchor_kind(node: torch.fx.Node, linears: dict[torch.fx.Node, LinearSite]) 
     return ANCHOR_OPS.get(node.target) if node.op == "call_function" else None
 
 
+def _blocks_reach(node: torch.fx.Node) -> bool:
+    """A linear an adapter added (a LoRA ``A``/``B``), or a per-sample gate (it reads its branch
+    only for the shape): reach stops there, or an adapter would link the anchors before a k/v
+    projection to its consumers, past the projection."""
+    return node.target is sample_gate or (ADAPTER_META in node.meta and node.target in
+                                           (aten.linear.default, aten.addmm.default))
+
+
 def _positional_operands(node: torch.fx.Node) -> Iterator[tuple[int, torch.fx.Node]]:
     for index, arg in enumerate(node.args):
         for leaf in pytree.tree_leaves(arg):
@@ -105,6 +115,9 @@ def condense(graph: torch.fx.Graph, linears: dict[torch.fx.Node, LinearSite]) ->
     condensed = nx.DiGraph()
     for node in graph.nodes:
         kind = _anchor_kind(node, linears)
+        if _blocks_reach(node):
+            reach[node] = frozenset()
+            continue
         if kind is None:
             reach[node] = frozenset().union(*(reach.get(n, frozenset()) for n in node.all_input_nodes))
             continue

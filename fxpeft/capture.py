@@ -28,7 +28,7 @@ log = logging.getLogger("fxpeft")
 aten = torch.ops.aten
 _EXPORT_CHECKS = (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
                   aten.sym_constrain_range_for_size.default)
-INPUTS_MODULE, OUTPUT_MODULE = "fxpeft_inputs", "fxpeft_output"
+INPUTS_MODULE, OUTPUT_MODULE = hf.INPUTS_MODULE, "fxpeft_output"
 
 
 def capture(model: torch.nn.Module, example_inputs: Any = None,

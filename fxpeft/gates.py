@@ -6,6 +6,11 @@ disabling adapters only fills buffers: no re-tracing, and no recompile under ``t
 An off adapter adds exact zeros, so each adapter's outputs equal a graph holding it alone.
 Passes of other kinds (IA3, prompts) use the same gate: tag nothing, just call ``gate_node``.
 
+Mixed batches (PEFT's ``adapter_names=``, HF graphs only): the graph's input adapter passes the
+per-sample names to the ``Gates`` module, which turns them into per-sample gates; each gate read
+(``sample_gate``) then returns its adapter's gates shaped to broadcast against the branch tensor
+instead of the 0-d buffer. Without names it returns the buffer itself, so outputs are unchanged.
+
 >>> import torch
 >>> gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
 >>> _ = gate_node(gm, "default", torch.zeros(1)); _ = gate_node(gm, "sql", torch.zeros(1))
@@ -19,6 +24,7 @@ Passes of other kinds (IA3, prompts) use the same gate: tag nothing, just call `
 from __future__ import annotations
 
 import contextlib
+import operator
 import re
 from typing import Iterator
 
@@ -26,10 +32,12 @@ import torch
 import torch.fx
 
 from fxpeft.errors import FxpeftError
+from fxpeft.hf import INPUTS_MODULE
 
 GATES = "fxpeft_gates"
 GATE_META = "fxpeft_gate"
 _ADAPTER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+BASE = "__base__"  # PEFT's per-sample name for "no adapter"
 
 
 def check_adapter_name(name: str) -> str:
@@ -38,20 +46,116 @@ def check_adapter_name(name: str) -> str:
     return name
 
 
+class Gates(torch.nn.Module):
+    """Holds one 0-d gate buffer per adapter; called with per-sample adapter names (or None), it
+    returns each adapter's per-sample gates (or None).
+
+    >>> gates = Gates(); gates.register_buffer("sql", torch.ones(()))
+    >>> gates(["sql", BASE])["sql"]
+    tensor([1., 0.])
+    >>> gates(["chat"])
+    Traceback (most recent call last):
+    ...
+    ValueError: adapter_names has unknown adapters ['chat']; this graph has ['sql'] (and '__base__')
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unmixable: set[str] = set()  # adapters whose gates are read without a branch
+
+    def forward(self, names: "list[str] | None") -> "dict[str, torch.Tensor] | None":
+        if names is None:
+            return None
+        buffers = dict(self.named_buffers())
+        unknown = sorted(set(names) - set(buffers) - {BASE})
+        if unknown:
+            raise ValueError(f"adapter_names has unknown adapters {unknown}; this graph has "
+                             f"{list(buffers)} (and {BASE!r})")
+        unmixable = sorted(self.unmixable & set(buffers))
+        if unmixable:
+            raise ValueError(f"adapters {unmixable} have modules_to_save copies, which cannot be "
+                             f"mixed per sample; call without adapter_names=")
+        return {adapter: torch.tensor([float(n == adapter) for n in names], device=gate.device)
+                for adapter, gate in buffers.items()}
+
+
+def sample_gate(gate: torch.Tensor, per_sample: "dict[str, torch.Tensor] | None", adapter: str,
+                branch: torch.Tensor) -> torch.Tensor:
+    """``gate`` itself without per-sample gates; else ``adapter``'s per-sample gates shaped
+    ``[B, 1, ...]`` like ``branch`` (repeated for GPT-2 Conv1D's flattened ``[B*S, ...]``).
+
+    >>> x = torch.zeros(4, 3)  # a batch of 2, flattened with 2 positions each
+    >>> sample_gate(torch.ones(()), {"a": torch.tensor([1., 0.])}, "a", x).flatten().tolist()
+    [1.0, 1.0, 0.0, 0.0]
+    """
+    if per_sample is None:
+        return gate
+    gates = per_sample[adapter].to(branch.dtype)
+    if branch.shape[0] != gates.shape[0]:  # rows are samples times positions, batch-major
+        gates = gates.repeat_interleave(branch.shape[0] // gates.shape[0])
+    return gates.reshape(-1, *[1] * (branch.dim() - 1))
+
+
 def _gates(gm: torch.nn.Module) -> torch.nn.Module:
     if not hasattr(gm, GATES):
-        gm.add_module(GATES, torch.nn.Module())
+        gm.add_module(GATES, Gates())
     return getattr(gm, GATES)
 
 
-def gate_node(gm: torch.fx.GraphModule, adapter: str, like: torch.Tensor) -> torch.fx.Node:
-    """A ``get_attr`` of ``adapter``'s gate, created (on) the first time."""
+def _per_sample_node(graph: torch.fx.Graph) -> "torch.fx.Node | None":
+    """The ``Gates`` call fed by the input adapter's names, added once; None without an input
+    adapter (plain graphs take no ``adapter_names=``)."""
+    found = next(iter(graph.find_nodes(op="call_module", target=GATES)), None)
+    inputs = next(iter(graph.find_nodes(op="call_module", target=INPUTS_MODULE)), None)
+    if found is not None or inputs is None:
+        return found
+    with graph.inserting_after(inputs):
+        names = graph.call_function(operator.getitem, (inputs, -1))
+    with graph.inserting_after(names):
+        return graph.call_module(GATES, (names,))
+
+
+def gate_node(gm: torch.fx.GraphModule, adapter: str, like: torch.Tensor,
+              branch: "torch.fx.Node | None" = None) -> torch.fx.Node:
+    """``adapter``'s gate (created on, the first time), to multiply into a branch: the 0-d
+    buffer, or per sample (``sample_gate``) shaped like ``branch``, a batch-leading tensor.
+    Without a branch (a parameter choice, as ``modules_to_save``) it is the buffer, and the
+    adapter refuses mixed batches."""
     gates = _gates(gm)
     if not hasattr(gates, check_adapter_name(adapter)):
         gates.register_buffer(adapter, torch.ones((), device=like.device), persistent=False)
     node = gm.graph.get_attr(f"{GATES}.{adapter}")
     node.meta[GATE_META] = adapter
+    if branch is None:
+        gates.unmixable.add(adapter)
+    per_sample = _per_sample_node(gm.graph) if branch is not None else None
+    if per_sample is None:
+        return node
+    node = gm.graph.call_function(sample_gate, (node, per_sample, adapter, branch))
+    node.meta[GATE_META] = adapter
     return node
+
+
+def reroute(node: torch.fx.Node, new: torch.fx.Node) -> None:
+    """Send ``node``'s users to ``new`` (which reads ``node``), except per-sample gate reads: they
+    use ``node`` only for its shape, and ``new`` comes after them.
+
+    >>> graph = torch.fx.Graph(); x = graph.placeholder("x")
+    >>> y = graph.call_function(torch.neg, (x,)); z = graph.call_function(torch.abs, (y,))
+    >>> reroute(y, w := graph.call_function(torch.relu, (y,))); z.args == (w,)
+    True
+    """
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new
+                               and user.target is not sample_gate)
+
+
+def drop_unused_per_sample(graph: torch.fx.Graph) -> None:
+    """Remove the ``Gates`` call once no gate reads it (its adapters were stripped)."""
+    for node in list(graph.find_nodes(op="call_module", target=GATES)):
+        if not node.users:
+            names = node.args[0]
+            graph.erase_node(node)
+            graph.erase_node(names)
 
 
 def adapter_names(gm: torch.nn.Module) -> list[str]:

@@ -7,6 +7,7 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
+INPUTS_MODULE = "fxpeft_inputs"
 # Keyword arguments callers (the HF Trainer, generate) may pass that a captured graph can ignore.
 IGNORED_KWARGS = frozenset({"num_items_in_batch", "return_dict", "use_cache", "output_attentions",
                             "output_hidden_states", "return_loss"})
@@ -53,11 +54,34 @@ def _shift_right(labels: torch.Tensor, start: int, pad: int) -> torch.Tensor:
     return shifted.masked_fill(shifted == -100, pad)
 
 
+def check_sample_names(names: Any, batch: int, training: bool) -> list[str] | None:
+    """PEFT's ``adapter_names=`` (one adapter name per sample), checked; None when not given.
+
+    >>> check_sample_names(["sql", "__base__"], 2, training=False)
+    ['sql', '__base__']
+    >>> check_sample_names(["sql"], 2, training=False)
+    Traceback (most recent call last):
+    ...
+    ValueError: adapter_names has 1 names for a batch of 2; give one per sample
+    """
+    if names is None:
+        return None
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"adapter_names must be a list of adapter names, one per sample; got {names!r}")
+    if len(names) != batch:
+        raise ValueError(f"adapter_names has {len(names)} names for a batch of {batch}; give one "
+                         f"per sample")
+    if training:  # as PEFT: mixed batches are for inference
+        raise ValueError("adapter_names= (mixed adapter batches) is inference only; call .eval() first")
+    return list(names)
+
+
 class InputAdapter(torch.nn.Module):
     """First node of an HF graph: fills optional inputs and rejects unknown keywords.
 
     ``attention_mask=None`` becomes all ones; for encoder-decoders, ``decoder_input_ids=None``
-    is ``labels`` shifted right, as transformers does.
+    is ``labels`` shifted right, as transformers does. The last output is the checked
+    per-sample ``adapter_names`` (or None), for the graph's gates (``fxpeft.gates``).
     """
 
     def __init__(self, names: tuple[str, ...], model_class: str, config: Any, max_seq: int | None):
@@ -67,7 +91,7 @@ class InputAdapter(torch.nn.Module):
         self.pad = getattr(config, "pad_token_id", None) or 0
 
     def forward(self, inputs: dict[str, Any], labels: Any, kwargs: dict[str, Any]) -> tuple:
-        unknown = sorted(set(kwargs) - IGNORED_KWARGS)
+        unknown = sorted(set(kwargs) - IGNORED_KWARGS - {"adapter_names"})
         if unknown:
             raise TypeError(f"{self.model_class} graph got unexpected inputs {unknown}; it was "
                             f"captured with {list(self.names)} (pass example_inputs= with them to "
@@ -83,7 +107,8 @@ class InputAdapter(torch.nn.Module):
             if labels is None:
                 raise ValueError(f"{self.model_class} needs decoder_input_ids or labels")
             filled["decoder_input_ids"] = _shift_right(labels, self.start, self.pad)
-        return tuple(filled[n] for n in self.names)
+        names = check_sample_names(kwargs.get("adapter_names"), ids.shape[0], self.training)
+        return (*(filled[n] for n in self.names), names)
 
 
 def _causal_loss(out: Any, labels: torch.Tensor, config: Any, kwargs: dict) -> torch.Tensor:

@@ -72,8 +72,10 @@ def test_graph_gets_one_branch_per_matched_layer_and_nothing_elsewhere():
         assert not any(name.startswith("aten.scaled_dot_product") for name in counts)
     assert _base_nodes_by_module(gm) == _base_nodes_by_module(base)  # layer 0 untouched too
     added = sum(sum(c.values()) for c in by_layer.values())
-    gates = [n for n in gm.graph.nodes if GATE_META in n.meta]  # per layer: read on/off, times it
-    assert len(gates) == 2 * 2 and len(gm.graph.nodes) == len(base.graph.nodes) + added + len(gates)
+    gates = [n for n in gm.graph.nodes if GATE_META in n.meta]  # per layer: read, per sample, times
+    per_sample = 2  # once per graph: the adapter_names input and the Gates call
+    assert len(gates) == 2 * 3
+    assert len(gm.graph.nodes) == len(base.graph.nodes) + added + len(gates) + per_sample
 
 
 def test_query_is_reused_not_recomputed():

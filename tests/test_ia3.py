@@ -40,9 +40,10 @@ def test_graph_scales_kv_outputs_and_down_proj_input():
     gm = fxpeft.rewrite(model, "ia3.toml")
     gm.graph.lint()
     added = [n for n in gm.graph.nodes if ADAPTER_META in n.meta]
-    gates = [n for n in gm.graph.nodes if GATE_META in n.meta]  # one gate read per site
-    assert len(added) == 5 * 6 and len(gates) == 6
-    assert len(gm.graph.nodes) == len(base.graph.nodes) + len(added) + len(gates)
+    gates = [n for n in gm.graph.nodes if GATE_META in n.meta]  # per site: the buffer, per sample
+    assert len(added) == 5 * 6 and len(gates) == 2 * 6
+    per_sample = 2  # once per graph: the adapter_names input and the Gates call
+    assert len(gm.graph.nodes) == len(base.graph.nodes) + len(added) + len(gates) + per_sample
     for linear in nodes_with_target(gm, aten.linear.default):
         name = str(linear.args[1])
         if "down_proj" in name:  # the input is scaled

@@ -23,7 +23,7 @@ import torch.fx
 from fxpeft.adapters import attach_component, register_adapter_names
 from fxpeft.attention import AttentionSite
 from fxpeft.errors import PassError
-from fxpeft.gates import GATE_META, gate_node
+from fxpeft.gates import GATE_META, gate_node, reroute
 from fxpeft.program import LinearSite
 from fxpeft.rules.schema import AdaptionPromptParams
 from fxpeft.transforms.lora import ADAPTER_META
@@ -80,9 +80,11 @@ def _ungroup(graph: torch.fx.Graph, mixed: torch.fx.Node, groups: int) -> torch.
     return graph.call_function(aten.flatten.using_ints, (split, 1, 2))
 
 
-def _switched(gm: torch.fx.GraphModule, gate: torch.fx.Node, adapter: str) -> torch.fx.Node:
-    """The learned gate times the adapter's on/off gate: exactly 0 when the adapter is off."""
-    on = gate_node(gm, adapter, gm.get_parameter(gate.target))
+def _switched(gm: torch.fx.GraphModule, gate: torch.fx.Node, adapter: str,
+              query: torch.fx.Node) -> torch.fx.Node:
+    """The learned gate times the adapter's on/off gate (per sample of ``query`` in mixed
+    batches): exactly 0 when the adapter is off."""
+    on = gate_node(gm, adapter, gm.get_parameter(gate.target), query)
     switched = gm.graph.call_function(aten.mul.Tensor, (gate, on))
     switched.meta[GATE_META] = adapter
     return switched
@@ -106,7 +108,7 @@ def _adapter_branch(gm: torch.fx.GraphModule, site: AttentionSite, params: Adapt
     """The prompt's contribution, ``(b, heads, s, head_dim)`` like the attention output."""
     graph = gm.graph
     prompt = graph.get_attr(targets[0])
-    gate = _switched(gm, graph.get_attr(targets[1]), adapter)
+    gate = _switched(gm, graph.get_attr(targets[1]), adapter, site.query)
     keys = _prompt_heads(graph, site, _project(graph, site.k, prompt))
     values = _prompt_heads(graph, site, _project(graph, site.v, prompt))
     groups = site.heads // site.kv_heads
@@ -130,7 +132,7 @@ def splice_adaption_prompt(gm: torch.fx.GraphModule, site: AttentionSite,
     with graph.inserting_before(first):
         branch = _adapter_branch(gm, site, params, targets, adapter)
         total = graph.call_function(aten.add.Tensor, (output, branch))
-    output.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+    reroute(output, total)
     added = []
     node = output.next
     while node is not first:

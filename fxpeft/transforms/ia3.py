@@ -14,7 +14,7 @@ import torch.fx
 
 from fxpeft.adapters import attach_component, register_adapter_names
 from fxpeft.errors import PassError
-from fxpeft.gates import GATE_META, GATES, adapter_names, gate_node
+from fxpeft.gates import GATE_META, GATES, adapter_names, drop_unused_per_sample, gate_node, reroute
 from fxpeft.patterns import fetch_attr
 from fxpeft.program import LinearSite
 from fxpeft.rules.schema import IA3Params
@@ -41,13 +41,15 @@ def _bias_target(gm: torch.fx.GraphModule, site: LinearSite) -> str | None:
     return bias.target if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else None
 
 
-def _gated_vector(gm: torch.fx.GraphModule, target: str, adapter: str) -> list[torch.fx.Node]:
-    """Nodes computing ``lerp(1, l, gate)`` flat; the last is the scale. lerp, not
-    ``1 + gate * (l - 1)``: its two-sided formula is bit-exact at both gate 0 and gate 1."""
+def _gated_vector(gm: torch.fx.GraphModule, target: str, adapter: str,
+                  site_input: torch.fx.Node) -> list[torch.fx.Node]:
+    """Nodes computing ``lerp(1, l, gate)`` flat (per sample of ``site_input``, whose leading
+    dimensions the output shares, in mixed batches); the last is the scale. lerp, not ``1 + gate * (l - 1)``: its two-sided formula is bit-exact at
+    both gate 0 and gate 1."""
     graph = gm.graph
     vector = graph.call_function(aten.view.default, (graph.get_attr(target), [-1]))
     ones = graph.call_function(aten.ones_like.default, (vector,))
-    gate = gate_node(gm, adapter, gm.get_parameter(target))
+    gate = gate_node(gm, adapter, gm.get_parameter(target), site_input)
     return [vector.args[0], vector, ones,
             graph.call_function(aten.lerp.Tensor, (ones, vector, gate))]
 
@@ -60,12 +62,12 @@ def splice_ia3(gm: torch.fx.GraphModule, site: LinearSite, params: IA3Params,
     anchor = site.node if params.feedforward else site.node.next
     source = site.input if params.feedforward else site.node
     with graph.inserting_before(anchor):
-        added = _gated_vector(gm, target, adapter)
+        added = _gated_vector(gm, target, adapter, site.input)
         scaled = graph.call_function(aten.mul.Tensor, (source, added[-1]))
     if params.feedforward:
         site.node.replace_input_with(source, scaled)
     else:
-        site.node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+        reroute(site.node, scaled)
     meta = {"kind": "ia3", "module_path": site.module_path, "adapter": adapter, "parameter": target,
             "feedforward": params.feedforward, "weight": site.weight_target,
             "bias": _bias_target(gm, site), "fan_in_fan_out": site.fan_in_fan_out}
@@ -139,6 +141,7 @@ def fold_ia3(gm: torch.fx.GraphModule) -> int:
         _replace_parameter(gm, target, value)
     for scaled in doomed:
         _strip(gm, scaled)
+    drop_unused_per_sample(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return len(doomed)

@@ -13,7 +13,7 @@ import torch
 import torch.fx
 
 from fxpeft.adapters import attach_component
-from fxpeft.gates import GATE_META, gate_node
+from fxpeft.gates import GATE_META, gate_node, reroute
 from fxpeft.program import LinearSite
 from fxpeft.rules.schema import LoraParams
 
@@ -51,12 +51,12 @@ def splice_lora(gm: torch.fx.GraphModule, site: LinearSite, params: LoraParams,
         if params.dropout > 0:
             x = graph.call_function(aten.dropout.default, (x, params.dropout, gm.training))
         down = graph.call_function(aten.linear.default, (x, graph.get_attr(f"{a_path}.weight")))
-        gated = graph.call_function(aten.mul.Tensor, (down, gate_node(gm, adapter, weight)))
+        gated = graph.call_function(aten.mul.Tensor, (down, gate_node(gm, adapter, weight, down)))
         gated.meta[GATE_META] = adapter
         up = graph.call_function(aten.linear.default, (gated, graph.get_attr(f"{b_path}.weight")))
         scaled = graph.call_function(aten.mul.Tensor, (up, params.scale))
         total = graph.call_function(aten.add.Tensor, (y, scaled))
-    y.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+    reroute(y, total)
     added = [n for n in _nodes_between(y, total) if GATE_META not in n.meta]
     for node in added:
         node.meta[ADAPTER_META] = _lora_meta(site, params, adapter, a_path, b_path)
