@@ -89,6 +89,7 @@ class InputAdapter(torch.nn.Module):
         self.names, self.model_class, self.max_seq = names, model_class, max_seq
         self.start = getattr(config, "decoder_start_token_id", None) or 0
         self.pad = getattr(config, "pad_token_id", None) or 0
+        self.has_adapters = True  # a merged graph's copy says False: names would pick nothing
 
     def forward(self, inputs: dict[str, Any], labels: Any, kwargs: dict[str, Any]) -> tuple:
         unknown = sorted(set(kwargs) - IGNORED_KWARGS - {"adapter_names"})
@@ -107,6 +108,9 @@ class InputAdapter(torch.nn.Module):
             if labels is None:
                 raise ValueError(f"{self.model_class} needs decoder_input_ids or labels")
             filled["decoder_input_ids"] = _shift_right(labels, self.start, self.pad)
+        if kwargs.get("adapter_names") is not None and not self.has_adapters:
+            raise TypeError(f"this {self.model_class} graph has no adapters (it was merged); "
+                            f"adapter_names= has nothing to choose from")
         names = check_sample_names(kwargs.get("adapter_names"), ids.shape[0], self.training)
         return (*(filled[n] for n in self.names), names)
 

@@ -20,6 +20,7 @@ from fxpeft.adapters import is_adapter_parameter
 from fxpeft.errors import FxpeftError
 from fxpeft.gates import GATES, adapter_names
 from fxpeft.graph_module import AdaptedModule
+from fxpeft.hf import INPUTS_MODULE
 from fxpeft.transforms.ia3 import merge_ia3
 from fxpeft.transforms.lora import ADAPTER_META
 
@@ -104,6 +105,15 @@ def _module_with(module: torch.nn.Module, target: str, weights: dict) -> torch.n
     return clone
 
 
+def _mark_without_adapters(root: torch.nn.Module) -> None:
+    """The merged graph's input adapter (a copy: ``gm`` keeps its own) refuses adapter_names."""
+    inputs = getattr(root, INPUTS_MODULE, None)
+    if inputs is not None:
+        inputs = copy.copy(inputs)
+        inputs.has_adapters = False
+        setattr(root, INPUTS_MODULE, inputs)
+
+
 def merge(gm: AdaptedModule) -> AdaptedModule:
     """A new graph with every active adapter folded into (new) base weights: the base graph's
     nodes, the adapted graph's outputs. ``gm`` and the original model are left as they were.
@@ -126,6 +136,7 @@ def merge(gm: AdaptedModule) -> AdaptedModule:
             _place(root, node.target, fetch(gm, node.target))
         elif node.op == "call_module" and not hasattr_path(root, node.target):
             _place(root, node.target, _module_with(gm.get_submodule(node.target), node.target, weights))
+    _mark_without_adapters(root)
     merged = AdaptedModule(root, graph, class_name=type(gm).__name__)
     merged.requires_grad_(False)
     return merged.train(gm.training)

@@ -118,3 +118,12 @@ def test_modules_to_save_adapters_refuse_mixed_batches():
     ids = token_batch(batch=2)
     with torch.no_grad(), pytest.raises(ValueError, match=r"\['default'\] have modules_to_save"):
         gm(ids, adapter_names=["default", "__base__"])
+
+
+def test_merged_graph_refuses_adapter_names():
+    gm = fxpeft.rewrite(tiny_llama(), "lora_qv").eval()
+    merged = fxpeft.merge(gm)
+    ids = token_batch(2, 6)
+    with pytest.raises(TypeError, match="has no adapters \\(it was merged\\)"):
+        merged(ids, adapter_names=["default", "default"])
+    gm(ids, adapter_names=["default", "__base__"])  # the adapted graph still takes them
