@@ -7,6 +7,13 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI replays the same examples every run (a red CI run loses a submission); a failure prints the
+# blob that reproduces it. Locally, hypothesis explores new examples each run.
+settings.register_profile("ci", derandomize=True, print_blob=True, deadline=None)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

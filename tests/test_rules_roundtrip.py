@@ -47,3 +47,18 @@ def test_any_params_table_is_accepted_or_a_located_rule_error(table):
 def dump_value(value):
     from fxpeft.rules.dump import _value
     return _value(value)
+
+
+@given(st.text(min_size=1, max_size=12))
+@settings(max_examples=200)
+def test_any_rule_name_survives_dump_then_parse(name):
+    ruleset = RuleSet((Rule(where=Where(path=["q_proj"]), name=name),))
+    assert parse_rules(dump_rules(ruleset)).rules == ruleset.rules
+
+
+def test_control_characters_and_del_are_escaped():
+    """DEL (U+007F) once went out raw: the TOML was invalid and CI failed at random."""
+    for name in ["\x7f", "a\x00b", 'q"\\', "\x1f\t\n"]:
+        ruleset = RuleSet((Rule(where=Where(path=["q_proj"]), name=name),))
+        text = dump_rules(ruleset)
+        assert parse_rules(text).rules[0].name == name

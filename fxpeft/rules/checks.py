@@ -9,7 +9,14 @@ Check = Callable[[Any], "str | None"]
 
 
 def _show(value: Any) -> str:
-    return f'"{value}"' if isinstance(value, str) else repr(value)
+    r"""A value as an error message quotes it; control characters stay visible.
+
+    >>> print(_show("eight"), _show(chr(127)))
+    "eight" '\x7f'
+    """
+    if isinstance(value, str) and value.isprintable():
+        return f'"{value}"'
+    return repr(value)
 
 
 def positive_int(value: Any) -> str | None:

@@ -12,15 +12,32 @@ import dataclasses
 import json
 from typing import Any
 
+from fxpeft.errors import RuleError
 from fxpeft.rules.schema import Rule, RuleSet
 
 
+def _basic_string(value: str) -> str:
+    """A TOML basic string: TOML forbids raw control characters, DEL (U+007F) included."""
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise RuleError(f"{value!r} holds a lone surrogate, which TOML cannot represent")
+    escaped = (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F
+               else "\\" + c if c in '"\\' else c for c in value)
+    return '"' + "".join(escaped) + '"'
+
+
 def _value(value: Any) -> str:
+    """One TOML value.
+
+    >>> _value("a\x7fb"), _value(["q_proj$", 2])
+    ('"a\\\\u007fb"', "['q_proj$', 2]")
+    """
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_value(v) for v in value) + "]"
     if isinstance(value, str) and "'" not in value and value.isprintable():
         return f"'{value}'"  # a literal string keeps regex backslashes readable
-    return json.dumps(value, ensure_ascii=False)  # TOML has no surrogate escapes
+    if isinstance(value, str):
+        return _basic_string(value)
+    return json.dumps(value)
 
 
 def _table(obj: Any) -> list[str]:
