@@ -6,6 +6,7 @@ True
 """
 
 from fxpeft import rules
+from fxpeft.kinds import builtin  # noqa: F401  registers the adapter kinds
 from fxpeft.adapters import adapter_state_dict
 from fxpeft.api import add_adapter, explain, rewrite, trainable_parameters
 from fxpeft.errors import CaptureError, FxpeftError, MatchError, PassError, RuleError

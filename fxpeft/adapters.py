@@ -1,35 +1,27 @@
-"""Which parameters belong to adapters. Passes register the name components they create.
+"""Adapter parameters: which they are, how a splice attaches them, and freezing the base.
 
-A parameter is an adapter parameter when any component of its dotted name is registered:
-``model.layers.0.self_attn.q_proj.lora_A.weight`` has ``lora_A``.
+A parameter is an adapter parameter when a component of its dotted name is a registered kind's
+component (``model.layers.0.self_attn.q_proj.lora_A.weight`` has ``lora_A``), for any adapter.
 """
 
 from __future__ import annotations
 
+import operator
+from typing import Any
+
 import torch
+import torch.fx
 
 from fxpeft.errors import PassError
+from fxpeft.kinds.registry import is_adapter_parameter
+from fxpeft.names import adapter_component
 
-_ADAPTER_NAMES: set[str] = {"lora_A", "lora_B"}
-
-
-def register_adapter_names(*names: str) -> None:
-    """Declare module or parameter names that a pass adds (e.g. ``"ia3_l"``)."""
-    _ADAPTER_NAMES.update(names)
-
-
-def is_adapter_parameter(name: str) -> bool:
-    """Whether the parameter or buffer called ``name`` belongs to an adapter.
-
-    >>> is_adapter_parameter("model.q_proj.lora_A.weight"), is_adapter_parameter("model.q_proj.weight")
-    (True, False)
-    """
-    return any(part in _ADAPTER_NAMES for part in name.split("."))
+__all__ = ["adapter_component", "adapter_state_dict", "attach_component", "fetch",
+           "freeze_base", "is_adapter_parameter", "nodes_between"]
 
 
 def freeze_base(gm: torch.nn.Module) -> None:
-    """Base parameters stop requiring grad. Adapter parameters keep their own setting: new ones
-    train, and an adapter loaded for inference stays frozen when another is added."""
+    """Base parameters stop requiring grad; adapter parameters are left as they are."""
     for name, param in gm.named_parameters():
         if not is_adapter_parameter(name):
             param.requires_grad_(False)
@@ -44,21 +36,21 @@ def adapter_state_dict(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: t.detach() for name, t in gm.state_dict().items() if is_adapter_parameter(name)}
 
 
-def adapter_component(base: str, adapter: str) -> str:
-    """The name component ``base`` (``lora_A``) takes for ``adapter``: the default adapter keeps
-    PEFT's plain name, others get their name appended, so several adapters share one module.
+def fetch(root: torch.nn.Module, target: str) -> Any:
+    """The attribute at dotted ``target`` (a parameter, buffer or submodule).
 
-    >>> adapter_component("lora_A", "default"), adapter_component("lora_A", "sql")
-    ('lora_A', 'lora_A_sql')
+    >>> fetch(torch.nn.Sequential(torch.nn.Linear(2, 3)), "0.weight").shape
+    torch.Size([3, 2])
     """
-    return base if adapter == "default" else f"{base}_{adapter}"
+    return operator.attrgetter(target)(root) if target else root
 
 
 def attach_component(gm: torch.nn.Module, path: str, base: str, adapter: str,
                      value: "torch.nn.Module | torch.nn.Parameter") -> str:
     """Add ``value`` (a submodule or a parameter) to the module at ``path`` as ``adapter``'s
-    component ``base`` (``adapter_component``), registered as an adapter name; returns its target.
+    component ``base`` (``adapter_component``); returns its target.
 
+    >>> import fxpeft
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
     >>> attach_component(net, "0", "ia3_l", "sql", torch.nn.Parameter(torch.ones(2, 1)))
     '0.ia3_l_sql'
@@ -69,9 +61,23 @@ def attach_component(gm: torch.nn.Module, path: str, base: str, adapter: str,
     owner = gm.get_submodule(path)
     if hasattr(owner, name):  # a second rule or adapter would silently share (or clobber) it
         raise PassError(f"{path} already has {name!r}: adapter {adapter!r} was applied to it twice")
-    register_adapter_names(name)
     if isinstance(value, torch.nn.Parameter):
         owner.register_parameter(name, value)
     else:
         owner.add_module(name, value)
     return f"{path}.{name}" if path else name
+
+
+def nodes_between(first: torch.fx.Node, last: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes after ``first`` up to and including ``last``, in graph order."""
+    nodes, node = [], first.next
+    while node is not last:
+        nodes.append(node)
+        node = node.next
+    return nodes + [last]
+
+
+def replace_parameter(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    """Swap in a new frozen parameter at ``target`` (the original model's stays untouched)."""
+    path, _, name = target.rpartition(".")
+    setattr(gm.get_submodule(path), name, torch.nn.Parameter(value, requires_grad=False))

@@ -1,4 +1,7 @@
-"""The public entry points: ``rewrite``, ``explain``, ``trainable_parameters``."""
+"""The public entry points: ``rewrite``, ``explain``, ``add_adapter``, ``trainable_parameters``.
+
+``rewrite`` is the whole pipeline: capture -> match -> emit -> the kinds' passes.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +10,18 @@ from typing import Any, Sequence
 
 import torch
 
-from fxpeft.adapter_set import AdapterRecord, adapter_records, add_modules_to_save
-from fxpeft.adapters import freeze_base
+from fxpeft.adapt import add_adapter, apply_adapter, require_matches
 from fxpeft.capture import capture
-from fxpeft.errors import FxpeftError, MatchError
-from fxpeft.gates import active_adapters, adapter_names, check_adapter_name, set_adapter
+from fxpeft.emit import emit
 from fxpeft.explain import Explanation, build_explanation
 from fxpeft.graph_module import AdaptedModule
 from fxpeft.match import MatchResult, match
 from fxpeft.program import Program
-from fxpeft.rollback import rollback_on_error
-from fxpeft.rules import RuleSet, load_rules
-from fxpeft.transforms import PassResult, default_passes, run_passes
+from fxpeft.rules.loader import load_rules
+from fxpeft.rules.schema import RuleSet
+from fxpeft.transforms import PassResult
 
+__all__ = ["add_adapter", "explain", "pass_report", "rewrite", "trainable_parameters"]
 log = logging.getLogger("fxpeft")
 RulesLike = "str | Path | RuleSet | Rule | Iterable[Rule]"
 
@@ -48,16 +50,6 @@ def explain(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = N
     return build_explanation(program, ruleset, result)
 
 
-def _require_matches(program: Program, ruleset: RuleSet, result: MatchResult) -> None:
-    report = build_explanation(program, ruleset, result)
-    for index, rule in enumerate(ruleset.rules):
-        if not rule.optional and not result.for_rule(index):
-            raise MatchError(f"{ruleset.source}: rule {rule.name!r} matched nothing in "
-                             f"{program.model_class}; closest module names: "
-                             f"{', '.join(report.rules[index].closest) or 'none'} "
-                             f"(set optional = true to allow this; fxpeft.explain shows why)")
-
-
 def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = None,
             leaf_modules: Sequence[type] = (), adapter: str = "default",
             modules_to_save: Sequence[str] = (), **overrides: Any) -> AdaptedModule:
@@ -76,50 +68,10 @@ def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = N
     (16, 36)
     """
     program, ruleset, result = _matched(model, rules, example_inputs, leaf_modules, overrides)
-    _require_matches(program, ruleset, result)
-    gm = program.graph_module
-    gm.meta["fxpeft"] = {"rules": ruleset, "matches": result.matches, "program": program}
-    gm.meta["fxpeft"]["passes"] = _apply(program, ruleset, result, adapter, modules_to_save)
-    return gm
-
-
-def _apply(program: Program, ruleset: RuleSet, result: MatchResult, adapter: str,
-           modules_to_save: Sequence[str]) -> list[PassResult]:
-    program.info["adapter"] = check_adapter_name(adapter)
-    gm = program.graph_module
-    with rollback_on_error(gm):  # a pass failing part-way must not leave a half-adapted graph
-        reports = run_passes(program, result.matches, default_passes())
-        if modules_to_save:
-            add_modules_to_save(gm, modules_to_save, adapter)
-    freeze_base(gm)
-    adapter_records(gm)[adapter] = AdapterRecord(ruleset, result.matches, tuple(modules_to_save))
-    return reports
-
-
-def add_adapter(gm: AdaptedModule, adapter: str, rules: RulesLike, *,
-                modules_to_save: Sequence[str] = (), **overrides: Any) -> AdaptedModule:
-    """Splice a second (third, ...) named adapter into ``gm``, without re-tracing. It starts
-    inactive; ``gm.set_adapter(adapter)`` switches to it.
-
-    >>> import torch, fxpeft
-    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    >>> gm = fxpeft.rewrite(net, fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"])))
-    >>> _ = fxpeft.add_adapter(gm, "other", fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"])))
-    >>> gm.adapter_names, gm.active_adapters
-    (['default', 'other'], ['default'])
-    """
-    if adapter in adapter_records(gm) or adapter in adapter_names(gm):
-        raise FxpeftError(f"adapter {adapter!r} already exists in this graph")
-    if modules_to_save and any(r.modules_to_save for r in adapter_records(gm).values()):
-        raise FxpeftError("modules_to_save in more than one adapter of a graph is not supported")
-    program = gm.meta["fxpeft"]["program"]
-    ruleset = load_rules(rules).with_params(**overrides)
-    result = match(program, ruleset)
-    _require_matches(program, ruleset, result)
-    active = active_adapters(gm)
-    gm.meta["fxpeft"].setdefault("passes", []).extend(
-        _apply(program, ruleset, result, adapter, modules_to_save))
-    set_adapter(gm, active)
+    require_matches(program, ruleset, result)
+    gm = emit(program)
+    gm.meta["fxpeft"] = {"passes": []}
+    apply_adapter(program, ruleset, result, adapter, modules_to_save)
     return gm
 
 

@@ -20,11 +20,11 @@ import torch.utils._pytree as pytree
 from networkx.algorithms.isomorphism import DiGraphMatcher
 
 from fxpeft.gates import sample_gate
+from fxpeft.names import ADAPTER_META
 from fxpeft.patterns import owning_module
 from fxpeft.program import LinearSite, Program
 
 aten = torch.ops.aten
-ADAPTER_META = "fxpeft_adapter"  # fxpeft.transforms.lora.ADAPTER_META (importing it here is circular)
 ANCHOR_OPS: dict[Any, str] = {
     aten.scaled_dot_product_attention.default: "sdpa",
     aten.matmul.default: "matmul",

@@ -1,4 +1,5 @@
-"""Frontends: turn an ``nn.Module`` into a ``Program`` (an ``AdaptedModule`` plus its index).
+"""Frontends: turn an ``nn.Module`` into a plain ``Program`` (a GraphModule plus its index);
+the emit step (``fxpeft.emit``) builds the ``AdaptedModule`` from it.
 
 HF transformers models go through non-strict ``torch.export`` with dynamic batch and sequence
 dimensions; plain modules through ``torch.fx.symbolic_trace`` (with user leaf modules), falling
@@ -20,15 +21,14 @@ from torch.utils._sympy.numbers import int_oo
 
 from fxpeft import hf
 from fxpeft.errors import CaptureError
-from fxpeft.graph_module import AdaptedModule, record_attention_dropout
+from fxpeft.graph_module import AdaptedModule
 from fxpeft.patterns import find_linear_sites
-from fxpeft.program import Program
+from fxpeft.program import CaptureInfo, Program
 
 log = logging.getLogger("fxpeft")
 aten = torch.ops.aten
 _EXPORT_CHECKS = (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
                   aten.sym_constrain_range_for_size.default)
-INPUTS_MODULE, OUTPUT_MODULE = hf.INPUTS_MODULE, "fxpeft_output"
 
 
 def capture(model: torch.nn.Module, example_inputs: Any = None,
@@ -91,9 +91,7 @@ def _capture_hf(model: torch.nn.Module, example_inputs: Any) -> Program:
         except Exception as err:  # torch.export raises many types; all mean "could not capture"
             raise _fail(model, "torch.export", err, "pass example_inputs= that the model's forward "
                         "accepts, or load it with attn_implementation='sdpa' or 'eager'") from err
-    graph_module = _hf_graph_module(model, exported, tuple(inputs))
-    return Program(graph_module, type(model).__name__, "export",
-                   info={"inputs": tuple(inputs), "config": model.config})
+    return _hf_program(model, exported, tuple(inputs))
 
 
 def _max_sequence(exported: torch.export.ExportedProgram, example: torch.fx.Node) -> int | None:
@@ -103,44 +101,14 @@ def _max_sequence(exported: torch.export.ExportedProgram, example: torch.fx.Node
     return int(upper) if upper is not None and upper != int_oo else None
 
 
-def _hf_graph_module(model: torch.nn.Module, exported: torch.export.ExportedProgram,
-                     names: tuple[str, ...]) -> AdaptedModule:
+def _hf_program(model: torch.nn.Module, exported: torch.export.ExportedProgram,
+                names: tuple[str, ...]) -> Program:
     root = exported.module()
-    graph = root.graph
-    strip_export_checks(graph)
-    placeholders = list(graph.find_nodes(op="placeholder"))
-    cls = type(model).__name__
-    root.add_module(INPUTS_MODULE, hf.InputAdapter(names, cls, model.config,
-                                                   _max_sequence(exported, placeholders[0])))
-    root.add_module(OUTPUT_MODULE, hf.OutputAdapter(root._out_spec, model.config, cls))
-    _wire_signature(graph, placeholders)
-    graph._codegen = torch.fx.graph.CodeGen()
-    graph_module = AdaptedModule(root, graph, class_name=f"Adapted{cls}")
-    record_attention_dropout(graph)
-    graph_module.train(model.training)
-    return graph_module
-
-
-def _wire_signature(graph: torch.fx.Graph, placeholders: list[torch.fx.Node]) -> None:
-    """``forward(input_ids, attention_mask=None, ..., labels=None, **kwargs)`` around the body."""
-    for node in placeholders[1:]:
-        node.args = (None,)
-    with graph.inserting_after(placeholders[-1]):
-        kwargs = graph.placeholder("**kwargs")
-    with graph.inserting_after(placeholders[-1]):
-        labels = graph.placeholder("labels", default_value=None)
-    with graph.inserting_after(kwargs):
-        named = {p.target: p for p in placeholders}
-        adapter = graph.call_module(INPUTS_MODULE, (named, labels, kwargs))
-    for index, node in enumerate(placeholders):
-        with graph.inserting_after(adapter):
-            filled = graph.call_function(operator.getitem, (adapter, index))
-        node.replace_all_uses_with(filled, delete_user_cb=lambda user: user is not adapter)
-    output = next(iter(graph.find_nodes(op="output")))
-    flat = output.args[0]
-    with graph.inserting_before(output):
-        wrapped = graph.call_module(OUTPUT_MODULE, (labels, kwargs, *flat))
-    output.args = (wrapped,)
+    strip_export_checks(root.graph)
+    first = next(iter(root.graph.find_nodes(op="placeholder")))
+    info = CaptureInfo(type(model).__name__, "export", names, model.config, root._out_spec,
+                       _max_sequence(exported, first), model.training)
+    return Program(root, info)
 
 
 def strip_export_checks(graph: torch.fx.Graph) -> int:
@@ -171,10 +139,10 @@ def _capture_plain(model: torch.nn.Module, example_inputs: Any,
             raise _fail(model, "torch.fx.symbolic_trace", err, "mark untraceable submodules with "
                         "leaf_modules=(...), or pass example_inputs= to capture with torch.export") from err
         return _capture_plain_export(model, example_inputs)
-    graph_module = AdaptedModule(tracer.root, graph, class_name=f"Adapted{type(model).__name__}")
+    graph_module = torch.fx.GraphModule(tracer.root, graph)
     _detach_called_modules(graph_module)
-    graph_module.train(model.training)
-    return Program(graph_module, type(model).__name__, "symbolic_trace")
+    return Program(graph_module, CaptureInfo(type(model).__name__, "symbolic_trace",
+                                             training=model.training))
 
 
 def _shell(module: torch.nn.Module) -> torch.nn.Module:
@@ -208,7 +176,4 @@ def _capture_plain_export(model: torch.nn.Module, example_inputs: Any) -> Progra
             raise _fail(model, "torch.export", err, "check example_inputs match forward()") from err
     root = exported.module()
     strip_export_checks(root.graph)
-    graph_module = AdaptedModule(root, root.graph, class_name=f"Adapted{type(model).__name__}")
-    record_attention_dropout(graph_module.graph)
-    graph_module.train(model.training)
-    return Program(graph_module, type(model).__name__, "export")
+    return Program(root, CaptureInfo(type(model).__name__, "export", training=model.training))

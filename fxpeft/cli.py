@@ -1,6 +1,8 @@
-"""The ``fxpeft`` command line: check rule files, list bundled ones, explain a model.
+"""The ``fxpeft`` command line: check rule files, list bundled ones and adapter kinds, explain a
+model.
 
     fxpeft rules                                 # the bundled rule files
+    fxpeft kinds                                 # the adapter kinds (from the registry)
     fxpeft check my_rules.toml                   # validate; located errors, exit 1
     fxpeft explain smollm2 --rules lora_qv.toml  # what each rule matches in a model
 """
@@ -11,13 +13,16 @@ import argparse
 import sys
 from typing import Sequence
 
+from fxpeft.api import explain
 from fxpeft.errors import FxpeftError
+from fxpeft.kinds import registry
+from fxpeft.models import load_smollm2
+from fxpeft.rules.loader import bundled_rule_files, load_rules
 
 
 def _load_model(name: str):  # noqa: ANN202 - a transformers model
     """``smollm2`` (the packaged SmolLM2) or a local transformers checkpoint folder."""
     if name == "smollm2":
-        from fxpeft.models import load_smollm2
         return load_smollm2()[0]
     from transformers import AutoModelForCausalLM, AutoModel
     try:
@@ -27,7 +32,6 @@ def _load_model(name: str):  # noqa: ANN202 - a transformers model
 
 
 def _check(paths: Sequence[str]) -> int:
-    from fxpeft.rules import load_rules
     failed = 0
     for path in paths:
         try:
@@ -42,15 +46,22 @@ def _check(paths: Sequence[str]) -> int:
 
 
 def _list_rules() -> int:
-    from fxpeft.rules.loader import bundled_rule_files, load_rules
     for name in bundled_rule_files():
         rules = load_rules(name)
         print(f"{name}: {', '.join(r.name for r in rules.rules)}")
     return 0
 
 
+def _list_kinds() -> int:
+    for kind in registry.all_kinds():
+        sites = ", ".join(kind.sites) or "by keyword"
+        peft = kind.peft.peft_type if kind.peft else "-"
+        merge = "merges" if callable(kind.merge) else f"cannot merge ({kind.merge})"
+        print(f"{kind.name}: sites {sites}; PEFT {peft}; {merge}")
+    return 0
+
+
 def _explain(model: str, rules: str) -> int:
-    from fxpeft.api import explain
     print(explain(_load_model(model), rules))
     return 0
 
@@ -61,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate rule files")
     check.add_argument("paths", nargs="+")
     commands.add_parser("rules", help="list the bundled rule files")
+    commands.add_parser("kinds", help="list the adapter kinds")
     explain = commands.add_parser("explain", help="show what rules match in a model")
     explain.add_argument("model", help="'smollm2' or a transformers checkpoint folder")
     explain.add_argument("--rules", required=True)
@@ -80,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args.paths)
         if args.command == "rules":
             return _list_rules()
+        if args.command == "kinds":
+            return _list_kinds()
         return _explain(args.model, args.rules)
     except FxpeftError as err:
         print(f"fxpeft: {err}", file=sys.stderr)

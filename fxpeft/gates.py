@@ -32,12 +32,10 @@ import torch
 import torch.fx
 
 from fxpeft.errors import FxpeftError
-from fxpeft.hf import INPUTS_MODULE
+from fxpeft.names import BASE_ADAPTER as BASE
+from fxpeft.names import GATE_META, GATES, INPUTS_MODULE, PER_SAMPLE_META
 
-GATES = "fxpeft_gates"
-GATE_META = "fxpeft_gate"
 _ADAPTER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-BASE = "__base__"  # PEFT's per-sample name for "no adapter"
 
 
 def check_adapter_name(name: str) -> str:
@@ -112,7 +110,9 @@ def _per_sample_node(graph: torch.fx.Graph) -> "torch.fx.Node | None":
     with graph.inserting_after(inputs):
         names = graph.call_function(operator.getitem, (inputs, -1))
     with graph.inserting_after(names):
-        return graph.call_module(GATES, (names,))
+        found = graph.call_module(GATES, (names,))
+    names.meta[PER_SAMPLE_META] = found.meta[PER_SAMPLE_META] = True
+    return found
 
 
 def gate_node(gm: torch.fx.GraphModule, adapter: str, like: torch.Tensor,

@@ -7,7 +7,6 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
-INPUTS_MODULE = "fxpeft_inputs"
 # Keyword arguments callers (the HF Trainer, generate) may pass that a captured graph can ignore.
 IGNORED_KWARGS = frozenset({"num_items_in_batch", "return_dict", "use_cache", "output_attentions",
                             "output_hidden_states", "return_loss"})

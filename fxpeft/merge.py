@@ -1,70 +1,52 @@
 """Fold adapters into base weights: ``merge`` (a new graph) and ``merge_into`` (the HF model).
 
-Only active adapters fold in (an off gate contributes nothing). The merged graph has the base
-graph's nodes, and new parameter objects wherever a weight changed: the weights it shares with
-the original model are never written. A kind folds through ``register_merger(kind, fn)``; ``fn``
-gets (gm, node, meta, gate, weights) for each of its nodes and updates ``weights`` (target ->
-merged tensor).
+Only active adapters fold in (an off gate contributes nothing). Each active adapter's removable
+nodes are handed to their kind's merger (``AdapterKind.merge``, from the registry); a kind that
+cannot merge says why. The merged graph has the base graph's nodes, and new parameter objects
+wherever a weight changed: the weights it shares with the original model are never written.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx
 
-from fxpeft.adapter_set import MODULES_TO_SAVE, fetch, strip_adapters
-from fxpeft.adapters import is_adapter_parameter
+from fxpeft.adapter_set import strip_adapters
+from fxpeft.adapters import fetch, is_adapter_parameter
 from fxpeft.errors import FxpeftError
-from fxpeft.gates import GATES, adapter_names
+from fxpeft.gates import active_adapters, adapter_names
 from fxpeft.graph_module import AdaptedModule
-from fxpeft.hf import INPUTS_MODULE
-from fxpeft.transforms.ia3 import merge_ia3
-from fxpeft.transforms.lora import ADAPTER_META
+from fxpeft.kinds import registry
+from fxpeft.names import DEFAULT_ADAPTER, GATES, INPUTS_MODULE, adapter_node
 
 aten = torch.ops.aten
-Merger = Callable[[torch.fx.GraphModule, torch.fx.Node, dict, float, dict], None]
 
 
-def _fold_lora(gm: torch.fx.GraphModule, node: torch.fx.Node, meta: dict, gate: float,
-               weights: dict[str, torch.Tensor]) -> None:
-    if node.target != aten.add.Tensor:
-        return
-    base = weights.get(meta["weight"], fetch(gm, meta["weight"]).detach())
-    delta = fetch(gm, meta["lora_B"]).detach() @ fetch(gm, meta["lora_A"]).detach()
-    delta = delta * (meta["scale"] * gate)
-    weights[meta["weight"]] = base + (delta.T if meta["fan_in_fan_out"] else delta).to(base.dtype)
-
-
-def _fold_modules_to_save(gm: torch.fx.GraphModule, node: torch.fx.Node, meta: dict, gate: float,
-                          weights: dict[str, torch.Tensor]) -> None:
-    if node.target == aten.where.self:  # outer wheres come later in the graph and win
-        weights[meta["base"]] = fetch(gm, meta["copy"]).detach().clone()
-
-
-MERGERS: dict[str, Merger] = {"lora": _fold_lora, MODULES_TO_SAVE: _fold_modules_to_save,
-                              "ia3": merge_ia3}
-
-
-def register_merger(kind: str, fn: Merger) -> None:
-    """Teach ``merge`` to fold adapters of ``kind``."""
-    MERGERS[kind] = fn
+def _check_gates(gm: torch.nn.Module) -> None:
+    gates = getattr(gm, GATES, None)
+    for name, gate in (gates.named_buffers() if gates is not None else ()):
+        if float(gate) not in (0.0, 1.0):
+            raise FxpeftError(f"merge: adapter {name!r} has a partly open gate ({float(gate)}); "
+                              f"only on (1) or off (0) adapters can be folded")
 
 
 def merged_weights(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
     """Base parameter target -> its value with every active adapter folded in (new tensors)."""
-    gates = {name: float(getattr(getattr(gm, GATES), name)) for name in adapter_names(gm)}
+    _check_gates(gm)
+    active = set(active_adapters(gm)) if adapter_names(gm) else {DEFAULT_ADAPTER}
     weights: dict[str, torch.Tensor] = {}
     for node in gm.graph.nodes:
-        meta = node.meta.get(ADAPTER_META)
-        if not meta or gates.get(meta.get("adapter"), 1.0) == 0:
+        entry = adapter_node(node)
+        if entry is None or not entry.removable or entry.adapter not in active:
             continue
-        if meta["kind"] not in MERGERS:
-            raise FxpeftError(f"merge: no merger for {meta['kind']!r} adapters (node {node.name}); "
-                              f"known: {sorted(MERGERS)}")
-        MERGERS[meta["kind"]](gm, node, meta, gates.get(meta.get("adapter"), 1.0), weights)
+        kind = registry.get(entry.kind)
+        if isinstance(kind.merge, str):
+            raise FxpeftError(f"merge: {entry.kind} adapter {entry.adapter!r} at "
+                              f"{entry.module_path} cannot be merged: {kind.merge}")
+        kind.merge(gm, node, entry, weights)
     return weights
 
 
@@ -127,7 +109,7 @@ def merge(gm: AdaptedModule) -> AdaptedModule:
     """
     weights = merged_weights(gm)
     graph = _copy_graph(gm.graph)
-    strip_adapters(graph, set(adapter_names(gm)) | {"default"})
+    strip_adapters(graph, set(adapter_names(gm)) | {DEFAULT_ADAPTER})
     root = torch.nn.Module()
     for node in graph.nodes:
         if node.op == "get_attr" and node.target in weights:
@@ -138,6 +120,7 @@ def merge(gm: AdaptedModule) -> AdaptedModule:
             _place(root, node.target, _module_with(gm.get_submodule(node.target), node.target, weights))
     _mark_without_adapters(root)
     merged = AdaptedModule(root, graph, class_name=type(gm).__name__)
+    merged.capture_info = gm.capture_info
     merged.requires_grad_(False)
     return merged.train(gm.training)
 

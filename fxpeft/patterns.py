@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 import torch.fx
 
+from fxpeft.names import is_fxpeft_node
 from fxpeft.program import LinearSite
 
 aten = torch.ops.aten
@@ -76,7 +77,8 @@ LINEAR_RECOGNISERS: tuple[Callable[[torch.fx.GraphModule, torch.fx.Node], Linear
 
 
 def find_linear_sites(gm: torch.fx.GraphModule) -> list[LinearSite]:
-    """Every node in ``gm`` that computes a linear layer, in graph order.
+    """Every node in ``gm`` that computes a linear layer of the model (not of an adapter), in
+    graph order.
 
     >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(2, 3)))
     >>> [(s.module_path, s.in_features, s.out_features) for s in find_linear_sites(gm)]
@@ -84,6 +86,8 @@ def find_linear_sites(gm: torch.fx.GraphModule) -> list[LinearSite]:
     """
     sites = []
     for node in gm.graph.nodes:
+        if is_fxpeft_node(node):
+            continue
         for recognise in LINEAR_RECOGNISERS:
             if (site := recognise(gm, node)) is not None:
                 sites.append(site)

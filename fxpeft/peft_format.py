@@ -1,26 +1,24 @@
-"""HF PEFT's on-disk adapter format, per adapter kind: a small registry keyed by ``peft_type``.
+"""HF PEFT's on-disk adapter format: what every kind's ``PeftFormat`` shares.
 
-A ``PeftFormat`` says how one fxpeft rewrite kind meets one PEFT ``peft_type``:
+A kind's ``PeftFormat`` (``AdapterKind.peft``) says how it meets one PEFT ``peft_type``:
 
-- ``peft_type`` / ``kind``: PEFT's ``"LORA"`` and fxpeft's rule ``rewrite = "lora"``.
-- ``components``: the name components the kind's pass adds (``lora_A``, ``lora_B``; IA3 would say
-  ``ia3_l``). With them ``to_peft_key`` maps our parameter names to PEFT's saved keys and back:
-  ``model.layers.0.self_attn.q_proj.lora_A.weight`` <-> ``base_model.model.model.layers.0.
-  self_attn.q_proj.lora_A.weight``. An adapter not named ``"default"`` has components suffixed
-  with its name (``lora_A_other``, see ``fxpeft.adapters.adapter_component``); PEFT's keys never
-  carry the adapter name.
+- ``peft_type``: PEFT's ``"LORA"``; ``selector``: config fields that pick this kind among the
+  kinds sharing a ``peft_type`` (DoRA is ``LORA`` with ``use_dora = true``).
 - ``to_config(matches, program) -> dict``: the PEFT config fields (beyond the generic ones
   ``peft_type``, ``task_type``, ``modules_to_save``, ...) that select the same modules with the
   same hyper-parameters as the matched rules.
 - ``to_rules(config, model, source) -> RuleSet``: PEFT config to fxpeft rules. It must raise
-  ``FxpeftError`` naming ``source`` and the field for anything it cannot honour.
+  ``PeftFormatError`` naming ``source`` and the field for anything it cannot honour.
 - ``fields``: the config fields ``to_rules`` reads. Any other field must hold a neutral value
   (``None``, ``False``, ``{}``, ``[]``) or be PEFT metadata (``GENERIC_FIELDS``); else load fails.
 
-A new kind registers itself with ``register_format(PeftFormat(...))``; ``fxpeft.save`` /
-``fxpeft.load`` look formats up with ``format_for_type`` and ``format_for_kind``.
+Keys: the kind's ``components`` map our parameter names to PEFT's saved keys and back:
+``model.layers.0.self_attn.q_proj.lora_A.weight`` <-> ``base_model.model.model.layers.0.
+self_attn.q_proj.lora_A.weight``. An adapter not named ``"default"`` has components suffixed
+with its name (``lora_A_other``); PEFT's keys never carry the adapter name.
 
->>> format_for_type("LORA").kind, format_for_kind("lora").peft_type
+>>> import fxpeft
+>>> kind_for_config({"peft_type": "LORA"}).name, kind_for_rewrite("lora").peft.peft_type
 ('lora', 'LORA')
 >>> to_peft_key("q_proj.lora_A_other.weight", "other", ("lora_A", "lora_B"))
 'base_model.model.q_proj.lora_A.weight'
@@ -29,20 +27,19 @@ A new kind registers itself with ``register_format(PeftFormat(...))``; ``fxpeft.
 from __future__ import annotations
 
 import re
-from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from fxpeft.adapters import adapter_component
 from fxpeft.errors import FxpeftError
-from fxpeft.match import Match
-from fxpeft.program import Program
-from fxpeft.rules.schema import LoraParams, Rule, RuleSet, Where
+from fxpeft.kinds import registry
+from fxpeft.names import MODULES_TO_SAVE, PEFT_PREFIX, adapter_component
 
-PEFT_PREFIX = "base_model.model."
-MODULES_TO_SAVE = "modules_to_save"
+if TYPE_CHECKING:
+    from fxpeft.kinds.registry import AdapterKind
+    from fxpeft.program import Program
+
 # PEFT metadata every config may carry; save/load handle these, not the formats.
 GENERIC_FIELDS = frozenset({"peft_type", "task_type", "base_model_name_or_path", "revision",
                             "inference_mode", "auto_mapping", "peft_version", "modules_to_save"})
@@ -57,35 +54,43 @@ class PeftFormatError(FxpeftError, ValueError):
 @dataclass(frozen=True)
 class PeftFormat:
     peft_type: str
-    kind: str
-    components: tuple[str, ...]
-    to_config: Callable[[list[Match], Program], dict[str, Any]]
-    to_rules: Callable[[dict[str, Any], torch.nn.Module, str], RuleSet]
+    to_config: Callable[..., dict[str, Any]]
+    to_rules: Callable[..., Any]
     fields: frozenset[str]
+    selector: dict[str, Any] = field(default_factory=dict)
+
+    def selects(self, config: dict[str, Any]) -> bool:
+        """Whether ``config`` is this format's: its ``peft_type`` and every selector field."""
+        return config.get("peft_type") == self.peft_type and all(
+            (config.get(key) or False) == value for key, value in self.selector.items())
 
 
-_FORMATS: dict[str, PeftFormat] = {}
+def _peft_kinds() -> list[AdapterKind]:
+    return [k for k in registry.all_kinds() if k.peft is not None]
 
 
-def register_format(fmt: PeftFormat) -> PeftFormat:
-    """Make ``fmt`` available to ``fxpeft.save`` and ``fxpeft.load``."""
-    _FORMATS[fmt.peft_type] = fmt
-    return fmt
+def kind_for_config(config: dict[str, Any], source: str = "<config>") -> AdapterKind:
+    """The adapter kind that reads a PEFT config."""
+    for kind in _peft_kinds():
+        if kind.peft.selects(config):
+            return kind
+    for kind in _peft_kinds():
+        if kind.peft.peft_type == config.get("peft_type"):  # a flag no kind of that type reads
+            key = next(k for k, v in kind.peft.selector.items() if (config.get(k) or False) != v)
+            raise PeftFormatError(f"{source}: {key} = {config[key]!r} is not supported by fxpeft's "
+                                  f"{kind.peft.peft_type} loader (it cannot be honoured exactly)")
+    known = sorted({k.peft.peft_type for k in _peft_kinds()})
+    raise PeftFormatError(f"{source}: peft_type {config.get('peft_type')!r} is not supported; "
+                          f"fxpeft reads {', '.join(known)}")
 
 
-def format_for_type(peft_type: Any, source: str = "<config>") -> PeftFormat:
-    if peft_type not in _FORMATS:
-        raise PeftFormatError(f"{source}: peft_type {peft_type!r} is not supported; fxpeft reads "
-                              f"{', '.join(sorted(_FORMATS))}")
-    return _FORMATS[peft_type]
-
-
-def format_for_kind(kind: str) -> PeftFormat:
-    found = [f for f in _FORMATS.values() if f.kind == kind]
-    if not found:
-        raise PeftFormatError(f"rewrite kind {kind!r} has no PEFT format; PEFT formats exist for "
-                              f"{', '.join(sorted(f.kind for f in _FORMATS.values()))}")
-    return found[0]
+def kind_for_rewrite(rewrite: str) -> AdapterKind:
+    """The adapter kind of a rule's ``rewrite``, which must have a PEFT format."""
+    kind = registry.get(rewrite)
+    if kind.peft is None:
+        raise PeftFormatError(f"rewrite kind {rewrite!r} has no PEFT format; PEFT formats exist "
+                              f"for {', '.join(k.name for k in _peft_kinds())}")
+    return kind
 
 
 def to_peft_key(name: str, adapter: str, components: tuple[str, ...]) -> str | None:
@@ -100,10 +105,12 @@ def to_peft_key(name: str, adapter: str, components: tuple[str, ...]) -> str | N
     return PEFT_PREFIX + ".".join(ours.get(p, p) for p in parts)
 
 
-def check_fields(config: dict[str, Any], fmt: PeftFormat, source: str) -> None:
-    """Every field is read by ``fmt``, generic, inert, or neutral: never silently ignored."""
+def check_fields(config: dict[str, Any], kind: AdapterKind, source: str) -> None:
+    """Every field is read by the kind's format, generic, inert, neutral, or a selector: never
+    silently ignored."""
+    fmt = kind.peft
     for key, value in config.items():
-        if key in fmt.fields or key in GENERIC_FIELDS or key in _INERT_FIELDS:
+        if key in fmt.fields or key in GENERIC_FIELDS or key in _INERT_FIELDS or key in fmt.selector:
             continue
         if value not in (None, False, {}, [], ""):
             raise PeftFormatError(f"{source}: {key} = {value!r} is not supported by fxpeft's "
@@ -132,20 +139,7 @@ def _layers_lookahead(layers: list[int], pattern: Any) -> str:
     return rf"(?=(?:.*?\.)?(?:{'|'.join(patterns)})\.(?:{wanted})\.)"
 
 
-def _key_lookahead(key: str | None) -> str:
-    """PEFT's ``rank_pattern`` / ``alpha_pattern`` keys match as ``(.*\\.)?(KEY)$``."""
-    return "" if key is None else rf"(?=(?:.*\.)?(?:{key})$)"
-
-
-# --- LoRA ---------------------------------------------------------------------------------------
-
-# init_lora_weights values that leave the base weights as they were (others rewrite them).
-_PLAIN_INITS = (True, False, "gaussian", "orthogonal")
-_LORA_FIELDS = frozenset({"target_modules", "exclude_modules", "layers_to_transform",
-                          "layers_pattern", "r", "lora_alpha", "rank_pattern", "alpha_pattern",
-                          "use_rslora", "fan_in_fan_out", "bias", "lora_dropout",
-                          "init_lora_weights"})
-
+# --- target selection shared by LoRA-like and IA3 configs ------------------------------
 
 def _linear_module_names(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules()
@@ -161,7 +155,7 @@ def _head_names(model: torch.nn.Module, config: dict[str, Any]) -> set[str]:
     return {name for name, module in model.named_modules() if head is not None and module is head}
 
 
-def _target_regex(config: dict[str, Any], model: torch.nn.Module, source: str) -> str:
+def target_regex(config: dict[str, Any], model: torch.nn.Module, source: str) -> str:
     target = config.get("target_modules")
     if isinstance(target, str) and target.lower() == "all-linear":
         heads = _head_names(model, config)
@@ -175,7 +169,7 @@ def _target_regex(config: dict[str, Any], model: torch.nn.Module, source: str) -
                           f"or \"all-linear\", got {target!r}")
 
 
-def _layers_prefix(config: dict[str, Any]) -> str:
+def layers_prefix(config: dict[str, Any]) -> str:
     """PEFT applies ``layers_to_transform`` only with a list ``target_modules``."""
     layers = config.get("layers_to_transform")
     if layers is None or layers == [] or not isinstance(config.get("target_modules"), (list, tuple)):
@@ -184,7 +178,7 @@ def _layers_prefix(config: dict[str, Any]) -> str:
     return _layers_lookahead(layers, config.get("layers_pattern"))
 
 
-def _exclude_regexes(config: dict[str, Any]) -> list[str]:
+def exclude_regexes(config: dict[str, Any]) -> list[str]:
     exclude = config.get("exclude_modules")
     found = [] if not exclude else (["^" + full_regex(exclude)] if isinstance(exclude, str)
                                     else ["^" + names_regex(list(exclude))])
@@ -192,77 +186,10 @@ def _exclude_regexes(config: dict[str, Any]) -> list[str]:
     return found + [rf"^(?:.*\.)?(?:{m})(?:$|\.)" for m in config.get(MODULES_TO_SAVE) or []]
 
 
-def _check_lora(config: dict[str, Any], source: str) -> None:
-    if config.get("bias", "none") != "none":
-        raise PeftFormatError(f"{source}: bias = {config['bias']!r} is not supported (only \"none\")")
-    if config.get("init_lora_weights", True) not in _PLAIN_INITS:
-        raise PeftFormatError(f"{source}: init_lora_weights = {config['init_lora_weights']!r} "
-                              f"changes the base weights; fxpeft cannot load such an adapter")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise PeftFormatError(f"{source}: {key} must be a mapping, got {config[key]!r}")
-
-
-def lora_rules(config: dict[str, Any], model: torch.nn.Module, source: str) -> RuleSet:
-    """PEFT ``LoraConfig`` fields to rules. ``rank_pattern`` x ``alpha_pattern`` keys become one
-    rule per pair, in PEFT's key order, so first-match-wins picks PEFT's rank and alpha."""
-    _check_lora(config, source)
-    target = "^" + _layers_prefix(config) + "{keys}" + _target_regex(config, model, source)
-    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    rules = [_lora_rule(config, target.format(keys=_key_lookahead(rk) + _key_lookahead(ak)),
-                        ranks.get(rk, config.get("r", 8)),
-                        alphas.get(ak, config.get("lora_alpha", 8)), f"peft {rk or '*'}/{ak or '*'}")
-             for rk in [*ranks, None] for ak in [*alphas, None]]
-    return RuleSet(tuple(rules), source=source)
-
-
-def _lora_rule(config: dict[str, Any], path: str, r: Any, alpha: Any, name: str) -> Rule:
-    params = LoraParams(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0),
-                        use_rslora=bool(config.get("use_rslora", False)))
-    return Rule(name=name, optional=True, params=params,
-                where=Where(path=[path], exclude=_exclude_regexes(config)))
-
-
-def _common_and_exceptions(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """The most common value, and a PEFT pattern (``name`` or escaped path) for every other."""
-    common = Counter(values.values()).most_common(1)[0][0]
-    by_name: dict[str, set] = {}
-    for path, value in values.items():
-        by_name.setdefault(path.rsplit(".", 1)[-1], set()).add(value)
-    exceptions = {}
-    for path, value in values.items():
-        name = path.rsplit(".", 1)[-1]
-        if value != common:
-            exceptions[name if len(by_name[name]) == 1 else re.escape(path)] = value
-    return common, exceptions
-
-
-def _number(value: float) -> float | int:
-    return int(value) if float(value).is_integer() else value
-
-
-def _targets(paths: list[str], program: Program) -> list[str] | str:
+def targets_for(paths: list[str], program: Program) -> list[str] | str:
     """Module names when they select exactly ``paths``; else a regex of the exact paths."""
     names = sorted({p.rsplit(".", 1)[-1] for p in paths})
     regex = re.compile(names_regex(names))
     if {s.module_path for s in program.sites if regex.match(s.module_path)} == set(paths):
         return names
     return "|".join(re.escape(p) for p in paths)
-
-
-def lora_config(matches: list[Match], program: Program) -> dict[str, Any]:
-    """The ``LoraConfig`` fields that select ``matches``' modules with their rank and scale."""
-    params = {m.module_path: m.rule.params for m in matches}
-    rslora = all(p.use_rslora for p in params.values())
-    r, rank_pattern = _common_and_exceptions({k: p.r for k, p in params.items()})
-    alpha, alpha_pattern = _common_and_exceptions(
-        {k: _number(p.scale * (p.r ** 0.5 if rslora else p.r)) for k, p in params.items()})
-    dropout = Counter(p.dropout for p in params.values()).most_common(1)[0][0]
-    return {"target_modules": _targets(sorted(params), program), "r": r, "lora_alpha": alpha,
-            "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": rslora,
-            "lora_dropout": dropout, "bias": "none", "init_lora_weights": True, "use_dora": False,
-            "fan_in_fan_out": any(m.site.fan_in_fan_out for m in matches)}
-
-
-register_format(PeftFormat("LORA", "lora", ("lora_A", "lora_B"), lora_config, lora_rules,
-                           _LORA_FIELDS))

@@ -52,25 +52,56 @@ class LinearSite:
     def fan_in_fan_out(self) -> bool:
         return self.kind in ("addmm", "mm")
 
+    def bias_target(self, gm: torch.nn.Module) -> str | None:
+        """Where the layer's bias lives, if it has one."""
+        if self.kind == "module":
+            return f"{self.node.target}.bias" if gm.get_submodule(self.node.target).bias is not None else None
+        args = self.node.args
+        bias = args[0] if self.kind == "addmm" else (args[2] if len(args) > 2 else None)
+        return bias.target if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else None
+
+
+@dataclass(frozen=True)
+class CaptureInfo:
+    """What capture learned about the model, kept on the emitted graph (``gm.capture_info``).
+
+    ``inputs``: the captured input names (HF graphs); ``config``: the model's config;
+    ``out_spec``, ``max_seq``: the output tree and the longest sequence the export allows;
+    ``training``: the model's mode when captured (the emitted graph starts in it).
+    """
+
+    model_class: str
+    frontend: str
+    inputs: tuple[str, ...] = ()
+    config: Any = None
+    out_spec: Any = None
+    max_seq: int | None = None
+    training: bool = False
+
 
 @dataclass
 class Program:
-    """What capture produces and passes transform.
+    """What capture produces and passes transform: a graph module, what capture learned about
+    the model (``info``), and an index of its linear layers (``sites``).
 
-    ``graph_module`` holds the graph and (shared) parameters; ``sites`` indexes the linear layers;
-    ``model_class`` names the captured model; ``layer_count`` is the number of distinct layer
-    indices seen (for negative ``layer_range`` values); ``info`` carries frontend details.
+    ``layer_count`` is the number of distinct layer indices seen (for negative ``layer_range``).
     """
 
     graph_module: torch.fx.GraphModule
-    model_class: str
-    frontend: str
+    info: CaptureInfo
     sites: list[LinearSite] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def graph(self) -> torch.fx.Graph:
         return self.graph_module.graph
+
+    @property
+    def model_class(self) -> str:
+        return self.info.model_class
+
+    @property
+    def frontend(self) -> str:
+        return self.info.frontend
 
     @property
     def layer_count(self) -> int:

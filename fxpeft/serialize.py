@@ -3,7 +3,7 @@
 A folder holds ``adapter_config.json`` (PEFT's config), ``adapter_model.safetensors`` (only the
 adapter tensors, under PEFT's keys) and ``fxpeft_rules.toml`` (the rules that built the adapter,
 so fxpeft rebuilds exactly the same graph; PEFT ignores the file). Formats per adapter kind come
-from ``fxpeft.peft_format``. Writes go to a temporary folder and are renamed into place; reads
+from the kind registry (``AdapterKind.peft``). Writes go to a temporary folder and are renamed into place; reads
 are strict and only ever safetensors (never pickle).
 """
 
@@ -19,14 +19,18 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from fxpeft.adapt import program_of
 from fxpeft.adapter_set import AdapterRecord, delete_adapter, record
 from fxpeft.adapters import is_adapter_parameter
+from fxpeft.api import add_adapter, rewrite
 from fxpeft.errors import FxpeftError
 from fxpeft.graph_module import AdaptedModule
-from fxpeft.peft_format import PeftFormat, check_fields, format_for_kind, format_for_type, to_peft_key
+from fxpeft.kinds.registry import AdapterKind
+from fxpeft.peft_format import check_fields, kind_for_config, kind_for_rewrite, to_peft_key
 from fxpeft.program import Program
-from fxpeft.rules import RuleSet, load_rules
 from fxpeft.rules.dump import dump_rules
+from fxpeft.rules.loader import load_rules
+from fxpeft.rules.schema import RuleSet
 
 CONFIG, WEIGHTS, RULES = "adapter_config.json", "adapter_model.safetensors", "fxpeft_rules.toml"
 _TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
@@ -40,35 +44,35 @@ class AdapterFileError(FxpeftError, ValueError):
 
 # --- save ---------------------------------------------------------------------------------------
 
-def _format_of(rules: RuleSet) -> PeftFormat:
+def _kind_of(rules: RuleSet) -> AdapterKind:
     kinds = sorted({rule.rewrite for rule in rules.rules})
     if len(kinds) != 1:
         raise FxpeftError(f"an adapter mixing {' and '.join(kinds)} has no PEFT format; give each "
                           f"kind its own adapter (fxpeft.add_adapter)")
-    return format_for_kind(kinds[0])
+    return kind_for_rewrite(kinds[0])
 
 
 def _task_type(model_class: str) -> str | None:
     return next((t for suffix, t in _TASK_TYPES.items() if model_class.endswith(suffix)), None)
 
 
-def peft_config(program: Program, rec: AdapterRecord, fmt: PeftFormat) -> dict[str, Any]:
+def peft_config(program: Program, rec: AdapterRecord, kind: AdapterKind) -> dict[str, Any]:
     """The ``adapter_config.json`` content for one adapter."""
-    model_config = program.info.get("config")
-    config = {"peft_type": fmt.peft_type, "task_type": _task_type(program.model_class),
+    model_config = program.info.config
+    config = {"peft_type": kind.peft.peft_type, "task_type": _task_type(program.model_class),
               "base_model_name_or_path": getattr(model_config, "_name_or_path", None) or None,
               "revision": None, "inference_mode": True}
     if rec.modules_to_save:  # only PEFT configs that know the field (not ADAPTION_PROMPT) get it
         config["modules_to_save"] = list(rec.modules_to_save)
-    mine = [m for m in rec.matches if m.rule.rewrite == fmt.kind]
-    return {**config, **fmt.to_config(mine, program)}
+    mine = [m for m in rec.matches if m.rule.rewrite == kind.name]
+    return {**config, **kind.peft.to_config(mine, program)}
 
 
-def peft_state_dict(gm: torch.nn.Module, adapter: str, fmt: PeftFormat) -> dict[str, torch.Tensor]:
+def peft_state_dict(gm: torch.nn.Module, adapter: str, kind: AdapterKind) -> dict[str, torch.Tensor]:
     """``adapter``'s tensors under PEFT's keys (copies, on the CPU)."""
     tensors = {}
     for name, tensor in gm.state_dict().items():
-        key = to_peft_key(name, adapter, fmt.components) if is_adapter_parameter(name) else None
+        key = to_peft_key(name, adapter, kind.components) if is_adapter_parameter(name) else None
         if key is not None:
             tensors[key] = tensor.detach().to("cpu", copy=True).contiguous()
     return tensors
@@ -105,12 +109,12 @@ def save(gm: AdaptedModule, directory: "str | Path", adapter: str = "default") -
     >>> sorted(p.name for p in folder.iterdir())
     ['adapter_config.json', 'adapter_model.safetensors', 'fxpeft_rules.toml']
     """
-    rec, program = record(gm, adapter), gm.meta["fxpeft"]["program"]
-    fmt = _format_of(rec.rules)
-    tensors = peft_state_dict(gm, adapter, fmt)
+    rec, program = record(gm, adapter), program_of(gm)
+    kind = _kind_of(rec.rules)
+    tensors = peft_state_dict(gm, adapter, kind)
     writers = {WEIGHTS: lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
                RULES: lambda path: path.write_text(dump_rules(rec.rules), "utf-8"),
-               CONFIG: _write_json(peft_config(program, rec, fmt))}
+               CONFIG: _write_json(peft_config(program, rec, kind))}
     _write_atomically(Path(directory), writers)
     return Path(directory)
 
@@ -143,21 +147,21 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         raise AdapterFileError(f"{path}: not a readable safetensors file: {err}") from None
 
 
-def _rules(directory: Path, config: dict[str, Any], fmt: PeftFormat,
+def _rules(directory: Path, config: dict[str, Any], kind: AdapterKind,
            model: torch.nn.Module) -> RuleSet:
     if (directory / RULES).is_file():
         return load_rules(directory / RULES)
     if isinstance(model, AdaptedModule) and config.get("target_modules") == "all-linear":
         raise AdapterFileError(f"{directory / CONFIG}: target_modules = \"all-linear\" needs the "
                                f"original model; fxpeft.load it there, not into a graph")
-    return fmt.to_rules(config, model, str(directory / CONFIG))
+    return kind.peft.to_rules(config, model, str(directory / CONFIG))
 
 
-def _expected(gm: torch.nn.Module, adapter: str, fmt: PeftFormat) -> dict[str, str]:
+def _expected(gm: torch.nn.Module, adapter: str, kind: AdapterKind) -> dict[str, str]:
     """PEFT key -> our parameter name, for every tensor ``adapter`` needs."""
     names = (n for n in gm.state_dict() if is_adapter_parameter(n))
     return {key: name for name in names
-            if (key := to_peft_key(name, adapter, fmt.components)) is not None}
+            if (key := to_peft_key(name, adapter, kind.components)) is not None}
 
 
 def _check_tensors(expected: dict[str, str], tensors: dict[str, torch.Tensor],
@@ -175,9 +179,9 @@ def _check_tensors(expected: dict[str, str], tensors: dict[str, torch.Tensor],
                                    f"got {got.dtype} {list(got.shape)}")
 
 
-def _fill(gm: AdaptedModule, adapter: str, fmt: PeftFormat, tensors: dict[str, torch.Tensor],
+def _fill(gm: AdaptedModule, adapter: str, kind: AdapterKind, tensors: dict[str, torch.Tensor],
           path: Path) -> None:
-    expected = _expected(gm, adapter, fmt)
+    expected = _expected(gm, adapter, kind)
     _check_tensors(expected, tensors, gm, path)
     state = gm.state_dict()
     with torch.no_grad():
@@ -201,31 +205,30 @@ def load(model: torch.nn.Module, directory: "str | Path", adapter: str = "defaul
     >>> fxpeft.load(model, folder).adapter_names
     ['default']
     """
-    from fxpeft.api import add_adapter, rewrite  # api imports this module's users
     directory = Path(directory)
     config = _read_config(directory)
-    fmt = format_for_type(config.get("peft_type"), str(directory / CONFIG))
-    check_fields(config, fmt, str(directory / CONFIG))
-    rules, tensors = _rules(directory, config, fmt, model), _read_weights(directory)
+    kind = kind_for_config(config, str(directory / CONFIG))
+    check_fields(config, kind, str(directory / CONFIG))
+    rules, tensors = _rules(directory, config, kind, model), _read_weights(directory)
     keep = config.get("modules_to_save") or ()
     grown = isinstance(model, AdaptedModule)
     gm = add_adapter(model, adapter, rules, modules_to_save=keep) if grown else \
         rewrite(model, rules, adapter=adapter, modules_to_save=keep)
     try:
-        _fill(gm, adapter, fmt, tensors, directory / WEIGHTS)
+        _fill(gm, adapter, kind, tensors, directory / WEIGHTS)
     except FxpeftError:
         if grown:
             delete_adapter(gm, adapter)
         raise
     if not trainable:
-        _freeze_adapter(gm, adapter, fmt)
+        _freeze_adapter(gm, adapter, kind)
         if not grown:  # a graph the caller already holds keeps its mode
             gm.eval()
     return gm
 
 
-def _freeze_adapter(gm: torch.nn.Module, adapter: str, fmt: PeftFormat) -> None:
+def _freeze_adapter(gm: torch.nn.Module, adapter: str, kind: AdapterKind) -> None:
     """Only ``adapter``'s tensors stop requiring grad; other adapters keep theirs."""
     for name, param in gm.named_parameters():
-        if to_peft_key(name, adapter, fmt.components) is not None:
+        if to_peft_key(name, adapter, kind.components) is not None:
             param.requires_grad_(False)

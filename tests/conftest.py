@@ -95,7 +95,8 @@ def llama():
 
 def adapter_nodes(gm: torch.fx.GraphModule, kind: str = "lora") -> list[torch.fx.Node]:
     """Nodes a pass added for adapters of ``kind``."""
-    return [n for n in gm.graph.nodes if n.meta.get("fxpeft_adapter", {}).get("kind") == kind]
+    from fxpeft.names import adapter_node
+    return [n for n in gm.graph.nodes if getattr(adapter_node(n), "kind", None) == kind]
 
 
 def lora_branch_count(gm: torch.fx.GraphModule) -> int:
@@ -136,3 +137,11 @@ def tiny_gemma():
     return GemmaForCausalLM(GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=1, head_dim=16,
                                         vocab_size=VOCAB)).eval()
+
+
+def emitted_base(model):
+    """The base model's emitted graph (signature, dropout as data), no adapters: what a merged or
+    stripped graph must equal."""
+    from fxpeft.capture import capture
+    from fxpeft.emit import emit
+    return emit(capture(model))

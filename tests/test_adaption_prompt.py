@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import fxpeft
-from conftest import (token_batch, tiny_gemma, tiny_llama, tiny_mistral, tiny_opt, tiny_qwen2,
+from conftest import (emitted_base, token_batch, tiny_gemma, tiny_llama, tiny_mistral, tiny_opt, tiny_qwen2,
                       tiny_qwen3)
 from fxpeft.capture import capture
 from fxpeft.rules import Rule, Where
-from fxpeft.rules.schema import AdaptionPromptParams
+from fxpeft.kinds.adaption_prompt import AdaptionPromptParams
 from fxpeft.gates import GATE_META
-from fxpeft.transforms.lora import ADAPTER_META
+from fxpeft.names import ADAPTER_META
 from peft_io import load_into, peft_adapted, save_from
 
 aten = torch.ops.aten
@@ -47,7 +47,7 @@ def _adapter_nodes_by_layer(gm):
     for node in gm.graph.nodes:
         if ADAPTER_META in node.meta:
             kind = str(node.target) if node.op == "call_function" else node.op
-            found[node.meta[ADAPTER_META]["module_path"]][kind] += 1
+            found[node.meta[ADAPTER_META].module_path][kind] += 1
     return found
 
 
@@ -59,7 +59,7 @@ def _base_nodes_by_module(gm):
 
 def test_graph_gets_one_branch_per_matched_layer_and_nothing_elsewhere():
     model = tiny_llama(num_hidden_layers=3)
-    base = capture(model).graph_module
+    base = emitted_base(model)
     gm = fxpeft.rewrite(model, "llama_adapter.toml")
     gm.graph.lint()
     by_layer = _adapter_nodes_by_layer(gm)

@@ -28,3 +28,11 @@ def test_explain_a_saved_checkpoint(tmp_path, capsys):
 def test_unknown_rule_file_is_an_error_not_a_traceback(capsys):
     assert main(["check", "nope.toml"]) == 1
     assert "no rule file 'nope.toml'" in capsys.readouterr().err
+
+
+def test_kinds_lists_the_registry(capsys):
+    from fxpeft.kinds import registry
+    assert main(["kinds"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [k.name for k in registry.all_kinds()]
+    assert any(line.startswith("adaption_prompt:") and "cannot merge" in line for line in lines)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fxpeft
-from fxpeft.graph_module import sdpa_dropout_p
+from fxpeft.emit import sdpa_dropout_p
 from conftest import nodes_with_target, randomize_adapters, tiny_bert, tiny_llama, token_batch
 
 aten = torch.ops.aten
@@ -52,29 +52,29 @@ def test_eval_is_deterministic_and_train_is_not(pair):
     torch.testing.assert_close(gm(ids).logits, gm(ids).logits, rtol=0, atol=0)
 
 
-def test_train_flips_every_dropout_and_restores_attention_p(pair):
+def test_every_dropout_follows_the_mode_as_data(pair):
     _, gm = pair
-    gm.train()
-    drops = nodes_with_target(gm, aten.dropout.default)
+    assert not nodes_with_target(gm, aten.dropout.default)  # all routed through the module
+    drops = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "fxpeft_dropout"]
     sdpa = nodes_with_target(gm, aten.scaled_dot_product_attention.default)
-    assert drops and all(n.args[2] is True for n in drops)
-    assert sdpa and all(sdpa_dropout_p(n) == pytest.approx(0.1) for n in sdpa)
+    assert drops and sdpa
+    p_nodes = {sdpa_dropout_p(n) for n in sdpa}
+    assert all(isinstance(p, torch.fx.Node) and p.target == "fxpeft_dropout_attention" for p in p_nodes)
+    assert [p.args[0] for p in p_nodes] == pytest.approx([0.1] * len(p_nodes))
+    for mode in (True, False):
+        gm.train(mode)
+        assert gm.fxpeft_dropout.training is mode and gm.fxpeft_dropout_attention.training is mode
+        assert gm.fxpeft_dropout_attention(0.1) == (0.1 if mode else 0.0)
     gm.eval()
-    assert all(n.args[2] is False for n in drops)
-    assert all(sdpa_dropout_p(n) == 0.0 for n in sdpa)
 
 
-def test_mode_switch_recompiles_only_on_change(pair, monkeypatch):
+def test_mode_switch_never_regenerates_code(pair, monkeypatch):
     _, gm = pair
-    gm.eval()
     calls = []
     monkeypatch.setattr(type(gm), "recompile", lambda self: calls.append(1))
-    gm.eval()
-    gm.eval()
+    for mode in (True, False, True, False):
+        gm.train(mode)
     assert calls == []
-    gm.train()
-    gm.train()
-    assert calls == [1]
 
 
 def test_base_dropout_is_owned_too():
@@ -99,3 +99,26 @@ def test_too_long_sequence_is_a_clear_error():
     gm = fxpeft.rewrite(model, fxpeft.rules.Rule(where=fxpeft.rules.Where(path=[r"\.query$"])))
     with pytest.raises(ValueError, match="exceeds the 256 positions"):
         gm(token_batch(1, 300))
+
+
+def test_mode_switches_under_torch_compile_compile_once_per_mode():
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+    gm = fxpeft.rewrite(tiny_llama(attention_dropout=0.1), "lora_qv.toml")  # dropout 0.05 too
+    ids = token_batch()
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompileCounter()
+    compiled = torch.compile(gm, backend=backend, dynamic=True)
+    frames = []
+    for mode in (True, False, True, False, True):
+        gm.train(mode)
+        out = compiled(ids, labels=ids)
+        out.loss.backward() if mode else None
+        frames.append(backend.frame_count)
+    assert frames[0] >= 1 and frames[1] > frames[0]  # one compile per mode
+    assert frames[2:] == [frames[1]] * 3  # later switches hit the cache
+    gm.eval()
+    eager = gm(ids).logits
+    torch.testing.assert_close(compiled(ids).logits, eager, rtol=0, atol=1e-5)
+    torch._dynamo.reset()

@@ -3,11 +3,10 @@
 import torch
 
 import fxpeft
-from conftest import nodes_with_target, token_batch, tiny_llama
+from conftest import emitted_base, nodes_with_target, token_batch, tiny_llama
 from fxpeft.capture import capture
-from fxpeft.transforms.ia3 import fold_ia3
 from fxpeft.gates import GATE_META
-from fxpeft.transforms.lora import ADAPTER_META
+from fxpeft.names import ADAPTER_META
 from peft_io import load_into, peft_adapted, save_from
 
 aten = torch.ops.aten
@@ -36,7 +35,7 @@ def test_identity_at_init_with_peft_names_and_shapes():
 
 def test_graph_scales_kv_outputs_and_down_proj_input():
     model = tiny_llama()
-    base = capture(model).graph_module
+    base = emitted_base(model)
     gm = fxpeft.rewrite(model, "ia3.toml")
     gm.graph.lint()
     added = [n for n in gm.graph.nodes if ADAPTER_META in n.meta]
@@ -75,16 +74,14 @@ def test_fxpeft_ia3_loads_into_peft_with_equal_logits(tmp_path):
     torch.testing.assert_close(peft_model(input_ids=ids).logits, gm(ids).logits, rtol=0, atol=1e-5)
 
 
-def test_fold_gives_base_graph_and_peft_merged_weights():
+def test_merge_gives_peft_merged_weights():
     ids = token_batch()
     model = tiny_llama()
     gm = fxpeft.rewrite(model, "ia3.toml")
     _randomise(gm)
     before = gm(ids).logits
     vectors = {n: p.detach().clone() for n, p in gm.named_parameters() if "ia3_l" in n}
-    assert fold_ia3(gm) == 6
-    gm.graph.lint()
-    assert len(gm.graph.nodes) == len(capture(tiny_llama()).graph.nodes)
+    gm = fxpeft.merge(gm)
     torch.testing.assert_close(gm(ids).logits, before, rtol=0, atol=1e-5)
     assert not any("ia3_l" in n for n, _ in gm.named_parameters())
     peft_model = peft_adapted(tiny_llama(), "ia3")
@@ -102,14 +99,13 @@ def test_fold_gives_base_graph_and_peft_merged_weights():
 def test_fold_scales_output_bias_too():
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     from fxpeft.rules import Rule, Where
-    from fxpeft.rules.schema import IA3Params
+    from fxpeft.kinds.ia3 import IA3Params
     gm = fxpeft.rewrite(net, [Rule(where=Where(path=["^0$"]), params=IA3Params()),
                               Rule(where=Where(path=["^1$"]), params=IA3Params(feedforward=True))])
     _randomise(gm)
     x = torch.randn(5, 3)
     before = gm(x)
-    fold_ia3(gm)
-    torch.testing.assert_close(gm(x), before, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fxpeft.merge(gm)(x), before, rtol=0, atol=1e-6)
 
 
 def test_fxpeft_merge_folds_ia3():
@@ -118,6 +114,6 @@ def test_fxpeft_merge_folds_ia3():
     ids = token_batch()
     merged = fxpeft.merge(gm)
     merged.graph.lint()
-    assert len(merged.graph.nodes) == len(capture(tiny_llama()).graph.nodes)
+    assert len(merged.graph.nodes) == len(emitted_base(tiny_llama()).graph.nodes)
     assert not any("ia3_l" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(merged(ids).logits, gm(ids).logits, rtol=0, atol=1e-5)

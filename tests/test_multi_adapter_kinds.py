@@ -7,12 +7,13 @@ import torch
 from safetensors.torch import load_file
 
 import fxpeft
-from conftest import randomize_adapters, tiny_llama, token_batch
+from conftest import emitted_base, randomize_adapters, tiny_llama, token_batch
 from fxpeft.adapters import adapter_component
 from fxpeft.capture import capture
-from fxpeft.errors import PassError
-from fxpeft.transforms import ia3
-from fxpeft.transforms.ia3 import fold_ia3
+import dataclasses
+
+from fxpeft.errors import FxpeftError, PassError
+from fxpeft.kinds import registry
 
 COMPONENTS = {"lora_A", "lora_B", "ia3_l", "adaption_prompt", "adaption_gate"}
 
@@ -139,7 +140,7 @@ def test_named_prompt_saves_peft_keys_and_loads_under_another_name(ids, tmp_path
 
 def test_merge_folds_only_active_ia3(lora_ia3, ids):
     gm, _, _ = lora_ia3
-    base_nodes = len(capture(tiny_llama()).graph.nodes)
+    base_nodes = len(emitted_base(tiny_llama()).graph.nodes)
     try:
         for active in ("scale", ["default", "scale"]):
             gm.set_adapter(active)
@@ -150,7 +151,7 @@ def test_merge_folds_only_active_ia3(lora_ia3, ids):
         gm.set_adapter("scale")
         with torch.no_grad():
             gm.fxpeft_gates.scale.fill_(0.5)
-        with pytest.raises(PassError, match="partly open gate"):
+        with pytest.raises(FxpeftError, match="partly open gate"):
             fxpeft.merge(gm)
     finally:
         gm.set_adapter("default")
@@ -158,7 +159,7 @@ def test_merge_folds_only_active_ia3(lora_ia3, ids):
 
 def test_merge_of_a_traced_module_drops_every_ia3_vector():
     from fxpeft.rules import Rule, Where
-    from fxpeft.rules.schema import IA3Params
+    from fxpeft.kinds.ia3 import IA3Params
     rule = Rule(where=Where(path=["^0$"]), params=IA3Params())
     gm = fxpeft.rewrite(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)), rule)
     gm.add_adapter("b", rule)
@@ -172,12 +173,12 @@ def test_merge_of_a_traced_module_drops_every_ia3_vector():
     gm.set_adapter("default")
 
 
-def test_fold_ia3_drops_inactive_adapters(ids):
+def test_merge_of_ia3_drops_inactive_adapters(ids):
     gm, first, second = two_adapters("ia3.toml", "ia3.toml")
     gm.set_adapter("b")
-    assert fold_ia3(gm) == 12
-    assert not any("ia3_l" in n for n, _ in gm.named_parameters())
-    torch.testing.assert_close(logits(gm, ids), logits(second, ids), rtol=0, atol=1e-5)
+    merged = fxpeft.merge(gm)
+    assert not any("ia3_l" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(logits(merged, ids), logits(second, ids), rtol=0, atol=1e-5)
 
 
 def snapshot(gm):
@@ -188,15 +189,15 @@ def snapshot(gm):
 def test_failed_add_adapter_leaves_the_graph_as_it_was(monkeypatch, ids):
     gm = single("lora_qv", 3)
     before, out = snapshot(gm), logits(gm, ids)
-    real, calls = ia3.splice_ia3, []
+    kind, calls = registry.get("ia3"), []
 
     def third_fails(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise PassError("injected failure")
-        return real(*args, **kwargs)
+        return kind.splice(*args, **kwargs)
 
-    monkeypatch.setattr(ia3, "splice_ia3", third_fails)
+    monkeypatch.setitem(registry._KINDS, "ia3", dataclasses.replace(kind, splice=third_fails))
     with pytest.raises(PassError, match="pass 'ia3' failed: injected failure"):
         gm.add_adapter("b", "ia3.toml")
     assert len(calls) == 3 and snapshot(gm) == before

@@ -8,9 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from fxpeft.errors import RuleError
+from fxpeft.kinds import registry
 from fxpeft.rules import checks
 
-def _spec(default: Any, check: checks.Check, doc: str) -> Any:
+
+def spec(default: Any, check: checks.Check, doc: str) -> Any:
+    """A validated dataclass field: ``check`` returns an error message or None."""
     return field(default=default, metadata={"check": check, "doc": doc})
 
 
@@ -53,124 +56,58 @@ class Where:
     ('\\\\.q_proj$',)
     """
 
-    path: tuple[str, ...] = _spec((), checks.regex_list, "module-path regexes (any)")
-    exclude: tuple[str, ...] = _spec((), checks.regex_list, "module-path regexes to skip")
-    layers: tuple[int, ...] | None = _spec(None, checks.int_list, "explicit layer indices")
-    layer_range: tuple[int, int] | None = _spec(None, checks.int_pair, "[first, last] layers")
-    module_type: tuple[str, ...] = _spec((), checks.string_list, "module class names")
+    path: tuple[str, ...] = spec((), checks.regex_list, "module-path regexes (any)")
+    exclude: tuple[str, ...] = spec((), checks.regex_list, "module-path regexes to skip")
+    layers: tuple[int, ...] | None = spec(None, checks.int_list, "explicit layer indices")
+    layer_range: tuple[int, int] | None = spec(None, checks.int_pair, "[first, last] layers")
+    module_type: tuple[str, ...] = spec((), checks.string_list, "module class names")
 
     def __post_init__(self) -> None:
         check_fields(self, "where.")
 
 
 @dataclass(frozen=True)
-class LoraParams:
-    """LoRA: ``y = f(x) + scale * B(A(dropout(x)))`` with ``scale = alpha / r`` (or
-    ``alpha / sqrt(r)`` with ``use_rslora``). ``init = "default"`` gives PEFT's kaiming-uniform
-    A and zero B; ``init = "random"`` makes B random too (PEFT's ``init_lora_weights=False``).
+class Params:
+    """Base of every kind's rule params (``[rule.params]``): frozen, validated when built.
 
-    >>> LoraParams(r=8, alpha=16).scale
-    2.0
+    A kind's params class sets ``kind`` (its ``rewrite`` name) and ``match_kinds`` (the sites
+    it applies to), and declares its fields with ``spec``.
     """
 
-    kind: ClassVar[str] = "lora"
-    match_kinds: ClassVar[tuple[str, ...]] = ("linear",)
-    r: int = _spec(8, checks.positive_int, "rank")
-    alpha: float = _spec(8, checks.positive_number, "scaling numerator")
-    dropout: float = _spec(0.0, checks.probability, "dropout on the adapter input")
-    use_rslora: bool = _spec(False, checks.boolean, "scale by alpha/sqrt(r)")
-    init: str = _spec("default", checks.one_of("default", "random"), "initialisation")
-
-    def __post_init__(self) -> None:
-        check_fields(self, "params.")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (self.r ** 0.5 if self.use_rslora else self.r)
-
-
-@dataclass(frozen=True)
-class AdaptionPromptParams:
-    """LLaMA-Adapter (PEFT's ``AdaptionPromptConfig``): ``adapter_len`` learned prompt tokens per
-    layer, attended through the layer's frozen k/v projections with their own softmax, times a
-    zero-initialised gate (``gate = "tanh"``: times ``tanh(gate)``, as the paper's later code).
-
-    >>> AdaptionPromptParams().adapter_len
-    10
-    """
-
-    kind: ClassVar[str] = "adaption_prompt"
-    match_kinds: ClassVar[tuple[str, ...]] = ("attention",)
-    adapter_len: int = _spec(10, checks.positive_int, "prompt tokens per layer")
-    gate: str = _spec("scale", checks.one_of("scale", "tanh"), "how the gate scales the scores")
+    kind: ClassVar[str] = ""
+    match_kinds: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         check_fields(self, "params.")
 
 
-@dataclass(frozen=True)
-class IA3Params:
-    """IA3: a learned vector, initialised to ones, scales a linear's output (or, with
-    ``feedforward = true``, its input, as PEFT's ``feedforward_modules``).
-
-    >>> IA3Params(feedforward=True).feedforward
-    True
-    """
-
-    kind: ClassVar[str] = "ia3"
-    match_kinds: ClassVar[tuple[str, ...]] = ("linear",)
-    feedforward: bool = _spec(False, checks.boolean, "scale the input instead of the output")
-
-    def __post_init__(self) -> None:
-        check_fields(self, "params.")
-
-
-_REWRITE_KINDS: dict[str, type] = {"lora": LoraParams, "adaption_prompt": AdaptionPromptParams,
-                                   "ia3": IA3Params}
-
-
-def rewrite_kinds() -> dict[str, type]:
-    """The rewrite kinds rules may name, with their parameter classes.
-
-    >>> "lora" in rewrite_kinds()
-    True
-    """
-    return dict(_REWRITE_KINDS)
-
-
-def match_kinds() -> list[str]:
-    """What rules may match: the union of every rewrite kind's ``match_kinds``."""
-    return sorted({m for cls in _REWRITE_KINDS.values() for m in cls.match_kinds})
-
-
-def register_rewrite_kind(params_cls: type) -> type:
-    """Make a parameter class (with ``kind`` and ``match_kinds``) nameable from rule files."""
-    _REWRITE_KINDS[params_cls.kind] = params_cls
-    return params_cls
+def _default_params() -> Params:
+    return registry.get("lora").params()  # a rule without params is a default LoRA
 
 
 @dataclass(frozen=True)
 class Rule:
     """One rule: a match kind, ``where`` constraints, and a rewrite with its parameters.
 
-    >>> Rule(match="linear", where=Where(path=["q_proj"]), params=LoraParams(r=4)).rewrite
+    >>> Rule(match="linear", where=Where(path=["q_proj"])).rewrite
     'lora'
     """
 
-    match: str = _spec("linear", checks.text, "what to match")
+    match: str = spec("linear", checks.text, "what to match")
     where: Where = field(default_factory=Where)
-    params: Any = field(default_factory=LoraParams)
-    name: str = _spec("", lambda v: None if isinstance(v, str) else "expected a string", "name")
-    optional: bool = _spec(False, checks.boolean, "may match nothing")
+    params: Any = field(default_factory=_default_params)
+    name: str = spec("", lambda v: None if isinstance(v, str) else "expected a string", "name")
+    optional: bool = spec(False, checks.boolean, "may match nothing")
 
     def __post_init__(self) -> None:
         check_fields(self, "")
-        kinds = match_kinds()
+        kinds = registry.match_kinds()
         if self.match not in kinds:
             raise RuleError(f'unknown match kind "{self.match}"{did_you_mean(self.match, kinds)}'
                             f"; known: {', '.join(kinds)}", key="match")
-        if type(self.params) not in _REWRITE_KINDS.values():
-            raise RuleError(f"params must be one of {sorted(_REWRITE_KINDS)} parameter objects, "
+        rewrites = registry.rewrite_kinds()
+        if type(self.params) not in rewrites.values():
+            raise RuleError(f"params must be one of {sorted(rewrites)} parameter objects, "
                             f"got {type(self.params).__name__}", key="params")
         if self.match not in self.params.match_kinds:
             raise RuleError(f'rewrite "{self.rewrite}" applies to {"/".join(self.params.match_kinds)}'

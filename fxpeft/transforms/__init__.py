@@ -1,17 +1,16 @@
-"""Rewrite passes: each consumes match records of one rewrite kind and splices the graph."""
+"""Rewrite passes: one per registered adapter kind, run by the pass manager in registry order."""
 
-from fxpeft import peft_format_prompt_ia3  # noqa: F401  PEFT formats of the IA3 / prompt kinds
-from fxpeft.transforms import adaption_prompt, ia3, lora
-from fxpeft.transforms.base import PassResult, RewritePass, SplicePass, run_passes
+from fxpeft.kinds import registry
+from fxpeft.transforms.base import KindPass, PassResult, run_passes
 
-__all__ = ["PassResult", "RewritePass", "SplicePass", "default_passes", "run_passes"]
+__all__ = ["KindPass", "PassResult", "default_passes", "run_passes"]
 
 
-def default_passes() -> list[RewritePass]:
-    """The rewrite passes, in the order they run. New adapter kinds add their pass here.
+def default_passes() -> list[KindPass]:
+    """The rewrite passes, in the order they run: one per registered kind.
 
-    >>> [p.name for p in default_passes()]
+    >>> import fxpeft
+    >>> [p.name for p in default_passes()][:3]
     ['lora', 'ia3', 'adaption_prompt']
     """
-    return [SplicePass("lora", lora.splice_lora), SplicePass("ia3", ia3.splice_ia3),
-            SplicePass("adaption_prompt", adaption_prompt.splice_adaption_prompt)]
+    return [KindPass(kind) for kind in registry.all_kinds()]

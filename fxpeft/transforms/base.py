@@ -1,8 +1,12 @@
 """The pass protocol and the pass manager.
 
-A pass states the rewrite kind it consumes, changes the graph, and returns what it changed.
-The manager runs passes in a fixed order, lints and recompiles after each, logs name / match
-count / time, and names the failing pass (and those before it) in any error.
+There is one rewrite pass per registered adapter kind (``fxpeft.kinds.registry``). A pass gets
+its inputs as arguments (the graph module, its work items, the adapter's name), splices, and
+returns what it added. The manager runs passes in registry order, checks what each ensures
+(every added node carries its kind's record or a gate record; each splice has a removable node;
+a node that is not removable is read only by adapter nodes, so it dies with its join; the graph
+lints), recompiles, logs name / match count / time, and names the failing pass and those before
+it in any error.
 """
 
 from __future__ import annotations
@@ -10,13 +14,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any
+
+import torch.fx
 
 from fxpeft.errors import FxpeftError, PassError
-from fxpeft.match import Match
-from fxpeft.program import Program
+from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced
+from fxpeft.names import adapter_node, is_fxpeft_node
 
 log = logging.getLogger("fxpeft")
+WorkItem = tuple[Any, Any]  # (site, params) for one splice
 
 
 @dataclass(frozen=True)
@@ -34,68 +41,84 @@ class PassResult:
                 f"+{self.parameters_added:,d} parameters ({self.seconds * 1000:.0f} ms)")
 
 
-class RewritePass(Protocol):
-    name: str
-    kind: str  # the rule ``rewrite`` kind whose matches this pass consumes
-
-    def run(self, program: Program, matches: list[Match]) -> None:
-        """Splice the graph for ``matches``. Must leave the graph valid."""
-
-
 @dataclass(frozen=True)
-class SplicePass:
-    """A rewrite pass that splices one branch per match with
-    ``splice(graph_module, site, params, adapter)``; its ``kind`` is its name.
+class KindPass:
+    """The rewrite pass of one adapter kind: one splice per work item.
 
-    >>> SplicePass("lora", print).kind
+    >>> import fxpeft
+    >>> from fxpeft.kinds import registry
+    >>> KindPass(registry.get("lora")).name
     'lora'
     """
 
-    name: str
-    splice: Callable[..., object]
+    kind: AdapterKind
 
     @property
-    def kind(self) -> str:
-        return self.name
+    def name(self) -> str:
+        return self.kind.name
 
-    def run(self, program: Program, matches: list[Match]) -> None:
-        adapter = program.info.get("adapter", "default")
-        for found in matches:
-            self.splice(program.graph_module, found.site, found.rule.params, adapter)
+    def run(self, gm: torch.fx.GraphModule, work: list[WorkItem], adapter: str) -> list[Spliced]:
+        return [self.kind.splice(SpliceInput(gm, site, params, adapter)) for site, params in work]
 
 
-def _count_parameters(program: Program) -> int:
-    return sum(p.numel() for p in program.graph_module.parameters())
+def check_ensures(spliced: list[Spliced], adapter: str, kind: str) -> None:
+    """What every pass ensures about the nodes it added (raises ``PassError`` otherwise)."""
+    for result in spliced:
+        if not any(getattr(adapter_node(n), "removable", False) for n in result.nodes):
+            raise PassError(f"a {kind} splice added no removable node (no record with a bypass)")
+        for node in result.nodes:
+            record = adapter_node(node)
+            if record is None or record.kind != kind or record.adapter != adapter:
+                raise PassError(f"node {node.name} carries no {kind} record of adapter {adapter!r}")
+            if not record.removable and not all(is_fxpeft_node(u) for u in node.users):
+                raise PassError(f"node {node.name} is read by a base node but has no bypass")
 
 
-def run_passes(program: Program, matches: list[Match], passes: list[RewritePass]) -> list[PassResult]:
-    """Run ``passes`` in order over the matches of their kind; returns one result per pass run.
+def _unrecorded(graph: torch.fx.Graph, before: set[torch.fx.Node]) -> list[str]:
+    return [n.name for n in graph.nodes if n not in before and not is_fxpeft_node(n)]
 
-    >>> run_passes(None, [], [])
-    []
+
+def _count_parameters(gm: torch.nn.Module) -> int:
+    return sum(p.numel() for p in gm.parameters())
+
+
+def run_passes(gm: torch.fx.GraphModule, work: dict[str, list[WorkItem]], adapter: str,
+               passes: list[KindPass]) -> tuple[list[PassResult], list[Spliced]]:
+    """Run ``passes`` in order over their kind's work items; returns one report per pass run and
+    everything the splices added.
+
+    >>> run_passes(None, {}, "default", [])
+    ([], [])
     """
-    results: list[PassResult] = []
+    reports: list[PassResult] = []
+    spliced: list[Spliced] = []
     for rewrite_pass in passes:
-        mine = [m for m in matches if m.rule.rewrite == rewrite_pass.kind]
-        if mine:
-            results.append(_run_one(program, mine, rewrite_pass, results))
-    return results
+        items = work.get(rewrite_pass.name, [])
+        if items:
+            report, added = _run_one(gm, items, adapter, rewrite_pass, reports)
+            reports.append(report)
+            spliced.extend(added)
+    return reports, spliced
 
 
-def _run_one(program: Program, matches: list[Match], rewrite_pass: RewritePass,
-             earlier: list[PassResult]) -> PassResult:
-    nodes, params, start = len(program.graph.nodes), _count_parameters(program), time.perf_counter()
+def _run_one(gm: torch.fx.GraphModule, items: list[WorkItem], adapter: str,
+             rewrite_pass: KindPass, earlier: list[PassResult]) -> tuple[PassResult, list[Spliced]]:
+    before, params, start = set(gm.graph.nodes), _count_parameters(gm), time.perf_counter()
     try:
-        rewrite_pass.run(program, matches)
-        program.graph.lint()
-        program.graph_module.recompile()
+        added = rewrite_pass.run(gm, items, adapter)
+        check_ensures(added, adapter, rewrite_pass.name)
+        stray = _unrecorded(gm.graph, before)
+        if stray:
+            raise PassError(f"nodes {stray[:3]} were added without a record")
+        gm.graph.lint()
+        gm.recompile()
     except Exception as err:
-        before = ", ".join(r.name for r in earlier) or "none"
+        ran = ", ".join(r.name for r in earlier) or "none"
         first_line = (str(err).strip().splitlines() or [""])[0][:500]
         detail = first_line if isinstance(err, FxpeftError) else f"{type(err).__name__}: {first_line}"
         raise PassError(f"pass {rewrite_pass.name!r} failed: {detail} (passes run before it: "
-                        f"{before})") from err
-    result = PassResult(rewrite_pass.name, len(matches), len(program.graph.nodes) - nodes,
-                        _count_parameters(program) - params, time.perf_counter() - start)
+                        f"{ran})") from err
+    result = PassResult(rewrite_pass.name, len(items), len(gm.graph.nodes) - len(before),
+                        _count_parameters(gm) - params, time.perf_counter() - start)
     log.info("fxpeft pass %s", result)
-    return result
+    return result, added

@@ -1,4 +1,4 @@
-"""The adaption-prompt pass (LLaMA-Adapter, PEFT's ``AdaptionPromptConfig``).
+"""Adaption prompts (LLaMA-Adapter, PEFT's ``AdaptionPromptConfig``).
 
 Per matched attention block, with ``P`` the learned prompt ``(1, adapter_len, hidden)``::
 
@@ -17,20 +17,42 @@ adapter's on/off gate (``fxpeft.gates``), so an off adapter adds exact zeros.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.fx
 
-from fxpeft.adapters import attach_component, register_adapter_names
+from fxpeft.adapters import attach_component, nodes_between
 from fxpeft.attention import AttentionSite
 from fxpeft.errors import PassError
 from fxpeft.gates import GATE_META, gate_node, reroute
-from fxpeft.program import LinearSite
-from fxpeft.rules.schema import AdaptionPromptParams
-from fxpeft.transforms.lora import ADAPTER_META
+from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced
+from fxpeft.match import Match
+from fxpeft.names import ADAPTER_META, AdapterNode
+from fxpeft.peft_format import PeftFormat, PeftFormatError, names_regex
+from fxpeft.program import LinearSite, Program
+from fxpeft.rules import checks
+from fxpeft.rules.schema import Params, Rule, RuleSet, Where, spec
 
 aten = torch.ops.aten
 PROMPT, GATE = "adaption_prompt", "adaption_gate"
-register_adapter_names(PROMPT, GATE)
+
+
+@dataclass(frozen=True)
+class AdaptionPromptParams(Params):
+    """LLaMA-Adapter (PEFT's ``AdaptionPromptConfig``): ``adapter_len`` learned prompt tokens per
+    layer, attended through the layer's frozen k/v projections with their own softmax, times a
+    zero-initialised gate (``gate = "tanh"``: times ``tanh(gate)``, as the paper's later code).
+
+    >>> AdaptionPromptParams().adapter_len
+    10
+    """
+
+    kind = "adaption_prompt"
+    match_kinds = ("attention",)
+    adapter_len: int = spec(10, checks.positive_int, "prompt tokens per layer")
+    gate: str = spec("scale", checks.one_of("scale", "tanh"), "how the gate scales the scores")
 
 
 def make_adaption_parameters(site: AttentionSite, params: AdaptionPromptParams,
@@ -119,26 +141,69 @@ def _adapter_branch(gm: torch.fx.GraphModule, site: AttentionSite, params: Adapt
     return _ungroup(graph, graph.call_function(aten.matmul.default, (weights, values)), groups)
 
 
-def splice_adaption_prompt(gm: torch.fx.GraphModule, site: AttentionSite,
-                           params: AdaptionPromptParams, adapter: str = "default") -> list[torch.fx.Node]:
-    """Register ``adapter``'s prompt and gate at ``site.module_path`` and add their branch to the
-    output."""
+def splice(job: SpliceInput) -> Spliced:
+    """Register the adapter's prompt and gate at the attention module and add their branch to
+    the attention output."""
+    gm, site, params, adapter = job.gm, job.site, job.params, job.adapter
     if site.heads % site.kv_heads:
         raise PassError(f"{site.module_path}: {site.heads} query heads do not group onto "
                         f"{site.kv_heads} k/v heads")
     targets = _register(gm, site, params, adapter)
     graph, output = gm.graph, site.output
-    first = output.next
-    with graph.inserting_before(first):
+    with graph.inserting_before(output.next):
         branch = _adapter_branch(gm, site, params, targets, adapter)
         total = graph.call_function(aten.add.Tensor, (output, branch))
     reroute(output, total)
-    added = []
-    node = output.next
-    while node is not first:
-        if GATE_META not in node.meta:  # gate nodes carry only their adapter, as LoRA's do
-            node.meta[ADAPTER_META] = {"kind": "adaption_prompt", "module_path": site.module_path,
-                                       "adapter": adapter, "gate": params.gate}
-            added.append(node)
-        node = node.next
-    return added
+    added = [n for n in nodes_between(output, total) if GATE_META not in n.meta]
+    for node in added:
+        node.meta[ADAPTER_META] = AdapterNode("adaption_prompt", adapter, site.module_path,
+                                              0 if node is total else None)
+    return Spliced(added, list(targets))
+
+
+# --- PEFT's AdaptionPromptConfig ---------------------------------------------------------------------------
+
+PROMPT_FIELDS = frozenset({"target_modules", "adapter_len", "adapter_layers"})
+
+
+def _top_layers(matches: list[Match], program: Program) -> int:
+    """How many top layers ``matches`` cover; PEFT can only say "the top N"."""
+    layers = sorted(m.candidate.layer for m in matches)
+    top = list(range(program.layer_count - len(layers), program.layer_count))
+    if layers != top:
+        raise PeftFormatError(f"adaption prompts in layers {layers}: PEFT's format can only hold "
+                              f"the top N layers ({top} for N={len(layers)})")
+    return len(layers)
+
+
+def rules_to_config(matches: list[Match], program: Program) -> dict[str, Any]:
+    """``AdaptionPromptConfig`` fields: the attention module name, prompt length, layer count."""
+    params = {m.rule.params for m in matches}
+    if len(params) != 1 or next(iter(params)).gate != "scale":
+        raise PeftFormatError(f"PEFT's adaption prompts have one adapter_len and a plain gate; "
+                              f"got {sorted(map(repr, params))}")
+    names = {m.module_path.rsplit(".", 1)[-1] for m in matches}
+    if len(names) != 1:
+        raise PeftFormatError(f"adaption prompts on differently named modules {sorted(names)}")
+    return {"target_modules": names.pop(), "adapter_len": next(iter(params)).adapter_len,
+            "adapter_layers": _top_layers(matches, program)}
+
+
+def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str) -> RuleSet:
+    """The top ``adapter_layers`` attention blocks named ``target_modules`` get prompts."""
+    layers, length = config.get("adapter_layers"), config.get("adapter_len")
+    if not isinstance(layers, int) or layers < 1 or not isinstance(length, int) or length < 1:
+        raise PeftFormatError(f"{source}: adapter_layers and adapter_len must be positive "
+                              f"integers, got {layers!r} and {length!r}")
+    target = config.get("target_modules") or "self_attn"
+    where = Where(path=["^" + names_regex([target])], layer_range=[-layers, -1])
+    rule = Rule(name="peft adaption prompt", match="attention", where=where,
+                params=AdaptionPromptParams(adapter_len=length))
+    return RuleSet((rule,), source=source)
+
+
+KIND = AdapterKind(
+    name="adaption_prompt", params=AdaptionPromptParams, splice=splice,
+    merge="adaption prompts are no linear change of a weight (a softmax over the prompt's keys)",
+    components=(PROMPT, GATE),
+    peft=PeftFormat("ADAPTION_PROMPT", rules_to_config, config_to_rules, PROMPT_FIELDS))

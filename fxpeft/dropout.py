@@ -1,0 +1,42 @@
+"""Dropout as data. Exported graphs bake dropout in as constants (``aten.dropout(x, p, train)``,
+SDPA's ``dropout_p``), and ``ep.module().train()`` raises. In an emitted graph every dropout
+calls one of two shared submodules that read their own ``training`` flag instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fxpeft.names import DROPOUT_MODULE
+
+ATTENTION_DROPOUT_MODULE = f"{DROPOUT_MODULE}_attention"
+
+
+class Dropout(torch.nn.Module):
+    """``dropout(x, p)`` in train mode, ``x`` in eval mode; one instance serves every site.
+
+    >>> d = Dropout().eval(); x = torch.ones(3)
+    >>> torch.equal(d(x, 0.5), x)
+    True
+    """
+
+    def forward(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        return torch.nn.functional.dropout(x, p, self.training)
+
+
+class AttentionDropout(torch.nn.Module):
+    """SDPA's ``dropout_p``: ``p`` in train mode, 0 in eval mode.
+
+    >>> AttentionDropout().eval()(0.1)
+    0.0
+    """
+
+    def forward(self, p: float) -> float:
+        return p if self.training else 0.0
+
+
+def dropout_target(gm: torch.nn.Module) -> str:
+    """The shared ``Dropout`` submodule of ``gm`` (added on first use), for passes to call."""
+    if not hasattr(gm, DROPOUT_MODULE):
+        gm.add_module(DROPOUT_MODULE, Dropout().train(gm.training))
+    return DROPOUT_MODULE

@@ -1,0 +1,17 @@
+"""Registers the adapter kinds fxpeft ships. Their order is the order the passes run in.
+
+>>> from fxpeft.kinds import registry
+>>> [k.name for k in registry.all_kinds()] == list(BUILTIN)
+True
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from fxpeft.kinds.registry import register
+
+BUILTIN = ("lora", "ia3", "adaption_prompt", "modules_to_save")
+
+for _name in BUILTIN:
+    register(importlib.import_module(f"fxpeft.kinds.{_name}").KIND)

@@ -1,0 +1,153 @@
+"""IA3: a learned vector ``ia3_l`` (ones at init) scales a linear's output, or, for
+feed-forward sites, its input. Shapes are PEFT's: ``(out, 1)`` for outputs, ``(1, in)`` for
+inputs, so the saved tensors need no reshaping. Merge folds the vector into the weight.
+
+Adapter ``"default"`` adds ``ia3_l``, any other ``ia3_l_<name>``. The scale is
+``lerp(1, l, gate)`` with the adapter's gate (``fxpeft.gates``): exactly ``l`` when on and
+exactly ``1`` when off. The ``mul`` that applies it is the removable node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+
+from fxpeft.adapters import attach_component, fetch
+from fxpeft.gates import gate_node, reroute
+from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced
+from fxpeft.match import Match
+from fxpeft.names import ADAPTER_META, AdapterNode
+from fxpeft.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, full_regex,
+                                names_regex, target_regex, targets_for)
+from fxpeft.program import Program
+from fxpeft.rules import checks
+from fxpeft.rules.schema import Params, Rule, RuleSet, Where, spec
+
+aten = torch.ops.aten
+IA3 = "ia3_l"
+
+
+@dataclass(frozen=True)
+class IA3Params(Params):
+    """IA3: a learned vector, initialised to ones, scales a linear's output (or, with
+    ``feedforward = true``, its input, as PEFT's ``feedforward_modules``).
+
+    >>> IA3Params(feedforward=True).feedforward
+    True
+    """
+
+    kind = "ia3"
+    match_kinds = ("linear",)
+    feedforward: bool = spec(False, checks.boolean, "scale the input instead of the output")
+
+
+@dataclass(frozen=True)
+class IA3Detail:
+    """What merge needs: the vector, the weight (and bias) it folds into, and which axis."""
+
+    parameter: str
+    feedforward: bool
+    weight: str
+    bias: str | None
+    fan_in_fan_out: bool
+
+
+def _attach(job: SpliceInput) -> IA3Detail:
+    site, params = job.site, job.params
+    weight = job.gm.get_parameter(site.weight_target)
+    shape = (1, site.in_features) if params.feedforward else (site.out_features, 1)
+    vector = torch.nn.Parameter(torch.ones(shape, dtype=weight.dtype, device=weight.device))
+    target = attach_component(job.gm, site.module_path, IA3, job.adapter, vector)
+    return IA3Detail(target, params.feedforward, site.weight_target, site.bias_target(job.gm),
+                     site.fan_in_fan_out)
+
+
+def _gated_vector(job: SpliceInput, target: str) -> list[torch.fx.Node]:
+    """Nodes computing ``lerp(1, l, gate)`` flat (per sample of the site's input in mixed
+    batches); the last is the scale. lerp, not ``1 + gate * (l - 1)``: its two-sided formula is
+    bit-exact at both gate 0 and gate 1."""
+    graph = job.gm.graph
+    vector = graph.call_function(aten.view.default, (graph.get_attr(target), [-1]))
+    ones = graph.call_function(aten.ones_like.default, (vector,))
+    gate = gate_node(job.gm, job.adapter, job.gm.get_parameter(target), job.site.input)
+    return [vector.args[0], vector, ones, graph.call_function(aten.lerp.Tensor, (ones, vector, gate))]
+
+
+def splice(job: SpliceInput) -> Spliced:
+    """``y * l`` after the site, or ``f(x * l)`` for a feed-forward site (``l`` gated)."""
+    detail = _attach(job)
+    site, graph = job.site, job.gm.graph
+    anchor = site.node if detail.feedforward else site.node.next
+    source = site.input if detail.feedforward else site.node
+    with graph.inserting_before(anchor):
+        added = _gated_vector(job, detail.parameter)
+        scaled = graph.call_function(aten.mul.Tensor, (source, added[-1]))
+    if detail.feedforward:
+        site.node.replace_input_with(source, scaled)
+    else:
+        reroute(site.node, scaled)
+    for node in added:
+        node.meta[ADAPTER_META] = AdapterNode("ia3", job.adapter, site.module_path, None, detail)
+    scaled.meta[ADAPTER_META] = AdapterNode("ia3", job.adapter, site.module_path, 0, detail)
+    return Spliced([*added, scaled], [detail.parameter])
+
+
+def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,
+          weights: dict[str, torch.Tensor]) -> None:
+    """Fold the vector into the weight (and, for output scaling, the bias)."""
+    detail: IA3Detail = record.detail
+    vector = fetch(gm, detail.parameter).detach()
+    # Weights are (out, in), or (in, out) for fan-in-fan-out: which axis does the vector scale?
+    along_columns = detail.feedforward != detail.fan_in_fan_out
+    weight = weights.get(detail.weight, fetch(gm, detail.weight).detach())
+    weights[detail.weight] = weight * (vector.reshape(1, -1) if along_columns else vector.reshape(-1, 1))
+    if detail.bias and not detail.feedforward:
+        bias = weights.get(detail.bias, fetch(gm, detail.bias).detach())
+        weights[detail.bias] = bias * vector.flatten()
+
+
+# --- PEFT's IA3Config -------------------------------------------------------------------------
+
+IA3_FIELDS = frozenset({"target_modules", "feedforward_modules", "exclude_modules",
+                        "fan_in_fan_out", "init_ia3_weights"})
+
+
+def _feedforward_regex(config: dict[str, Any], source: str) -> str | None:
+    feedforward = config.get("feedforward_modules")
+    if not feedforward:
+        return None
+    if isinstance(feedforward, str):
+        return full_regex(feedforward)
+    if isinstance(feedforward, (list, tuple)) and all(isinstance(f, str) for f in feedforward):
+        return names_regex(list(feedforward))
+    raise PeftFormatError(f"{source}: feedforward_modules must be names or a regex, got {feedforward!r}")
+
+
+def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str) -> RuleSet:
+    """Feed-forward targets scale their input (first rule, first match wins); the rest outputs."""
+    target = target_regex(config, model, source)
+    exclude = exclude_regexes(config)
+    rules = [Rule(name="peft ia3", optional=True, params=IA3Params(),
+                  where=Where(path=["^" + target], exclude=exclude))]
+    feedforward = _feedforward_regex(config, source)
+    if feedforward:
+        rules.insert(0, Rule(name="peft ia3 feedforward", optional=True,
+                             params=IA3Params(feedforward=True),
+                             where=Where(path=[f"^(?={feedforward})" + target], exclude=exclude)))
+    return RuleSet(tuple(rules), source=source)
+
+
+def rules_to_config(matches: list[Match], program: Program) -> dict[str, Any]:
+    """``IA3Config`` fields selecting the matched linears, and which of them are feed-forward."""
+    feedforward = sorted(m.module_path for m in matches if m.rule.params.feedforward)
+    return {"target_modules": targets_for(sorted(m.module_path for m in matches), program),
+            "feedforward_modules": targets_for(feedforward, program) if feedforward else [],
+            "fan_in_fan_out": any(m.site.fan_in_fan_out for m in matches),
+            "init_ia3_weights": True}
+
+
+KIND = AdapterKind(name="ia3", params=IA3Params, splice=splice, merge=merge, components=(IA3,),
+                   peft=PeftFormat("IA3", rules_to_config, config_to_rules, IA3_FIELDS))

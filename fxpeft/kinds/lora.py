@@ -1,0 +1,235 @@
+"""LoRA: for each matched linear ``y = f(x)``, splice ``y + scale * B(gate * A(dropout(x)))``.
+
+``gate`` is the adapter's on/off gate (``fxpeft.gates``), on the rank-r tensor where it is
+cheapest. Adapter ``"default"`` adds ``lora_A`` / ``lora_B``, any other ``lora_A_<name>`` /
+``lora_B_<name>``; the saved keys are PEFT's (``fxpeft.peft_format``). The ``add`` that joins the
+branch is the removable node: stripping the adapter routes its users back to ``y``, and merge
+folds ``scale * B @ A`` into the weight there.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+
+from fxpeft.adapters import attach_component, fetch, nodes_between
+from fxpeft.gates import GATE_META, gate_node, reroute
+from fxpeft.dropout import dropout_target
+from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced
+from fxpeft.match import Match
+from fxpeft.names import ADAPTER_META, AdapterNode
+from fxpeft.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, target_regex,
+                                targets_for, layers_prefix)
+from fxpeft.program import LinearSite, Program
+from fxpeft.rules import checks
+from fxpeft.rules.schema import Params, Rule, RuleSet, Where, spec
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class LoraParams(Params):
+    """LoRA: ``y = f(x) + scale * B(A(dropout(x)))`` with ``scale = alpha / r`` (or
+    ``alpha / sqrt(r)`` with ``use_rslora``). ``init = "default"`` gives PEFT's kaiming-uniform
+    A and zero B; ``init = "random"`` makes B random too (PEFT's ``init_lora_weights=False``).
+
+    >>> LoraParams(r=8, alpha=16).scale
+    2.0
+    """
+
+    kind = "lora"
+    match_kinds = ("linear",)
+    r: int = spec(8, checks.positive_int, "rank")
+    alpha: float = spec(8, checks.positive_number, "scaling numerator")
+    dropout: float = spec(0.0, checks.probability, "dropout on the adapter input")
+    use_rslora: bool = spec(False, checks.boolean, "scale by alpha/sqrt(r)")
+    init: str = spec("default", checks.one_of("default", "random"), "initialisation")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.r ** 0.5 if self.use_rslora else self.r)
+
+
+@dataclass(frozen=True)
+class LoraDetail:
+    """What merge needs of one LoRA branch: the targets of W, A and B, and the scale."""
+
+    scale: float
+    weight: str
+    lora_A: str
+    lora_B: str
+    fan_in_fan_out: bool
+
+
+def make_lora_modules(site: LinearSite, params: LoraParams,
+                      like: torch.Tensor) -> tuple[torch.nn.Linear, torch.nn.Linear]:
+    """A (kaiming-uniform, as PEFT and ``nn.Linear`` do) and B (zeros unless ``init="random"``)."""
+    factory = {"dtype": like.dtype, "device": like.device}
+    lora_a = torch.nn.Linear(site.in_features, params.r, bias=False, **factory)
+    lora_b = torch.nn.Linear(params.r, site.out_features, bias=False, **factory)
+    if params.init == "default":
+        torch.nn.init.zeros_(lora_b.weight)
+    return lora_a, lora_b
+
+
+def attach_lora(job: SpliceInput) -> tuple[LoraDetail, list[str]]:
+    """Create and attach ``job.adapter``'s A and B at the site's module; returns their record
+    and targets."""
+    site, params = job.site, job.params
+    lora_a, lora_b = make_lora_modules(site, params, job.gm.get_parameter(site.weight_target))
+    a_path = attach_component(job.gm, site.module_path, "lora_A", job.adapter, lora_a)
+    b_path = attach_component(job.gm, site.module_path, "lora_B", job.adapter, lora_b)
+    detail = LoraDetail(params.scale, site.weight_target, f"{a_path}.weight", f"{b_path}.weight",
+                        site.fan_in_fan_out)
+    return detail, [a_path, b_path]
+
+
+def adapter_input(job: SpliceInput) -> torch.fx.Node:
+    """The site's input, through the adapter's dropout when it has one (train mode only)."""
+    x = job.site.input
+    if job.params.dropout > 0:
+        x = job.gm.graph.call_module(dropout_target(job.gm), (x, job.params.dropout))
+    return x
+
+
+def low_rank(job: SpliceInput, detail: LoraDetail, x: torch.fx.Node,
+             gated: bool = True) -> torch.fx.Node:
+    """``B(gate * A(x))`` (unscaled), the gate on the rank-r tensor where it is cheapest; with
+    ``gated=False`` plain ``B(A(x))``, for a caller that gates the whole branch."""
+    graph = job.gm.graph
+    down = graph.call_function(aten.linear.default, (x, graph.get_attr(detail.lora_A)))
+    if gated:
+        gate = gate_node(job.gm, job.adapter, job.gm.get_parameter(detail.weight), down)
+        down = graph.call_function(aten.mul.Tensor, (down, gate))
+        down.meta[GATE_META] = job.adapter
+    return graph.call_function(aten.linear.default, (down, graph.get_attr(detail.lora_B)))
+
+
+def record_nodes(job: SpliceInput, first: torch.fx.Node, last: torch.fx.Node, kind: str,
+                 detail: Any) -> list[torch.fx.Node]:
+    """Give the nodes after ``first`` up to ``last`` (the removable join, bypassing to its
+    ``args[0]``) their records; gate nodes keep only theirs."""
+    added = [n for n in nodes_between(first, last) if GATE_META not in n.meta]
+    for node in added:
+        node.meta[ADAPTER_META] = AdapterNode(kind, job.adapter, job.site.module_path,
+                                              0 if node is last else None, detail)
+    return added
+
+
+def splice(job: SpliceInput) -> Spliced:
+    """Insert the LoRA branch after ``job.site.node`` and route its users through the sum."""
+    detail, attached = attach_lora(job)
+    graph, y = job.gm.graph, job.site.node
+    with graph.inserting_before(y.next):  # keeps creation order
+        up = low_rank(job, detail, adapter_input(job))
+        total = graph.call_function(aten.add.Tensor, (y, graph.call_function(
+            aten.mul.Tensor, (up, detail.scale))))
+    reroute(y, total)
+    return Spliced(record_nodes(job, y, total, "lora", detail), attached)
+
+
+def lora_delta(gm: torch.nn.Module, detail: LoraDetail) -> torch.Tensor:
+    """``scale * B @ A`` in fp32, laid out like the stored weight."""
+    delta = fetch(gm, detail.lora_B).detach().float() @ fetch(gm, detail.lora_A).detach().float()
+    delta = delta * detail.scale
+    return delta.T if detail.fan_in_fan_out else delta
+
+
+def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,
+          weights: dict[str, torch.Tensor]) -> None:
+    """``W + scale * B @ A`` (computed in fp32, cast once)."""
+    detail = record.detail
+    base = weights.get(detail.weight, fetch(gm, detail.weight).detach())
+    weights[detail.weight] = (base.float() + lora_delta(gm, detail)).to(base.dtype)
+
+
+# --- PEFT's LoraConfig ------------------------------------------------------------------------
+
+# init_lora_weights values that leave the base weights as they were (others rewrite them).
+_PLAIN_INITS = (True, False, "gaussian", "orthogonal")
+LORA_FIELDS = frozenset({"target_modules", "exclude_modules", "layers_to_transform",
+                         "layers_pattern", "r", "lora_alpha", "rank_pattern", "alpha_pattern",
+                         "use_rslora", "fan_in_fan_out", "bias", "lora_dropout",
+                         "init_lora_weights"})
+
+
+def _check_config(config: dict[str, Any], source: str) -> None:
+    if config.get("bias", "none") != "none":
+        raise PeftFormatError(f"{source}: bias = {config['bias']!r} is not supported (only \"none\")")
+    if config.get("init_lora_weights", True) not in _PLAIN_INITS:
+        raise PeftFormatError(f"{source}: init_lora_weights = {config['init_lora_weights']!r} "
+                              f"changes the base weights; fxpeft cannot load such an adapter")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise PeftFormatError(f"{source}: {key} must be a mapping, got {config[key]!r}")
+
+
+def _key_lookahead(key: str | None) -> str:
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` keys match as ``(.*\\.)?(KEY)$``."""
+    return "" if key is None else rf"(?=(?:.*\.)?(?:{key})$)"
+
+
+def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str,
+                    params_class: type = LoraParams) -> RuleSet:
+    """PEFT ``LoraConfig`` fields to rules. ``rank_pattern`` x ``alpha_pattern`` keys become one
+    rule per pair, in PEFT's key order, so first-match-wins picks PEFT's rank and alpha."""
+    _check_config(config, source)
+    target = "^" + layers_prefix(config) + "{keys}" + target_regex(config, model, source)
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    rules = []
+    for rank_key in [*ranks, None]:
+        for alpha_key in [*alphas, None]:
+            params = params_class(r=ranks.get(rank_key, config.get("r", 8)),
+                                  alpha=alphas.get(alpha_key, config.get("lora_alpha", 8)),
+                                  dropout=config.get("lora_dropout", 0.0),
+                                  use_rslora=bool(config.get("use_rslora", False)))
+            path = target.format(keys=_key_lookahead(rank_key) + _key_lookahead(alpha_key))
+            rules.append(Rule(name=f"peft {rank_key or '*'}/{alpha_key or '*'}", optional=True,
+                              params=params, where=Where(path=[path], exclude=exclude_regexes(config))))
+    return RuleSet(tuple(rules), source=source)
+
+
+def _common_and_exceptions(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The most common value, and a PEFT pattern (``name`` or escaped path) for every other."""
+    common = Counter(values.values()).most_common(1)[0][0]
+    by_name: dict[str, set] = {}
+    for path, value in values.items():
+        by_name.setdefault(path.rsplit(".", 1)[-1], set()).add(value)
+    exceptions = {}
+    for path, value in values.items():
+        name = path.rsplit(".", 1)[-1]
+        if value != common:
+            exceptions[name if len(by_name[name]) == 1 else re.escape(path)] = value
+    return common, exceptions
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else value
+
+
+def rules_to_config(matches: list[Match], program: Program, use_dora: bool = False) -> dict[str, Any]:
+    """The ``LoraConfig`` fields that select ``matches``' modules with their rank and scale."""
+    params = {m.module_path: m.rule.params for m in matches}
+    rslora = all(p.use_rslora for p in params.values())
+    r, rank_pattern = _common_and_exceptions({k: p.r for k, p in params.items()})
+    alpha, alpha_pattern = _common_and_exceptions(
+        {k: _number(p.scale * (p.r ** 0.5 if rslora else p.r)) for k, p in params.items()})
+    dropouts = {p.dropout for p in params.values()}
+    if len(dropouts) > 1:  # PEFT's config has one lora_dropout
+        raise PeftFormatError(f"PEFT's LoraConfig has one lora_dropout; these rules use "
+                              f"{sorted(dropouts)}")
+    return {"target_modules": targets_for(sorted(params), program), "r": r, "lora_alpha": alpha,
+            "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": rslora,
+            "lora_dropout": dropouts.pop(), "bias": "none", "init_lora_weights": True,
+            "use_dora": use_dora, "fan_in_fan_out": any(m.site.fan_in_fan_out for m in matches)}
+
+
+KIND = AdapterKind(
+    name="lora", params=LoraParams, splice=splice, merge=merge, components=("lora_A", "lora_B"),
+    peft=PeftFormat("LORA", rules_to_config, config_to_rules, LORA_FIELDS,
+                    selector={"use_dora": False}))
