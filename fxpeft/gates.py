@@ -136,17 +136,21 @@ def gate_node(gm: torch.fx.GraphModule, adapter: str, like: torch.Tensor,
     return node
 
 
-def reroute(node: torch.fx.Node, new: torch.fx.Node) -> None:
-    """Send ``node``'s users to ``new`` (which reads ``node``), except per-sample gate reads: they
-    use ``node`` only for its shape, and ``new`` comes after them.
+def reroute(node: torch.fx.Node, new: torch.fx.Node, keep: "set[torch.fx.Node]" = frozenset()) -> None:
+    """Send ``node``'s users to ``new`` (which reads ``node``), except per-sample gate reads (they
+    use ``node`` only for its shape, and ``new`` comes after them) and the nodes in ``keep`` (a
+    branch that reads ``node`` on its way to ``new``).
 
     >>> graph = torch.fx.Graph(); x = graph.placeholder("x")
     >>> y = graph.call_function(torch.neg, (x,)); z = graph.call_function(torch.abs, (y,))
     >>> reroute(y, w := graph.call_function(torch.relu, (y,))); z.args == (w,)
     True
+    >>> branch = graph.call_function(torch.neg, (w,)); total = graph.call_function(torch.add, (w, branch))
+    >>> reroute(w, total, keep={branch}); branch.args == (w,) and z.args == (total,)
+    True
     """
     node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new
-                               and user.target is not sample_gate)
+                               and user.target is not sample_gate and user not in keep)
 
 
 def drop_unused_per_sample(graph: torch.fx.Graph) -> None:

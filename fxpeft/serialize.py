@@ -150,7 +150,13 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
 def _rules(directory: Path, config: dict[str, Any], kind: AdapterKind,
            model: torch.nn.Module) -> RuleSet:
     if (directory / RULES).is_file():
-        return load_rules(directory / RULES)
+        rules = load_rules(directory / RULES)
+        written = sorted({rule.rewrite for rule in rules.rules})
+        if written != [kind.name]:  # PEFT rewrites only the JSON; it is the source of truth
+            raise AdapterFileError(f"{directory / RULES} builds {', '.join(written)} adapters but "
+                                   f"{CONFIG} describes a {kind.name} adapter; {CONFIG} wins: "
+                                   f"delete {RULES} to load from {CONFIG} alone")
+        return rules
     if isinstance(model, AdaptedModule) and config.get("target_modules") == "all-linear":
         raise AdapterFileError(f"{directory / CONFIG}: target_modules = \"all-linear\" needs the "
                                f"original model; fxpeft.load it there, not into a graph")
