@@ -187,7 +187,9 @@ BAD = {
                        "unexpected key base_model.model.extra.lora_A.weight"),
     "shape": (lambda f: _edit_tensors(f, lambda t: t.update({KEY: torch.zeros(3, 64)})), f"{KEY}: expected"),
     "dtype": (lambda f: _edit_tensors(f, lambda t: t.update({KEY: t[KEY].half()})), "got torch.float16"),
-    "dora": (lambda f: _edit_config(f, use_dora=True), "use_dora = True is not supported"),
+    "dora": (lambda f: _edit_config(f, use_dora=True), "builds lora adapters but adapter_config.json "
+                                                       "describes a dora adapter"),
+    "qalora": (lambda f: _edit_config(f, use_qalora=True), "use_qalora = True is not supported"),
     "bias": (lambda f: _edit_config(f, bias="all"), "bias = 'all' is not supported"),
     "peft type": (lambda f: _edit_config(f, peft_type="BOFT"), "peft_type 'BOFT' is not supported"),
     "pissa": (lambda f: _edit_config(f, init_lora_weights="pissa"), "changes the base weights"),

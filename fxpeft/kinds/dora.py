@@ -1,0 +1,144 @@
+"""DoRA (weight-decomposed LoRA; PEFT's ``LoraConfig(use_dora=True)``).
+
+The adapted weight is ``m * (W + s·BA) / ||W + s·BA||``, row by row: a learned magnitude ``m``
+(one per output feature, ``lora_magnitude_vector``, initialised to the norms at init, as PEFT
+does) times the direction of the LoRA-updated weight. The norm is detached, as in the DoRA paper
+(section 4.3) and PEFT. Spliced after ``y = f(x)``, with ``g = m / ||W + s·BA||``::
+
+    y + gate * ((g - 1) * (y - bias) + g * s * B(A(x)))
+
+With dropout, ``y - bias`` is recomputed from the dropped input, as PEFT does. The adapter's
+on/off gate multiplies the whole branch, so an off adapter adds exact zeros; the closing ``add``
+is the removable node, and merge folds ``g * (W + s·BA)`` into the weight. Rule files say
+``rewrite = "dora"`` with LoRA's params; saved keys are PEFT's, ``lora_magnitude_vector``
+included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from fxpeft.adapters import attach_component, fetch
+from fxpeft.gates import gate_node, reroute
+from fxpeft.kinds.lora import (LORA_FIELDS, LoraDetail, LoraParams, adapter_input, attach_lora,
+                               config_to_rules, lora_delta, low_rank, record_nodes,
+                               rules_to_config)
+from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced
+from fxpeft.names import AdapterNode
+from fxpeft.peft_format import PeftFormat
+
+aten = torch.ops.aten
+MAGNITUDE = "lora_magnitude_vector"
+
+
+@dataclass(frozen=True)
+class DoraParams(LoraParams):
+    """DoRA takes LoRA's params (``r``, ``alpha``, ``dropout``, ``use_rslora``, ``init``).
+
+    >>> DoraParams(r=4, alpha=8).scale
+    2.0
+    """
+
+    kind = "dora"
+
+
+@dataclass(frozen=True)
+class DoraDetail(LoraDetail):
+    """LoRA's targets plus the magnitude vector and the layer's bias."""
+
+    magnitude: str = ""
+    bias: str | None = None
+
+
+def _oriented(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """The weight as ``(out, in)``."""
+    return weight.T if fan_in_fan_out else weight
+
+
+def _updated_weight(gm: torch.nn.Module, detail: LoraDetail) -> torch.Tensor:
+    """``W + s·BA`` as ``(out, in)``, in fp32."""
+    weight = fetch(gm, detail.weight).detach().float()
+    return _oriented(weight + lora_delta(gm, detail), detail.fan_in_fan_out)
+
+
+def _attach(job: SpliceInput) -> tuple[DoraDetail, list[str]]:
+    lora, attached = attach_lora(job)
+    weight = job.gm.get_parameter(lora.weight)
+    norm = torch.linalg.vector_norm(_updated_weight(job.gm, lora), dim=1).to(weight.dtype)
+    target = attach_component(job.gm, job.site.module_path, MAGNITUDE, job.adapter,
+                              torch.nn.Parameter(norm))
+    detail = DoraDetail(**dataclasses.asdict(lora), magnitude=target,
+                        bias=job.site.bias_target(job.gm))
+    return detail, [*attached, target]
+
+
+def _magnitude_scale(graph: torch.fx.Graph, detail: DoraDetail) -> torch.fx.Node:
+    """``m / ||W + s·BA||`` per output feature, the norm detached."""
+    weight = graph.get_attr(detail.weight)
+    if detail.fan_in_fan_out:
+        weight = graph.call_function(aten.t.default, (weight,))
+    delta = graph.call_function(aten.mm.default, (graph.get_attr(detail.lora_B),
+                                                  graph.get_attr(detail.lora_A)))
+    updated = graph.call_function(aten.add.Tensor, (weight, graph.call_function(
+        aten.mul.Tensor, (delta, detail.scale))))
+    norm = graph.call_function(aten.linalg_vector_norm.default,
+                               (graph.call_function(aten.detach.default, (updated,)), 2, [1]))
+    return graph.call_function(aten.div.Tensor, (graph.get_attr(detail.magnitude), norm))
+
+
+def _base_without_bias(job: SpliceInput, detail: DoraDetail, x: torch.fx.Node) -> torch.fx.Node:
+    """``W x``: ``y - bias``, or, under adapter dropout, recomputed from the dropped input."""
+    graph, y = job.gm.graph, job.site.node
+    if job.params.dropout > 0:
+        weight = graph.get_attr(detail.weight)
+        if detail.fan_in_fan_out:
+            weight = graph.call_function(aten.t.default, (weight,))
+        return graph.call_function(aten.linear.default, (x, weight))
+    if detail.bias is None:
+        return y
+    return graph.call_function(aten.sub.Tensor, (y, graph.get_attr(detail.bias)))
+
+
+def splice(job: SpliceInput) -> Spliced:
+    """Insert the DoRA branch after ``job.site.node`` and route its users through the sum."""
+    detail, attached = _attach(job)
+    graph, y = job.gm.graph, job.site.node
+    with graph.inserting_before(y.next):  # keeps creation order
+        x = adapter_input(job)
+        lora = low_rank(job, detail, x, gated=False)
+        scale = _magnitude_scale(graph, detail)
+        rescaled = graph.call_function(aten.mul.Tensor, (graph.call_function(
+            aten.sub.Tensor, (scale, 1)), _base_without_bias(job, detail, x)))
+        update = graph.call_function(aten.mul.Tensor, (scale, graph.call_function(
+            aten.mul.Tensor, (lora, detail.scale))))
+        branch = graph.call_function(aten.add.Tensor, (rescaled, update))
+        gate = gate_node(job.gm, job.adapter, job.gm.get_parameter(detail.magnitude), branch)
+        total = graph.call_function(aten.add.Tensor, (y, graph.call_function(
+            aten.mul.Tensor, (branch, gate))))
+    added = record_nodes(job, y, total, "dora", detail)
+    reroute(y, total, keep=set(added))  # the branch itself reads y
+    return Spliced(added, attached)
+
+
+def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,
+          weights: dict[str, torch.Tensor]) -> None:
+    """``m / ||W + s·BA|| * (W + s·BA)`` row by row (fp32, cast once); the bias is unchanged."""
+    detail: DoraDetail = record.detail
+    base = weights.get(detail.weight, fetch(gm, detail.weight).detach())
+    updated = _oriented(base.float(), detail.fan_in_fan_out) + _oriented(
+        lora_delta(gm, detail), detail.fan_in_fan_out)
+    factor = fetch(gm, detail.magnitude).detach().float() / torch.linalg.vector_norm(updated, dim=1)
+    weights[detail.weight] = _oriented(factor[:, None] * updated, detail.fan_in_fan_out).to(base.dtype)
+
+
+KIND = AdapterKind(
+    name="dora", params=DoraParams, splice=splice, merge=merge,
+    components=("lora_A", "lora_B", MAGNITUDE),
+    peft=PeftFormat("LORA", functools.partial(rules_to_config, use_dora=True),
+                    functools.partial(config_to_rules, params_class=DoraParams),
+                    LORA_FIELDS, selector={"use_dora": True}))
