@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx
 
-from fxpeft.adapter_set import AdapterRecord, adapter_records
+from fxpeft.adapter_set import AdapterRecord, adapter_records, set_trainable
 from fxpeft.adapters import freeze_base
 from fxpeft.errors import FxpeftError, MatchError
 from fxpeft.explain import build_explanation
@@ -71,7 +71,7 @@ def apply_adapter(program: Program, ruleset: RuleSet, result: MatchResult, adapt
 def add_adapter(gm: torch.fx.GraphModule, adapter: str, rules: Any, *,
                 modules_to_save: Sequence[str] = (), **overrides: Any) -> torch.fx.GraphModule:
     """Splice a second (third, ...) named adapter into ``gm``, without re-tracing. It starts
-    inactive; ``gm.set_adapter(adapter)`` switches to it.
+    inactive and frozen; ``gm.set_adapter(adapter)`` switches to it and makes it trainable.
 
     >>> import torch, fxpeft
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
@@ -89,4 +89,5 @@ def add_adapter(gm: torch.fx.GraphModule, adapter: str, rules: Any, *,
     active = active_adapters(gm)
     apply_adapter(program, ruleset, result, adapter, modules_to_save)
     set_adapter(gm, active)
+    set_trainable(gm, [adapter], False)  # inactive adapters are frozen until set_adapter
     return gm

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 import torch.fx
 
+from fxpeft.adapters import fetch
 from fxpeft.errors import FxpeftError
-from fxpeft.gates import GATES, drop_unused_per_sample
+from fxpeft.gates import GATES, drop_unused_per_sample, set_adapter
 from fxpeft.names import adapter_node, owning_adapter
 
 
@@ -37,6 +38,33 @@ def record(gm: torch.nn.Module, adapter: str) -> AdapterRecord:
     if adapter not in records:
         raise FxpeftError(f"no adapter {adapter!r} in this graph; it has {sorted(records)}")
     return records[adapter]
+
+
+def adapter_parameters(gm: torch.nn.Module, adapter: str) -> list[torch.nn.Parameter]:
+    """The parameters ``adapter``'s splices attached (shared call sites count once)."""
+    found: dict[int, torch.nn.Parameter] = {}
+    for target in record(gm, adapter).attached:
+        value = fetch(gm, target)
+        for param in value.parameters() if isinstance(value, torch.nn.Module) else [value]:
+            found[id(param)] = param
+    return list(found.values())
+
+
+def set_trainable(gm: torch.nn.Module, adapters: "list[str] | set[str]", trainable: bool) -> None:
+    """``requires_grad`` of every parameter of ``adapters``."""
+    for adapter in adapters:
+        for param in adapter_parameters(gm, adapter):
+            param.requires_grad_(trainable)
+
+
+def activate(gm: torch.nn.Module, names: "str | list[str]", inference_mode: bool = False) -> None:
+    """PEFT's ``set_adapter``: ``names`` become the active adapters and train (unless
+    ``inference_mode``); every other adapter is switched off and frozen, so an optimizer's weight
+    decay cannot shrink an adapter that is not being trained."""
+    set_adapter(gm, names)
+    active = {names} if isinstance(names, str) else set(names)
+    set_trainable(gm, set(adapter_records(gm)) - active, False)
+    set_trainable(gm, active, not inference_mode)
 
 
 def strip_adapters(graph: torch.fx.Graph, adapters: set[str]) -> list[str]:

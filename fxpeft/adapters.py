@@ -48,7 +48,8 @@ def fetch(root: torch.nn.Module, target: str) -> Any:
 def attach_component(gm: torch.nn.Module, path: str, base: str, adapter: str,
                      value: "torch.nn.Module | torch.nn.Parameter") -> str:
     """Add ``value`` (a submodule or a parameter) to the module at ``path`` as ``adapter``'s
-    component ``base`` (``adapter_component``); returns its target.
+    component ``base`` (``adapter_component``); returns its target. If the module already has
+    it (a module called at two sites), the existing one is kept and shared, as PEFT does.
 
     >>> import fxpeft
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
@@ -59,8 +60,10 @@ def attach_component(gm: torch.nn.Module, path: str, base: str, adapter: str,
     """
     name = adapter_component(base, adapter)
     owner = gm.get_submodule(path)
-    if hasattr(owner, name):  # a second rule or adapter would silently share (or clobber) it
-        raise PassError(f"{path} already has {name!r}: adapter {adapter!r} was applied to it twice")
+    if name in owner._modules or name in owner._parameters:
+        return f"{path}.{name}" if path else name
+    if hasattr(owner, name):
+        raise PassError(f"{path}.{name} exists and is not an adapter component")
     if isinstance(value, torch.nn.Parameter):
         owner.register_parameter(name, value)
     else:

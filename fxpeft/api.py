@@ -29,7 +29,7 @@ RulesLike = "str | Path | RuleSet | Rule | Iterable[Rule]"
 def _matched(model: torch.nn.Module, rules: Any, example_inputs: Any, leaf_modules: Sequence[type],
              overrides: dict[str, Any]) -> tuple[Program, RuleSet, MatchResult]:
     ruleset = load_rules(rules).with_params(**overrides)
-    program = capture(model, example_inputs, leaf_modules)
+    program = capture(model, example_inputs, leaf_modules, ruleset.allow_training_branches)
     return program, ruleset, match(program, ruleset)
 
 

@@ -89,7 +89,7 @@ class AttentionSite:
 
 def _anchor_kind(node: torch.fx.Node, linears: dict[torch.fx.Node, LinearSite]) -> str | None:
     if node in linears:
-        return "linear"
+        return "linear" if linears[node].node is node else None  # a hand-written linear's matmul
     return ANCHOR_OPS.get(node.target) if node.op == "call_function" else None
 
 
@@ -146,15 +146,17 @@ def bind(host: nx.DiGraph, pattern: nx.DiGraph) -> Iterator[dict[str, torch.fx.N
         yield {name: node for node, name in mapping.items()}
 
 
-def _eager_scale(scores: torch.fx.Node, softmax: torch.fx.Node) -> float:
-    """The constant factor applied between ``q @ k^T`` and the softmax (masks add, so skip)."""
+def _eager_scale(scores: torch.fx.Node, softmax: torch.fx.Node) -> float | None:
+    """The constant factor applied between ``q @ k^T`` and the softmax (masks add, so skip);
+    None when a factor is not a constant (then the scale is unknown, and nothing is bound). 1.0
+    when there is no factor: the model scaled the query before (OPT)."""
     scale, node = 1.0, softmax.args[0]
     while isinstance(node, torch.fx.Node) and node is not scores and node.args:
-        constant = next((a for a in node.args[1:] if isinstance(a, (int, float))), None)
-        if constant is not None and node.target in (aten.mul.Tensor, aten.mul.Scalar):
-            scale *= constant
-        elif constant is not None and node.target in (aten.div.Tensor, aten.div.Scalar):
-            scale /= constant
+        factor = node.args[1] if len(node.args) > 1 else None
+        if node.target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
+            if not isinstance(factor, (int, float)):
+                return None
+            scale = scale * factor if node.target in (aten.mul.Tensor, aten.mul.Scalar) else scale / factor
         node = node.args[0]
     return scale
 
@@ -174,6 +176,8 @@ def _site(bound: dict[str, torch.fx.Node], form: str,
     k, v, o = (linears[bound[name]] for name in "kvo")
     if form == "eager":
         scale = _eager_scale(bound["scores"], bound["softmax"])
+        if scale is None:
+            return None
     else:
         scale = attention.kwargs.get("scale") or 1 / math.sqrt(head_dim)
     return AttentionSite(owner[0], owner[1], form, query, attention, linears[bound["q"]], k, v, o,
@@ -190,7 +194,7 @@ def find_attention_sites(program: Program) -> list[AttentionSite]:
     >>> [(s.module_path, s.form) for s in find_attention_sites(capture(LlamaForCausalLM(cfg)))]
     [('model.layers.0.self_attn', 'sdpa'), ('model.layers.1.self_attn', 'sdpa')]
     """
-    linears = {site.node: site for site in program.sites}
+    linears = {n: site for site in program.sites for n in (site.node, site.core) if n is not None}
     host = condense(program.graph, linears)
     sites: dict[torch.fx.Node, AttentionSite] = {}
     for form, pattern in ATTENTION_PATTERNS.items():

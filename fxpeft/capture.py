@@ -22,18 +22,32 @@ from torch.utils._sympy.numbers import int_oo
 from fxpeft import hf
 from fxpeft.errors import CaptureError
 from fxpeft.graph_module import AdaptedModule
-from fxpeft.patterns import find_linear_sites
+from fxpeft.patterns import find_linear_sites, owning_module
 from fxpeft.program import CaptureInfo, Program
 
 log = logging.getLogger("fxpeft")
 aten = torch.ops.aten
 _EXPORT_CHECKS = (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
                   aten.sym_constrain_range_for_size.default)
+# Ops whose train-mode form export freezes into the graph (dropout is handled by fxpeft.emit).
+_RANDOM_OPS = frozenset({aten.rand.default, aten.rand_like.default, aten.randn.default,
+                         aten.randn_like.default, aten.bernoulli.default, aten.bernoulli.p,
+                         aten.bernoulli_.float, aten.uniform_.default, aten.normal_.default,
+                         aten.multinomial.default, aten.randint.low, aten.randperm.default,
+                         aten.native_dropout.default})
+_BATCH_NORMS = {aten._native_batch_norm_legit_functional.default: 5,  # -> the "training" argument
+                aten._native_batch_norm_legit.default: 5, aten.native_batch_norm.default: 5,
+                aten.batch_norm.default: 5, aten.cudnn_batch_norm.default: 5}
 
 
-def capture(model: torch.nn.Module, example_inputs: Any = None,
-            leaf_modules: Sequence[type] = ()) -> Program:
+def capture(model: torch.nn.Module, example_inputs: Any = None, leaf_modules: Sequence[type] = (),
+            allow_training_branches: bool = False) -> Program:
     """Capture ``model`` into a ``Program``; the model's parameters are shared, not copied.
+
+    Export captures in train mode, which freezes every ``if self.training:`` branch; dropout
+    is made switchable again (``fxpeft.emit``), but any other train-only op (batch-norm batch
+    statistics, drop-path or router-jitter randomness) is refused with a ``CaptureError`` unless
+    ``allow_training_branches`` (a rule file's top-level key) says it is safe.
 
     >>> program = capture(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
     >>> program.frontend, [s.module_path for s in program.sites]
@@ -46,10 +60,31 @@ def capture(model: torch.nn.Module, example_inputs: Any = None,
         program = _capture_hf(model, example_inputs)
     else:
         program = _capture_plain(model, example_inputs, tuple(leaf_modules))
+    if program.frontend == "export" and not allow_training_branches:
+        _refuse_training_branches(model, program.graph)
     program.sites = find_linear_sites(program.graph_module)
     log.debug("capture: %s via %s, %d linear sites", program.model_class, program.frontend,
               len(program.sites))
     return program
+
+
+def _train_only_op(node: torch.fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if node.target in _RANDOM_OPS:
+        return True
+    return node.target in _BATCH_NORMS and bool(node.args[_BATCH_NORMS[node.target]])
+
+
+def _refuse_training_branches(model: torch.nn.Module, graph: torch.fx.Graph) -> None:
+    found = [n for n in graph.nodes if _train_only_op(n)]
+    if found:
+        where = ", ".join(f"{n.target} in {(owning_module(n) or ('?', ''))[0] or 'the model'}"
+                          for n in found[:3])
+        raise CaptureError(f"{type(model).__name__}: the graph is captured in train mode, and "
+                           f"{len(found)} train-only op(s) besides dropout would run in eval mode "
+                           f"too: {where}. Set allow_training_branches = true at the top of the "
+                           f"rule file if that is safe, or remove them (e.g. freeze batch norm)")
 
 
 def _fail(model: torch.nn.Module, how: str, err: Exception, advice: str) -> CaptureError:

@@ -36,9 +36,10 @@ class AdaptedModule(torch.fx.GraphModule):
     def active_adapters(self) -> list[str]:
         return gates.active_adapters(self)
 
-    def set_adapter(self, names: "str | list[str]") -> None:
-        """Activate ``names`` (one adapter, or several that add up); the others go off."""
-        gates.set_adapter(self, names)
+    def set_adapter(self, names: "str | list[str]", inference_mode: bool = False) -> None:
+        """Activate ``names`` (one adapter, or several that add up) and make them trainable
+        (frozen with ``inference_mode``); the others go off and are frozen, as PEFT does."""
+        adapter_set.activate(self, names, inference_mode)
 
     def disable_adapters(self) -> Iterator[None]:
         """``with gm.disable_adapters(): ...`` runs the base model."""

@@ -8,8 +8,9 @@ import torch
 import torch.utils._pytree as pytree
 
 # Keyword arguments callers (the HF Trainer, generate) may pass that a captured graph can ignore.
-IGNORED_KWARGS = frozenset({"num_items_in_batch", "return_dict", "use_cache", "output_attentions",
-                            "output_hidden_states", "return_loss"})
+IGNORED_KWARGS = frozenset({"num_items_in_batch", "return_dict", "use_cache", "return_loss"})
+# Flags whose True the captured graph cannot honour (it returns what capture returned): an error.
+UNCAPTURED_FLAGS = ("output_attentions", "output_hidden_states")
 
 
 def is_hf_model(model: torch.nn.Module) -> bool:
@@ -86,16 +87,34 @@ class InputAdapter(torch.nn.Module):
     def __init__(self, names: tuple[str, ...], model_class: str, config: Any, max_seq: int | None):
         super().__init__()
         self.names, self.model_class, self.max_seq = names, model_class, max_seq
-        self.start = getattr(config, "decoder_start_token_id", None) or 0
-        self.pad = getattr(config, "pad_token_id", None) or 0
+        self.start = getattr(config, "decoder_start_token_id", None)
+        self.pad = getattr(config, "pad_token_id", None)
         self.has_adapters = True  # a merged graph's copy says False: names would pick nothing
 
-    def forward(self, inputs: dict[str, Any], labels: Any, kwargs: dict[str, Any]) -> tuple:
-        unknown = sorted(set(kwargs) - IGNORED_KWARGS - {"adapter_names"})
+    def _check_kwargs(self, kwargs: dict[str, Any]) -> None:
+        unknown = sorted(set(kwargs) - IGNORED_KWARGS - set(UNCAPTURED_FLAGS) - {"adapter_names"})
         if unknown:
             raise TypeError(f"{self.model_class} graph got unexpected inputs {unknown}; it was "
                             f"captured with {list(self.names)} (pass example_inputs= with them to "
                             f"capture them)")
+        asked = [flag for flag in UNCAPTURED_FLAGS if kwargs.get(flag)]
+        if asked:
+            raise ValueError(f"{asked[0]}=True: the {self.model_class} graph returns only what "
+                             f"capture returned (no hidden states or attention weights); run the "
+                             f"base model for them")
+
+    def _decoder_input_ids(self, labels: Any) -> torch.Tensor:
+        """``labels`` shifted right, as transformers does; it needs both special tokens."""
+        if labels is None:
+            raise ValueError(f"{self.model_class} needs decoder_input_ids or labels")
+        if self.start is None or self.pad is None:
+            raise ValueError(f"{self.model_class}: the config has no "
+                             f"{'decoder_start_token_id' if self.start is None else 'pad_token_id'}"
+                             f", so decoder_input_ids cannot be built from labels; pass them")
+        return _shift_right(labels, self.start, self.pad)
+
+    def forward(self, inputs: dict[str, Any], labels: Any, kwargs: dict[str, Any]) -> tuple:
+        self._check_kwargs(kwargs)
         ids = inputs["input_ids"]
         if self.max_seq is not None and ids.shape[-1] > self.max_seq:
             raise ValueError(f"sequence length {ids.shape[-1]} exceeds the {self.max_seq} "
@@ -104,9 +123,7 @@ class InputAdapter(torch.nn.Module):
         if filled.get("attention_mask") is None:
             filled["attention_mask"] = torch.ones_like(ids)
         if "decoder_input_ids" in filled and filled["decoder_input_ids"] is None:
-            if labels is None:
-                raise ValueError(f"{self.model_class} needs decoder_input_ids or labels")
-            filled["decoder_input_ids"] = _shift_right(labels, self.start, self.pad)
+            filled["decoder_input_ids"] = self._decoder_input_ids(labels)
         if kwargs.get("adapter_names") is not None and not self.has_adapters:
             raise TypeError(f"this {self.model_class} graph has no adapters (it was merged); "
                             f"adapter_names= has nothing to choose from")

@@ -147,11 +147,11 @@ def match(program: Program, rules: RuleSet) -> MatchResult:
     for index, rule in enumerate(rules.rules):
         for candidate in candidates(program, rule.match):
             reason = why_not(rule.where, candidate, program.layer_count)
-            key = (rule.match, candidate.module_path, candidate.node)
-            if reason is None and key in claimed:
-                reason = f"already claimed by {claimed[key]!r} (first match wins)"
+            key = (rule.match, candidate.module_path)  # a module called twice is one target
+            if reason is None and claimed.get(key, index) != index:
+                reason = f"already claimed by {rules.rules[claimed[key]].name!r} (first match wins)"
             if reason is None:
-                claimed[key] = rule.name
+                claimed[key] = index
                 result.matches.append(Match(index, rule, candidate))
             else:
                 result.misses.append(Miss(index, candidate.module_path, reason))

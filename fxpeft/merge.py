@@ -20,7 +20,8 @@ from fxpeft.errors import FxpeftError
 from fxpeft.gates import active_adapters, adapter_names
 from fxpeft.graph_module import AdaptedModule
 from fxpeft.kinds import registry
-from fxpeft.names import DEFAULT_ADAPTER, GATES, INPUTS_MODULE, adapter_node
+from fxpeft.names import DEFAULT_ADAPTER, GATES, INPUTS_MODULE, adapter_node, is_fxpeft_node
+from fxpeft.patterns import owning_module
 
 aten = torch.ops.aten
 
@@ -38,16 +39,39 @@ def merged_weights(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
     _check_gates(gm)
     active = set(active_adapters(gm)) if adapter_names(gm) else {DEFAULT_ADAPTER}
     weights: dict[str, torch.Tensor] = {}
+    owners: dict[str, str] = {}  # changed target -> the module whose adapter changed it
+    folded = set()
     for node in gm.graph.nodes:
         entry = adapter_node(node)
         if entry is None or not entry.removable or entry.adapter not in active:
             continue
+        if (entry.adapter, entry.kind, entry.detail) in folded:
+            continue  # a module called at two sites: its adapter folds in once
+        folded.add((entry.adapter, entry.kind, entry.detail))
         kind = registry.get(entry.kind)
         if isinstance(kind.merge, str):
             raise FxpeftError(f"merge: {entry.kind} adapter {entry.adapter!r} at "
                               f"{entry.module_path} cannot be merged: {kind.merge}")
+        before = set(weights)
         kind.merge(gm, node, entry, weights)
+        owners.update({target: entry.module_path for target in set(weights) - before})
+    _check_not_shared(gm, owners)
     return weights
+
+
+def _check_not_shared(gm: torch.fx.GraphModule, owners: dict[str, str]) -> None:
+    """A merged weight that another module also reads (a tied ``lm_head`` and embedding) would
+    change that module too: refuse, naming both."""
+    for node in gm.graph.find_nodes(op="get_attr"):
+        if node.target not in owners:
+            continue
+        for user in node.users:
+            found = owning_module(user)
+            if found is not None and not is_fxpeft_node(user) and found[0] != owners[node.target]:
+                raise FxpeftError(f"merge: {node.target} is shared by {owners[node.target]} and "
+                                  f"{found[0]} (tied weights); folding the adapter of "
+                                  f"{owners[node.target]} into it would change {found[0]} too. "
+                                  f"Untie the weights before rewriting, or keep the adapter unmerged")
 
 
 def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:

@@ -13,6 +13,12 @@ from fxpeft.program import LinearSite
 
 aten = torch.ops.aten
 _FUNCTIONAL_LINEAR = (torch.nn.functional.linear, torch._C._nn.linear, aten.linear.default)
+_ADDMM = (aten.addmm.default, torch.addmm)
+_MM = (aten.mm.default, torch.mm)
+_MATMULS = (aten.matmul.default, aten.mm.default, operator.matmul, torch.matmul, torch.mm)
+_TRANSPOSES = (aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default,
+               torch.t, torch.transpose, torch.permute)
+_ADDS = (aten.add.Tensor, operator.add, torch.add)
 
 
 def owning_module(node: torch.fx.Node) -> tuple[str, str] | None:
@@ -37,6 +43,20 @@ def _weight(gm: torch.fx.GraphModule, node: object) -> tuple[str, torch.Tensor] 
     return None
 
 
+def _owner(gm: torch.fx.GraphModule, node: torch.fx.Node, weight_target: str) -> tuple[str, str]:
+    """(path, type) of the module computing ``node``: its module stack; else the module whose
+    ``weight`` it is (its real type); else, for a functional linear over a bare parameter, the
+    parameter's name and ``torch.nn.functional.linear`` (never a made-up module type)."""
+    found = owning_module(node)
+    if found is not None and found[0]:
+        return found
+    path, _, name = weight_target.rpartition(".")
+    if name != "weight":
+        return weight_target, "torch.nn.functional.linear"
+    module = gm.get_submodule(path)
+    return path, f"{type(module).__module__}.{type(module).__qualname__}"
+
+
 def _from_functional(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearSite | None:
     if node.op != "call_function" or node.target not in _FUNCTIONAL_LINEAR:
         return None
@@ -44,21 +64,63 @@ def _from_functional(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearSit
     if found is None:
         return None
     target, weight = found
-    path, kind = owning_module(node) or (target.rsplit(".", 1)[0], "torch.nn.modules.linear.Linear")
+    path, kind = _owner(gm, node, target)
     return LinearSite(node, "linear", path, kind, weight.shape[1], weight.shape[0], target)
 
 
 def _from_addmm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearSite | None:
     """GPT-2 ``Conv1D``: ``addmm(bias, x2d, W[in, out])`` or ``mm(x2d, W[in, out])``."""
-    if node.op != "call_function" or node.target not in (aten.addmm.default, aten.mm.default):
+    if node.op != "call_function" or node.target not in _ADDMM + _MM:
         return None
     found = _weight(gm, node.args[-1])
     owner = owning_module(node)
     if found is None or owner is None:
         return None
     target, weight = found
-    kind = "addmm" if node.target is aten.addmm.default else "mm"
-    return LinearSite(node, kind, owner[0], owner[1], weight.shape[0], weight.shape[1], target)
+    kind = "addmm" if node.target in _ADDMM else "mm"
+    return LinearSite(node, kind, owner[0], owner[1], weight.shape[0], weight.shape[1], target,
+                      fan_in_fan_out=True)
+
+
+def _transposed_weight(gm: torch.fx.GraphModule, node: object) -> tuple[str, torch.Tensor] | None:
+    """``W.T`` / ``W.t()`` / ``transpose(W, 0, 1)`` / ``permute(W, [1, 0])`` of a 2-D weight."""
+    if not isinstance(node, torch.fx.Node) or not node.args:
+        return None
+    transposes = (node.op == "call_function" and (node.target in _TRANSPOSES or (
+        node.target is getattr and node.args[1:] == ("T",)))) or (
+        node.op == "call_method" and node.target in ("t", "transpose", "permute"))
+    if not transposes or not all(a in (0, 1, -1, -2, [1, 0], (1, 0)) for a in node.args[1:]
+                                 if not isinstance(a, str)):
+        return None
+    return _weight(gm, node.args[0])
+
+
+def _bias_add(node: torch.fx.Node, path: str) -> torch.fx.Node | None:
+    """The ``add`` of ``<path>.bias`` that is the matmul's only user, if there is one."""
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    bias = user.args[1] if user.op == "call_function" and user.target in _ADDS and \
+        len(user.args) == 2 and user.args[0] is node else None
+    return user if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" and \
+        bias.target == f"{path}.bias" else None
+
+
+def _from_matmul(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearSite | None:
+    """A hand-written linear: ``x @ W.T (+ b)`` (weight ``[out, in]``) or ``x @ W`` (``[in,
+    out]``), with ``W`` the ``weight`` of the module computing it."""
+    if node.op != "call_function" or node.target not in _MATMULS or len(node.args) != 2:
+        return None
+    transposed = _transposed_weight(gm, node.args[1])
+    found = transposed or _weight(gm, node.args[1])
+    owner = owning_module(node)
+    if found is None or owner is None or found[0] != f"{owner[0]}.weight":
+        return None
+    target, weight = found
+    out_features, in_features = weight.shape if transposed else weight.shape[::-1]
+    add = _bias_add(node, owner[0])
+    return LinearSite(add or node, "matmul", owner[0], owner[1], in_features, out_features,
+                      target, fan_in_fan_out=transposed is None, core=node if add else None)
 
 
 def _from_call_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearSite | None:
@@ -73,7 +135,7 @@ def _from_call_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearSi
 
 
 LINEAR_RECOGNISERS: tuple[Callable[[torch.fx.GraphModule, torch.fx.Node], LinearSite | None], ...] = (
-    _from_functional, _from_addmm, _from_call_module)
+    _from_functional, _from_addmm, _from_matmul, _from_call_module)
 
 
 def find_linear_sites(gm: torch.fx.GraphModule) -> list[LinearSite]:

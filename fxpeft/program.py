@@ -27,7 +27,9 @@ class LinearSite:
     """A node that computes a linear layer, whatever op spells it.
 
     ``kind`` is ``linear`` (aten.linear / F.linear), ``addmm`` / ``mm`` (GPT-2 ``Conv1D``, weight
-    stored ``[in, out]``), or ``module`` (``call_module`` to an ``nn.Linear``).
+    stored ``[in, out]``), ``matmul`` (a hand-written ``x @ W.T (+ b)`` or ``x @ W``), or ``module``
+    (``call_module`` to an ``nn.Linear``). ``node`` is the layer's output; ``core`` is the matmul
+    when a separate ``add`` of the bias produces the output.
     """
 
     node: torch.fx.Node
@@ -37,27 +39,33 @@ class LinearSite:
     in_features: int
     out_features: int
     weight_target: str
+    fan_in_fan_out: bool = False
+    core: torch.fx.Node | None = None
 
     @property
     def layer(self) -> int | None:
         return layer_index(self.module_path)
 
     @property
+    def consumer(self) -> torch.fx.Node:
+        """The node that reads the layer's input."""
+        return self.core if self.core is not None else self.node
+
+    @property
     def input(self) -> torch.fx.Node:
         """The input as the graph has it now: an earlier splice (IA3 on a feed-forward input)
         may have routed it through new nodes since capture."""
-        return self.node.args[-2 if self.kind in ("addmm", "mm") else 0]
-
-    @property
-    def fan_in_fan_out(self) -> bool:
-        return self.kind in ("addmm", "mm")
+        return self.consumer.args[-2 if self.kind in ("addmm", "mm") else 0]
 
     def bias_target(self, gm: torch.nn.Module) -> str | None:
         """Where the layer's bias lives, if it has one."""
         if self.kind == "module":
             return f"{self.node.target}.bias" if gm.get_submodule(self.node.target).bias is not None else None
         args = self.node.args
-        bias = args[0] if self.kind == "addmm" else (args[2] if len(args) > 2 else None)
+        if self.kind == "matmul":
+            bias = args[1] if self.core is not None else None
+        else:
+            bias = args[0] if self.kind == "addmm" else (args[2] if len(args) > 2 else None)
         return bias.target if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else None
 
 

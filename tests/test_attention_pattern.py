@@ -6,7 +6,7 @@ import torch
 import fxpeft
 from conftest import (tiny_gemma, tiny_gpt2, tiny_llama, tiny_mistral, tiny_opt, tiny_qwen2,
                       tiny_qwen3)
-from fxpeft.attention import EAGER_PATTERN, SDPA_PATTERN, condense, find_attention_sites
+from fxpeft.attention import EAGER_PATTERN, SDPA_PATTERN, bind, condense, find_attention_sites
 from fxpeft.capture import capture
 
 aten = torch.ops.aten
@@ -61,11 +61,17 @@ def test_fused_qkv_is_not_bound():
     assert find_attention_sites(capture(tiny_gpt2())) == []
 
 
-def test_patterns_are_data():
-    assert dict(SDPA_PATTERN.nodes(data="kind")) == {"q": "linear", "k": "linear", "v": "linear",
-                                                     "attention": "sdpa", "o": "linear"}
-    assert EAGER_PATTERN.edges["softmax", "attention"]["operand"] == 0
-    assert EAGER_PATTERN.edges["v", "attention"]["operand"] == 1
+def test_patterns_are_data_and_the_data_decides_what_binds():
+    """Saying in the data that q feeds the mask operand makes the same graph bind nothing."""
+    program = capture(tiny_llama())
+    host = condense(program.graph, {s.node: s for s in program.sites})
+    assert len(list(bind(host, SDPA_PATTERN))) == 2
+    changed = SDPA_PATTERN.copy()
+    changed.edges["q", "attention"]["operand"] = 3
+    assert list(bind(host, changed)) == []
+    eager = capture(tiny_llama(attn_implementation="eager"))
+    eager_host = condense(eager.graph, {s.node: s for s in eager.sites})
+    assert len(list(bind(eager_host, EAGER_PATTERN))) == 2 and list(bind(eager_host, SDPA_PATTERN)) == []
 
 
 def test_condensed_graph_edges_carry_operand_positions():

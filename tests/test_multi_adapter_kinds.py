@@ -209,7 +209,7 @@ def test_failed_add_adapter_leaves_the_graph_as_it_was(monkeypatch, ids):
     assert_same(logits(gm, ids), out)
 
 
-def test_switching_every_kind_under_torch_compile_never_recompiles(ids):
+def test_switching_every_kind_in_inference_mode_under_torch_compile_never_recompiles(ids):
     from torch._dynamo.testing import CompileCounter
     from torch._dynamo.utils import counters
     gm = single("lora_qv", 5)
@@ -225,11 +225,11 @@ def test_switching_every_kind_under_torch_compile_never_recompiles(ids):
     backend = CompileCounter()
     compiled = torch.compile(gm, backend=backend, dynamic=True)
     with torch.no_grad():
-        gm.set_adapter("default")
+        gm.set_adapter("default", inference_mode=True)
         torch.testing.assert_close(compiled(ids).logits, expected["default"], rtol=0, atol=1e-5)
         frames = backend.frame_count
         for name in ["scale", "prompt", "default"]:
-            gm.set_adapter(name)
+            gm.set_adapter(name, inference_mode=True)
             torch.testing.assert_close(compiled(ids).logits, expected[name], rtol=0, atol=1e-5)
         with gm.disable_adapters():
             torch.testing.assert_close(compiled(ids).logits, tiny_llama()(ids).logits, rtol=0, atol=1e-5)

@@ -187,8 +187,8 @@ BAD = {
                        "unexpected key base_model.model.extra.lora_A.weight"),
     "shape": (lambda f: _edit_tensors(f, lambda t: t.update({KEY: torch.zeros(3, 64)})), f"{KEY}: expected"),
     "dtype": (lambda f: _edit_tensors(f, lambda t: t.update({KEY: t[KEY].half()})), "got torch.float16"),
-    "dora": (lambda f: _edit_config(f, use_dora=True), "builds lora adapters but adapter_config.json "
-                                                       "describes a dora adapter"),
+    "dora": (lambda f: _edit_config(f, use_dora=True), "missing key base_model.model.model.layers.0."
+                                                       "self_attn.q_proj.lora_magnitude_vector"),
     "qalora": (lambda f: _edit_config(f, use_qalora=True), "use_qalora = True is not supported"),
     "bias": (lambda f: _edit_config(f, bias="all"), "bias = 'all' is not supported"),
     "peft type": (lambda f: _edit_config(f, peft_type="BOFT"), "peft_type 'BOFT' is not supported"),
@@ -230,3 +230,12 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         fxpeft.save(gm, tmp_path / "a")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rules_file_of_another_kind_than_the_config_is_refused(saved, tmp_path):
+    """PEFT rewrites only adapter_config.json; a stale fxpeft_rules.toml must not win."""
+    folder = _copy(saved, tmp_path, rules=True)
+    _edit_config(folder, use_dora=True)
+    with pytest.raises(fxpeft.AdapterFileError, match="builds lora adapters but adapter_config.json "
+                                                     "describes a dora adapter"):
+        fxpeft.load(tiny_llama(), folder)

@@ -80,13 +80,13 @@ def splice(job: SpliceInput) -> Spliced:
     """``y * l`` after the site, or ``f(x * l)`` for a feed-forward site (``l`` gated)."""
     detail = _attach(job)
     site, graph = job.site, job.gm.graph
-    anchor = site.node if detail.feedforward else site.node.next
+    anchor = site.consumer if detail.feedforward else site.node.next
     source = site.input if detail.feedforward else site.node
     with graph.inserting_before(anchor):
         added = _gated_vector(job, detail.parameter)
         scaled = graph.call_function(aten.mul.Tensor, (source, added[-1]))
     if detail.feedforward:
-        site.node.replace_input_with(source, scaled)
+        site.consumer.replace_input_with(source, scaled)
     else:
         reroute(site.node, scaled)
     for node in added:

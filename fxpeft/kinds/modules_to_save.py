@@ -1,8 +1,8 @@
 """``modules_to_save`` (PEFT's, e.g. BERT's ``classifier``): a fully trainable copy of a module.
 
 The copy is ``<path>.modules_to_save`` (``modules_to_save_<name>`` for other adapters). Each
-read of an original parameter becomes ``where(gate, copy, original)``, so the adapter's gate
-picks the copy; the ``where`` is the removable node (bypass to the original), and merge takes the
+read of an original parameter (or, in a symbolic_trace graph, each call of the module) becomes
+``where(gate, copy, original)``, so the adapter's gate picks the copy; the ``where`` is the removable node (bypass to the original), and merge takes the
 copy's values. It is applied by keyword (``modules_to_save=[...]``), not by rules, and PEFT saves
 it inside every kind's config, so it has no PEFT format of its own.
 """
@@ -57,11 +57,25 @@ def _trainable_copy(module: torch.nn.Module) -> torch.nn.Module:
     return copied.requires_grad_(True)  # the base it copies may already be frozen
 
 
+def _reads(gm: torch.fx.GraphModule, path: str) -> list[torch.fx.Node]:
+    """The base graph's reads of the module at ``path``: its parameters (``get_attr``, exported
+    graphs) or calls of it or its submodules (``call_module``, symbolic_trace graphs)."""
+    return [n for n in gm.graph.nodes if n.op in ("get_attr", "call_module") and not is_fxpeft_node(n)
+            and (n.target == path or n.target.startswith(f"{path}."))]
+
+
+def _copied(graph: torch.fx.Graph, node: torch.fx.Node, target: str) -> torch.fx.Node:
+    """The same read, of the copy."""
+    if node.op == "get_attr":
+        return graph.get_attr(target)
+    return graph.call_module(target, node.args, node.kwargs)
+
+
 def _route_read(job: SpliceInput, node: torch.fx.Node, copy_path: str) -> list[torch.fx.Node]:
-    """``where(gate > 0, copy, original)`` for one parameter read."""
+    """``where(gate > 0, copy, original)`` for one read (a parameter, or a module's output)."""
     graph, path = job.gm.graph, job.site.module_path
     with graph.inserting_before(node.next):  # keeps creation order
-        copied = graph.get_attr(copy_path + node.target[len(path):])
+        copied = _copied(graph, node, copy_path + node.target[len(path):])
         on = graph.call_function(aten.gt.Scalar, (gate_node(job.gm, job.adapter,
                                                             fetch(job.gm, node.target)), 0))
         chosen = graph.call_function(aten.where.self, (on, copied, node))
@@ -77,10 +91,10 @@ def splice(job: SpliceInput) -> Spliced:
     gm, path = job.gm, job.site.module_path
     copy_path = attach_component(gm, path, MODULES_TO_SAVE, job.adapter,
                                  _trainable_copy(gm.get_submodule(path)))
-    reads = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith(f"{path}.")
-             and not is_fxpeft_node(n)]
+    reads = _reads(gm, path)
     if not reads:
-        raise FxpeftError(f"modules_to_save: {path!r} has no parameter the graph reads")
+        raise FxpeftError(f"modules_to_save: the graph never reads {path!r} (neither its "
+                          f"parameters nor a call of it)")
     return Spliced([added for node in reads for added in _route_read(job, node, copy_path)],
                    [copy_path])
 
@@ -88,7 +102,12 @@ def splice(job: SpliceInput) -> Spliced:
 def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,
           weights: dict[str, torch.Tensor]) -> None:
     """The copy's values replace the original's (outer ``where``s come later and win)."""
-    weights[record.detail.base] = fetch(gm, record.detail.copy).detach().clone()
+    copied = fetch(gm, record.detail.copy)
+    if isinstance(copied, torch.nn.Module):  # a called module: each of its parameters
+        for name, param in copied.named_parameters():
+            weights[f"{record.detail.base}.{name}"] = param.detach().clone()
+    else:
+        weights[record.detail.base] = copied.detach().clone()
 
 
 KIND = AdapterKind(name=MODULES_TO_SAVE, params=None, splice=splice, merge=merge,

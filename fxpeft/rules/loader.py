@@ -13,7 +13,7 @@ from fxpeft.rules.locate import KeyLocator
 from fxpeft.kinds.registry import rewrite_kinds
 from fxpeft.rules.schema import Rule, RuleSet, Where, did_you_mean, known_keys
 
-TOP_KEYS = ("version", "description", "rule")
+TOP_KEYS = ("version", "description", "allow_training_branches", "rule")
 RULE_KEYS = ("name", "match", "rewrite", "optional", "where", "params")
 SUPPORTED_VERSIONS = (1,)
 
@@ -106,7 +106,8 @@ def _build_rule_set(data: dict, source: str) -> RuleSet:
     if not isinstance(rules, list) or not rules:
         raise RuleError("expected at least one [[rule]] table", key="rule")
     built = tuple(_build_rule(_expect_table(r, f"rule[{i}]"), f"rule[{i}].") for i, r in enumerate(rules))
-    return RuleSet(built, source=source, version=version)
+    return RuleSet(built, source=source, version=version,
+                   allow_training_branches=data.get("allow_training_branches", False))
 
 
 def _build_rule(table: dict, prefix: str) -> Rule:

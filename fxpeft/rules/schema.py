@@ -129,8 +129,12 @@ class RuleSet:
     rules: tuple[Rule, ...]
     source: str = "<python>"
     version: int = 1
+    allow_training_branches: bool = False  # the model's train-only ops (besides dropout) are safe
 
     def __post_init__(self) -> None:
+        problem = checks.boolean(self.allow_training_branches)
+        if problem:
+            raise RuleError(problem, key="allow_training_branches")
         rules = tuple(self.rules)
         if not rules:
             raise RuleError("a rule set needs at least one rule", file=self.source, key="rule")
