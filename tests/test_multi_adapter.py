@@ -50,16 +50,21 @@ def test_each_adapter_equals_its_single_adapter_graph(two):
         gm.set_adapter("third")
 
 
-def test_switching_under_torch_compile_compiles_once_per_active_set(two):
-    """Switching flips requires_grad (PEFT's set_adapter), which dynamo guards: one compile per
-    active set, then every switch hits the cache; gates alone (disable_adapters) never compile."""
+def _compiled(gm):
+    """``gm`` under torch.compile with a fresh dynamo state, and the backend counting frames."""
     from torch._dynamo.testing import CompileCounter
     from torch._dynamo.utils import counters
-    gm, first, second = two
     torch._dynamo.reset()
     counters.clear()
     backend = CompileCounter()
-    compiled = torch.compile(gm, backend=backend, dynamic=True)
+    return torch.compile(gm, backend=backend, dynamic=True), backend
+
+
+def test_switching_under_torch_compile_compiles_once_per_active_set(two):
+    """Switching flips requires_grad (PEFT's set_adapter), which dynamo guards: one compile per
+    active set, then every switch hits the cache; gates alone (disable_adapters) never compile."""
+    gm, first, second = two
+    compiled, backend = _compiled(gm)
     ids = token_batch()
     frames = []
     with torch.no_grad():
@@ -77,13 +82,9 @@ def test_switching_under_torch_compile_compiles_once_per_active_set(two):
 
 def test_switching_in_inference_mode_never_recompiles(two):
     """With every adapter frozen (inference_mode=True), switching is gate data only."""
-    from torch._dynamo.testing import CompileCounter
     from torch._dynamo.utils import counters
     gm, first, second = two
-    torch._dynamo.reset()
-    counters.clear()
-    backend = CompileCounter()
-    compiled = torch.compile(gm, backend=backend, dynamic=True)
+    compiled, backend = _compiled(gm)
     ids = token_batch()
     with torch.no_grad():
         gm.set_adapter("default", inference_mode=True)
