@@ -13,7 +13,8 @@ from fxpeft.errors import CaptureError, FxpeftError, MatchError, PassError, Rule
 from fxpeft.graph_module import AdaptedModule
 from fxpeft.merge import merge, merge_into
 from fxpeft.serialize import AdapterFileError, load, save
+from fxpeft.transforms.fuse import fuse
 
 __all__ = ["AdaptedModule", "AdapterFileError", "CaptureError", "FxpeftError", "MatchError",
-           "PassError", "RuleError", "adapter_state_dict", "add_adapter", "explain", "load", "merge",
+           "PassError", "RuleError", "adapter_state_dict", "add_adapter", "explain", "fuse", "load", "merge",
            "merge_into", "rewrite", "rules", "save", "trainable_parameters"]

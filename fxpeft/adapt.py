@@ -80,6 +80,9 @@ def add_adapter(gm: torch.fx.GraphModule, adapter: str, rules: Any, *,
     >>> gm.adapter_names, gm.active_adapters
     (['default', 'other'], ['default'])
     """
+    if gm.meta.get("fxpeft_fused"):
+        raise FxpeftError("this is a fused copy (fxpeft.fuse); add adapters to the graph it was "
+                          "fused from, then fuse again")
     if adapter in adapter_records(gm) or adapter in adapter_names(gm):
         raise FxpeftError(f"adapter {adapter!r} already exists in this graph")
     program = program_of(gm)

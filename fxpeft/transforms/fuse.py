@@ -1,0 +1,211 @@
+"""Fuse and clean-up passes. They run on an emitted copy of an adapted graph, as ``merge`` does:
+the graph that ``add_adapter``, ``save`` and ``delete_adapter`` work on stays unfused, so these
+passes never have to understand adapter bookkeeping, and that bookkeeping never has to
+understand them. The copy shares every parameter and buffer (gates included) with the original,
+so training it trains the adapters.
+
+Each pass is small, named, individually switchable (``skip=``), returns how many places it
+changed, and is logged with its time:
+
+- ``drop_inactive``: an adapter whose gate is off contributes exact zeros; its nodes go, so idle
+  adapters cost nothing (the copy is specialised to the active set).
+- ``fold_lora_scale``: ``B(g * A x) * s`` becomes ``B((g * s) * A x)``: the scale moves onto the
+  0-d gate, which removes a full ``[tokens, out]`` multiply forward and backward per site.
+- ``fuse_lora_a``: the LoRA ``A`` projections that read the same tensor (q/k/v, gate/up, or
+  several adapters on one layer) become one matmul on the concatenated weights and a split.
+  Adapter dropout draws a mask per branch, so such branches read different tensors and are left
+  alone, unless ``shared_dropout=True`` (a semantic choice: one mask for sibling branches).
+- ``strip_leftovers``: no-op casts (to the dtype a tensor already has) and dead code.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import operator
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx
+
+from fxpeft.adapter_set import strip_adapters
+from fxpeft.gates import active_adapters, adapter_names
+from fxpeft.graph_module import AdaptedModule
+from fxpeft.names import DROPOUT_MODULE, GATE_META, adapter_node
+
+log = logging.getLogger("fxpeft")
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class FusePass:
+    name: str
+    run: Callable[[torch.fx.GraphModule], int]
+
+
+def drop_inactive(gm: torch.fx.GraphModule) -> int:
+    """Strip every adapter whose gate is off."""
+    idle = set(adapter_names(gm)) - set(active_adapters(gm))
+    if idle:
+        strip_adapters(gm.graph, idle)
+    return len(idle)
+
+
+def _lora_parts(join: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node] | None:
+    """(scaled, up, gated) of a LoRA branch ending in ``join = y + up * s``, if it has that shape."""
+    scaled = join.args[1] if len(join.args) == 2 else None
+    if not isinstance(scaled, torch.fx.Node) or scaled.target != aten.mul.Tensor or len(scaled.users) != 1:
+        return None
+    up = scaled.args[0]
+    gated = up.args[0] if isinstance(up, torch.fx.Node) and up.target == aten.linear.default else None
+    if gated is None or gated.target != aten.mul.Tensor or GATE_META not in gated.meta:
+        return None
+    return scaled, up, gated
+
+
+def fold_lora_scale(gm: torch.fx.GraphModule) -> int:
+    """Move each LoRA branch's scale onto its gate."""
+    folded = 0
+    for join in list(gm.graph.nodes):
+        record = adapter_node(join)
+        parts = _lora_parts(join) if record and record.kind == "lora" and record.removable else None
+        if parts is None:
+            continue
+        scaled, up, gated = parts
+        with gm.graph.inserting_before(gated):
+            gate = gm.graph.call_function(aten.mul.Tensor, (gated.args[1], scaled.args[1]))
+        gate.meta[GATE_META] = gated.meta[GATE_META]
+        gated.args = (gated.args[0], gate)
+        join.args = (join.args[0], up)
+        gm.graph.erase_node(scaled)
+        folded += 1
+    return folded
+
+
+def _lora_downs(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, list[torch.fx.Node]]:
+    """LoRA ``A`` projections grouped by the tensor they read."""
+    groups: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for node in gm.graph.find_nodes(op="call_function", target=aten.linear.default):
+        record = adapter_node(node)
+        weight = node.args[1]
+        if record and record.kind == "lora" and len(node.args) == 2 and \
+                getattr(weight, "target", None) == record.detail.lora_A:
+            groups.setdefault(node.args[0], []).append(node)
+    return {x: downs for x, downs in groups.items() if len(downs) > 1}
+
+
+def _fuse_group(gm: torch.fx.GraphModule, x: torch.fx.Node, downs: list[torch.fx.Node]) -> None:
+    graph = gm.graph
+    ranks = [gm.get_parameter(d.args[1].target).shape[0] for d in downs]
+    first = min(downs, key=lambda d: list(graph.nodes).index(d))
+    with graph.inserting_before(first):
+        weights = graph.call_function(aten.cat.default, ([d.args[1] for d in downs], 0))
+        fused = graph.call_function(aten.linear.default, (x, weights))
+        parts = graph.call_function(aten.split_with_sizes.default, (fused, ranks, -1))
+        for index, down in enumerate(downs):
+            piece = graph.call_function(operator.getitem, (parts, index))
+            down.replace_all_uses_with(piece)
+    for down in downs:
+        graph.erase_node(down)
+
+
+def _topological_fix(graph: torch.fx.Graph) -> None:
+    """get_attr nodes of A weights may sit after the first A projection: move them up."""
+    for node in list(graph.find_nodes(op="call_function", target=aten.cat.default)):
+        for weight in node.args[0]:
+            if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+                node.prepend(weight)
+
+
+def fuse_lora_a(gm: torch.fx.GraphModule) -> int:
+    """One matmul for the LoRA A projections that read the same tensor."""
+    groups = _lora_downs(gm)
+    for x, downs in groups.items():
+        _fuse_group(gm, x, downs)
+    _topological_fix(gm.graph)
+    return len(groups)
+
+
+def share_dropout(gm: torch.fx.GraphModule) -> int:
+    """Adapter dropouts of the same tensor and probability become one (one mask)."""
+    seen: dict[tuple, torch.fx.Node] = {}
+    shared = 0
+    for node in list(gm.graph.find_nodes(op="call_module", target=DROPOUT_MODULE)):
+        if adapter_node(node) is None:
+            continue
+        key = tuple(node.args)
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            gm.graph.erase_node(node)
+            shared += 1
+        else:
+            seen[key] = node
+    return shared
+
+
+def strip_leftovers(gm: torch.fx.GraphModule) -> int:
+    """No-op casts, then dead code."""
+    removed = 0
+    for node in list(gm.graph.find_nodes(op="call_function", target=aten.to.dtype)):
+        source = node.args[0]
+        value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+        if isinstance(value, torch.Tensor) and value.dtype == node.args[1] and len(node.args) == 2 \
+                and not node.kwargs:
+            node.replace_all_uses_with(source)
+            gm.graph.erase_node(node)
+            removed += 1
+    before = len(gm.graph.nodes)
+    gm.graph.eliminate_dead_code()
+    return removed + before - len(gm.graph.nodes)
+
+
+def fuse_passes(shared_dropout: bool = False) -> list[FusePass]:
+    """The passes ``fuse`` runs, in order."""
+    passes = [FusePass("drop_inactive", drop_inactive), FusePass("fold_lora_scale", fold_lora_scale)]
+    if shared_dropout:
+        passes.append(FusePass("share_dropout", share_dropout))
+    return passes + [FusePass("fuse_lora_a", fuse_lora_a), FusePass("strip_leftovers", strip_leftovers)]
+
+
+def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    graph = torch.fx.Graph()
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    graph.output(graph.graph_copy(gm.graph, {}))
+    fused = AdaptedModule(gm, graph, class_name=f"Fused{type(gm).__name__}")
+    fused.capture_info = getattr(gm, "capture_info", None)
+    fused.meta["fxpeft"] = gm.meta.get("fxpeft", {})  # save() reads the same records
+    fused.meta["fxpeft_fused"] = True
+    return fused.train(gm.training)
+
+
+def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (),
+         shared_dropout: bool = False) -> torch.fx.GraphModule:
+    """A fused copy of ``gm``, specialised to its active adapters, sharing its parameters.
+
+    >>> import torch, fxpeft
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, vocab_size=32,
+    ...                          num_hidden_layers=1, num_attention_heads=2))
+    >>> gm = fxpeft.rewrite(model, "lora_qv", dropout=0.0)
+    >>> fused = fxpeft.fuse(gm)
+    >>> ids = torch.tensor([[1, 2, 3]])
+    >>> torch.equal(fused(ids).logits, gm(ids).logits)
+    True
+    """
+    known = {p.name for p in fuse_passes(True)}
+    unknown = sorted(set(skip) - known)
+    if unknown:
+        raise ValueError(f"fuse: no pass {unknown}; passes: {', '.join(sorted(known))}")
+    fused = _copy(gm)
+    for fuse_pass in fuse_passes(shared_dropout):
+        if fuse_pass.name in skip:
+            continue
+        start = time.perf_counter()
+        changed = fuse_pass.run(fused)
+        fused.graph.lint()
+        log.info("fxpeft fuse %s: %d changes (%.0f ms)", fuse_pass.name, changed,
+                 (time.perf_counter() - start) * 1000)
+    fused.recompile()
+    return fused

@@ -1,0 +1,117 @@
+"""Fuse and clean-up passes: each keeps outputs and gradients equal to the unfused graph, and
+does its job in the graph."""
+
+import itertools
+
+import pytest
+import torch
+
+import fxpeft
+from conftest import adapter_nodes, nodes_with_target, randomize_adapters, tiny_llama, token_batch
+from fxpeft.names import adapter_node
+
+aten = torch.ops.aten
+PASSES = ("drop_inactive", "fold_lora_scale", "fuse_lora_a", "strip_leftovers")
+
+
+def lora_graph(rules="lora_all_linear", **overrides):
+    gm = fxpeft.rewrite(tiny_llama(), rules, dropout=0.0, **overrides)
+    randomize_adapters(gm)
+    return gm
+
+
+def outputs_and_grads(gm, ids):
+    gm.zero_grad(set_to_none=True)
+    out = gm.train()(ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
+    gm.zero_grad(set_to_none=True)
+    return out.logits.detach(), grads
+
+
+def assert_equivalent(gm, fused, ids):
+    (logits, grads), (fused_logits, fused_grads) = outputs_and_grads(gm, ids), outputs_and_grads(fused, ids)
+    torch.testing.assert_close(fused_logits, logits, rtol=0, atol=1e-5)
+    assert grads.keys() == fused_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("only", PASSES)
+def test_each_pass_alone_keeps_outputs_and_gradients(only):
+    gm = lora_graph()
+    gm.add_adapter("idle", "lora_qv", dropout=0.0)
+    randomize_adapters(gm, seed=2)
+    fused = fxpeft.fuse(gm, skip=tuple(p for p in PASSES if p != only))
+    fused.graph.lint()
+    assert_equivalent(gm, fused, token_batch())
+
+
+def test_the_passes_do_their_jobs_in_the_graph():
+    gm = lora_graph()
+    gm.add_adapter("idle", "lora_qv", dropout=0.0)
+    fused = fxpeft.fuse(gm)
+    kept = {adapter_node(n).adapter for n in fused.graph.nodes if adapter_node(n)}
+    assert kept == {"default"}  # the idle adapter's nodes are gone
+    scale_muls = [n for n in adapter_nodes(fused) if n.target == aten.mul.Tensor
+                  and isinstance(n.args[1], float)]
+    assert scale_muls == []  # folded onto the gates
+    downs = [n for n in fused.graph.find_nodes(op="call_function", target=aten.linear.default)
+             if n.args[1].op == "call_function" and n.args[1].target == aten.cat.default]
+    # per layer: q/k/v read one tensor, gate/up another
+    assert len(downs) == 2 * 2 and len(nodes_with_target(fused, aten.split_with_sizes.default)) == 4
+    assert len(nodes_with_target(fused, aten.to.dtype)) < len(nodes_with_target(gm, aten.to.dtype))
+    assert len(fused.graph.nodes) < len(gm.graph.nodes)
+
+
+def test_the_specialised_graph_equals_the_gated_one_for_every_active_set():
+    gm = lora_graph("lora_qv")
+    gm.add_adapter("b", "lora_all_linear", dropout=0.0)
+    gm.add_adapter("c", "ia3.toml")
+    randomize_adapters(gm, seed=3)
+    ids = token_batch()
+    for count in (1, 2, 3):
+        for active in itertools.combinations(["default", "b", "c"], count):
+            gm.set_adapter(list(active))
+            with torch.no_grad():
+                expected = gm.eval()(ids).logits
+                fused = fxpeft.fuse(gm).eval()
+                torch.testing.assert_close(fused(ids).logits, expected, rtol=0, atol=1e-5)
+            kept = {adapter_node(n).adapter for n in fused.graph.nodes if adapter_node(n)}
+            assert kept == set(active)
+    gm.set_adapter("default")
+
+
+def test_shared_dropout_is_opt_in():
+    gm = fxpeft.rewrite(tiny_llama(), "lora_all_linear")  # dropout 0.05 per branch
+    assert not nodes_with_target(fxpeft.fuse(gm), aten.split_with_sizes.default)
+    shared = fxpeft.fuse(gm, shared_dropout=True)
+    assert len(nodes_with_target(shared, aten.split_with_sizes.default)) == 4
+    ids = token_batch()
+    gm.eval(), shared.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(shared(ids).logits, gm(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_fused_copies_share_parameters_and_refuse_new_adapters(tmp_path):
+    gm = lora_graph("lora_qv")
+    fused = fxpeft.fuse(gm)
+    assert fused.get_parameter("model.layers.0.self_attn.q_proj.lora_A.weight") is \
+        gm.get_parameter("model.layers.0.self_attn.q_proj.lora_A.weight")
+    with pytest.raises(fxpeft.FxpeftError, match="fused copy"):
+        fused.add_adapter("x", "lora_qv")
+    with pytest.raises(ValueError, match="no pass"):
+        fxpeft.fuse(gm, skip=("fold_scale",))
+    assert (fxpeft.save(fused, tmp_path / "a") / "adapter_model.safetensors").is_file()
+
+
+def test_fused_graph_compiles_fullgraph_forward_and_backward():
+    gm = lora_graph()
+    fused = fxpeft.fuse(gm)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, dynamic=True)
+    ids = token_batch()
+    loss = compiled(ids, labels=ids).loss
+    loss.backward()
+    torch.testing.assert_close(loss, gm.train()(ids, labels=ids).loss, rtol=0, atol=1e-5)
+    torch._dynamo.reset()
