@@ -1,0 +1,227 @@
+"""Every speed row of the performance issue in one command: fxpeft against HF PEFT (and the
+frozen base) on the same model, sides interleaved step by step, medians after warm-up, ratios
+from this run only, with the thread count and load average.
+
+    python bench/run.py [--layers 4 --hidden 576 --vocab 4096 --batch 4 --seq 128 --steps 8]
+                        [--rows eager,compiled,adapters,mixed,inference,rewrite,compile_time]
+                        [--json out.json]
+
+Rows:
+- eager: one AdamW training step, LoRA q,v (r=8, alpha=16, dropout 0): fxpeft's graph, its fused
+  copy (``fxpeft.fuse``), PEFT.
+- compiled: the same step under ``torch.compile`` (inductor), each side warmed up first.
+- adapters: 4 adapters loaded, 1 active, against a graph holding only that adapter (gated
+  graph and fused copy).
+- mixed: inference with ``adapter_names=`` over 8 adapters, batch 16 x seq, against PEFT's mixed
+  batch and a graph holding one adapter.
+- inference: unmerged and merged forward, against the base model.
+- rewrite: ``fxpeft.rewrite`` of the model, first and second call, against ``get_peft_model``.
+- compile_time: the first compiled step, each side in a fresh process with an empty inductor
+  cache (slow: minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import interleaved_medians, machine_line  # noqa: E402
+
+import fxpeft  # noqa: E402
+
+ROWS = ("eager", "compiled", "adapters", "mixed", "inference", "rewrite", "compile_time")
+
+
+def llama(args: argparse.Namespace) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+                         num_hidden_layers=args.layers, num_attention_heads=9, num_key_value_heads=3,
+                         vocab_size=args.vocab, max_position_embeddings=2048)
+    return LlamaForCausalLM(config).eval()
+
+
+def peft_lora(model: torch.nn.Module, names: tuple[str, ...] = ("default",)) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    peft_model = get_peft_model(model, config, adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.add_adapter(name, config)
+    return peft_model
+
+
+def training_step(model: torch.nn.Module, ids: torch.Tensor, compiled: bool = False):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+    forward = torch.compile(model) if compiled else model
+
+    def step() -> None:
+        loss = forward(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def inference_step(model: torch.nn.Module, ids: torch.Tensor, **kwargs):
+    model.eval()
+
+    def step() -> None:
+        with torch.no_grad():
+            model(input_ids=ids, **kwargs)
+    return step
+
+
+def report(title: str, medians: dict[str, float], reference: str, results: dict) -> None:
+    print(f"\n{title}")
+    for name, seconds in medians.items():
+        print(f"  {name:<34} {seconds * 1000:9.1f} ms   {seconds / medians[reference]:6.3f} x {reference}")
+    results[title] = {name: {"ms": s * 1000, "ratio": s / medians[reference]} for name, s in medians.items()}
+
+
+def row_eager(args, base, ids, results) -> None:
+    gm = fxpeft.rewrite(copy.deepcopy(base), "lora_qv", dropout=0.0)
+    sides = {"fxpeft": training_step(gm, ids), "fxpeft fused": training_step(fxpeft.fuse(gm), ids),
+             "PEFT": training_step(peft_lora(copy.deepcopy(base)), ids)}
+    report("eager training step (LoRA q,v)", interleaved_medians(sides, args.steps, 2), "PEFT", results)
+
+
+def row_compiled(args, base, ids, results) -> None:
+    torch._dynamo.reset()
+    gm = fxpeft.rewrite(copy.deepcopy(base), "lora_qv", dropout=0.0)
+    sides = {"fxpeft compiled": training_step(gm, ids, True),
+             "fxpeft fused compiled": training_step(fxpeft.fuse(gm), ids, True),
+             "PEFT compiled": training_step(peft_lora(copy.deepcopy(base)), ids, True)}
+    report("compiled training step", interleaved_medians(sides, args.steps, 3), "PEFT compiled", results)
+
+
+def row_adapters(args, base, ids, results) -> None:
+    one = fxpeft.rewrite(copy.deepcopy(base), "lora_qv", dropout=0.0)
+    four = fxpeft.rewrite(copy.deepcopy(base), "lora_qv", dropout=0.0)
+    for name in ("b", "c", "d"):
+        four.add_adapter(name, "lora_qv", dropout=0.0)
+    four.set_adapter("default")
+    sides = {"fxpeft 1 adapter": training_step(one, ids), "fxpeft 4 loaded, 1 active": training_step(four, ids),
+             "fxpeft fused, 4 loaded": training_step(fxpeft.fuse(four), ids),
+             "PEFT 4 loaded, 1 active": training_step(peft_lora(copy.deepcopy(base), ("default", "b", "c", "d")), ids)}
+    report("training step, 4 adapters loaded, 1 active", interleaved_medians(sides, args.steps, 2),
+           "fxpeft 1 adapter", results)
+
+
+def row_mixed(args, base, results) -> None:
+    names = [f"a{i}" for i in range(8)]
+    ids = torch.randint(0, args.vocab, (16, args.seq), generator=torch.Generator().manual_seed(1))
+    per_sample = [names[i % 8] for i in range(16)]
+    gm = fxpeft.rewrite(copy.deepcopy(base), "lora_qv", dropout=0.0, adapter=names[0])
+    for name in names[1:]:
+        gm.add_adapter(name, "lora_qv", dropout=0.0)
+    one = fxpeft.rewrite(copy.deepcopy(base), "lora_qv", dropout=0.0)
+    peft_model = peft_lora(copy.deepcopy(base), tuple(names))
+    sides = {"fxpeft mixed": inference_step(gm, ids, adapter_names=per_sample),
+             "fxpeft one adapter": inference_step(one, ids),
+             "PEFT mixed": inference_step(peft_model, ids, adapter_names=per_sample)}
+    report("mixed-batch inference, 8 LoRA adapters, batch 16", interleaved_medians(sides, args.steps, 2),
+           "PEFT mixed", results)
+
+
+def row_inference(args, base, ids, results) -> None:
+    gm = fxpeft.rewrite(copy.deepcopy(base), "lora_qv", dropout=0.0)
+    sides = {"fxpeft unmerged": inference_step(gm, ids), "fxpeft fused": inference_step(fxpeft.fuse(gm), ids),
+             "fxpeft merged": inference_step(fxpeft.merge(gm), ids),
+             "PEFT unmerged": inference_step(peft_lora(copy.deepcopy(base)), ids),
+             "base": inference_step(copy.deepcopy(base), ids)}
+    report("inference forward", interleaved_medians(sides, args.steps, 2), "base", results)
+
+
+def row_rewrite(args, base, results) -> None:
+    timings = {}
+    for label in ("fxpeft.rewrite, first call", "fxpeft.rewrite, second call"):
+        start = time.perf_counter()
+        fxpeft.rewrite(base, "lora_qv")
+        timings[label] = time.perf_counter() - start
+    start = time.perf_counter()
+    peft_lora(copy.deepcopy(base))
+    timings["get_peft_model incl. deepcopy"] = time.perf_counter() - start
+    report("set-up time", timings, "get_peft_model incl. deepcopy", results)
+
+
+_COMPILE_CHILD = """
+import sys, time, torch
+sys.path.insert(0, {bench!r})
+import run
+args = run.parse([{argv}])
+base, ids = run.llama(args), run.batch(args)
+model = {build}
+step = run.training_step(model, ids, compiled=True)
+start = time.perf_counter(); step(); print(time.perf_counter() - start)
+"""
+
+
+def row_compile_time(args, results) -> None:
+    builds = {"fxpeft": "run.fxpeft.rewrite(base, 'lora_qv', dropout=0.0)",
+              "fxpeft fused": "run.fxpeft.fuse(run.fxpeft.rewrite(base, 'lora_qv', dropout=0.0))",
+              "PEFT": "run.peft_lora(base)"}
+    argv = ", ".join(repr(a) for a in sys.argv[1:] if not a.startswith("--json"))
+    timings = {}
+    for name, build in builds.items():
+        with tempfile.TemporaryDirectory() as cache:
+            code = _COMPILE_CHILD.format(bench=str(Path(__file__).parent), argv=argv, build=build)
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"compile_time {name} failed:\n{out.stderr[-2000:]}")
+            timings[name] = float(out.stdout.strip().splitlines()[-1])
+    report("first compiled step (fresh process, empty inductor cache)", timings, "PEFT", results)
+
+
+def batch(args: argparse.Namespace) -> torch.Tensor:
+    return torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, default in (("layers", 4), ("hidden", 576), ("vocab", 4096), ("batch", 4), ("seq", 128),
+                          ("steps", 8)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--rows", default=",".join(r for r in ROWS if r != "compile_time"))
+    parser.add_argument("--json", default=None)
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse()
+    rows = args.rows.split(",")
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; rows: {', '.join(ROWS)}")
+    base, ids, results = llama(args), batch(args), {}
+    print(f"Llama: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, batch {args.batch} x "
+          f"{args.seq}\n{machine_line()}")
+    runners = {"eager": lambda: row_eager(args, base, ids, results),
+               "compiled": lambda: row_compiled(args, base, ids, results),
+               "adapters": lambda: row_adapters(args, base, ids, results),
+               "mixed": lambda: row_mixed(args, base, results),
+               "inference": lambda: row_inference(args, base, ids, results),
+               "rewrite": lambda: row_rewrite(args, base, results),
+               "compile_time": lambda: row_compile_time(args, results)}
+    for row in rows:
+        runners[row]()
+    print(f"\n{machine_line()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine_line(), "args": vars(args),
+                                               "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
