@@ -17,7 +17,7 @@ from fxpeft.kinds.registry import is_adapter_parameter
 from fxpeft.names import adapter_component
 
 __all__ = ["adapter_component", "adapter_state_dict", "attach_component", "fetch",
-           "freeze_base", "is_adapter_parameter", "nodes_between"]
+           "freeze_base", "has_target", "is_adapter_parameter", "nodes_between", "place"]
 
 
 def freeze_base(gm: torch.nn.Module) -> None:
@@ -71,6 +71,30 @@ def attach_component(gm: torch.nn.Module, path: str, base: str, adapter: str,
     return f"{path}.{name}" if path else name
 
 
+def place(root: torch.nn.Module, target: str, value: Any) -> None:
+    """Put ``value`` at dotted ``target`` under ``root``, creating plain parent modules."""
+    *parents, name = target.split(".")
+    for part in parents:
+        if not hasattr(root, part):
+            root.add_module(part, torch.nn.Module())
+        root = getattr(root, part)
+    if isinstance(value, torch.nn.Module):
+        root.add_module(name, value)
+    elif isinstance(value, torch.nn.Parameter):
+        root.register_parameter(name, value)
+    else:
+        root.register_buffer(name, value)
+
+
+def has_target(root: torch.nn.Module, target: str) -> bool:
+    """Whether dotted ``target`` names an attribute under ``root``."""
+    try:
+        fetch(root, target)
+    except AttributeError:
+        return False
+    return True
+
+
 def nodes_between(first: torch.fx.Node, last: torch.fx.Node) -> list[torch.fx.Node]:
     """The nodes after ``first`` up to and including ``last``, in graph order."""
     nodes, node = [], first.next
@@ -78,9 +102,3 @@ def nodes_between(first: torch.fx.Node, last: torch.fx.Node) -> list[torch.fx.No
         nodes.append(node)
         node = node.next
     return nodes + [last]
-
-
-def replace_parameter(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
-    """Swap in a new frozen parameter at ``target`` (the original model's stays untouched)."""
-    path, _, name = target.rpartition(".")
-    setattr(gm.get_submodule(path), name, torch.nn.Parameter(value, requires_grad=False))

@@ -19,7 +19,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch.utils._sympy.numbers import int_oo
 
-from fxpeft import hf
+from fxpeft import capture_cache, hf
 from fxpeft.errors import CaptureError
 from fxpeft.graph_module import AdaptedModule
 from fxpeft.patterns import find_linear_sites, owning_module
@@ -119,6 +119,11 @@ def _capture_hf(model: torch.nn.Module, example_inputs: Any) -> Program:
     if "input_ids" not in inputs:
         raise CaptureError(f"{type(model).__name__}: example_inputs must include input_ids")
     inputs = {"input_ids": inputs.pop("input_ids"), **inputs}
+    key = capture_cache.cache_key(model, inputs) if capture_cache.enabled() else None
+    cached = capture_cache.lookup(key, model) if key is not None else None
+    if cached is not None:
+        log.debug("capture: %s from the capture cache", type(model).__name__)
+        return cached
     with _capture_mode(model):
         try:
             exported = torch.export.export(model, (), inputs, dynamic_shapes=hf.dynamic_shapes(inputs),
@@ -126,7 +131,10 @@ def _capture_hf(model: torch.nn.Module, example_inputs: Any) -> Program:
         except Exception as err:  # torch.export raises many types; all mean "could not capture"
             raise _fail(model, "torch.export", err, "pass example_inputs= that the model's forward "
                         "accepts, or load it with attn_implementation='sdpa' or 'eager'") from err
-    return _hf_program(model, exported, tuple(inputs))
+    program = _hf_program(model, exported, tuple(inputs))
+    if key is not None:
+        capture_cache.store(key, model, program)
+    return program
 
 
 def _max_sequence(exported: torch.export.ExportedProgram, example: torch.fx.Node) -> int | None:

@@ -143,10 +143,10 @@ def match(program: Program, rules: RuleSet) -> MatchResult:
     >>> match(program, RuleSet([Rule(where=Where(path=["^1$"]))])).paths()
     ['1']
     """
-    result, claimed = MatchResult(), {}
+    result, claimed, layer_count = MatchResult(), {}, program.layer_count
     for index, rule in enumerate(rules.rules):
         for candidate in candidates(program, rule.match):
-            reason = why_not(rule.where, candidate, program.layer_count)
+            reason = why_not(rule.where, candidate, layer_count)
             key = (rule.match, candidate.module_path)  # a module called twice is one target
             if reason is None and claimed.get(key, index) != index:
                 reason = f"already claimed by {rules.rules[claimed[key]].name!r} (first match wins)"

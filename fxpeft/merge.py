@@ -15,13 +15,14 @@ import torch
 import torch.fx
 
 from fxpeft.adapter_set import strip_adapters
-from fxpeft.adapters import fetch, is_adapter_parameter
+from fxpeft.adapters import fetch, has_target, is_adapter_parameter, place
 from fxpeft.errors import FxpeftError
 from fxpeft.gates import active_adapters, adapter_names
 from fxpeft.graph_module import AdaptedModule
 from fxpeft.kinds import registry
 from fxpeft.names import DEFAULT_ADAPTER, GATES, INPUTS_MODULE, adapter_node, is_fxpeft_node
 from fxpeft.patterns import owning_module
+from fxpeft.program import copy_graph
 
 aten = torch.ops.aten
 
@@ -74,28 +75,6 @@ def _check_not_shared(gm: torch.fx.GraphModule, owners: dict[str, str]) -> None:
                                   f"Untie the weights before rewriting, or keep the adapter unmerged")
 
 
-def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
-    new = torch.fx.Graph()
-    new._codegen = copy.deepcopy(graph._codegen)
-    output = new.graph_copy(graph, {})
-    new.output(output)
-    return new
-
-
-def _place(root: torch.nn.Module, target: str, value: Any) -> None:
-    *parents, name = target.split(".")
-    for part in parents:
-        if not hasattr(root, part):
-            root.add_module(part, torch.nn.Module())
-        root = getattr(root, part)
-    if isinstance(value, torch.nn.Module):
-        root.add_module(name, value)
-    elif isinstance(value, torch.nn.Parameter):
-        root.register_parameter(name, value)
-    else:
-        root.register_buffer(name, value)
-
-
 def _module_with(module: torch.nn.Module, target: str, weights: dict) -> torch.nn.Module:
     """A ``call_module`` target as the merged graph needs it: a shallow copy holding the merged
     weights and none of the adapters' own parameters or submodules (``lora_A``, ``ia3_l_b``)."""
@@ -132,29 +111,21 @@ def merge(gm: AdaptedModule) -> AdaptedModule:
     ((0, 20), False)
     """
     weights = merged_weights(gm)
-    graph = _copy_graph(gm.graph)
+    graph = copy_graph(gm.graph)
     strip_adapters(graph, set(adapter_names(gm)) | {DEFAULT_ADAPTER})
     root = torch.nn.Module()
     for node in graph.nodes:
         if node.op == "get_attr" and node.target in weights:
-            _place(root, node.target, torch.nn.Parameter(weights[node.target], requires_grad=False))
-        elif node.op == "get_attr" and not hasattr_path(root, node.target):
-            _place(root, node.target, fetch(gm, node.target))
-        elif node.op == "call_module" and not hasattr_path(root, node.target):
-            _place(root, node.target, _module_with(gm.get_submodule(node.target), node.target, weights))
+            place(root, node.target, torch.nn.Parameter(weights[node.target], requires_grad=False))
+        elif node.op == "get_attr" and not has_target(root, node.target):
+            place(root, node.target, fetch(gm, node.target))
+        elif node.op == "call_module" and not has_target(root, node.target):
+            place(root, node.target, _module_with(gm.get_submodule(node.target), node.target, weights))
     _mark_without_adapters(root)
     merged = AdaptedModule(root, graph, class_name=type(gm).__name__)
     merged.capture_info = gm.capture_info
     merged.requires_grad_(False)
     return merged.train(gm.training)
-
-
-def hasattr_path(root: torch.nn.Module, target: str) -> bool:
-    try:
-        fetch(root, target)
-    except AttributeError:
-        return False
-    return True
 
 
 def merge_into(model: torch.nn.Module, gm: AdaptedModule) -> torch.nn.Module:

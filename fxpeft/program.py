@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +68,19 @@ class LinearSite:
         else:
             bias = args[0] if self.kind == "addmm" else (args[2] if len(args) > 2 else None)
         return bias.target if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else None
+
+
+def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A copy of ``graph`` (its code generator too); node metadata is shared, not copied.
+
+    >>> g = torch.fx.Graph(); _ = g.output(g.placeholder("x"))
+    >>> len(copy_graph(g).nodes)
+    2
+    """
+    new = torch.fx.Graph()
+    new._codegen = copy.deepcopy(graph._codegen)
+    new.output(new.graph_copy(graph, {}))
+    return new
 
 
 @dataclass(frozen=True)

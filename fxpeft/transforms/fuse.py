@@ -20,7 +20,6 @@ changed, and is logged with its time:
 
 from __future__ import annotations
 
-import copy
 import logging
 import operator
 import time
@@ -34,6 +33,7 @@ from fxpeft.adapter_set import strip_adapters
 from fxpeft.gates import active_adapters, adapter_names
 from fxpeft.graph_module import AdaptedModule
 from fxpeft.names import DROPOUT_MODULE, GATE_META, adapter_node
+from fxpeft.program import copy_graph
 
 log = logging.getLogger("fxpeft")
 aten = torch.ops.aten
@@ -170,10 +170,7 @@ def fuse_passes(shared_dropout: bool = False) -> list[FusePass]:
 
 
 def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    graph = torch.fx.Graph()
-    graph._codegen = copy.deepcopy(gm.graph._codegen)
-    graph.output(graph.graph_copy(gm.graph, {}))
-    fused = AdaptedModule(gm, graph, class_name=f"Fused{type(gm).__name__}")
+    fused = AdaptedModule(gm, copy_graph(gm.graph), class_name=f"Fused{type(gm).__name__}")
     fused.capture_info = getattr(gm, "capture_info", None)
     fused.meta["fxpeft"] = gm.meta.get("fxpeft", {})  # save() reads the same records
     fused.meta["fxpeft_fused"] = True

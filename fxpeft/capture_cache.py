@@ -1,0 +1,82 @@
+"""An in-process cache of exported graphs: a second ``rewrite`` (or ``load``) of a model of the
+same class, configuration, structure and input signature skips ``torch.export`` (the seconds a
+rewrite costs) and rebinds the cached graph to the new model's own parameters by name.
+
+The key holds the model class, its config (``to_json_string``) and attention implementation,
+every module's path and type, every parameter's and buffer's name, shape, dtype and device, the
+captured inputs' names, dtypes and ranks, and the torch and transformers versions. A changed
+forward that none of these reveal (a monkeypatched method) is not seen: set
+``FXPEFT_CAPTURE_CACHE=0`` to turn the cache off.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import Any, Hashable
+
+import torch
+import torch.fx
+
+from fxpeft.adapters import fetch, has_target, place
+from fxpeft.program import CaptureInfo, Program, copy_graph
+
+_ENTRIES: "OrderedDict[Hashable, CachedGraph]" = OrderedDict()
+MAX_ENTRIES = 4
+
+
+@dataclass(frozen=True)
+class CachedGraph:
+    graph: torch.fx.Graph  # never handed out: every hit gets a copy
+    constants: dict[str, Any]  # get_attr targets that are not the model's (lifted constants)
+    info: CaptureInfo
+
+
+def enabled() -> bool:
+    return os.environ.get("FXPEFT_CAPTURE_CACHE", "1") != "0"
+
+
+def _versions() -> tuple[str, str]:
+    import transformers
+    return torch.__version__, transformers.__version__
+
+
+def cache_key(model: torch.nn.Module, inputs: dict[str, Any]) -> Hashable:
+    """What decides the exported graph, as a hashable value."""
+    config = model.config
+    structure = tuple((name, type(m).__module__, type(m).__qualname__) for name, m in model.named_modules())
+    tensors = tuple((name, tuple(t.shape), t.dtype, t.device.type)
+                    for name, t in (*model.named_parameters(), *model.named_buffers()))
+    signature = tuple((name, getattr(t, "dtype", type(t)), getattr(t, "ndim", None))
+                      for name, t in inputs.items())
+    return (type(model).__module__, type(model).__qualname__, config.to_json_string(),
+            getattr(config, "_attn_implementation", None), structure, tensors, signature, _versions())
+
+
+def store(key: Hashable, model: torch.nn.Module, program: Program) -> None:
+    """Keep a copy of ``program``'s graph (before emit changes it) and its constants."""
+    targets = {n.target for n in program.graph.find_nodes(op="get_attr")}
+    constants = {t: fetch(program.graph_module, t) for t in targets if not has_target(model, t)}
+    _ENTRIES[key] = CachedGraph(copy_graph(program.graph), constants, replace(program.info, config=None))
+    _ENTRIES.move_to_end(key)
+    while len(_ENTRIES) > MAX_ENTRIES:
+        _ENTRIES.popitem(last=False)
+
+
+def lookup(key: Hashable, model: torch.nn.Module) -> Program | None:
+    """A ``Program`` bound to ``model``'s parameters, or None on a miss."""
+    cached = _ENTRIES.get(key)
+    if cached is None:
+        return None
+    _ENTRIES.move_to_end(key)
+    graph, root = copy_graph(cached.graph), torch.nn.Module()
+    for target in {n.target for n in graph.find_nodes(op="get_attr")}:
+        value = cached.constants[target] if target in cached.constants else fetch(model, target)
+        place(root, target, value)
+    info = replace(cached.info, config=model.config, training=model.training)
+    return Program(torch.fx.GraphModule(root, graph), info)
+
+
+def clear() -> None:
+    _ENTRIES.clear()

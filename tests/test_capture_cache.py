@@ -1,0 +1,61 @@
+"""The in-process capture cache: a hit gives the graph and outputs a fresh capture gives, bound to
+the new model's own parameters; anything that changes the graph misses."""
+
+import pytest
+import torch
+
+import fxpeft
+from conftest import randomize_adapters, tiny_llama, token_batch
+from fxpeft import capture_cache
+from fxpeft.capture import capture
+
+
+def signature(program):
+    return [(n.op, str(n.target), len(n.args)) for n in program.graph.nodes]
+
+
+@pytest.fixture(autouse=True)
+def empty_cache():
+    capture_cache.clear()
+    yield
+    capture_cache.clear()
+
+
+def test_a_hit_equals_a_fresh_capture_and_uses_the_new_models_parameters(monkeypatch):
+    first = capture(tiny_llama())
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(2)  # a different model, same shape
+    hit = capture(model)
+    monkeypatch.setenv("FXPEFT_CAPTURE_CACHE", "0")
+    fresh = capture(model)
+    assert signature(hit) == signature(fresh) == signature(first)
+    assert hit.graph_module.get_parameter("model.layers.0.self_attn.q_proj.weight") is \
+        model.model.layers[0].self_attn.q_proj.weight
+    gm_hit = fxpeft.rewrite(model, "lora_qv")
+    monkeypatch.setenv("FXPEFT_CAPTURE_CACHE", "0")
+    gm_fresh = fxpeft.rewrite(model, "lora_qv")
+    randomize_adapters(gm_hit), randomize_adapters(gm_fresh)
+    ids = token_batch()
+    torch.testing.assert_close(gm_hit(ids, labels=ids).loss, gm_fresh(ids, labels=ids).loss, rtol=0, atol=0)
+    assert signature(capture(model)) == signature(hit)
+
+
+def test_a_changed_config_structure_or_version_misses(monkeypatch):
+    model = tiny_llama()
+    key = capture_cache.cache_key(model, {"input_ids": token_batch()})
+    assert key == capture_cache.cache_key(tiny_llama(), {"input_ids": token_batch()})
+    assert key != capture_cache.cache_key(tiny_llama(rms_norm_eps=1e-5), {"input_ids": token_batch()})
+    assert key != capture_cache.cache_key(tiny_llama(num_hidden_layers=3), {"input_ids": token_batch()})
+    assert key != capture_cache.cache_key(model, {"input_ids": token_batch(), "attention_mask": token_batch()})
+    renamed = tiny_llama()
+    renamed.model.layers[0].mlp.act_fn = torch.nn.GELU()
+    assert key != capture_cache.cache_key(renamed, {"input_ids": token_batch()})
+    monkeypatch.setattr(capture_cache, "_versions", lambda: ("0.0", "0.0"))
+    assert key != capture_cache.cache_key(model, {"input_ids": token_batch()})
+
+
+def test_the_cache_keeps_a_few_graphs():
+    for layers in range(1, capture_cache.MAX_ENTRIES + 3):
+        capture(tiny_llama(num_hidden_layers=layers))
+    assert len(capture_cache._ENTRIES) == capture_cache.MAX_ENTRIES
