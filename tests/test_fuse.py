@@ -65,13 +65,15 @@ def test_the_passes_do_their_jobs_in_the_graph():
 
 
 def test_the_specialised_graph_equals_the_gated_one_for_every_active_set():
+    """Every kind takes part: LoRA, DoRA, IA3 and adaption prompts."""
     gm = lora_graph("lora_qv")
-    gm.add_adapter("b", "lora_all_linear", dropout=0.0)
+    gm.add_adapter("b", "dora_qv", dropout=0.0)
     gm.add_adapter("c", "ia3.toml")
+    gm.add_adapter("d", "llama_adapter.toml")
     randomize_adapters(gm, seed=3)
     ids = token_batch()
-    for count in (1, 2, 3):
-        for active in itertools.combinations(["default", "b", "c"], count):
+    for count in (1, 2, 3, 4):
+        for active in itertools.combinations(["default", "b", "c", "d"], count):
             gm.set_adapter(list(active))
             with torch.no_grad():
                 expected = gm.eval()(ids).logits
