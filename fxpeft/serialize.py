@@ -3,46 +3,97 @@
 A folder holds ``adapter_config.json`` (PEFT's config), ``adapter_model.safetensors`` (only the
 adapter tensors, under PEFT's keys) and ``fxpeft_rules.toml`` (the rules that built the adapter,
 so fxpeft rebuilds exactly the same graph; PEFT ignores the file). Formats per adapter kind come
-from the kind registry (``AdapterKind.peft``). Writes go to a temporary folder and are renamed into place; reads
-are strict and only ever safetensors (never pickle).
+from the kind registry (``AdapterKind.peft``). Reads are strict and only ever safetensors (never
+pickle). The folder and its files are created like any other file the user writes: mode 0777 /
+0666 less the umask.
+
+Nothing lost, nothing silently wrong:
+
+- ``save`` writes nothing until every file's content is known to read back exactly: the config
+  as JSON (no NaN, no key that JSON would turn into a string), the rules as TOML that parses to
+  the same rules. A config PEFT cannot express is a ``PeftFormatError`` naming the file.
+- The safetensors metadata carries ``fxpeft_sha256``, a digest of every tensor's key, dtype,
+  shape and bytes; ``load`` checks it when present, so a damaged fxpeft file is an error rather
+  than other weights. (PEFT writes no digest; its files are checked for keys, dtypes and shapes.)
+- Every problem with a folder is an ``fxpeft.FxpeftError`` (mostly ``AdapterFileError``) whose
+  message names the file, and the key where there is one; the model is left as it was.
+
+Atomic saves. A reader sees the complete old folder or the complete new one, never a mix:
+
+1. ``save`` writes the whole new folder into a sibling ``.<name>.fxpeft-new-<pid>-<random>``
+   and flushes it to disk (fsync);
+2. renames the old folder ``<name>`` to ``.<name>.fxpeft-old``;
+3. renames the new folder to ``<name>``;
+4. deletes ``.<name>.fxpeft-old``, its ``adapter_config.json`` first.
+
+Whenever the process dies, ``<name>`` holds the complete old or the complete new folder; only
+between steps 2 and 3 it is absent, and then ``.<name>.fxpeft-old`` holds the complete old one:
+``load`` reads that, and the next ``save`` renames it back before doing anything else (or, if
+``<name>`` is there, deletes it). A save that raises leaves the old folder untouched and removes
+its staging folder; the next save also removes staging folders that dead processes left. Saving
+replaces the whole folder, so it only replaces an adapter folder (plain files, among them
+``adapter_config.json`` or the weights): anything else is an error, never deleted.
+
+``load`` reads every file through one handle on the folder (POSIX), so renames during the read
+cannot mix two versions. Step 4 deletes the config first, and a read that finds its config gone
+at the end starts again, so a half-deleted old folder is never taken for a complete one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
+import math
 import os
+import re
+import reprlib
+import secrets
 import shutil
-import tempfile
+import stat
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from fxpeft.adapt import program_of
 from fxpeft.adapter_set import AdapterRecord, delete_adapter, record
 from fxpeft.adapters import is_adapter_parameter
 from fxpeft.api import add_adapter, rewrite
-from fxpeft.errors import FxpeftError
+from fxpeft.errors import FxpeftError, MatchError, PassError, RuleError
 from fxpeft.graph_module import AdaptedModule
 from fxpeft.kinds.registry import AdapterKind
-from fxpeft.peft_format import check_fields, kind_for_config, kind_for_rewrite, to_peft_key
+from fxpeft.names import MODULES_TO_SAVE
+from fxpeft.peft_format import (PeftFormatError, check_fields, kind_for_config, kind_for_rewrite,
+                                to_peft_key)
 from fxpeft.program import Program
 from fxpeft.rules.dump import dump_rules
-from fxpeft.rules.loader import load_rules
+from fxpeft.rules.loader import parse_rules
 from fxpeft.rules.schema import RuleSet
 
 CONFIG, WEIGHTS, RULES = "adapter_config.json", "adapter_model.safetensors", "fxpeft_rules.toml"
+DIGEST = "fxpeft_sha256"
+log = logging.getLogger("fxpeft")
 _TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
                "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
                "ForConditionalGeneration": "SEQ_2_SEQ_LM", "Model": "FEATURE_EXTRACTION"}
+_TEXT_LIMIT = 16 * 2 ** 20  # bytes; a config or rule file is kilobytes, never this
+_READ_ATTEMPTS = 8
+_NEW, _OLD = ".fxpeft-new-", ".fxpeft-old"
+_MODULE_NAME = re.compile(r"[^./\\\x00]+(?:\.[^./\\\x00]+)*")  # dotted names; no path syntax
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_short = _REPR.repr  # adversarial values can be huge; messages quote only their start
 
 
 class AdapterFileError(FxpeftError, ValueError):
     """An adapter folder that cannot be read or does not fit the model; names file and key."""
 
 
-# --- save ---------------------------------------------------------------------------------------
+# --- save: the files' contents ------------------------------------------------------------------
 
 def _kind_of(rules: RuleSet) -> AdapterKind:
     kinds = sorted({rule.rewrite for rule in rules.rules})
@@ -78,28 +129,77 @@ def peft_state_dict(gm: torch.nn.Module, adapter: str, kind: AdapterKind) -> dic
     return tensors
 
 
-def _write_atomically(directory: Path, writers: dict[str, Callable[[Path], None]]) -> None:
-    """Write every file into a temporary folder, then rename into place (config last)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's key, dtype, shape and bytes, in key order.
+
+    >>> tensor_digest({"a": torch.zeros(2)}) == tensor_digest({"a": torch.zeros(2)})
+    True
+    >>> tensor_digest({"a": torch.zeros(2)}) == tensor_digest({"a": torch.zeros(2).double()})
+    False
+    """
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode() + b"\0")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` with tuples as lists: what JSON gives back for a faithful write."""
+    if isinstance(value, dict):
+        return {key: _as_json(item) for key, item in value.items()}
+    return [_as_json(item) for item in value] if isinstance(value, (list, tuple)) else value
+
+
+def _exact_json(config: dict[str, Any], path: Path) -> str:
+    """``config`` as JSON text that reads back as the same values, or a ``PeftFormatError``."""
+    for key, value in config.items():
+        try:
+            same = json.loads(json.dumps(value, allow_nan=False)) == _as_json(value)
+        except (TypeError, ValueError) as err:  # NaN, infinity, objects JSON has no form for
+            same = False
+            why = f": {err}"
+        else:
+            why = ""
+        if not same:
+            raise PeftFormatError(f"{path}: {key} = {_short(value)} cannot be written as JSON "
+                                  f"exactly{why}")
+    return json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
+
+
+def _exact_rules(rules: RuleSet, path: Path) -> str:
+    """The TOML rule text, checked to parse back to the same rules."""
+    text = dump_rules(rules)
+    if parse_rules(text, source=str(path)).rules != rules.rules:
+        raise FxpeftError(f"{path}: the adapter's rules cannot be written exactly as TOML (a NaN "
+                          f"or another value TOML reads back differently)")
+    return text
+
+
+def _writers(gm: AdaptedModule, adapter: str, directory: Path) -> dict[str, Callable[[Path], None]]:
+    """What to write, per file name; everything is computed and checked before any write."""
+    rec, program = record(gm, adapter), program_of(gm)
+    kind = _kind_of(rec.rules)
     try:
-        for name, write in writers.items():
-            write(staging / name)
-        if not directory.exists():
-            os.rename(staging, directory)
-            return
-        for name in writers:
-            os.replace(staging / name, directory / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _write_json(data: dict[str, Any]) -> Callable[[Path], None]:
-    return lambda path: path.write_text(json.dumps(data, indent=2, sort_keys=True), "utf-8")
+        config = _exact_json(peft_config(program, rec, kind), directory / CONFIG)
+    except PeftFormatError as err:
+        if str(directory) in str(err):
+            raise
+        raise PeftFormatError(f"{directory / CONFIG}: {err}") from err
+    rules = _exact_rules(rec.rules, directory / RULES)
+    tensors = peft_state_dict(gm, adapter, kind)
+    metadata = {"format": "pt", DIGEST: tensor_digest(tensors)}
+    return {WEIGHTS: lambda path: save_file(tensors, str(path), metadata=metadata),
+            RULES: lambda path: path.write_bytes(rules.encode("utf-8")),
+            CONFIG: lambda path: path.write_bytes(config.encode("utf-8"))}
 
 
 def save(gm: AdaptedModule, directory: "str | Path", adapter: str = "default") -> Path:
     """Write ``adapter`` of ``gm`` to ``directory`` in PEFT's layout; returns the folder.
+
+    The folder is replaced as a whole and atomically (see the module docstring): a reader sees
+    the old adapter or the new one, never a mix, and nothing else is left next to it.
 
     >>> import tempfile, torch, fxpeft
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -109,58 +209,360 @@ def save(gm: AdaptedModule, directory: "str | Path", adapter: str = "default") -
     >>> sorted(p.name for p in folder.iterdir())
     ['adapter_config.json', 'adapter_model.safetensors', 'fxpeft_rules.toml']
     """
-    rec, program = record(gm, adapter), program_of(gm)
-    kind = _kind_of(rec.rules)
-    tensors = peft_state_dict(gm, adapter, kind)
-    writers = {WEIGHTS: lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
-               RULES: lambda path: path.write_text(dump_rules(rec.rules), "utf-8"),
-               CONFIG: _write_json(peft_config(program, rec, kind))}
-    _write_atomically(Path(directory), writers)
+    writers = _writers(gm, adapter, Path(directory))
+    replace_folder(Path(directory), writers)
     return Path(directory)
 
 
-# --- load ---------------------------------------------------------------------------------------
+# --- save: replacing the folder atomically ------------------------------------------------------
 
-def _read_config(directory: Path) -> dict[str, Any]:
-    path = directory / CONFIG
+def _target(directory: "str | Path") -> Path:
+    """The real folder (a symlink keeps pointing at the new content)."""
+    return Path(os.path.realpath(directory))
+
+
+def _aside(directory: Path) -> Path:
+    """Where a save keeps the old folder between its two renames; ``load`` falls back to it."""
+    return directory.with_name(f".{directory.name}{_OLD}")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk, so a rename never publishes unwritten data."""
+    folder = path.is_dir()
     try:
-        config = json.loads(path.read_text("utf-8"))
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if folder:  # Windows cannot open a folder
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not folder:  # some file systems cannot flush a folder; a file must flush
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove(folder: Path) -> None:
+    """Delete a folder, its config first (the sign readers check; see ``_snapshot``)."""
+    with contextlib.suppress(FileNotFoundError):  # another save may have got there first
+        names = sorted(os.listdir(folder), key=lambda name: name != CONFIG)
+        for name in names:
+            if (folder / name).is_dir() and not (folder / name).is_symlink():
+                shutil.rmtree(folder / name)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(folder / name)
+        os.rmdir(folder)
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process that named a staging folder may still be writing it."""
+    if pid == os.getpid() or os.name != "posix":  # os.kill on Windows would end the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process
+        return True
+    return True
+
+
+def _tidy(directory: Path) -> None:
+    """Finish what a save that died left: put a set-aside old folder back (or drop it if the
+    new one made it into place), and remove staging folders of dead processes."""
+    aside = _aside(directory)
+    if aside.is_dir():
+        if directory.exists():
+            _remove(aside)
+        else:
+            os.rename(aside, directory)
+    prefix = f".{directory.name}{_NEW}"
+    for entry in directory.parent.iterdir():
+        pid = entry.name[len(prefix):].split("-")[0]
+        if entry.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            _remove(entry)
+
+
+def _check_replaceable(directory: Path) -> None:
+    """Saving replaces the whole folder: refuse one that is more than an adapter folder."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise AdapterFileError(f"{directory}: exists and is not a folder")
+    entries = list(directory.iterdir())
+    folder = next((entry for entry in entries if not entry.is_file()), None)
+    if folder is not None:
+        raise AdapterFileError(f"{folder}: saving replaces {directory} as a whole and would "
+                               f"delete this (another adapter?); save to another folder")
+    if entries and not any(entry.name in (CONFIG, WEIGHTS) for entry in entries):
+        raise AdapterFileError(f"{directory}: not an adapter folder (no {CONFIG}); saving "
+                               f"replaces a folder as a whole, so it only replaces adapter folders")
+
+
+def _staging(directory: Path) -> Path:
+    """A new, empty sibling folder, named so that ``_tidy`` can tell whether its owner lives."""
+    while True:
+        staging = directory.with_name(f".{directory.name}{_NEW}{os.getpid()}-{secrets.token_hex(4)}")
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(staging)  # mode 0o777 less the umask, like any folder the user makes
+            return staging
+
+
+def _swap_in(staging: Path, directory: Path) -> None:
+    """Steps 2-4 of the module docstring."""
+    if not os.path.lexists(directory):
+        os.rename(staging, directory)
+        return
+    aside = _aside(directory)
+    os.rename(directory, aside)
+    try:
+        os.rename(staging, directory)
+    except BaseException:
+        os.rename(aside, directory)
+        raise
+    _fsync(directory.parent)
+    try:
+        _remove(aside)
+    except OSError as err:  # the new folder is in place: the save succeeded; _tidy retries
+        log.warning("fxpeft.save: could not remove the old folder %s yet: %s", aside, err)
+
+
+def replace_folder(directory: "str | Path", writers: dict[str, Callable[[Path], None]]) -> None:
+    """Make ``directory`` hold exactly the files ``writers`` write (each called with its path),
+    atomically: see the module docstring.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp()) / "a"
+    >>> replace_folder(folder, {CONFIG: lambda p: p.write_text("{}")})
+    >>> replace_folder(folder, {WEIGHTS: lambda p: p.write_bytes(b"")})
+    >>> [p.name for p in folder.parent.iterdir()], [p.name for p in folder.iterdir()]
+    (['a'], ['adapter_model.safetensors'])
+    """
+    directory = _target(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    _tidy(directory)
+    _check_replaceable(directory)
+    staging = _staging(directory)
+    file_mode = stat.S_IMODE(os.stat(staging).st_mode) & 0o666  # 0o666 less the umask
+    try:
+        for name, write in writers.items():
+            write(staging / name)
+            os.chmod(staging / name, file_mode)  # safetensors writes 0o600 whatever the umask
+            _fsync(staging / name)
+        _fsync(staging)
+        _swap_in(staging, directory)
+    finally:
+        if os.path.lexists(staging):
+            _remove(staging)
+    _fsync(directory.parent)
+
+
+# --- load: reading the folder -------------------------------------------------------------------
+
+def _current(directory: Path) -> Path:
+    """``directory``, or the old folder a save set aside in the instant between its renames."""
+    aside = _aside(_target(directory))
+    return aside if not os.path.exists(directory) and aside.is_dir() else directory
+
+
+def _read_member(folder: Path, handle: int | None, name: str) -> bytes | None:
+    """One file of the folder, read through the folder's handle; None if absent."""
+    path = folder / name
+    try:  # O_NONBLOCK: a FIFO in the folder must not hang the load
+        fd = os.open(name if handle is not None else path,
+                     os.O_RDONLY | getattr(os, "O_NONBLOCK", 0), dir_fd=handle)
     except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise AdapterFileError(f"{path}: cannot open: {err.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise AdapterFileError(f"{path}: not a regular file")
+        if name != WEIGHTS and info.st_size > _TEXT_LIMIT:
+            raise AdapterFileError(f"{path}: {info.st_size} bytes, more than any {name} holds "
+                                   f"(at most {_TEXT_LIMIT})")
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            return file.read()
+    except OSError as err:
+        raise AdapterFileError(f"{path}: cannot read: {err.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _open_folder(folder: Path) -> int | None:
+    """A handle on the folder (None where the OS reads files by path only)."""
+    if os.open not in os.supports_dir_fd:
+        return None
+    return os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _snapshot(directory: Path, folder: Path) -> dict[str, bytes] | None:
+    """The adapter files of ``folder`` as one version, or None when a save changed it meanwhile.
+
+    A folder is deleted config first, so a config still there after every read means none of
+    the reads saw a half-deleted folder; without a config, the folder must still be in place.
+    """
+    handle = _open_folder(folder)
+    try:
+        files = {name: data for name in (CONFIG, WEIGHTS, RULES)
+                 if (data := _read_member(folder, handle, name)) is not None}
+        if handle is None:
+            return files
+        if CONFIG in files:
+            with contextlib.suppress(FileNotFoundError):
+                os.stat(CONFIG, dir_fd=handle)
+                return files
+            return None
+        still = folder == directory and os.path.samestat(os.stat(folder), os.fstat(handle))
+        return files if still else None
+    finally:
+        if handle is not None:
+            os.close(handle)
+
+
+def _read_folder(directory: Path) -> tuple[Path, dict[str, bytes]]:
+    """Which folder was read (``directory`` or its set-aside old copy) and its files' bytes."""
+    for _ in range(_READ_ATTEMPTS):
+        folder = _current(directory)
+        try:
+            files = _snapshot(directory, folder)
+        except FileNotFoundError:  # the folder itself: absent, or renamed an instant ago
+            files = {} if not os.path.lexists(folder) and _current(directory) == folder else None
+        except NotADirectoryError:
+            raise AdapterFileError(f"{folder}: not a folder; an adapter folder holds {CONFIG} "
+                                   f"and {WEIGHTS}") from None
+        except OSError as err:
+            raise AdapterFileError(f"{folder}: cannot read: {err.strerror}") from None
+        if files is not None:
+            return folder, files
+    raise AdapterFileError(f"{directory}: changed during each of {_READ_ATTEMPTS} reads; is "
+                           f"another process saving into it?")
+
+
+# --- load: parsing ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _located(path: Path) -> Iterator[None]:
+    """Whatever goes wrong reading ``path`` becomes an error that names it."""
+    try:
+        yield
+    except FxpeftError as err:
+        if str(path) in str(err):
+            raise
+        detail = f"{err.key}: {err.message}" if isinstance(err, RuleError) and err.key else str(err)
+        raise AdapterFileError(f"{path}: {detail}") from err
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
+            RecursionError, re.error) as err:  # a config of unexpected shape, in code reading it
+        raise AdapterFileError(f"{path}: cannot be read: {type(err).__name__}: {err}") from err
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is out of range for a number")
+    return number
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (else which value counts is a guess)."""
+    table: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in table:
+            raise ValueError(f"key {_short(key)} appears more than once")
+        table[key] = value
+    return table
+
+
+def _parse_config(data: bytes | None, path: Path) -> dict[str, Any]:
+    if data is None:
         raise AdapterFileError(f"{path}: no such file; an adapter folder holds {CONFIG} and "
-                               f"{WEIGHTS}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterFileError(f"{path}: not valid JSON: {err}") from None
+                               f"{WEIGHTS}")
+    try:
+        config = json.loads(data.decode("utf-8"), parse_constant=_no_constant,
+                            parse_float=_finite, object_pairs_hook=_unique)
+    except (ValueError, RecursionError) as err:  # JSON and UTF-8 errors are ValueErrors
+        raise AdapterFileError(f"{path}: not valid JSON: {_short(str(err))}") from None
     if not isinstance(config, dict):
         raise AdapterFileError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    path = directory / WEIGHTS
-    if not path.is_file():
-        pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+def _header_metadata(data: bytes) -> dict[str, Any]:
+    """The ``__metadata__`` of a safetensors file that safetensors has already read."""
+    size = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8:8 + size]).get("__metadata__")
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _parse_weights(data: bytes | None, path: Path) -> dict[str, torch.Tensor]:
+    if data is None:
+        pickled = sorted(p.name for p in path.parent.glob("*.bin")) + \
+            sorted(p.name for p in path.parent.glob("*.pt"))
         extra = f" ({', '.join(pickled)} is pickle, which fxpeft never reads)" if pickled else ""
         raise AdapterFileError(f"{path}: no such file{extra}")
     try:
-        return load_file(str(path))
+        tensors = safetensors.torch.load(data)
+        digest = _header_metadata(data).get(DIGEST)
     except Exception as err:  # safetensors raises its own error types for every kind of damage
-        raise AdapterFileError(f"{path}: not a readable safetensors file: {err}") from None
+        raise AdapterFileError(f"{path}: not a readable safetensors file: {_short(str(err))}") from None
+    if digest is not None and digest != tensor_digest(tensors):
+        raise AdapterFileError(f"{path}: damaged: its tensors do not match the {DIGEST} "
+                               f"written with them")
+    return tensors
 
 
-def _rules(directory: Path, config: dict[str, Any], kind: AdapterKind,
-           model: torch.nn.Module) -> RuleSet:
-    if (directory / RULES).is_file():
-        rules = load_rules(directory / RULES)
-        written = sorted({rule.rewrite for rule in rules.rules})
-        if written != [kind.name]:  # PEFT rewrites only the JSON; it is the source of truth
-            raise AdapterFileError(f"{directory / RULES} builds {', '.join(written)} adapters but "
-                                   f"{CONFIG} describes a {kind.name} adapter; {CONFIG} wins: "
-                                   f"delete {RULES} to load from {CONFIG} alone")
-        return rules
-    if isinstance(model, AdaptedModule) and config.get("target_modules") == "all-linear":
-        raise AdapterFileError(f"{directory / CONFIG}: target_modules = \"all-linear\" needs the "
-                               f"original model; fxpeft.load it there, not into a graph")
-    return kind.peft.to_rules(config, model, str(directory / CONFIG))
+def _modules_to_save(config: dict[str, Any], path: Path) -> tuple[str, ...]:
+    """PEFT's ``modules_to_save``: module names, never anything path-like."""
+    names = config.get(MODULES_TO_SAVE)
+    if names is None:
+        return ()
+    if not isinstance(names, list) or not all(
+            isinstance(name, str) and _MODULE_NAME.fullmatch(name) for name in names):
+        raise AdapterFileError(f"{path}: {MODULES_TO_SAVE} must be a list of module names, got "
+                               f"{_short(names)}")
+    return tuple(names)
+
+
+def _rules(folder: Path, files: dict[str, bytes], config: dict[str, Any], kind: AdapterKind,
+           model: torch.nn.Module) -> tuple[RuleSet, Path]:
+    """The adapter's rules, and the file they came from."""
+    if RULES not in files:
+        if isinstance(model, AdaptedModule) and config.get("target_modules") == "all-linear":
+            raise AdapterFileError(f"{folder / CONFIG}: target_modules = \"all-linear\" needs the "
+                                   f"original model; fxpeft.load it there, not into a graph")
+        with _located(folder / CONFIG):
+            return kind.peft.to_rules(config, model, str(folder / CONFIG)), folder / CONFIG
+    with _located(folder / RULES):
+        rules = parse_rules(files[RULES].decode("utf-8"), source=str(folder / RULES))
+    written = sorted({rule.rewrite for rule in rules.rules})
+    if written != [kind.name]:  # PEFT rewrites only the JSON; it is the source of truth
+        raise AdapterFileError(f"{folder / RULES} builds {', '.join(written)} adapters but "
+                               f"{CONFIG} describes a {kind.name} adapter; {CONFIG} wins: "
+                               f"delete {RULES} to load from {CONFIG} alone")
+    return rules, folder / RULES
+
+
+# --- load: building the adapter -----------------------------------------------------------------
+
+def _build(model: torch.nn.Module, adapter: str, rules: RuleSet, keep: Sequence[str],
+           source: Path, capture: dict[str, Any]) -> AdaptedModule:
+    """The adapted graph; errors that come from the rules name the file they came from."""
+    try:
+        if isinstance(model, AdaptedModule):
+            return add_adapter(model, adapter, rules, modules_to_save=keep)
+        return rewrite(model, rules, adapter=adapter, modules_to_save=keep, **capture)
+    except (PassError, MatchError, RuleError) as err:
+        if str(source) in str(err):
+            raise
+        raise AdapterFileError(f"{source}: the adapter it describes cannot be built: {err}") from err
 
 
 def _expected(gm: torch.nn.Module, adapter: str, kind: AdapterKind) -> dict[str, str]:
@@ -186,9 +588,12 @@ def _check_tensors(expected: dict[str, str], tensors: dict[str, torch.Tensor],
 
 
 def _fill(gm: AdaptedModule, adapter: str, kind: AdapterKind, tensors: dict[str, torch.Tensor],
-          path: Path) -> None:
+          folder: Path, source: Path) -> None:
     expected = _expected(gm, adapter, kind)
-    _check_tensors(expected, tensors, gm, path)
+    if not expected:  # PEFT, too, refuses a config that adapts nothing
+        raise AdapterFileError(f"{source}: the adapter it describes matches no module of "
+                               f"{program_of(gm).model_class}")
+    _check_tensors(expected, tensors, gm, folder / WEIGHTS)
     state = gm.state_dict()
     with torch.no_grad():
         for key, name in expected.items():
@@ -196,12 +601,15 @@ def _fill(gm: AdaptedModule, adapter: str, kind: AdapterKind, tensors: dict[str,
 
 
 def load(model: torch.nn.Module, directory: "str | Path", adapter: str = "default",
-         trainable: bool = False) -> AdaptedModule:
+         trainable: bool = False, *, example_inputs: Any = None,
+         leaf_modules: Sequence[type] = ()) -> AdaptedModule:
     """Rebuild an adapted graph from a PEFT (or fxpeft) adapter folder and load its weights.
 
-    ``model`` is the base model (a new graph is captured) or an ``AdaptedModule`` (the adapter
-    is added, inactive, next to those it has). With ``trainable=False`` nothing requires grad
-    and the graph is in eval mode. On any error the model is left as it was.
+    ``model`` is the base model (a new graph is captured, with ``example_inputs`` and
+    ``leaf_modules`` as ``fxpeft.rewrite`` takes them) or an ``AdaptedModule`` (the adapter is
+    added, inactive, next to those it has). With ``trainable=False`` nothing requires grad and
+    the graph is in eval mode. On any error the model is left as it was; a problem with the
+    folder is an ``FxpeftError`` naming the file (and key).
 
     >>> import tempfile, torch, fxpeft
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -211,17 +619,22 @@ def load(model: torch.nn.Module, directory: "str | Path", adapter: str = "defaul
     >>> fxpeft.load(model, folder).adapter_names
     ['default']
     """
-    directory = Path(directory)
-    config = _read_config(directory)
-    kind = kind_for_config(config, str(directory / CONFIG))
-    check_fields(config, kind, str(directory / CONFIG))
-    rules, tensors = _rules(directory, config, kind, model), _read_weights(directory)
-    keep = config.get("modules_to_save") or ()
     grown = isinstance(model, AdaptedModule)
-    gm = add_adapter(model, adapter, rules, modules_to_save=keep) if grown else \
-        rewrite(model, rules, adapter=adapter, modules_to_save=keep)
+    if grown and (example_inputs is not None or leaf_modules):
+        raise FxpeftError("example_inputs and leaf_modules apply to capturing a base model; "
+                          "this model is already an fxpeft graph, which is not captured again")
+    folder, files = _read_folder(Path(directory))
+    config = _parse_config(files.get(CONFIG), folder / CONFIG)
+    with _located(folder / CONFIG):
+        kind = kind_for_config(config, str(folder / CONFIG))
+        check_fields(config, kind, str(folder / CONFIG))
+    keep = _modules_to_save(config, folder / CONFIG)
+    rules, source = _rules(folder, files, config, kind, model)
+    tensors = _parse_weights(files.get(WEIGHTS), folder / WEIGHTS)
+    capture = {"example_inputs": example_inputs, "leaf_modules": leaf_modules}
+    gm = _build(model, adapter, rules, keep, source, capture)
     try:
-        _fill(gm, adapter, kind, tensors, directory / WEIGHTS)
+        _fill(gm, adapter, kind, tensors, folder, source)
     except FxpeftError:
         if grown:
             delete_adapter(gm, adapter)
