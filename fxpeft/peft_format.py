@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 GENERIC_FIELDS = frozenset({"peft_type", "task_type", "base_model_name_or_path", "revision",
                             "inference_mode", "auto_mapping", "peft_version", "modules_to_save"})
 # Fields that only matter when another (checked) field is set, so any value is harmless.
-_INERT_FIELDS = frozenset({"megatron_core", "qalora_group_size", "init_lora_weights"})
+INERT_FIELDS = frozenset({"megatron_core", "qalora_group_size", "init_lora_weights"})
 
 
 class PeftFormatError(FxpeftError, ValueError):
@@ -105,14 +105,23 @@ def to_peft_key(name: str, adapter: str, components: tuple[str, ...]) -> str | N
     return PEFT_PREFIX + ".".join(ours.get(p, p) for p in parts)
 
 
+def neutral(value: Any) -> bool:
+    """None, False, or an empty table, list or string (0 is a value, not a neutral False).
+
+    >>> [neutral(v) for v in (None, False, [], 0, 0.0, "x")]
+    [True, True, True, False, False, False]
+    """
+    return value is None or value is False or (isinstance(value, (dict, list, str)) and not value)
+
+
 def check_fields(config: dict[str, Any], kind: AdapterKind, source: str) -> None:
     """Every field is read by the kind's format, generic, inert, neutral, or a selector: never
     silently ignored."""
     fmt = kind.peft
     for key, value in config.items():
-        if key in fmt.fields or key in GENERIC_FIELDS or key in _INERT_FIELDS or key in fmt.selector:
+        if key in fmt.fields or key in GENERIC_FIELDS or key in INERT_FIELDS or key in fmt.selector:
             continue
-        if value not in (None, False, {}, [], ""):
+        if not neutral(value):
             raise PeftFormatError(f"{source}: {key} = {value!r} is not supported by fxpeft's "
                                   f"{fmt.peft_type} loader (it cannot be honoured exactly)")
 

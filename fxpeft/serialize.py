@@ -60,15 +60,15 @@ import torch
 from safetensors.torch import save_file
 
 from fxpeft.adapt import program_of
-from fxpeft.adapter_set import AdapterRecord, delete_adapter, record
+from fxpeft.adapter_set import AdapterRecord, delete_adapter, record, set_trainable
 from fxpeft.adapters import is_adapter_parameter
 from fxpeft.api import add_adapter, rewrite
 from fxpeft.errors import FxpeftError, MatchError, PassError, RuleError
 from fxpeft.graph_module import AdaptedModule
 from fxpeft.kinds.registry import AdapterKind
 from fxpeft.names import MODULES_TO_SAVE
-from fxpeft.peft_format import (PeftFormatError, check_fields, kind_for_config, kind_for_rewrite,
-                                to_peft_key)
+from fxpeft.peft_format import (INERT_FIELDS, PeftFormatError, neutral, check_fields,
+                                kind_for_config, kind_for_rewrite, to_peft_key)
 from fxpeft.program import Program
 from fxpeft.rules.dump import dump_rules
 from fxpeft.rules.loader import parse_rules
@@ -565,6 +565,29 @@ def _build(model: torch.nn.Module, adapter: str, rules: RuleSet, keep: Sequence[
         raise AdapterFileError(f"{source}: the adapter it describes cannot be built: {err}") from err
 
 
+def _comparable(value: Any) -> Any:
+    """A config value as PEFT may rewrite it: lists in any order (PEFT keeps target_modules as a
+    set), neutral values (None, False, empty) alike."""
+    if neutral(value):
+        return None
+    if isinstance(value, (list, tuple, set)):
+        return sorted(map(str, value))
+    return value
+
+
+def _check_rules_match_config(gm: AdaptedModule, adapter: str, kind: AdapterKind,
+                              config: dict[str, Any], folder: Path) -> None:
+    """``fxpeft_rules.toml`` must build exactly what ``adapter_config.json`` says: PEFT's
+    ``save_pretrained`` rewrites only the JSON, so an edited JSON with a stale TOML is refused."""
+    ours = peft_config(program_of(gm), record(gm, adapter), kind)
+    for field in sorted((kind.peft.fields | {"modules_to_save"}) - INERT_FIELDS):
+        if _comparable(ours.get(field)) != _comparable(config.get(field)):
+            raise AdapterFileError(
+                f"{folder / CONFIG}: {field} = {config.get(field)!r}, but {RULES} builds "
+                f"{field} = {ours.get(field)!r}; {CONFIG} is the source of truth (PEFT rewrites "
+                f"only it): delete {RULES} to load from {CONFIG} alone")
+
+
 def _expected(gm: torch.nn.Module, adapter: str, kind: AdapterKind) -> dict[str, str]:
     """PEFT key -> our parameter name, for every tensor ``adapter`` needs."""
     names = (n for n in gm.state_dict() if is_adapter_parameter(n))
@@ -634,20 +657,15 @@ def load(model: torch.nn.Module, directory: "str | Path", adapter: str = "defaul
     capture = {"example_inputs": example_inputs, "leaf_modules": leaf_modules}
     gm = _build(model, adapter, rules, keep, source, capture)
     try:
+        if source == folder / RULES:
+            _check_rules_match_config(gm, adapter, kind, config, folder)
         _fill(gm, adapter, kind, tensors, folder, source)
     except FxpeftError:
         if grown:
             delete_adapter(gm, adapter)
         raise
     if not trainable:
-        _freeze_adapter(gm, adapter, kind)
+        set_trainable(gm, [adapter], False)
         if not grown:  # a graph the caller already holds keeps its mode
             gm.eval()
     return gm
-
-
-def _freeze_adapter(gm: torch.nn.Module, adapter: str, kind: AdapterKind) -> None:
-    """Only ``adapter``'s tensors stop requiring grad; other adapters keep theirs."""
-    for name, param in gm.named_parameters():
-        if to_peft_key(name, adapter, kind.components) is not None:
-            param.requires_grad_(False)

@@ -340,11 +340,9 @@ def test_ia3_configs_from_a_newer_peft(ia3, tmp_path, name, value, expected):
     assert outcome(folder, original, "IA3 fields", CONFIG, names=named) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="fxpeft/kinds/lora.py reads use_rslora with bool(), and "
-                   "fxpeft/peft_format.py check_fields takes 0 for a neutral False")
 @pytest.mark.parametrize("field, value", [("use_rslora", "yes"), ("use_rslora", 1),
                                           ("future_field", 0), ("future_field", 0.0)])
-def test_known_gaps_outside_serialize(saved, original, tmp_path, field, value):
+def test_a_truthy_flag_or_a_zero_field_is_not_taken_for_neutral(saved, original, tmp_path, field, value):
     folder = fresh(saved, tmp_path)
     (folder / CONFIG).write_bytes(_with(saved, **{field: value}))
     with pytest.raises(fxpeft.FxpeftError, match=field):

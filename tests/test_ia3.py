@@ -33,6 +33,22 @@ def test_identity_at_init_with_peft_names_and_shapes():
     assert {n for n, p in gm.named_parameters() if p.grad is not None} == set(trainable)
 
 
+def test_perturbed_vectors_scale_exactly_as_predicted():
+    """l = 2 on k_proj's output and 0.5 on down_proj's input is the base model with k_proj's
+    weight doubled and down_proj's weight halved."""
+    model, ids = tiny_llama(), token_batch()
+    gm = fxpeft.rewrite(model, "ia3.toml")
+    with torch.no_grad():
+        gm.get_parameter("model.layers.1.self_attn.k_proj.ia3_l").fill_(2.0)
+        gm.get_parameter("model.layers.0.mlp.down_proj.ia3_l").fill_(0.5)
+    expected = tiny_llama()
+    with torch.no_grad():
+        expected.model.layers[1].self_attn.k_proj.weight.mul_(2.0)
+        expected.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+        assert (expected(ids).logits - model(ids).logits).abs().max() > 1e-3
+        torch.testing.assert_close(gm(ids).logits, expected(ids).logits, rtol=0, atol=1e-5)
+
+
 def test_graph_scales_kv_outputs_and_down_proj_input():
     model = tiny_llama()
     base = emitted_base(model)

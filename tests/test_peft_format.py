@@ -239,3 +239,24 @@ def test_a_rules_file_of_another_kind_than_the_config_is_refused(saved, tmp_path
     with pytest.raises(fxpeft.AdapterFileError, match="builds lora adapters but adapter_config.json "
                                                      "describes a dora adapter"):
         fxpeft.load(tiny_llama(), folder)
+
+
+def test_an_edited_config_with_a_stale_rules_file_is_refused(saved, tmp_path):
+    """PeftModel.save_pretrained rewrites only the JSON: an edited alpha must not be ignored."""
+    folder = _copy(saved, tmp_path, rules=True)
+    _edit_config(folder, lora_alpha=64)
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(fxpeft.AdapterFileError, match="lora_alpha = 64, but fxpeft_rules.toml builds "
+                                                     "lora_alpha = 16.*delete fxpeft_rules.toml"):
+        fxpeft.load(model, folder)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    (folder / "fxpeft_rules.toml").unlink()
+    assert fxpeft.load(model, folder).adapter_names == ["default"]
+
+
+def test_a_config_peft_rewrote_with_the_same_values_loads_with_its_rules(saved, tmp_path):
+    folder = _copy(saved, tmp_path, rules=True)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    _edit_config(folder, target_modules=list(reversed(config["target_modules"])), revision=None)
+    assert fxpeft.load(tiny_llama(), folder).adapter_names == ["default"]

@@ -165,7 +165,7 @@ class UntraceableHandNet(HandNet):
         return super().forward(x)
 
 
-@pytest.mark.parametrize("frontend", ["symbolic_trace"])  # export: needs load(example_inputs=)
+@pytest.mark.parametrize("frontend", ["symbolic_trace", "export"])
 def test_hand_written_linears_are_sites_and_match_peft(tmp_path, frontend):
     make = HandNet if frontend == "symbolic_trace" else UntraceableHandNet
     x = torch.randn(2, 5, 4)

@@ -169,6 +169,11 @@ def _check_config(config: dict[str, Any], source: str) -> None:
             raise PeftFormatError(f"{source}: {key} must be a mapping, got {config[key]!r}")
 
 
+def _flag(value: Any) -> Any:
+    """A config boolean; None (an older PEFT) is False, anything else is validated as given."""
+    return False if value is None else value
+
+
 def _key_lookahead(key: str | None) -> str:
     """PEFT's ``rank_pattern`` / ``alpha_pattern`` keys match as ``(.*\\.)?(KEY)$``."""
     return "" if key is None else rf"(?=(?:.*\.)?(?:{key})$)"
@@ -187,7 +192,7 @@ def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str,
             params = params_class(r=ranks.get(rank_key, config.get("r", 8)),
                                   alpha=alphas.get(alpha_key, config.get("lora_alpha", 8)),
                                   dropout=config.get("lora_dropout", 0.0),
-                                  use_rslora=bool(config.get("use_rslora", False)))
+                                  use_rslora=_flag(config.get("use_rslora")))
             path = target.format(keys=_key_lookahead(rank_key) + _key_lookahead(alpha_key))
             rules.append(Rule(name=f"peft {rank_key or '*'}/{alpha_key or '*'}", optional=True,
                               params=params, where=Where(path=[path], exclude=exclude_regexes(config))))
