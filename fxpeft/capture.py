@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import operator
 from typing import Any, Iterator, Sequence
 
 import torch

@@ -9,7 +9,6 @@ wherever a weight changed: the weights it shares with the original model are nev
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 import torch.fx

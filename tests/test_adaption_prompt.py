@@ -8,7 +8,6 @@ import torch
 import fxpeft
 from conftest import (emitted_base, token_batch, tiny_gemma, tiny_llama, tiny_mistral, tiny_opt, tiny_qwen2,
                       tiny_qwen3)
-from fxpeft.capture import capture
 from fxpeft.rules import Rule, Where
 from fxpeft.kinds.adaption_prompt import AdaptionPromptParams
 from fxpeft.gates import GATE_META

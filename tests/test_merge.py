@@ -7,7 +7,6 @@ import torch
 
 import fxpeft
 from conftest import emitted_base, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, token_batch
-from fxpeft.capture import capture
 from fxpeft.rules import Rule, Where
 
 

@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 import fxpeft
 from conftest import emitted_base, randomize_adapters, tiny_llama, token_batch
 from fxpeft.adapters import adapter_component
-from fxpeft.capture import capture
 import dataclasses
 
 from fxpeft.errors import FxpeftError, PassError
