@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -37,7 +38,14 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> dict
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if getattr(config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = ids.clone()
+    if _takes_token_types(model):  # BERT-like: what its tokenizer returns, optional at call time
+        inputs["token_type_ids"] = torch.zeros_like(ids)
     return inputs
+
+
+def _takes_token_types(model: torch.nn.Module) -> bool:
+    return "token_type_ids" in inspect.signature(model.forward).parameters and \
+        (getattr(model.config, "type_vocab_size", 0) or 0) > 0
 
 
 def dynamic_shapes(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -79,8 +87,8 @@ def check_sample_names(names: Any, batch: int, training: bool) -> list[str] | No
 class InputAdapter(torch.nn.Module):
     """First node of an HF graph: fills optional inputs and rejects unknown keywords.
 
-    ``attention_mask=None`` becomes all ones; for encoder-decoders, ``decoder_input_ids=None``
-    is ``labels`` shifted right, as transformers does. The last output is the checked
+    ``attention_mask=None`` becomes all ones, ``token_type_ids=None`` zeros; for
+    encoder-decoders, ``decoder_input_ids=None`` is ``labels`` shifted right, as transformers does. The last output is the checked
     per-sample ``adapter_names`` (or None), for the graph's gates (``fxpeft.gates``).
     """
 
@@ -122,6 +130,8 @@ class InputAdapter(torch.nn.Module):
         filled = dict(inputs)
         if filled.get("attention_mask") is None:
             filled["attention_mask"] = torch.ones_like(ids)
+        if "token_type_ids" in filled and filled["token_type_ids"] is None:
+            filled["token_type_ids"] = torch.zeros_like(ids)  # transformers' default: segment 0
         if "decoder_input_ids" in filled and filled["decoder_input_ids"] is None:
             filled["decoder_input_ids"] = self._decoder_input_ids(labels)
         if kwargs.get("adapter_names") is not None and not self.has_adapters:

@@ -292,3 +292,25 @@ def test_an_eager_scale_that_is_not_a_constant_binds_nothing():
     assert _eager_scale(scores, softmax) is None
     constant = graph.call_function(torch.ops.aten.mul.Tensor, (scores, 0.5))
     assert _eager_scale(scores, graph.call_function(torch.ops.aten.softmax.int, (constant, -1))) == 0.5
+
+
+# --- what tokenizers return --------------------------------------------------------------------
+
+def test_bert_graphs_take_what_its_tokenizer_returns():
+    """gm(**tokenizer(...)) with token_type_ids, with and without each optional input."""
+    model = tiny_bert()
+    gm = fxpeft.rewrite(model, Rule(where=Where(path=[r"\.query$"])))
+    randomize_adapters(gm)
+    merged = fxpeft.merge(gm)
+    ids = token_batch(2, 7)
+    types = torch.zeros_like(ids)
+    types[:, 4:] = 1  # a second segment changes the embeddings
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}, {"token_type_ids": types},
+                       {"attention_mask": mask, "token_type_ids": types}):
+            torch.testing.assert_close(gm(ids, **kwargs).logits, merged(ids, **kwargs).logits, rtol=0, atol=1e-5)
+            torch.testing.assert_close(fxpeft.rewrite(model, Rule(where=Where(path=[r"\.query$"])))(
+                ids, **kwargs).logits, model(ids, **kwargs).logits, rtol=0, atol=1e-6)
+        assert (gm(ids, token_type_ids=types).logits - gm(ids).logits).abs().max() > 1e-4
