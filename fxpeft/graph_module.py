@@ -13,6 +13,7 @@ import torch
 import torch.fx
 
 from fxpeft import adapt, adapter_set, gates
+from fxpeft.errors import FxpeftError
 
 
 class AdaptedModule(torch.fx.GraphModule):
@@ -24,6 +25,37 @@ class AdaptedModule(torch.fx.GraphModule):
     """
 
     capture_info: Any = None  # fxpeft.program.CaptureInfo, set by the emit step
+
+    # Export bakes the capture dtype into the graph (RoPE's ``cos.to(x.dtype)`` became a float32
+    # constant, next to deliberate float32 upcasts it cannot be told from), so converting the
+    # parameters afterwards would fail deep inside torch: refuse it here instead.
+
+    def _refuse_dtype(self, dtype: "torch.dtype | None") -> None:
+        current = next((p.dtype for p in self.parameters() if p.is_floating_point()), dtype)
+        if dtype is not None and dtype != current:
+            raise FxpeftError(f"{type(self).__name__} was captured in {current}; its graph has that "
+                              f"dtype built in, so it cannot be converted to {dtype}. Convert the "
+                              f"model first, then rewrite it: fxpeft.rewrite(model.to({dtype}), ...)")
+
+    def to(self, *args: Any, **kwargs: Any) -> "AdaptedModule":
+        self._refuse_dtype(torch._C._nn._parse_to(*args, **kwargs)[1])
+        return super().to(*args, **kwargs)
+
+    def half(self) -> "AdaptedModule":
+        self._refuse_dtype(torch.float16)
+        return super().half()
+
+    def bfloat16(self) -> "AdaptedModule":
+        self._refuse_dtype(torch.bfloat16)
+        return super().bfloat16()
+
+    def float(self) -> "AdaptedModule":
+        self._refuse_dtype(torch.float32)
+        return super().float()
+
+    def double(self) -> "AdaptedModule":
+        self._refuse_dtype(torch.float64)
+        return super().double()
 
     # Several named adapters (fxpeft.gates): switching fills gate buffers, so it never re-traces
     # and never recompiles under torch.compile.

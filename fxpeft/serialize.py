@@ -597,6 +597,8 @@ def _expected(gm: torch.nn.Module, adapter: str, kind: AdapterKind) -> dict[str,
 
 def _check_tensors(expected: dict[str, str], tensors: dict[str, torch.Tensor],
                    gm: torch.nn.Module, path: Path) -> None:
+    """Same keys and shapes; a floating tensor of another floating dtype is cast on load, as
+    PEFT does (its adapters for bf16 bases are saved in fp32)."""
     for label, keys in (("missing", sorted(set(expected) - set(tensors))),
                         ("unexpected", sorted(set(tensors) - set(expected)))):
         if keys:
@@ -605,7 +607,8 @@ def _check_tensors(expected: dict[str, str], tensors: dict[str, torch.Tensor],
     state = gm.state_dict()
     for key, name in expected.items():
         want, got = state[name], tensors[key]
-        if got.shape != want.shape or got.dtype != want.dtype:
+        if got.shape != want.shape or (got.dtype != want.dtype and not (
+                got.dtype.is_floating_point and want.dtype.is_floating_point)):
             raise AdapterFileError(f"{path}: {key}: expected {want.dtype} {list(want.shape)}, "
                                    f"got {got.dtype} {list(got.shape)}")
 

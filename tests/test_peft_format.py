@@ -186,7 +186,7 @@ BAD = {
                                                                       torch.zeros(1)})),
                        "unexpected key base_model.model.extra.lora_A.weight"),
     "shape": (lambda f: _edit_tensors(f, lambda t: t.update({KEY: torch.zeros(3, 64)})), f"{KEY}: expected"),
-    "dtype": (lambda f: _edit_tensors(f, lambda t: t.update({KEY: t[KEY].half()})), "got torch.float16"),
+    "dtype": (lambda f: _edit_tensors(f, lambda t: t.update({KEY: t[KEY].to(torch.int32)})), "got torch.int32"),
     "dora": (lambda f: _edit_config(f, use_dora=True), "missing key base_model.model.model.layers.0."
                                                        "self_attn.q_proj.lora_magnitude_vector"),
     "qalora": (lambda f: _edit_config(f, use_qalora=True), "use_qalora = True is not supported"),

@@ -114,12 +114,11 @@ def _switched(gm: torch.fx.GraphModule, gate: torch.fx.Node, adapter: str,
 
 def _gated_probabilities(graph: torch.fx.Graph, site: AttentionSite, scores: torch.fx.Node,
                          gate: torch.fx.Node, params: AdaptionPromptParams) -> torch.fx.Node:
-    """``gate * softmax(scale * scores)``, the softmax in fp32 and cast back, as PEFT does."""
+    """``gate * softmax(scale * scores)``, the softmax in fp32 and cast back to the scores'
+    dtype at run time (so ``gm.to(torch.bfloat16)`` works), as PEFT does."""
     scaled = graph.call_function(aten.mul.Tensor, (scores, site.scale))
     probs = graph.call_function(aten.softmax.int, (scaled, -1, torch.float32))
-    dtype = site.query.meta["val"].dtype if "val" in site.query.meta else torch.float32
-    if dtype != torch.float32:
-        probs = graph.call_function(aten.to.dtype, (probs, dtype))
+    probs = graph.call_function(aten.type_as.default, (probs, scores))
     if params.gate == "tanh":
         gate = graph.call_function(aten.tanh.default, (gate,))
     return graph.call_function(aten.mul.Tensor, (gate, probs))

@@ -25,9 +25,9 @@ import torch.fx
 
 from fxpeft.adapters import attach_component, fetch
 from fxpeft.gates import gate_node, reroute
-from fxpeft.kinds.lora import (LORA_FIELDS, LoraDetail, LoraParams, adapter_input, attach_lora,
-                               config_to_rules, lora_delta, low_rank, record_nodes,
-                               rules_to_config)
+from fxpeft.kinds.lora import (LORA_FIELDS, LoraDetail, LoraParams, adapter_dtype, adapter_input,
+                               attach_lora, casts, config_to_rules, join, lora_delta, low_rank,
+                               record_nodes, rules_to_config)
 from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced
 from fxpeft.names import AdapterNode
 from fxpeft.peft_format import PeftFormat
@@ -69,7 +69,8 @@ def _updated_weight(gm: torch.nn.Module, detail: LoraDetail) -> torch.Tensor:
 def _attach(job: SpliceInput) -> tuple[DoraDetail, list[str]]:
     lora, attached = attach_lora(job)
     weight = job.gm.get_parameter(lora.weight)
-    norm = torch.linalg.vector_norm(_updated_weight(job.gm, lora), dim=1).to(weight.dtype)
+    norm = torch.linalg.vector_norm(_updated_weight(job.gm, lora), dim=1).to(
+        adapter_dtype(job.params, weight.dtype))
     target = attach_component(job.gm, job.site.module_path, MAGNITUDE, job.adapter,
                               torch.nn.Parameter(norm))
     detail = DoraDetail(**dataclasses.asdict(lora), magnitude=target,
@@ -98,6 +99,8 @@ def _base_without_bias(job: SpliceInput, detail: DoraDetail, x: torch.fx.Node) -
         weight = graph.get_attr(detail.weight)
         if detail.fan_in_fan_out:
             weight = graph.call_function(aten.t.default, (weight,))
+        if casts(job):  # PEFT casts the base weight to the (fp32) input
+            weight = graph.call_function(aten.to.dtype, (weight, torch.float32))
         return graph.call_function(aten.linear.default, (x, weight))
     if detail.bias is None:
         return y
@@ -118,8 +121,7 @@ def splice(job: SpliceInput) -> Spliced:
             aten.mul.Tensor, (lora, detail.scale))))
         branch = graph.call_function(aten.add.Tensor, (rescaled, update))
         gate = gate_node(job.gm, job.adapter, job.gm.get_parameter(detail.magnitude), branch)
-        total = graph.call_function(aten.add.Tensor, (y, graph.call_function(
-            aten.mul.Tensor, (branch, gate))))
+        total = join(graph, y, graph.call_function(aten.mul.Tensor, (branch, gate)), casts(job))
     added = record_nodes(job, y, total, "dora", detail)
     reroute(y, total, keep=set(added))  # the branch itself reads y
     return Spliced(added, attached)

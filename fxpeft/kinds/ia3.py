@@ -17,6 +17,7 @@ import torch.fx
 
 from fxpeft.adapters import attach_component, fetch
 from fxpeft.gates import gate_node, reroute
+from fxpeft.kinds.lora import adapter_dtype
 from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced
 from fxpeft.match import Match
 from fxpeft.names import ADAPTER_META, AdapterNode
@@ -42,6 +43,7 @@ class IA3Params(Params):
     kind = "ia3"
     match_kinds = ("linear",)
     feedforward: bool = spec(False, checks.boolean, "scale the input instead of the output")
+    autocast: bool = spec(True, checks.boolean, "fp32 vectors on fp16/bf16 bases")
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,8 @@ def _attach(job: SpliceInput) -> IA3Detail:
     site, params = job.site, job.params
     weight = job.gm.get_parameter(site.weight_target)
     shape = (1, site.in_features) if params.feedforward else (site.out_features, 1)
-    vector = torch.nn.Parameter(torch.ones(shape, dtype=weight.dtype, device=weight.device))
+    dtype = adapter_dtype(params, weight.dtype)
+    vector = torch.nn.Parameter(torch.ones(shape, dtype=dtype, device=weight.device))
     target = attach_component(job.gm, site.module_path, IA3, job.adapter, vector)
     return IA3Detail(target, params.feedforward, site.weight_target, site.bias_target(job.gm),
                      site.fan_in_fan_out)
@@ -76,6 +79,11 @@ def _gated_vector(job: SpliceInput, target: str) -> list[torch.fx.Node]:
     return [vector.args[0], vector, ones, graph.call_function(aten.lerp.Tensor, (ones, vector, gate))]
 
 
+def scale_in_dtype_of(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x * scale`` in the wider dtype, cast back to ``x``'s, where PEFT casts."""
+    return (x * scale).to(x.dtype)
+
+
 def splice(job: SpliceInput) -> Spliced:
     """``y * l`` after the site, or ``f(x * l)`` for a feed-forward site (``l`` gated)."""
     detail = _attach(job)
@@ -84,7 +92,8 @@ def splice(job: SpliceInput) -> Spliced:
     source = site.input if detail.feedforward else site.node
     with graph.inserting_before(anchor):
         added = _gated_vector(job, detail.parameter)
-        scaled = graph.call_function(aten.mul.Tensor, (source, added[-1]))
+        cast = job.gm.get_parameter(detail.parameter).dtype != job.gm.get_parameter(detail.weight).dtype
+        scaled = graph.call_function(scale_in_dtype_of if cast else aten.mul.Tensor, (source, added[-1]))
     if detail.feedforward:
         site.consumer.replace_input_with(source, scaled)
     else:
@@ -103,10 +112,11 @@ def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,
     # Weights are (out, in), or (in, out) for fan-in-fan-out: which axis does the vector scale?
     along_columns = detail.feedforward != detail.fan_in_fan_out
     weight = weights.get(detail.weight, fetch(gm, detail.weight).detach())
-    weights[detail.weight] = weight * (vector.reshape(1, -1) if along_columns else vector.reshape(-1, 1))
+    factor = vector.float().reshape(1, -1) if along_columns else vector.float().reshape(-1, 1)
+    weights[detail.weight] = (weight.float() * factor).to(weight.dtype)  # fp32, cast once
     if detail.bias and not detail.feedforward:
         bias = weights.get(detail.bias, fetch(gm, detail.bias).detach())
-        weights[detail.bias] = bias * vector.flatten()
+        weights[detail.bias] = (bias.float() * vector.float().flatten()).to(bias.dtype)
 
 
 # --- PEFT's IA3Config -------------------------------------------------------------------------

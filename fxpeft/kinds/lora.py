@@ -49,6 +49,7 @@ class LoraParams(Params):
     dropout: float = spec(0.0, checks.probability, "dropout on the adapter input")
     use_rslora: bool = spec(False, checks.boolean, "scale by alpha/sqrt(r)")
     init: str = spec("default", checks.one_of("default", "random"), "initialisation")
+    autocast: bool = spec(True, checks.boolean, "fp32 adapters on fp16/bf16 bases")
 
     @property
     def scale(self) -> float:
@@ -66,10 +67,34 @@ class LoraDetail:
     fan_in_fan_out: bool
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def adapter_dtype(params: Any, base: torch.dtype) -> torch.dtype:
+    """PEFT's ``autocast_adapter_dtype``: adapters on an fp16/bf16 base are fp32, unless the
+    rule says ``autocast = false``.
+
+    >>> adapter_dtype(LoraParams(), torch.bfloat16), adapter_dtype(LoraParams(autocast=False), torch.bfloat16)
+    (torch.float32, torch.bfloat16)
+    """
+    return torch.float32 if params.autocast and base in HALF_DTYPES else base
+
+
+def add_in_dtype_of(y: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``y + branch`` computed in the wider dtype, then cast to ``y``'s, where PEFT casts."""
+    return (y + branch).to(y.dtype)
+
+
+def join(graph: torch.fx.Graph, y: torch.fx.Node, branch: torch.fx.Node, cast_back: bool) -> torch.fx.Node:
+    """The node that adds a branch to the base output (removable: it bypasses to ``y``)."""
+    return graph.call_function(add_in_dtype_of if cast_back else aten.add.Tensor, (y, branch))
+
+
 def make_lora_modules(site: LinearSite, params: LoraParams,
                       like: torch.Tensor) -> tuple[torch.nn.Linear, torch.nn.Linear]:
-    """A (kaiming-uniform, as PEFT and ``nn.Linear`` do) and B (zeros unless ``init="random"``)."""
-    factory = {"dtype": like.dtype, "device": like.device}
+    """A (kaiming-uniform, as PEFT and ``nn.Linear`` do) and B (zeros unless ``init="random"``),
+    in the adapter dtype (``adapter_dtype``)."""
+    factory = {"dtype": adapter_dtype(params, like.dtype), "device": like.device}
     lora_a = torch.nn.Linear(site.in_features, params.r, bias=False, **factory)
     lora_b = torch.nn.Linear(params.r, site.out_features, bias=False, **factory)
     if params.init == "default":
@@ -89,9 +114,18 @@ def attach_lora(job: SpliceInput) -> tuple[LoraDetail, list[str]]:
     return detail, [a_path, b_path]
 
 
+def casts(job: SpliceInput) -> bool:
+    """Whether the adapter computes in another dtype than the base (fp32 on a half base)."""
+    base = job.gm.get_parameter(job.site.weight_target).dtype
+    return adapter_dtype(job.params, base) != base
+
+
 def adapter_input(job: SpliceInput) -> torch.fx.Node:
-    """The site's input, through the adapter's dropout when it has one (train mode only)."""
+    """The site's input, cast to the adapter dtype and through the adapter's dropout when it
+    has one (train mode only), in PEFT's order."""
     x = job.site.input
+    if casts(job):
+        x = job.gm.graph.call_function(aten.to.dtype, (x, torch.float32))
     if job.params.dropout > 0:
         x = job.gm.graph.call_module(dropout_target(job.gm), (x, job.params.dropout))
     return x
@@ -127,8 +161,7 @@ def splice(job: SpliceInput) -> Spliced:
     graph, y = job.gm.graph, job.site.node
     with graph.inserting_before(y.next):  # keeps creation order
         up = low_rank(job, detail, adapter_input(job))
-        total = graph.call_function(aten.add.Tensor, (y, graph.call_function(
-            aten.mul.Tensor, (up, detail.scale))))
+        total = join(graph, y, graph.call_function(aten.mul.Tensor, (up, detail.scale)), casts(job))
     reroute(y, total)
     return Spliced(record_nodes(job, y, total, "lora", detail), attached)
 
