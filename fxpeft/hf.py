@@ -181,8 +181,11 @@ class OutputAdapter(torch.nn.Module):
         self.output_class = getattr(spec.type, "__name__", str(spec.type))
         self.loss = loss_for(self.output_class)
 
-    def forward(self, labels: Any, kwargs: dict[str, Any], *flat: Any) -> Any:
+    def forward(self, labels: Any, kwargs: dict[str, Any], *flat: Any, loss: Any = None) -> Any:
+        """``loss``: computed already (a fused LM-head loss), so not from the logits."""
         out = pytree.tree_unflatten(list(flat), self.spec)
+        if loss is not None:
+            return type(out)(loss=loss, **out)
         if labels is None:
             return out
         if self.loss is None:

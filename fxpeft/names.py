@@ -23,6 +23,7 @@ GATES = "fxpeft_gates"                 # submodule holding one gate buffer per a
 INPUTS_MODULE = "fxpeft_inputs"        # first node of an HF graph
 OUTPUT_MODULE = "fxpeft_output"        # last node of an HF graph
 DROPOUT_MODULE = "fxpeft_dropout"      # every dropout in an emitted graph calls it
+LM_LOSS_MODULE = "fxpeft_lm_loss"      # a fused graph's LM head and loss
 MODULES_TO_SAVE = "modules_to_save"
 BASE_ADAPTER = "__base__"              # PEFT's per-sample name for "no adapter"
 DEFAULT_ADAPTER = "default"

@@ -11,7 +11,7 @@ from conftest import adapter_nodes, nodes_with_target, randomize_adapters, tiny_
 from fxpeft.names import adapter_node
 
 aten = torch.ops.aten
-PASSES = ("drop_inactive", "fold_lora_scale", "fuse_lora_a", "strip_leftovers")
+PASSES = ("drop_inactive", "fold_lora_scale", "fuse_lora_a", "fuse_lm_loss", "strip_leftovers")
 
 
 def lora_graph(rules="lora_all_linear", **overrides):
@@ -20,18 +20,24 @@ def lora_graph(rules="lora_all_linear", **overrides):
     return gm
 
 
-def outputs_and_grads(gm, ids):
+def outputs_and_grads(gm, ids, labels=None, **kwargs):
+    """Eval logits, then the train loss and gradients."""
+    with torch.no_grad():
+        logits = gm.eval()(ids).logits
     gm.zero_grad(set_to_none=True)
-    out = gm.train()(ids, labels=ids)
-    out.loss.backward()
+    loss = gm.train()(ids, labels=ids if labels is None else labels, **kwargs).loss
+    loss.backward()
     grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
     gm.zero_grad(set_to_none=True)
-    return out.logits.detach(), grads
+    return (logits, loss.detach()), grads
 
 
-def assert_equivalent(gm, fused, ids):
-    (logits, grads), (fused_logits, fused_grads) = outputs_and_grads(gm, ids), outputs_and_grads(fused, ids)
-    torch.testing.assert_close(fused_logits, logits, rtol=0, atol=1e-5)
+def assert_equivalent(gm, fused, ids, **kwargs):
+    (outputs, grads), (fused_outputs, fused_grads) = (outputs_and_grads(gm, ids, **kwargs),
+                                                      outputs_and_grads(fused, ids, **kwargs))
+    assert grads
+    for ours, theirs in zip(fused_outputs, outputs):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     assert grads.keys() == fused_grads.keys()
     for name in grads:
         torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-5)
@@ -105,6 +111,29 @@ def test_fused_copies_share_parameters_and_refuse_new_adapters(tmp_path):
     with pytest.raises(ValueError, match="no pass"):
         fxpeft.fuse(gm, skip=("fold_scale",))
     assert (fxpeft.save(fused, tmp_path / "a") / "adapter_model.safetensors").is_file()
+
+
+def test_the_fused_lm_loss_is_exact_and_never_makes_the_logits():
+    gm = lora_graph("lora_qv")
+    fused = fxpeft.fuse(gm, skip=tuple(p for p in PASSES if p != "fuse_lm_loss"))
+    assert len(nodes_with_target(fused, aten.linear.default)) == len(nodes_with_target(gm, aten.linear.default)) - 1
+    ids = token_batch(3, 11)
+    labels = ids.clone()
+    labels[0, :4] = -100  # ignore_index honoured
+    assert_equivalent(gm, fused, ids)
+    for kwargs in ({"num_items_in_batch": torch.tensor(17)}, {}):
+        assert_equivalent(gm, fused, ids, labels=labels, **kwargs)
+    out = fused.train()(ids, labels=ids)
+    assert out.logits is None and out.loss.dim() == 0
+    assert fused.eval()(ids, labels=ids).logits.shape == (3, 11, 128)  # eval: logits as before
+
+
+def test_the_lm_loss_is_not_fused_where_it_would_not_be_exact():
+    adapted_head = fxpeft.rewrite(tiny_llama(), "lora_all_linear", dropout=0.0)
+    head = fxpeft.rewrite(tiny_llama(), fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["lm_head"])))
+    for gm in (head, fxpeft.rewrite(tiny_llama().to(torch.bfloat16), "lora_qv")):
+        assert not hasattr(fxpeft.fuse(gm), "fxpeft_lm_loss")
+    assert hasattr(fxpeft.fuse(adapted_head), "fxpeft_lm_loss")  # all-linear leaves the head out
 
 
 def test_fused_graph_compiles_fullgraph_forward_and_backward():

@@ -15,6 +15,9 @@ changed, and is logged with its time:
   several adapters on one layer) become one matmul on the concatenated weights and a split.
   Adapter dropout draws a mask per branch, so such branches read different tensors and are left
   alone, unless ``shared_dropout=True`` (a semantic choice: one mask for sibling branches).
+- ``fuse_lm_loss``: in train mode with labels, a causal LM's head and loss become a chunked
+  linear cross-entropy that never holds the full logits (``fxpeft.transforms.lm_loss``);
+  ``.logits`` is then None. Only where exact: a plain fp32 head without an adapter.
 - ``strip_leftovers``: no-op casts (to the dtype a tensor already has) and dead code.
 """
 
@@ -24,7 +27,7 @@ import logging
 import operator
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.fx
@@ -32,8 +35,9 @@ import torch.fx
 from fxpeft.adapter_set import strip_adapters
 from fxpeft.gates import active_adapters, adapter_names
 from fxpeft.graph_module import AdaptedModule
-from fxpeft.names import DROPOUT_MODULE, GATE_META, adapter_node
+from fxpeft.names import DROPOUT_MODULE, GATE_META, LM_LOSS_MODULE, OUTPUT_MODULE, adapter_node
 from fxpeft.program import copy_graph
+from fxpeft.transforms.lm_loss import LMHeadLoss
 
 log = logging.getLogger("fxpeft")
 aten = torch.ops.aten
@@ -161,12 +165,43 @@ def strip_leftovers(gm: torch.fx.GraphModule) -> int:
     return removed + before - len(gm.graph.nodes)
 
 
+def _plain_fp32_head(node: Any) -> bool:
+    """An un-adapted ``linear(h, W)`` in fp32: where the fused loss is exact."""
+    if not isinstance(node, torch.fx.Node) or node.target != aten.linear.default or \
+            len(node.args) != 2 or adapter_node(node) is not None or len(node.users) != 1:
+        return False
+    values = [a.meta.get("val") for a in node.args if isinstance(a, torch.fx.Node)]
+    return len(values) == 2 and all(isinstance(v, torch.Tensor) and v.dtype == torch.float32
+                                    for v in values)
+
+
+def fuse_lm_loss(gm: torch.fx.GraphModule) -> int:
+    """A causal LM's plain fp32 head and loss become one chunked linear cross-entropy."""
+    outputs = list(gm.graph.find_nodes(op="call_module", target=OUTPUT_MODULE))
+    if not outputs or not gm.get_submodule(OUTPUT_MODULE).output_class.startswith("CausalLMOutput"):
+        return 0
+    out = outputs[0]
+    head = next((a for a in out.args[2:] if _plain_fp32_head(a)), None)
+    if head is None:
+        return 0
+    gm.add_module(LM_LOSS_MODULE, LMHeadLoss().train(gm.training))
+    with gm.graph.inserting_before(out):
+        fused = gm.graph.call_module(LM_LOSS_MODULE, (*head.args, out.args[0], out.args[1]))
+        logits = gm.graph.call_function(operator.getitem, (fused, 0))
+        loss = gm.graph.call_function(operator.getitem, (fused, 1))
+    head.replace_all_uses_with(logits)
+    out.kwargs = {**out.kwargs, "loss": loss}
+    gm.graph.erase_node(head)
+    return 1
+
+
 def fuse_passes(shared_dropout: bool = False) -> list[FusePass]:
     """The passes ``fuse`` runs, in order."""
     passes = [FusePass("drop_inactive", drop_inactive), FusePass("fold_lora_scale", fold_lora_scale)]
     if shared_dropout:
         passes.append(FusePass("share_dropout", share_dropout))
-    return passes + [FusePass("fuse_lora_a", fuse_lora_a), FusePass("strip_leftovers", strip_leftovers)]
+    return passes + [FusePass("fuse_lora_a", fuse_lora_a), FusePass("fuse_lm_loss", fuse_lm_loss),
+                     FusePass("strip_leftovers", strip_leftovers)]
 
 
 def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
