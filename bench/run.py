@@ -129,6 +129,7 @@ def row_mixed(args, base, results) -> None:
     one = fxpeft.rewrite(copy.deepcopy(base), "lora_qv", dropout=0.0)
     peft_model = peft_lora(copy.deepcopy(base), tuple(names))
     sides = {"fxpeft mixed": inference_step(gm, ids, adapter_names=per_sample),
+             "fxpeft fused mixed": inference_step(fxpeft.fuse(gm, mixed=True), ids, adapter_names=per_sample),
              "fxpeft one adapter": inference_step(one, ids),
              "PEFT mixed": inference_step(peft_model, ids, adapter_names=per_sample)}
     report("mixed-batch inference, 8 LoRA adapters, batch 16", interleaved_medians(sides, args.steps, 2),

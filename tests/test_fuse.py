@@ -146,3 +146,25 @@ def test_fused_graph_compiles_fullgraph_forward_and_backward():
     loss.backward()
     torch.testing.assert_close(loss, gm.train()(ids, labels=ids).loss, rtol=0, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_mixed_fusion_gathers_each_sites_adapters_and_keeps_every_row():
+    gm = lora_graph("lora_qv", adapter="a")
+    gm.add_adapter("b", "lora_qv", dropout=0.0, r=4)  # ranks may differ
+    gm.add_adapter("c", "lora_all_linear", dropout=0.0)
+    randomize_adapters(gm, seed=7)
+    mixed = fxpeft.fuse(gm, mixed=True)
+    calls = [n for n in mixed.graph.nodes if n.op == "call_function" and n.target.__name__ == "mixed_lora"]
+    assert len(calls) == 2 * 2  # q and v of each layer hold three adapters; the rest only c
+    ids = token_batch(4, 9)
+    names = ["a", "__base__", "c", "b"]
+    with torch.no_grad():
+        expected = gm.eval()(ids, adapter_names=names).logits
+        torch.testing.assert_close(mixed.eval()(ids, adapter_names=names).logits, expected, rtol=0, atol=1e-5)
+        for row, name in enumerate(names):  # each row as if run alone with its adapter
+            gm.set_adapter(name) if name != "__base__" else None
+            with gm.disable_adapters() if name == "__base__" else torch.no_grad():
+                alone = gm(ids[row:row + 1]).logits
+            torch.testing.assert_close(expected[row:row + 1], alone, rtol=0, atol=1e-5)
+        gm.set_adapter("a")
+        torch.testing.assert_close(mixed(ids).logits, gm(ids).logits, rtol=0, atol=1e-5)

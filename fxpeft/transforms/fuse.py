@@ -35,7 +35,8 @@ import torch.fx
 from fxpeft.adapter_set import strip_adapters
 from fxpeft.gates import active_adapters, adapter_names
 from fxpeft.graph_module import AdaptedModule
-from fxpeft.names import DROPOUT_MODULE, GATE_META, LM_LOSS_MODULE, OUTPUT_MODULE, adapter_node
+from fxpeft.names import (DROPOUT_MODULE, GATE_META, GATES, LM_LOSS_MODULE, OUTPUT_MODULE,
+                          adapter_node)
 from fxpeft.program import copy_graph
 from fxpeft.transforms.lm_loss import LMHeadLoss
 
@@ -195,8 +196,72 @@ def fuse_lm_loss(gm: torch.fx.GraphModule) -> int:
     return 1
 
 
-def fuse_passes(shared_dropout: bool = False) -> list[FusePass]:
+def mixed_lora(x: torch.Tensor, weights_a: list[torch.Tensor], weights_b: list[torch.Tensor],
+               scales: list[float], gates: list[torch.Tensor], adapters: list[str],
+               per_sample: "dict[str, torch.Tensor] | None") -> torch.Tensor:
+    """The LoRA branches of one site. Without per-sample adapters: the gated sum. With them
+    (``adapter_names=``): each sample gathers its own adapter's A and B, so the cost is one
+    adapter's work per sample however many adapters the site has (the Punica / S-LoRA idea)."""
+    if per_sample is None:
+        total = 0
+        for a, b, scale, gate in zip(weights_a, weights_b, scales, gates):
+            total = total + torch.nn.functional.linear(torch.nn.functional.linear(x, a) * gate, b) * scale
+        return total
+    rows = torch.stack([per_sample[name] for name in adapters], 1).to(x.dtype)  # [batch, adapters]
+    rank = max(a.shape[0] for a in weights_a)
+    a_all = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, rank - a.shape[0])) for a in weights_a])
+    b_all = torch.stack([torch.nn.functional.pad(b, (0, rank - b.shape[1])) * scale
+                         for b, scale in zip(weights_b, scales)])
+    chosen, used = rows.argmax(1), rows.sum(1)  # one adapter per sample, or none (__base__)
+    xs = x.reshape(rows.shape[0], -1, x.shape[-1])
+    down = torch.bmm(xs, a_all[chosen].transpose(1, 2))
+    up = torch.bmm(down, b_all[chosen].transpose(1, 2)) * used[:, None, None]
+    return up.reshape(*x.shape[:-1], up.shape[-1])
+
+
+def _gatherable_joins(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
+    """Per site, the plain LoRA joins (no dropout, no cast), when every branch reads one input."""
+    joins: dict[str, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        record = adapter_node(node)
+        if record and record.kind == "lora" and record.removable:
+            joins.setdefault(record.module_path, []).append(node)
+    plain = {}
+    for path, found in joins.items():
+        parts = [_lora_parts(j) for j in found]
+        inputs = {p[2].args[0].args[0] for p in parts if p is not None}
+        if len(found) > 1 and None not in parts and len(inputs) == 1 and \
+                all(j.target == aten.add.Tensor for j in found):
+            plain[path] = found
+    return plain
+
+
+def gather_lora(gm: torch.fx.GraphModule) -> int:
+    """Each site's LoRA branches of several adapters become one ``mixed_lora`` call."""
+    per_sample = next(iter(gm.graph.find_nodes(op="call_module", target=GATES)), None)
+    if per_sample is None:
+        return 0
+    sites = _gatherable_joins(gm)
+    for joins in sites.values():
+        details = [adapter_node(j) for j in joins]
+        x = _lora_parts(joins[0])[2].args[0].args[0]
+        graph = gm.graph
+        with graph.inserting_before(joins[0]):
+            branch = graph.call_function(mixed_lora, (
+                x, [graph.get_attr(d.detail.lora_A) for d in details],
+                [graph.get_attr(d.detail.lora_B) for d in details], [d.detail.scale for d in details],
+                [graph.get_attr(f"{GATES}.{d.adapter}") for d in details],
+                [d.adapter for d in details], per_sample))
+            total = graph.call_function(aten.add.Tensor, (joins[0].args[0], branch))
+        joins[-1].replace_all_uses_with(total)
+    gm.graph.eliminate_dead_code()
+    return len(sites)
+
+
+def fuse_passes(shared_dropout: bool = False, mixed: bool = False) -> list[FusePass]:
     """The passes ``fuse`` runs, in order."""
+    if mixed:
+        return [FusePass("gather_lora", gather_lora), FusePass("strip_leftovers", strip_leftovers)]
     passes = [FusePass("drop_inactive", drop_inactive), FusePass("fold_lora_scale", fold_lora_scale)]
     if shared_dropout:
         passes.append(FusePass("share_dropout", share_dropout))
@@ -212,9 +277,11 @@ def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return fused.train(gm.training)
 
 
-def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (),
-         shared_dropout: bool = False) -> torch.fx.GraphModule:
+def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout: bool = False,
+         mixed: bool = False) -> torch.fx.GraphModule:
     """A fused copy of ``gm``, specialised to its active adapters, sharing its parameters.
+    ``mixed=True`` instead keeps every adapter and gathers each site's LoRA branches, for
+    mixed-batch serving (``adapter_names=``).
 
     >>> import torch, fxpeft
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -226,12 +293,12 @@ def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (),
     >>> torch.equal(fused(ids).logits, gm(ids).logits)
     True
     """
-    known = {p.name for p in fuse_passes(True)}
+    known = {p.name for p in fuse_passes(True) + fuse_passes(mixed=True)}
     unknown = sorted(set(skip) - known)
     if unknown:
         raise ValueError(f"fuse: no pass {unknown}; passes: {', '.join(sorted(known))}")
     fused = _copy(gm)
-    for fuse_pass in fuse_passes(shared_dropout):
+    for fuse_pass in fuse_passes(shared_dropout, mixed):
         if fuse_pass.name in skip:
             continue
         start = time.perf_counter()
