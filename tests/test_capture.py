@@ -61,6 +61,8 @@ def test_plain_module_uses_symbolic_trace_and_trains():
     assert program.frontend == "symbolic_trace"
     assert [(s.module_path, s.kind) for s in program.sites] == [
         ("q_proj", "module"), ("v_proj", "module"), ("out", "linear")]
+    # a functional linear over a bare parameter says so, rather than posing as an nn.Linear
+    assert program.sites[2].module_type == "torch.nn.functional.linear"
     gm = fxpeft.rewrite(block, "lora_qv.toml")
     x = torch.randn(3, 8)
     torch.testing.assert_close(gm(x), block(x), rtol=0, atol=0)
