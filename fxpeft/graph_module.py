@@ -41,21 +41,6 @@ class AdaptedModule(torch.fx.GraphModule):
         self._refuse_dtype(torch._C._nn._parse_to(*args, **kwargs)[1])
         return super().to(*args, **kwargs)
 
-    def half(self) -> "AdaptedModule":
-        self._refuse_dtype(torch.float16)
-        return super().half()
-
-    def bfloat16(self) -> "AdaptedModule":
-        self._refuse_dtype(torch.bfloat16)
-        return super().bfloat16()
-
-    def float(self) -> "AdaptedModule":
-        self._refuse_dtype(torch.float32)
-        return super().float()
-
-    def double(self) -> "AdaptedModule":
-        self._refuse_dtype(torch.float64)
-        return super().double()
 
     # Several named adapters (fxpeft.gates): switching fills gate buffers, so it never re-traces
     # and never recompiles under torch.compile.
@@ -83,3 +68,17 @@ class AdaptedModule(torch.fx.GraphModule):
 
     def delete_adapter(self, adapter: str) -> None:
         adapter_set.delete_adapter(self, adapter)
+
+
+def _refusing(name: str, dtype: torch.dtype) -> Any:
+    """``Module.half`` / ``bfloat16`` / ``float`` / ``double``, refused where they change the dtype."""
+    def convert(self: AdaptedModule) -> AdaptedModule:
+        self._refuse_dtype(dtype)
+        return getattr(torch.fx.GraphModule, name)(self)
+    convert.__name__ = convert.__qualname__ = name
+    return convert
+
+
+for _name, _dtype in (("half", torch.float16), ("bfloat16", torch.bfloat16),
+                      ("float", torch.float32), ("double", torch.float64)):
+    setattr(AdaptedModule, _name, _refusing(_name, _dtype))
