@@ -29,8 +29,10 @@ class LinearSite:
 
     ``kind`` is ``linear`` (aten.linear / F.linear), ``addmm`` / ``mm`` (GPT-2 ``Conv1D``, weight
     stored ``[in, out]``), ``matmul`` (a hand-written ``x @ W.T (+ b)`` or ``x @ W``), or ``module``
-    (``call_module`` to an ``nn.Linear``). ``node`` is the layer's output; ``core`` is the matmul
-    when a separate ``add`` of the bias produces the output.
+    (``call_module`` to an ``nn.Linear``), or ``quantized`` (a bitsandbytes layer as one
+    ``fxpeft::linear_*`` op, ``fxpeft.quantized``). ``node`` is the layer's output; ``core`` is
+    the matmul when a separate ``add`` of the bias produces the output. ``dtype``, for quantized
+    sites, is the dtype the weight dequantizes to (the stored weight is packed integers).
     """
 
     node: torch.fx.Node
@@ -42,6 +44,7 @@ class LinearSite:
     weight_target: str
     fan_in_fan_out: bool = False
     core: torch.fx.Node | None = None
+    dtype: torch.dtype | None = None
 
     @property
     def layer(self) -> int | None:
@@ -58,8 +61,18 @@ class LinearSite:
         may have routed it through new nodes since capture."""
         return self.consumer.args[-2 if self.kind in ("addmm", "mm") else 0]
 
+    def weight_like(self, gm: torch.nn.Module) -> torch.Tensor:
+        """A tensor with the base weight's (dequantized) dtype and device, for adapters to be
+        made like."""
+        weight = gm.get_parameter(self.weight_target)
+        return weight if self.dtype is None else weight.new_empty(0, dtype=self.dtype)
+
     def bias_target(self, gm: torch.nn.Module) -> str | None:
         """Where the layer's bias lives, if it has one."""
+        if self.kind == "quantized":
+            bias = self.node.args[-1]
+            bias = bias.args[0] if isinstance(bias, torch.fx.Node) and bias.op == "call_function" else bias
+            return bias.target if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else None
         if self.kind == "module":
             return f"{self.node.target}.bias" if gm.get_submodule(self.node.target).bias is not None else None
         args = self.node.args

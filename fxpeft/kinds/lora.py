@@ -25,6 +25,7 @@ from fxpeft.match import Match
 from fxpeft.names import ADAPTER_META, AdapterNode
 from fxpeft.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, target_regex,
                                 targets_for, layers_prefix)
+from fxpeft.quantized import base_weight
 from fxpeft.program import LinearSite, Program
 from fxpeft.rules import checks
 from fxpeft.rules.schema import Params, Rule, RuleSet, Where, spec
@@ -106,7 +107,7 @@ def attach_lora(job: SpliceInput) -> tuple[LoraDetail, list[str]]:
     """Create and attach ``job.adapter``'s A and B at the site's module; returns their record
     and targets."""
     site, params = job.site, job.params
-    lora_a, lora_b = make_lora_modules(site, params, job.gm.get_parameter(site.weight_target))
+    lora_a, lora_b = make_lora_modules(site, params, site.weight_like(job.gm))
     a_path = attach_component(job.gm, site.module_path, "lora_A", job.adapter, lora_a)
     b_path = attach_component(job.gm, site.module_path, "lora_B", job.adapter, lora_b)
     detail = LoraDetail(params.scale, site.weight_target, f"{a_path}.weight", f"{b_path}.weight",
@@ -116,7 +117,7 @@ def attach_lora(job: SpliceInput) -> tuple[LoraDetail, list[str]]:
 
 def casts(job: SpliceInput) -> bool:
     """Whether the adapter computes in another dtype than the base (fp32 on a half base)."""
-    base = job.gm.get_parameter(job.site.weight_target).dtype
+    base = job.site.weight_like(job.gm).dtype
     return adapter_dtype(job.params, base) != base
 
 
@@ -177,7 +178,7 @@ def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,
           weights: dict[str, torch.Tensor]) -> None:
     """``W + scale * B @ A`` (computed in fp32, cast once)."""
     detail = record.detail
-    base = weights.get(detail.weight, fetch(gm, detail.weight).detach())
+    base = weights.get(detail.weight, base_weight(gm, detail.weight))
     weights[detail.weight] = (base.float() + lora_delta(gm, detail)).to(base.dtype)
 
 
