@@ -208,6 +208,8 @@ def _canonical_4bit_state(layer: torch.nn.Module):
         layer.weight.data, layer.weight.quant_state = \
             _bitsandbytes().functional._convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
         state = layer.weight.quant_state
+        if state.absmax.dim() == 2:  # the inverse leaves plain scales transposed, in bf16
+            state.absmax = state.absmax.T.reshape(-1).float()
     return state
 
 
@@ -282,6 +284,11 @@ def dequantize_call(node: torch.fx.Node) -> tuple[object, tuple]:
     return torch.ops.fxpeft.dequantize_8bit.default, (*node.args[1:3], _input_dtype(node))
 
 
+def _attr(root: torch.nn.Module, target: str) -> Tensor:
+    owner, _, name = target.rpartition(".")
+    return getattr(root.get_submodule(owner), name)
+
+
 def base_weight(gm: torch.fx.GraphModule, weight_target: str) -> Tensor:
     """The base weight at ``weight_target`` as a dense tensor: itself, or, for a quantized
     layer, a dequantized copy made now.
@@ -295,8 +302,7 @@ def base_weight(gm: torch.fx.GraphModule, weight_target: str) -> Tensor:
     if node is None:
         return weight.detach()
     op, args = dequantize_call(node)
-    values = [gm.get_parameter(a.target) if a.target == weight_target else gm.get_buffer(a.target)
-              if isinstance(a, torch.fx.Node) else a for a in args]
+    values = [_attr(gm, a.target) if isinstance(a, torch.fx.Node) else a for a in args]
     with torch.no_grad():
         return op(*values)
 
@@ -310,3 +316,61 @@ def weight_node(gm: torch.fx.GraphModule, weight_target: str) -> torch.fx.Node:
         return gm.graph.get_attr(weight_target)
     op, args = dequantize_call(node)
     return gm.graph.call_function(op, args)
+
+
+# --- merging into a quantized base ----------------------------------------------------------------
+
+def _quantize_like(node: torch.fx.Node, dense: Tensor) -> list[Tensor | None]:
+    """New storage for the layer of ``node`` holding ``dense``, in the order of its tensor args."""
+    bnb = _bitsandbytes()
+    if node.target is QUANTIZED_OPS["linear_8bit"]:
+        rows, scales, _ = bnb.functional.int8_vectorwise_quant(dense.to(torch.float16))
+        return [rows, scales]
+    shape, blocksize, _, quant_type, dtype = node.args[6:11]
+    nested = node.args[3] is not None
+    packed, state = bnb.functional.quantize_4bit(dense.to(dtype), blocksize=blocksize,
+                                                 compress_statistics=nested, quant_type=quant_type)
+    if not nested:
+        return [packed, state.absmax, None, None, None]
+    return [packed, state.absmax, state.state2.absmax, state.state2.code, state.offset]
+
+
+def requantize(gm: torch.fx.GraphModule, weights: dict[str, Tensor]) -> dict[str, float]:
+    """Replace, in ``weights`` (target -> merged dense weight), each quantized layer's weight
+    by its new quantized storage (one entry per storage tensor). Returns, per layer, the
+    max-abs difference between the merged weight and what the new storage dequantizes to: the
+    error that requantizing adds."""
+    errors = {}
+    for target in [t for t in weights if quantized_op(gm.graph, t) is not None]:
+        node, dense = quantized_op(gm.graph, target), weights.pop(target)
+        tensor_args = node.args[1:6] if node.target is QUANTIZED_OPS["linear_4bit"] else node.args[1:3]
+        storage = _quantize_like(node, dense)
+        weights.update({arg.target: value for arg, value in zip(tensor_args, storage)
+                        if isinstance(arg, torch.fx.Node)})
+        op, args = dequantize_call(node)
+        values = [weights[a.target] if isinstance(a, torch.fx.Node) else a for a in args]
+        with torch.no_grad():
+            errors[target] = float((op(*values).float() - dense.float()).abs().max())
+    return errors
+
+
+def dequantize_layers(gm: torch.fx.GraphModule, graph: torch.fx.Graph,
+                      weights: dict[str, Tensor]) -> int:
+    """In ``graph`` (a copy of ``gm``'s), every quantized layer becomes a plain ``linear`` over
+    a dense weight: the merged one in ``weights``, else the base dequantized now (added to
+    ``weights``). Returns how many layers changed."""
+    nodes = [n for op in QUANTIZED_OPS.values() for n in graph.find_nodes(op="call_function", target=op)]
+    for node in nodes:
+        x, weight, bias = node.args[0], node.args[1], node.args[-1]
+        if weight.target not in weights:
+            weights[weight.target] = base_weight(gm, weight.target)
+        weights[weight.target] = weights[weight.target].to(_input_dtype(node))
+        with graph.inserting_before(node):
+            dense = graph.call_function(torch.ops.aten.linear.default, (x, weight, bias))
+        dense.meta = dict(node.meta)
+        node.replace_all_uses_with(dense)
+        graph.erase_node(node)
+        for storage in node.args[2:]:  # scales and codes no node reads any more
+            if isinstance(storage, torch.fx.Node) and storage.op == "get_attr" and not storage.users:
+                graph.erase_node(storage)
+    return len(nodes)
