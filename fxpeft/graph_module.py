@@ -16,6 +16,10 @@ from fxpeft import adapt, adapter_set, gates
 from fxpeft.errors import FxpeftError
 
 
+CHECKPOINTING_ADVICE = ("use fxpeft.fuse(gm, checkpoint='layers') for a copy of the graph that "
+                        "recomputes each layer's activations in backward")
+
+
 class AdaptedModule(torch.fx.GraphModule):
     """What ``fxpeft.rewrite`` returns. ``train()`` / ``eval()`` switch every dropout in the graph.
 
@@ -36,6 +40,12 @@ class AdaptedModule(torch.fx.GraphModule):
             raise FxpeftError(f"{type(self).__name__} was captured in {current}; its graph has that "
                               f"dtype built in, so it cannot be converted to {dtype}. Convert the "
                               f"model first, then rewrite it: fxpeft.rewrite(model.to({dtype}), ...)")
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """HF's switch (``Trainer(gradient_checkpointing=True)`` calls it) has nothing to wrap
+        in a flat graph: refuse, pointing at the pass that does it."""
+        raise FxpeftError(f"{type(self).__name__}: gradient_checkpointing_enable() cannot wrap a "
+                          f"captured graph; {CHECKPOINTING_ADVICE}")
 
     def to(self, *args: Any, **kwargs: Any) -> "AdaptedModule":
         self._refuse_dtype(torch._C._nn._parse_to(*args, **kwargs)[1])

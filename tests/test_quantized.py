@@ -188,3 +188,20 @@ def test_a_model_already_repacked_for_cpu_inference_is_captured(checkpoint):
     gm = fxpeft.rewrite(model, "lora_qv.toml").eval()
     fresh = logits(load(checkpoint, "nf4"), ids)
     torch.testing.assert_close(logits(gm, ids), fresh, rtol=0, atol=1e-2)
+
+
+def test_qlora_with_gradient_checkpointing_equals_the_unchecked_graph(checkpoint):
+    ids = token_batch()
+    gm = fxpeft.rewrite(load(checkpoint, "nf4-double"), "lora_qv.toml", dropout=0.0).train()
+    randomize_adapters(gm)
+    results = []
+    for copy in (fxpeft.fuse(gm), fxpeft.fuse(gm, checkpoint="layers")):
+        loss = copy(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}))
+        gm.zero_grad()
+    (plain_loss, plain), (loss, grads) = results
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=1e-5)
+    assert grads.keys() == plain.keys() and grads
+    for name in plain:
+        torch.testing.assert_close(grads[name], plain[name], rtol=0, atol=1e-5)
