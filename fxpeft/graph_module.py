@@ -48,8 +48,21 @@ class AdaptedModule(torch.fx.GraphModule):
                           f"captured graph; {CHECKPOINTING_ADVICE}")
 
     def to(self, *args: Any, **kwargs: Any) -> "AdaptedModule":
-        self._refuse_dtype(torch._C._nn._parse_to(*args, **kwargs)[1])
-        return super().to(*args, **kwargs)
+        """``Module.to``; a device move also moves the device constants export baked into the
+        graph (``arange(..., device=cpu)``), as ``torch.export.passes.move_to_device_pass``
+        does for an ExportedProgram."""
+        device, dtype = torch._C._nn._parse_to(*args, **kwargs)[:2]
+        self._refuse_dtype(dtype)
+        moved = super().to(*args, **kwargs)
+        if device is not None:
+            move_device_constants(self, device)
+        return moved
+
+    def cuda(self, device: "int | torch.device | None" = None) -> "AdaptedModule":
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
+
+    def cpu(self) -> "AdaptedModule":
+        return self.to("cpu")
 
 
     # Several named adapters (fxpeft.gates): switching fills gate buffers, so it never re-traces
@@ -78,6 +91,35 @@ class AdaptedModule(torch.fx.GraphModule):
 
     def delete_adapter(self, adapter: str) -> None:
         adapter_set.delete_adapter(self, adapter)
+
+
+def _moved(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.device):
+        return device
+    if isinstance(value, (list, tuple)):
+        return type(value)(_moved(v, device) for v in value)
+    return value
+
+
+def move_device_constants(module: torch.nn.Module, device: "torch.device | str") -> int:
+    """Point every ``device=`` constant in the graphs of ``module`` (and its graph submodules,
+    such as checkpointed regions) at ``device``; returns how many nodes changed.
+
+    >>> g = torch.fx.Graph()
+    >>> _ = g.output(g.call_function(torch.ops.aten.arange.default, (3,), {"device": torch.device("cpu")}))
+    >>> gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    >>> move_device_constants(gm, "meta"), gm(), gm.graph.find_nodes(op="call_function", target=torch.ops.aten.arange.default)[0].kwargs["device"]
+    (1, tensor(..., device='meta', size=(3,), dtype=torch.int64), device(type='meta'))
+    """
+    device, changed = torch.device(device), 0
+    for graph_module in (m for m in module.modules() if isinstance(m, torch.fx.GraphModule)):
+        for node in graph_module.graph.nodes:
+            args, kwargs = _moved(node.args, device), {k: _moved(v, device) for k, v in node.kwargs.items()}
+            if args != node.args or kwargs != node.kwargs:
+                node.args, node.kwargs = args, kwargs
+                changed += 1
+        graph_module.recompile()
+    return changed
 
 
 def _refusing(name: str, dtype: torch.dtype) -> Any:
