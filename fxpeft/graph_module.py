@@ -14,6 +14,8 @@ import torch.fx
 
 from fxpeft import adapt, adapter_set, gates
 from fxpeft.errors import FxpeftError
+from fxpeft.kinds.registry import is_adapter_parameter
+from fxpeft.names import is_fxpeft_node
 
 
 CHECKPOINTING_ADVICE = ("use fxpeft.fuse(gm, checkpoint='layers') for a copy of the graph that "
@@ -30,16 +32,13 @@ class AdaptedModule(torch.fx.GraphModule):
 
     capture_info: Any = None  # fxpeft.program.CaptureInfo, set by the emit step
 
-    # Export bakes the capture dtype into the graph (RoPE's ``cos.to(x.dtype)`` became a float32
-    # constant, next to deliberate float32 upcasts it cannot be told from), so converting the
-    # parameters afterwards would fail deep inside torch: refuse it here instead.
+    # Export bakes the capture dtype into the graph (``cos.to(x.dtype)`` became a constant), so a
+    # dtype conversion also retargets those constants (``retarget_dtype_constants``).
 
-    def _refuse_dtype(self, dtype: "torch.dtype | None") -> None:
-        current = next((p.dtype for p in self.parameters() if p.is_floating_point()), dtype)
-        if dtype is not None and dtype != current:
-            raise FxpeftError(f"{type(self).__name__} was captured in {current}; its graph has that "
-                              f"dtype built in, so it cannot be converted to {dtype}. Convert the "
-                              f"model first, then rewrite it: fxpeft.rewrite(model.to({dtype}), ...)")
+    def base_dtype(self) -> "torch.dtype | None":
+        """The floating dtype of the base weights (adapters may differ: fp32 on half bases)."""
+        return next((p.dtype for n, p in self.named_parameters()
+                     if p.is_floating_point() and not is_adapter_parameter(n)), None)
 
     def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
         """HF's switch (``Trainer(gradient_checkpointing=True)`` calls it) has nothing to wrap
@@ -50,12 +49,15 @@ class AdaptedModule(torch.fx.GraphModule):
     def to(self, *args: Any, **kwargs: Any) -> "AdaptedModule":
         """``Module.to``; a device move also moves the device constants export baked into the
         graph (``arange(..., device=cpu)``), as ``torch.export.passes.move_to_device_pass``
-        does for an ExportedProgram."""
+        does for an ExportedProgram, and a dtype change retargets its dtype constants
+        (``retarget_dtype_constants``)."""
         device, dtype = torch._C._nn._parse_to(*args, **kwargs)[:2]
-        self._refuse_dtype(dtype)
+        before = self.base_dtype()
         moved = super().to(*args, **kwargs)
         if device is not None:
             move_device_constants(self, device)
+        if dtype is not None and before is not None and dtype.is_floating_point and dtype != before:
+            retarget_dtype_constants(self, before, dtype)
         return moved
 
     def cuda(self, device: "int | torch.device | None" = None) -> "AdaptedModule":
@@ -63,6 +65,20 @@ class AdaptedModule(torch.fx.GraphModule):
 
     def cpu(self) -> "AdaptedModule":
         return self.to("cpu")
+
+    # Module's own conversions bypass ``to``: route them through it.
+
+    def half(self) -> "AdaptedModule":
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> "AdaptedModule":
+        return self.to(torch.bfloat16)
+
+    def float(self) -> "AdaptedModule":
+        return self.to(torch.float32)
+
+    def double(self) -> "AdaptedModule":
+        return self.to(torch.float64)
 
 
     # Several named adapters (fxpeft.gates): switching fills gate buffers, so it never re-traces
@@ -122,15 +138,38 @@ def move_device_constants(module: torch.nn.Module, device: "torch.device | str")
     return changed
 
 
-def _refusing(name: str, dtype: torch.dtype) -> Any:
-    """``Module.half`` / ``bfloat16`` / ``float`` / ``double``, refused where they change the dtype."""
-    def convert(self: AdaptedModule) -> AdaptedModule:
-        self._refuse_dtype(dtype)
-        return getattr(torch.fx.GraphModule, name)(self)
-    convert.__name__ = convert.__qualname__ = name
-    return convert
+def _retargeted(value: Any, old: torch.dtype, new: torch.dtype, adapter_cast: bool) -> Any:
+    if isinstance(value, torch.dtype):
+        return new if value == old or (adapter_cast and value.is_floating_point) else value
+    if isinstance(value, float) and value in (torch.finfo(old).min, torch.finfo(old).max):
+        return torch.finfo(new).min if value < 0 else torch.finfo(new).max  # mask fill values
+    if isinstance(value, (list, tuple)):
+        return type(value)(_retargeted(v, old, new, adapter_cast) for v in value)
+    return value
 
 
-for _name, _dtype in (("half", torch.float16), ("bfloat16", torch.bfloat16),
-                      ("float", torch.float32), ("double", torch.float64)):
-    setattr(AdaptedModule, _name, _refusing(_name, _dtype))
+def retarget_dtype_constants(module: torch.nn.Module, old: torch.dtype, new: torch.dtype) -> int:
+    """After converting weights from ``old`` to ``new``, make the graphs of ``module`` compute
+    in ``new``: every ``old`` dtype constant (and ``finfo(old).min``/``max`` fill value) becomes
+    ``new``'s, and so do the casts adapters make (their weights were converted too). Casts to
+    other dtypes stay: a bf16 graph's deliberate fp32 upcasts stay fp32 when it becomes fp16.
+    A graph captured in fp32 cannot tell its deliberate fp32 upcasts (RMSNorm, softmax) from
+    casts that follow the data, so converted to bf16 it computes in bf16 throughout.
+
+    >>> g = torch.fx.Graph()
+    >>> _ = g.output(g.call_function(torch.ops.aten.zeros.default, ([2],), {"dtype": torch.float32}))
+    >>> gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    >>> retarget_dtype_constants(gm, torch.float32, torch.bfloat16), gm().dtype
+    (1, torch.bfloat16)
+    """
+    changed = 0
+    for graph_module in (m for m in module.modules() if isinstance(m, torch.fx.GraphModule)):
+        for node in graph_module.graph.nodes:
+            adapter_cast = is_fxpeft_node(node)
+            args = _retargeted(node.args, old, new, adapter_cast)
+            kwargs = {k: _retargeted(v, old, new, adapter_cast) for k, v in node.kwargs.items()}
+            if args != node.args or kwargs != node.kwargs:
+                node.args, node.kwargs = args, kwargs
+                changed += 1
+        graph_module.recompile()
+    return changed
