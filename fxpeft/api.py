@@ -79,7 +79,9 @@ def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = N
 
 def _warn_hf_checkpointing(model: torch.nn.Module) -> None:
     """HF checkpointing wraps module calls, which capture flattens away: say so."""
-    if getattr(model, "is_gradient_checkpointing", False):
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"  # transformers 5 renamed it
+    if getattr(model, flag, False):
         warnings.warn(f"{type(model).__name__}.gradient_checkpointing_enable() does not survive "
                       f"capture: the graph would keep every activation; {CHECKPOINTING_ADVICE}",
                       stacklevel=3)

@@ -9,7 +9,7 @@ import torch
 import torch.fx
 
 from fxpeft.names import is_fxpeft_node
-from fxpeft.program import LinearSite
+from fxpeft.program import LinearSite, is_cast
 from fxpeft.quantized import QUANTIZED_OPS
 
 aten = torch.ops.aten
@@ -147,8 +147,10 @@ def _from_quantized(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearSite
     else:
         out_features, in_features = fetch_attr(gm, weight.target).shape
         dtype = node.args[0].meta["val"].dtype if "val" in node.args[0].meta else torch.float32
-    return LinearSite(node, "quantized", owner[0], owner[1], in_features, out_features,
-                      weight.target, dtype=dtype)
+    users = list(node.users)
+    output = users[0] if len(users) == 1 and is_cast(users[0]) else node  # back from compute
+    return LinearSite(output, "quantized", owner[0], owner[1], in_features, out_features,
+                      weight.target, core=node, dtype=dtype)
 
 
 LINEAR_RECOGNISERS: tuple[Callable[[torch.fx.GraphModule, torch.fx.Node], LinearSite | None], ...] = (

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.fx
 
+_CASTS = (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout)
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 
 
@@ -23,6 +24,11 @@ def layer_index(module_path: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def is_cast(node: object) -> bool:
+    """Whether ``node`` is a dtype cast (``x.to(dtype)``) in a captured graph."""
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _CASTS
+
+
 @dataclass(frozen=True)
 class LinearSite:
     """A node that computes a linear layer, whatever op spells it.
@@ -31,8 +37,10 @@ class LinearSite:
     stored ``[in, out]``), ``matmul`` (a hand-written ``x @ W.T (+ b)`` or ``x @ W``), or ``module``
     (``call_module`` to an ``nn.Linear``), or ``quantized`` (a bitsandbytes layer as one
     ``fxpeft::linear_*`` op, ``fxpeft.quantized``). ``node`` is the layer's output; ``core`` is
-    the matmul when a separate ``add`` of the bias produces the output. ``dtype``, for quantized
-    sites, is the dtype the weight dequantizes to (the stored weight is packed integers).
+    the matmul when a separate ``add`` of the bias produces the output, or a quantized layer's
+    op, whose input and output may be cast to and from its compute dtype. ``dtype``, for
+    quantized sites, is the dtype the weight dequantizes to (the stored weight is packed
+    integers).
     """
 
     node: torch.fx.Node
@@ -52,7 +60,10 @@ class LinearSite:
 
     @property
     def consumer(self) -> torch.fx.Node:
-        """The node that reads the layer's input."""
+        """The node that reads the layer's input (for a quantized layer, its cast to the
+        compute dtype, if it has one)."""
+        if self.kind == "quantized" and is_cast(self.core.args[0]):
+            return self.core.args[0]
         return self.core if self.core is not None else self.node
 
     @property
@@ -70,7 +81,7 @@ class LinearSite:
     def bias_target(self, gm: torch.nn.Module) -> str | None:
         """Where the layer's bias lives, if it has one."""
         if self.kind == "quantized":
-            bias = self.node.args[-1]
+            bias = self.core.args[-1]
             bias = bias.args[0] if isinstance(bias, torch.fx.Node) and bias.op == "call_function" else bias
             return bias.target if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else None
         if self.kind == "module":

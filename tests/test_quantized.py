@@ -40,8 +40,8 @@ def checkpoint(tmp_path_factory):
     return folder
 
 
-def load(checkpoint, scheme: str) -> LlamaForCausalLM:
-    config = BitsAndBytesConfig(**SCHEMES[scheme], bnb_4bit_compute_dtype=torch.float32)
+def load(checkpoint, scheme: str, compute=torch.float32) -> LlamaForCausalLM:
+    config = BitsAndBytesConfig(**SCHEMES[scheme], bnb_4bit_compute_dtype=compute)
     return LlamaForCausalLM.from_pretrained(checkpoint, quantization_config=config, device_map="cpu").train()
 
 
@@ -90,16 +90,20 @@ def peft_lora(model):
     return peft_model
 
 
-@pytest.mark.parametrize("scheme", ["nf4", "fp4-double", "int8"])
-def test_a_peft_qlora_folder_loads_with_parity_and_fxpeft_folders_load_in_peft(checkpoint, scheme, tmp_path):
+@pytest.mark.parametrize("scheme,compute", [("nf4", torch.float32), ("fp4-double", torch.float32),
+                                            ("int8", torch.float32), ("nf4-double", torch.bfloat16)])
+def test_a_peft_qlora_folder_loads_with_parity_and_fxpeft_folders_load_in_peft(checkpoint, scheme,
+                                                                               compute, tmp_path):
+    """With bf16 compute both sides run the base in bf16 and the fp32 LoRA branch on the
+    layer's fp32 input, so the tolerance stays 1e-5."""
     ids = token_batch()
-    peft_model = peft_lora(load(checkpoint, scheme))
+    peft_model = peft_lora(load(checkpoint, scheme, compute))
     peft_model.save_pretrained(tmp_path / "peft")
     expected = logits(peft_model, ids).detach()
-    gm = fxpeft.load(load(checkpoint, scheme), tmp_path / "peft").train()
+    gm = fxpeft.load(load(checkpoint, scheme, compute), tmp_path / "peft").train()
     torch.testing.assert_close(logits(gm, ids), expected, rtol=0, atol=1e-5)
     fxpeft.save(gm, tmp_path / "ours")
-    back = PeftModel.from_pretrained(load(checkpoint, scheme), tmp_path / "ours").train()
+    back = PeftModel.from_pretrained(load(checkpoint, scheme, compute), tmp_path / "ours").train()
     torch.testing.assert_close(logits(back, ids), expected, rtol=0, atol=1e-5)
 
 
