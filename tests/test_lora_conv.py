@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import fxpeft
 from conftest import (adapter_nodes, assert_only_adapters_get_grads, lora_branch_count,
-                      randomize_adapters)
+                      randomize_adapters, train)
 from fxpeft.capture import capture
 from fxpeft.emit import emit
 from fxpeft.rules import LoraParams, Rule, Where
@@ -155,16 +155,8 @@ def test_merge_equals_unmerged_and_peft_merged(tmp_path, frontend):
 def test_training_lowers_the_loss(frontend):
     net, gm = rewrite(frontend)
     frozen = {n: p.detach().clone() for n, p in net.named_parameters()}
-    gm.train()
-    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
     x, target = images(8), torch.randn(8, 4, generator=torch.Generator().manual_seed(7))
-    losses = []
-    for _ in range(20):
-        loss = torch.nn.functional.mse_loss(gm(x), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train(gm.train(), lambda g: torch.nn.functional.mse_loss(g(x), target))
     assert losses[-1] < 0.8 * losses[0]
     assert all(torch.equal(p, frozen[n]) for n, p in net.named_parameters())
 

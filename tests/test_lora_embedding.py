@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import fxpeft
 from conftest import (adapter_nodes, assert_only_adapters_get_grads, emitted_base, lora_branch_count,
-                      randomize_adapters, tiny_bert, tiny_llama, token_batch)
+                      randomize_adapters, tiny_bert, tiny_llama, token_batch, train)
 from fxpeft.gates import GATE_META
 from fxpeft.rules import LoraParams, Rule, Where
 
@@ -152,15 +152,8 @@ def test_training_lowers_the_loss():
     model = tiny_llama()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
     gm = fxpeft.rewrite(model, RULES).train()
-    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
     ids = token_batch(4, 16)
-    losses = []
-    for _ in range(20):
-        loss = gm(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train(gm, lambda g: g(input_ids=ids, labels=ids).loss)
     assert losses[-1] < losses[0] - 0.05
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters())
 
