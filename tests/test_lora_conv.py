@@ -193,3 +193,24 @@ def test_bundled_rules_take_every_convolution_and_explain_shows_them():
     only_1d = Rule(match="conv", where=Where(module_type=["Conv1d"]), params=LoraParams())
     assert fxpeft.explain(net, only_1d).rules[0].matched == ["seq"]
     assert "head" not in fxpeft.explain(net, Rule(match="conv", params=LoraParams())).rules[0].reasons
+
+
+class Dilated(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3, padding=2, dilation=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_a_dilated_convolution_keeps_its_dilation_and_merges_exactly():
+    """PEFT's A drops the dilation (its branch then has another size and PEFT fails); fxpeft's A
+    keeps it, so the branch has the base's shape and the merge equals the unmerged graph."""
+    torch.manual_seed(0)
+    net, x = Dilated().eval(), torch.randn(2, 2, 7, 7)
+    gm = fxpeft.rewrite(net, Rule(match="conv", params=LoraParams(r=4, init="random")))
+    down = next(n for n in adapter_nodes(gm) if n.target == aten.conv2d.default)
+    assert down.args[5] == [2, 2]
+    assert (outputs(gm, x) - outputs(net, x)).abs().max() > 1e-3
+    torch.testing.assert_close(outputs(fxpeft.merge(gm), x), outputs(gm, x), rtol=0, atol=ATOL)
