@@ -214,3 +214,17 @@ def test_a_dilated_convolution_keeps_its_dilation_and_merges_exactly():
     assert down.args[5] == [2, 2]
     assert (outputs(gm, x) - outputs(net, x)).abs().max() > 1e-3
     torch.testing.assert_close(outputs(fxpeft.merge(gm), x), outputs(gm, x), rtol=0, atol=ATOL)
+
+
+def test_each_named_adapter_equals_a_graph_holding_it_alone(tmp_path):
+    net, gm = rewrite("symbolic_trace")
+    fxpeft.add_adapter(gm, "other", RULES, r=4)
+    randomize_adapters(gm, seed=6)
+    assert gm.get_parameter("stem.lora_A_other.weight").shape == (4, 3, 3, 3)
+    x = images()
+    for adapter in ("default", "other"):
+        gm.set_adapter(adapter)
+        alone = fxpeft.load(net, fxpeft.save(gm, tmp_path / adapter, adapter=adapter))
+        torch.testing.assert_close(outputs(gm, x), outputs(alone, x), rtol=0, atol=ATOL)
+    with gm.disable_adapters():
+        torch.testing.assert_close(outputs(gm, x), outputs(net, x), rtol=0, atol=0)

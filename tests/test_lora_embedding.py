@@ -167,3 +167,37 @@ def test_bundled_rules_take_token_embeddings_only_and_explain_shows_them():
     assert len(fxpeft.explain(tiny_bert(), every).rules[0].matched) == 3
     linear = Rule(match="linear", where=Where(path=["word_embeddings"]), params=LoraParams(), optional=True)
     assert fxpeft.explain(tiny_bert(), linear).rules[0].matched == []  # an embedding is no linear
+
+
+def test_named_adapters_mixed_batches_fuse_and_save(tmp_path):
+    ids = token_batch()
+    gm = fxpeft.rewrite(tiny_llama(), RULES)
+    fxpeft.add_adapter(gm, "other", RULES, r=4)
+    randomize_adapters(gm)
+    assert {"model.embed_tokens.lora_embedding_A_other", "model.embed_tokens.lora_embedding_B_other"} <= \
+        set(fxpeft.adapter_state_dict(gm))
+    first = gm(ids).logits
+    gm.set_adapter("other")
+    second = gm(ids).logits
+    gm.set_adapter("default")
+    with gm.disable_adapters():
+        base = gm(ids).logits
+    names = ["default", "other", "__base__"]
+    mixed = gm(ids, adapter_names=names).logits
+    for row, expected in enumerate((first, second, base)):
+        torch.testing.assert_close(mixed[row], expected[row], rtol=0, atol=ATOL)
+    torch.testing.assert_close(fxpeft.fuse(gm)(ids).logits, first, rtol=0, atol=ATOL)
+    torch.testing.assert_close(fxpeft.fuse(gm, mixed=True)(ids, adapter_names=names).logits, mixed,
+                               rtol=0, atol=ATOL)
+    folder = fxpeft.save(gm, tmp_path / "other", adapter="other")
+    torch.testing.assert_close(logits(fxpeft.load(tiny_llama(), folder), ids), second, rtol=0, atol=ATOL)
+
+
+def test_bf16_base_gets_fp32_adapters_as_in_peft(tmp_path):
+    base = tiny_llama().to(torch.bfloat16)
+    peft_model = peft_embedding_lora(base, "embed_tokens")
+    peft_model.save_pretrained(tmp_path)
+    gm = fxpeft.load(base, tmp_path)
+    assert {p.dtype for n, p in gm.named_parameters() if "lora" in n} == {torch.float32}
+    ids = token_batch()
+    torch.testing.assert_close(logits(gm, ids).float(), logits(peft_model, ids).float(), rtol=0, atol=ATOL)
