@@ -161,10 +161,12 @@ def test_training_lowers_the_loss(frontend):
     assert all(torch.equal(p, frozen[n]) for n, p in net.named_parameters())
 
 
-class Grouped(torch.nn.Module):
-    def __init__(self) -> None:
+class OneConv(torch.nn.Module):
+    """A single ``nn.Conv2d(**options)`` named ``conv``."""
+
+    def __init__(self, **options) -> None:
         super().__init__()
-        self.conv = torch.nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.conv = torch.nn.Conv2d(**options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -172,7 +174,8 @@ class Grouped(torch.nn.Module):
 
 def test_grouped_convolution_matches_peft_but_does_not_merge(tmp_path):
     torch.manual_seed(0)
-    net, x = Grouped().eval(), torch.randn(2, 4, 6, 6)
+    net = OneConv(in_channels=4, out_channels=8, kernel_size=3, padding=1, groups=2).eval()
+    x = torch.randn(2, 4, 6, 6)
     peft_model = get_peft_model(copy.deepcopy(net), LoraConfig(r=4, lora_alpha=8, target_modules=["conv"],
                                                                 init_lora_weights=False)).eval()
     peft_model.save_pretrained(tmp_path)
@@ -195,20 +198,12 @@ def test_bundled_rules_take_every_convolution_and_explain_shows_them():
     assert "head" not in fxpeft.explain(net, Rule(match="conv", params=LoraParams())).rules[0].reasons
 
 
-class Dilated(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(2, 4, 3, padding=2, dilation=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
 def test_a_dilated_convolution_keeps_its_dilation_and_merges_exactly():
     """PEFT's A drops the dilation (its branch then has another size and PEFT fails); fxpeft's A
     keeps it, so the branch has the base's shape and the merge equals the unmerged graph."""
     torch.manual_seed(0)
-    net, x = Dilated().eval(), torch.randn(2, 2, 7, 7)
+    net = OneConv(in_channels=2, out_channels=4, kernel_size=3, padding=2, dilation=2).eval()
+    x = torch.randn(2, 2, 7, 7)
     gm = fxpeft.rewrite(net, Rule(match="conv", params=LoraParams(r=4, init="random")))
     down = next(n for n in adapter_nodes(gm) if n.target == aten.conv2d.default)
     assert down.args[5] == [2, 2]
