@@ -172,6 +172,13 @@ class OneConv(torch.nn.Module):
         return self.conv(x)
 
 
+class ExportOnlyConv(OneConv):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # symbolic_trace fails here; torch.export captures
+            x = x.unsqueeze(0)
+        return super().forward(x)
+
+
 def test_grouped_convolution_matches_peft_but_does_not_merge(tmp_path):
     torch.manual_seed(0)
     net = OneConv(in_channels=4, out_channels=8, kernel_size=3, padding=1, groups=2).eval()
@@ -223,3 +230,19 @@ def test_each_named_adapter_equals_a_graph_holding_it_alone(tmp_path):
         torch.testing.assert_close(outputs(gm, x), outputs(alone, x), rtol=0, atol=ATOL)
     with gm.disable_adapters():
         torch.testing.assert_close(outputs(gm, x), outputs(net, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_string_padding_matches_peft(tmp_path, frontend):
+    """``padding="same"``: PEFT's A keeps the string, and so does fxpeft (``aten.conv2d.padding``)."""
+    torch.manual_seed(0)
+    kind = ExportOnlyConv if frontend == "export" else OneConv
+    net, x = kind(in_channels=3, out_channels=4, kernel_size=3, padding="same").eval(), images()
+    peft_model = get_peft_model(copy.deepcopy(net), LoraConfig(r=4, lora_alpha=8, target_modules=["conv"],
+                                                                init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path)
+    gm = fxpeft.load(net, tmp_path, example_inputs=(x,))
+    assert gm.capture_info.frontend == frontend
+    down = next(n for n in adapter_nodes(gm) if n.target == aten.conv2d.padding)
+    assert down.args[4] == "same"
+    torch.testing.assert_close(outputs(gm, x), outputs(peft_model, x), rtol=0, atol=ATOL)
