@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 import fxpeft
 from conftest import (adapter_nodes, assert_only_adapters_get_grads, emitted_base, lora_branch_count,
                       randomize_adapters, tiny_bert, tiny_llama, token_batch, train)
+from fxpeft.cli import main
 from fxpeft.gates import GATE_META
 from fxpeft.rules import LoraParams, Rule, Where
 
@@ -156,6 +157,14 @@ def test_training_lowers_the_loss():
     losses = train(gm, lambda g: g(input_ids=ids, labels=ids).loss)
     assert losses[-1] < losses[0] - 0.05
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters())
+
+
+def test_the_command_line_explains_an_embedding_rule(tmp_path, capsys):
+    tiny_llama().save_pretrained(tmp_path / "model")
+    assert main(["explain", str(tmp_path / "model"), "--rules", str(RULES)]) == 0
+    out = capsys.readouterr().out
+    assert "token embeddings (lora): 1 match(es)" in out and "bound: embedding 128x64" in out
+    assert main(["check", str(RULES), str(RULES.with_name("lora_conv.toml"))]) == 0
 
 
 def test_bundled_rules_take_token_embeddings_only_and_explain_shows_them():
