@@ -133,7 +133,7 @@ def test_fxpeft_to_peft(tmp_path, frontend):
 
 
 @pytest.mark.parametrize("frontend", FRONTENDS)
-def test_merge_equals_unmerged_and_peft_merged(tmp_path, frontend):
+def test_merge_and_fuse_equal_unmerged_and_peft_merged(tmp_path, frontend):
     net, gm = rewrite(frontend)
     randomize_adapters(gm, seed=4)
     merged = fxpeft.merge(gm)
@@ -143,6 +143,7 @@ def test_merge_equals_unmerged_and_peft_merged(tmp_path, frontend):
     assert not any("lora" in n for n, _ in merged.named_parameters())
     x = images(seed=5)
     torch.testing.assert_close(outputs(merged, x), outputs(gm, x), rtol=0, atol=ATOL)
+    torch.testing.assert_close(outputs(fxpeft.fuse(gm), x), outputs(gm, x), rtol=0, atol=ATOL)
     folder = fxpeft.save(gm, tmp_path / "a")
     peft_merged = PeftModel.from_pretrained(copy.deepcopy(net), str(folder)).merge_and_unload()
     for conv in CONVS:
