@@ -21,7 +21,7 @@ from fxpeft.program import layer_index
 
 aten = torch.ops.aten
 _EMBEDDINGS = (aten.embedding.default,)
-# op -> (index of groups in its arguments, or None when it has none); defaults per torch's schema
+# op -> the index of its groups argument (the others: input, weight, bias, stride, padding, dilation)
 _CONVS = {aten.conv1d.default: 6, aten.conv2d.default: 6, aten.conv1d.padding: 6,
           aten.conv2d.padding: 6, aten.convolution.default: 8}
 _CONV_MODULES = (torch.nn.Conv1d, torch.nn.Conv2d)
