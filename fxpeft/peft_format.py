@@ -195,10 +195,12 @@ def exclude_regexes(config: dict[str, Any]) -> list[str]:
     return found + [rf"^(?:.*\.)?(?:{m})(?:$|\.)" for m in config.get(MODULES_TO_SAVE) or []]
 
 
-def targets_for(paths: list[str], program: Program) -> list[str] | str:
-    """Module names when they select exactly ``paths``; else a regex of the exact paths."""
+def targets_for(paths: list[str], program: Program, known: "list[str] | None" = None) -> list[str] | str:
+    """Module names when they select exactly ``paths`` among the ``known`` module paths (by
+    default the program's linears); else a regex of the exact paths."""
     names = sorted({p.rsplit(".", 1)[-1] for p in paths})
     regex = re.compile(names_regex(names))
-    if {s.module_path for s in program.sites if regex.match(s.module_path)} == set(paths):
+    known = [s.module_path for s in program.sites] if known is None else known
+    if {path for path in known if regex.match(path)} == set(paths):
         return names
     return "|".join(re.escape(p) for p in paths)

@@ -29,8 +29,19 @@ def is_cast(node: object) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _CASTS
 
 
+class WeightedSite:
+    """What every site with a base weight (``weight_target``) can say about it."""
+
+    def weight_like(self, gm: torch.nn.Module) -> torch.Tensor:
+        """A tensor with the base weight's (dequantized) dtype and device, for adapters to be
+        made like."""
+        weight = gm.get_parameter(self.weight_target)  # type: ignore[attr-defined]
+        dtype = getattr(self, "dtype", None)
+        return weight if dtype is None else weight.new_empty(0, dtype=dtype)
+
+
 @dataclass(frozen=True)
-class LinearSite:
+class LinearSite(WeightedSite):
     """A node that computes a linear layer, whatever op spells it.
 
     ``kind`` is ``linear`` (aten.linear / F.linear), ``addmm`` / ``mm`` (GPT-2 ``Conv1D``, weight
@@ -71,12 +82,6 @@ class LinearSite:
         """The input as the graph has it now: an earlier splice (IA3 on a feed-forward input)
         may have routed it through new nodes since capture."""
         return self.consumer.args[-2 if self.kind in ("addmm", "mm") else 0]
-
-    def weight_like(self, gm: torch.nn.Module) -> torch.Tensor:
-        """A tensor with the base weight's (dequantized) dtype and device, for adapters to be
-        made like."""
-        weight = gm.get_parameter(self.weight_target)
-        return weight if self.dtype is None else weight.new_empty(0, dtype=self.dtype)
 
     def bias_target(self, gm: torch.nn.Module) -> str | None:
         """Where the layer's bias lives, if it has one."""

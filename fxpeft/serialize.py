@@ -69,6 +69,7 @@ from fxpeft.kinds.registry import AdapterKind
 from fxpeft.names import MODULES_TO_SAVE
 from fxpeft.peft_format import (INERT_FIELDS, PeftFormatError, neutral, check_fields,
                                 kind_for_config, kind_for_rewrite, to_peft_key)
+from fxpeft.peft_support import check_supported, without_base_copies
 from fxpeft.program import Program
 from fxpeft.rules.dump import dump_rules
 from fxpeft.rules.loader import parse_rules
@@ -616,6 +617,8 @@ def _check_tensors(expected: dict[str, str], tensors: dict[str, torch.Tensor],
 def _fill(gm: AdaptedModule, adapter: str, kind: AdapterKind, tensors: dict[str, torch.Tensor],
           folder: Path, source: Path) -> None:
     expected = _expected(gm, adapter, kind)
+    tensors = without_base_copies(gm, adapter, tensors, folder / WEIGHTS)
+    check_supported(program_of(gm), kind, set(expected), set(tensors), folder / WEIGHTS)
     if not expected:  # PEFT, too, refuses a config that adapts nothing
         raise AdapterFileError(f"{source}: the adapter it describes matches no module of "
                                f"{program_of(gm).model_class}")

@@ -46,6 +46,7 @@ class DoraParams(LoraParams):
     """
 
     kind = "dora"
+    match_kinds = ("linear",)  # DoRA on embeddings and convolutions is not implemented
 
 
 @dataclass(frozen=True)
