@@ -175,6 +175,22 @@ def test_folders_cross_load_both_ways(tmp_path, steps):
     assert again["rank_pattern"] == config["rank_pattern"] and again_tensors.keys() == tensors.keys()
 
 
+def _train(gm, ids, steps, optimizer_class, lr, after_step=None) -> list[float]:
+    """A plain loop; ``after_step(step)`` runs after each ``optimizer.step()``."""
+    optimizer = optimizer_class([p for p in gm.parameters() if p.requires_grad], lr=lr)
+    gm.train()
+    losses = []
+    for step in range(steps):
+        loss = gm(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step(step)
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def test_automatic_allocation_follows_the_optimizer():
     """Without ``update_and_allocate`` calls, each optimizer step allocates (steps from 0), as
     explicit calls after each step do."""
@@ -183,14 +199,7 @@ def test_automatic_allocation_follows_the_optimizer():
     for auto in (True, False):
         torch.manual_seed(5)
         gm = fxpeft.rewrite(tiny_llama(), _rule(auto_allocate=auto))
-        optimizer = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.5)
-        gm.train()
-        for step in range(6):
-            gm(ids, labels=ids).loss.backward()
-            optimizer.step()
-            if not auto:
-                gm.update_and_allocate(step)
-            optimizer.zero_grad()
+        _train(gm, ids, 6, torch.optim.SGD, 0.5, after_step=None if auto else gm.update_and_allocate)
         graphs.append(gm)
     auto, manual = (allocator(g, "default") for g in graphs)
     assert auto.steps == 6 and auto.rank_pattern is not None
@@ -204,15 +213,7 @@ def test_training_lowers_the_loss_and_shrinks_to_the_target():
     ids = token_batch(batch=4, seq=16)
     gm = fxpeft.rewrite(tiny_llama(), str(RULES), dropout=0.0, init_r=4, target_r=2, tinit=5,
                         tfinal=5, total_step=20)
-    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
-    gm.train()
-    losses = []
-    for _ in range(20):
-        loss = gm(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = _train(gm, ids, 20, torch.optim.AdamW, 1e-2)
     assert losses[-1] < losses[0] - 0.5, losses
     assert sum(allocator(gm, "default").ranks().values()) == 2 * 4
 
@@ -268,3 +269,31 @@ def test_a_bad_rank_pattern_names_the_file(tmp_path):
     with pytest.raises(PeftFormatError, match=r"adapter_config.json: .*q_proj.lora_\w: rank_pattern "
                                               r"keeps 6 of 6 ranks, but the tensor is"):
         fxpeft.load(tiny_llama(), tmp_path)
+
+
+def test_the_trainer_allocates_without_a_call(tmp_path):
+    """HF's Trainer steps a torch optimizer: the global step hook allocates once per step."""
+    from transformers import Trainer, TrainingArguments
+    ids = token_batch(batch=8, seq=16)
+    gm = fxpeft.rewrite(tiny_llama(), str(RULES), dropout=0.0, init_r=4, target_r=2, tinit=1,
+                        tfinal=1, total_step=6)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=6,
+                             report_to=[], save_strategy="no", use_cpu=True, learning_rate=1e-2,
+                             disable_tqdm=True)
+    Trainer(model=gm, args=args, train_dataset=[{"input_ids": i, "labels": i} for i in ids]).train()
+    found = allocator(gm, "default")
+    assert found.steps == 6 and sum(found.ranks().values()) == 2 * 4
+
+
+def test_fused_copy_keeps_the_regulariser():
+    ids = token_batch()
+    _, gm = _twin()
+    fused = fxpeft.fuse(gm)
+    gm.train(), fused.train()
+    torch.testing.assert_close(fused(ids, labels=ids).loss, gm(ids, labels=ids).loss, rtol=0, atol=1e-5)
+
+
+def test_bundled_rule_file_matches_q_and_v_only():
+    paths = fxpeft.explain(tiny_llama(), str(RULES)).rules[0].matched
+    assert paths == SITES
+    assert not any(p.endswith(("k_proj", "o_proj", "lm_head")) or ".mlp." in p for p in paths)

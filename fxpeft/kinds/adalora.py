@@ -403,8 +403,10 @@ def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str)
     knobs = {ours: config[theirs] for theirs, ours in _KNOBS.items() if config.get(theirs) is not None}
     try:
         params = AdaLoraParams(**knobs, auto_allocate=False)
-    except RuleError as err:
-        raise PeftFormatError(f"{source}: {err.key.split('.')[-1]}: {err.message}") from None
+    except RuleError as err:  # named as the config names it
+        ours = err.key.split(".")[-1]
+        theirs = next((k for k, v in _KNOBS.items() if v == ours), ours)
+        raise PeftFormatError(f"{source}: {theirs}: {err.message}") from None
     target = "^" + layers_prefix(config) + target_regex(config, model, source)
     return RuleSet((Rule(name="peft adalora", params=params,
                          where=Where(path=[target], exclude=exclude_regexes(config))),), source=source)
