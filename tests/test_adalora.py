@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fxpeft
-from conftest import (adapter_nodes, assert_only_adapters_get_grads, emitted_base, token_batch,
-                      tiny_llama)
+from conftest import (adapter_nodes, assert_only_adapters_get_grads, emitted_base, tiny_gpt2,
+                      tiny_llama, token_batch)
 from fxpeft.kinds.adalora import AdaLoraParams, allocator
 from fxpeft.peft_format import PeftFormatError
 from fxpeft.rules import Rule, Where
@@ -297,3 +297,37 @@ def test_bundled_rule_file_matches_q_and_v_only():
     paths = fxpeft.explain(tiny_llama(), str(RULES)).rules[0].matched
     assert paths == SITES
     assert not any(p.endswith(("k_proj", "o_proj", "lm_head")) or ".mlp." in p for p in paths)
+
+
+@pytest.mark.parametrize("family", ["llama bf16", "gpt2 Conv1D"])
+def test_other_dtypes_and_layouts_equal_peft_both_ways(tmp_path, family):
+    """fp32 adapters on a bf16 base (PEFT's autocast), and GPT-2's fan-in-fan-out Conv1D."""
+    from peft import AdaLoraConfig, PeftModel, get_peft_model
+    build, targets = {"llama bf16": (lambda: tiny_llama().to(torch.bfloat16), ["q_proj", "v_proj"]),
+                      "gpt2 Conv1D": (tiny_gpt2, ["c_attn"])}[family]
+    ids = token_batch()
+    peft_model = get_peft_model(build(), AdaLoraConfig(target_modules=targets, task_type="CAUSAL_LM",
+                                                       **PEFT_KNOBS))
+    _randomise(peft_model)
+    peft_model.eval().save_pretrained(tmp_path / "peft")
+    expected = peft_model(input_ids=ids).logits
+    gm = fxpeft.load(build(), tmp_path / "peft")
+    assert all(p.dtype == torch.float32 for n, p in gm.named_parameters() if "lora_" in n)
+    torch.testing.assert_close(gm(ids).logits, expected, rtol=0, atol=1e-5)
+    fxpeft.save(gm, tmp_path / "ours")
+    back = PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
+    torch.testing.assert_close(back(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+    if family == "gpt2 Conv1D":
+        torch.testing.assert_close(fxpeft.merge(gm)(ids).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_an_off_adapter_adds_no_regulariser():
+    ids = token_batch()
+    _, gm = _twin()
+    gm.add_adapter("other", str(RULES), total_step=10)
+    gm.train()
+    base = tiny_llama().train()(input_ids=ids, labels=ids).loss
+    with gm.disable_adapters():
+        torch.testing.assert_close(gm(ids, labels=ids).loss, base, rtol=0, atol=0)
+    gm.set_adapter("other")  # E is zero at init: only its regulariser changes the loss
+    assert gm(ids, labels=ids).loss > base + 1e-2
