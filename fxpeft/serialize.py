@@ -582,7 +582,8 @@ def _check_rules_match_config(gm: AdaptedModule, adapter: str, kind: AdapterKind
     """``fxpeft_rules.toml`` must build exactly what ``adapter_config.json`` says: PEFT's
     ``save_pretrained`` rewrites only the JSON, so an edited JSON with a stale TOML is refused."""
     ours = peft_config(program_of(gm), record(gm, adapter), kind)
-    for field in sorted((kind.peft.fields | {"modules_to_save"}) - INERT_FIELDS - kind.peft.state_fields):
+    compared = (kind.peft.fields | {"modules_to_save"}) - INERT_FIELDS - kind.peft.state_fields
+    for field in sorted(compared):
         if _comparable(ours.get(field)) != _comparable(config.get(field)):
             raise AdapterFileError(
                 f"{folder / CONFIG}: {field} = {config.get(field)!r}, but {RULES} builds "

@@ -26,9 +26,10 @@ def _rule(**params):
                 params=AdaLoraParams(**{**KNOBS, "alpha": 8, "auto_allocate": False, **params}))
 
 
-def _peft_model():
+def _peft_model(**knobs):
     from peft import AdaLoraConfig, get_peft_model
-    config = AdaLoraConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", **PEFT_KNOBS)
+    config = AdaLoraConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                           **PEFT_KNOBS, **knobs)
     return get_peft_model(tiny_llama(), config)
 
 
@@ -56,11 +57,11 @@ def _copy_into(gm, peft_model):
             state[name].copy_(param)
 
 
-def _twin():
+def _twin(**knobs):
     """PEFT's AdaLoRA model and fxpeft's, holding the same random adapter values."""
-    peft_model = _peft_model()
+    peft_model = _peft_model(**knobs)
     _randomise(peft_model)
-    gm = fxpeft.rewrite(tiny_llama(), _rule())
+    gm = fxpeft.rewrite(tiny_llama(), _rule(**knobs))
     _copy_into(gm, peft_model)
     return peft_model, gm
 
@@ -127,9 +128,10 @@ def _peft_pattern(peft_model):
     return {_ours(k).removesuffix(".lora_E"): v for k, v in pattern.items()}
 
 
-def test_rank_allocation_equals_peft_at_every_step():
+@pytest.mark.parametrize("delta_t", [1, 3])
+def test_rank_allocation_equals_peft_at_every_step(delta_t):
     ids = token_batch()
-    peft_model, gm = _twin()
+    peft_model, gm = _twin(deltaT=delta_t)
     ranks = []
     for step in range(10):  # warm-up (0, 1), the shrinking budget (2-7), final (8), after (9)
         _allocation_steps(peft_model, gm, [step], ids)
@@ -142,6 +144,8 @@ def test_rank_allocation_equals_peft_at_every_step():
             torch.testing.assert_close(gm.get_parameter(name), param, rtol=0, atol=0)
         ranks.append(sum(found.ranks().values()))
     assert ranks[0] < 4 * 6 and ranks[-1] == 4 * 2 and ranks == sorted(ranks, reverse=True)
+    with pytest.raises(fxpeft.FxpeftError, match="step must be an integer >= 0"):
+        gm.update_and_allocate(-1)
 
 
 def _peft_files(folder):

@@ -91,7 +91,7 @@ class AdaLoraParams(Params):
     >>> AdaLoraParams(total_step=10, tinit=10)
     Traceback (most recent call last):
     ...
-    fxpeft.errors.RuleError: <rules>: params.tinit: tinit (10) must be below total_step - tfinal (10): no step would allocate ranks
+    fxpeft.errors.RuleError: <rules>: params.tinit: tinit (10) must be below total_step - tfinal (10)
     """
 
     kind = KIND_NAME
@@ -107,16 +107,15 @@ class AdaLoraParams(Params):
     beta2: float = spec(0.85, _beta, "moving average of the uncertainty")
     orth_reg_weight: float = spec(0.5, _non_negative, "weight of the orthogonality regulariser")
     total_step: int | None = spec(None, _total_step, "training steps (required)")
-    auto_allocate: bool = spec(True, checks.boolean,
-                               "allocate after every optimizer step (false: call gm.update_and_allocate)")
+    auto_allocate: bool = spec(True, checks.boolean, "allocate after every optimizer step "
+                               "(false: call gm.update_and_allocate)")
     autocast: bool = spec(True, checks.boolean, "fp32 adapters on fp16/bf16 bases")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.tinit >= self.total_step - self.tfinal:
             raise RuleError(f"tinit ({self.tinit}) must be below total_step - tfinal "
-                            f"({self.total_step - self.tfinal}): no step would allocate ranks",
-                            key="params.tinit")
+                            f"({self.total_step - self.tfinal})", key="params.tinit")
 
     @property
     def scale(self) -> float:
@@ -197,10 +196,12 @@ def _regulariser_node(graph: torch.fx.Graph, adapter: str) -> torch.fx.Node | No
                  if adapter_node(n).adapter == adapter), None)
 
 
-def _record(nodes: list[torch.fx.Node], adapter: str, path: str, detail: Any,
+def _record(nodes: list[torch.fx.Node], job: SpliceInput,
             removable: torch.fx.Node | None = None) -> list[torch.fx.Node]:
+    """The regulariser's records (it bypasses to the output it adds to)."""
+    detail = OrthDetail(job.params.orth_reg_weight)
     for node in nodes:
-        node.meta[ADAPTER_META] = AdapterNode(KIND_NAME, adapter, path,
+        node.meta[ADAPTER_META] = AdapterNode(KIND_NAME, job.adapter, job.site.module_path,
                                               0 if node is removable else None, detail)
     return nodes
 
@@ -214,9 +215,10 @@ def _new_regulariser(job: SpliceInput, a: torch.fx.Node, b: torch.fx.Node) -> li
     with graph.inserting_before(final):
         gate = graph.get_attr(f"{GATES}.{job.adapter}")
         gate.meta[GATE_META] = job.adapter
-        reg = graph.call_module(ORTH_MODULE, (final.args[0], gate, job.params.orth_reg_weight, a, b))
+        reg = graph.call_module(ORTH_MODULE, (final.args[0], gate, job.params.orth_reg_weight,
+                                              a, b))
     final.args = (reg,)
-    return _record([reg], job.adapter, job.site.module_path, OrthDetail(job.params.orth_reg_weight), reg)
+    return _record([reg], job, reg)
 
 
 def _regularise(job: SpliceInput, detail: AdaLoraDetail) -> list[torch.fx.Node]:
@@ -231,7 +233,7 @@ def _regularise(job: SpliceInput, detail: AdaLoraDetail) -> list[torch.fx.Node]:
     final = next(iter(graph.find_nodes(op="output")))
     with graph.inserting_before(reg if reg is not None else final):
         a, b = graph.get_attr(detail.lora_A), graph.get_attr(detail.lora_B)
-    added = _record([a, b], job.adapter, job.site.module_path, OrthDetail(job.params.orth_reg_weight))
+    added = _record([a, b], job)
     if reg is None:
         return added + _new_regulariser(job, a, b)
     reg.args = (*reg.args, a, b)
@@ -263,7 +265,8 @@ def orthogonality(pairs: tuple[torch.Tensor, ...]) -> torch.Tensor:
     total = 0
     for index, p in enumerate(pairs):
         cov = p @ p.T if index % 2 == 0 else p.T @ p
-        total = total + torch.norm(cov - torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device), p="fro")
+        eye = torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)
+        total = total + torch.norm(cov - eye, p="fro")
     return total / len(pairs)
 
 
@@ -372,6 +375,9 @@ def update_and_allocate(gm: torch.fx.GraphModule, step: int) -> None:
     """PEFT's ``update_and_allocate(step)`` for every trainable AdaLoRA adapter of ``gm`` whose
     rules say ``auto_allocate = false``: call it after each ``optimizer.step()``, before
     ``zero_grad()``, with the step number (from 0)."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise FxpeftError(f"update_and_allocate: step must be an integer >= 0 (the optimizer "
+                          f"steps taken before this one), got {step!r}")
     trainable = [a for a in adalora_adapters(gm) if allocator(gm, a).triplets[0].E.requires_grad]
     if not trainable:
         raise FxpeftError("update_and_allocate: this graph has no trainable AdaLoRA adapter")
@@ -389,10 +395,11 @@ _KNOBS = {"init_r": "init_r", "target_r": "target_r", "lora_alpha": "alpha",
           "lora_dropout": "dropout", "tinit": "tinit", "tfinal": "tfinal", "deltaT": "deltaT",
           "beta1": "beta1", "beta2": "beta2", "orth_reg_weight": "orth_reg_weight",
           "total_step": "total_step"}
-# "r" is LoraConfig's, which AdaLoRA ignores (PEFT writes its default, 8).
-ADALORA_FIELDS = frozenset({*_KNOBS, "r", "target_modules", "exclude_modules",
-                            "layers_to_transform", "layers_pattern", "fan_in_fan_out", "bias",
-                            "init_lora_weights", "rank_pattern"})
+# LoraConfig fields PEFT's AdaLoRA ignores: "r" (it writes the default, 8), "use_rslora" and
+# "alpha_pattern" (its scale is always lora_alpha / ranknum).
+ADALORA_FIELDS = frozenset({*_KNOBS, "r", "use_rslora", "alpha_pattern", "target_modules",
+                            "exclude_modules", "layers_to_transform", "layers_pattern",
+                            "fan_in_fan_out", "bias", "init_lora_weights", "rank_pattern"})
 
 
 def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str) -> RuleSet:
@@ -442,8 +449,8 @@ def save_state(gm: torch.fx.GraphModule, adapter: str, config: dict[str, Any],
     for key, tensor in tensors.items():
         site = _site_keys(key)
         pruned[key] = tensor if site is None else _pruned(tensor, site[1], pattern[site[0]].cpu())
-    config = {**config, "rank_pattern": {f"{path}.lora_E": keep.tolist() for path, keep in pattern.items()}}
-    return config, pruned
+    ranks = {f"{path}.lora_E": keep.tolist() for path, keep in pattern.items()}
+    return {**config, "rank_pattern": ranks}, pruned
 
 
 def _pattern(config: dict[str, Any], found: RankAllocator, source: str) -> dict[str, torch.Tensor]:
@@ -500,12 +507,13 @@ def load_state(gm: torch.fx.GraphModule, adapter: str, config: dict[str, Any],
     if config.get("rank_pattern") is None:
         return tensors
     masks = _pattern(config, found, source)
-    shapes = {t.path: dict(zip(("lora_A", "lora_E", "lora_B"), t.parameters())) for t in found.triplets}
+    ours = {t.path: dict(zip(("lora_A", "lora_E", "lora_B"), t.parameters())) for t in found.triplets}
     full = dict(tensors)
     for key, tensor in tensors.items():
         site = _site_keys(key)
         if site is not None and site[0] in masks:
-            full[key] = _scattered(tensor, site[1], masks[site[0]], shapes[site[0]][site[1]], key, source)
+            like = ours[site[0]][site[1]]
+            full[key] = _scattered(tensor, site[1], masks[site[0]], like, key, source)
     found.rank_pattern = masks
     return full
 
