@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx
@@ -332,24 +332,36 @@ def adalora_adapters(gm: torch.nn.Module) -> list[str]:
             if any(rule.rewrite == KIND_NAME for rule in rec.rules.rules)]
 
 
-def allocator(gm: torch.fx.GraphModule, adapter: str) -> RankAllocator:
-    """``adapter``'s allocator (made on first use, kept in ``gm.meta``; a deleted and re-added
-    adapter gets a new one)."""
+class _Entry(NamedTuple):
+    """An adapter's allocator in ``gm.meta``, with the adapter record it was made for."""
+
+    record: Any
+    allocator: RankAllocator
+    auto: bool
+
+
+def _entry(gm: torch.fx.GraphModule, adapter: str) -> _Entry:
+    """Made on first use; a deleted and re-added adapter (a new record) gets a new one."""
     rec = adapter_records(gm)[adapter]
     store = gm.meta["fxpeft"].setdefault(KIND_NAME, {})
     found = store.get(adapter)
-    if found is None or found[0] is not rec:
+    if found is None or found.record is not rec:
         records = _site_records(gm, adapter)
         triplets = [Triplet(r.module_path, *(fetch(gm, t) for t in (
             r.detail.lora_A, r.detail.lora_E, r.detail.lora_B))) for r in records]
-        found = store[adapter] = (rec, RankAllocator(records[0].detail.params.schedule, triplets),
-                                  records[0].detail.params.auto_allocate)
-    return found[1]
+        params = records[0].detail.params
+        found = store[adapter] = _Entry(rec, RankAllocator(params.schedule, triplets),
+                                        params.auto_allocate)
+    return found
+
+
+def allocator(gm: torch.fx.GraphModule, adapter: str) -> RankAllocator:
+    """``adapter``'s rank allocator (its masks, ranks and moving averages)."""
+    return _entry(gm, adapter).allocator
 
 
 def _auto(gm: torch.fx.GraphModule, adapter: str) -> bool:
-    allocator(gm, adapter)
-    return gm.meta["fxpeft"][KIND_NAME][adapter][2]
+    return _entry(gm, adapter).auto
 
 
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
