@@ -181,10 +181,11 @@ def _writers(gm: AdaptedModule, adapter: str, directory: Path) -> dict[str, Call
     """What to write, per file name; everything is computed and checked before any write."""
     rec, program = record(gm, adapter), program_of(gm)
     kind = _kind_of(rec.rules)
-    fields, tensors = peft_config(program, rec, kind), peft_state_dict(gm, adapter, kind)
-    if kind.peft.save_state is not None:  # training state the files carry (AdaLoRA's ranks)
-        fields, tensors = kind.peft.save_state(gm, adapter, fields, tensors)
+    tensors = peft_state_dict(gm, adapter, kind)
     try:
+        fields = peft_config(program, rec, kind)
+        if kind.peft.save_state is not None:  # training state the files carry (AdaLoRA's ranks)
+            fields, tensors = kind.peft.save_state(gm, adapter, fields, tensors)
         config = _exact_json(fields, directory / CONFIG)
     except PeftFormatError as err:
         if str(directory) in str(err):

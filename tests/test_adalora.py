@@ -335,3 +335,22 @@ def test_an_off_adapter_adds_no_regulariser():
         torch.testing.assert_close(gm(ids, labels=ids).loss, base, rtol=0, atol=0)
     gm.set_adapter("other")  # E is zero at init: only its regulariser changes the loss
     assert gm(ids, labels=ids).loss > base + 1e-2
+
+
+def test_a_saved_ranknum_must_be_the_initial_rank(tmp_path):
+    """PEFT 0.21 leaves ``ranknum`` out of its files; a file that has it loads when it holds
+    ``init_r`` (the value PEFT always gives it)."""
+    from safetensors.torch import load_file, save_file
+    ids = token_batch()
+    peft_model, _ = _twin()
+    peft_model.eval().save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    for site in SITES:
+        tensors[f"base_model.model.{site}.ranknum"] = torch.tensor([6.0])
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    loaded = fxpeft.load(tiny_llama(), tmp_path)
+    torch.testing.assert_close(loaded(ids).logits, peft_model(input_ids=ids).logits, rtol=0, atol=1e-5)
+    tensors[f"base_model.model.{SITES[0]}.ranknum"] = torch.tensor([3.0])
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(PeftFormatError, match=r"q_proj.ranknum = \[3.0\]: fxpeft reads only ranknum"):
+        fxpeft.load(tiny_llama(), tmp_path)
