@@ -14,6 +14,7 @@ import torch.fx
 
 from fxpeft import adapt, adapter_set, gates
 from fxpeft.errors import FxpeftError
+from fxpeft.kinds import adalora
 from fxpeft.kinds.registry import is_adapter_parameter
 from fxpeft.names import is_fxpeft_node
 
@@ -107,6 +108,21 @@ class AdaptedModule(torch.fx.GraphModule):
 
     def delete_adapter(self, adapter: str) -> None:
         adapter_set.delete_adapter(self, adapter)
+
+    def update_and_allocate(self, step: int) -> None:
+        """AdaLoRA's rank allocation for ``step`` (PEFT's ``update_and_allocate``), for adapters
+        whose rules say ``auto_allocate = false``: call it after each ``optimizer.step()``,
+        before ``zero_grad()``, numbering steps from 0 (others allocate by themselves).
+
+        >>> import torch, fxpeft
+        >>> from fxpeft.kinds.adalora import AdaLoraParams
+        >>> rule = fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"]),
+        ...                          params=AdaLoraParams(total_step=4, auto_allocate=False))
+        >>> gm = fxpeft.rewrite(torch.nn.Sequential(torch.nn.Linear(4, 4)), rule)
+        >>> gm(torch.randn(2, 4)).sum().backward()
+        >>> gm.update_and_allocate(0)
+        """
+        adalora.update_and_allocate(self, step)
 
 
 def _moved(value: Any, device: torch.device) -> Any:

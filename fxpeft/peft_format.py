@@ -11,6 +11,11 @@ A kind's ``PeftFormat`` (``AdapterKind.peft``) says how it meets one PEFT ``peft
   ``PeftFormatError`` naming ``source`` and the field for anything it cannot honour.
 - ``fields``: the config fields ``to_rules`` reads. Any other field must hold a neutral value
   (``None``, ``False``, ``{}``, ``[]``) or be PEFT metadata (``GENERIC_FIELDS``); else load fails.
+- ``save_state`` / ``load_state`` (optional): for kinds whose files hold training state beyond
+  the structure (AdaLoRA's ``rank_pattern`` and tensors pruned to it). ``save_state(gm, adapter,
+  config, tensors) -> (config, tensors)`` and ``load_state(gm, adapter, config, tensors, source)
+  -> tensors`` (the file's tensors as the graph holds them); ``state_fields`` are the config
+  fields they own, which are not compared with the rules that rebuild the graph.
 
 Keys: the kind's ``components`` map our parameter names to PEFT's saved keys and back:
 ``model.layers.0.self_attn.q_proj.lora_A.weight`` <-> ``base_model.model.model.layers.0.
@@ -58,6 +63,9 @@ class PeftFormat:
     to_rules: Callable[..., Any]
     fields: frozenset[str]
     selector: dict[str, Any] = field(default_factory=dict)
+    save_state: Callable[..., tuple[dict[str, Any], dict[str, Any]]] | None = None
+    load_state: Callable[..., dict[str, Any]] | None = None
+    state_fields: frozenset[str] = frozenset()
 
     def selects(self, config: dict[str, Any]) -> bool:
         """Whether ``config`` is this format's: its ``peft_type`` and every selector field."""
