@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -25,7 +26,8 @@ from tqdm import tqdm
 
 import fxpeft
 from fxpeft.data import shakespeare_text, token_blocks
-from fxpeft.memory import current_rss_mib, peak_rss_mib, reset_peak_rss
+from fxpeft.memory import (STEADY_MALLOC_ENV, current_rss_mib, peak_rss_mib, release_freed_memory,
+                           reset_peak_rss)
 from fxpeft.models import load_smollm2
 
 
@@ -66,17 +68,20 @@ def train(model: torch.nn.Module, blocks: torch.Tensor, args: argparse.Namespace
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
     model.train()
+    release_freed_memory()
     reset_peak_rss()
     progress = tqdm(range(steps), desc="training", unit="step", disable=not report)
+    losses = []
     for step in progress:
         batch = blocks[torch.randint(len(blocks), (args.batch_size,), generator=generator)]
         loss = model(input_ids=batch, labels=batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        losses.append(loss.item())
         progress.set_postfix(loss=f"{loss.item():.3f}")
-        if report and (step % 10 == 0 or step == steps - 1):
-            progress.write(f"step {step:3d}  loss {loss.item():.3f}")
+        if report and (step + 1) % 10 == 0:
+            progress.write(f"steps {step - 8:3d}-{step + 1:3d}: mean loss {sum(losses[-10:]) / 10:.3f}")
     return peak_rss_mib()
 
 
@@ -98,6 +103,9 @@ def measure_fp32_baseline(args: argparse.Namespace) -> float:
 
 
 def main() -> None:
+    if any(os.environ.get(k) != v for k, v in STEADY_MALLOC_ENV.items()):
+        # Re-run with glibc's mmap threshold fixed, so RSS follows live tensors (fxpeft.memory).
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC_ENV})
     args = parse_args()
     torch.manual_seed(args.seed)
     if args.fp32_baseline:

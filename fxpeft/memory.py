@@ -7,7 +7,14 @@ True
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from pathlib import Path
+
+# glibc raises its mmap threshold after each large free, after which freed tensors stay in the
+# heap and RSS records the heap's high-water mark instead of live memory. A fixed threshold
+# (set before the process starts) keeps large tensors mmapped, so RSS follows them.
+STEADY_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def _status_mib(field: str) -> float:
@@ -30,3 +37,13 @@ def peak_rss_mib() -> float:
 def reset_peak_rss() -> None:
     """Make the peak the current RSS, so a later ``peak_rss_mib`` covers only what follows."""
     Path("/proc/self/clear_refs").write_text("5")
+
+
+def release_freed_memory() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``), so RSS measures what is live;
+    a no-op where there is no glibc."""
+    libc = ctypes.util.find_library("c")
+    if libc:
+        trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
