@@ -10,14 +10,13 @@ after, and saves the adapter in HF PEFT's format.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
 from tqdm import tqdm
 
 import fxpeft
-from fxpeft.data import shakespeare_text, token_blocks
+from fxpeft.data import perplexity, shakespeare_text, token_blocks
 from fxpeft.models import load_smollm2
 
 
@@ -33,13 +32,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output", default="out/smollm2-shakespeare-lora")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
-
-
-@torch.no_grad()
-def perplexity(gm: torch.nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
-    gm.eval()
-    losses = [gm(input_ids=chunk, labels=chunk).loss.item() for chunk in blocks.split(batch_size)]
-    return math.exp(sum(losses) / len(losses))
 
 
 def train(gm: torch.nn.Module, blocks: torch.Tensor, args: argparse.Namespace) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 import fxpeft
-from fxpeft.data import shakespeare_text, token_blocks
+from fxpeft.data import perplexity, shakespeare_text, token_blocks
 from fxpeft.memory import (STEADY_MALLOC_ENV, current_rss_mib, peak_rss_mib, release_freed_memory,
                            reset_peak_rss)
 from fxpeft.models import load_smollm2
@@ -53,13 +52,6 @@ def nf4_config():
     compute = torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
-
-
-@torch.no_grad()
-def perplexity(gm: torch.nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
-    gm.eval()
-    losses = [gm(input_ids=chunk, labels=chunk).loss.item() for chunk in blocks.split(batch_size)]
-    return math.exp(sum(losses) / len(losses))
 
 
 def train(model: torch.nn.Module, blocks: torch.Tensor, args: argparse.Namespace, steps: int,

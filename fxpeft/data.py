@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 from typing import Any
 
@@ -37,3 +38,18 @@ def token_blocks(tokenizer: Any, text: str, seq_len: int) -> torch.Tensor:
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     count = ids.numel() // seq_len
     return ids[: count * seq_len].view(count, seq_len)
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
+    """``exp`` of the mean causal-LM loss of ``model`` (put in eval mode) over token ``blocks``.
+
+    >>> class Uniform(torch.nn.Module):
+    ...     def forward(self, input_ids, labels):
+    ...         return type("Out", (), {"loss": torch.tensor(2.0)})()
+    >>> round(perplexity(Uniform(), torch.zeros(4, 8, dtype=torch.long), 2), 3)
+    7.389
+    """
+    model.eval()
+    losses = [model(input_ids=chunk, labels=chunk).loss.item() for chunk in blocks.split(batch_size)]
+    return math.exp(sum(losses) / len(losses))
