@@ -129,9 +129,10 @@ def test_twenty_steps_lower_the_loss(checkpoint, scheme):
     assert losses[-1] < losses[0] - 0.2, losses
 
 
-def test_torch_compile_forward_and_backward_equal_eager(checkpoint):
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_torch_compile_forward_and_backward_equal_eager(checkpoint, scheme):
     ids = token_batch()
-    gm = fxpeft.rewrite(load(checkpoint, "nf4"), "lora_qv.toml").train()
+    gm = fxpeft.rewrite(load(checkpoint, scheme), "lora_qv.toml").train()
     randomize_adapters(gm)
     gm.eval()
     eager = gm(ids, labels=ids).loss
