@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 import fxpeft
 from fxpeft.data import perplexity, shakespeare_text, token_blocks
-from fxpeft.memory import (STEADY_MALLOC_ENV, current_rss_mib, peak_rss_mib, release_freed_memory,
-                           reset_peak_rss)
+from fxpeft.memory import (STEADY_MALLOC_ENV, current_rss_mib, own_memory, peak_rss_mib,
+                           release_freed_memory, reset_peak_rss)
 from fxpeft.models import load_smollm2
 
 
@@ -81,6 +81,7 @@ def fp32_baseline(args: argparse.Namespace) -> None:
     """The fp32 LoRA run (unquantized, no checkpointing), a few steps: prints its memory."""
     before = current_rss_mib()
     model, tokenizer = load_smollm2()
+    own_memory(model)
     blocks = token_blocks(tokenizer, shakespeare_text(args.play), args.seq_len)
     gm = fxpeft.rewrite(model, args.rules)
     peak = train(gm, blocks, args, args.compare_steps, report=False)
@@ -105,6 +106,7 @@ def main() -> None:
     start, before = time.perf_counter(), current_rss_mib()
     config = nf4_config()
     model, tokenizer = load_smollm2(quantization_config=config)
+    own_memory(model)  # lets the fp32 checkpoint's mapped pages go (fxpeft.memory)
     blocks = token_blocks(tokenizer, shakespeare_text(args.play), args.seq_len)
     held_out, train_blocks = blocks[: args.eval_blocks], blocks[args.eval_blocks:]
     print(f"{args.play}: {len(train_blocks)} training blocks, {len(held_out)} held-out blocks of "
