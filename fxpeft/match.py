@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch.fx
 
 from fxpeft.attention import find_attention_sites
+from fxpeft.embedding import find_input_embeddings
 from fxpeft.program import Program, layer_index
 from fxpeft.rules.schema import Rule, RuleSet, Where
 
@@ -83,9 +84,14 @@ def _attention_candidates(program: Program) -> list[Candidate]:
     return [Candidate(s.module_path, s.module_type, s.output, s) for s in find_attention_sites(program)]
 
 
+def _input_embedding_candidates(program: Program) -> list[Candidate]:
+    return [Candidate(s.module_path, s.module_type, s.node, s) for s in find_input_embeddings(program)]
+
+
 # match kind -> how to enumerate its candidates. Patterns for new kinds register here.
 CANDIDATE_FINDERS: dict[str, Callable[[Program], list[Candidate]]] = {
-    "linear": _linear_candidates, "attention": _attention_candidates}
+    "linear": _linear_candidates, "attention": _attention_candidates,
+    "input_embedding": _input_embedding_candidates}
 
 
 def candidates(program: Program, kind: str) -> list[Candidate]:

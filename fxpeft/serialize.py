@@ -123,7 +123,8 @@ def peft_state_dict(gm: torch.nn.Module, adapter: str, kind: AdapterKind) -> dic
     """``adapter``'s tensors under PEFT's keys (copies, on the CPU)."""
     tensors = {}
     for name, tensor in gm.state_dict().items():
-        key = to_peft_key(name, adapter, kind.components) if is_adapter_parameter(name) else None
+        key = to_peft_key(name, adapter, kind.components, kind.peft.key_prefix) \
+            if is_adapter_parameter(name) else None
         if key is not None:
             tensors[key] = tensor.detach().to("cpu", copy=True).contiguous()
     return tensors
@@ -592,7 +593,7 @@ def _expected(gm: torch.nn.Module, adapter: str, kind: AdapterKind) -> dict[str,
     """PEFT key -> our parameter name, for every tensor ``adapter`` needs."""
     names = (n for n in gm.state_dict() if is_adapter_parameter(n))
     return {key: name for name in names
-            if (key := to_peft_key(name, adapter, kind.components)) is not None}
+            if (key := to_peft_key(name, adapter, kind.components, kind.peft.key_prefix)) is not None}
 
 
 def _check_tensors(expected: dict[str, str], tensors: dict[str, torch.Tensor],

@@ -1,0 +1,342 @@
+"""Prompt tuning: the graph it builds, switching it off (a shorter sequence), training, and
+parity with PEFT's PromptTuningConfig both ways through the folder format, on Llama and T5."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxpeft
+from conftest import (VOCAB, adapter_nodes, assert_only_adapters_get_grads, emitted_base, tiny_bert,
+                      tiny_llama, tiny_t5, token_batch)
+from fxpeft.errors import FxpeftError, PassError, RuleError
+from fxpeft.gates import GATE_META
+from fxpeft.kinds.prompt_tuning import (PromptTuningParams, prepend_ids, prepend_labels,
+                                        prepend_mask, prepend_prompt)
+from fxpeft.names import adapter_node
+from fxpeft.rules import Rule
+
+RULES = str(Path(__file__).parent.parent / "passes" / "prompt_tuning.toml")
+BUILDERS = {"llama": tiny_llama, "t5": tiny_t5}
+TASKS = {"llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
+INITS = ["RANDOM", "SAMPLE_VOCAB", "TEXT"]
+def _word(i: int) -> str:
+    """Token ``i``'s word in the test tokenizer: letters only (``17`` -> ``tbh``)."""
+    return "t" + "".join(chr(ord("a") + int(d)) for d in str(i))
+
+
+TEXT = " ".join(_word(i) for i in (5, 9, 3, 17))
+LENGTH = 5
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A tiny word-level tokenizer on disk (``_word(i)`` is token i): TEXT init without a download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"[UNK]": 0, **{_word(i): i for i in range(1, VOCAB)}}  # special tokens are no prefix
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    return str(folder)
+
+
+def _batch(seed=1):
+    """Ids, a mask with padding at the end of one row, and labels (-100 at the padding)."""
+    ids = token_batch(batch=3, seq=9, seed=seed)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+def _rule(init="random", tokenizer="", **params):
+    extra = {"init_text": TEXT, "tokenizer": tokenizer} if init == "text" else {}
+    return Rule(match="input_embedding",
+                params=PromptTuningParams(num_virtual_tokens=LENGTH, init=init, **extra, **params))
+
+
+def _randomize(gm, seed=7):
+    with torch.no_grad():
+        for name, param in gm.named_parameters():
+            if "prompt_embeddings" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(seed)))
+
+
+def _peft_config(family, init, tokenizer_dir):
+    from peft import PromptTuningConfig
+    text = {"prompt_tuning_init_text": TEXT, "tokenizer_name_or_path": tokenizer_dir} if init == "TEXT" else {}
+    return PromptTuningConfig(task_type=TASKS[family], num_virtual_tokens=LENGTH,
+                              prompt_tuning_init=init, **text)
+
+
+# --- the graph -------------------------------------------------------------------------------
+
+def test_llama_graph_lengthens_ids_mask_embeddings_and_labels():
+    model = tiny_llama()
+    base = emitted_base(model)
+    gm = fxpeft.rewrite(model, RULES)
+    gm.graph.lint()
+    added = adapter_nodes(gm, "prompt_tuning")
+    targets = [n.target.__name__ if callable(n.target) else n.op for n in added]
+    assert targets == ["getitem", "prepend_mask", "prepend_ids", "get_attr", "prepend_prompt",
+                       "prepend_labels"]  # getitem: the per-sample names, which the join refuses
+    removable = [n for n in added if adapter_node(n).removable]
+    assert [n.target.__name__ for n in removable] == targets[1:3] + targets[4:]
+    gates = [n for n in gm.graph.nodes if GATE_META in n.meta]
+    assert len(gates) == 1 and all(gates[0] in n.args for n in removable)
+    assert len(gm.graph.nodes) == len(base.graph.nodes) + len(added) + len(gates)
+    embedding = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.embedding.default)
+    assert list(embedding.users) == [added[4]]  # only the prompt join reads the lookup
+    assert {n: tuple(p.shape) for n, p in gm.named_parameters() if p.requires_grad} == {
+        "prompt_embeddings": (20, 64)}
+    assert gm.get_parameter("prompt_embeddings").dtype == torch.float32
+
+
+def test_t5_prompt_goes_in_front_of_the_encoder_only():
+    gm = fxpeft.rewrite(tiny_t5(), RULES)
+    added = adapter_nodes(gm, "prompt_tuning")
+    assert [n.op if n.op == "get_attr" else n.target.__name__ for n in added] == [
+        "getitem", "prepend_mask", "get_attr", "prepend_prompt"]  # ids feed only the lookup; labels stay
+    assert {adapter_node(n).module_path for n in added} == {"encoder.embed_tokens"}
+    decoder = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.embedding.default
+                   and "decoder" in str(n.meta["nn_module_stack"]))
+    assert not any(adapter_node(u) for u in decoder.users)
+
+
+def test_the_rule_file_matches_the_input_embedding_and_nothing_else():
+    assert fxpeft.explain(tiny_llama(), RULES).rules[0].matched == ["model.embed_tokens"]
+    assert fxpeft.explain(tiny_t5(), RULES).rules[0].matched == ["encoder.embed_tokens"]
+    with pytest.raises(fxpeft.MatchError, match="matched nothing"):
+        fxpeft.rewrite(torch.nn.Sequential(torch.nn.Embedding(4, 4)), RULES)
+
+
+# --- switching it off, several adapters, strip, fuse, merge ------------------------------------
+
+@pytest.mark.parametrize("family", BUILDERS)
+def test_off_runs_the_base_model_on_the_shorter_sequence(family):
+    model = BUILDERS[family]()
+    ids, mask, labels = _batch()
+    gm = fxpeft.rewrite(model, RULES)
+    on = gm(ids, attention_mask=mask, labels=labels)
+    assert on.logits.shape[1] == (ids.shape[1] + 20 if family == "llama" else ids.shape[1])
+    with gm.disable_adapters():
+        off = gm(ids, attention_mask=mask, labels=labels)
+    base = emitted_base(model)(ids, attention_mask=mask, labels=labels)
+    assert off.logits.shape[1] == ids.shape[1]
+    torch.testing.assert_close(off.logits, base.logits, rtol=0, atol=0)
+    torch.testing.assert_close(off.loss, base.loss, rtol=0, atol=0)
+    eager = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(off.logits, eager.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gm(ids, attention_mask=mask, labels=labels).logits, on.logits,
+                               rtol=0, atol=0)  # back on after the with block
+
+
+def test_named_adapters_switch_and_delete():
+    model = tiny_llama()
+    ids = token_batch()
+    gm = fxpeft.rewrite(model, RULES)
+    fxpeft.add_adapter(gm, "short", RULES, num_virtual_tokens=3)
+    assert gm(ids).logits.shape[1] == ids.shape[1] + 20
+    gm.set_adapter("short")
+    assert gm(ids).logits.shape[1] == ids.shape[1] + 3
+    assert [n for n, p in gm.named_parameters() if p.requires_grad] == ["prompt_embeddings_short"]
+    gm.delete_adapter("short")
+    assert not [n for n in gm.graph.nodes if getattr(adapter_node(n), "adapter", None) == "short"]
+    assert gm.active_adapters == [] and gm(ids).logits.shape[1] == ids.shape[1]
+    gm.delete_adapter("default")
+    assert len(gm.graph.nodes) == len(emitted_base(model).graph.nodes)
+    torch.testing.assert_close(gm(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_fuse_keeps_an_active_prompt_and_drops_an_inactive_one():
+    gm = fxpeft.rewrite(tiny_llama(), RULES)
+    ids, mask, labels = _batch()
+    fused = fxpeft.fuse(gm)
+    torch.testing.assert_close(fused(ids, attention_mask=mask, labels=labels).loss,
+                               gm(ids, attention_mask=mask, labels=labels).loss, rtol=0, atol=1e-6)
+    with gm.disable_adapters():
+        idle = fxpeft.fuse(gm)
+        expected = gm(ids, attention_mask=mask).logits
+    assert not adapter_nodes(idle, "prompt_tuning")
+    torch.testing.assert_close(idle(ids, attention_mask=mask).logits, expected, rtol=0, atol=0)
+
+
+def test_merge_and_mixed_batches_are_refused():
+    gm = fxpeft.rewrite(tiny_llama(), RULES)
+    with pytest.raises(FxpeftError, match="prompt_tuning adapter 'default' .* cannot be merged"):
+        fxpeft.merge(gm)
+    with pytest.raises(ValueError, match="adapters cannot be mixed per sample"):
+        gm.eval()(token_batch(batch=2), adapter_names=["default", "__base__"])
+
+
+# --- training --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", BUILDERS)
+def test_gradients_reach_only_the_prompt(family):
+    gm = fxpeft.rewrite(BUILDERS[family](), RULES)
+    ids, mask, labels = _batch()
+    gm(ids, attention_mask=mask, labels=labels).loss.backward()
+    assert_only_adapters_get_grads(gm)
+
+
+def _train(model, steps=20):
+    ids, mask, labels = _batch()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_training_lowers_the_loss_step_for_step_as_peft():
+    from peft import get_peft_model
+    gm = fxpeft.rewrite(tiny_llama(), RULES, init="sample_vocab", num_virtual_tokens=LENGTH).train()
+    peft_model = get_peft_model(tiny_llama(), _peft_config("llama", "RANDOM", ""))
+    peft_model.prompt_encoder["default"].embedding.weight.data.copy_(gm.get_parameter("prompt_embeddings"))
+    ours, theirs = _train(gm), _train(peft_model.train())
+    assert all(b < a for a, b in zip(ours, ours[1:])) and ours[-1] < ours[0] - 0.15, ours
+    # a random tiny model leaves a prompt little to learn; PEFT's run shows the same descent
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=0, atol=1e-4)
+
+
+# --- initialisation --------------------------------------------------------------------------
+
+def test_text_init_equals_peft_and_init_ids(tokenizer_dir):
+    from peft import get_peft_model
+    peft_model = get_peft_model(tiny_llama(), _peft_config("llama", "TEXT", tokenizer_dir))
+    expected = peft_model.prompt_encoder["default"].embedding.weight
+    by_text = fxpeft.rewrite(tiny_llama(), _rule("text", tokenizer_dir)).get_parameter("prompt_embeddings")
+    torch.testing.assert_close(by_text, expected, rtol=0, atol=0)
+    by_ids = fxpeft.rewrite(tiny_llama(), Rule(match="input_embedding", params=PromptTuningParams(
+        num_virtual_tokens=LENGTH, init="text", init_ids=[5, 9, 3, 17])))
+    torch.testing.assert_close(by_ids.get_parameter("prompt_embeddings"), expected, rtol=0, atol=0)
+
+
+def test_sample_vocab_takes_embedding_rows_and_random_is_standard_normal():
+    model = tiny_llama()
+    torch.manual_seed(0)
+    sampled = fxpeft.rewrite(model, RULES, init="sample_vocab").get_parameter("prompt_embeddings")
+    table = model.get_input_embeddings().weight
+    assert all((table == row).all(-1).any() for row in sampled)
+    torch.manual_seed(0)
+    rows = fxpeft.rewrite(model, RULES, num_virtual_tokens=50).get_parameter("prompt_embeddings")
+    assert abs(rows.mean().item()) < 0.05 and abs(rows.std().item() - 1) < 0.05
+
+
+# --- PEFT parity through the folder format ----------------------------------------------------
+
+def _outputs(model, ids, mask, labels):
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    return out.logits, out.loss
+
+
+@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("family", BUILDERS)
+def test_peft_adapter_loads_into_fxpeft_with_equal_outputs(family, init, tokenizer_dir, tmp_path):
+    from peft import get_peft_model
+    ids, mask, labels = _batch()
+    peft_model = get_peft_model(BUILDERS[family](), _peft_config(family, init, tokenizer_dir)).eval()
+    _randomize(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    logits, loss = _outputs(peft_model, ids, mask, labels)
+    gm = fxpeft.load(BUILDERS[family](), tmp_path)
+    ours = _outputs(gm, ids, mask, labels)
+    torch.testing.assert_close(ours[0], logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours[1], loss, rtol=0, atol=1e-5)
+    base = BUILDERS[family]()(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert abs(loss - base) > 1e-3  # the prompt mattered
+
+
+@pytest.mark.parametrize("init", ["random", "sample_vocab", "text"])
+@pytest.mark.parametrize("family", BUILDERS)
+def test_fxpeft_adapter_loads_into_peft_with_equal_outputs(family, init, tokenizer_dir, tmp_path):
+    from peft import PeftModel
+    ids, mask, labels = _batch(seed=4)
+    gm = fxpeft.rewrite(BUILDERS[family](), _rule(init, tokenizer_dir,
+                                                  transformer_submodules=2 if family == "t5" else 1))
+    _randomize(gm, seed=11)
+    fxpeft.save(gm, tmp_path)
+    peft_model = PeftModel.from_pretrained(BUILDERS[family](), tmp_path).eval()
+    assert peft_model.peft_config["default"].prompt_tuning_init == init.upper()
+    logits, loss = _outputs(gm, ids, mask, labels)
+    theirs = _outputs(peft_model, ids, mask, labels)
+    torch.testing.assert_close(theirs[0], logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(theirs[1], loss, rtol=0, atol=1e-5)
+
+
+def test_saved_folder_has_peft_key_and_config(tmp_path):
+    import json
+    from safetensors.torch import load_file
+    gm = fxpeft.rewrite(tiny_t5(), RULES, transformer_submodules=2)
+    fxpeft.save(gm, tmp_path)
+    assert {k: tuple(v.shape) for k, v in load_file(tmp_path / "adapter_model.safetensors").items()} == {
+        "prompt_embeddings": (40, 64)}
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert {k: config[k] for k in ("peft_type", "task_type", "num_virtual_tokens", "token_dim",
+                                   "num_transformer_submodules", "num_attention_heads", "num_layers",
+                                   "prompt_tuning_init")} == {
+        "peft_type": "PROMPT_TUNING", "task_type": "SEQ_2_SEQ_LM", "num_virtual_tokens": 20,
+        "token_dim": 64, "num_transformer_submodules": 2, "num_attention_heads": 4, "num_layers": 2,
+        "prompt_tuning_init": "RANDOM"}
+    again = fxpeft.load(tiny_t5(), tmp_path)  # and fxpeft reads its own folder back
+    torch.testing.assert_close(again.get_parameter("prompt_embeddings"),
+                               gm.get_parameter("prompt_embeddings"), rtol=0, atol=0)
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+def _write_config(folder, **fields):
+    import json
+    from safetensors.torch import save_file
+    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4,
+              "token_dim": 64, "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM", **fields}
+    folder.mkdir(exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    save_file({"prompt_embeddings": torch.zeros(4, 64)}, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"tokenizer_kwargs": {"use_fast": False}}, "tokenizer_kwargs = .* is not supported"),
+    ({"num_virtual_tokens": 0}, "num_virtual_tokens must be a positive integer"),
+    ({"token_dim": 32}, "token_dim = 32, but the model's embeddings are 64 wide"),
+    ({"prompt_tuning_init": "ZEROS"}, "prompt_tuning_init = 'ZEROS'"),
+    ({"num_transformer_submodules": 3}, "num_transformer_submodules = 3"),
+])
+def test_configs_it_cannot_honour_are_located_errors(fields, message, tmp_path):
+    folder = _write_config(tmp_path / "adapter", **fields)
+    with pytest.raises(FxpeftError, match=f"adapter_config.json: .*{message}"):
+        fxpeft.load(tiny_llama(), folder)
+
+
+def test_rule_errors_are_located():
+    with pytest.raises(RuleError, match="params.init: init = \"text\" needs init_ids"):
+        PromptTuningParams(init="text", init_text="hello")
+    with pytest.raises(RuleError, match="params.init: init_ids, init_text and tokenizer apply"):
+        PromptTuningParams(init_ids=[1, 2])
+    with pytest.raises(RuleError, match="params.transformer_submodules: expected 1 or 2"):
+        PromptTuningParams(transformer_submodules=True)
+    with pytest.raises(PassError, match="cannot load the tokenizer '/nonexistent'"):
+        fxpeft.rewrite(tiny_llama(), Rule(match="input_embedding", params=PromptTuningParams(
+            init="text", init_text="ta", tokenizer="/nonexistent")))
+
+
+def test_models_it_cannot_prompt_are_refused():
+    with pytest.raises(PassError, match="supports causal and seq2seq LMs.*not SequenceClassifierOutput"):
+        fxpeft.rewrite(tiny_bert(), RULES)
+
+
+def test_nodes_pass_through_when_off():
+    off, ids = torch.zeros(()), torch.tensor([[4, 5]])
+    assert prepend_ids(ids, 3, off, None) is ids and prepend_mask(ids, 3, off) is ids
+    assert prepend_labels(ids, 3, off) is ids and prepend_labels(None, 3, torch.ones(())) is None
+    embeds = torch.zeros(1, 2, 4)
+    assert prepend_prompt(embeds, torch.ones(3, 4), 3, off) is embeds
+    with pytest.raises(ValueError, match="on \\(1\\) or off \\(0\\)"):
+        prepend_mask(ids, 3, torch.tensor(0.5))
