@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from fxpeft.names import INPUTS_MODULE
+from fxpeft.names import INPUTS_MODULE, is_fxpeft_node
 from fxpeft.patterns import fetch_attr, owning_module
 from fxpeft.program import Program
 
@@ -22,9 +22,18 @@ aten = torch.ops.aten
 INPUT_IDS = "input_ids"
 
 
+# Ops that pass token ids on unchanged but for their shape (GPT-2 and OPT view input_ids).
+VIEW_OPS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                      aten.alias.default})
+
+
 @dataclass(frozen=True)
 class EmbeddingSite:
-    """One ``aten.embedding(weight, ids)`` node that embeds the model's ``input_ids``."""
+    """One ``aten.embedding(weight, ids)`` node that embeds the model's ``input_ids``.
+
+    ``output``: what the embedding module returns, the lookup or the last op of the module it
+    flows through (Gemma scales the rows inside its embedding module).
+    """
 
     node: torch.fx.Node
     module_path: str
@@ -32,11 +41,7 @@ class EmbeddingSite:
     weight_target: str
     num_embeddings: int
     embedding_dim: int
-
-    @property
-    def ids(self) -> torch.fx.Node:
-        """The token ids the lookup reads."""
-        return self.node.args[1]
+    output: torch.fx.Node
 
 
 def input_adapter(graph: torch.fx.Graph) -> torch.fx.Node | None:
@@ -62,6 +67,16 @@ def model_input(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node | None:
     return next((u for u in adapter.users if u.target is operator.getitem and u.args[1] == index), None)
 
 
+def _module_output(node: torch.fx.Node, path: str) -> torch.fx.Node:
+    """The last node of the chain from ``node`` that still belongs to the module at ``path``."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if (owning_module(user) or ("",))[0] != path:
+            break
+        node = user
+    return node
+
+
 def _site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> EmbeddingSite | None:
     weight = node.args[0]
     if node.target != aten.embedding.default or not isinstance(weight, torch.fx.Node) or \
@@ -69,7 +84,28 @@ def _site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> EmbeddingSite | None
         return None
     table = fetch_attr(gm, weight.target)
     path, kind = owning_module(node) or (weight.target.rpartition(".")[0], "torch.nn.Embedding")
-    return EmbeddingSite(node, path, kind, weight.target, table.shape[0], table.shape[1])
+    return EmbeddingSite(node, path, kind, weight.target, table.shape[0], table.shape[1],
+                         _module_output(node, path))
+
+
+def _passes_ids_on(user: torch.fx.Node, ids: torch.fx.Node) -> bool:
+    """A view, or an adapter node that hands ``ids`` on (an earlier prompt's longer ids)."""
+    return user.target in VIEW_OPS or (is_fxpeft_node(user) and user.args[:1] == (ids,))
+
+
+def id_readers(ids: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes that read ``ids``' values, directly or through views and adapter nodes that
+    hand them on (not those).
+
+    >>> graph = torch.fx.Graph(); ids = graph.placeholder("input_ids")
+    >>> view = graph.call_function(aten.view.default, (ids, [-1, 3])); size = graph.call_function(aten.sym_size.int, (ids, 1))
+    >>> [n.name for n in id_readers(ids)] == [size.name] and not view.users
+    True
+    """
+    found = []
+    for user in ids.users:
+        found += id_readers(user) if _passes_ids_on(user, ids) else [user]
+    return found
 
 
 def find_input_embeddings(program: Program) -> list[EmbeddingSite]:
@@ -85,5 +121,5 @@ def find_input_embeddings(program: Program) -> list[EmbeddingSite]:
     ids = model_input(program.graph_module, INPUT_IDS)
     if ids is None:
         return []
-    found = (_site(program.graph_module, user) for user in ids.users if user.op == "call_function")
+    found = (_site(program.graph_module, user) for user in id_readers(ids) if user.op == "call_function")
     return [site for site in found if site is not None]

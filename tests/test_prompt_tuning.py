@@ -8,11 +8,11 @@ import torch
 
 import fxpeft
 from conftest import (VOCAB, adapter_nodes, assert_only_adapters_get_grads, emitted_base, tiny_bert,
-                      tiny_llama, tiny_t5, token_batch)
+                      tiny_gemma, tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2, tiny_t5, token_batch)
 from fxpeft.errors import FxpeftError, PassError, RuleError
 from fxpeft.gates import GATE_META
-from fxpeft.kinds.prompt_tuning import (PromptTuningParams, prepend_ids, prepend_labels,
-                                        prepend_mask, prepend_prompt)
+from fxpeft.kinds.prompt_tuning import (PromptTuningParams, place_prompt, prepend_ids,
+                                        prepend_labels, prepend_mask)
 from fxpeft.names import adapter_node
 from fxpeft.rules import Rule
 
@@ -80,15 +80,15 @@ def test_llama_graph_lengthens_ids_mask_embeddings_and_labels():
     gm.graph.lint()
     added = adapter_nodes(gm, "prompt_tuning")
     targets = [n.target.__name__ if callable(n.target) else n.op for n in added]
-    assert targets == ["getitem", "prepend_mask", "prepend_ids", "get_attr", "prepend_prompt",
-                       "prepend_labels"]  # getitem: the per-sample names, which the join refuses
+    assert targets == ["getitem", "prepend_mask", "prepend_ids", "get_attr", "place_prompt",
+                       "prepend_labels"]  # getitem: the per-sample names, which the prompt refuses
     removable = [n for n in added if adapter_node(n).removable]
     assert [n.target.__name__ for n in removable] == targets[1:3] + targets[4:]
     gates = [n for n in gm.graph.nodes if GATE_META in n.meta]
     assert len(gates) == 1 and all(gates[0] in n.args for n in removable)
     assert len(gm.graph.nodes) == len(base.graph.nodes) + len(added) + len(gates)
     embedding = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.embedding.default)
-    assert list(embedding.users) == [added[4]]  # only the prompt join reads the lookup
+    assert list(embedding.users) == [added[4]]  # the prompt goes in right after the lookup
     assert {n: tuple(p.shape) for n, p in gm.named_parameters() if p.requires_grad} == {
         "prompt_embeddings": (20, 64)}
     assert gm.get_parameter("prompt_embeddings").dtype == torch.float32
@@ -98,7 +98,7 @@ def test_t5_prompt_goes_in_front_of_the_encoder_only():
     gm = fxpeft.rewrite(tiny_t5(), RULES)
     added = adapter_nodes(gm, "prompt_tuning")
     assert [n.op if n.op == "get_attr" else n.target.__name__ for n in added] == [
-        "getitem", "prepend_mask", "get_attr", "prepend_prompt"]  # ids feed only the lookup; labels stay
+        "getitem", "prepend_mask", "prepend_ids", "get_attr", "place_prompt"]  # labels stay
     assert {adapter_node(n).module_path for n in added} == {"encoder.embed_tokens"}
     decoder = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.embedding.default
                    and "decoder" in str(n.meta["nn_module_stack"]))
@@ -148,6 +148,20 @@ def test_named_adapters_switch_and_delete():
     gm.delete_adapter("default")
     assert len(gm.graph.nodes) == len(emitted_base(model).graph.nodes)
     torch.testing.assert_close(gm(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_active_prompts_stack_in_the_order_they_were_added():
+    ids, mask, labels = _batch()
+    gm = fxpeft.rewrite(tiny_llama(), RULES, num_virtual_tokens=3)
+    fxpeft.add_adapter(gm, "second", RULES, num_virtual_tokens=2)
+    _randomize(gm)
+    gm.set_adapter(["default", "second"])
+    joined = fxpeft.rewrite(tiny_llama(), RULES, num_virtual_tokens=5)
+    with torch.no_grad():
+        joined.get_parameter("prompt_embeddings").copy_(torch.cat(
+            [gm.get_parameter("prompt_embeddings"), gm.get_parameter("prompt_embeddings_second")]))
+    torch.testing.assert_close(gm(ids, attention_mask=mask, labels=labels).loss,
+                               joined(ids, attention_mask=mask, labels=labels).loss, rtol=0, atol=1e-6)
 
 
 def test_fuse_keeps_an_active_prompt_and_drops_an_inactive_one():
@@ -270,6 +284,20 @@ def test_fxpeft_adapter_loads_into_peft_with_equal_outputs(family, init, tokeniz
     torch.testing.assert_close(theirs[1], loss, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_opt, tiny_qwen2, tiny_gemma])
+def test_other_families_match_peft(build, tmp_path):
+    """GPT-2 and OPT view input_ids before the lookup; Gemma scales inside its embedding module
+    (PEFT's prompts are not scaled)."""
+    from peft import get_peft_model
+    ids, mask, labels = _batch()
+    peft_model = get_peft_model(build(), _peft_config("llama", "RANDOM", "")).eval()
+    peft_model.save_pretrained(tmp_path)
+    ours = _outputs(fxpeft.load(build(), tmp_path), ids, mask, labels)
+    theirs = _outputs(peft_model, ids, mask, labels)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-5)
+
+
 def test_saved_folder_has_peft_key_and_config(tmp_path):
     import json
     from safetensors.torch import load_file
@@ -337,6 +365,6 @@ def test_nodes_pass_through_when_off():
     assert prepend_ids(ids, 3, off, None) is ids and prepend_mask(ids, 3, off) is ids
     assert prepend_labels(ids, 3, off) is ids and prepend_labels(None, 3, torch.ones(())) is None
     embeds = torch.zeros(1, 2, 4)
-    assert prepend_prompt(embeds, torch.ones(3, 4), 3, off) is embeds
+    assert place_prompt(embeds, torch.ones(3, 4), ids, 3, off) is embeds
     with pytest.raises(ValueError, match="on \\(1\\) or off \\(0\\)"):
         prepend_mask(ids, 3, torch.tensor(0.5))

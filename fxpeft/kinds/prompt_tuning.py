@@ -2,23 +2,27 @@
 the input embeddings.
 
 With ``P`` the learned prompt ``(num_virtual_tokens, hidden)`` and ``L`` its length, the splice
-at the lookup of ``input_ids`` (the encoder's, for an encoder-decoder) makes the graph compute
-PEFT's forward::
+at the embedding of ``input_ids`` (the encoder's, for an encoder-decoder) makes the graph
+compute PEFT's forward::
 
     embeds         = cat(P, embed(input_ids))          # (batch, L + seq, hidden)
     attention_mask = cat(ones(batch, L), attention_mask)
     labels         = cat(full(batch, L, -100), labels)  # causal LMs; seq2seq labels are decoder-side
 
 Every size the captured graph derives from ``input_ids`` (the causal mask, the positions
-``0 .. L + seq - 1``, reshapes) must count the virtual tokens too, so a node puts ``L``
-placeholder ids in front of ``input_ids`` for every reader of it except the embedding lookup;
-their values are never embedded (the splice refuses a model that reads ``input_ids`` for
-anything but sizes and the lookup). The logits, as PEFT's, cover ``L + seq`` positions.
+``0 .. L + seq - 1``, GPT-2's view of the ids, reshapes) must count the virtual tokens, so the
+first node puts ``L`` placeholder ids (0) in front of ``input_ids`` for all its readers; the
+rows the lookup gives them are then replaced by the prompt at the embedding module's output
+(after Gemma's scaling, as PEFT's prompts skip it). The splice refuses a model that reads
+``input_ids`` for anything but sizes and the lookup. The logits, as PEFT's, cover ``L + seq``
+positions. Each prompt adapter writes its rows at its own offset, the difference between the
+embeddings' length and that of its own lengthened ids, so several active prompt adapters
+stack, in the order they were added; PEFT has one active prompt.
 
 Switching the adapter off removes the tokens, so its gate is not multiplied in: each of the
-four nodes (ids, mask, embeddings, labels) prepends only while the adapter's gate is on and
-passes its input through unchanged when it is off, so an off adapter runs exactly the base
-graph. These nodes are the removable ones (each bypasses to its input), so strip and
+four nodes (ids, mask, embeddings, labels) acts only while the adapter's gate is on and passes
+its input through unchanged when it is off, so an off adapter runs exactly the base graph.
+These nodes are the removable ones (each bypasses to its input), so strip and
 ``delete_adapter`` remove the tokens too. The gate is read as a Python value (the sequence
 length depends on it), so mixed batches (``adapter_names=``) are refused, and under
 ``torch.compile`` switching the adapter recompiles. Merge is impossible: a prompt is no
@@ -40,7 +44,7 @@ import torch
 import torch.fx
 
 from fxpeft.adapters import attach_component
-from fxpeft.embedding import INPUT_IDS, EmbeddingSite, input_adapter, model_input
+from fxpeft.embedding import INPUT_IDS, EmbeddingSite, id_readers, input_adapter, model_input
 from fxpeft.errors import PassError, RuleError
 from fxpeft.gates import gate_node
 from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced
@@ -126,8 +130,8 @@ def _is_on(gate: torch.Tensor) -> bool:
 
 
 def prepend_ids(ids: torch.Tensor, length: int, gate: torch.Tensor, limit: int | None) -> torch.Tensor:
-    """``length`` placeholder ids (0) before ``ids`` while the gate is on: what the graph derives
-    sizes from (never embedded).
+    """``length`` placeholder ids (0) before ``ids`` while the gate is on, for every reader of
+    ``input_ids``: sizes come out right, and the prompt replaces the rows the lookup gives them.
 
     >>> prepend_ids(torch.tensor([[7, 8]]), 2, torch.ones(()), None).tolist()
     [[0, 0, 7, 8]]
@@ -160,21 +164,24 @@ def prepend_labels(labels: torch.Tensor | None, length: int, gate: torch.Tensor)
     return torch.cat((labels.new_full((labels.shape[0], length), IGNORE_INDEX), labels), 1)
 
 
-def prepend_prompt(embeds: torch.Tensor, prompt: torch.Tensor, length: int, gate: torch.Tensor,
-                   sample_names: list[str] | None = None) -> torch.Tensor:
-    """The first ``length`` prompt rows, cast to the embeddings' dtype, before every sample's
-    embeddings. Per-sample adapter names are refused: samples would differ in length.
+def place_prompt(embeds: torch.Tensor, prompt: torch.Tensor, ids: torch.Tensor, length: int,
+                 gate: torch.Tensor, sample_names: list[str] | None = None) -> torch.Tensor:
+    """The first ``length`` prompt rows, cast to the embeddings' dtype, in place of the rows of
+    this adapter's placeholder ids, which end where ``ids`` (its lengthened ids) begin. Per-sample
+    adapter names are refused: samples would differ in length.
 
-    >>> prepend_prompt(torch.zeros(2, 3, 4), torch.ones(5, 4), 2, torch.ones(())).shape
-    torch.Size([2, 5, 4])
+    >>> place_prompt(torch.zeros(1, 4, 2), torch.ones(3, 2), torch.zeros(1, 4), 2,
+    ...              torch.ones(()))[0, :, 0].tolist()
+    [1.0, 1.0, 0.0, 0.0]
     """
     if not _is_on(gate):
         return embeds
     if sample_names is not None:
         raise ValueError("a prompt-tuning adapter is active: its virtual tokens lengthen every "
                          "sample, so adapters cannot be mixed per sample; call without adapter_names=")
+    start = embeds.shape[1] - ids.shape[1]  # rows other prompt adapters put in front of ours
     rows = prompt[:length].to(embeds.dtype).expand(embeds.shape[0], -1, -1)
-    return torch.cat((rows, embeds), 1)
+    return torch.cat((embeds[:, :start], rows, embeds[:, start + length:]), 1)
 
 
 # --- the initial prompt ---------------------------------------------------------------------
@@ -234,39 +241,30 @@ def _pads_labels(gm: torch.fx.GraphModule, site: EmbeddingSite) -> bool:
     return name.startswith(PADDED_LABELS)
 
 
-def _check_inputs(gm: torch.fx.GraphModule, site: EmbeddingSite) -> None:
+def _check_inputs(gm: torch.fx.GraphModule, site: EmbeddingSite, ids: torch.fx.Node) -> None:
     """Every input must be one the splice lengthens (or a decoder input), and ``input_ids``
-    may feed only sizes and the embedding lookup (the placeholder ids are never embedded)."""
+    may feed only sizes and the lookup (the placeholder ids must never count as tokens)."""
     extra = [n for n in gm.get_submodule(INPUTS_MODULE).names if n not in (INPUT_IDS, MASK, DECODER_IDS)]
     if extra:
         raise PassError(f"{site.module_path}: prompt tuning cannot lengthen the input {extra[0]} "
                         f"(PEFT drops it); capture the model without it")
-    for user in site.ids.users:
+    for user in id_readers(ids):
         if user is not site.node and user.target != aten.sym_size.int and not is_fxpeft_node(user):
             raise PassError(f"{site.module_path}: input_ids also feed {user.name} "
                             f"({user.target}), which virtual tokens would change")
 
 
-def _lengthen(gm: torch.fx.GraphModule, node: torch.fx.Node, fn: Any, args: tuple,
-              keep: torch.fx.Node | None = None) -> torch.fx.Node:
-    """``fn(node, *args)`` right after ``node``, read by all of ``node``'s users but ``keep``."""
+def _lengthen(gm: torch.fx.GraphModule, node: torch.fx.Node, fn: Any, args: tuple) -> torch.fx.Node:
+    """``fn(node, *args)`` right after ``node``, read by all of ``node``'s users."""
     with gm.graph.inserting_after(node):
         longer = gm.graph.call_function(fn, (node, *args))
-    node.replace_all_uses_with(longer, delete_user_cb=lambda user: user is not longer and user is not keep)
+    node.replace_all_uses_with(longer, delete_user_cb=lambda user: user is not longer)
     return longer
 
 
-def _ids_and_mask(gm: torch.fx.GraphModule, site: EmbeddingSite, length: int,
-                  gate: torch.fx.Node) -> list[torch.fx.Node]:
-    """Lengthen the ids every size is derived from (not the lookup's) and the attention mask."""
-    added = []
-    if any(user is not site.node for user in site.ids.users):
-        limit = gm.capture_info.max_seq if gm.capture_info is not None else None
-        added.append(_lengthen(gm, site.ids, prepend_ids, (length, gate, limit), keep=site.node))
+def _mask(gm: torch.fx.GraphModule, length: int, gate: torch.fx.Node) -> list[torch.fx.Node]:
     mask = model_input(gm, MASK)
-    if mask is not None:
-        added.append(_lengthen(gm, mask, prepend_mask, (length, gate)))
-    return added
+    return [] if mask is None else [_lengthen(gm, mask, prepend_mask, (length, gate))]
 
 
 def _labels(gm: torch.fx.GraphModule, length: int, gate: torch.fx.Node) -> torch.fx.Node:
@@ -278,32 +276,35 @@ def _labels(gm: torch.fx.GraphModule, length: int, gate: torch.fx.Node) -> torch
     return padded
 
 
-def _embeddings(gm: torch.fx.GraphModule, site: EmbeddingSite, target: str, length: int,
-                gate: torch.fx.Node) -> list[torch.fx.Node]:
-    """The prompt read, the per-sample adapter names (to refuse them) and the join."""
+def _embeddings(gm: torch.fx.GraphModule, site: EmbeddingSite, target: str, ids: torch.fx.Node,
+                length: int, gate: torch.fx.Node) -> list[torch.fx.Node]:
+    """The per-sample adapter names (to refuse them), the prompt read and its placement."""
     adapter = input_adapter(gm.graph)
     with gm.graph.inserting_after(adapter):
         names = gm.graph.call_function(operator.getitem, (adapter, -1))
-    with gm.graph.inserting_after(site.node):
+    with gm.graph.inserting_after(site.output):
         prompt = gm.graph.get_attr(target)
-    joined = _lengthen(gm, site.node, prepend_prompt, (prompt, length, gate, names))
-    joined.prepend(prompt)  # _lengthen put the join first; the prompt read comes before it
-    return [names, prompt, joined]
+    placed = _lengthen(gm, site.output, place_prompt, (prompt, ids, length, gate, names))
+    placed.prepend(prompt)  # _lengthen put the placement first; the prompt read comes before it
+    return [names, prompt, placed]
 
 
 def splice(job: SpliceInput) -> Spliced:
-    """Attach the prompt at the graph's root and prepend it (and its mask and label positions)
-    wherever the adapter's gate is on."""
+    """Attach the prompt at the graph's root; lengthen ids, mask and (causal) labels and put
+    the prompt in the embeddings wherever the adapter's gate is on."""
     gm, site, params, adapter = job.gm, job.site, job.params, job.adapter
     pads = _pads_labels(gm, site)
-    _check_inputs(gm, site)
+    ids = model_input(gm, INPUT_IDS)
+    _check_inputs(gm, site, ids)
     weight = gm.get_parameter(site.weight_target)
     target = attach_component(gm, "", PROMPT, adapter,
                               torch.nn.Parameter(initial_prompt(weight, params)))
     with gm.graph.inserting_after(input_adapter(gm.graph)):
         gate = gate_node(gm, adapter, weight)  # no branch: the adapter refuses mixed batches
     length = params.num_virtual_tokens
-    added = _ids_and_mask(gm, site, length, gate) + _embeddings(gm, site, target, length, gate)
+    limit = gm.capture_info.max_seq if gm.capture_info is not None else None
+    longer = _lengthen(gm, ids, prepend_ids, (length, gate, limit))
+    added = [longer, *_mask(gm, length, gate), *_embeddings(gm, site, target, longer, length, gate)]
     if pads:
         added.append(_labels(gm, length, gate))
     for node in added:
