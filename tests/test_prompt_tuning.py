@@ -12,7 +12,7 @@ from conftest import (VOCAB, adapter_nodes, assert_only_adapters_get_grads, emit
 from fxpeft.errors import FxpeftError, PassError, RuleError
 from fxpeft.gates import GATE_META
 from fxpeft.kinds.prompt_tuning import (PromptTuningParams, place_prompt, prepend_ids,
-                                        prepend_labels, prepend_mask)
+                                        prepend_labels, prepend_mask, prompt_on)
 from fxpeft.names import adapter_node
 from fxpeft.rules import Rule
 
@@ -84,8 +84,9 @@ def test_llama_graph_lengthens_ids_mask_embeddings_and_labels():
                        "prepend_labels"]  # getitem: the per-sample names, which the prompt refuses
     removable = [n for n in added if adapter_node(n).removable]
     assert [n.target.__name__ for n in removable] == targets[1:3] + targets[4:]
-    gates = [n for n in gm.graph.nodes if GATE_META in n.meta]
-    assert len(gates) == 1 and all(gates[0] in n.args for n in removable)
+    gates = [n for n in gm.graph.nodes if GATE_META in n.meta]  # the buffer read, prompt_on
+    assert [n.op for n in gates] == ["get_attr", "call_function"]
+    assert all(gates[1] in n.args for n in removable)
     assert len(gm.graph.nodes) == len(base.graph.nodes) + len(added) + len(gates)
     embedding = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.embedding.default)
     assert list(embedding.users) == [added[4]]  # the prompt goes in right after the lookup
@@ -361,10 +362,22 @@ def test_models_it_cannot_prompt_are_refused():
 
 
 def test_nodes_pass_through_when_off():
-    off, ids = torch.zeros(()), torch.tensor([[4, 5]])
-    assert prepend_ids(ids, 3, off, None) is ids and prepend_mask(ids, 3, off) is ids
-    assert prepend_labels(ids, 3, off) is ids and prepend_labels(None, 3, torch.ones(())) is None
+    ids = torch.tensor([[4, 5]])
+    assert prepend_ids(ids, 3, False, None) is ids and prepend_mask(ids, 3, False) is ids
+    assert prepend_labels(ids, 3, False) is ids and prepend_labels(None, 3, True) is None
     embeds = torch.zeros(1, 2, 4)
-    assert place_prompt(embeds, torch.ones(3, 4), ids, 3, off) is embeds
+    assert place_prompt(embeds, torch.ones(3, 4), ids, 3, False) is embeds
     with pytest.raises(ValueError, match="on \\(1\\) or off \\(0\\)"):
-        prepend_mask(ids, 3, torch.tensor(0.5))
+        prompt_on(torch.tensor(0.5))
+
+
+def test_compiles_with_one_break_for_the_switch_and_stays_exact():
+    from torch._dynamo.testing import CompileCounter
+    gm = fxpeft.rewrite(tiny_llama(), RULES)
+    ids = token_batch()
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(gm)(ids).graph_break_count == 1  # prompt_on; a LoRA graph has 0
+    compiled = torch.compile(gm, backend=CompileCounter())
+    torch.testing.assert_close(compiled(ids).logits, gm(ids).logits, rtol=0, atol=0)
+    with gm.disable_adapters():
+        torch.testing.assert_close(compiled(ids).logits, gm(ids).logits, rtol=0, atol=0)

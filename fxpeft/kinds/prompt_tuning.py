@@ -19,13 +19,14 @@ positions. Each prompt adapter writes its rows at its own offset, the difference
 embeddings' length and that of its own lengthened ids, so several active prompt adapters
 stack, in the order they were added; PEFT has one active prompt.
 
-Switching the adapter off removes the tokens, so its gate is not multiplied in: each of the
-four nodes (ids, mask, embeddings, labels) acts only while the adapter's gate is on and passes
-its input through unchanged when it is off, so an off adapter runs exactly the base graph.
-These nodes are the removable ones (each bypasses to its input), so strip and
-``delete_adapter`` remove the tokens too. The gate is read as a Python value (the sequence
-length depends on it), so mixed batches (``adapter_names=``) are refused, and under
-``torch.compile`` switching the adapter recompiles. Merge is impossible: a prompt is no
+Switching the adapter off removes the tokens, so its gate is not multiplied in: one node
+turns the gate into a Python bool (``prompt_on``), and each of the four nodes (ids, mask,
+embeddings, labels) acts only while it is True and passes its input through unchanged when it
+is False, so an off adapter runs exactly the base graph. These four are the removable nodes
+(each bypasses to its input), so strip and ``delete_adapter`` remove the tokens too. As the
+sequence length depends on the gate, mixed batches (``adapter_names=``) are refused, and
+under ``torch.compile`` the ``prompt_on`` test is a graph break after which the bool is a
+guarded constant: switching the adapter recompiles. Merge is impossible: a prompt is no
 change of a weight.
 
 Adapter ``"default"`` adds the root parameter ``prompt_embeddings`` (others
@@ -46,7 +47,7 @@ import torch.fx
 from fxpeft.adapters import attach_component
 from fxpeft.embedding import INPUT_IDS, EmbeddingSite, id_readers, input_adapter, model_input
 from fxpeft.errors import PassError, RuleError
-from fxpeft.gates import gate_node
+from fxpeft.gates import GATE_META, gate_node
 from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced
 from fxpeft.match import Match
 from fxpeft.names import ADAPTER_META, INPUTS_MODULE, OUTPUT_MODULE, AdapterNode, is_fxpeft_node
@@ -119,9 +120,14 @@ class PromptTuningParams(Params):
         return self.num_virtual_tokens * self.transformer_submodules
 
 
-# --- the nodes: each prepends while the adapter's gate is on, and passes through when off ----
+# --- the nodes: each prepends while the adapter is on, and passes through when it is off -----
 
-def _is_on(gate: torch.Tensor) -> bool:
+def prompt_on(gate: torch.Tensor) -> bool:
+    """The adapter's gate as a bool: its virtual tokens are there (1) or not (0).
+
+    >>> prompt_on(torch.ones(())), prompt_on(torch.zeros(()))
+    (True, False)
+    """
     value = float(gate)
     if value not in (0.0, 1.0):
         raise ValueError(f"a prompt-tuning adapter is on (1) or off (0), not {value}: its "
@@ -129,14 +135,14 @@ def _is_on(gate: torch.Tensor) -> bool:
     return value == 1.0
 
 
-def prepend_ids(ids: torch.Tensor, length: int, gate: torch.Tensor, limit: int | None) -> torch.Tensor:
-    """``length`` placeholder ids (0) before ``ids`` while the gate is on, for every reader of
+def prepend_ids(ids: torch.Tensor, length: int, on: bool, limit: int | None) -> torch.Tensor:
+    """``length`` placeholder ids (0) before ``ids`` while the adapter is on, for every reader of
     ``input_ids``: sizes come out right, and the prompt replaces the rows the lookup gives them.
 
-    >>> prepend_ids(torch.tensor([[7, 8]]), 2, torch.ones(()), None).tolist()
+    >>> prepend_ids(torch.tensor([[7, 8]]), 2, True, None).tolist()
     [[0, 0, 7, 8]]
     """
-    if not _is_on(gate):
+    if not on:
         return ids
     if limit is not None and ids.shape[1] + length > limit:
         raise ValueError(f"sequence length {ids.shape[1]} plus {length} virtual tokens exceeds "
@@ -144,37 +150,36 @@ def prepend_ids(ids: torch.Tensor, length: int, gate: torch.Tensor, limit: int |
     return torch.cat((ids.new_zeros(ids.shape[0], length), ids), 1)
 
 
-def prepend_mask(mask: torch.Tensor, length: int, gate: torch.Tensor) -> torch.Tensor:
+def prepend_mask(mask: torch.Tensor, length: int, on: bool) -> torch.Tensor:
     """Ones (attended) for the virtual tokens, in the mask's dtype.
 
-    >>> prepend_mask(torch.tensor([[1, 0]]), 1, torch.zeros(())).tolist()
+    >>> prepend_mask(torch.tensor([[1, 0]]), 1, False).tolist()
     [[1, 0]]
     """
-    return torch.cat((mask.new_ones(mask.shape[0], length), mask), 1) if _is_on(gate) else mask
+    return torch.cat((mask.new_ones(mask.shape[0], length), mask), 1) if on else mask
 
 
-def prepend_labels(labels: torch.Tensor | None, length: int, gate: torch.Tensor) -> torch.Tensor | None:
+def prepend_labels(labels: torch.Tensor | None, length: int, on: bool) -> torch.Tensor | None:
     """``-100`` (no loss) at the virtual tokens; no labels stay None.
 
-    >>> prepend_labels(torch.tensor([[3]]), 2, torch.ones(())).tolist()
+    >>> prepend_labels(torch.tensor([[3]]), 2, True).tolist()
     [[-100, -100, 3]]
     """
-    if labels is None or not _is_on(gate):
+    if labels is None or not on:
         return labels
     return torch.cat((labels.new_full((labels.shape[0], length), IGNORE_INDEX), labels), 1)
 
 
 def place_prompt(embeds: torch.Tensor, prompt: torch.Tensor, ids: torch.Tensor, length: int,
-                 gate: torch.Tensor, sample_names: list[str] | None = None) -> torch.Tensor:
+                 on: bool, sample_names: list[str] | None = None) -> torch.Tensor:
     """The first ``length`` prompt rows, cast to the embeddings' dtype, in place of the rows of
     this adapter's placeholder ids, which end where ``ids`` (its lengthened ids) begin. Per-sample
     adapter names are refused: samples would differ in length.
 
-    >>> place_prompt(torch.zeros(1, 4, 2), torch.ones(3, 2), torch.zeros(1, 4), 2,
-    ...              torch.ones(()))[0, :, 0].tolist()
+    >>> place_prompt(torch.zeros(1, 4, 2), torch.ones(3, 2), torch.zeros(1, 4), 2, True)[0, :, 0].tolist()
     [1.0, 1.0, 0.0, 0.0]
     """
-    if not _is_on(gate):
+    if not on:
         return embeds
     if sample_names is not None:
         raise ValueError("a prompt-tuning adapter is active: its virtual tokens lengthen every "
@@ -262,29 +267,29 @@ def _lengthen(gm: torch.fx.GraphModule, node: torch.fx.Node, fn: Any, args: tupl
     return longer
 
 
-def _mask(gm: torch.fx.GraphModule, length: int, gate: torch.fx.Node) -> list[torch.fx.Node]:
+def _mask(gm: torch.fx.GraphModule, length: int, on: torch.fx.Node) -> list[torch.fx.Node]:
     mask = model_input(gm, MASK)
-    return [] if mask is None else [_lengthen(gm, mask, prepend_mask, (length, gate))]
+    return [] if mask is None else [_lengthen(gm, mask, prepend_mask, (length, on))]
 
 
-def _labels(gm: torch.fx.GraphModule, length: int, gate: torch.fx.Node) -> torch.fx.Node:
+def _labels(gm: torch.fx.GraphModule, length: int, on: torch.fx.Node) -> torch.fx.Node:
     """``-100`` before the labels the output adapter's loss reads (not the input adapter's)."""
     output = _output_node(gm)
     with gm.graph.inserting_before(output):
-        padded = gm.graph.call_function(prepend_labels, (output.args[0], length, gate))
+        padded = gm.graph.call_function(prepend_labels, (output.args[0], length, on))
     output.update_arg(0, padded)
     return padded
 
 
 def _embeddings(gm: torch.fx.GraphModule, site: EmbeddingSite, target: str, ids: torch.fx.Node,
-                length: int, gate: torch.fx.Node) -> list[torch.fx.Node]:
+                length: int, on: torch.fx.Node) -> list[torch.fx.Node]:
     """The per-sample adapter names (to refuse them), the prompt read and its placement."""
     adapter = input_adapter(gm.graph)
     with gm.graph.inserting_after(adapter):
         names = gm.graph.call_function(operator.getitem, (adapter, -1))
     with gm.graph.inserting_after(site.output):
         prompt = gm.graph.get_attr(target)
-    placed = _lengthen(gm, site.output, place_prompt, (prompt, ids, length, gate, names))
+    placed = _lengthen(gm, site.output, place_prompt, (prompt, ids, length, on, names))
     placed.prepend(prompt)  # _lengthen put the placement first; the prompt read comes before it
     return [names, prompt, placed]
 
@@ -301,12 +306,15 @@ def splice(job: SpliceInput) -> Spliced:
                               torch.nn.Parameter(initial_prompt(weight, params)))
     with gm.graph.inserting_after(input_adapter(gm.graph)):
         gate = gate_node(gm, adapter, weight)  # no branch: the adapter refuses mixed batches
+    with gm.graph.inserting_after(gate):
+        on = gm.graph.call_function(prompt_on, (gate,))
+    on.meta[GATE_META] = adapter
     length = params.num_virtual_tokens
     limit = gm.capture_info.max_seq if gm.capture_info is not None else None
-    longer = _lengthen(gm, ids, prepend_ids, (length, gate, limit))
-    added = [longer, *_mask(gm, length, gate), *_embeddings(gm, site, target, longer, length, gate)]
+    longer = _lengthen(gm, ids, prepend_ids, (length, on, limit))
+    added = [longer, *_mask(gm, length, on), *_embeddings(gm, site, target, longer, length, on)]
     if pads:
-        added.append(_labels(gm, length, gate))
+        added.append(_labels(gm, length, on))
     for node in added:
         interior = node.op == "get_attr" or node.target is operator.getitem
         node.meta[ADAPTER_META] = AdapterNode("prompt_tuning", adapter, site.module_path,
