@@ -184,6 +184,9 @@ def test_merge_and_mixed_batches_are_refused():
         fxpeft.merge(gm)
     with pytest.raises(ValueError, match="adapters cannot be mixed per sample"):
         gm.eval()(token_batch(batch=2), adapter_names=["default", "__base__"])
+    fxpeft.add_adapter(gm, "lora", "lora_qv")  # the Gates call now checks the names first
+    with pytest.raises(ValueError, match="\\['default'\\] have modules_to_save copies or prompts"):
+        gm(token_batch(batch=2), adapter_names=["lora", "__base__"])
 
 
 # --- training --------------------------------------------------------------------------------
@@ -297,6 +300,18 @@ def test_other_families_match_peft(build, tmp_path):
     theirs = _outputs(peft_model, ids, mask, labels)
     torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-5)
+
+
+def test_bf16_base_keeps_an_fp32_prompt_as_peft(tmp_path):
+    from peft import get_peft_model
+    ids = token_batch()
+    peft_model = get_peft_model(tiny_llama().to(torch.bfloat16), _peft_config("llama", "RANDOM", "")).eval()
+    peft_model.save_pretrained(tmp_path)
+    gm = fxpeft.load(tiny_llama().to(torch.bfloat16), tmp_path)
+    assert gm.get_parameter("prompt_embeddings").dtype == torch.float32  # cast where it joins
+    ours, theirs = gm(ids).logits, peft_model(input_ids=ids).logits
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-2)  # bf16 resolution (measured: 0)
 
 
 def test_saved_folder_has_peft_key_and_config(tmp_path):
