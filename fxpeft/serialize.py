@@ -65,7 +65,7 @@ from fxpeft.adapters import is_adapter_parameter
 from fxpeft.api import add_adapter, rewrite
 from fxpeft.errors import FxpeftError, MatchError, PassError, RuleError
 from fxpeft.graph_module import AdaptedModule
-from fxpeft.kinds.registry import AdapterKind
+from fxpeft.kinds.registry import AdapterKind, values_from_file
 from fxpeft.names import MODULES_TO_SAVE
 from fxpeft.peft_format import (INERT_FIELDS, PeftFormatError, neutral, check_fields,
                                 kind_for_config, kind_for_rewrite, to_peft_key)
@@ -557,9 +557,10 @@ def _build(model: torch.nn.Module, adapter: str, rules: RuleSet, keep: Sequence[
            source: Path, capture: dict[str, Any]) -> AdaptedModule:
     """The adapted graph; errors that come from the rules name the file they came from."""
     try:
-        if isinstance(model, AdaptedModule):
-            return add_adapter(model, adapter, rules, modules_to_save=keep)
-        return rewrite(model, rules, adapter=adapter, modules_to_save=keep, **capture)
+        with values_from_file():  # _fill writes every adapter tensor next
+            if isinstance(model, AdaptedModule):
+                return add_adapter(model, adapter, rules, modules_to_save=keep)
+            return rewrite(model, rules, adapter=adapter, modules_to_save=keep, **capture)
     except (PassError, MatchError, RuleError) as err:
         if str(source) in str(err):
             raise

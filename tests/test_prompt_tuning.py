@@ -371,6 +371,18 @@ def test_rule_errors_are_located():
             init="text", init_text="ta", tokenizer="/nonexistent")))
 
 
+def test_a_text_init_folder_loads_without_its_tokenizer(tmp_path):
+    """As PEFT's inference load: the saved prompt is used, the init text is not tokenized."""
+    folder = _write_config(tmp_path / "adapter", prompt_tuning_init="TEXT",
+                           prompt_tuning_init_text="hello", tokenizer_name_or_path="/nonexistent")
+    gm = fxpeft.load(tiny_llama(), folder)
+    assert gm.get_parameter("prompt_embeddings").shape == (4, 64)
+    fxpeft.save(gm, tmp_path / "again")  # the TEXT provenance survives, and loads back
+    again = fxpeft.load(tiny_llama(), tmp_path / "again")
+    assert (tmp_path / "again" / "fxpeft_rules.toml").read_text().count("/nonexistent") == 1
+    torch.testing.assert_close(again(token_batch()).logits, gm(token_batch()).logits, rtol=0, atol=0)
+
+
 def test_models_it_cannot_prompt_are_refused():
     with pytest.raises(PassError, match="supports causal and seq2seq LMs.*not SequenceClassifierOutput"):
         fxpeft.rewrite(tiny_bert(), RULES)

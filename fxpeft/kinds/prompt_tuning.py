@@ -48,7 +48,7 @@ from fxpeft.adapters import attach_component
 from fxpeft.embedding import INPUT_IDS, EmbeddingSite, id_readers, input_adapter, model_input
 from fxpeft.errors import PassError, RuleError
 from fxpeft.gates import GATE_META, gate_node
-from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced
+from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced, initialising
 from fxpeft.match import Match
 from fxpeft.names import ADAPTER_META, INPUTS_MODULE, OUTPUT_MODULE, AdapterNode, is_fxpeft_node
 from fxpeft.peft_format import PeftFormat, PeftFormatError
@@ -209,13 +209,16 @@ def _text_ids(params: PromptTuningParams) -> list[int]:
 
 def initial_prompt(weight: torch.Tensor, params: PromptTuningParams) -> torch.Tensor:
     """The starting prompt, fp32 ``(rows, dim)``: standard normal, or rows of the embedding
-    ``weight`` at sampled token ids or at the init text's ids (repeated, then cut to length).
+    ``weight`` at sampled token ids or at the init text's ids (repeated, then cut to length);
+    zeros while ``fxpeft.load`` builds the adapter, which then fills it from the file.
 
     >>> initial_prompt(torch.arange(12.).reshape(4, 3), PromptTuningParams(
     ...     num_virtual_tokens=3, init="text", init_ids=[2, 1])).tolist()
     [[6.0, 7.0, 8.0], [3.0, 4.0, 5.0], [6.0, 7.0, 8.0]]
     """
     rows, (vocab, dim) = params.rows, weight.shape
+    if not initialising():  # fxpeft.load fills it from the file: no tokenizer needed
+        return torch.zeros(rows, dim, device=weight.device)
     if params.init == "random":
         return torch.empty(rows, dim, device=weight.device).normal_()
     if params.init == "sample_vocab":
