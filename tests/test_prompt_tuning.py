@@ -386,6 +386,24 @@ def test_a_text_init_folder_loads_without_its_tokenizer(tmp_path):
 def test_models_it_cannot_prompt_are_refused():
     with pytest.raises(PassError, match="supports causal and seq2seq LMs.*not SequenceClassifierOutput"):
         fxpeft.rewrite(tiny_bert(), RULES)
+    ids = token_batch()
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "position_ids": torch.arange(ids.shape[1]).expand_as(ids)}
+    with pytest.raises(PassError, match="cannot lengthen the input position_ids"):
+        fxpeft.rewrite(tiny_llama(), RULES, example_inputs=inputs)
+
+
+def test_text_init_from_ids_alone_is_saved_as_random_and_reloads(tmp_path):
+    """PEFT's TEXT needs a tokenizer; the rules file keeps the ids."""
+    import json
+    gm = fxpeft.rewrite(tiny_llama(), Rule(match="input_embedding", params=PromptTuningParams(
+        num_virtual_tokens=LENGTH, init="text", init_ids=[5, 9])))
+    fxpeft.save(gm, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["prompt_tuning_init"] == "RANDOM"
+    assert "init_ids = [5, 9]" in (tmp_path / "fxpeft_rules.toml").read_text()
+    again = fxpeft.load(tiny_llama(), tmp_path)
+    torch.testing.assert_close(again.get_parameter("prompt_embeddings"),
+                               gm.get_parameter("prompt_embeddings"), rtol=0, atol=0)
 
 
 def test_nodes_pass_through_when_off():

@@ -59,7 +59,7 @@ from fxpeft.rules.schema import Params, Rule, RuleSet, spec
 aten = torch.ops.aten
 PROMPT = "prompt_embeddings"
 IGNORE_INDEX = -100  # transformers' loss skips these label positions
-MASK, DECODER_IDS = "attention_mask", "decoder_input_ids"
+MASK, DECODER_INPUTS = "attention_mask", ("decoder_input_ids", "decoder_attention_mask")
 # Output classes whose labels PEFT pads (causal LMs) or leaves alone (seq2seq: decoder labels).
 PADDED_LABELS, PLAIN_LABELS = ("CausalLMOutput",), ("Seq2SeqLMOutput",)
 
@@ -252,7 +252,8 @@ def _pads_labels(gm: torch.fx.GraphModule, site: EmbeddingSite) -> bool:
 def _check_inputs(gm: torch.fx.GraphModule, site: EmbeddingSite, ids: torch.fx.Node) -> None:
     """Every input must be one the splice lengthens (or a decoder input), and ``input_ids``
     may feed only sizes and the lookup (the placeholder ids must never count as tokens)."""
-    extra = [n for n in gm.get_submodule(INPUTS_MODULE).names if n not in (INPUT_IDS, MASK, DECODER_IDS)]
+    known = (INPUT_IDS, MASK, *DECODER_INPUTS)
+    extra = [n for n in gm.get_submodule(INPUTS_MODULE).names if n not in known]
     if extra:
         raise PassError(f"{site.module_path}: prompt tuning cannot lengthen the input {extra[0]} "
                         f"(PEFT drops it); capture the model without it")
