@@ -171,6 +171,11 @@ def test_fuse_keeps_an_active_prompt_and_drops_an_inactive_one():
     fused = fxpeft.fuse(gm)
     torch.testing.assert_close(fused(ids, attention_mask=mask, labels=labels).loss,
                                gm(ids, attention_mask=mask, labels=labels).loss, rtol=0, atol=1e-6)
+    fused.train()  # train mode: the fused LM-head loss reads the padded labels
+    out = fused(ids, attention_mask=mask, labels=labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, gm(ids, attention_mask=mask, labels=labels).loss,
+                               rtol=0, atol=1e-5)
     with gm.disable_adapters():
         idle = fxpeft.fuse(gm)
         expected = gm(ids, attention_mask=mask).logits
