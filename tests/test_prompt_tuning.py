@@ -230,13 +230,15 @@ def test_training_lowers_the_loss_step_for_step_as_peft():
 
 # --- initialisation --------------------------------------------------------------------------
 
-def test_text_init_equals_peft_and_init_ids(tokenizer_dir):
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gemma])
+def test_text_init_equals_peft_and_init_ids(build, tokenizer_dir):
+    """Gemma scales the rows inside its embedding module; PEFT's init calls the module."""
     from peft import get_peft_model
-    peft_model = get_peft_model(tiny_llama(), _peft_config("llama", "TEXT", tokenizer_dir))
+    peft_model = get_peft_model(build(), _peft_config("llama", "TEXT", tokenizer_dir))
     expected = peft_model.prompt_encoder["default"].embedding.weight
-    by_text = fxpeft.rewrite(tiny_llama(), _rule("text", tokenizer_dir)).get_parameter("prompt_embeddings")
+    by_text = fxpeft.rewrite(build(), _rule("text", tokenizer_dir)).get_parameter("prompt_embeddings")
     torch.testing.assert_close(by_text, expected, rtol=0, atol=0)
-    by_ids = fxpeft.rewrite(tiny_llama(), Rule(match="input_embedding", params=PromptTuningParams(
+    by_ids = fxpeft.rewrite(build(), Rule(match="input_embedding", params=PromptTuningParams(
         num_virtual_tokens=LENGTH, init="text", init_ids=[5, 9, 3, 17])))
     torch.testing.assert_close(by_ids.get_parameter("prompt_embeddings"), expected, rtol=0, atol=0)
 
@@ -427,7 +429,14 @@ def test_compiles_with_one_break_for_the_switch_and_stays_exact():
     ids = token_batch()
     torch._dynamo.reset()
     assert torch._dynamo.explain(gm)(ids).graph_break_count == 1  # prompt_on; a LoRA graph has 0
-    compiled = torch.compile(gm, backend=CompileCounter())
+    counter = CompileCounter()
+    compiled = torch.compile(gm, backend=counter)
     torch.testing.assert_close(compiled(ids).logits, gm(ids).logits, rtol=0, atol=0)
+    frames = counter.frame_count
     with gm.disable_adapters():
         torch.testing.assert_close(compiled(ids).logits, gm(ids).logits, rtol=0, atol=0)
+    assert counter.frame_count == frames + 1  # the part after the switch, for "off"
+    compiled(ids)
+    with gm.disable_adapters():
+        compiled(ids)
+    assert counter.frame_count == frames + 1  # both states cached

@@ -26,8 +26,8 @@ is False, so an off adapter runs exactly the base graph. These four are the remo
 (each bypasses to its input), so strip and ``delete_adapter`` remove the tokens too. As the
 sequence length depends on the gate, mixed batches (``adapter_names=``) are refused, and
 under ``torch.compile`` the ``prompt_on`` test is a graph break after which the bool is a
-guarded constant: switching the adapter recompiles. Merge is impossible: a prompt is no
-change of a weight.
+guarded constant: the first switch to the other state compiles once, later ones hit the
+cache. Merge is impossible: a prompt is no change of a weight.
 
 Adapter ``"default"`` adds the root parameter ``prompt_embeddings`` (others
 ``prompt_embeddings_<name>``), saved as PEFT's single key ``prompt_embeddings``. It is fp32, as
@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxpeft.adapters import attach_component
+from fxpeft.adapters import attach_component, fetch
 from fxpeft.embedding import INPUT_IDS, EmbeddingSite, id_readers, input_adapter, model_input
 from fxpeft.errors import PassError, RuleError
 from fxpeft.gates import GATE_META, gate_node
@@ -207,29 +207,60 @@ def _text_ids(params: PromptTuningParams) -> list[int]:
     return ids
 
 
-def initial_prompt(weight: torch.Tensor, params: PromptTuningParams) -> torch.Tensor:
-    """The starting prompt, fp32 ``(rows, dim)``: standard normal, or rows of the embedding
-    ``weight`` at sampled token ids or at the init text's ids (repeated, then cut to length);
-    zeros while ``fxpeft.load`` builds the adapter, which then fills it from the file.
+def embedded(gm: torch.fx.GraphModule, site: EmbeddingSite, ids: torch.Tensor) -> torch.Tensor:
+    """What the embedding module returns for the token ``ids`` (1-D): the lookup's rows through
+    the module's own ops after it (Gemma's scale), evaluated from the graph, as PEFT's init
+    calls the module.
 
-    >>> initial_prompt(torch.arange(12.).reshape(4, 3), PromptTuningParams(
-    ...     num_virtual_tokens=3, init="text", init_ids=[2, 1])).tolist()
-    [[6.0, 7.0, 8.0], [3.0, 4.0, 5.0], [6.0, 7.0, 8.0]]
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from fxpeft.capture import capture
+    >>> from fxpeft.embedding import find_input_embeddings
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, vocab_size=32,
+    ...                          num_hidden_layers=1, num_attention_heads=2))
+    >>> program = capture(model); site = find_input_embeddings(program)[0]
+    >>> rows = embedded(program.graph_module, site, torch.tensor([3, 5]))
+    >>> torch.equal(rows, model.get_input_embeddings().weight[[3, 5]])
+    True
     """
-    rows, (vocab, dim) = params.rows, weight.shape
+    table = gm.get_parameter(site.weight_target).detach()
+    values: dict[torch.fx.Node, Any] = {site.node: table[ids][None]}
+
+    def value(node: torch.fx.Node) -> Any:
+        if node not in values:
+            if node.op == "get_attr":
+                values[node] = fetch(gm, node.target)
+            elif node.op == "call_function":
+                values[node] = node.target(*torch.fx.node.map_arg(node.args, value),
+                                           **torch.fx.node.map_arg(node.kwargs, value))
+            else:
+                raise PassError(f"{site.module_path}: the embedding module reads {node.name} "
+                                f"({node.op}); its output for the init tokens cannot be computed")
+        return values[node]
+
+    with torch.no_grad():
+        return value(site.output)[0]
+
+
+def _initial_prompt(gm: torch.fx.GraphModule, site: EmbeddingSite,
+                   params: PromptTuningParams) -> torch.Tensor:
+    """The starting prompt, fp32 ``(rows, dim)``: standard normal, or what the embedding module
+    gives for sampled token ids or for the init text's ids (repeated, then cut to length);
+    zeros while ``fxpeft.load`` builds the adapter, which then fills it from the file."""
+    rows, (vocab, dim) = params.rows, (site.num_embeddings, site.embedding_dim)
+    device = gm.get_parameter(site.weight_target).device
     if not initialising():  # fxpeft.load fills it from the file: no tokenizer needed
-        return torch.zeros(rows, dim, device=weight.device)
+        return torch.zeros(rows, dim, device=device)
     if params.init == "random":
-        return torch.empty(rows, dim, device=weight.device).normal_()
+        return torch.empty(rows, dim, device=device).normal_()
     if params.init == "sample_vocab":
-        ids = torch.randint(0, vocab, (rows,), device=weight.device)
+        ids = torch.randint(0, vocab, (rows,), device=device)
     else:
         text = _text_ids(params)
         if max(text) >= vocab:
             raise PassError(f"prompt tuning: init token id {max(text)} is outside the "
                             f"vocabulary of {vocab}")
-        ids = torch.tensor((text * math.ceil(rows / len(text)))[:rows], device=weight.device)
-    return weight.detach()[ids].float()
+        ids = torch.tensor((text * math.ceil(rows / len(text)))[:rows], device=device)
+    return embedded(gm, site, ids).float()
 
 
 # --- the splice ------------------------------------------------------------------------------
@@ -307,7 +338,7 @@ def splice(job: SpliceInput) -> Spliced:
     _check_inputs(gm, site, ids)
     weight = gm.get_parameter(site.weight_target)
     target = attach_component(gm, "", PROMPT, adapter,
-                              torch.nn.Parameter(initial_prompt(weight, params)))
+                              torch.nn.Parameter(_initial_prompt(gm, site, params)))
     with gm.graph.inserting_after(input_adapter(gm.graph)):
         gate = gate_node(gm, adapter, weight)  # no branch: the adapter refuses mixed batches
     with gm.graph.inserting_after(gate):
