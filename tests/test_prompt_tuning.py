@@ -338,6 +338,9 @@ def test_saved_folder_has_peft_key_and_config(tmp_path):
     again = fxpeft.load(tiny_t5(), tmp_path)  # and fxpeft reads its own folder back
     torch.testing.assert_close(again.get_parameter("prompt_embeddings"),
                                gm.get_parameter("prompt_embeddings"), rtol=0, atol=0)
+    assert not again.get_parameter("prompt_embeddings").requires_grad
+    trainable = fxpeft.load(tiny_t5(), tmp_path, trainable=True)
+    assert [n for n, p in trainable.named_parameters() if p.requires_grad] == ["prompt_embeddings"]
 
 
 # --- errors ----------------------------------------------------------------------------------
