@@ -192,6 +192,10 @@ def test_merge_and_mixed_batches_are_refused():
     fxpeft.add_adapter(gm, "lora", "lora_qv")  # the Gates call now checks the names first
     with pytest.raises(ValueError, match="\\['default'\\] have modules_to_save copies or prompts"):
         gm(token_batch(batch=2), adapter_names=["lora", "__base__"])
+    gm.set_adapter("lora")  # an inactive prompt does not stop a merge, and is stripped by it
+    merged = fxpeft.merge(gm)
+    assert not adapter_nodes(merged, "prompt_tuning")
+    torch.testing.assert_close(merged(token_batch()).logits, gm(token_batch()).logits, rtol=0, atol=1e-5)
 
 
 # --- training --------------------------------------------------------------------------------
