@@ -1,8 +1,12 @@
-"""Peak training memory: fxpeft, its fused copy (with the fused LM-head loss) and HF PEFT, each
-in a fresh subprocess, LoRA q,v, a few AdamW steps. Memory is the peak RSS during the training
-steps minus the RSS just before them (the peak is reset through /proc/self/clear_refs once the
-adapted model is built, so capture's own peak is left out): the ratios compare what training
-adds.
+"""Peak training memory and step time: HF PEFT (with and without HF gradient checkpointing)
+against fxpeft, its fused copy (fused LM-head loss), the fused copy with gradient checkpointing
+(``fuse(gm, checkpoint="layers")``) and QLoRA (nf4 base), each in a fresh subprocess, LoRA q,v,
+a few AdamW steps.
+
+Two numbers per variant, both peak RSS during the training steps (the peak is reset through
+/proc/self/clear_refs once the adapted model is built, so loading and capture are left out):
+- ``total``: minus the RSS before the model was loaded: the model's weights plus training;
+- ``training``: minus the RSS just before the steps: what training adds.
 
     python bench/memory.py [--model smollm2|llama] [--batch 4 --seq 128 --steps 2]
 """
@@ -18,56 +22,76 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line  # noqa: E402
 
-VARIANTS = ("PEFT", "fxpeft", "fxpeft fused")
+from fxpeft.memory import current_rss_mib, peak_rss_mib, reset_peak_rss  # noqa: E402
+
+VARIANTS = ("PEFT", "PEFT + HF checkpointing", "fxpeft", "fxpeft fused",
+            "fxpeft fused + checkpoint", "fxpeft nf4 fused", "fxpeft nf4 fused + checkpoint")
 
 
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024  # kB
-    raise SystemExit(f"no {field} in /proc/self/status (Linux only)")
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-
-
-def _model(name: str):
+def _nf4():
     import torch
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+
+
+def _model(name: str, variant: str):
+    import torch
+    quantization = _nf4() if "nf4" in variant else None
     if name == "smollm2":
         from fxpeft.models import load_smollm2
-        return load_smollm2()[0]
+        return load_smollm2(quantization_config=quantization)[0]
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
-                                        num_attention_heads=9, num_key_value_heads=3,
-                                        vocab_size=49152)).eval()
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
+                                         num_attention_heads=9, num_key_value_heads=3,
+                                         vocab_size=49152)).eval()
+    if quantization is None:
+        return model
+    import tempfile
+    folder = tempfile.mkdtemp()
+    model.save_pretrained(folder)
+    return LlamaForCausalLM.from_pretrained(folder, quantization_config=quantization, device_map="cpu")
 
 
 def _adapted(variant: str, model):
     import fxpeft
-    if variant == "PEFT":
+    if variant.startswith("PEFT"):
         from peft import LoraConfig, get_peft_model
+        if "checkpointing" in variant:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     gm = fxpeft.rewrite(model, "lora_qv", dropout=0.0)
-    return fxpeft.fuse(gm) if variant == "fxpeft fused" else gm
+    if "fused" not in variant:
+        return gm
+    return fxpeft.fuse(gm, checkpoint="layers" if "checkpoint" in variant else None)
 
 
 def child(args: argparse.Namespace) -> None:
-    """One variant: print {"loaded": MiB, "peak": MiB}."""
+    """One variant: print {"before": MiB, "loaded": MiB, "peak": MiB, "step": s}."""
+    import time
+
     import torch
-    model = _model(args.model)
+    import transformers  # noqa: F401  (imported before the baseline, as every variant needs it)
+    if "nf4" in args.variant:
+        import bitsandbytes  # noqa: F401
+    before = current_rss_mib()
+    model = _model(args.model, args.variant)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq),
                         generator=torch.Generator().manual_seed(0))
     adapted = _adapted(args.variant, model).train()
     optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-4)
-    _reset_peak()
-    loaded = _status_mib("VmRSS")
+    reset_peak_rss()
+    loaded = current_rss_mib()
+    times = []
     for _ in range(args.steps):
+        start = time.perf_counter()
         adapted(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    print(json.dumps({"loaded": loaded, "peak": _status_mib("VmHWM")}))
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"before": before, "loaded": loaded, "peak": peak_rss_mib(),
+                      "step": min(times[1:] or times)}))
 
 
 def main() -> None:
@@ -80,17 +104,31 @@ def main() -> None:
     if args.variant:
         return child(args)
     print(f"{args.model}, batch {args.batch} x {args.seq}, LoRA q,v, {args.steps} AdamW steps\n{machine_line()}")
-    added = {}
+    results = {}
     for variant in VARIANTS:
         command = [sys.executable, __file__, "--variant", variant, "--model", args.model,
                    "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
         out = subprocess.run(command, capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"{variant} failed:\n{out.stderr[-2000:]}")
-        numbers = json.loads(out.stdout.strip().splitlines()[-1])
-        added[variant] = numbers["peak"] - numbers["loaded"]
-    for variant, mib in added.items():
-        print(f"  {variant:<14} +{mib:8.0f} MiB peak RSS in training   {mib / added['PEFT']:6.3f} x PEFT")
+        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    print_table(results)
+
+
+def print_table(results: dict[str, dict]) -> None:
+    """Each variant's peaks and step time, and their ratios to PEFT's (and nf4 to fp32)."""
+    total = {v: r["peak"] - r["before"] for v, r in results.items()}
+    training = {v: r["peak"] - r["loaded"] for v, r in results.items()}
+    step = {v: r["step"] for v, r in results.items()}
+    print(f"  {'variant':<30}{'total MiB':>10}{'x PEFT':>8}{'training MiB':>14}{'x PEFT':>8}"
+          f"{'step s':>8}{'x PEFT':>8}")
+    for variant in results:
+        print(f"  {variant:<30}{total[variant]:>10.0f}{total[variant] / total['PEFT']:>8.3f}"
+              f"{training[variant]:>14.0f}{training[variant] / training['PEFT']:>8.3f}"
+              f"{step[variant]:>8.2f}{step[variant] / step['PEFT']:>8.3f}")
+    for quantized in [v for v in results if "nf4" in v]:
+        dense = quantized.replace("nf4 ", "")
+        print(f"  {quantized} / {dense}: total {total[quantized] / total[dense]:.3f}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -14,7 +15,7 @@ from fxpeft.adapt import add_adapter, apply_adapter, require_matches
 from fxpeft.capture import capture
 from fxpeft.emit import emit
 from fxpeft.explain import Explanation, build_explanation
-from fxpeft.graph_module import AdaptedModule
+from fxpeft.graph_module import CHECKPOINTING_ADVICE, AdaptedModule
 from fxpeft.match import MatchResult, match
 from fxpeft.program import Program
 from fxpeft.rules.loader import load_rules
@@ -67,12 +68,23 @@ def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = N
     >>> fxpeft.trainable_parameters(gm)
     (16, 36)
     """
+    _warn_hf_checkpointing(model)
     program, ruleset, result = _matched(model, rules, example_inputs, leaf_modules, overrides)
     require_matches(program, ruleset, result)
     gm = emit(program)
     gm.meta["fxpeft"] = {"passes": []}
     apply_adapter(program, ruleset, result, adapter, modules_to_save)
     return gm
+
+
+def _warn_hf_checkpointing(model: torch.nn.Module) -> None:
+    """HF checkpointing wraps module calls, which capture flattens away: say so."""
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"  # transformers 5 renamed it
+    if getattr(model, flag, False):
+        warnings.warn(f"{type(model).__name__}.gradient_checkpointing_enable() does not survive "
+                      f"capture: the graph would keep every activation; {CHECKPOINTING_ADVICE}",
+                      stacklevel=3)
 
 
 def pass_report(gm: AdaptedModule) -> list[PassResult]:

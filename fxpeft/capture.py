@@ -18,7 +18,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch.utils._sympy.numbers import int_oo
 
-from fxpeft import capture_cache, hf
+from fxpeft import capture_cache, hf, quantized
 from fxpeft.errors import CaptureError
 from fxpeft.graph_module import AdaptedModule
 from fxpeft.patterns import find_linear_sites, owning_module
@@ -55,16 +55,27 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, leaf_modules: Se
     if isinstance(model, AdaptedModule):
         raise CaptureError(f"{type(model).__name__} is already an fxpeft graph; rewrite the "
                            f"original model instead (or load several adapters into it)")
-    if hf.is_hf_model(model):
-        program = _capture_hf(model, example_inputs)
-    else:
-        program = _capture_plain(model, example_inputs, tuple(leaf_modules))
+    with _quantized_stand_ins(model) as count:
+        if hf.is_hf_model(model):
+            program = _capture_hf(model, example_inputs, cacheable=count == 0)
+        else:
+            program = _capture_plain(model, example_inputs, tuple(leaf_modules))
     if program.frontend == "export" and not allow_training_branches:
         _refuse_training_branches(model, program.graph)
     program.sites = find_linear_sites(program.graph_module)
     log.debug("capture: %s via %s, %d linear sites", program.model_class, program.frontend,
               len(program.sites))
     return program
+
+
+@contextlib.contextmanager
+def _quantized_stand_ins(model: torch.nn.Module) -> Iterator[int]:
+    """bitsandbytes layers become one custom op each (``fxpeft.quantized``) while capturing."""
+    try:
+        with quantized.stand_ins(model) as count:
+            yield count
+    except quantized.QuantizedLayerError as err:
+        raise CaptureError(f"{type(model).__name__}: {err}") from None
 
 
 def _train_only_op(node: torch.fx.Node) -> bool:
@@ -113,12 +124,13 @@ def _capture_mode(model: torch.nn.Module) -> Iterator[None]:
             config.use_cache = saved[key]
 
 
-def _capture_hf(model: torch.nn.Module, example_inputs: Any) -> Program:
+def _capture_hf(model: torch.nn.Module, example_inputs: Any, cacheable: bool = True) -> Program:
     inputs = dict(example_inputs) if example_inputs is not None else hf.example_inputs(model)
     if "input_ids" not in inputs:
         raise CaptureError(f"{type(model).__name__}: example_inputs must include input_ids")
     inputs = {"input_ids": inputs.pop("input_ids"), **inputs}
-    key = capture_cache.cache_key(model, inputs) if capture_cache.enabled() else None
+    # Quantized layers are not the model's parameters: the cache could not rebind them.
+    key = capture_cache.cache_key(model, inputs) if cacheable and capture_cache.enabled() else None
     cached = capture_cache.lookup(key, model) if key is not None else None
     if cached is not None:
         log.debug("capture: %s from the capture cache", type(model).__name__)

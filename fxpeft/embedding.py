@@ -2,46 +2,40 @@
 embedding (the encoder's, for an encoder-decoder: the decoder embeds ``decoder_input_ids``).
 
 It is what prompt tuning splices after. Matching stays a query: ``find_input_embeddings`` only
-reads the graph. ``model_input`` finds the node that carries a named model input, before the
-emit step (its placeholder) and after it (the input adapter's output for it).
+reads the graph, picking among the embedding lookups ``fxpeft.layer_sites`` recognises those
+that read ``input_ids``. ``model_input`` finds the node that carries a named model input,
+before the emit step (its placeholder) and after it (the input adapter's output for it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx
 
+from fxpeft.layer_sites import EmbeddingSite, find_embedding_sites
 from fxpeft.names import INPUTS_MODULE, is_fxpeft_node
-from fxpeft.patterns import fetch_attr, owning_module
-from fxpeft.program import Program
+from fxpeft.patterns import owning_module
 
 aten = torch.ops.aten
 INPUT_IDS = "input_ids"
-
-
 # Ops that pass token ids on unchanged but for their shape (GPT-2 and OPT view input_ids).
 VIEW_OPS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default,
                       aten.alias.default})
 
 
 @dataclass(frozen=True)
-class EmbeddingSite:
-    """One ``aten.embedding(weight, ids)`` node that embeds the model's ``input_ids``.
+class InputEmbeddingSite(EmbeddingSite):
+    """An embedding lookup that embeds the model's ``input_ids``.
 
     ``output``: what the embedding module returns, the lookup or the last op of the module it
     flows through (Gemma scales the rows inside its embedding module).
     """
 
-    node: torch.fx.Node
-    module_path: str
-    module_type: str
-    weight_target: str
-    num_embeddings: int
-    embedding_dim: int
-    output: torch.fx.Node
+    output: "torch.fx.Node | None" = None
 
 
 def input_adapter(graph: torch.fx.Graph) -> torch.fx.Node | None:
@@ -67,27 +61,6 @@ def model_input(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node | None:
     return next((u for u in adapter.users if u.target is operator.getitem and u.args[1] == index), None)
 
 
-def _module_output(node: torch.fx.Node, path: str) -> torch.fx.Node:
-    """The last node of the chain from ``node`` that still belongs to the module at ``path``."""
-    while len(node.users) == 1:
-        user = next(iter(node.users))
-        if (owning_module(user) or ("",))[0] != path:
-            break
-        node = user
-    return node
-
-
-def _site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> EmbeddingSite | None:
-    weight = node.args[0]
-    if node.target != aten.embedding.default or not isinstance(weight, torch.fx.Node) or \
-            weight.op != "get_attr":
-        return None
-    table = fetch_attr(gm, weight.target)
-    path, kind = owning_module(node) or (weight.target.rpartition(".")[0], "torch.nn.Embedding")
-    return EmbeddingSite(node, path, kind, weight.target, table.shape[0], table.shape[1],
-                         _module_output(node, path))
-
-
 def _passes_ids_on(user: torch.fx.Node, ids: torch.fx.Node) -> bool:
     """A view, or an adapter node that hands ``ids`` on (an earlier prompt's longer ids)."""
     return user.target in VIEW_OPS or (is_fxpeft_node(user) and user.args[:1] == (ids,))
@@ -98,7 +71,8 @@ def id_readers(ids: torch.fx.Node) -> list[torch.fx.Node]:
     hand them on (not those).
 
     >>> graph = torch.fx.Graph(); ids = graph.placeholder("input_ids")
-    >>> view = graph.call_function(aten.view.default, (ids, [-1, 3])); size = graph.call_function(aten.sym_size.int, (ids, 1))
+    >>> view = graph.call_function(aten.view.default, (ids, [-1, 3]))
+    >>> size = graph.call_function(aten.sym_size.int, (ids, 1))
     >>> [n.name for n in id_readers(ids)] == [size.name] and not view.users
     True
     """
@@ -108,18 +82,28 @@ def id_readers(ids: torch.fx.Node) -> list[torch.fx.Node]:
     return found
 
 
-def find_input_embeddings(program: Program) -> list[EmbeddingSite]:
+def _module_output(node: torch.fx.Node, path: str) -> torch.fx.Node:
+    """The last node of the chain from ``node`` that still belongs to the module at ``path``."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if (owning_module(user) or ("",))[0] != path:
+            break
+        node = user
+    return node
+
+
+def find_input_embeddings(gm: torch.fx.GraphModule) -> list[InputEmbeddingSite]:
     """The token-embedding lookups of ``input_ids`` (one for every family fxpeft captures).
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> from fxpeft.capture import capture
     >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, vocab_size=32,
     ...                          num_hidden_layers=1, num_attention_heads=2))
-    >>> [(s.module_path, s.embedding_dim) for s in find_input_embeddings(capture(model))]
+    >>> [(s.module_path, s.embedding_dim) for s in find_input_embeddings(capture(model).graph_module)]
     [('model.embed_tokens', 16)]
     """
-    ids = model_input(program.graph_module, INPUT_IDS)
-    if ids is None:
-        return []
-    found = (_site(program.graph_module, user) for user in id_readers(ids) if user.op == "call_function")
-    return [site for site in found if site is not None]
+    ids = model_input(gm, INPUT_IDS)
+    readers = set(id_readers(ids)) if ids is not None else set()
+    return [InputEmbeddingSite(**{f.name: getattr(s, f.name) for f in dataclasses.fields(s)},
+                               output=_module_output(s.node, s.module_path))
+            for s in find_embedding_sites(gm) if s.kind == "embedding" and s.node in readers]

@@ -14,6 +14,13 @@ import torch.fx
 
 from fxpeft import adapt, adapter_set, gates
 from fxpeft.errors import FxpeftError
+from fxpeft.kinds import adalora
+from fxpeft.kinds.registry import is_adapter_parameter
+from fxpeft.names import is_fxpeft_node
+
+
+CHECKPOINTING_ADVICE = ("use fxpeft.fuse(gm, checkpoint='layers') for a copy of the graph that "
+                        "recomputes each layer's activations in backward")
 
 
 class AdaptedModule(torch.fx.GraphModule):
@@ -26,20 +33,53 @@ class AdaptedModule(torch.fx.GraphModule):
 
     capture_info: Any = None  # fxpeft.program.CaptureInfo, set by the emit step
 
-    # Export bakes the capture dtype into the graph (RoPE's ``cos.to(x.dtype)`` became a float32
-    # constant, next to deliberate float32 upcasts it cannot be told from), so converting the
-    # parameters afterwards would fail deep inside torch: refuse it here instead.
+    # Export bakes the capture dtype into the graph (``cos.to(x.dtype)`` became a constant), so a
+    # dtype conversion also retargets those constants (``retarget_dtype_constants``).
 
-    def _refuse_dtype(self, dtype: "torch.dtype | None") -> None:
-        current = next((p.dtype for p in self.parameters() if p.is_floating_point()), dtype)
-        if dtype is not None and dtype != current:
-            raise FxpeftError(f"{type(self).__name__} was captured in {current}; its graph has that "
-                              f"dtype built in, so it cannot be converted to {dtype}. Convert the "
-                              f"model first, then rewrite it: fxpeft.rewrite(model.to({dtype}), ...)")
+    def base_dtype(self) -> "torch.dtype | None":
+        """The floating dtype of the base weights (adapters may differ: fp32 on half bases)."""
+        return next((p.dtype for n, p in self.named_parameters()
+                     if p.is_floating_point() and not is_adapter_parameter(n)), None)
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """HF's switch (``Trainer(gradient_checkpointing=True)`` calls it) has nothing to wrap
+        in a flat graph: refuse, pointing at the pass that does it."""
+        raise FxpeftError(f"{type(self).__name__}: gradient_checkpointing_enable() cannot wrap a "
+                          f"captured graph; {CHECKPOINTING_ADVICE}")
 
     def to(self, *args: Any, **kwargs: Any) -> "AdaptedModule":
-        self._refuse_dtype(torch._C._nn._parse_to(*args, **kwargs)[1])
-        return super().to(*args, **kwargs)
+        """``Module.to``; a device move also moves the device constants export baked into the
+        graph (``arange(..., device=cpu)``), as ``torch.export.passes.move_to_device_pass``
+        does for an ExportedProgram, and a dtype change retargets its dtype constants
+        (``retarget_dtype_constants``)."""
+        device, dtype = torch._C._nn._parse_to(*args, **kwargs)[:2]
+        before = self.base_dtype()
+        moved = super().to(*args, **kwargs)
+        if device is not None:
+            move_device_constants(self, device)
+        if dtype is not None and before is not None and dtype.is_floating_point and dtype != before:
+            retarget_dtype_constants(self, before, dtype)
+        return moved
+
+    def cuda(self, device: "int | torch.device | None" = None) -> "AdaptedModule":
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
+
+    def cpu(self) -> "AdaptedModule":
+        return self.to("cpu")
+
+    # Module's own conversions bypass ``to``: route them through it.
+
+    def half(self) -> "AdaptedModule":
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> "AdaptedModule":
+        return self.to(torch.bfloat16)
+
+    def float(self) -> "AdaptedModule":
+        return self.to(torch.float32)
+
+    def double(self) -> "AdaptedModule":
+        return self.to(torch.float64)
 
 
     # Several named adapters (fxpeft.gates): switching fills gate buffers, so it never re-traces
@@ -69,16 +109,83 @@ class AdaptedModule(torch.fx.GraphModule):
     def delete_adapter(self, adapter: str) -> None:
         adapter_set.delete_adapter(self, adapter)
 
+    def update_and_allocate(self, step: int) -> None:
+        """AdaLoRA's rank allocation for ``step`` (PEFT's ``update_and_allocate``), for adapters
+        whose rules say ``auto_allocate = false``: call it after each ``optimizer.step()``,
+        before ``zero_grad()``, numbering steps from 0 (others allocate by themselves).
 
-def _refusing(name: str, dtype: torch.dtype) -> Any:
-    """``Module.half`` / ``bfloat16`` / ``float`` / ``double``, refused where they change the dtype."""
-    def convert(self: AdaptedModule) -> AdaptedModule:
-        self._refuse_dtype(dtype)
-        return getattr(torch.fx.GraphModule, name)(self)
-    convert.__name__ = convert.__qualname__ = name
-    return convert
+        >>> import torch, fxpeft
+        >>> from fxpeft.kinds.adalora import AdaLoraParams
+        >>> rule = fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"]),
+        ...                          params=AdaLoraParams(total_step=4, auto_allocate=False))
+        >>> gm = fxpeft.rewrite(torch.nn.Sequential(torch.nn.Linear(4, 4)), rule)
+        >>> gm(torch.randn(2, 4)).sum().backward()
+        >>> gm.update_and_allocate(0)
+        """
+        adalora.update_and_allocate(self, step)
 
 
-for _name, _dtype in (("half", torch.float16), ("bfloat16", torch.bfloat16),
-                      ("float", torch.float32), ("double", torch.float64)):
-    setattr(AdaptedModule, _name, _refusing(_name, _dtype))
+def _moved(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.device):
+        return device
+    if isinstance(value, (list, tuple)):
+        return type(value)(_moved(v, device) for v in value)
+    return value
+
+
+def move_device_constants(module: torch.nn.Module, device: "torch.device | str") -> int:
+    """Point every ``device=`` constant in the graphs of ``module`` (and its graph submodules,
+    such as checkpointed regions) at ``device``; returns how many nodes changed.
+
+    >>> g = torch.fx.Graph()
+    >>> _ = g.output(g.call_function(torch.ops.aten.arange.default, (3,), {"device": torch.device("cpu")}))
+    >>> gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    >>> move_device_constants(gm, "meta"), gm(), gm.graph.find_nodes(op="call_function", target=torch.ops.aten.arange.default)[0].kwargs["device"]
+    (1, tensor(..., device='meta', size=(3,), dtype=torch.int64), device(type='meta'))
+    """
+    device, changed = torch.device(device), 0
+    for graph_module in (m for m in module.modules() if isinstance(m, torch.fx.GraphModule)):
+        for node in graph_module.graph.nodes:
+            args, kwargs = _moved(node.args, device), {k: _moved(v, device) for k, v in node.kwargs.items()}
+            if args != node.args or kwargs != node.kwargs:
+                node.args, node.kwargs = args, kwargs
+                changed += 1
+        graph_module.recompile()
+    return changed
+
+
+def _retargeted(value: Any, old: torch.dtype, new: torch.dtype, adapter_cast: bool) -> Any:
+    if isinstance(value, torch.dtype):
+        return new if value == old or (adapter_cast and value.is_floating_point) else value
+    if isinstance(value, float) and value in (torch.finfo(old).min, torch.finfo(old).max):
+        return torch.finfo(new).min if value < 0 else torch.finfo(new).max  # mask fill values
+    if isinstance(value, (list, tuple)):
+        return type(value)(_retargeted(v, old, new, adapter_cast) for v in value)
+    return value
+
+
+def retarget_dtype_constants(module: torch.nn.Module, old: torch.dtype, new: torch.dtype) -> int:
+    """After converting weights from ``old`` to ``new``, make the graphs of ``module`` compute
+    in ``new``: every ``old`` dtype constant (and ``finfo(old).min``/``max`` fill value) becomes
+    ``new``'s, and so do the casts adapters make (their weights were converted too). Casts to
+    other dtypes stay: a bf16 graph's deliberate fp32 upcasts stay fp32 when it becomes fp16.
+    A graph captured in fp32 cannot tell its deliberate fp32 upcasts (RMSNorm, softmax) from
+    casts that follow the data, so converted to bf16 it computes in bf16 throughout.
+
+    >>> g = torch.fx.Graph()
+    >>> _ = g.output(g.call_function(torch.ops.aten.zeros.default, ([2],), {"dtype": torch.float32}))
+    >>> gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    >>> retarget_dtype_constants(gm, torch.float32, torch.bfloat16), gm().dtype
+    (1, torch.bfloat16)
+    """
+    changed = 0
+    for graph_module in (m for m in module.modules() if isinstance(m, torch.fx.GraphModule)):
+        for node in graph_module.graph.nodes:
+            adapter_cast = is_fxpeft_node(node)
+            args = _retargeted(node.args, old, new, adapter_cast)
+            kwargs = {k: _retargeted(v, old, new, adapter_cast) for k, v in node.kwargs.items()}
+            if args != node.args or kwargs != node.kwargs:
+                node.args, node.kwargs = args, kwargs
+                changed += 1
+        graph_module.recompile()
+    return changed

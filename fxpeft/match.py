@@ -14,6 +14,7 @@ import torch.fx
 
 from fxpeft.attention import find_attention_sites
 from fxpeft.embedding import find_input_embeddings
+from fxpeft.layer_sites import find_conv_sites, find_embedding_sites
 from fxpeft.program import Program, layer_index
 from fxpeft.rules.schema import Rule, RuleSet, Where
 
@@ -84,14 +85,18 @@ def _attention_candidates(program: Program) -> list[Candidate]:
     return [Candidate(s.module_path, s.module_type, s.output, s) for s in find_attention_sites(program)]
 
 
-def _input_embedding_candidates(program: Program) -> list[Candidate]:
-    return [Candidate(s.module_path, s.module_type, s.node, s) for s in find_input_embeddings(program)]
+def _layer_candidates(find: Callable[[torch.fx.GraphModule], list[Any]]) -> Callable[[Program], list[Candidate]]:
+    """Candidates of a per-layer pattern (embedding, conv) found afresh in the graph."""
+    return lambda program: [Candidate(s.module_path, s.module_type, s.node, s)
+                            for s in find(program.graph_module)]
 
 
 # match kind -> how to enumerate its candidates. Patterns for new kinds register here.
 CANDIDATE_FINDERS: dict[str, Callable[[Program], list[Candidate]]] = {
-    "linear": _linear_candidates, "attention": _attention_candidates,
-    "input_embedding": _input_embedding_candidates}
+    "linear": _linear_candidates, "attention": _attention_candidates}
+CANDIDATE_FINDERS["embedding"] = _layer_candidates(find_embedding_sites)
+CANDIDATE_FINDERS["conv"] = _layer_candidates(find_conv_sites)
+CANDIDATE_FINDERS["input_embedding"] = _layer_candidates(find_input_embeddings)
 
 
 def candidates(program: Program, kind: str) -> list[Candidate]:

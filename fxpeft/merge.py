@@ -9,6 +9,7 @@ wherever a weight changed: the weights it shares with the original model are nev
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 import torch.fx
@@ -22,8 +23,10 @@ from fxpeft.kinds import registry
 from fxpeft.names import DEFAULT_ADAPTER, GATES, INPUTS_MODULE, adapter_node, is_fxpeft_node
 from fxpeft.patterns import owning_module
 from fxpeft.program import copy_graph
+from fxpeft.quantized import dequantize_layers, quantized_op, requantize
 
 aten = torch.ops.aten
+log = logging.getLogger("fxpeft")
 
 
 def _check_gates(gm: torch.nn.Module) -> None:
@@ -98,9 +101,29 @@ def _mark_without_adapters(root: torch.nn.Module) -> None:
         setattr(root, INPUTS_MODULE, inputs)
 
 
-def merge(gm: AdaptedModule) -> AdaptedModule:
+def _fold_quantized(gm: AdaptedModule, graph: torch.fx.Graph, weights: dict,
+                    dequantize: bool) -> dict[str, float]:
+    """Quantized layers that changed are requantized (returns the error that adds, per layer),
+    or, with ``dequantize``, every quantized layer becomes a dense linear."""
+    if dequantize:
+        dequantize_layers(gm, graph, weights)
+        return {}
+    errors = requantize(gm, weights)
+    if errors:
+        worst = max(errors, key=errors.get)
+        log.warning("merge: requantized %d layer(s); the merged weights moved by up to %.3g "
+                    "(max-abs, at %s). merge(gm, dequantize=True) keeps them dense.",
+                    len(errors), errors[worst], worst)
+    return errors
+
+
+def merge(gm: AdaptedModule, dequantize: bool = False) -> AdaptedModule:
     """A new graph with every active adapter folded into (new) base weights: the base graph's
     nodes, the adapted graph's outputs. ``gm`` and the original model are left as they were.
+
+    A quantized (bitsandbytes) layer is dequantized, merged in fp32 and quantized again; the
+    result's ``requantization_error`` holds, per layer, the max-abs weight error that adds.
+    ``dequantize=True`` instead turns every quantized layer into a dense one (no added error).
 
     >>> import torch, fxpeft
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
@@ -112,6 +135,7 @@ def merge(gm: AdaptedModule) -> AdaptedModule:
     weights = merged_weights(gm)
     graph = copy_graph(gm.graph)
     strip_adapters(graph, set(adapter_names(gm)) | {DEFAULT_ADAPTER})
+    errors = _fold_quantized(gm, graph, weights, dequantize)
     root = torch.nn.Module()
     for node in graph.nodes:
         if node.op == "get_attr" and node.target in weights:
@@ -123,6 +147,7 @@ def merge(gm: AdaptedModule) -> AdaptedModule:
     _mark_without_adapters(root)
     merged = AdaptedModule(root, graph, class_name=type(gm).__name__)
     merged.capture_info = gm.capture_info
+    merged.requantization_error = errors
     merged.requires_grad_(False)
     return merged.train(gm.training)
 
@@ -138,6 +163,9 @@ def merge_into(model: torch.nn.Module, gm: AdaptedModule) -> torch.nn.Module:
     True
     """
     for target, value in merged_weights(gm).items():
+        if quantized_op(gm.graph, target) is not None:
+            raise FxpeftError(f"merge_into: {target} is a quantized (bitsandbytes) weight; use "
+                              f"fxpeft.merge(gm) (requantizes) or merge(gm, dequantize=True)")
         owner_path, _, name = target.rpartition(".")
         owner = model.get_submodule(owner_path)
         old = getattr(owner, name, None)

@@ -54,9 +54,11 @@ def _convert_smollm2(target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """(model, tokenizer) for SmolLM2-135M-Instruct, in eval mode. Example (real weights, so
-    not run as a doctest; ``tests/test_real_smollm2.py`` runs it)::
+def load_smollm2(dtype: torch.dtype = torch.float32,
+                 quantization_config: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) for SmolLM2-135M-Instruct, in eval mode; ``quantization_config`` (a
+    ``BitsAndBytesConfig``) quantizes it on load, on the CPU. Example (real weights, so not run
+    as a doctest; ``tests/test_real_smollm2.py`` runs it)::
 
         model, tokenizer = load_smollm2()
         assert model.config.num_hidden_layers == 30
@@ -65,5 +67,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     folder = cache_root() / SMOLLM2_CACHE
     if not (folder / "config.json").exists():
         _convert_smollm2(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    quantized = {"quantization_config": quantization_config, "device_map": "cpu"} \
+        if quantization_config is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **quantized).eval()
     return model, AutoTokenizer.from_pretrained(folder)

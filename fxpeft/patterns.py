@@ -9,7 +9,8 @@ import torch
 import torch.fx
 
 from fxpeft.names import is_fxpeft_node
-from fxpeft.program import LinearSite
+from fxpeft.program import LinearSite, is_cast
+from fxpeft.quantized import QUANTIZED_OPS
 
 aten = torch.ops.aten
 _FUNCTIONAL_LINEAR = (torch.nn.functional.linear, torch._C._nn.linear, aten.linear.default)
@@ -134,8 +135,26 @@ def _from_call_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearSi
                       module.out_features, f"{node.target}.weight")
 
 
+def _from_quantized(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearSite | None:
+    """A bitsandbytes 4-bit or 8-bit layer, captured as one ``fxpeft::linear_*`` op."""
+    if node.op != "call_function" or node.target not in QUANTIZED_OPS.values():
+        return None
+    owner, weight = owning_module(node), node.args[1]
+    if owner is None or not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
+        return None
+    if node.target is QUANTIZED_OPS["linear_4bit"]:
+        (out_features, in_features), dtype = node.args[6], node.args[10]
+    else:
+        out_features, in_features = fetch_attr(gm, weight.target).shape
+        dtype = node.args[0].meta["val"].dtype if "val" in node.args[0].meta else torch.float32
+    users = list(node.users)
+    output = users[0] if len(users) == 1 and is_cast(users[0]) else node  # back from compute
+    return LinearSite(output, "quantized", owner[0], owner[1], in_features, out_features,
+                      weight.target, core=node, dtype=dtype)
+
+
 LINEAR_RECOGNISERS: tuple[Callable[[torch.fx.GraphModule, torch.fx.Node], LinearSite | None], ...] = (
-    _from_functional, _from_addmm, _from_matmul, _from_call_module)
+    _from_functional, _from_addmm, _from_matmul, _from_call_module, _from_quantized)
 
 
 def find_linear_sites(gm: torch.fx.GraphModule) -> list[LinearSite]:

@@ -11,6 +11,11 @@ A kind's ``PeftFormat`` (``AdapterKind.peft``) says how it meets one PEFT ``peft
   ``PeftFormatError`` naming ``source`` and the field for anything it cannot honour.
 - ``fields``: the config fields ``to_rules`` reads. Any other field must hold a neutral value
   (``None``, ``False``, ``{}``, ``[]``) or be PEFT metadata (``GENERIC_FIELDS``); else load fails.
+- ``save_state`` / ``load_state`` (optional): for kinds whose files hold training state beyond
+  the structure (AdaLoRA's ``rank_pattern`` and tensors pruned to it). ``save_state(gm, adapter,
+  config, tensors) -> (config, tensors)`` and ``load_state(gm, adapter, config, tensors, source)
+  -> tensors`` (the file's tensors as the graph holds them); ``state_fields`` are the config
+  fields they own, which are not compared with the rules that rebuild the graph.
 
 Keys: the kind's ``components`` map our parameter names to PEFT's saved keys and back:
 ``model.layers.0.self_attn.q_proj.lora_A.weight`` <-> ``base_model.model.model.layers.0.
@@ -58,6 +63,9 @@ class PeftFormat:
     to_rules: Callable[..., Any]
     fields: frozenset[str]
     selector: dict[str, Any] = field(default_factory=dict)
+    save_state: Callable[..., tuple[dict[str, Any], dict[str, Any]]] | None = None
+    load_state: Callable[..., dict[str, Any]] | None = None
+    state_fields: frozenset[str] = frozenset()
     key_prefix: str = PEFT_PREFIX  # prompt tuning's one key, "prompt_embeddings", has none
 
     def selects(self, config: dict[str, Any]) -> bool:
@@ -202,10 +210,12 @@ def exclude_regexes(config: dict[str, Any]) -> list[str]:
     return found + [rf"^(?:.*\.)?(?:{m})(?:$|\.)" for m in config.get(MODULES_TO_SAVE) or []]
 
 
-def targets_for(paths: list[str], program: Program) -> list[str] | str:
-    """Module names when they select exactly ``paths``; else a regex of the exact paths."""
+def targets_for(paths: list[str], program: Program, known: "list[str] | None" = None) -> list[str] | str:
+    """Module names when they select exactly ``paths`` among the ``known`` module paths (by
+    default the program's linears); else a regex of the exact paths."""
     names = sorted({p.rsplit(".", 1)[-1] for p in paths})
     regex = re.compile(names_regex(names))
-    if {s.module_path for s in program.sites if regex.match(s.module_path)} == set(paths):
+    known = [s.module_path for s in program.sites] if known is None else known
+    if {path for path in known if regex.match(path)} == set(paths):
         return names
     return "|".join(re.escape(p) for p in paths)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.fx
 
+_CASTS = (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype_layout)
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 
 
@@ -23,14 +24,34 @@ def layer_index(module_path: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def is_cast(node: object) -> bool:
+    """Whether ``node`` is a dtype cast (``x.to(dtype)``) in a captured graph."""
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _CASTS
+
+
+class WeightedSite:
+    """What every site with a base weight (``weight_target``) can say about it."""
+
+    def weight_like(self, gm: torch.nn.Module) -> torch.Tensor:
+        """A tensor with the base weight's (dequantized) dtype and device, for adapters to be
+        made like."""
+        weight = gm.get_parameter(self.weight_target)  # type: ignore[attr-defined]
+        dtype = getattr(self, "dtype", None)
+        return weight if dtype is None else weight.new_empty(0, dtype=dtype)
+
+
 @dataclass(frozen=True)
-class LinearSite:
+class LinearSite(WeightedSite):
     """A node that computes a linear layer, whatever op spells it.
 
     ``kind`` is ``linear`` (aten.linear / F.linear), ``addmm`` / ``mm`` (GPT-2 ``Conv1D``, weight
     stored ``[in, out]``), ``matmul`` (a hand-written ``x @ W.T (+ b)`` or ``x @ W``), or ``module``
-    (``call_module`` to an ``nn.Linear``). ``node`` is the layer's output; ``core`` is the matmul
-    when a separate ``add`` of the bias produces the output.
+    (``call_module`` to an ``nn.Linear``), or ``quantized`` (a bitsandbytes layer as one
+    ``fxpeft::linear_*`` op, ``fxpeft.quantized``). ``node`` is the layer's output; ``core`` is
+    the matmul when a separate ``add`` of the bias produces the output, or a quantized layer's
+    op, whose input and output may be cast to and from its compute dtype. ``dtype``, for
+    quantized sites, is the dtype the weight dequantizes to (the stored weight is packed
+    integers).
     """
 
     node: torch.fx.Node
@@ -42,6 +63,7 @@ class LinearSite:
     weight_target: str
     fan_in_fan_out: bool = False
     core: torch.fx.Node | None = None
+    dtype: torch.dtype | None = None
 
     @property
     def layer(self) -> int | None:
@@ -49,7 +71,10 @@ class LinearSite:
 
     @property
     def consumer(self) -> torch.fx.Node:
-        """The node that reads the layer's input."""
+        """The node that reads the layer's input (for a quantized layer, its cast to the
+        compute dtype, if it has one)."""
+        if self.kind == "quantized" and is_cast(self.core.args[0]):
+            return self.core.args[0]
         return self.core if self.core is not None else self.node
 
     @property
@@ -60,6 +85,10 @@ class LinearSite:
 
     def bias_target(self, gm: torch.nn.Module) -> str | None:
         """Where the layer's bias lives, if it has one."""
+        if self.kind == "quantized":
+            bias = self.core.args[-1]
+            bias = bias.args[0] if isinstance(bias, torch.fx.Node) and bias.op == "call_function" else bias
+            return bias.target if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else None
         if self.kind == "module":
             return f"{self.node.target}.bias" if gm.get_submodule(self.node.target).bias is not None else None
         args = self.node.args

@@ -69,6 +69,7 @@ from fxpeft.kinds.registry import AdapterKind, values_from_file
 from fxpeft.names import MODULES_TO_SAVE
 from fxpeft.peft_format import (INERT_FIELDS, PeftFormatError, neutral, check_fields,
                                 kind_for_config, kind_for_rewrite, to_peft_key)
+from fxpeft.peft_support import check_supported, without_base_copies
 from fxpeft.program import Program
 from fxpeft.rules.dump import dump_rules
 from fxpeft.rules.loader import parse_rules
@@ -182,14 +183,17 @@ def _writers(gm: AdaptedModule, adapter: str, directory: Path) -> dict[str, Call
     """What to write, per file name; everything is computed and checked before any write."""
     rec, program = record(gm, adapter), program_of(gm)
     kind = _kind_of(rec.rules)
+    tensors = peft_state_dict(gm, adapter, kind)
     try:
-        config = _exact_json(peft_config(program, rec, kind), directory / CONFIG)
+        fields = peft_config(program, rec, kind)
+        if kind.peft.save_state is not None:  # training state the files carry (AdaLoRA's ranks)
+            fields, tensors = kind.peft.save_state(gm, adapter, fields, tensors)
+        config = _exact_json(fields, directory / CONFIG)
     except PeftFormatError as err:
         if str(directory) in str(err):
             raise
         raise PeftFormatError(f"{directory / CONFIG}: {err}") from err
     rules = _exact_rules(rec.rules, directory / RULES)
-    tensors = peft_state_dict(gm, adapter, kind)
     metadata = {"format": "pt", DIGEST: tensor_digest(tensors)}
     return {WEIGHTS: lambda path: save_file(tensors, str(path), metadata=metadata),
             RULES: lambda path: path.write_bytes(rules.encode("utf-8")),
@@ -582,7 +586,8 @@ def _check_rules_match_config(gm: AdaptedModule, adapter: str, kind: AdapterKind
     """``fxpeft_rules.toml`` must build exactly what ``adapter_config.json`` says: PEFT's
     ``save_pretrained`` rewrites only the JSON, so an edited JSON with a stale TOML is refused."""
     ours = peft_config(program_of(gm), record(gm, adapter), kind)
-    for field in sorted((kind.peft.fields | {"modules_to_save"}) - INERT_FIELDS):
+    compared = (kind.peft.fields | {"modules_to_save"}) - INERT_FIELDS - kind.peft.state_fields
+    for field in sorted(compared):
         if _comparable(ours.get(field)) != _comparable(config.get(field)):
             raise AdapterFileError(
                 f"{folder / CONFIG}: {field} = {config.get(field)!r}, but {RULES} builds "
@@ -618,6 +623,8 @@ def _check_tensors(expected: dict[str, str], tensors: dict[str, torch.Tensor],
 def _fill(gm: AdaptedModule, adapter: str, kind: AdapterKind, tensors: dict[str, torch.Tensor],
           folder: Path, source: Path) -> None:
     expected = _expected(gm, adapter, kind)
+    tensors = without_base_copies(gm, adapter, tensors, folder / WEIGHTS)
+    check_supported(program_of(gm), kind, set(expected), set(tensors), folder / WEIGHTS)
     if not expected:  # PEFT, too, refuses a config that adapts nothing
         raise AdapterFileError(f"{source}: the adapter it describes matches no module of "
                                f"{program_of(gm).model_class}")
@@ -664,6 +671,9 @@ def load(model: torch.nn.Module, directory: "str | Path", adapter: str = "defaul
     try:
         if source == folder / RULES:
             _check_rules_match_config(gm, adapter, kind, config, folder)
+        if kind.peft.load_state is not None:
+            with _located(folder / CONFIG):
+                tensors = kind.peft.load_state(gm, adapter, config, tensors, str(folder / CONFIG))
         _fill(gm, adapter, kind, tensors, folder, source)
     except FxpeftError:
         if grown:

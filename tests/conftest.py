@@ -123,6 +123,19 @@ def assert_only_adapters_get_grads(gm: torch.nn.Module) -> None:
     assert all(p.grad.abs().sum() > 0 for n, p in gm.named_parameters() if n in adapter_names)
 
 
+def train(gm: torch.nn.Module, loss_of, steps: int = 20, lr: float = 1e-2) -> list[float]:
+    """``steps`` AdamW steps on ``gm``'s trainable parameters; the loss after each."""
+    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_of(gm)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def tiny_qwen3():
     from transformers import Qwen3Config, Qwen3ForCausalLM
     torch.manual_seed(0)

@@ -4,22 +4,15 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import fxpeft
-from conftest import tiny_llama, token_batch
+from conftest import tiny_llama, token_batch, train
 
 
 def test_adamw_loop_lowers_loss():
     model = tiny_llama()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
     gm = fxpeft.rewrite(model, "lora_qv.toml").train()
-    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
     ids = token_batch(4, 16)
-    losses = []
-    for _ in range(20):
-        loss = gm(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train(gm, lambda g: g(input_ids=ids, labels=ids).loss)
     assert losses[-1] < losses[0] - 0.05
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters())
 

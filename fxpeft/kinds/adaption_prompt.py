@@ -66,7 +66,7 @@ def make_adaption_parameters(site: AttentionSite, params: AdaptionPromptParams,
 def _register(gm: torch.fx.GraphModule, site: AttentionSite, params: AdaptionPromptParams,
               adapter: str) -> tuple[str, str]:
     """The prompt and gate parameters of ``adapter``; returns their targets."""
-    prompt, gate = make_adaption_parameters(site, params, gm.get_parameter(site.k.weight_target))
+    prompt, gate = make_adaption_parameters(site, params, site.k.weight_like(gm))
     return (attach_component(gm, site.module_path, PROMPT, adapter, prompt),
             attach_component(gm, site.module_path, GATE, adapter, gate))
 

@@ -31,6 +31,7 @@ from fxpeft.kinds.lora import (LORA_FIELDS, LoraDetail, LoraParams, adapter_dtyp
 from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced
 from fxpeft.names import AdapterNode
 from fxpeft.peft_format import PeftFormat
+from fxpeft.quantized import base_weight, weight_node
 
 aten = torch.ops.aten
 MAGNITUDE = "lora_magnitude_vector"
@@ -45,6 +46,7 @@ class DoraParams(LoraParams):
     """
 
     kind = "dora"
+    match_kinds = ("linear",)  # DoRA on embeddings and convolutions is not implemented
 
 
 @dataclass(frozen=True)
@@ -62,13 +64,13 @@ def _oriented(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 
 def _updated_weight(gm: torch.nn.Module, detail: LoraDetail) -> torch.Tensor:
     """``W + s·BA`` as ``(out, in)``, in fp32."""
-    weight = fetch(gm, detail.weight).detach().float()
+    weight = base_weight(gm, detail.weight).float()
     return _oriented(weight + lora_delta(gm, detail), detail.fan_in_fan_out)
 
 
 def _attach(job: SpliceInput) -> tuple[DoraDetail, list[str]]:
     lora, attached = attach_lora(job)
-    weight = job.gm.get_parameter(lora.weight)
+    weight = job.site.weight_like(job.gm)
     norm = torch.linalg.vector_norm(_updated_weight(job.gm, lora), dim=1).to(
         adapter_dtype(job.params, weight.dtype))
     target = attach_component(job.gm, job.site.module_path, MAGNITUDE, job.adapter,
@@ -78,9 +80,9 @@ def _attach(job: SpliceInput) -> tuple[DoraDetail, list[str]]:
     return detail, [*attached, target]
 
 
-def _magnitude_scale(graph: torch.fx.Graph, detail: DoraDetail) -> torch.fx.Node:
+def _magnitude_scale(gm: torch.fx.GraphModule, detail: DoraDetail) -> torch.fx.Node:
     """``m / ||W + s·BA||`` per output feature, the norm detached."""
-    weight = graph.get_attr(detail.weight)
+    graph, weight = gm.graph, weight_node(gm, detail.weight)
     if detail.fan_in_fan_out:
         weight = graph.call_function(aten.t.default, (weight,))
     delta = graph.call_function(aten.mm.default, (graph.get_attr(detail.lora_B),
@@ -96,7 +98,7 @@ def _base_without_bias(job: SpliceInput, detail: DoraDetail, x: torch.fx.Node) -
     """``W x``: ``y - bias``, or, under adapter dropout, recomputed from the dropped input."""
     graph, y = job.gm.graph, job.site.node
     if job.params.dropout > 0:
-        weight = graph.get_attr(detail.weight)
+        weight = weight_node(job.gm, detail.weight)
         if detail.fan_in_fan_out:
             weight = graph.call_function(aten.t.default, (weight,))
         if casts(job):  # PEFT casts the base weight to the (fp32) input
@@ -114,7 +116,7 @@ def splice(job: SpliceInput) -> Spliced:
     with graph.inserting_before(y.next):  # keeps creation order
         x = adapter_input(job)
         lora = low_rank(job, detail, x, gated=False)
-        scale = _magnitude_scale(graph, detail)
+        scale = _magnitude_scale(job.gm, detail)
         rescaled = graph.call_function(aten.mul.Tensor, (graph.call_function(
             aten.sub.Tensor, (scale, 1)), _base_without_bias(job, detail, x)))
         update = graph.call_function(aten.mul.Tensor, (scale, graph.call_function(
@@ -131,7 +133,7 @@ def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,
           weights: dict[str, torch.Tensor]) -> None:
     """``m / ||W + s·BA|| * (W + s·BA)`` row by row (fp32, cast once); the bias is unchanged."""
     detail: DoraDetail = record.detail
-    base = weights.get(detail.weight, fetch(gm, detail.weight).detach())
+    base = weights.get(detail.weight, base_weight(gm, detail.weight))
     updated = _oriented(base.float(), detail.fan_in_fan_out) + _oriented(
         lora_delta(gm, detail), detail.fan_in_fan_out)
     factor = fetch(gm, detail.magnitude).detach().float() / torch.linalg.vector_norm(updated, dim=1)

@@ -23,6 +23,7 @@ from fxpeft.match import Match
 from fxpeft.names import ADAPTER_META, AdapterNode
 from fxpeft.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, full_regex,
                                 names_regex, target_regex, targets_for)
+from fxpeft.quantized import base_weight
 from fxpeft.program import Program
 from fxpeft.rules import checks
 from fxpeft.rules.schema import Params, Rule, RuleSet, Where, spec
@@ -59,7 +60,7 @@ class IA3Detail:
 
 def _attach(job: SpliceInput) -> IA3Detail:
     site, params = job.site, job.params
-    weight = job.gm.get_parameter(site.weight_target)
+    weight = site.weight_like(job.gm)
     shape = (1, site.in_features) if params.feedforward else (site.out_features, 1)
     dtype = adapter_dtype(params, weight.dtype)
     vector = torch.nn.Parameter(torch.ones(shape, dtype=dtype, device=weight.device))
@@ -92,7 +93,7 @@ def splice(job: SpliceInput) -> Spliced:
     source = site.input if detail.feedforward else site.node
     with graph.inserting_before(anchor):
         added = _gated_vector(job, detail.parameter)
-        cast = job.gm.get_parameter(detail.parameter).dtype != job.gm.get_parameter(detail.weight).dtype
+        cast = job.gm.get_parameter(detail.parameter).dtype != site.weight_like(job.gm).dtype
         scaled = graph.call_function(scale_in_dtype_of if cast else aten.mul.Tensor, (source, added[-1]))
     if detail.feedforward:
         site.consumer.replace_input_with(source, scaled)
@@ -111,7 +112,7 @@ def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,
     vector = fetch(gm, detail.parameter).detach()
     # Weights are (out, in), or (in, out) for fan-in-fan-out: which axis does the vector scale?
     along_columns = detail.feedforward != detail.fan_in_fan_out
-    weight = weights.get(detail.weight, fetch(gm, detail.weight).detach())
+    weight = weights.get(detail.weight, base_weight(gm, detail.weight))
     factor = vector.float().reshape(1, -1) if along_columns else vector.float().reshape(-1, 1)
     weights[detail.weight] = (weight.float() * factor).to(weight.dtype)  # fp32, cast once
     if detail.bias and not detail.feedforward:

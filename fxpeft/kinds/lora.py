@@ -1,5 +1,13 @@
 """LoRA: for each matched linear ``y = f(x)``, splice ``y + scale * B(gate * A(dropout(x)))``.
 
+The same on embeddings and convolutions (match kinds ``embedding`` and ``conv``), in PEFT's
+layout. An embedding gets raw parameters ``lora_embedding_A`` ``[r, num_embeddings]`` (zeros at
+init) and ``lora_embedding_B`` ``[embedding_dim, r]`` (normal): ``E[x] + scale * A.T[x] @ B.T``,
+the lookup repeating the base's ``padding_idx``; PEFT applies no dropout there, nor does fxpeft.
+A 1-d/2-d convolution gets ``lora_A``, a convolution with the base's kernel, stride, padding
+and dilation producing ``r`` channels, and ``lora_B``, a 1x1 convolution to the output channels
+with the base's ``groups``.
+
 ``gate`` is the adapter's on/off gate (``fxpeft.gates``), on the rank-r tensor where it is
 cheapest. Adapter ``"default"`` adds ``lora_A`` / ``lora_B``, any other ``lora_A_<name>`` /
 ``lora_B_<name>``; the saved keys are PEFT's (``fxpeft.peft_format``). The ``add`` that joins the
@@ -12,19 +20,22 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx
 
 from fxpeft.adapters import attach_component, fetch, nodes_between
+from fxpeft.errors import FxpeftError
 from fxpeft.gates import GATE_META, gate_node, reroute
 from fxpeft.dropout import dropout_target
 from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced
+from fxpeft.layer_sites import ConvSite, EmbeddingSite, find_conv_sites, find_embedding_sites
 from fxpeft.match import Match
 from fxpeft.names import ADAPTER_META, AdapterNode
 from fxpeft.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, target_regex,
                                 targets_for, layers_prefix)
+from fxpeft.quantized import base_weight
 from fxpeft.program import LinearSite, Program
 from fxpeft.rules import checks
 from fxpeft.rules.schema import Params, Rule, RuleSet, Where, spec
@@ -43,7 +54,7 @@ class LoraParams(Params):
     """
 
     kind = "lora"
-    match_kinds = ("linear",)
+    match_kinds = ("linear", "embedding", "conv")
     r: int = spec(8, checks.positive_int, "rank")
     alpha: float = spec(8, checks.positive_number, "scaling numerator")
     dropout: float = spec(0.0, checks.probability, "dropout on the adapter input")
@@ -58,13 +69,16 @@ class LoraParams(Params):
 
 @dataclass(frozen=True)
 class LoraDetail:
-    """What merge needs of one LoRA branch: the targets of W, A and B, and the scale."""
+    """What merge needs of one LoRA branch: the targets of W, A and B, and the scale.
+    ``fan_in_fan_out``: W is stored ``[in, out]`` (GPT-2's Conv1D, an embedding table);
+    ``groups``: a grouped convolution's, which no merge can fold."""
 
     scale: float
     weight: str
     lora_A: str
     lora_B: str
     fan_in_fan_out: bool
+    groups: int = 1
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -90,11 +104,15 @@ def join(graph: torch.fx.Graph, y: torch.fx.Node, branch: torch.fx.Node, cast_ba
     return graph.call_function(add_in_dtype_of if cast_back else aten.add.Tensor, (y, branch))
 
 
+def _factory(params: Any, like: torch.Tensor) -> dict[str, Any]:
+    return {"dtype": adapter_dtype(params, like.dtype), "device": like.device}
+
+
 def make_lora_modules(site: LinearSite, params: LoraParams,
                       like: torch.Tensor) -> tuple[torch.nn.Linear, torch.nn.Linear]:
     """A (kaiming-uniform, as PEFT and ``nn.Linear`` do) and B (zeros unless ``init="random"``),
     in the adapter dtype (``adapter_dtype``)."""
-    factory = {"dtype": adapter_dtype(params, like.dtype), "device": like.device}
+    factory = _factory(params, like)
     lora_a = torch.nn.Linear(site.in_features, params.r, bias=False, **factory)
     lora_b = torch.nn.Linear(params.r, site.out_features, bias=False, **factory)
     if params.init == "default":
@@ -102,28 +120,124 @@ def make_lora_modules(site: LinearSite, params: LoraParams,
     return lora_a, lora_b
 
 
+def _embedding_pair(site: EmbeddingSite, params: LoraParams,
+                    like: torch.Tensor) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    """PEFT's: A ``[r, num]`` zeros and B ``[dim, r]`` normal (both normal with ``random``)."""
+    factory = _factory(params, like)
+    lora_a = torch.randn(params.r, site.num_embeddings, **factory)
+    lora_b = torch.randn(site.embedding_dim, params.r, **factory)
+    if params.init == "default":
+        torch.nn.init.zeros_(lora_a)
+    return torch.nn.Parameter(lora_a), torch.nn.Parameter(lora_b)
+
+
+_CONV_MODULES = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d}
+
+
+def _conv_pair(site: ConvSite, params: LoraParams,
+               like: torch.Tensor) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A: the base's kernel, stride, padding and dilation to ``r`` channels (kaiming-uniform);
+    B: 1x1 to the output channels with the base's groups (zeros unless ``random``)."""
+    if params.r % site.groups:
+        raise FxpeftError(f"{site.module_path}: LoRA rank {params.r} must be a multiple of the "
+                          f"convolution's groups ({site.groups}), as in PEFT")
+    conv, factory = _CONV_MODULES[site.dims], _factory(params, like)
+    lora_a = conv(site.in_channels, params.r, site.kernel_size, site.stride, site.padding,
+                  site.dilation, bias=False, **factory)
+    lora_b = conv(params.r, site.out_channels, 1, groups=site.groups, bias=False, **factory)
+    if params.init == "default":
+        torch.nn.init.zeros_(lora_b.weight)
+    return lora_a, lora_b
+
+
+def _linear_op(graph: torch.fx.Graph, site: Any, x: torch.fx.Node, weight: torch.fx.Node) -> torch.fx.Node:
+    return graph.call_function(aten.linear.default, (x, weight))
+
+
+def _lookup(graph: torch.fx.Graph, site: EmbeddingSite, ids: torch.fx.Node,
+            lora_a: torch.fx.Node) -> torch.fx.Node:
+    """``A.T[ids]``, with the base lookup's padding index and gradient options."""
+    table = graph.call_function(aten.t.default, (lora_a,))
+    return graph.call_function(aten.embedding.default, (table, ids, site.padding_idx,
+                                                        site.scale_grad_by_freq, site.sparse))
+
+
+def _conv_op(site: ConvSite, padding: "tuple[int, ...] | str") -> Any:
+    op = {1: aten.conv1d, 2: aten.conv2d}[site.dims]
+    return op.padding if isinstance(padding, str) else op.default
+
+
+def _conv_down(graph: torch.fx.Graph, site: ConvSite, x: torch.fx.Node, weight: torch.fx.Node) -> torch.fx.Node:
+    padding = site.padding if isinstance(site.padding, str) else list(site.padding)
+    return graph.call_function(_conv_op(site, padding), (x, weight, None, list(site.stride),
+                                                         padding, list(site.dilation), 1))
+
+
+def _conv_up(graph: torch.fx.Graph, site: ConvSite, x: torch.fx.Node, weight: torch.fx.Node) -> torch.fx.Node:
+    ones, zeros = [1] * site.dims, [0] * site.dims
+    return graph.call_function(_conv_op(site, zeros), (x, weight, None, ones, zeros, ones,
+                                                       site.groups))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How LoRA sits on one kind of layer: the names of A and B, how to make them (identity at
+    init), the down and up projections in the graph, whether the layer stores its weight
+    transposed (``[in, out]``: an embedding table), and whether its input takes dropout and the
+    adapter dtype (an embedding's input is indices)."""
+
+    names: tuple[str, str]
+    make: Callable[[Any, LoraParams, torch.Tensor], tuple[Any, Any]]
+    down: Callable[[torch.fx.Graph, Any, torch.fx.Node, torch.fx.Node], torch.fx.Node]
+    up: Callable[[torch.fx.Graph, Any, torch.fx.Node, torch.fx.Node], torch.fx.Node]
+    transposed: bool = False
+    features_in: bool = True
+
+
+LINEAR = Layout(("lora_A", "lora_B"), make_lora_modules, _linear_op, _linear_op)
+EMBEDDING = Layout(("lora_embedding_A", "lora_embedding_B"), _embedding_pair, _lookup, _linear_op,
+                   transposed=True, features_in=False)
+CONV = Layout(("lora_A", "lora_B"), _conv_pair, _conv_down, _conv_up)
+
+
+def layout_of(site: Any) -> Layout:
+    """The ``Layout`` for a matched site.
+
+    >>> layout_of(None).names
+    ('lora_A', 'lora_B')
+    """
+    return EMBEDDING if isinstance(site, EmbeddingSite) else CONV if isinstance(site, ConvSite) else LINEAR
+
+
+def _tensor_target(path: str, value: Any) -> str:
+    return f"{path}.weight" if isinstance(value, torch.nn.Module) else path
+
+
 def attach_lora(job: SpliceInput) -> tuple[LoraDetail, list[str]]:
     """Create and attach ``job.adapter``'s A and B at the site's module; returns their record
     and targets."""
-    site, params = job.site, job.params
-    lora_a, lora_b = make_lora_modules(site, params, job.gm.get_parameter(site.weight_target))
-    a_path = attach_component(job.gm, site.module_path, "lora_A", job.adapter, lora_a)
-    b_path = attach_component(job.gm, site.module_path, "lora_B", job.adapter, lora_b)
-    detail = LoraDetail(params.scale, site.weight_target, f"{a_path}.weight", f"{b_path}.weight",
-                        site.fan_in_fan_out)
+    site, params, layout = job.site, job.params, layout_of(job.site)
+    lora_a, lora_b = layout.make(site, params, site.weight_like(job.gm))
+    a_path = attach_component(job.gm, site.module_path, layout.names[0], job.adapter, lora_a)
+    b_path = attach_component(job.gm, site.module_path, layout.names[1], job.adapter, lora_b)
+    detail = LoraDetail(params.scale, site.weight_target, _tensor_target(a_path, lora_a),
+                        _tensor_target(b_path, lora_b), site.fan_in_fan_out or layout.transposed,
+                        getattr(site, "groups", 1))
     return detail, [a_path, b_path]
 
 
 def casts(job: SpliceInput) -> bool:
     """Whether the adapter computes in another dtype than the base (fp32 on a half base)."""
-    base = job.gm.get_parameter(job.site.weight_target).dtype
+    base = job.site.weight_like(job.gm).dtype
     return adapter_dtype(job.params, base) != base
 
 
 def adapter_input(job: SpliceInput) -> torch.fx.Node:
     """The site's input, cast to the adapter dtype and through the adapter's dropout when it
-    has one (train mode only), in PEFT's order."""
+    has one (train mode only), in PEFT's order; an embedding's indices as they are."""
     x = job.site.input
+    if not layout_of(job.site).features_in:
+        return x
     if casts(job):
         x = job.gm.graph.call_function(aten.to.dtype, (x, torch.float32))
     if job.params.dropout > 0:
@@ -135,13 +249,13 @@ def low_rank(job: SpliceInput, detail: LoraDetail, x: torch.fx.Node,
              gated: bool = True) -> torch.fx.Node:
     """``B(gate * A(x))`` (unscaled), the gate on the rank-r tensor where it is cheapest; with
     ``gated=False`` plain ``B(A(x))``, for a caller that gates the whole branch."""
-    graph = job.gm.graph
-    down = graph.call_function(aten.linear.default, (x, graph.get_attr(detail.lora_A)))
+    graph, layout = job.gm.graph, layout_of(job.site)
+    down = layout.down(graph, job.site, x, graph.get_attr(detail.lora_A))
     if gated:
         gate = gate_node(job.gm, job.adapter, job.gm.get_parameter(detail.weight), down)
         down = graph.call_function(aten.mul.Tensor, (down, gate))
         down.meta[GATE_META] = job.adapter
-    return graph.call_function(aten.linear.default, (down, graph.get_attr(detail.lora_B)))
+    return layout.up(graph, job.site, down, graph.get_attr(detail.lora_B))
 
 
 def record_nodes(job: SpliceInput, first: torch.fx.Node, last: torch.fx.Node, kind: str,
@@ -167,17 +281,22 @@ def splice(job: SpliceInput) -> Spliced:
 
 
 def lora_delta(gm: torch.nn.Module, detail: LoraDetail) -> torch.Tensor:
-    """``scale * B @ A`` in fp32, laid out like the stored weight."""
-    delta = fetch(gm, detail.lora_B).detach().float() @ fetch(gm, detail.lora_A).detach().float()
-    delta = delta * detail.scale
-    return delta.T if detail.fan_in_fan_out else delta
+    """``scale * B @ A`` in fp32, laid out like the stored weight. A convolution's A and B
+    flatten to matrices (B is 1x1), and the product takes the kernel's shape back."""
+    lora_b, lora_a = fetch(gm, detail.lora_B).detach(), fetch(gm, detail.lora_A).detach()
+    delta = (lora_b.float().flatten(1) @ lora_a.float().flatten(1)) * detail.scale
+    delta = delta.T if detail.fan_in_fan_out else delta
+    return delta.reshape(fetch(gm, detail.weight).shape) if lora_a.dim() > 2 else delta
 
 
 def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,
           weights: dict[str, torch.Tensor]) -> None:
     """``W + scale * B @ A`` (computed in fp32, cast once)."""
     detail = record.detail
-    base = weights.get(detail.weight, fetch(gm, detail.weight).detach())
+    if detail.groups > 1:  # B mixes channels across groups: W would have to become dense
+        raise FxpeftError(f"merge: the LoRA adapter {record.adapter!r} at {record.module_path} "
+                          f"cannot be merged: its convolution has groups = {detail.groups}")
+    base = weights.get(detail.weight, base_weight(gm, detail.weight))
     weights[detail.weight] = (base.float() + lora_delta(gm, detail)).to(base.dtype)
 
 
@@ -215,7 +334,8 @@ def _key_lookahead(key: str | None) -> str:
 def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str,
                     params_class: type = LoraParams) -> RuleSet:
     """PEFT ``LoraConfig`` fields to rules. ``rank_pattern`` x ``alpha_pattern`` keys become one
-    rule per pair, in PEFT's key order, so first-match-wins picks PEFT's rank and alpha."""
+    rule per pair, in PEFT's key order, so first-match-wins picks PEFT's rank and alpha; each
+    pair has a rule per site kind the params apply to (linears, embeddings, convolutions)."""
     _check_config(config, source)
     target = "^" + layers_prefix(config) + "{keys}" + target_regex(config, model, source)
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
@@ -227,8 +347,11 @@ def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str,
                                   dropout=config.get("lora_dropout", 0.0),
                                   use_rslora=_flag(config.get("use_rslora")))
             path = target.format(keys=_key_lookahead(rank_key) + _key_lookahead(alpha_key))
-            rules.append(Rule(name=f"peft {rank_key or '*'}/{alpha_key or '*'}", optional=True,
-                              params=params, where=Where(path=[path], exclude=exclude_regexes(config))))
+            name = f"peft {rank_key or '*'}/{alpha_key or '*'}"
+            rules += [Rule(name=name if site == "linear" else f"{name} {site}", match=site,
+                           optional=True, params=params,
+                           where=Where(path=[path], exclude=exclude_regexes(config)))
+                      for site in params_class.match_kinds]
     return RuleSet(tuple(rules), source=source)
 
 
@@ -250,6 +373,13 @@ def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
+def adaptable_paths(program: Program) -> list[str]:
+    """The module paths of every layer LoRA can adapt: linears, embeddings, convolutions."""
+    found = [*program.sites, *find_embedding_sites(program.graph_module),
+             *find_conv_sites(program.graph_module)]
+    return [site.module_path for site in found]
+
+
 def rules_to_config(matches: list[Match], program: Program, use_dora: bool = False) -> dict[str, Any]:
     """The ``LoraConfig`` fields that select ``matches``' modules with their rank and scale."""
     params = {m.module_path: m.rule.params for m in matches}
@@ -261,13 +391,15 @@ def rules_to_config(matches: list[Match], program: Program, use_dora: bool = Fal
     if len(dropouts) > 1:  # PEFT's config has one lora_dropout
         raise PeftFormatError(f"PEFT's LoraConfig has one lora_dropout; these rules use "
                               f"{sorted(dropouts)}")
-    return {"target_modules": targets_for(sorted(params), program), "r": r, "lora_alpha": alpha,
+    return {"target_modules": targets_for(sorted(params), program, adaptable_paths(program)),
+            "r": r, "lora_alpha": alpha,
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": rslora,
             "lora_dropout": dropouts.pop(), "bias": "none", "init_lora_weights": True,
             "use_dora": use_dora, "fan_in_fan_out": any(m.site.fan_in_fan_out for m in matches)}
 
 
 KIND = AdapterKind(
-    name="lora", params=LoraParams, splice=splice, merge=merge, components=("lora_A", "lora_B"),
+    name="lora", params=LoraParams, splice=splice, merge=merge,
+    components=(*LINEAR.names, *EMBEDDING.names),
     peft=PeftFormat("LORA", rules_to_config, config_to_rules, LORA_FIELDS,
                     selector={"use_dora": False}))

@@ -45,7 +45,7 @@ import torch
 import torch.fx
 
 from fxpeft.adapters import attach_component, fetch
-from fxpeft.embedding import INPUT_IDS, EmbeddingSite, id_readers, input_adapter, model_input
+from fxpeft.embedding import INPUT_IDS, InputEmbeddingSite, id_readers, input_adapter, model_input
 from fxpeft.errors import PassError, RuleError
 from fxpeft.gates import GATE_META, gate_node
 from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced, initialising
@@ -207,7 +207,7 @@ def _text_ids(params: PromptTuningParams) -> list[int]:
     return ids
 
 
-def embedded(gm: torch.fx.GraphModule, site: EmbeddingSite, ids: torch.Tensor) -> torch.Tensor:
+def embedded(gm: torch.fx.GraphModule, site: InputEmbeddingSite, ids: torch.Tensor) -> torch.Tensor:
     """What the embedding module returns for the token ``ids`` (1-D): the lookup's rows through
     the module's own ops after it (Gemma's scale), evaluated from the graph, as PEFT's init
     calls the module.
@@ -217,7 +217,7 @@ def embedded(gm: torch.fx.GraphModule, site: EmbeddingSite, ids: torch.Tensor) -
     >>> from fxpeft.embedding import find_input_embeddings
     >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, vocab_size=32,
     ...                          num_hidden_layers=1, num_attention_heads=2))
-    >>> program = capture(model); site = find_input_embeddings(program)[0]
+    >>> program = capture(model); site = find_input_embeddings(program.graph_module)[0]
     >>> rows = embedded(program.graph_module, site, torch.tensor([3, 5]))
     >>> torch.equal(rows, model.get_input_embeddings().weight[[3, 5]])
     True
@@ -241,7 +241,7 @@ def embedded(gm: torch.fx.GraphModule, site: EmbeddingSite, ids: torch.Tensor) -
         return value(site.output)[0]
 
 
-def _initial_prompt(gm: torch.fx.GraphModule, site: EmbeddingSite,
+def _initial_prompt(gm: torch.fx.GraphModule, site: InputEmbeddingSite,
                    params: PromptTuningParams) -> torch.Tensor:
     """The starting prompt, fp32 ``(rows, dim)``: standard normal, or what the embedding module
     gives for sampled token ids or for the init text's ids (repeated, then cut to length);
@@ -269,7 +269,7 @@ def _output_node(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
     return next(iter(gm.graph.find_nodes(op="call_module", target=OUTPUT_MODULE)), None)
 
 
-def _pads_labels(gm: torch.fx.GraphModule, site: EmbeddingSite) -> bool:
+def _pads_labels(gm: torch.fx.GraphModule, site: InputEmbeddingSite) -> bool:
     """Whether labels get ``-100`` in front (causal LMs) or not (seq2seq); other heads are
     refused: their labels or pooling do not follow the longer sequence."""
     output = _output_node(gm)
@@ -280,7 +280,7 @@ def _pads_labels(gm: torch.fx.GraphModule, site: EmbeddingSite) -> bool:
     return name.startswith(PADDED_LABELS)
 
 
-def _check_inputs(gm: torch.fx.GraphModule, site: EmbeddingSite, ids: torch.fx.Node) -> None:
+def _check_inputs(gm: torch.fx.GraphModule, site: InputEmbeddingSite, ids: torch.fx.Node) -> None:
     """Every input must be one the splice lengthens (or a decoder input), and ``input_ids``
     may feed only sizes and the lookup (the placeholder ids must never count as tokens)."""
     known = (INPUT_IDS, MASK, *DECODER_INPUTS)
@@ -316,7 +316,7 @@ def _labels(gm: torch.fx.GraphModule, length: int, on: torch.fx.Node) -> torch.f
     return padded
 
 
-def _embeddings(gm: torch.fx.GraphModule, site: EmbeddingSite, target: str, ids: torch.fx.Node,
+def _embeddings(gm: torch.fx.GraphModule, site: InputEmbeddingSite, target: str, ids: torch.fx.Node,
                 length: int, on: torch.fx.Node) -> list[torch.fx.Node]:
     """The per-sample adapter names (to refuse them), the prompt read and its placement."""
     adapter = input_adapter(gm.graph)

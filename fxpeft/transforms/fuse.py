@@ -19,6 +19,8 @@ changed, and is logged with its time:
   linear cross-entropy that never holds the full logits (``fxpeft.transforms.lm_loss``);
   ``.logits`` is then None. Only where exact: a plain fp32 head without an adapter.
 - ``strip_leftovers``: no-op casts (to the dtype a tensor already has) and dead code.
+- ``checkpoint_layers`` (only with ``checkpoint="layers"``): gradient checkpointing, each layer
+  a region recomputed in backward (``fxpeft.transforms.checkpoint``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from fxpeft.graph_module import AdaptedModule
 from fxpeft.names import (DROPOUT_MODULE, GATE_META, GATES, LM_LOSS_MODULE, OUTPUT_MODULE,
                           adapter_node)
 from fxpeft.program import copy_graph
+from fxpeft.transforms.checkpoint import checkpoint_layers
 from fxpeft.transforms.lm_loss import LMHeadLoss
 
 log = logging.getLogger("fxpeft")
@@ -258,15 +261,23 @@ def gather_lora(gm: torch.fx.GraphModule) -> int:
     return len(sites)
 
 
-def fuse_passes(shared_dropout: bool = False, mixed: bool = False) -> list[FusePass]:
+CHECKPOINT_CHOICES = (None, "layers")
+
+
+def fuse_passes(shared_dropout: bool = False, mixed: bool = False,
+                checkpoint: str | None = None) -> list[FusePass]:
     """The passes ``fuse`` runs, in order."""
     if mixed:
-        return [FusePass("gather_lora", gather_lora), FusePass("strip_leftovers", strip_leftovers)]
-    passes = [FusePass("drop_inactive", drop_inactive), FusePass("fold_lora_scale", fold_lora_scale)]
-    if shared_dropout:
-        passes.append(FusePass("share_dropout", share_dropout))
-    return passes + [FusePass("fuse_lora_a", fuse_lora_a), FusePass("fuse_lm_loss", fuse_lm_loss),
-                     FusePass("strip_leftovers", strip_leftovers)]
+        passes = [FusePass("gather_lora", gather_lora), FusePass("strip_leftovers", strip_leftovers)]
+    else:
+        passes = [FusePass("drop_inactive", drop_inactive), FusePass("fold_lora_scale", fold_lora_scale)]
+        if shared_dropout:
+            passes.append(FusePass("share_dropout", share_dropout))
+        passes += [FusePass("fuse_lora_a", fuse_lora_a), FusePass("fuse_lm_loss", fuse_lm_loss),
+                   FusePass("strip_leftovers", strip_leftovers)]
+    if checkpoint == "layers":
+        passes.append(FusePass("checkpoint_layers", checkpoint_layers))
+    return passes
 
 
 def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -278,10 +289,11 @@ def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout: bool = False,
-         mixed: bool = False) -> torch.fx.GraphModule:
+         mixed: bool = False, checkpoint: str | None = None) -> torch.fx.GraphModule:
     """A fused copy of ``gm``, specialised to its active adapters, sharing its parameters.
     ``mixed=True`` instead keeps every adapter and gathers each site's LoRA branches, for
-    mixed-batch serving (``adapter_names=``).
+    mixed-batch serving (``adapter_names=``). ``checkpoint="layers"`` adds gradient
+    checkpointing: backward recomputes each layer's activations instead of keeping them.
 
     >>> import torch, fxpeft
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -293,12 +305,14 @@ def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout
     >>> torch.equal(fused(ids).logits, gm(ids).logits)
     True
     """
-    known = {p.name for p in fuse_passes(True) + fuse_passes(mixed=True)}
+    known = {p.name for p in fuse_passes(True, checkpoint="layers") + fuse_passes(mixed=True)}
     unknown = sorted(set(skip) - known)
     if unknown:
         raise ValueError(f"fuse: no pass {unknown}; passes: {', '.join(sorted(known))}")
+    if checkpoint not in CHECKPOINT_CHOICES:
+        raise ValueError(f"fuse: checkpoint={checkpoint!r}; choose one of {list(CHECKPOINT_CHOICES)}")
     fused = _copy(gm)
-    for fuse_pass in fuse_passes(shared_dropout, mixed):
+    for fuse_pass in fuse_passes(shared_dropout, mixed, checkpoint):
         if fuse_pass.name in skip:
             continue
         start = time.perf_counter()

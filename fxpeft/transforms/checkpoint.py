@@ -1,0 +1,111 @@
+"""Gradient checkpointing as a graph pass: each layer's nodes (``model.layers.3``,
+``encoder.block.0``, ...) move into a region that runs under ``torch.utils.checkpoint``, so
+backward recomputes the layer's activations instead of keeping them.
+
+HF's ``gradient_checkpointing_enable()`` wraps module calls, which capture flattens away; this
+pass does the same on the graph. A region's inputs are every value it reads from outside (the
+hidden state, rotary tables, mask, and its weights as ``get_attr`` values), so the region owns
+no parameters: they stay where they were, under their own names.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.fx
+from torch.utils.checkpoint import checkpoint
+
+from fxpeft.names import adapter_node
+from fxpeft.patterns import owning_module
+
+CHECKPOINT_MODULE = "_fxpeft_checkpointed"
+_LAYER = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+
+
+def layer_of(module_path: str) -> str | None:
+    """The layer a module belongs to: its path up to the first numeric component.
+
+    >>> layer_of("model.layers.3.self_attn.q_proj"), layer_of("decoder.block.0"), layer_of("lm_head")
+    ('model.layers.3', 'decoder.block.0', None)
+    """
+    found = _LAYER.match(module_path)
+    return found.group(1) if found else None
+
+
+class CheckpointedRegion(torch.nn.Module):
+    """Runs one layer's subgraph, under ``checkpoint`` when gradients are being recorded (the
+    RNG state is kept, so dropout masks recompute the same)."""
+
+    def __init__(self, region: torch.fx.GraphModule) -> None:
+        super().__init__()
+        self.region = region
+
+    def forward(self, *args: object) -> object:
+        if torch.is_grad_enabled():
+            return checkpoint(self.region, *args, use_reentrant=False)
+        return self.region(*args)
+
+
+def _node_layer(node: torch.fx.Node) -> str | None:
+    record = adapter_node(node)
+    if record is not None:
+        return layer_of(record.module_path)
+    owner = owning_module(node)
+    return layer_of(owner[0]) if owner else None
+
+
+def _spans(graph: torch.fx.Graph) -> dict[str, list[torch.fx.Node]]:
+    """Per layer, the nodes from its first to its last in graph order (``get_attr`` nodes are
+    left out: regions take them as inputs). A layer whose span holds another layer's nodes is
+    left out too."""
+    order = list(graph.nodes)
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for index, node in enumerate(order):
+        layer = _node_layer(node) if node.op == "call_function" or node.op == "call_module" else None
+        if layer is not None:
+            first.setdefault(layer, index)
+            last[layer] = index
+    spans = {}
+    for layer in first:
+        nodes = [n for n in order[first[layer]:last[layer] + 1] if n.op not in ("get_attr", "placeholder")]
+        if all(_node_layer(n) in (layer, None) for n in nodes if n.op in ("call_function", "call_module")):
+            spans[layer] = nodes
+    return spans
+
+
+def _extract(gm: torch.fx.GraphModule, layer: str, nodes: list[torch.fx.Node], name: str) -> None:
+    """Move ``nodes`` into a ``CheckpointedRegion`` at ``name`` and call it in their place."""
+    inside = set(nodes)
+    inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in inside))
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    sub = torch.fx.Graph()
+    env = {a: sub.placeholder(f"in_{i}") for i, a in enumerate(inputs)}
+    for node in nodes:
+        env[node] = sub.node_copy(node, env.__getitem__)
+    sub.output(tuple(env[o] for o in outputs))
+    region = torch.fx.GraphModule(gm, sub, class_name=f"Layer{layer.replace('.', '_')}")
+    gm.get_submodule(CHECKPOINT_MODULE).add_module(name, CheckpointedRegion(region))
+    with gm.graph.inserting_after(nodes[-1]):
+        call = gm.graph.call_module(f"{CHECKPOINT_MODULE}.{name}", tuple(inputs))
+    with gm.graph.inserting_after(call):
+        for index, output in enumerate(outputs):
+            value = gm.graph.call_function(operator.getitem, (call, index))
+            value.meta = dict(output.meta)
+            output.replace_all_uses_with(value, delete_user_cb=lambda user: user not in inside)
+    for node in reversed(nodes):
+        gm.graph.erase_node(node)
+
+
+def checkpoint_layers(gm: torch.fx.GraphModule) -> int:
+    """Put each layer of ``gm`` under gradient checkpointing; returns how many."""
+    spans = _spans(gm.graph)
+    if not spans:
+        return 0
+    if not hasattr(gm, CHECKPOINT_MODULE):
+        gm.add_module(CHECKPOINT_MODULE, torch.nn.Module())
+    for index, (layer, nodes) in enumerate(spans.items()):
+        _extract(gm, layer, nodes, f"layer_{index}")
+    return len(spans)

@@ -1,0 +1,211 @@
+"""QLoRA: bitsandbytes 4-bit (nf4, fp4, with and without double quantization) and 8-bit bases,
+loaded from a local checkpoint with ``BitsAndBytesConfig``.
+
+Tolerance against PEFT: 1e-5. Both sides run the base layer through the same bitsandbytes
+kernel on the same packed storage (fxpeft's op calls ``bitsandbytes::gemm_4bit``, and for 8-bit
+the dequantize-then-matmul route bitsandbytes takes on CPU in train mode), and add an fp32 LoRA
+branch with the same A and B, so only summation order can differ. PEFT runs in train mode with
+dropout 0: in eval mode under no_grad, bitsandbytes repacks 4-bit weights for CPU inference and
+rounds their scales to bf16 (shifting outputs by ~5e-3), which would compare two bases.
+"""
+
+import logging
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import BitsAndBytesConfig, LlamaForCausalLM  # noqa: E402
+
+import fxpeft  # noqa: E402
+from conftest import (assert_only_adapters_get_grads, randomize_adapters, tiny_llama,  # noqa: E402
+                      token_batch)
+from fxpeft.quantized import QUANTIZED_OPS  # noqa: E402
+
+SCHEMES = {
+    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
+    "nf4-double": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+    "fp4-double": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True),
+    "int8": dict(load_in_8bit=True),
+}
+LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(folder)
+    return folder
+
+
+def load(checkpoint, scheme: str, compute=torch.float32) -> LlamaForCausalLM:
+    config = BitsAndBytesConfig(**SCHEMES[scheme], bnb_4bit_compute_dtype=compute)
+    return LlamaForCausalLM.from_pretrained(checkpoint, quantization_config=config, device_map="cpu").train()
+
+
+def logits(model, ids, **kwargs):
+    return model(input_ids=ids, **kwargs).logits
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_each_quantized_layer_is_one_op_and_one_linear_site(checkpoint, scheme):
+    model = load(checkpoint, scheme)
+    layer_type = type(model.model.layers[0].self_attn.q_proj)
+    gm = fxpeft.rewrite(model, "lora_qv.toml")
+    op = QUANTIZED_OPS["linear_8bit" if scheme == "int8" else "linear_4bit"]
+    ops = gm.graph.find_nodes(op="call_function", target=op)
+    assert len(ops) == LINEARS_PER_LAYER * 2
+    assert type(model.model.layers[0].self_attn.q_proj) is layer_type  # restored after capture
+    program = fxpeft.adapt.program_of(gm)
+    sites = {s.module_path: s for s in program.sites}
+    q = sites["model.layers.0.self_attn.q_proj"]
+    assert (q.kind, q.in_features, q.out_features) == ("quantized", 64, 64)
+    assert q.module_type == f"{layer_type.__module__}.{layer_type.__qualname__}"
+    # The packed storage is shared with the model, not copied or dequantized.
+    stored = gm.get_parameter(q.weight_target)
+    assert stored.dtype in (torch.uint8, torch.int8)
+    assert stored.data_ptr() == model.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    assert not any(type(p).__module__.startswith("bitsandbytes") for p in gm.parameters())
+    gm.graph.lint()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("rules", ["lora_qv.toml", "dora_qv.toml", "ia3.toml"])
+def test_identity_at_init_and_gradients_only_on_adapters(checkpoint, scheme, rules):
+    model, ids = load(checkpoint, scheme), token_batch()
+    expected = logits(model, ids).detach()
+    gm = fxpeft.rewrite(model, rules).eval()
+    torch.testing.assert_close(logits(gm, ids), expected, rtol=0, atol=0)
+    randomize_adapters(gm)
+    gm.train()(ids, labels=ids).loss.backward()
+    assert_only_adapters_get_grads(gm)
+
+
+def peft_lora(model):
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                  target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(peft_model, seed=3)
+    return peft_model
+
+
+@pytest.mark.parametrize("scheme,compute", [("nf4", torch.float32), ("fp4-double", torch.float32),
+                                            ("int8", torch.float32), ("nf4-double", torch.bfloat16)])
+def test_a_peft_qlora_folder_loads_with_parity_and_fxpeft_folders_load_in_peft(checkpoint, scheme,
+                                                                               compute, tmp_path):
+    """With bf16 compute both sides run the base in bf16 and the fp32 LoRA branch on the
+    layer's fp32 input, so the tolerance stays 1e-5."""
+    ids = token_batch()
+    peft_model = peft_lora(load(checkpoint, scheme, compute))
+    peft_model.save_pretrained(tmp_path / "peft")
+    expected = logits(peft_model, ids).detach()
+    gm = fxpeft.load(load(checkpoint, scheme, compute), tmp_path / "peft").train()
+    torch.testing.assert_close(logits(gm, ids), expected, rtol=0, atol=1e-5)
+    fxpeft.save(gm, tmp_path / "ours")
+    back = PeftModel.from_pretrained(load(checkpoint, scheme, compute), tmp_path / "ours").train()
+    torch.testing.assert_close(logits(back, ids), expected, rtol=0, atol=1e-5)
+
+
+def test_ia3_and_dora_match_peft_on_a_4bit_base(checkpoint, tmp_path):
+    ids = token_batch()
+    configs = {"ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                feedforward_modules=["down_proj"]),
+               "dora": LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"])}
+    for name, config in configs.items():
+        peft_model = get_peft_model(load(checkpoint, "nf4"), config)
+        randomize_adapters(peft_model, seed=4)
+        peft_model.save_pretrained(tmp_path / name)
+        gm = fxpeft.load(load(checkpoint, "nf4"), tmp_path / name).train()
+        torch.testing.assert_close(logits(gm, ids), logits(peft_model, ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["nf4-double", "int8"])
+def test_twenty_steps_lower_the_loss(checkpoint, scheme):
+    gm = fxpeft.rewrite(load(checkpoint, scheme), "lora_qv.toml").train()
+    ids = token_batch(batch=4, seq=16)
+    torch.manual_seed(0)  # adapter dropout
+    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = gm(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.2, losses
+
+
+def test_torch_compile_forward_and_backward_equal_eager(checkpoint):
+    ids = token_batch()
+    gm = fxpeft.rewrite(load(checkpoint, "nf4"), "lora_qv.toml").train()
+    randomize_adapters(gm)
+    gm.eval()
+    eager = gm(ids, labels=ids).loss
+    eager.backward()
+    expected = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
+    gm.zero_grad()
+    compiled = torch.compile(gm, backend="inductor", fullgraph=True)
+    loss = compiled(ids, labels=ids).loss
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=0, atol=1e-5)
+    for name, grad in expected.items():
+        torch.testing.assert_close(gm.get_parameter(name).grad, grad, rtol=0, atol=1e-5)
+
+
+def test_merge_requantizes_and_reports_the_error_like_peft(checkpoint, tmp_path, caplog):
+    ids = token_batch()
+    peft_model = peft_lora(load(checkpoint, "nf4"))
+    peft_model.save_pretrained(tmp_path)
+    unmerged = logits(peft_model, ids).detach()
+    peft_error = (logits(peft_model.merge_and_unload().train(), ids) - unmerged).abs().max()
+    gm = fxpeft.load(load(checkpoint, "nf4"), tmp_path)
+    with caplog.at_level(logging.WARNING, logger="fxpeft"):
+        merged = fxpeft.merge(gm)
+    assert "requantized 4 layer(s)" in caplog.text
+    assert set(merged.requantization_error) == {f"model.layers.{i}.self_attn.{p}.weight"
+                                                for i in range(2) for p in ("q_proj", "v_proj")}
+    assert len(merged.graph.find_nodes(op="call_function", target=QUANTIZED_OPS["linear_4bit"])) == 14
+    error = (logits(merged, ids) - unmerged).abs().max()
+    assert 0 < error <= 2 * peft_error, (error, peft_error)  # the same requantization as PEFT's
+
+
+def test_merge_into_a_dequantized_copy_adds_no_error(checkpoint):
+    ids = token_batch()
+    gm = fxpeft.rewrite(load(checkpoint, "nf4-double"), "lora_qv.toml").eval()
+    randomize_adapters(gm)
+    merged = fxpeft.merge(gm, dequantize=True)
+    assert not merged.graph.find_nodes(op="call_function", target=QUANTIZED_OPS["linear_4bit"])
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    torch.testing.assert_close(logits(merged, ids), logits(gm, ids), rtol=0, atol=1e-5)
+    with pytest.raises(fxpeft.FxpeftError, match="quantized"):
+        fxpeft.merge_into(load(checkpoint, "nf4-double"), gm)
+
+
+def test_a_model_already_repacked_for_cpu_inference_is_captured(checkpoint):
+    """An eval-mode no_grad call may repack 4-bit weights for CPU inference, rounding their
+    scales to bf16. Capture undoes the layout with bitsandbytes' inverse; the rounded scales
+    stay, so outputs are those of a fresh load up to that rounding."""
+    model, ids = load(checkpoint, "nf4").eval(), token_batch()
+    with torch.no_grad():
+        logits(model, ids)
+    gm = fxpeft.rewrite(model, "lora_qv.toml").eval()
+    fresh = logits(load(checkpoint, "nf4"), ids)
+    torch.testing.assert_close(logits(gm, ids), fresh, rtol=0, atol=1e-2)
+
+
+def test_qlora_with_gradient_checkpointing_equals_the_unchecked_graph(checkpoint):
+    ids = token_batch()
+    gm = fxpeft.rewrite(load(checkpoint, "nf4-double"), "lora_qv.toml", dropout=0.0).train()
+    randomize_adapters(gm)
+    results = []
+    for copy in (fxpeft.fuse(gm), fxpeft.fuse(gm, checkpoint="layers")):
+        loss = copy(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}))
+        gm.zero_grad()
+    (plain_loss, plain), (loss, grads) = results
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=1e-5)
+    assert grads.keys() == plain.keys() and grads
+    for name in plain:
+        torch.testing.assert_close(grads[name], plain[name], rtol=0, atol=1e-5)
