@@ -66,6 +66,7 @@ class PeftFormat:
     save_state: Callable[..., tuple[dict[str, Any], dict[str, Any]]] | None = None
     load_state: Callable[..., dict[str, Any]] | None = None
     state_fields: frozenset[str] = frozenset()
+    key_prefix: str = PEFT_PREFIX  # prompt tuning's one key, "prompt_embeddings", has none
 
     def selects(self, config: dict[str, Any]) -> bool:
         """Whether ``config`` is this format's: its ``peft_type`` and every selector field."""
@@ -101,8 +102,14 @@ def kind_for_rewrite(rewrite: str) -> AdapterKind:
     return kind
 
 
-def to_peft_key(name: str, adapter: str, components: tuple[str, ...]) -> str | None:
-    """PEFT's saved key for our parameter ``name`` of ``adapter``, or None if it is not one."""
+def to_peft_key(name: str, adapter: str, components: tuple[str, ...],
+               prefix: str = PEFT_PREFIX) -> str | None:
+    """PEFT's saved key for our parameter ``name`` of ``adapter``, or None if it is not one;
+    ``prefix`` is the kind's ``PeftFormat.key_prefix``.
+
+    >>> to_peft_key("prompt_embeddings_sql", "sql", ("prompt_embeddings",), prefix="")
+    'prompt_embeddings'
+    """
     parts = name.split(".")
     copy = adapter_component(MODULES_TO_SAVE, adapter)
     if copy in parts:  # PEFT saves a modules_to_save copy under the original module's name
@@ -110,7 +117,7 @@ def to_peft_key(name: str, adapter: str, components: tuple[str, ...]) -> str | N
     ours = {adapter_component(c, adapter): c for c in components}
     if not any(p in ours for p in parts):
         return None
-    return PEFT_PREFIX + ".".join(ours.get(p, p) for p in parts)
+    return prefix + ".".join(ours.get(p, p) for p in parts)
 
 
 def neutral(value: Any) -> bool:

@@ -65,7 +65,7 @@ from fxpeft.adapters import is_adapter_parameter
 from fxpeft.api import add_adapter, rewrite
 from fxpeft.errors import FxpeftError, MatchError, PassError, RuleError
 from fxpeft.graph_module import AdaptedModule
-from fxpeft.kinds.registry import AdapterKind
+from fxpeft.kinds.registry import AdapterKind, values_from_file
 from fxpeft.names import MODULES_TO_SAVE
 from fxpeft.peft_format import (INERT_FIELDS, PeftFormatError, neutral, check_fields,
                                 kind_for_config, kind_for_rewrite, to_peft_key)
@@ -124,7 +124,8 @@ def peft_state_dict(gm: torch.nn.Module, adapter: str, kind: AdapterKind) -> dic
     """``adapter``'s tensors under PEFT's keys (copies, on the CPU)."""
     tensors = {}
     for name, tensor in gm.state_dict().items():
-        key = to_peft_key(name, adapter, kind.components) if is_adapter_parameter(name) else None
+        key = to_peft_key(name, adapter, kind.components, kind.peft.key_prefix) \
+            if is_adapter_parameter(name) else None
         if key is not None:
             tensors[key] = tensor.detach().to("cpu", copy=True).contiguous()
     return tensors
@@ -560,9 +561,10 @@ def _build(model: torch.nn.Module, adapter: str, rules: RuleSet, keep: Sequence[
            source: Path, capture: dict[str, Any]) -> AdaptedModule:
     """The adapted graph; errors that come from the rules name the file they came from."""
     try:
-        if isinstance(model, AdaptedModule):
-            return add_adapter(model, adapter, rules, modules_to_save=keep)
-        return rewrite(model, rules, adapter=adapter, modules_to_save=keep, **capture)
+        with values_from_file():  # _fill writes every adapter tensor next
+            if isinstance(model, AdaptedModule):
+                return add_adapter(model, adapter, rules, modules_to_save=keep)
+            return rewrite(model, rules, adapter=adapter, modules_to_save=keep, **capture)
     except (PassError, MatchError, RuleError) as err:
         if str(source) in str(err):
             raise
@@ -597,7 +599,7 @@ def _expected(gm: torch.nn.Module, adapter: str, kind: AdapterKind) -> dict[str,
     """PEFT key -> our parameter name, for every tensor ``adapter`` needs."""
     names = (n for n in gm.state_dict() if is_adapter_parameter(n))
     return {key: name for name in names
-            if (key := to_peft_key(name, adapter, kind.components)) is not None}
+            if (key := to_peft_key(name, adapter, kind.components, kind.peft.key_prefix)) is not None}
 
 
 def _check_tensors(expected: dict[str, str], tensors: dict[str, torch.Tensor],
