@@ -18,6 +18,8 @@ CONFIGS = {
                                rank_pattern={"up_proj": 2}, init_lora_weights=False),
     "lora all-linear": lambda: LoraConfig(target_modules="all-linear", r=2, lora_alpha=4,
                                           exclude_modules=["gate_proj"], init_lora_weights=False),
+    "dora": lambda: LoraConfig(target_modules=["q_proj", "down_proj"], r=2, lora_alpha=4,
+                               use_dora=True, init_lora_weights=False),
     "ia3": lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                              feedforward_modules=["down_proj"], init_ia3_weights=False),
     "adaption prompt": lambda: AdaptionPromptConfig(adapter_len=3, adapter_layers=1,
