@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _COMMANDS[args.command](args)
     except FxpeftError as err:
         print(f"fxpeft {args.command}: {_one_line(err)}", file=sys.stderr)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:  # transformers, torch
+    except Exception as err:  # transformers', torch's: still one line, named by type
         print(f"fxpeft {args.command}: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
     return 1
 

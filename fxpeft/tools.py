@@ -90,7 +90,8 @@ def _staged(path: Path, folder: bool) -> Any:
         os.close(made[0])
     try:
         yield staging
-        os.replace(staging, path) if not folder else os.rename(staging, path)
+        # a file replaces the old one in one step; a folder never replaces one (checked above)
+        (os.rename if folder else os.replace)(staging, path)
     finally:
         if staging.is_dir():
             shutil.rmtree(staging, ignore_errors=True)

@@ -166,6 +166,8 @@ def _bad_inputs(tmp: Path, model: Path, adapter: Path) -> dict:
     bad_toml.write_text('[[rule]]\nmatch = "linear"\nrewrite = "lora"\n[rule.params]\nr = 0\n')
     (tmp / "broken").mkdir(exist_ok=True)
     (tmp / "broken" / "adapter_config.json").write_text("{not json")
+    (tmp / "odd-model").mkdir(exist_ok=True)
+    (tmp / "odd-model" / "config.json").write_text('{"model_type": "no-such-family"}')
     (tmp / "loha").mkdir(exist_ok=True)
     (tmp / "loha" / "adapter_config.json").write_text('{"peft_type": "LOHA"}')
     return {
@@ -176,6 +178,8 @@ def _bad_inputs(tmp: Path, model: Path, adapter: Path) -> dict:
         "kinds extra": (["kinds", "--x"], 2, "unrecognized arguments: --x"),
         "explain model": (["explain", tmp / "nowhere", "--rules", "lora_qv"], 1,
                           "not 'smollm2' nor a transformers checkpoint folder"),
+        "explain foreign error": (["explain", tmp / "odd-model", "--rules", "lora_qv"], 1,
+                                  "fxpeft explain: ValueError: "),
         "explain rules": (["explain", model, "--rules", "lora_vq"], 1, "no rule file 'lora_vq'"),
         "explain no rules": (["explain", model], 2, "the following arguments are required: --rules"),
         "convert json": (["convert", tmp / "broken"], 1, "not valid JSON"),
@@ -197,6 +201,7 @@ def _bad_inputs(tmp: Path, model: Path, adapter: Path) -> dict:
 
 
 BAD_NAMES = ["no command", "unknown command", "check", "rules extra", "kinds extra", "explain model",
+             "explain foreign error",
              "explain rules", "explain no rules", "convert json", "convert loha", "convert missing",
              "convert no model", "convert all-linear", "convert bad rules", "merge adapter",
              "merge model", "merge args", "graph layer", "graph format", "graph layer type"]
