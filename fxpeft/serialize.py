@@ -69,6 +69,7 @@ from fxpeft.kinds.registry import AdapterKind, values_from_file
 from fxpeft.names import MODULES_TO_SAVE
 from fxpeft.peft_format import (INERT_FIELDS, PeftFormatError, neutral, check_fields,
                                 kind_for_config, kind_for_rewrite, to_peft_key)
+from fxpeft.peft_config import module_names
 from fxpeft.peft_support import check_supported, without_base_copies
 from fxpeft.program import Program
 from fxpeft.rules.dump import dump_rules
@@ -84,7 +85,6 @@ _TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSeque
 _TEXT_LIMIT = 16 * 2 ** 20  # bytes; a config or rule file is kilobytes, never this
 _READ_ATTEMPTS = 8
 _NEW, _OLD = ".fxpeft-new-", ".fxpeft-old"
-_MODULE_NAME = re.compile(r"[^./\\\x00]+(?:\.[^./\\\x00]+)*")  # dotted names; no path syntax
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 80
 _short = _REPR.repr  # adversarial values can be huge; messages quote only their start
@@ -526,14 +526,10 @@ def _parse_weights(data: bytes | None, path: Path) -> dict[str, torch.Tensor]:
 
 def _modules_to_save(config: dict[str, Any], path: Path) -> tuple[str, ...]:
     """PEFT's ``modules_to_save``: module names, never anything path-like."""
-    names = config.get(MODULES_TO_SAVE)
-    if names is None:
-        return ()
-    if not isinstance(names, list) or not all(
-            isinstance(name, str) and _MODULE_NAME.fullmatch(name) for name in names):
-        raise AdapterFileError(f"{path}: {MODULES_TO_SAVE} must be a list of module names, got "
-                               f"{_short(names)}")
-    return tuple(names)
+    try:
+        return module_names(config, str(path))
+    except PeftFormatError as err:
+        raise AdapterFileError(str(err)) from None
 
 
 def _rules(folder: Path, files: dict[str, bytes], config: dict[str, Any], kind: AdapterKind,
