@@ -25,6 +25,7 @@ from fxpeft.kinds import registry
 from fxpeft.names import DEFAULT_ADAPTER, GATE_META, adapter_node
 from fxpeft.patterns import owning_module
 from fxpeft.program import copy_graph, layer_index
+from fxpeft.serialize import save
 
 FORMATS = (".svg", ".png", ".pdf")
 _PALETTE = ("#e4572e", "#17bebb", "#ffc914", "#76b041", "#9c6ade", "#2e86ab", "#f18f01")
@@ -267,3 +268,12 @@ def loss_curve(losses: Sequence[float], out: "str | Path", title: str = "trainin
         ax.set_title(title)
         ax.legend()
     return out
+
+
+def save_with_curve(gm: torch.nn.Module, losses: Sequence[float], output: "str | Path") -> tuple[Path, Path]:
+    """The adapter in PEFT's layout (``PeftModel.from_pretrained`` reads it), and its loss
+    curve beside it (``<output>-loss.png``). Example: ``examples/finetune_smollm2.py``."""
+    folder = save(gm, output)
+    curve = loss_curve(losses, folder.with_name(f"{folder.name}-loss.png"),
+                       title=f"{folder.name}: training loss")
+    return folder, curve

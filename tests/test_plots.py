@@ -1,35 +1,22 @@
 """fxpeft.plots: the loss curve the examples save beside their adapters, and layer pictures."""
 
-import argparse
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 import fxpeft
 from conftest import tiny_llama, token_batch
-from fxpeft.plots import draw_layer, layer_nodes, loss_curve, node_layers
+from fxpeft.data import train_on_blocks
+from fxpeft.plots import draw_layer, layer_nodes, loss_curve, node_layers, save_with_curve
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "finetune_smollm2.py"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("finetune_smollm2", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_example_saves_its_loss_curve_beside_the_adapter(tmp_path):
-    example = _example()
+def test_the_examples_save_their_loss_curve_beside_the_adapter(tmp_path):
     gm = fxpeft.rewrite(tiny_llama(), "lora_qv")
     blocks = torch.cat([token_batch(4, 16, seed) for seed in range(3)])
-    args = argparse.Namespace(steps=12, batch_size=2, lr=1e-2, seed=0)
-    losses = example.train(gm, blocks, args)
+    losses = train_on_blocks(gm, blocks, steps=12, batch_size=2, lr=1e-2, seed=0, progress=False)
     assert len(losses) == 12 and all(loss > 0 for loss in losses)
-    folder, curve = example.save_with_curve(gm, losses, str(tmp_path / "adapter"))
+    folder, curve = save_with_curve(gm, losses, str(tmp_path / "adapter"))
     assert curve == tmp_path / "adapter-loss.png" and curve.read_bytes()[:8] == PNG
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "adapter-loss.png"]
     assert fxpeft.load(tiny_llama(), folder).adapter_names == ["default"]
