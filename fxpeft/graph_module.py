@@ -44,7 +44,11 @@ class AdaptedModule(torch.fx.GraphModule):
     @property
     def loss_type(self) -> "str | None":
         """transformers' ``PreTrainedModel.loss_type`` (``"ForCausalLM"`` for a causal LM graph):
-        the HF Trainer reads it to count a batch's target tokens, which a causal loss shifts."""
+        the HF Trainer reads it to count a batch's target tokens, which a causal loss shifts.
+
+        >>> AdaptedModule(torch.nn.Module(), torch.fx.Graph()).loss_type is None  # no HF head
+        True
+        """
         return getattr(getattr(self, OUTPUT_MODULE, None), "loss_type", None)
 
     def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:

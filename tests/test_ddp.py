@@ -26,17 +26,24 @@ def _example():
     return module
 
 
+def torchrun(script: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``script`` on 2 processes. --standalone: the rendezvous binds port 0, so the OS picks a
+    free port (no race, no clash with other test runs); a timeout bounds a hung process group."""
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(script), *args]
+    done = subprocess.run(command, env={**os.environ, "PYTHONPATH": path}, capture_output=True,
+                          text=True, timeout=TIMEOUT, cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """(the 2-process report, its saved adapter, the 1-process report, its saved adapter)."""
     out = tmp_path_factory.mktemp("ddp")
-    # --standalone: the rendezvous binds port 0, so the OS picks a free port (no race, no clash
-    # with other test runs); a timeout bounds a hung process group.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(EXAMPLE), *FLAGS, "--output", str(out / "two"), "--report", str(out / "two.json")]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT, cwd=out)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun(EXAMPLE, *FLAGS, "--output", str(out / "two"), "--report", str(out / "two.json"),
+                    cwd=out)
     assert "DDP all-reduces 8 tensors: the 8 adapter tensors" in done.stdout
     one = _example().main([*FLAGS, "--output", str(out / "one")])  # RANK unset: one process
     return (json.loads((out / "two.json").read_text()), load_file(out / "two" / "adapter_model.safetensors"),
@@ -69,3 +76,15 @@ def test_two_processes_equal_one_process_with_the_global_batch(runs):
     for key, tensor in one_weights.items():
         torch.testing.assert_close(two_weights[key], tensor, rtol=0, atol=2e-5, msg=key)
     assert one_weights[key].abs().max() > 1e-2  # trained: B moved away from its zero init
+
+
+def test_fxpeft_trainer_under_torchrun_checkpoints_once_and_resumes(tmp_path):
+    torchrun(ROOT / "tests" / "ddp_trainer_job.py", str(tmp_path), cwd=tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # DDP: both ranks hold the same adapter, trained and resumed
+    assert ranks[0]["wrapped"] == "DistributedDataParallel"
+    assert ranks[0]["resumed"] == ranks[0]["trained"]  # resumed at step 2: the same step-4 adapter
+    assert set(os.listdir(tmp_path / "checkpoint-2")) == {
+        "adapter_config.json", "adapter_model.safetensors", "fxpeft_rules.toml", "optimizer.pt",
+        "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth", "trainer_state.json",
+        "training_args.bin"}  # the adapter, written once (rank 0); no base weights
