@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import fxpeft
-from fxpeft.data import shakespeare_text, token_blocks
+from fxpeft.data import perplexity, shakespeare_text, token_blocks
 from fxpeft.models import load_smollm2
 from fxpeft.serialize import tensor_digest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from finetune_smollm2 import perplexity  # noqa: E402  (the sibling example)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

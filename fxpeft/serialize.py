@@ -633,6 +633,15 @@ def _fill(gm: AdaptedModule, adapter: str, kind: AdapterKind, tensors: dict[str,
             state[name].copy_(tensors[key])
 
 
+def _fill_with_state(gm: AdaptedModule, adapter: str, kind: AdapterKind, config: dict[str, Any],
+                     tensors: dict[str, torch.Tensor], folder: Path, source: Path) -> None:
+    """The training state the files carry (AdaLoRA's ranks), then the weights."""
+    if kind.peft.load_state is not None:
+        with _located(folder / CONFIG):
+            tensors = kind.peft.load_state(gm, adapter, config, tensors, str(folder / CONFIG))
+    _fill(gm, adapter, kind, tensors, folder, source)
+
+
 def _read_config(directory: Path) -> tuple[Path, dict[str, bytes], dict[str, Any], AdapterKind]:
     """The folder read, its files, its parsed and checked config, and the kind it describes."""
     folder, files = _read_folder(directory)
@@ -675,10 +684,7 @@ def load(model: torch.nn.Module, directory: "str | Path", adapter: str = "defaul
     try:
         if source == folder / RULES:
             _check_rules_match_config(gm, adapter, kind, config, folder)
-        if kind.peft.load_state is not None:
-            with _located(folder / CONFIG):
-                tensors = kind.peft.load_state(gm, adapter, config, tensors, str(folder / CONFIG))
-        _fill(gm, adapter, kind, tensors, folder, source)
+        _fill_with_state(gm, adapter, kind, config, tensors, folder, source)
     except FxpeftError:
         if grown:
             delete_adapter(gm, adapter)
@@ -755,4 +761,4 @@ def restore(gm: AdaptedModule, directory: "str | Path", adapter: str = "default"
                                f"{adapter!r} of this graph is {ours.name}")
     _check_rules_match_config(gm, adapter, kind, config, folder)
     tensors = _parse_weights(files.get(WEIGHTS), folder / WEIGHTS)
-    _fill(gm, adapter, kind, tensors, folder, folder / CONFIG)
+    _fill_with_state(gm, adapter, kind, config, tensors, folder, folder / CONFIG)
