@@ -631,6 +631,25 @@ def _fill(gm: AdaptedModule, adapter: str, kind: AdapterKind, tensors: dict[str,
             state[name].copy_(tensors[key])
 
 
+def _fill_with_state(gm: AdaptedModule, adapter: str, kind: AdapterKind, config: dict[str, Any],
+                     tensors: dict[str, torch.Tensor], folder: Path, source: Path) -> None:
+    """The training state the files carry (AdaLoRA's ranks), then the weights."""
+    if kind.peft.load_state is not None:
+        with _located(folder / CONFIG):
+            tensors = kind.peft.load_state(gm, adapter, config, tensors, str(folder / CONFIG))
+    _fill(gm, adapter, kind, tensors, folder, source)
+
+
+def _read_config(directory: Path) -> tuple[Path, dict[str, bytes], dict[str, Any], AdapterKind]:
+    """The folder read, its files, its parsed and checked config, and the kind it describes."""
+    folder, files = _read_folder(directory)
+    config = _parse_config(files.get(CONFIG), folder / CONFIG)
+    with _located(folder / CONFIG):
+        kind = kind_for_config(config, str(folder / CONFIG))
+        check_fields(config, kind, str(folder / CONFIG))
+    return folder, files, config, kind
+
+
 def load(model: torch.nn.Module, directory: "str | Path", adapter: str = "default",
          trainable: bool = False, *, example_inputs: Any = None,
          leaf_modules: Sequence[type] = ()) -> AdaptedModule:
@@ -654,11 +673,7 @@ def load(model: torch.nn.Module, directory: "str | Path", adapter: str = "defaul
     if grown and (example_inputs is not None or leaf_modules):
         raise FxpeftError("example_inputs and leaf_modules apply to capturing a base model; "
                           "this model is already an fxpeft graph, which is not captured again")
-    folder, files = _read_folder(Path(directory))
-    config = _parse_config(files.get(CONFIG), folder / CONFIG)
-    with _located(folder / CONFIG):
-        kind = kind_for_config(config, str(folder / CONFIG))
-        check_fields(config, kind, str(folder / CONFIG))
+    folder, files, config, kind = _read_config(Path(directory))
     keep = _modules_to_save(config, folder / CONFIG)
     rules, source = _rules(folder, files, config, kind, model)
     tensors = _parse_weights(files.get(WEIGHTS), folder / WEIGHTS)
@@ -667,10 +682,7 @@ def load(model: torch.nn.Module, directory: "str | Path", adapter: str = "defaul
     try:
         if source == folder / RULES:
             _check_rules_match_config(gm, adapter, kind, config, folder)
-        if kind.peft.load_state is not None:
-            with _located(folder / CONFIG):
-                tensors = kind.peft.load_state(gm, adapter, config, tensors, str(folder / CONFIG))
-        _fill(gm, adapter, kind, tensors, folder, source)
+        _fill_with_state(gm, adapter, kind, config, tensors, folder, source)
     except FxpeftError:
         if grown:
             delete_adapter(gm, adapter)
@@ -680,3 +692,71 @@ def load(model: torch.nn.Module, directory: "str | Path", adapter: str = "defaul
         if not grown:  # a graph the caller already holds keeps its mode
             gm.eval()
     return gm
+
+
+# --- adapter files among other files (the HF Trainer's checkpoint folders) ----------------------
+
+def _replace_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through a sibling temporary file and one rename: never half-written."""
+    temp = path.with_name(f".{path.name}{_NEW}{os.getpid()}-{secrets.token_hex(4)}")
+    os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 0o666 less the umask
+    try:
+        mode = stat.S_IMODE(os.stat(temp).st_mode)
+        write(temp)
+        os.chmod(temp, mode)  # safetensors writes 0o600 whatever the umask
+        _fsync(temp)
+        os.replace(temp, path)
+    finally:
+        if os.path.lexists(temp):
+            os.unlink(temp)
+
+
+def write_into(gm: AdaptedModule, directory: "str | Path", adapter: str = "default") -> Path:
+    """Write ``adapter``'s files (as ``save`` does) into ``directory``, keeping the other files
+    there: a Trainer checkpoint also holds the optimizer's state. Each file is replaced
+    atomically and the config comes last, but unlike ``save`` the set is not swapped in as one.
+
+    >>> import tempfile, torch, fxpeft
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, vocab_size=32,
+    ...                          num_hidden_layers=1, num_attention_heads=2))
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "optimizer.pt").write_bytes(b"")
+    >>> sorted(p.name for p in write_into(fxpeft.rewrite(model, "lora_qv"), folder).iterdir())
+    ['adapter_config.json', 'adapter_model.safetensors', 'fxpeft_rules.toml', 'optimizer.pt']
+    """
+    directory = Path(directory)
+    writers = _writers(gm, adapter, directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in sorted(writers, key=lambda name: name == CONFIG):  # a config means complete
+        _replace_file(directory / name, writers[name])
+    _fsync(directory)
+    return directory
+
+
+def restore(gm: AdaptedModule, directory: "str | Path", adapter: str = "default") -> None:
+    """Copy the weights of the adapter folder ``directory`` into ``gm``'s adapter ``adapter``,
+    which must be the adapter the folder describes (same kind, config and keys): resuming from
+    a checkpoint. Trainable state and parameter objects stay as they are (an optimizer holds
+    them); on any error nothing is changed.
+
+    >>> import tempfile, torch, fxpeft
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, vocab_size=32,
+    ...                          num_hidden_layers=1, num_attention_heads=2))
+    >>> gm = fxpeft.rewrite(model, "lora_qv")
+    >>> folder = fxpeft.save(gm, tempfile.mkdtemp() + "/qv")
+    >>> other = fxpeft.rewrite(model, "lora_qv")
+    >>> restore(other, folder)
+    >>> all(torch.equal(a, b) for a, b in zip(fxpeft.adapter_state_dict(gm).values(),
+    ...                                       fxpeft.adapter_state_dict(other).values()))
+    True
+    """
+    folder, files, config, kind = _read_config(Path(directory))
+    ours = _kind_of(record(gm, adapter).rules)
+    if ours is not kind:
+        raise AdapterFileError(f"{folder / CONFIG}: describes a {kind.name} adapter, but adapter "
+                               f"{adapter!r} of this graph is {ours.name}")
+    _check_rules_match_config(gm, adapter, kind, config, folder)
+    tensors = _parse_weights(files.get(WEIGHTS), folder / WEIGHTS)
+    _fill_with_state(gm, adapter, kind, config, tensors, folder, folder / CONFIG)
