@@ -21,6 +21,7 @@ from fxpeft.match import MatchResult, match
 from fxpeft.peft_config import as_config, config_source, is_config, rules_from_config
 from fxpeft.peft_format import PeftFormatError
 from fxpeft.program import Program
+from fxpeft.quantized import packed_4bit_weights
 from fxpeft.rules.loader import load_rules
 from fxpeft.rules.schema import RuleSet
 from fxpeft.transforms import PassResult
@@ -125,7 +126,8 @@ def trainable_parameters(gm: torch.nn.Module, print_line: bool = False) -> tuple
     (6, 6)
     """
     trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in gm.parameters())
+    packed = packed_4bit_weights(gm)  # two 4-bit weights a byte, as PEFT counts them
+    total = sum(p.numel() * (2 if name in packed else 1) for name, p in gm.named_parameters())
     if print_line:
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")

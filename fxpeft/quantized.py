@@ -374,3 +374,15 @@ def dequantize_layers(gm: torch.fx.GraphModule, graph: torch.fx.Graph,
             if isinstance(storage, torch.fx.Node) and storage.op == "get_attr" and not storage.users:
                 graph.erase_node(storage)
     return len(nodes)
+
+
+def packed_4bit_weights(gm: torch.nn.Module) -> set[str]:
+    """Targets of the 4-bit weights in ``gm``'s graph: each stored byte holds two weights.
+
+    >>> packed_4bit_weights(torch.nn.Linear(2, 2))
+    set()
+    """
+    if not isinstance(gm, torch.fx.GraphModule):
+        return set()
+    return {node.args[1].target for node in gm.graph.find_nodes(
+        op="call_function", target=QUANTIZED_OPS["linear_4bit"])}

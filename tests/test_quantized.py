@@ -69,6 +69,8 @@ def test_each_quantized_layer_is_one_op_and_one_linear_site(checkpoint, scheme):
     assert stored.data_ptr() == model.model.layers[0].self_attn.q_proj.weight.data_ptr()
     assert not any(type(p).__module__.startswith("bitsandbytes") for p in gm.parameters())
     gm.graph.lint()
+    peft_model = get_peft_model(load(checkpoint, scheme), LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    assert fxpeft.trainable_parameters(gm) == peft_model.get_nb_trainable_parameters()
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
