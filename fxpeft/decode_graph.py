@@ -41,7 +41,8 @@ from fxpeft.patterns import find_linear_sites
 from fxpeft.program import CaptureInfo, Program
 
 log = logging.getLogger("fxpeft")
-LENGTH_STEP = 128  # cache lengths round up to a multiple, so prompts of similar length share a graph
+LENGTH_STEP = 16  # cache lengths round up to a multiple, so prompts of similar length share a graph;
+# small, because every step attends over (and HF repeats for GQA) the whole cache
 MAX_DECODERS = 2  # per training graph: each holds a KV cache
 _DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
 _CACHE_PREFIX = "fxpeft_kv"
@@ -50,8 +51,8 @@ _CACHE_PREFIX = "fxpeft_kv"
 def cache_length(tokens: int) -> int:
     """The cache length a graph is built for: ``tokens`` rounded up to ``LENGTH_STEP``.
 
-    >>> cache_length(1), cache_length(128), cache_length(129)
-    (128, 128, 256)
+    >>> cache_length(1), cache_length(16), cache_length(17)
+    (16, 16, 32)
     """
     return -(-tokens // LENGTH_STEP) * LENGTH_STEP
 

@@ -167,9 +167,9 @@ def test_named_adapters_and_disable_adapters_are_respected():
 def test_decode_graphs_are_cached_and_rebuilt_when_adapters_change():
     gm = _adapted("lora")
     ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))
-    fxpeft.generate(gm, ids, max_new_tokens=4)
+    fxpeft.generate(gm, ids, max_new_tokens=NEW_TOKENS)
     first = _decoder(gm, ids)
-    fxpeft.generate(gm, ids, max_new_tokens=NEW_TOKENS)  # same cache-length bucket
+    fxpeft.generate(gm, ids, max_new_tokens=NEW_TOKENS + 4)  # the same cache length (32)
     assert _decoder(gm, ids) is first and len(decode_graph.cached_keys(gm)) == 1
     fxpeft.add_adapter(gm, "more", "ia3.toml")
     assert _decoder(gm, ids) is not first
