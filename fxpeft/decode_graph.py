@@ -63,7 +63,8 @@ def decoder_for(gm: AdaptedModule, batch: int, length: int) -> AdaptedModule:
     It is called ``decoder(input_ids, attention_mask, position_ids, cache_position)`` and returns
     the last position's logits; ``attention_mask`` is ``[batch, cache length]`` (1 where a token
     is, 0 for padding and for positions not yet written)."""
-    dtype, device = _base_tensor(gm).dtype, _base_tensor(gm).device
+    device = next(gm.parameters()).device
+    dtype = gm.base_dtype() or torch.float32  # the cache's: adapters may be fp32 on a bf16 base
     key = (batch, cache_length(length), dtype, device,
            tuple((name, id(rec)) for name, rec in adapter_records(gm).items()))
     built = _DECODERS.setdefault(gm, OrderedDict())
@@ -73,10 +74,6 @@ def decoder_for(gm: AdaptedModule, batch: int, length: int) -> AdaptedModule:
             built.popitem(last=False)
     built.move_to_end(key)
     return built[key]
-
-
-def _base_tensor(gm: AdaptedModule) -> torch.Tensor:
-    return next(p for p in gm.parameters() if p.is_floating_point())
 
 
 def _build(gm: AdaptedModule, batch: int, length: int, dtype: torch.dtype,
