@@ -2,12 +2,14 @@
 cache) and against a loop without a cache, on the real SmolLM2-135M with LoRA q,v; sides
 interleaved, medians after warm-up, ratios from this run only.
 
-    python bench/generate.py [--prompt 128 --new 16 --batch 1 --steps 3]
+    python bench/generate.py [--prompt 128 --new 16 --batch 1 --steps 3] [--per-step]
 
 Per-token decode time of a side = (median time to generate ``new`` tokens - median time to
 generate 1 token) / (new - 1): the prefill cancels out. The no-cache loop runs the whole sequence
 through the adapted graph for every token, as a hand-written loop had to before
-``fxpeft.generate``. It also checks that the greedy tokens equal PEFT's.
+``fxpeft.generate``. It also checks that the greedy tokens equal PEFT's. ``--per-step`` times one
+decoding step in isolation instead (less noisy on a loaded machine): the decode graph, PEFT's
+model on a ``StaticCache`` of the same length, and a no-cache forward over prompt + 1 tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import interleaved_medians, machine_line  # noqa: E402
 
 import fxpeft  # noqa: E402
+from fxpeft.decode_graph import decoder_for  # noqa: E402
 from fxpeft.models import load_smollm2  # noqa: E402
 
 
@@ -63,12 +66,35 @@ def sides(gm: torch.nn.Module, peft_model: torch.nn.Module, ids: torch.Tensor, n
     return {f"{name} {n}": make(n) for name, make in runs.items() for n in (1, new)}
 
 
+def step_sides(gm: torch.nn.Module, peft_model: torch.nn.Module, ids: torch.Tensor, new: int) -> dict:
+    """One decoding step each, at position ``prompt`` after a prefill (the caches are rewound
+    before every step): fxpeft's decode graph, PEFT's model on a StaticCache, and the no-cache
+    forward over the whole sequence."""
+    from transformers import StaticCache
+    batch, prompt = ids.shape
+    decoder = decoder_for(gm, batch, prompt + new)
+    token = ids[:, -1:]
+    mask = torch.zeros(batch, decoder.fxpeft_cache_length, dtype=torch.long)
+    mask[:, :prompt + 1] = 1
+    cache = StaticCache(config=peft_model.config, max_cache_len=prompt + new)
+    peft_model(input_ids=ids, cache=cache, use_cache=True)
+    full = torch.cat([ids, token], dim=1)
+
+    def peft_step() -> None:
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(prompt)
+        peft_model(input_ids=token, attention_mask=torch.ones_like(full), cache=cache, use_cache=True)
+    return {"fxpeft": lambda: decoder(token, mask, torch.full((batch, 1), prompt), torch.tensor([prompt])),
+            "peft static": peft_step, "no cache": lambda: gm(full)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=16)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--per-step", action="store_true", help="time single decoding steps instead")
     args = parser.parse_args()
     model, _ = load_smollm2()
     gm, peft_model = adapted(model)
@@ -78,6 +104,15 @@ def main() -> None:
                                  min_new_tokens=args.new, do_sample=False)
     print(f"SmolLM2-135M, LoRA q,v, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens")
     print(f"greedy tokens equal to PEFT generate: {torch.equal(ours, theirs)}")
+    if args.per_step:
+        with torch.no_grad():
+            medians = interleaved_medians(step_sides(gm, peft_model, ids, args.new), args.steps, warmup=2)
+        print(machine_line())
+        for name, seconds in medians.items():
+            print(f"{name:<14} {seconds * 1000:8.2f} ms/step   {seconds / medians['fxpeft']:.3f} x fxpeft")
+        print(f"fxpeft / no-cache step   {medians['fxpeft'] / medians['no cache']:.3f}")
+        print(f"fxpeft / PEFT static     {medians['fxpeft'] / medians['peft static']:.3f}")
+        return
     with torch.no_grad():
         medians = interleaved_medians(sides(gm, peft_model, ids, args.new), args.steps, warmup=1)
     per_token = {name: (medians[f"{name} {args.new}"] - medians[f"{name} 1"]) / (args.new - 1)
