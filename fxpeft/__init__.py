@@ -11,6 +11,7 @@ from typing import Any
 from fxpeft import rules
 from fxpeft.kinds import builtin  # noqa: F401  registers the adapter kinds
 from fxpeft.adapters import adapter_state_dict
+from fxpeft.decoding import generate
 from fxpeft.api import add_adapter, explain, rewrite, trainable_parameters
 from fxpeft.errors import CaptureError, FxpeftError, MatchError, PassError, RuleError
 from fxpeft.graph_module import AdaptedModule
@@ -19,7 +20,7 @@ from fxpeft.serialize import AdapterFileError, load, save
 from fxpeft.transforms.fuse import fuse
 
 __all__ = ["AdaptedModule", "AdapterFileError", "CaptureError", "FxpeftError", "MatchError",
-           "PassError", "RuleError", "adapter_state_dict", "add_adapter", "explain", "fuse", "load", "merge",
+           "PassError", "RuleError", "adapter_state_dict", "add_adapter", "explain", "fuse", "generate", "load", "merge",
            "merge_into", "rewrite", "rules", "save", "trainable_parameters", "Trainer"]
 
 

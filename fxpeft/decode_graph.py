@@ -1,0 +1,229 @@
+"""The decode graph of an adapted causal LM: the model captured with a static KV cache, carrying
+the same adapters, made by the same rules, *sharing* the training graph's adapter parameters and
+gates. Training, then generating, then training again needs no copy; ``set_adapter`` and
+``disable_adapters`` on the training graph switch the decode graph too.
+
+How it is obtained: the ``AdaptedModule`` keeps no HF model, only the model's tensors (under the
+model's own names) and its config (``capture_info``). On first use the model class
+(``transformers.<capture_info.model_class>``) is built on the meta device from that config, each
+of its parameters and buffers is pointed at the graph's own tensor (shared, not copied), and a
+subclass whose forward reads and writes a ``StaticCache`` held as buffers is exported with
+``torch.export`` (dynamic sequence length: one graph runs the prefill and every decoding step).
+Each adapter record (``fxpeft.adapter_set.AdapterRecord``) is matched again against that graph and
+the kinds' passes splice it; every target they attached, and the gate module, is then replaced by
+the training graph's object. Decode graphs are cached per training graph, batch size, cache length
+(rounded up to ``LENGTH_STEP``), device, dtype and adapter set, so ``add_adapter`` or
+``delete_adapter`` rebuilds them and the first ``generate`` of a shape pays the export.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import weakref
+from collections import OrderedDict
+from typing import Any, Hashable
+
+import torch
+import torch.fx
+
+from fxpeft import capture_cache
+from fxpeft.adapt import apply_adapter, program_of
+from fxpeft.adapter_set import adapter_records
+from fxpeft.adapters import fetch, has_target, place
+from fxpeft.capture import strip_export_checks
+from fxpeft.emit import emit
+from fxpeft.errors import FxpeftError
+from fxpeft.graph_module import AdaptedModule
+from fxpeft.match import match
+from fxpeft.names import GATES
+from fxpeft.patterns import find_linear_sites
+from fxpeft.program import CaptureInfo, Program
+
+log = logging.getLogger("fxpeft")
+LENGTH_STEP = 16  # cache lengths round up to a multiple, so prompts of similar length share a graph;
+# small, because every step attends over (and HF repeats for GQA) the whole cache
+MAX_DECODERS = 2  # per training graph: each holds a KV cache
+_DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+_CACHE_PREFIX = "fxpeft_kv"
+
+
+def cache_length(tokens: int) -> int:
+    """The cache length a graph is built for: ``tokens`` rounded up to ``LENGTH_STEP``.
+
+    >>> cache_length(1), cache_length(16), cache_length(17)
+    (16, 16, 32)
+    """
+    return -(-tokens // LENGTH_STEP) * LENGTH_STEP
+
+
+def decoder_for(gm: AdaptedModule, batch: int, length: int) -> AdaptedModule:
+    """The decode graph of ``gm`` for ``batch`` sequences of up to ``length`` tokens (cached).
+
+    It is called ``decoder(input_ids, attention_mask, position_ids, cache_position)`` and returns
+    the last position's logits; ``attention_mask`` is ``[batch, cache length]`` (1 where a token
+    is, 0 for padding and for positions not yet written)."""
+    device = next(gm.parameters()).device
+    dtype = gm.base_dtype() or torch.float32  # the cache's: adapters may be fp32 on a bf16 base
+    key = (batch, cache_length(length), dtype, device,
+           tuple((name, id(rec)) for name, rec in adapter_records(gm).items()))
+    built = _DECODERS.setdefault(gm, OrderedDict())
+    if key not in built:
+        built[key] = _build(gm, batch, key[1], dtype, device)
+        while len(built) > MAX_DECODERS:
+            built.popitem(last=False)
+    built.move_to_end(key)
+    return built[key]
+
+
+def _build(gm: AdaptedModule, batch: int, length: int, dtype: torch.dtype,
+           device: torch.device) -> AdaptedModule:
+    model = _bound_model(gm)
+    decoder = emit(_export(_with_static_cache(model, batch, length, dtype, device), batch, length))
+    decoder.meta["fxpeft"] = {"passes": []}
+    for adapter, record in adapter_records(gm).items():
+        _splice_like(decoder, gm, adapter, record)
+    if hasattr(gm, GATES):
+        decoder.add_module(GATES, getattr(gm, GATES))  # one set of on/off switches for both graphs
+    decoder.fxpeft_cache_length = length
+    log.info("fxpeft decode graph: batch %d, cache length %d, %d adapters", batch, length,
+             len(adapter_records(gm)))
+    return decoder.eval()
+
+
+def _model_class(gm: AdaptedModule) -> type:
+    info = gm.capture_info
+    import transformers
+    cls = getattr(transformers, getattr(info, "model_class", "") or "", None)
+    if info is None or info.frontend != "export" or cls is None or info.config is None:
+        raise FxpeftError(f"{type(gm).__name__}: generation needs a graph captured from a "
+                          f"transformers causal LM (fxpeft.rewrite(model, ...)); this one was "
+                          f"captured from {getattr(info, 'model_class', 'an unknown model')}")
+    if not hasattr(cls, "generate") or getattr(info.config, "is_encoder_decoder", False):
+        raise FxpeftError(f"{info.model_class} is not a causal LM with a KV cache; fxpeft.generate "
+                          f"decodes causal LMs (LlamaForCausalLM, ...)")
+    return cls
+
+
+def _bound_model(gm: AdaptedModule) -> torch.nn.Module:
+    """The model class built on the meta device, its tensors replaced by ``gm``'s own."""
+    if any(site.kind == "quantized" for site in find_linear_sites(gm)):
+        raise FxpeftError("fxpeft.generate does not support quantized (bitsandbytes) graphs yet")
+    cls = _model_class(gm)
+    with torch.device("meta"):
+        model = cls(gm.capture_info.config)
+    shared = _shared_tensors(model, gm)
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None:
+                    table[name] = shared[id(tensor)]
+    return model.eval()
+
+
+def _shared_tensors(model: torch.nn.Module, gm: AdaptedModule) -> dict[int, torch.Tensor]:
+    """For each tensor of ``model`` (tied ones once), ``gm``'s tensor under one of its names."""
+    found: dict[int, torch.Tensor] = {}
+    names: dict[int, str] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                full = f"{prefix}.{name}" if prefix else name
+                if tensor is not None and has_target(gm, full):
+                    found[id(tensor)] = fetch(gm, full)
+                names.setdefault(id(tensor), full)
+    missing = [names[i] for i in names if i not in found and i != id(None)]
+    if missing:
+        raise FxpeftError(f"the graph has no tensor for {missing[:3]} of {type(model).__name__}; "
+                          f"cannot build its decode graph")
+    return found
+
+
+def _with_static_cache(model: torch.nn.Module, batch: int, length: int, dtype: torch.dtype,
+                       device: torch.device) -> torch.nn.Module:
+    """A shell of ``model`` whose forward runs one step against a ``StaticCache`` it holds as
+    buffers (so export sees the cache writes as buffer mutations)."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+    from transformers.configuration_utils import get_head_shapes
+    config = model.config.get_text_config()
+    cache = StaticCache(config=config, max_cache_len=length)
+    cache.layers = [layer if type(layer) is StaticLayer else StaticLayer(length)
+                    for layer in cache.layers]  # sliding layers branch on data: not exportable
+    cache.early_initialization(batch, *get_head_shapes(config), dtype, device)
+    shell = copy.copy(model)
+    shell._buffers = dict(model._buffers)
+    shell.__class__ = type(f"Decode{type(model).__name__}", (type(model),), {"forward": _step})
+    shell.fxpeft_kv_cache = cache
+    for index, layer in enumerate(cache.layers):
+        for part in ("keys", "values", "cumulative_length"):
+            shell.register_buffer(f"{_CACHE_PREFIX}_{part}_{index}", getattr(layer, part),
+                                  persistent=False)
+    return shell
+
+
+def _step(self: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+          position_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+    """One forward against the held cache, writing at ``cache_position``; last logits only."""
+    for layer in self.fxpeft_kv_cache.layers:
+        layer.cumulative_length.copy_(cache_position[0])
+    out = type(self).__mro__[1].forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=position_ids, cache=self.fxpeft_kv_cache,
+                                        use_cache=True, logits_to_keep=1)
+    return out.logits
+
+
+def _export(shell: torch.nn.Module, batch: int, length: int) -> Program:
+    device = next(shell.parameters()).device
+    tokens = min(8, length - 1)
+    ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
+    mask = torch.zeros(batch, length, dtype=torch.long, device=device)
+    steps = torch.arange(tokens, device=device)
+    seq = torch.export.Dim("tokens", min=1, max=length - 1)
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": steps.expand(batch, tokens),
+              "cache_position": steps}
+    shapes = {"input_ids": {1: seq}, "attention_mask": None, "position_ids": {1: seq},
+              "cache_position": {0: seq}}
+    key = capture_cache.cache_key(shell, inputs) if capture_cache.enabled() else None
+    program = capture_cache.lookup(key, shell) if key is not None else None
+    if program is None:
+        program = _exported(shell, inputs, shapes)
+        if key is not None:
+            capture_cache.store(key, shell, program)
+    program.sites = find_linear_sites(program.graph_module)
+    return program
+
+
+def _exported(shell: torch.nn.Module, inputs: dict[str, torch.Tensor], shapes: dict[str, Any]) -> Program:
+    try:
+        exported = torch.export.export(shell, (), inputs, dynamic_shapes=shapes, strict=False)
+    except Exception as err:  # torch.export raises many types; all mean "could not capture"
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise FxpeftError(f"could not capture the decode graph of {type(shell).__name__} with a "
+                          f"static KV cache: {reason}") from err
+    root = exported.module()
+    strip_export_checks(root.graph)
+    return Program(root, CaptureInfo(type(shell).__mro__[1].__name__, "export", training=False))
+
+
+def _splice_like(decoder: AdaptedModule, gm: AdaptedModule, adapter: str, record: Any) -> None:
+    """Splice ``adapter`` into ``decoder`` by its rules, then share ``gm``'s parameters."""
+    program = program_of(decoder)
+    result = match(program, record.rules)
+    wanted = sorted(m.module_path for m in record.matches)
+    if sorted(m.module_path for m in result.matches) != wanted:
+        raise FxpeftError(f"adapter {adapter!r}: its rules match other modules in the decode graph "
+                          f"({sorted(m.module_path for m in result.matches)[:3]}) than in the "
+                          f"training graph ({wanted[:3]})")
+    apply_adapter(program, record.rules, result, adapter, record.modules_to_save)
+    for target in adapter_records(decoder)[adapter].attached:
+        place(decoder, target, fetch(gm, target))
+
+
+def forget(gm: torch.nn.Module) -> None:
+    """Drop ``gm``'s cached decode graphs (their KV caches)."""
+    _DECODERS.pop(gm, None)
+
+
+def cached_keys(gm: torch.nn.Module) -> list[Hashable]:
+    return list(_DECODERS.get(gm, {}))
