@@ -29,6 +29,7 @@ import torch.fx
 
 from fxpeft import capture_cache
 from fxpeft.adapt import apply_adapter, program_of
+from fxpeft.kinds import registry
 from fxpeft.adapter_set import adapter_records
 from fxpeft.adapters import fetch, has_target, place
 from fxpeft.capture import strip_export_checks
@@ -208,6 +209,11 @@ def _exported(shell: torch.nn.Module, inputs: dict[str, torch.Tensor], shapes: d
 
 def _splice_like(decoder: AdaptedModule, gm: AdaptedModule, adapter: str, record: Any) -> None:
     """Splice ``adapter`` into ``decoder`` by its rules, then share ``gm``'s parameters."""
+    for rule in record.rules.rules:
+        reason = registry.get(rule.rewrite).no_generation
+        if reason:
+            raise FxpeftError(f"fxpeft.generate: adapter {adapter!r} is {rule.rewrite}, which "
+                              f"cannot generate yet: {reason}")
     program = program_of(decoder)
     result = match(program, record.rules)
     wanted = sorted(m.module_path for m in record.matches)

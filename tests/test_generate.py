@@ -189,3 +189,10 @@ def test_bad_inputs_are_one_line_errors():
                            fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"])))
     with pytest.raises(FxpeftError, match="needs a graph captured from a transformers causal LM"):
         fxpeft.generate(plain, torch.ones(1, 3, dtype=torch.long))
+
+
+def test_a_kind_that_cannot_generate_yet_is_a_clear_error():
+    gm = fxpeft.rewrite(tiny_llama(), "prompt_tuning.toml")
+    with pytest.raises(fxpeft.FxpeftError, match=r"adapter 'default' is prompt_tuning, which cannot "
+                                                 r"generate yet: its virtual tokens"):
+        fxpeft.generate(gm, token_batch()[:1], max_new_tokens=2)

@@ -422,4 +422,6 @@ KIND = AdapterKind(
     name="prompt_tuning", params=PromptTuningParams, splice=splice,
     merge="prompt tuning adds input positions (virtual tokens), which no weight can hold",
     components=(PROMPT,),
-    peft=PeftFormat("PROMPT_TUNING", rules_to_config, config_to_rules, PROMPT_FIELDS, key_prefix=""))
+    peft=PeftFormat("PROMPT_TUNING", rules_to_config, config_to_rules, PROMPT_FIELDS, key_prefix=""),
+    no_generation="its virtual tokens lengthen the sequence, which the decode graph's static KV "
+                  "cache does not account for")

@@ -68,6 +68,7 @@ class AdapterKind:
     merge: "Merger | str"
     components: tuple[str, ...]
     peft: Any = None
+    no_generation: str | None = None  # why fxpeft.generate cannot decode with it, if it cannot
 
     @property
     def sites(self) -> tuple[str, ...]:
