@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fxpeft
-from conftest import VOCAB, tiny_llama
+from conftest import VOCAB, tiny_llama, token_batch
 from fxpeft import decode_graph
 from fxpeft.adapter_set import adapter_parameters, record
 from fxpeft.adapters import fetch
