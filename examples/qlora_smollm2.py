@@ -3,8 +3,9 @@ checkpointing, on Shakespeare.
 
     python examples/qlora_smollm2.py               # defaults finish in minutes on 2 cores
 
-The base is quantized on load by bitsandbytes (nf4, double quantization; bf16 compute where the
-CPU has AVX512-BF16, else fp32). ``fxpeft.rewrite`` captures each 4-bit layer as one op, and
+The base is quantized on load by bitsandbytes (nf4, double quantization; fp32 compute by
+default on CPUs: bitsandbytes' CPU 4-bit matmul measured about 2.5x slower in bf16 than in fp32
+here, without its optional `kernels` package; `--compute bf16` switches). ``fxpeft.rewrite`` captures each 4-bit layer as one op, and
 ``fxpeft.fuse(gm, checkpoint="layers")`` gives the training copy: fused LM-head loss, each layer
 recomputed in backward. It prints the loss going down, held-out perplexity before and after,
 and peak memory against an fp32 LoRA run of the same batch (a few steps, in a subprocess), then
@@ -32,17 +33,19 @@ from fxpeft.plots import save_with_curve
 
 
 def parse_args() -> argparse.Namespace:
-    parser = example_arguments(__doc__.split("\n")[0], steps=60, eval_blocks=8,
+    parser = example_arguments(__doc__.split("\n")[0], steps=30, eval_blocks=8,
                                output="out/smollm2-shakespeare-qlora")
+    parser.add_argument("--compute", choices=["bf16", "fp32"], default="fp32",
+                        help="the 4-bit layers' compute dtype")
     parser.add_argument("--compare-steps", type=int, default=3,
                         help="steps of the fp32 LoRA run measured for memory (0: skip it)")
     parser.add_argument("--fp32-baseline", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
-def nf4_config():
+def nf4_config(compute: str):
     from transformers import BitsAndBytesConfig
-    compute = torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+    compute = {"bf16": torch.bfloat16, "fp32": torch.float32}[compute]
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
 
@@ -84,7 +87,7 @@ def main() -> None:
     if args.fp32_baseline:
         return fp32_baseline(args)
     start, before = time.perf_counter(), current_rss_mib()
-    config = nf4_config()
+    config = nf4_config(args.compute)
     model, tokenizer = load_smollm2(quantization_config=config)
     own_memory(model)  # lets the fp32 checkpoint's mapped pages go (fxpeft.memory)
     blocks = token_blocks(tokenizer, shakespeare_text(args.play), args.seq_len)
