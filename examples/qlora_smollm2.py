@@ -56,7 +56,7 @@ def train(model: torch.nn.Module, blocks: torch.Tensor, args: argparse.Namespace
     release_freed_memory()
     reset_peak_rss()
     losses = train_on_blocks(model, blocks, steps=steps, batch_size=args.batch_size, lr=args.lr,
-                             seed=args.seed, progress=report, every=10 if report else 0)
+                             seed=args.seed, progress=report, every=5 if report else 0)
     return losses, peak_rss_mib()
 
 
