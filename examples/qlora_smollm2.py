@@ -15,34 +15,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import subprocess
 import sys
 import time
 
 import torch
-from tqdm import tqdm
 
 import fxpeft
-from fxpeft.data import shakespeare_text, token_blocks
-from fxpeft.memory import current_rss_mib, peak_rss_mib, reset_peak_rss
+from fxpeft.data import (example_arguments, perplexity, shakespeare_text, token_blocks,
+                         train_on_blocks)
+from fxpeft.memory import (STEADY_MALLOC_ENV, current_rss_mib, own_memory, peak_rss_mib,
+                           release_freed_memory, reset_peak_rss)
 from fxpeft.models import load_smollm2
+from fxpeft.plots import save_with_curve
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--play", default="hamlet")
-    parser.add_argument("--rules", default="lora_qv.toml")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-blocks", type=int, default=8)
+    parser = example_arguments(__doc__.split("\n")[0], steps=60, eval_blocks=8,
+                               output="out/smollm2-shakespeare-qlora")
     parser.add_argument("--compare-steps", type=int, default=3,
                         help="steps of the fp32 LoRA run measured for memory (0: skip it)")
     parser.add_argument("--fp32-baseline", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--output", default="out/smollm2-shakespeare-qlora")
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
 
@@ -53,40 +47,24 @@ def nf4_config():
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
 
 
-@torch.no_grad()
-def perplexity(gm: torch.nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
-    gm.eval()
-    losses = [gm(input_ids=chunk, labels=chunk).loss.item() for chunk in blocks.split(batch_size)]
-    return math.exp(sum(losses) / len(losses))
-
-
 def train(model: torch.nn.Module, blocks: torch.Tensor, args: argparse.Namespace, steps: int,
-          report: bool = True) -> float:
-    """Train ``model`` for ``steps``; returns the peak RSS over the RSS before training (MiB)."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    generator = torch.Generator().manual_seed(args.seed)
-    model.train()
+          report: bool = True) -> tuple[list[float], float]:
+    """Train ``model`` for ``steps``: the losses, and the peak RSS over the RSS before (MiB)."""
+    release_freed_memory()
     reset_peak_rss()
-    progress = tqdm(range(steps), desc="training", unit="step", disable=not report)
-    for step in progress:
-        batch = blocks[torch.randint(len(blocks), (args.batch_size,), generator=generator)]
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        progress.set_postfix(loss=f"{loss.item():.3f}")
-        if report and (step % 10 == 0 or step == steps - 1):
-            progress.write(f"step {step:3d}  loss {loss.item():.3f}")
-    return peak_rss_mib()
+    losses = train_on_blocks(model, blocks, steps=steps, batch_size=args.batch_size, lr=args.lr,
+                             seed=args.seed, progress=report, every=10 if report else 0)
+    return losses, peak_rss_mib()
 
 
 def fp32_baseline(args: argparse.Namespace) -> None:
     """The fp32 LoRA run (unquantized, no checkpointing), a few steps: prints its memory."""
     before = current_rss_mib()
     model, tokenizer = load_smollm2()
+    own_memory(model)
     blocks = token_blocks(tokenizer, shakespeare_text(args.play), args.seq_len)
     gm = fxpeft.rewrite(model, args.rules)
-    peak = train(gm, blocks, args, args.compare_steps, report=False)
+    peak = train(gm, blocks, args, args.compare_steps, report=False)[1]
     print(json.dumps({"peak_over_start": peak - before}))
 
 
@@ -98,6 +76,9 @@ def measure_fp32_baseline(args: argparse.Namespace) -> float:
 
 
 def main() -> None:
+    if any(os.environ.get(k) != v for k, v in STEADY_MALLOC_ENV.items()):
+        # Re-run with glibc's mmap threshold fixed, so RSS follows live tensors (fxpeft.memory).
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC_ENV})
     args = parse_args()
     torch.manual_seed(args.seed)
     if args.fp32_baseline:
@@ -105,6 +86,7 @@ def main() -> None:
     start, before = time.perf_counter(), current_rss_mib()
     config = nf4_config()
     model, tokenizer = load_smollm2(quantization_config=config)
+    own_memory(model)  # lets the fp32 checkpoint's mapped pages go (fxpeft.memory)
     blocks = token_blocks(tokenizer, shakespeare_text(args.play), args.seq_len)
     held_out, train_blocks = blocks[: args.eval_blocks], blocks[args.eval_blocks:]
     print(f"{args.play}: {len(train_blocks)} training blocks, {len(held_out)} held-out blocks of "
@@ -113,7 +95,7 @@ def main() -> None:
     fxpeft.trainable_parameters(gm, print_line=True)
     before_ppl = perplexity(gm, held_out, args.batch_size)
     print(f"held-out perplexity before: {before_ppl:.2f}")
-    peak = train(fxpeft.fuse(gm, checkpoint="layers"), train_blocks, args, args.steps)
+    losses, peak = train(fxpeft.fuse(gm, checkpoint="layers"), train_blocks, args, args.steps)
     after_ppl = perplexity(gm, held_out, args.batch_size)
     print(f"held-out perplexity after:  {after_ppl:.2f} ({100 * (after_ppl - before_ppl) / before_ppl:+.1f}%)")
     ours = peak - before
@@ -121,8 +103,9 @@ def main() -> None:
         baseline = measure_fp32_baseline(args)
         print(f"peak memory (RSS over the process before loading): QLoRA + checkpointing {ours:.0f} MiB, "
               f"fp32 LoRA {baseline:.0f} MiB: {ours / baseline:.2f}x")
-    folder = fxpeft.save(gm, args.output)
-    print(f"adapter saved to {folder} ({time.perf_counter() - start:.0f} s in all)")
+    folder, curve = save_with_curve(gm, losses, args.output)
+    print(f"adapter saved to {folder}, loss curve to {curve} "
+          f"({time.perf_counter() - start:.0f} s in all)")
 
 
 if __name__ == "__main__":

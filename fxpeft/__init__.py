@@ -5,6 +5,9 @@
 True
 """
 
+import importlib
+from typing import Any
+
 from fxpeft import rules
 from fxpeft.kinds import builtin  # noqa: F401  registers the adapter kinds
 from fxpeft.adapters import adapter_state_dict
@@ -18,4 +21,17 @@ from fxpeft.transforms.fuse import fuse
 
 __all__ = ["AdaptedModule", "AdapterFileError", "CaptureError", "FxpeftError", "MatchError",
            "PassError", "RuleError", "adapter_state_dict", "add_adapter", "explain", "fuse", "generate", "load", "merge",
-           "merge_into", "rewrite", "rules", "save", "trainable_parameters"]
+           "merge_into", "rewrite", "rules", "save", "trainable_parameters", "Trainer"]
+
+
+def __getattr__(name: str) -> Any:
+    """``fxpeft.Trainer`` (``fxpeft.trainer``) imports ``transformers.Trainer``, which takes
+    seconds: only when asked for.
+
+    >>> import fxpeft
+    >>> fxpeft.Trainer.__module__
+    'fxpeft.trainer'
+    """
+    if name == "Trainer":
+        return importlib.import_module("fxpeft.trainer").Trainer
+    raise AttributeError(f"module 'fxpeft' has no attribute {name!r}")

@@ -14,9 +14,12 @@ import torch
 from fxpeft.adapt import add_adapter, apply_adapter, require_matches
 from fxpeft.capture import capture
 from fxpeft.emit import emit
+from fxpeft.errors import FxpeftError
 from fxpeft.explain import Explanation, build_explanation
 from fxpeft.graph_module import CHECKPOINTING_ADVICE, AdaptedModule
 from fxpeft.match import MatchResult, match
+from fxpeft.peft_config import as_config, config_source, is_config, rules_from_config
+from fxpeft.peft_format import PeftFormatError
 from fxpeft.program import Program
 from fxpeft.rules.loader import load_rules
 from fxpeft.rules.schema import RuleSet
@@ -24,7 +27,21 @@ from fxpeft.transforms import PassResult
 
 __all__ = ["add_adapter", "explain", "pass_report", "rewrite", "trainable_parameters"]
 log = logging.getLogger("fxpeft")
-RulesLike = "str | Path | RuleSet | Rule | Iterable[Rule]"
+RulesLike = "str | Path | RuleSet | Rule | Iterable[Rule] | PEFT config"
+
+
+def _from_config(model: torch.nn.Module, rules: Any,
+                 modules_to_save: Sequence[str]) -> tuple[Any, tuple[str, ...]]:
+    """A PEFT config (object or dict) becomes its rules and ``modules_to_save``, read as
+    ``fxpeft.load`` reads ``adapter_config.json``; anything else passes through."""
+    if not is_config(rules):
+        return rules, tuple(modules_to_save)
+    source = config_source(rules)
+    found = rules_from_config(as_config(rules, source), model, source)
+    if modules_to_save and tuple(modules_to_save) != found.modules_to_save:
+        raise FxpeftError(f"{source}: modules_to_save is {list(found.modules_to_save)} in the "
+                          f"config and {list(modules_to_save)} in the call; give it once")
+    return found.rules, found.modules_to_save
 
 
 def _matched(model: torch.nn.Module, rules: Any, example_inputs: Any, leaf_modules: Sequence[type],
@@ -47,6 +64,7 @@ def explain(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = N
     >>> fxpeft.explain(Attn(), "lora_qv.toml").rules[0].matched
     ['q_proj', 'v_proj']
     """
+    rules, _ = _from_config(model, rules, ())
     program, ruleset, result = _matched(model, rules, example_inputs, leaf_modules, overrides)
     return build_explanation(program, ruleset, result)
 
@@ -56,7 +74,9 @@ def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = N
             modules_to_save: Sequence[str] = (), **overrides: Any) -> AdaptedModule:
     """Capture ``model``, match ``rules``, and splice adapters: an adapted ``GraphModule``.
 
-    ``rules`` is a path, a bundled name (``"lora_qv.toml"``) or rule objects; keyword
+    ``rules`` is a path, a bundled name (``"lora_qv.toml"``), rule objects, or a PEFT config
+    (``LoraConfig(...)``, ``IA3Config``, ``AdaptionPromptConfig``, or its plain dict with a
+    ``peft_type``), read as ``fxpeft.load`` reads ``adapter_config.json``; keyword
     ``overrides`` (``r=16``) replace those parameters in every rule that has them. The base
     parameters are shared with ``model`` and frozen; only adapter parameters train. ``adapter``
     names the adapter (see ``add_adapter``); ``modules_to_save`` (PEFT's, e.g. ``["classifier"]``)
@@ -69,8 +89,13 @@ def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = N
     (16, 36)
     """
     _warn_hf_checkpointing(model)
+    from_config = is_config(rules)
+    rules, modules_to_save = _from_config(model, rules, modules_to_save)
     program, ruleset, result = _matched(model, rules, example_inputs, leaf_modules, overrides)
     require_matches(program, ruleset, result)
+    if from_config and not result.matches:  # PEFT, too, refuses a config that adapts nothing
+        raise PeftFormatError(f"{ruleset.source}: the adapter it describes matches no module "
+                              f"of {program.model_class}")
     gm = emit(program)
     gm.meta["fxpeft"] = {"passes": []}
     apply_adapter(program, ruleset, result, adapter, modules_to_save)

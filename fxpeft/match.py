@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch.fx
 
 from fxpeft.attention import find_attention_sites
+from fxpeft.embedding import find_input_embeddings
 from fxpeft.layer_sites import find_conv_sites, find_embedding_sites
 from fxpeft.program import Program, layer_index
 from fxpeft.rules.schema import Rule, RuleSet, Where
@@ -95,6 +96,7 @@ CANDIDATE_FINDERS: dict[str, Callable[[Program], list[Candidate]]] = {
     "linear": _linear_candidates, "attention": _attention_candidates}
 CANDIDATE_FINDERS["embedding"] = _layer_candidates(find_embedding_sites)
 CANDIDATE_FINDERS["conv"] = _layer_candidates(find_conv_sites)
+CANDIDATE_FINDERS["input_embedding"] = _layer_candidates(find_input_embeddings)
 
 
 def candidates(program: Program, kind: str) -> list[Candidate]:

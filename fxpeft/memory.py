@@ -7,7 +7,17 @@ True
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 from pathlib import Path
+
+import torch
+
+# glibc raises its mmap threshold after each large free, after which freed tensors stay in the
+# heap and RSS records the heap's high-water mark instead of live memory. A fixed threshold
+# (set before the process starts) keeps large tensors mmapped, so RSS follows them.
+STEADY_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def _status_mib(field: str) -> float:
@@ -30,3 +40,30 @@ def peak_rss_mib() -> float:
 def reset_peak_rss() -> None:
     """Make the peak the current RSS, so a later ``peak_rss_mib`` covers only what follows."""
     Path("/proc/self/clear_refs").write_text("5")
+
+
+def release_freed_memory() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``), so RSS measures what is live;
+    a no-op where there is no glibc."""
+    libc = ctypes.util.find_library("c")
+    if libc:
+        trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
+
+
+def own_memory(model: torch.nn.Module) -> None:
+    """Give every parameter and buffer of ``model`` memory of its own. ``from_pretrained`` maps
+    the checkpoint file and loads weights as views of it; quantizing on load reads every page of
+    that mapping, which then stays resident (counted in RSS) for as long as any view, such as an
+    unquantized embedding, keeps it mapped. Copies let it go, so RSS counts what the model holds.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 2); own_memory(net); net.weight.shape
+    torch.Size([2, 2])
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
+    gc.collect()
+    release_freed_memory()

@@ -11,6 +11,11 @@ A kind's ``PeftFormat`` (``AdapterKind.peft``) says how it meets one PEFT ``peft
   ``PeftFormatError`` naming ``source`` and the field for anything it cannot honour.
 - ``fields``: the config fields ``to_rules`` reads. Any other field must hold a neutral value
   (``None``, ``False``, ``{}``, ``[]``) or be PEFT metadata (``GENERIC_FIELDS``); else load fails.
+- ``save_state`` / ``load_state`` (optional): for kinds whose files hold training state beyond
+  the structure (AdaLoRA's ``rank_pattern`` and tensors pruned to it). ``save_state(gm, adapter,
+  config, tensors) -> (config, tensors)`` and ``load_state(gm, adapter, config, tensors, source)
+  -> tensors`` (the file's tensors as the graph holds them); ``state_fields`` are the config
+  fields they own, which are not compared with the rules that rebuild the graph.
 
 Keys: the kind's ``components`` map our parameter names to PEFT's saved keys and back:
 ``model.layers.0.self_attn.q_proj.lora_A.weight`` <-> ``base_model.model.model.layers.0.
@@ -58,6 +63,10 @@ class PeftFormat:
     to_rules: Callable[..., Any]
     fields: frozenset[str]
     selector: dict[str, Any] = field(default_factory=dict)
+    save_state: Callable[..., tuple[dict[str, Any], dict[str, Any]]] | None = None
+    load_state: Callable[..., dict[str, Any]] | None = None
+    state_fields: frozenset[str] = frozenset()
+    key_prefix: str = PEFT_PREFIX  # prompt tuning's one key, "prompt_embeddings", has none
 
     def selects(self, config: dict[str, Any]) -> bool:
         """Whether ``config`` is this format's: its ``peft_type`` and every selector field."""
@@ -93,8 +102,14 @@ def kind_for_rewrite(rewrite: str) -> AdapterKind:
     return kind
 
 
-def to_peft_key(name: str, adapter: str, components: tuple[str, ...]) -> str | None:
-    """PEFT's saved key for our parameter ``name`` of ``adapter``, or None if it is not one."""
+def to_peft_key(name: str, adapter: str, components: tuple[str, ...],
+               prefix: str = PEFT_PREFIX) -> str | None:
+    """PEFT's saved key for our parameter ``name`` of ``adapter``, or None if it is not one;
+    ``prefix`` is the kind's ``PeftFormat.key_prefix``.
+
+    >>> to_peft_key("prompt_embeddings_sql", "sql", ("prompt_embeddings",), prefix="")
+    'prompt_embeddings'
+    """
     parts = name.split(".")
     copy = adapter_component(MODULES_TO_SAVE, adapter)
     if copy in parts:  # PEFT saves a modules_to_save copy under the original module's name
@@ -102,7 +117,7 @@ def to_peft_key(name: str, adapter: str, components: tuple[str, ...]) -> str | N
     ours = {adapter_component(c, adapter): c for c in components}
     if not any(p in ours for p in parts):
         return None
-    return PEFT_PREFIX + ".".join(ours.get(p, p) for p in parts)
+    return prefix + ".".join(ours.get(p, p) for p in parts)
 
 
 def neutral(value: Any) -> bool:

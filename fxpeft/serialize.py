@@ -65,10 +65,11 @@ from fxpeft.adapters import is_adapter_parameter
 from fxpeft.api import add_adapter, rewrite
 from fxpeft.errors import FxpeftError, MatchError, PassError, RuleError
 from fxpeft.graph_module import AdaptedModule
-from fxpeft.kinds.registry import AdapterKind
+from fxpeft.kinds.registry import AdapterKind, values_from_file
 from fxpeft.names import MODULES_TO_SAVE
 from fxpeft.peft_format import (INERT_FIELDS, PeftFormatError, neutral, check_fields,
                                 kind_for_config, kind_for_rewrite, to_peft_key)
+from fxpeft.peft_config import module_names
 from fxpeft.peft_support import check_supported, without_base_copies
 from fxpeft.program import Program
 from fxpeft.rules.dump import dump_rules
@@ -84,7 +85,6 @@ _TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSeque
 _TEXT_LIMIT = 16 * 2 ** 20  # bytes; a config or rule file is kilobytes, never this
 _READ_ATTEMPTS = 8
 _NEW, _OLD = ".fxpeft-new-", ".fxpeft-old"
-_MODULE_NAME = re.compile(r"[^./\\\x00]+(?:\.[^./\\\x00]+)*")  # dotted names; no path syntax
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 80
 _short = _REPR.repr  # adversarial values can be huge; messages quote only their start
@@ -124,7 +124,8 @@ def peft_state_dict(gm: torch.nn.Module, adapter: str, kind: AdapterKind) -> dic
     """``adapter``'s tensors under PEFT's keys (copies, on the CPU)."""
     tensors = {}
     for name, tensor in gm.state_dict().items():
-        key = to_peft_key(name, adapter, kind.components) if is_adapter_parameter(name) else None
+        key = to_peft_key(name, adapter, kind.components, kind.peft.key_prefix) \
+            if is_adapter_parameter(name) else None
         if key is not None:
             tensors[key] = tensor.detach().to("cpu", copy=True).contiguous()
     return tensors
@@ -182,14 +183,17 @@ def _writers(gm: AdaptedModule, adapter: str, directory: Path) -> dict[str, Call
     """What to write, per file name; everything is computed and checked before any write."""
     rec, program = record(gm, adapter), program_of(gm)
     kind = _kind_of(rec.rules)
+    tensors = peft_state_dict(gm, adapter, kind)
     try:
-        config = _exact_json(peft_config(program, rec, kind), directory / CONFIG)
+        fields = peft_config(program, rec, kind)
+        if kind.peft.save_state is not None:  # training state the files carry (AdaLoRA's ranks)
+            fields, tensors = kind.peft.save_state(gm, adapter, fields, tensors)
+        config = _exact_json(fields, directory / CONFIG)
     except PeftFormatError as err:
         if str(directory) in str(err):
             raise
         raise PeftFormatError(f"{directory / CONFIG}: {err}") from err
     rules = _exact_rules(rec.rules, directory / RULES)
-    tensors = peft_state_dict(gm, adapter, kind)
     metadata = {"format": "pt", DIGEST: tensor_digest(tensors)}
     return {WEIGHTS: lambda path: save_file(tensors, str(path), metadata=metadata),
             RULES: lambda path: path.write_bytes(rules.encode("utf-8")),
@@ -522,14 +526,10 @@ def _parse_weights(data: bytes | None, path: Path) -> dict[str, torch.Tensor]:
 
 def _modules_to_save(config: dict[str, Any], path: Path) -> tuple[str, ...]:
     """PEFT's ``modules_to_save``: module names, never anything path-like."""
-    names = config.get(MODULES_TO_SAVE)
-    if names is None:
-        return ()
-    if not isinstance(names, list) or not all(
-            isinstance(name, str) and _MODULE_NAME.fullmatch(name) for name in names):
-        raise AdapterFileError(f"{path}: {MODULES_TO_SAVE} must be a list of module names, got "
-                               f"{_short(names)}")
-    return tuple(names)
+    try:
+        return module_names(config, str(path))
+    except PeftFormatError as err:
+        raise AdapterFileError(str(err)) from None
 
 
 def _rules(folder: Path, files: dict[str, bytes], config: dict[str, Any], kind: AdapterKind,
@@ -557,9 +557,10 @@ def _build(model: torch.nn.Module, adapter: str, rules: RuleSet, keep: Sequence[
            source: Path, capture: dict[str, Any]) -> AdaptedModule:
     """The adapted graph; errors that come from the rules name the file they came from."""
     try:
-        if isinstance(model, AdaptedModule):
-            return add_adapter(model, adapter, rules, modules_to_save=keep)
-        return rewrite(model, rules, adapter=adapter, modules_to_save=keep, **capture)
+        with values_from_file():  # _fill writes every adapter tensor next
+            if isinstance(model, AdaptedModule):
+                return add_adapter(model, adapter, rules, modules_to_save=keep)
+            return rewrite(model, rules, adapter=adapter, modules_to_save=keep, **capture)
     except (PassError, MatchError, RuleError) as err:
         if str(source) in str(err):
             raise
@@ -581,7 +582,8 @@ def _check_rules_match_config(gm: AdaptedModule, adapter: str, kind: AdapterKind
     """``fxpeft_rules.toml`` must build exactly what ``adapter_config.json`` says: PEFT's
     ``save_pretrained`` rewrites only the JSON, so an edited JSON with a stale TOML is refused."""
     ours = peft_config(program_of(gm), record(gm, adapter), kind)
-    for field in sorted((kind.peft.fields | {"modules_to_save"}) - INERT_FIELDS):
+    compared = (kind.peft.fields | {"modules_to_save"}) - INERT_FIELDS - kind.peft.state_fields
+    for field in sorted(compared):
         if _comparable(ours.get(field)) != _comparable(config.get(field)):
             raise AdapterFileError(
                 f"{folder / CONFIG}: {field} = {config.get(field)!r}, but {RULES} builds "
@@ -593,7 +595,7 @@ def _expected(gm: torch.nn.Module, adapter: str, kind: AdapterKind) -> dict[str,
     """PEFT key -> our parameter name, for every tensor ``adapter`` needs."""
     names = (n for n in gm.state_dict() if is_adapter_parameter(n))
     return {key: name for name in names
-            if (key := to_peft_key(name, adapter, kind.components)) is not None}
+            if (key := to_peft_key(name, adapter, kind.components, kind.peft.key_prefix)) is not None}
 
 
 def _check_tensors(expected: dict[str, str], tensors: dict[str, torch.Tensor],
@@ -629,6 +631,25 @@ def _fill(gm: AdaptedModule, adapter: str, kind: AdapterKind, tensors: dict[str,
             state[name].copy_(tensors[key])
 
 
+def _fill_with_state(gm: AdaptedModule, adapter: str, kind: AdapterKind, config: dict[str, Any],
+                     tensors: dict[str, torch.Tensor], folder: Path, source: Path) -> None:
+    """The training state the files carry (AdaLoRA's ranks), then the weights."""
+    if kind.peft.load_state is not None:
+        with _located(folder / CONFIG):
+            tensors = kind.peft.load_state(gm, adapter, config, tensors, str(folder / CONFIG))
+    _fill(gm, adapter, kind, tensors, folder, source)
+
+
+def _read_config(directory: Path) -> tuple[Path, dict[str, bytes], dict[str, Any], AdapterKind]:
+    """The folder read, its files, its parsed and checked config, and the kind it describes."""
+    folder, files = _read_folder(directory)
+    config = _parse_config(files.get(CONFIG), folder / CONFIG)
+    with _located(folder / CONFIG):
+        kind = kind_for_config(config, str(folder / CONFIG))
+        check_fields(config, kind, str(folder / CONFIG))
+    return folder, files, config, kind
+
+
 def load(model: torch.nn.Module, directory: "str | Path", adapter: str = "default",
          trainable: bool = False, *, example_inputs: Any = None,
          leaf_modules: Sequence[type] = ()) -> AdaptedModule:
@@ -652,11 +673,7 @@ def load(model: torch.nn.Module, directory: "str | Path", adapter: str = "defaul
     if grown and (example_inputs is not None or leaf_modules):
         raise FxpeftError("example_inputs and leaf_modules apply to capturing a base model; "
                           "this model is already an fxpeft graph, which is not captured again")
-    folder, files = _read_folder(Path(directory))
-    config = _parse_config(files.get(CONFIG), folder / CONFIG)
-    with _located(folder / CONFIG):
-        kind = kind_for_config(config, str(folder / CONFIG))
-        check_fields(config, kind, str(folder / CONFIG))
+    folder, files, config, kind = _read_config(Path(directory))
     keep = _modules_to_save(config, folder / CONFIG)
     rules, source = _rules(folder, files, config, kind, model)
     tensors = _parse_weights(files.get(WEIGHTS), folder / WEIGHTS)
@@ -665,7 +682,7 @@ def load(model: torch.nn.Module, directory: "str | Path", adapter: str = "defaul
     try:
         if source == folder / RULES:
             _check_rules_match_config(gm, adapter, kind, config, folder)
-        _fill(gm, adapter, kind, tensors, folder, source)
+        _fill_with_state(gm, adapter, kind, config, tensors, folder, source)
     except FxpeftError:
         if grown:
             delete_adapter(gm, adapter)
@@ -675,3 +692,71 @@ def load(model: torch.nn.Module, directory: "str | Path", adapter: str = "defaul
         if not grown:  # a graph the caller already holds keeps its mode
             gm.eval()
     return gm
+
+
+# --- adapter files among other files (the HF Trainer's checkpoint folders) ----------------------
+
+def _replace_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through a sibling temporary file and one rename: never half-written."""
+    temp = path.with_name(f".{path.name}{_NEW}{os.getpid()}-{secrets.token_hex(4)}")
+    os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 0o666 less the umask
+    try:
+        mode = stat.S_IMODE(os.stat(temp).st_mode)
+        write(temp)
+        os.chmod(temp, mode)  # safetensors writes 0o600 whatever the umask
+        _fsync(temp)
+        os.replace(temp, path)
+    finally:
+        if os.path.lexists(temp):
+            os.unlink(temp)
+
+
+def write_into(gm: AdaptedModule, directory: "str | Path", adapter: str = "default") -> Path:
+    """Write ``adapter``'s files (as ``save`` does) into ``directory``, keeping the other files
+    there: a Trainer checkpoint also holds the optimizer's state. Each file is replaced
+    atomically and the config comes last, but unlike ``save`` the set is not swapped in as one.
+
+    >>> import tempfile, torch, fxpeft
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, vocab_size=32,
+    ...                          num_hidden_layers=1, num_attention_heads=2))
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "optimizer.pt").write_bytes(b"")
+    >>> sorted(p.name for p in write_into(fxpeft.rewrite(model, "lora_qv"), folder).iterdir())
+    ['adapter_config.json', 'adapter_model.safetensors', 'fxpeft_rules.toml', 'optimizer.pt']
+    """
+    directory = Path(directory)
+    writers = _writers(gm, adapter, directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in sorted(writers, key=lambda name: name == CONFIG):  # a config means complete
+        _replace_file(directory / name, writers[name])
+    _fsync(directory)
+    return directory
+
+
+def restore(gm: AdaptedModule, directory: "str | Path", adapter: str = "default") -> None:
+    """Copy the weights of the adapter folder ``directory`` into ``gm``'s adapter ``adapter``,
+    which must be the adapter the folder describes (same kind, config and keys): resuming from
+    a checkpoint. Trainable state and parameter objects stay as they are (an optimizer holds
+    them); on any error nothing is changed.
+
+    >>> import tempfile, torch, fxpeft
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, vocab_size=32,
+    ...                          num_hidden_layers=1, num_attention_heads=2))
+    >>> gm = fxpeft.rewrite(model, "lora_qv")
+    >>> folder = fxpeft.save(gm, tempfile.mkdtemp() + "/qv")
+    >>> other = fxpeft.rewrite(model, "lora_qv")
+    >>> restore(other, folder)
+    >>> all(torch.equal(a, b) for a, b in zip(fxpeft.adapter_state_dict(gm).values(),
+    ...                                       fxpeft.adapter_state_dict(other).values()))
+    True
+    """
+    folder, files, config, kind = _read_config(Path(directory))
+    ours = _kind_of(record(gm, adapter).rules)
+    if ours is not kind:
+        raise AdapterFileError(f"{folder / CONFIG}: describes a {kind.name} adapter, but adapter "
+                               f"{adapter!r} of this graph is {ours.name}")
+    _check_rules_match_config(gm, adapter, kind, config, folder)
+    tensors = _parse_weights(files.get(WEIGHTS), folder / WEIGHTS)
+    _fill_with_state(gm, adapter, kind, config, tensors, folder, folder / CONFIG)

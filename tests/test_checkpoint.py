@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fxpeft
-from conftest import randomize_adapters, tiny_llama, tiny_t5, token_batch
+from conftest import randomize_adapters, tiny_llama, tiny_t5, token_batch, train
 from fxpeft.transforms.checkpoint import CHECKPOINT_MODULE, CheckpointedRegion
 
 
@@ -88,15 +88,8 @@ def test_checkpointing_keeps_far_fewer_tensors_for_backward():
 def test_training_the_checkpointed_copy_trains_the_adapters_and_eval_runs_without_checkpoint():
     gm, batch, _ = llama_case("lora_qv.toml")
     checked = fxpeft.fuse(gm, checkpoint="layers")
-    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
     torch.manual_seed(0)
-    losses = []
-    for _ in range(10):
-        loss = checked(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train(checked, lambda m: m(**batch).loss, steps=10)
     assert losses[-1] < losses[0]
     with torch.no_grad():
         torch.testing.assert_close(checked.eval()(batch["input_ids"]).logits,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fxpeft
-from conftest import randomize_adapters, tiny_llama, token_batch
+from conftest import randomize_adapters, tiny_llama, token_batch, train
 from fxpeft.graph_module import move_device_constants
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
@@ -58,14 +58,7 @@ def test_a_cuda_model_is_captured_on_its_device_and_trains_compiled():
     gm = fxpeft.rewrite(model, "lora_qv.toml").train()
     ids = token_batch().cuda()
     compiled = torch.compile(gm, fullgraph=True)
-    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(10):
-        loss = compiled(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train(gm, lambda m: compiled(ids, labels=ids).loss, steps=10)
     assert losses[-1] < losses[0]
 
 
@@ -81,12 +74,5 @@ def test_qlora_nf4_on_cuda_trains_with_checkpointing(tmp_path):
     gm = fxpeft.rewrite(model, "lora_qv.toml")
     checked = fxpeft.fuse(gm, checkpoint="layers").train()
     ids = token_batch().cuda()
-    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
-    first = None
-    for _ in range(20):
-        loss = checked(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        first = first if first is not None else loss.item()
-    assert loss.item() < first
+    losses = train(checked, lambda m: m(ids, labels=ids).loss)
+    assert losses[-1] < losses[0]

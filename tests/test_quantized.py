@@ -20,7 +20,7 @@ from transformers import BitsAndBytesConfig, LlamaForCausalLM  # noqa: E402
 
 import fxpeft  # noqa: E402
 from conftest import (assert_only_adapters_get_grads, randomize_adapters, tiny_llama,  # noqa: E402
-                      token_batch)
+                      token_batch, train)
 from fxpeft.quantized import QUANTIZED_OPS  # noqa: E402
 
 SCHEMES = {
@@ -125,20 +125,14 @@ def test_twenty_steps_lower_the_loss(checkpoint, scheme):
     gm = fxpeft.rewrite(load(checkpoint, scheme), "lora_qv.toml").train()
     ids = token_batch(batch=4, seq=16)
     torch.manual_seed(0)  # adapter dropout
-    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(20):
-        loss = gm(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train(gm, lambda m: m(ids, labels=ids).loss)
     assert losses[-1] < losses[0] - 0.2, losses
 
 
-def test_torch_compile_forward_and_backward_equal_eager(checkpoint):
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_torch_compile_forward_and_backward_equal_eager(checkpoint, scheme):
     ids = token_batch()
-    gm = fxpeft.rewrite(load(checkpoint, "nf4"), "lora_qv.toml").train()
+    gm = fxpeft.rewrite(load(checkpoint, scheme), "lora_qv.toml").train()
     randomize_adapters(gm)
     gm.eval()
     eager = gm(ids, labels=ids).loss

@@ -41,3 +41,4 @@ def test_example_runs_and_perplexity_drops(tmp_path):
     assert after < before
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "adapter-loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,7 @@ import importlib
 
 from fxpeft.kinds.registry import register
 
-BUILTIN = ("lora", "ia3", "adaption_prompt", "modules_to_save", "dora")
+BUILTIN = ("lora", "ia3", "adaption_prompt", "modules_to_save", "dora", "adalora", "prompt_tuning")
 
 for _name in BUILTIN:
     register(importlib.import_module(f"fxpeft.kinds.{_name}").KIND)

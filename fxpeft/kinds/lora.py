@@ -286,7 +286,7 @@ def lora_delta(gm: torch.nn.Module, detail: LoraDetail) -> torch.Tensor:
     lora_b, lora_a = fetch(gm, detail.lora_B).detach(), fetch(gm, detail.lora_A).detach()
     delta = (lora_b.float().flatten(1) @ lora_a.float().flatten(1)) * detail.scale
     delta = delta.T if detail.fan_in_fan_out else delta
-    return delta.reshape(fetch(gm, detail.weight).shape)
+    return delta.reshape(fetch(gm, detail.weight).shape) if lora_a.dim() > 2 else delta
 
 
 def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,

@@ -14,8 +14,10 @@ loader, the command line) asks this registry; nothing else lists kinds by hand. 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx
@@ -118,3 +120,29 @@ def is_adapter_parameter(name: str) -> bool:
     """
     known = components()
     return any(component_base(part, known) for part in name.split("."))
+
+
+_FROM_FILE = contextvars.ContextVar("fxpeft_values_from_file", default=False)
+
+
+@contextlib.contextmanager
+def values_from_file() -> Iterator[None]:
+    """Splices in this block get their values from an adapter file right after (``fxpeft.load``),
+    so a kind may skip an initialisation that needs outside resources (a tokenizer).
+
+    >>> with values_from_file():
+    ...     initialising()
+    False
+    >>> initialising()
+    True
+    """
+    token = _FROM_FILE.set(True)
+    try:
+        yield
+    finally:
+        _FROM_FILE.reset(token)
+
+
+def initialising() -> bool:
+    """Whether a splice must initialise its parameters (False inside ``values_from_file``)."""
+    return not _FROM_FILE.get()
