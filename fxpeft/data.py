@@ -134,9 +134,9 @@ def speeches(text: str) -> list[tuple[str, list[str]]]:
 
 
 def play_instructions(text: str) -> list[tuple[str, str]]:
-    """``(instruction, answer)`` pairs from a play: "Who speaks next?" after each speech (the
-    answer is the next speaker) and "Continue the line" for each speech's first line (the
-    answer is its second), interleaved in play order.
+    """``(instruction, answer)`` pairs from a play: "Who speaks next?" after each speech (its
+    last two lines; the answer is the next speaker) and "Continue the line" for each speech's
+    first line (the answer is its second), interleaved in play order.
 
     >>> pairs = play_instructions("Hor.\\nStay! speak!\\n\\nMar.\\n'Tis gone,\\nand will not answer.")
     >>> pairs[0]
@@ -148,7 +148,7 @@ def play_instructions(text: str) -> list[tuple[str, str]]:
     pairs = []
     for (speaker, lines), (following, _) in zip(spoken, spoken[1:] + [("", [])]):
         if following:
-            pairs.append((f"Who speaks next?\n{speaker}: {' '.join(lines)}", following))
+            pairs.append((f"Who speaks next?\n{speaker}: {' '.join(lines[-2:])}", following))
         if len(lines) > 1:
             pairs.append((f"Continue the line:\n{lines[0]}", lines[1]))
     return pairs
