@@ -79,7 +79,7 @@ def train(gm: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[in
 
 
 def run(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]:
-    """The whole example: before/after accuracy, the losses, and where the adapter went."""
+    """The whole example: before/after accuracy, the losses, where the adapter went, the model."""
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     model, tokenizer = load_minilm(num_labels=2)
@@ -97,7 +97,8 @@ def run(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]:
     folder, curve = save_with_curve(gm, losses, args.output)
     print(f"adapter saved to {folder}, loss curve to {curve} "
           f"({time.perf_counter() - start:.0f} s in all)")
-    return {"before": before, "after": after, "losses": losses, "folder": folder, "curve": curve}
+    return {"before": before, "after": after, "losses": losses, "folder": folder, "curve": curve,
+            "gm": gm}
 
 
 if __name__ == "__main__":
