@@ -207,13 +207,26 @@ def _exported(shell: torch.nn.Module, inputs: dict[str, torch.Tensor], shapes: d
     return Program(root, CaptureInfo(type(shell).__mro__[1].__name__, "export", training=False))
 
 
+def without_kv_cache(gm: AdaptedModule) -> dict[str, str]:
+    """Adapters of ``gm`` whose kind the KV-cached decode graph cannot hold, with the reason
+    (``AdapterKind.no_kv_cache``); ``fxpeft.generate`` then decodes with the training graph.
+
+    >>> import torch, fxpeft
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> without_kv_cache(fxpeft.rewrite(net, fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"]))))
+    {}
+    """
+    found = {}
+    for adapter, record in adapter_records(gm).items():
+        for rule in record.rules.rules:
+            reason = registry.get(rule.rewrite).no_kv_cache
+            if reason:
+                found[adapter] = f"{rule.rewrite}: {reason}"
+    return found
+
+
 def _splice_like(decoder: AdaptedModule, gm: AdaptedModule, adapter: str, record: Any) -> None:
     """Splice ``adapter`` into ``decoder`` by its rules, then share ``gm``'s parameters."""
-    for rule in record.rules.rules:
-        reason = registry.get(rule.rewrite).no_generation
-        if reason:
-            raise FxpeftError(f"fxpeft.generate: adapter {adapter!r} is {rule.rewrite}, which "
-                              f"cannot generate yet: {reason}")
     program = program_of(decoder)
     result = match(program, record.rules)
     wanted = sorted(m.module_path for m in record.matches)

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from fxpeft.decode_graph import decoder_for
+from fxpeft.decode_graph import decoder_for, without_kv_cache
 from fxpeft.errors import FxpeftError
 from fxpeft.graph_module import AdaptedModule
 
@@ -109,14 +109,39 @@ def generate(gm: AdaptedModule, input_ids: torch.Tensor, max_new_tokens: int = 2
     """
     mask = _check(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
     config = gm.capture_info.config if gm.capture_info is not None else None
-    decoder = decoder_for(gm, input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-    device = next(decoder.parameters()).device
+    uncached = without_kv_cache(gm)
+    decoder = None if uncached else decoder_for(gm, input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+    device = next((decoder or gm).parameters()).device
     ids, mask = input_ids.to(device), mask.to(device)
     eos = _token_ids(getattr(config, "eos_token_id", None) if eos_token_id is None else eos_token_id, device)
     pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
     pad = pad if pad is not None else (int(eos[0]) if eos is not None else 0)
-    return _decode(decoder, ids, mask, max_new_tokens, eos, pad,
-                   lambda logits: _next_token(logits, do_sample, temperature, top_k, top_p, generator))
+    choose = lambda logits: _next_token(logits, do_sample, temperature, top_k, top_p, generator)  # noqa: E731
+    if decoder is None:
+        return _decode_without_cache(gm, ids, mask, max_new_tokens, eos, pad, choose)
+    return _decode(decoder, ids, mask, max_new_tokens, eos, pad, choose)
+
+
+def _decode_without_cache(gm: AdaptedModule, ids: torch.Tensor, mask: torch.Tensor,
+                          max_new_tokens: int, eos: "torch.Tensor | None", pad: int,
+                          choose: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Each token from a full forward of the training graph (in eval mode): for adapters the
+    cached decode graph cannot hold (``decode_graph.without_kv_cache``), such as prompt tuning."""
+    was_training = gm.training
+    gm.eval()
+    running = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+    try:
+        for _ in range(max_new_tokens):
+            token = choose(gm(input_ids=ids, attention_mask=mask).logits[:, -1])
+            if eos is not None:
+                token = torch.where(running, token, pad)
+                running &= ~torch.isin(token, eos)
+            ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            if not running.any():
+                break
+    finally:
+        gm.train(was_training)
+    return ids
 
 
 def _decode(decoder: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,

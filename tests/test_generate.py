@@ -191,8 +191,21 @@ def test_bad_inputs_are_one_line_errors():
         fxpeft.generate(plain, torch.ones(1, 3, dtype=torch.long))
 
 
-def test_a_kind_that_cannot_generate_yet_is_a_clear_error():
+def test_prompt_tuning_generates_without_the_kv_cache_and_equals_peft_greedy(tmp_path):
+    """Prompt tuning's virtual tokens lengthen the sequence, which the static-cache decode graph
+    does not hold: generation runs full forwards of the training graph instead (no decode graph
+    is built), and its greedy tokens equal PEFT's model's over full forwards. (PEFT's cached
+    ``generate`` parted from both after two tokens in one row of this random tiny model.)"""
     gm = fxpeft.rewrite(tiny_llama(), "prompt_tuning.toml")
-    with pytest.raises(fxpeft.FxpeftError, match=r"adapter 'default' is prompt_tuning, which cannot "
-                                                 r"generate yet: its virtual tokens"):
-        fxpeft.generate(gm, token_batch()[:1], max_new_tokens=2)
+    _perturb(gm)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    assert set(decode_graph.without_kv_cache(gm)) == {"default"}
+    ours = fxpeft.generate(gm.train(), ids, max_new_tokens=NEW_TOKENS)
+    assert gm.training and decode_graph.cached_keys(gm) == []  # mode kept, no decode graph
+    peft_model, theirs = _peft_twin(gm, tmp_path), ids
+    with torch.no_grad():  # PEFT's model, greedy over full forwards (the same computation)
+        for _ in range(NEW_TOKENS):
+            theirs = torch.cat([theirs, peft_model(input_ids=theirs).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert ours.shape == (2, 9 + NEW_TOKENS) and torch.equal(ours, theirs)
+    with gm.disable_adapters():
+        assert not torch.equal(fxpeft.generate(gm, ids, max_new_tokens=NEW_TOKENS), ours)

@@ -423,5 +423,5 @@ KIND = AdapterKind(
     merge="prompt tuning adds input positions (virtual tokens), which no weight can hold",
     components=(PROMPT,),
     peft=PeftFormat("PROMPT_TUNING", rules_to_config, config_to_rules, PROMPT_FIELDS, key_prefix=""),
-    no_generation="its virtual tokens lengthen the sequence, which the decode graph's static KV "
-                  "cache does not account for")
+    no_kv_cache="its virtual tokens lengthen the sequence, which the decode graph's static KV "
+                "cache does not account for")

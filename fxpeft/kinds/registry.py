@@ -68,7 +68,7 @@ class AdapterKind:
     merge: "Merger | str"
     components: tuple[str, ...]
     peft: Any = None
-    no_generation: str | None = None  # why fxpeft.generate cannot decode with it, if it cannot
+    no_kv_cache: str | None = None  # why fxpeft.generate's cached decode graph cannot hold it
 
     @property
     def sites(self) -> tuple[str, ...]:
