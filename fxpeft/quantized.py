@@ -307,6 +307,17 @@ def base_weight(gm: torch.fx.GraphModule, weight_target: str) -> Tensor:
         return op(*values)
 
 
+def weight_so_far(gm: torch.fx.GraphModule, weights: dict[str, Tensor], target: str) -> Tensor:
+    """A merger's view of the base weight at ``target``: what earlier mergers wrote into
+    ``weights``, else the dense base weight (dequantized only when needed).
+
+    >>> net = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(2, 3)))
+    >>> weight_so_far(net, {"0.weight": torch.zeros(3, 2)}, "0.weight").sum().item()
+    0.0
+    """
+    return weights[target] if target in weights else base_weight(gm, target)
+
+
 def weight_node(gm: torch.fx.GraphModule, weight_target: str) -> torch.fx.Node:
     """A node (inserted at the graph's insertion point) holding the dense base weight:
     ``get_attr``, or a dequantize op for a quantized layer (recomputed per call, as

@@ -8,7 +8,8 @@ import torch
 
 import fxpeft
 from conftest import (VOCAB, adapter_nodes, assert_only_adapters_get_grads, emitted_base, tiny_bert,
-                      tiny_gemma, tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2, tiny_t5, token_batch)
+                      tiny_gemma, tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2, tiny_t5, token_batch,
+                      train)
 from fxpeft.errors import FxpeftError, PassError, RuleError
 from fxpeft.gates import GATE_META
 from fxpeft.kinds.prompt_tuning import (PromptTuningParams, place_prompt, prepend_ids,
@@ -210,15 +211,7 @@ def test_gradients_reach_only_the_prompt(family):
 
 def _train(model, steps=20):
     ids, mask, labels = _batch()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return train(model, lambda m: m(input_ids=ids, attention_mask=mask, labels=labels).loss, steps, lr=0.1)
 
 
 def test_training_lowers_the_loss_step_for_step_as_peft():

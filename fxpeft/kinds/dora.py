@@ -31,7 +31,7 @@ from fxpeft.kinds.lora import (LORA_FIELDS, LoraDetail, LoraParams, adapter_dtyp
 from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced
 from fxpeft.names import AdapterNode
 from fxpeft.peft_format import PeftFormat
-from fxpeft.quantized import base_weight, weight_node
+from fxpeft.quantized import base_weight, weight_node, weight_so_far
 
 aten = torch.ops.aten
 MAGNITUDE = "lora_magnitude_vector"
@@ -133,7 +133,7 @@ def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,
           weights: dict[str, torch.Tensor]) -> None:
     """``m / ||W + s·BA|| * (W + s·BA)`` row by row (fp32, cast once); the bias is unchanged."""
     detail: DoraDetail = record.detail
-    base = weights.get(detail.weight, base_weight(gm, detail.weight))
+    base = weight_so_far(gm, weights, detail.weight)
     updated = _oriented(base.float(), detail.fan_in_fan_out) + _oriented(
         lora_delta(gm, detail), detail.fan_in_fan_out)
     factor = fetch(gm, detail.magnitude).detach().float() / torch.linalg.vector_norm(updated, dim=1)

@@ -23,7 +23,7 @@ from fxpeft.match import Match
 from fxpeft.names import ADAPTER_META, AdapterNode
 from fxpeft.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, full_regex,
                                 names_regex, target_regex, targets_for)
-from fxpeft.quantized import base_weight
+from fxpeft.quantized import weight_so_far
 from fxpeft.program import Program
 from fxpeft.rules import checks
 from fxpeft.rules.schema import Params, Rule, RuleSet, Where, spec
@@ -112,7 +112,7 @@ def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,
     vector = fetch(gm, detail.parameter).detach()
     # Weights are (out, in), or (in, out) for fan-in-fan-out: which axis does the vector scale?
     along_columns = detail.feedforward != detail.fan_in_fan_out
-    weight = weights.get(detail.weight, base_weight(gm, detail.weight))
+    weight = weight_so_far(gm, weights, detail.weight)
     factor = vector.float().reshape(1, -1) if along_columns else vector.float().reshape(-1, 1)
     weights[detail.weight] = (weight.float() * factor).to(weight.dtype)  # fp32, cast once
     if detail.bias and not detail.feedforward:

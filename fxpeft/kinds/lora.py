@@ -35,7 +35,7 @@ from fxpeft.match import Match
 from fxpeft.names import ADAPTER_META, AdapterNode
 from fxpeft.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, target_regex,
                                 targets_for, layers_prefix)
-from fxpeft.quantized import base_weight
+from fxpeft.quantized import weight_so_far
 from fxpeft.program import LinearSite, Program
 from fxpeft.rules import checks
 from fxpeft.rules.schema import Params, Rule, RuleSet, Where, spec
@@ -296,7 +296,7 @@ def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,
     if detail.groups > 1:  # B mixes channels across groups: W would have to become dense
         raise FxpeftError(f"merge: the LoRA adapter {record.adapter!r} at {record.module_path} "
                           f"cannot be merged: its convolution has groups = {detail.groups}")
-    base = weights.get(detail.weight, base_weight(gm, detail.weight))
+    base = weight_so_far(gm, weights, detail.weight)
     weights[detail.weight] = (base.float() + lora_delta(gm, detail)).to(base.dtype)
 
 
