@@ -10,7 +10,7 @@ follows live tensors rather than the heap's high-water mark):
 - ``total``: minus the RSS before the model was loaded: the model's weights plus training;
 - ``training``: minus the RSS just before the steps: what training adds.
 
-    python bench/memory.py [--model smollm2|llama] [--batch 4 --seq 128 --steps 2]
+    python bench/memory.py [--model smollm2|llama] [--batch 4 --seq 128 --steps 2] [--variants A,B]
 """
 
 from __future__ import annotations
@@ -105,13 +105,19 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "llama"])
     for name, default in (("batch", 4), ("seq", 128), ("steps", 2)):
         parser.add_argument(f"--{name}", type=int, default=default)
-    parser.add_argument("--variant", default=None)
+    parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # one child's variant
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated subset to run; PEFT is always run (the reference)")
     args = parser.parse_args()
     if args.variant:
         return child(args)
     print(f"{args.model}, batch {args.batch} x {args.seq}, LoRA q,v, {args.steps} AdamW steps\n{machine_line()}")
     results = {}
-    for variant in VARIANTS:
+    chosen = {v.strip() for v in args.variants.split(",")} | {"PEFT"}
+    unknown = chosen - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+    for variant in [v for v in VARIANTS if v in chosen]:
         command = [sys.executable, __file__, "--variant", variant, "--model", args.model,
                    "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
         out = subprocess.run(command, capture_output=True, text=True,
@@ -133,7 +139,7 @@ def print_table(results: dict[str, dict]) -> None:
         print(f"  {variant:<30}{total[variant]:>10.0f}{total[variant] / total['PEFT']:>8.3f}"
               f"{training[variant]:>14.0f}{training[variant] / training['PEFT']:>8.3f}"
               f"{step[variant]:>8.2f}{step[variant] / step['PEFT']:>8.3f}")
-    for quantized in [v for v in results if "nf4" in v]:
+    for quantized in [v for v in results if "nf4" in v and v.replace("nf4 ", "") in results]:
         dense = quantized.replace("nf4 ", "")
         print(f"  {quantized} / {dense}: total {total[quantized] / total[dense]:.3f}")
 

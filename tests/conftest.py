@@ -88,6 +88,30 @@ def nodes_with_target(gm: torch.fx.GraphModule, target) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
 
 
+def nodes_with_target_anywhere(gm: torch.fx.GraphModule, target) -> list[torch.fx.Node]:
+    """``nodes_with_target`` in ``gm`` and in every graph module inside it (fuse's regions)."""
+    return [n for m in gm.modules() if isinstance(m, torch.fx.GraphModule)
+            for n in nodes_with_target(m, target)]
+
+
+def saved_bytes(gm, batch) -> int:
+    """Bytes of activations (not weights) autograd keeps for backward after one forward."""
+    weights = {p.data_ptr() for p in gm.parameters()}
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        if tensor.data_ptr() not in weights:
+            total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = gm(**batch).loss
+    loss.backward()
+    gm.zero_grad()
+    return total
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

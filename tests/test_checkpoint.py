@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fxpeft
-from conftest import randomize_adapters, tiny_llama, tiny_t5, token_batch, train
+from conftest import randomize_adapters, saved_bytes, tiny_llama, tiny_t5, token_batch, train
 from fxpeft.transforms.checkpoint import CHECKPOINT_MODULE, CheckpointedRegion
 
 
@@ -18,24 +18,6 @@ def loss_and_grads(gm, batch, seed=0):
     grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
     gm.zero_grad()
     return loss.detach(), grads
-
-
-def saved_bytes(gm, batch) -> int:
-    """Bytes of activations (not weights) autograd keeps for backward after one forward."""
-    weights = {p.data_ptr() for p in gm.parameters()}
-    total = 0
-
-    def pack(tensor):
-        nonlocal total
-        if tensor.data_ptr() not in weights:
-            total += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = gm(**batch).loss
-    loss.backward()
-    gm.zero_grad()
-    return total
 
 
 def llama_case(rules):

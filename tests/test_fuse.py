@@ -7,11 +7,15 @@ import pytest
 import torch
 
 import fxpeft
-from conftest import adapter_nodes, nodes_with_target, randomize_adapters, tiny_llama, token_batch
+from conftest import (adapter_nodes, nodes_with_target, nodes_with_target_anywhere, randomize_adapters,
+                      saved_bytes, tiny_gemma, tiny_gpt2, tiny_llama, tiny_qwen2, token_batch)
 from fxpeft.names import adapter_node
+from fxpeft.transforms.activations import gelu_and_mul, silu_and_mul
+from fxpeft.transforms.checkpoint import CHECKPOINT_MODULE, CheckpointedRegion
 
 aten = torch.ops.aten
-PASSES = ("drop_inactive", "fold_lora_scale", "fuse_lora_a", "fuse_lm_loss", "strip_leftovers")
+PASSES = ("drop_inactive", "fold_lora_scale", "fuse_lora_a", "fuse_lm_loss", "sdpa_gqa", "gated_activation",
+          "recompute_norms", "strip_leftovers")
 
 
 def lora_graph(rules="lora_all_linear", **overrides):
@@ -62,8 +66,8 @@ def test_the_passes_do_their_jobs_in_the_graph():
     scale_muls = [n for n in adapter_nodes(fused) if n.target == aten.mul.Tensor
                   and isinstance(n.args[1], float)]
     assert scale_muls == []  # folded onto the gates
-    downs = [n for n in fused.graph.find_nodes(op="call_function", target=aten.linear.default)
-             if n.args[1].op == "call_function" and n.args[1].target == aten.cat.default]
+    downs = [n for n in nodes_with_target_anywhere(fused, aten.linear.default)
+             if n.args[1].op in ("call_function", "placeholder") and n.args[1].name.startswith(("cat", "in_"))]
     # per layer: q/k/v read one tensor, gate/up another
     assert len(downs) == 2 * 2 and len(nodes_with_target(fused, aten.split_with_sizes.default)) == 4
     assert len(nodes_with_target(fused, aten.to.dtype)) < len(nodes_with_target(gm, aten.to.dtype))
@@ -168,3 +172,71 @@ def test_mixed_fusion_gathers_each_sites_adapters_and_keeps_every_row():
             torch.testing.assert_close(expected[row:row + 1], alone, rtol=0, atol=1e-5)
         gm.set_adapter("a")
         torch.testing.assert_close(mixed(ids).logits, gm(ids).logits, rtol=0, atol=1e-5)
+
+
+LAYERS, TOKENS, HIDDEN, INTERMEDIATE, HEAD_DIM = 2, 3 * 11, 64, 128, 16  # tiny_llama, token_batch
+
+
+def saved_bytes_dropped_by(gm, fuse_pass: str) -> int:
+    """What ``fuse_pass`` saves: bytes autograd keeps for backward without it, minus with it."""
+    ids = token_batch()
+    batch = {"input_ids": ids, "labels": ids}
+    return saved_bytes(fxpeft.fuse(gm, skip=(fuse_pass,)), batch) - saved_bytes(fxpeft.fuse(gm), batch)
+
+
+def test_sdpa_reads_grouped_query_keys_and_values_without_repeat_kv():
+    gm = lora_graph("lora_qv")
+    fused = fxpeft.fuse(gm)
+    attention = nodes_with_target(fused, aten.scaled_dot_product_attention.default)
+    assert len(attention) == LAYERS and all(n.kwargs["enable_gqa"] for n in attention)
+    assert all(n.args[1].meta["val"].shape[1] == n.args[2].meta["val"].shape[1] == 2 for n in attention)
+    assert [n for n in nodes_with_target(fused, aten.expand.default) if len(n.args[1]) == 5] == []
+    # per layer, keys and values each keep 2 heads instead of 4
+    assert saved_bytes_dropped_by(gm, "sdpa_gqa") == LAYERS * 2 * 2 * TOKENS * HEAD_DIM * 4
+    multi_head = fxpeft.fuse(fxpeft.rewrite(tiny_llama(num_key_value_heads=4), "lora_qv", dropout=0.0))
+    assert not any(n.kwargs.get("enable_gqa") for n in
+                   nodes_with_target(multi_head, aten.scaled_dot_product_attention.default))
+
+
+@pytest.mark.parametrize("rules", ["lora_qv", "lora_all_linear"])
+def test_gated_activations_keep_only_their_two_inputs(rules):
+    gm = lora_graph(rules)
+    fused = fxpeft.fuse(gm)
+    assert len(nodes_with_target(fused, silu_and_mul)) == LAYERS
+    assert nodes_with_target(fused, aten.silu.default) == []
+    # per layer, silu(gate) is no longer kept beside gate and up
+    assert saved_bytes_dropped_by(gm, "gated_activation") == LAYERS * TOKENS * INTERMEDIATE * 4
+
+
+@pytest.mark.parametrize("rules,norms_per_layer", [("lora_qv", 1), ("lora_all_linear", 2)])
+def test_norms_feeding_lora_a_are_recomputed_in_backward(rules, norms_per_layer):
+    gm = lora_graph(rules)
+    fused = fxpeft.fuse(gm)
+    regions = [m for name, m in fused.named_modules() if name.startswith(f"{CHECKPOINT_MODULE}.norm_")
+               and isinstance(m, CheckpointedRegion)]
+    assert len(regions) == LAYERS * norms_per_layer
+    for region in regions:  # the norm and the A projection, and no parameter of their own
+        assert not list(region.parameters())
+        assert nodes_with_target(region.region, aten.rsqrt.default)
+        assert nodes_with_target(region.region, aten.linear.default)
+    # per region, the normalised tensor is not kept (the fused A weights are, a few KiB)
+    assert saved_bytes_dropped_by(gm, "recompute_norms") > 0.7 * len(regions) * TOKENS * HIDDEN * 4
+    checked = fxpeft.fuse(gm, checkpoint="layers")  # whole layers recompute: no norm regions
+    assert not any(name.startswith(f"{CHECKPOINT_MODULE}.norm_") for name, _ in checked.named_modules())
+
+
+def gpt2_without_dropout():
+    return tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+@pytest.mark.parametrize("family", [tiny_gemma, gpt2_without_dropout, tiny_qwen2])
+def test_memory_passes_keep_outputs_and_gradients_on_other_families(family):
+    """Gemma (GeGLU), GPT-2 (LayerNorm feeding c_attn's LoRA, no gating), Qwen2 (GQA, biases)."""
+    gm = fxpeft.rewrite(family(), "lora_all_linear", dropout=0.0)
+    randomize_adapters(gm)
+    fused = fxpeft.fuse(gm, skip=tuple(p for p in PASSES if p not in
+                                       ("sdpa_gqa", "gated_activation", "recompute_norms")))
+    fused.graph.lint()
+    assert_equivalent(gm, fused, token_batch())
+    if family is tiny_gemma:  # GeGLU, tanh-approximated
+        assert [n.kwargs["approximate"] for n in nodes_with_target(fused, gelu_and_mul)] == ["tanh"] * LAYERS

@@ -6,6 +6,10 @@ HF's ``gradient_checkpointing_enable()`` wraps module calls, which capture flatt
 pass does the same on the graph. A region's inputs are every value it reads from outside (the
 hidden state, rotary tables, mask, and its weights as ``get_attr`` values), so the region owns
 no parameters: they stay where they were, under their own names.
+
+``recompute_norms`` uses the same regions on a small scale: a normalisation whose output feeds
+a LoRA ``A`` projection is recomputed with that projection in backward, so the normalised
+tensor (which the projection would keep for its gradient) is not kept beside the norm's input.
 """
 
 from __future__ import annotations
@@ -76,8 +80,10 @@ def _spans(graph: torch.fx.Graph) -> dict[str, list[torch.fx.Node]]:
     return spans
 
 
-def _extract(gm: torch.fx.GraphModule, layer: str, nodes: list[torch.fx.Node], name: str) -> None:
+def _extract(gm: torch.fx.GraphModule, label: str, nodes: list[torch.fx.Node], name: str) -> None:
     """Move ``nodes`` into a ``CheckpointedRegion`` at ``name`` and call it in their place."""
+    if not hasattr(gm, CHECKPOINT_MODULE):
+        gm.add_module(CHECKPOINT_MODULE, torch.nn.Module())
     inside = set(nodes)
     inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in inside))
     outputs = [n for n in nodes if any(u not in inside for u in n.users)]
@@ -86,7 +92,7 @@ def _extract(gm: torch.fx.GraphModule, layer: str, nodes: list[torch.fx.Node], n
     for node in nodes:
         env[node] = sub.node_copy(node, env.__getitem__)
     sub.output(tuple(env[o] for o in outputs))
-    region = torch.fx.GraphModule(gm, sub, class_name=f"Layer{layer.replace('.', '_')}")
+    region = torch.fx.GraphModule(gm, sub, class_name=f"Region_{label.replace('.', '_')}")
     gm.get_submodule(CHECKPOINT_MODULE).add_module(name, CheckpointedRegion(region))
     with gm.graph.inserting_after(nodes[-1]):
         call = gm.graph.call_module(f"{CHECKPOINT_MODULE}.{name}", tuple(inputs))
@@ -102,10 +108,67 @@ def _extract(gm: torch.fx.GraphModule, layer: str, nodes: list[torch.fx.Node], n
 def checkpoint_layers(gm: torch.fx.GraphModule) -> int:
     """Put each layer of ``gm`` under gradient checkpointing; returns how many."""
     spans = _spans(gm.graph)
-    if not spans:
-        return 0
-    if not hasattr(gm, CHECKPOINT_MODULE):
-        gm.add_module(CHECKPOINT_MODULE, torch.nn.Module())
     for index, (layer, nodes) in enumerate(spans.items()):
         _extract(gm, layer, nodes, f"layer_{index}")
     return len(spans)
+
+
+def _lora_a_targets(graph: torch.fx.Graph) -> set[str]:
+    return {record.detail.lora_A for n in graph.nodes
+            if (record := adapter_node(n)) is not None and record.kind == "lora"}
+
+
+def _reads_lora_a(weight: object, targets: set[str]) -> bool:
+    """A LoRA ``A`` weight, or ``fuse_lora_a``'s ``cat`` of several."""
+    if isinstance(weight, torch.fx.Node) and weight.target == torch.ops.aten.cat.default:
+        return all(_reads_lora_a(w, targets) for w in weight.args[0])
+    return isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and weight.target in targets
+
+
+def _lora_downs_of(node: torch.fx.Node, targets: set[str]) -> list[torch.fx.Node]:
+    """The LoRA ``A`` projections (``linear(node, A)``) that read ``node``."""
+    return [u for u in node.users if u.target == torch.ops.aten.linear.default and len(u.args) == 2
+            and u.args[0] is node and _reads_lora_a(u.args[1], targets)]
+
+
+def _norm_nodes(graph: torch.fx.Graph, output: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """The nodes of the normalisation module that produced ``output``, if it is one (a module
+    whose type name holds "Norm") and its nodes end at ``output``."""
+    owner = owning_module(output)
+    if owner is None or "Norm" not in owner[1].rsplit(".", 1)[-1]:
+        return None
+    nodes = [n for n in graph.nodes if n.op == "call_function" and owning_module(n) == owner]
+    return nodes if nodes and nodes[-1] is output else None
+
+
+def _hoist(graph: torch.fx.Graph, anchor: torch.fx.Node, nodes: list[torch.fx.Node]) -> None:
+    """Move ``nodes``, and those of their inputs that come after ``anchor``, to right after
+    ``anchor`` in their order (a LoRA ``A`` projection and its weight's ``cat`` follow the base
+    projections that also read the norm; the region must be contiguous)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    needed: set[torch.fx.Node] = set()
+    pending = list(nodes)
+    while pending:
+        node = pending.pop()
+        if node not in needed and order[node] > order[anchor]:
+            needed.add(node)
+            pending.extend(node.all_input_nodes)
+    point = anchor
+    for node in sorted(needed, key=order.__getitem__):
+        point.append(node)
+        point = node
+
+
+def recompute_norms(gm: torch.fx.GraphModule) -> int:
+    """Recompute each normalisation that feeds LoRA ``A`` projections, with them, in backward;
+    returns how many regions."""
+    regions, targets = [], _lora_a_targets(gm.graph)
+    for node in gm.graph.nodes:
+        downs = _lora_downs_of(node, targets) if node.op == "call_function" else []
+        norm = _norm_nodes(gm.graph, node) if downs else None
+        if norm is not None:
+            regions.append((owning_module(node)[0], norm, downs))
+    for index, (label, norm, downs) in enumerate(regions):
+        _hoist(gm.graph, norm[-1], downs)
+        _extract(gm, label, norm + downs, f"norm_{index}")
+    return len(regions)

@@ -18,6 +18,11 @@ changed, and is logged with its time:
 - ``fuse_lm_loss``: in train mode with labels, a causal LM's head and loss become a chunked
   linear cross-entropy that never holds the full logits (``fxpeft.transforms.lm_loss``);
   ``.logits`` is then None. Only where exact: a plain fp32 head without an adapter.
+- ``sdpa_gqa`` and ``gated_activation``: less for backward to keep: SDPA reads grouped-query
+  keys and values without ``repeat_kv``, and ``act(gate) * up`` saves only its two inputs
+  (``fxpeft.transforms.activations``).
+- ``recompute_norms`` (not with ``checkpoint="layers"``): a norm that feeds LoRA ``A``
+  projections is recomputed with them in backward, so its output is not kept beside its input.
 - ``strip_leftovers``: no-op casts (to the dtype a tensor already has) and dead code.
 - ``checkpoint_layers`` (only with ``checkpoint="layers"``): gradient checkpointing, each layer
   a region recomputed in backward (``fxpeft.transforms.checkpoint``).
@@ -40,7 +45,8 @@ from fxpeft.graph_module import AdaptedModule
 from fxpeft.names import (DROPOUT_MODULE, GATE_META, GATES, LM_LOSS_MODULE, OUTPUT_MODULE,
                           adapter_node)
 from fxpeft.program import copy_graph
-from fxpeft.transforms.checkpoint import checkpoint_layers
+from fxpeft.transforms.activations import gated_activation, sdpa_gqa
+from fxpeft.transforms.checkpoint import checkpoint_layers, recompute_norms
 from fxpeft.transforms.lm_loss import LMHeadLoss
 
 log = logging.getLogger("fxpeft")
@@ -268,15 +274,18 @@ def fuse_passes(shared_dropout: bool = False, mixed: bool = False,
                 checkpoint: str | None = None) -> list[FusePass]:
     """The passes ``fuse`` runs, in order."""
     if mixed:
-        passes = [FusePass("gather_lora", gather_lora), FusePass("strip_leftovers", strip_leftovers)]
+        passes = [FusePass("gather_lora", gather_lora)]
     else:
         passes = [FusePass("drop_inactive", drop_inactive), FusePass("fold_lora_scale", fold_lora_scale)]
         if shared_dropout:
             passes.append(FusePass("share_dropout", share_dropout))
-        passes += [FusePass("fuse_lora_a", fuse_lora_a), FusePass("fuse_lm_loss", fuse_lm_loss),
-                   FusePass("strip_leftovers", strip_leftovers)]
+        passes += [FusePass("fuse_lora_a", fuse_lora_a), FusePass("fuse_lm_loss", fuse_lm_loss)]
+    passes += [FusePass("sdpa_gqa", sdpa_gqa), FusePass("gated_activation", gated_activation),
+               FusePass("strip_leftovers", strip_leftovers)]
     if checkpoint == "layers":
         passes.append(FusePass("checkpoint_layers", checkpoint_layers))
+    else:  # inside a checkpointed layer everything is recomputed anyway
+        passes.insert(-1, FusePass("recompute_norms", recompute_norms))
     return passes
 
 
