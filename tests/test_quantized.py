@@ -22,6 +22,7 @@ import fxpeft  # noqa: E402
 from conftest import (assert_only_adapters_get_grads, randomize_adapters, tiny_llama,  # noqa: E402
                       token_batch, train)
 from fxpeft.quantized import QUANTIZED_OPS  # noqa: E402
+from fxpeft.transforms.activations import silu_and_mul  # noqa: E402
 
 SCHEMES = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
@@ -190,18 +191,39 @@ def test_a_model_already_repacked_for_cpu_inference_is_captured(checkpoint):
     torch.testing.assert_close(logits(gm, ids), fresh, rtol=0, atol=1e-2)
 
 
+def loss_and_grads(gm, copy, ids):
+    """A fused copy's train loss, and the gradients it leaves on ``gm``'s adapters."""
+    loss = copy(ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
+    gm.zero_grad()
+    return loss.detach(), grads
+
+
+def assert_same_loss_and_grads(gm, copy, reference, ids):
+    (loss, grads), (expected_loss, expected) = loss_and_grads(gm, copy, ids), loss_and_grads(gm, reference, ids)
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-5)
+    assert grads.keys() == expected.keys() and grads
+    for name in expected:
+        torch.testing.assert_close(grads[name], expected[name], rtol=0, atol=1e-5)
+
+
 def test_qlora_with_gradient_checkpointing_equals_the_unchecked_graph(checkpoint):
-    ids = token_batch()
     gm = fxpeft.rewrite(load(checkpoint, "nf4-double"), "lora_qv.toml", dropout=0.0).train()
     randomize_adapters(gm)
-    results = []
-    for copy in (fxpeft.fuse(gm), fxpeft.fuse(gm, checkpoint="layers")):
-        loss = copy(ids, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}))
-        gm.zero_grad()
-    (plain_loss, plain), (loss, grads) = results
-    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=1e-5)
-    assert grads.keys() == plain.keys() and grads
-    for name in plain:
-        torch.testing.assert_close(grads[name], plain[name], rtol=0, atol=1e-5)
+    assert_same_loss_and_grads(gm, fxpeft.fuse(gm, checkpoint="layers"), fxpeft.fuse(gm), token_batch())
+
+
+def test_the_memory_passes_apply_on_a_4bit_base_and_keep_loss_and_gradients(checkpoint):
+    """GQA without repeat_kv, gated activations and recomputed norms: the quantized layer's
+    cast nodes must not hide the shapes they look for."""
+    gm = fxpeft.rewrite(load(checkpoint, "nf4-double"), "lora_qv.toml", dropout=0.0).train()
+    randomize_adapters(gm)
+    fused, layers = fxpeft.fuse(gm), 2
+    calls = [n for n in fused.graph.nodes if n.op == "call_function"]
+    assert [n.target for n in calls].count(silu_and_mul) == layers
+    assert [n.kwargs.get("enable_gqa") for n in calls
+            if n.target == torch.ops.aten.scaled_dot_product_attention.default] == [True] * layers
+    assert len([n for n in fused.graph.nodes if n.op == "call_module" and ".norm_" in n.target]) == layers
+    plain = fxpeft.fuse(gm, skip=("sdpa_gqa", "gated_activation", "recompute_norms"))
+    assert_same_loss_and_grads(gm, fused, plain, token_batch())

@@ -284,8 +284,9 @@ def fuse_passes(shared_dropout: bool = False, mixed: bool = False,
                FusePass("strip_leftovers", strip_leftovers)]
     if checkpoint == "layers":
         passes.append(FusePass("checkpoint_layers", checkpoint_layers))
-    else:  # inside a checkpointed layer everything is recomputed anyway
-        passes.insert(-1, FusePass("recompute_norms", recompute_norms))
+    else:  # inside a checkpointed layer everything is recomputed anyway; after strip_leftovers,
+        # whose no-op casts would stand between a norm and its A projections
+        passes.append(FusePass("recompute_norms", recompute_norms))
     return passes
 
 
