@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -171,22 +172,34 @@ start = time.perf_counter(); step(); print(time.perf_counter() - start)
 """
 
 
-def row_compile_time(args, results) -> None:
-    builds = {"fxpeft": "run.fxpeft.rewrite(base, 'lora_qv', dropout=0.0)",
-              "fxpeft fused": "run.fxpeft.fuse(run.fxpeft.rewrite(base, 'lora_qv', dropout=0.0))",
-              "PEFT": "run.peft_lora(base)"}
+def _cold_compile(args, build: str) -> float:
+    """Seconds of the first compiled step, in a fresh process with an empty inductor cache (FX
+    graph and AOTAutograd caches live in it)."""
     argv = ", ".join(repr(a) for name in ("layers", "hidden", "vocab", "batch", "seq")
                      for a in (f"--{name}", str(getattr(args, name))))
-    timings = {}
-    for name, build in builds.items():
-        with tempfile.TemporaryDirectory() as cache:
-            code = _COMPILE_CHILD.format(bench=str(Path(__file__).parent), argv=argv, build=build)
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-            if out.returncode:
-                raise SystemExit(f"compile_time {name} failed:\n{out.stderr[-2000:]}")
-            timings[name] = float(out.stdout.strip().splitlines()[-1])
-    report("first compiled step (fresh process, empty inductor cache)", timings, "PEFT", results)
+    with tempfile.TemporaryDirectory() as cache:
+        code = _COMPILE_CHILD.format(bench=str(Path(__file__).parent), argv=argv, build=build)
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"compile_time {build} failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def row_compile_time(args, results) -> None:
+    rewrite = "run.fxpeft.rewrite(base, 'lora_qv', dropout=0.0)"
+    builds = {"fxpeft": rewrite, "fxpeft fused": f"run.fxpeft.fuse({rewrite})",
+              "fxpeft fused, regions='layers'": f"run.fxpeft.fuse({rewrite}, regions='layers')",
+              "PEFT": "run.peft_lora(base)"}
+    runs: dict[str, list[float]] = {name: [] for name in builds}
+    for _ in range(args.compile_repeats):  # sides interleaved: A B C, A B C
+        for name, build in builds.items():
+            runs[name].append(_cold_compile(args, build))
+    for name, seconds in runs.items():
+        print(f"  {name}: " + ", ".join(f"{s:.1f} s" for s in seconds))
+    timings = {name: statistics.median(seconds) for name, seconds in runs.items()}
+    report("first compiled step (fresh process, empty inductor cache; median of "
+           f"{args.compile_repeats})", timings, "PEFT", results)
 
 
 def batch(args: argparse.Namespace) -> torch.Tensor:
@@ -198,6 +211,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for name, default in (("layers", 4), ("hidden", 576), ("vocab", 4096), ("batch", 4), ("seq", 128),
                           ("steps", 8)):
         parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--compile-repeats", type=int, default=2,
+                        help="fresh processes per side for compile_time")
     parser.add_argument("--rows", default=",".join(r for r in ROWS if r != "compile_time"))
     parser.add_argument("--json", default=None)
     return parser.parse_args(argv)

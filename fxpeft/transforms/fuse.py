@@ -21,6 +21,9 @@ changed, and is logged with its time:
 - ``strip_leftovers``: no-op casts (to the dtype a tensor already has) and dead code.
 - ``checkpoint_layers`` (only with ``checkpoint="layers"``): gradient checkpointing, each layer
   a region recomputed in backward (``fxpeft.transforms.checkpoint``).
+- ``region_layers`` (only with ``regions="layers"``): regional compilation, identical layers
+  become calls of one shared region that ``torch.compile`` compiles once
+  (``fxpeft.transforms.regions``).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from fxpeft.names import (DROPOUT_MODULE, GATE_META, GATES, LM_LOSS_MODULE, OUTP
 from fxpeft.program import copy_graph
 from fxpeft.transforms.checkpoint import checkpoint_layers
 from fxpeft.transforms.lm_loss import LMHeadLoss
+from fxpeft.transforms.regions import region_layers
 
 log = logging.getLogger("fxpeft")
 aten = torch.ops.aten
@@ -261,11 +265,11 @@ def gather_lora(gm: torch.fx.GraphModule) -> int:
     return len(sites)
 
 
-CHECKPOINT_CHOICES = (None, "layers")
+LAYER_CHOICES = (None, "layers")  # for checkpoint= and regions=
 
 
 def fuse_passes(shared_dropout: bool = False, mixed: bool = False,
-                checkpoint: str | None = None) -> list[FusePass]:
+                checkpoint: str | None = None, regions: str | None = None) -> list[FusePass]:
     """The passes ``fuse`` runs, in order."""
     if mixed:
         passes = [FusePass("gather_lora", gather_lora), FusePass("strip_leftovers", strip_leftovers)]
@@ -277,6 +281,8 @@ def fuse_passes(shared_dropout: bool = False, mixed: bool = False,
                    FusePass("strip_leftovers", strip_leftovers)]
     if checkpoint == "layers":
         passes.append(FusePass("checkpoint_layers", checkpoint_layers))
+    if regions == "layers":
+        passes.append(FusePass("region_layers", region_layers))
     return passes
 
 
@@ -288,12 +294,24 @@ def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return fused.train(gm.training)
 
 
+def _check_layer_options(checkpoint: str | None, regions: str | None) -> None:
+    for name, value in (("checkpoint", checkpoint), ("regions", regions)):
+        if value not in LAYER_CHOICES:
+            raise ValueError(f"fuse: {name}={value!r}; choose one of {list(LAYER_CHOICES)}")
+    if checkpoint and regions:
+        raise ValueError("fuse: checkpoint='layers' and regions='layers' both make each layer a "
+                         "region; choose one")
+
+
 def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout: bool = False,
-         mixed: bool = False, checkpoint: str | None = None) -> torch.fx.GraphModule:
+         mixed: bool = False, checkpoint: str | None = None,
+         regions: str | None = None) -> torch.fx.GraphModule:
     """A fused copy of ``gm``, specialised to its active adapters, sharing its parameters.
     ``mixed=True`` instead keeps every adapter and gathers each site's LoRA branches, for
     mixed-batch serving (``adapter_names=``). ``checkpoint="layers"`` adds gradient
     checkpointing: backward recomputes each layer's activations instead of keeping them.
+    ``regions="layers"`` is regional compilation: identical layers call one shared region,
+    which ``torch.compile`` compiles once however deep the model (cold compile time).
 
     >>> import torch, fxpeft
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -304,15 +322,16 @@ def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout
     >>> ids = torch.tensor([[1, 2, 3]])
     >>> torch.equal(fused(ids).logits, gm(ids).logits)
     True
+    >>> compiled = torch.compile(fxpeft.fuse(gm, regions="layers"))  # each layer structure once
     """
-    known = {p.name for p in fuse_passes(True, checkpoint="layers") + fuse_passes(mixed=True)}
+    known = {p.name for p in fuse_passes(True, checkpoint="layers", regions="layers") +
+             fuse_passes(mixed=True)}
     unknown = sorted(set(skip) - known)
     if unknown:
         raise ValueError(f"fuse: no pass {unknown}; passes: {', '.join(sorted(known))}")
-    if checkpoint not in CHECKPOINT_CHOICES:
-        raise ValueError(f"fuse: checkpoint={checkpoint!r}; choose one of {list(CHECKPOINT_CHOICES)}")
+    _check_layer_options(checkpoint, regions)
     fused = _copy(gm)
-    for fuse_pass in fuse_passes(shared_dropout, mixed, checkpoint):
+    for fuse_pass in fuse_passes(shared_dropout, mixed, checkpoint, regions):
         if fuse_pass.name in skip:
             continue
         start = time.perf_counter()
