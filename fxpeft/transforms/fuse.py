@@ -215,15 +215,26 @@ def mixed_lora(x: torch.Tensor, weights_a: list[torch.Tensor], weights_b: list[t
             total = total + torch.nn.functional.linear(torch.nn.functional.linear(x, a) * gate, b) * scale
         return total
     rows = torch.stack([per_sample[name] for name in adapters], 1).to(x.dtype)  # [batch, adapters]
-    rank = max(a.shape[0] for a in weights_a)
-    a_all = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, rank - a.shape[0])) for a in weights_a])
-    b_all = torch.stack([torch.nn.functional.pad(b, (0, rank - b.shape[1])) * scale
-                         for b, scale in zip(weights_b, scales)])
     chosen, used = rows.argmax(1), rows.sum(1)  # one adapter per sample, or none (__base__)
+    a_all, b_all = _stacked_ranks(weights_a, weights_b)
+    scale = torch.tensor(scales, dtype=x.dtype, device=x.device)[chosen] * used  # 0: __base__
     xs = x.reshape(rows.shape[0], -1, x.shape[-1])
     down = torch.bmm(xs, a_all[chosen].transpose(1, 2))
-    up = torch.bmm(down, b_all[chosen].transpose(1, 2)) * used[:, None, None]
+    # the per-sample scale goes on the gathered [batch, out, rank] B, not on the [batch, tokens,
+    # out] result: no full-size multiply
+    up = torch.bmm(down, (b_all[chosen] * scale[:, None, None]).transpose(1, 2))
     return up.reshape(*x.shape[:-1], up.shape[-1])
+
+
+def _stacked_ranks(weights_a: list[torch.Tensor],
+                   weights_b: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[adapters, rank, in]`` and ``[adapters, out, rank]``, ranks zero-padded to the largest
+    (padding adds exact zeros)."""
+    rank = max(a.shape[0] for a in weights_a)
+    if all(a.shape[0] == rank for a in weights_a):
+        return torch.stack(weights_a), torch.stack(weights_b)
+    return (torch.stack([torch.nn.functional.pad(a, (0, 0, 0, rank - a.shape[0])) for a in weights_a]),
+            torch.stack([torch.nn.functional.pad(b, (0, rank - b.shape[1])) for b in weights_b]))
 
 
 def _gatherable_joins(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
