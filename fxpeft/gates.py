@@ -90,17 +90,19 @@ class Gates(torch.nn.Module):
 def index_sample_names(module: torch.nn.Module, args: tuple, kwargs: dict) -> "tuple[tuple, dict]":
     """Forward pre-hook of adapted graphs: ``adapter_names=[names]`` becomes the LongTensor
     ``Gates.index`` gives, before ``torch.compile``'s frame starts. A tensor passes unchanged, as
-    does a graph without gates or without adapters (merged): its input adapter refuses the names.
+    do names for a graph that reads no per-sample gates (merged, or prompts only): what reads
+    them there refuses them, saying why.
 
     >>> gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
     >>> _ = gate_node(gm, "sql", torch.zeros(1), branch=gm.graph.placeholder("x"))
+    >>> _ = gm.graph.call_module(GATES, (None,))  # the per-sample gates (the input adapter feeds them)
     >>> index_sample_names(gm, (), {"adapter_names": ["__base__", "sql"]})[1]
     {'adapter_names': tensor([-1,  0])}
     """
     names = kwargs.get("adapter_names")
-    inputs = getattr(module, INPUTS_MODULE, None)
-    if not isinstance(names, (list, tuple)) or not hasattr(module, GATES) or \
-            not getattr(inputs, "has_adapters", True) or not all(isinstance(n, str) for n in names):
+    graph = getattr(module, "graph", None)
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names) or \
+            graph is None or not graph.find_nodes(op="call_module", target=GATES):
         return args, kwargs
     return args, {**kwargs, "adapter_names": getattr(module, GATES).index(list(names))}
 
