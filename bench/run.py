@@ -17,8 +17,9 @@ Rows:
   (``torch.compile`` of ``fuse(gm, mixed=True)``: one compile for every mixture).
 - inference: unmerged and merged forward, against the base model.
 - rewrite: ``fxpeft.rewrite`` of the model, first and second call, against ``get_peft_model``.
-- compile_time: the first compiled step, each side in a fresh process with an empty inductor
-  cache (slow: minutes).
+- compile_time: the first compiled step, each side (fxpeft, fused, fused with
+  ``regions="layers"``, PEFT) in a fresh process with an empty inductor cache,
+  ``--compile-repeats`` times (default 2), sides interleaved; medians (slow: minutes).
 """
 
 from __future__ import annotations
