@@ -12,12 +12,14 @@ Rows:
 - compiled: the same step under ``torch.compile`` (inductor), each side warmed up first.
 - adapters: 4 adapters loaded, 1 active, against a graph holding only that adapter (gated
   graph and fused copy).
-- mixed: inference with ``adapter_names=`` over 8 adapters, batch 16 x seq, against PEFT's mixed
-  batch and a graph holding one adapter.
+- mixed: inference with ``adapter_names=`` over 8 adapters, batch 16 x seq, a different mixture
+  each step, against PEFT's mixed batch and a graph holding one adapter; eager, and compiled
+  (``torch.compile`` of ``fuse(gm, mixed=True)``: one compile for every mixture).
 - inference: unmerged and merged forward, against the base model.
 - rewrite: ``fxpeft.rewrite`` of the model, first and second call, against ``get_peft_model``.
-- compile_time: the first compiled step, each side in a fresh process with an empty inductor
-  cache (slow: minutes).
+- compile_time: the first compiled step, each side (fxpeft, fused, fused with
+  ``regions="layers"``, PEFT) in a fresh process with an empty inductor cache,
+  ``--compile-repeats`` times (default 2), sides interleaved; medians (slow: minutes).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,20 +122,40 @@ def row_adapters(args, base, ids, results) -> None:
            "fxpeft 1 adapter", results)
 
 
+def _mixtures(names: list[str], batch: int, count: int = 5) -> list[list[str]]:
+    """``count`` different per-sample mixtures, each adapter on ``batch / len(names)`` samples
+    (the same work for every mixture, so steps are comparable)."""
+    generator = torch.Generator().manual_seed(2)
+    rows = [names[i % len(names)] for i in range(batch)]
+    return [[rows[i] for i in torch.randperm(batch, generator=generator)] for _ in range(count)]
+
+
+def mixed_step(model: torch.nn.Module, ids: torch.Tensor, mixtures: list[list[str]]):
+    """Inference with ``adapter_names=``, a different mixture each call (as serving sees)."""
+    steps = [inference_step(model, ids, adapter_names=names) for names in mixtures]
+    calls = iter(range(10 ** 9))
+    return lambda: steps[next(calls) % len(steps)]()
+
+
 def row_mixed(args, base, results) -> None:
     names = [f"a{i}" for i in range(8)]
     ids = torch.randint(0, args.vocab, (16, args.seq), generator=torch.Generator().manual_seed(1))
-    per_sample = [names[i % 8] for i in range(16)]
+    mixtures = _mixtures(names, 16)
     gm = fxpeft.rewrite(copy.deepcopy(base), "lora_qv", dropout=0.0, adapter=names[0])
     for name in names[1:]:
         gm.add_adapter(name, "lora_qv", dropout=0.0)
     one = fxpeft.rewrite(copy.deepcopy(base), "lora_qv", dropout=0.0)
+    fused = fxpeft.fuse(gm.eval(), mixed=True)
     peft_model = peft_lora(copy.deepcopy(base), tuple(names))
-    sides = {"fxpeft mixed": inference_step(gm, ids, adapter_names=per_sample),
-             "fxpeft fused mixed": inference_step(fxpeft.fuse(gm, mixed=True), ids, adapter_names=per_sample),
+    torch._dynamo.reset()
+    sides = {"fxpeft mixed": mixed_step(gm, ids, mixtures),
+             "fxpeft fused mixed": mixed_step(fused, ids, mixtures),
              "fxpeft one adapter": inference_step(one, ids),
-             "PEFT mixed": inference_step(peft_model, ids, adapter_names=per_sample)}
-    report("mixed-batch inference, 8 LoRA adapters, batch 16", interleaved_medians(sides, args.steps, 2),
+             "PEFT mixed": mixed_step(peft_model, ids, mixtures),
+             "fxpeft fused mixed, compiled": mixed_step(torch.compile(fused), ids, mixtures),
+             "fxpeft one adapter, compiled": inference_step(torch.compile(fxpeft.fuse(one)), ids)}
+    report("mixed-batch inference, 8 LoRA adapters, batch 16 (a new mixture each step; PEFT "
+           "eager: compiled, it recompiles per mixture)", interleaved_medians(sides, args.steps, 2),
            "PEFT mixed", results)
 
 
@@ -171,22 +194,34 @@ start = time.perf_counter(); step(); print(time.perf_counter() - start)
 """
 
 
-def row_compile_time(args, results) -> None:
-    builds = {"fxpeft": "run.fxpeft.rewrite(base, 'lora_qv', dropout=0.0)",
-              "fxpeft fused": "run.fxpeft.fuse(run.fxpeft.rewrite(base, 'lora_qv', dropout=0.0))",
-              "PEFT": "run.peft_lora(base)"}
+def _cold_compile(args, build: str) -> float:
+    """Seconds of the first compiled step, in a fresh process with an empty inductor cache (FX
+    graph and AOTAutograd caches live in it)."""
     argv = ", ".join(repr(a) for name in ("layers", "hidden", "vocab", "batch", "seq")
                      for a in (f"--{name}", str(getattr(args, name))))
-    timings = {}
-    for name, build in builds.items():
-        with tempfile.TemporaryDirectory() as cache:
-            code = _COMPILE_CHILD.format(bench=str(Path(__file__).parent), argv=argv, build=build)
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-            if out.returncode:
-                raise SystemExit(f"compile_time {name} failed:\n{out.stderr[-2000:]}")
-            timings[name] = float(out.stdout.strip().splitlines()[-1])
-    report("first compiled step (fresh process, empty inductor cache)", timings, "PEFT", results)
+    with tempfile.TemporaryDirectory() as cache:
+        code = _COMPILE_CHILD.format(bench=str(Path(__file__).parent), argv=argv, build=build)
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"compile_time {build} failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def row_compile_time(args, results) -> None:
+    rewrite = "run.fxpeft.rewrite(base, 'lora_qv', dropout=0.0)"
+    builds = {"fxpeft": rewrite, "fxpeft fused": f"run.fxpeft.fuse({rewrite})",
+              "fxpeft fused, regions='layers'": f"run.fxpeft.fuse({rewrite}, regions='layers')",
+              "PEFT": "run.peft_lora(base)"}
+    runs: dict[str, list[float]] = {name: [] for name in builds}
+    for _ in range(args.compile_repeats):  # sides interleaved: A B C, A B C
+        for name, build in builds.items():
+            runs[name].append(_cold_compile(args, build))
+    for name, seconds in runs.items():
+        print(f"  {name}: " + ", ".join(f"{s:.1f} s" for s in seconds))
+    timings = {name: statistics.median(seconds) for name, seconds in runs.items()}
+    report("first compiled step (fresh process, empty inductor cache; median of "
+           f"{args.compile_repeats})", timings, "PEFT", results)
 
 
 def batch(args: argparse.Namespace) -> torch.Tensor:
@@ -198,6 +233,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for name, default in (("layers", 4), ("hidden", 576), ("vocab", 4096), ("batch", 4), ("seq", 128),
                           ("steps", 8)):
         parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--compile-repeats", type=int, default=2,
+                        help="fresh processes per side for compile_time")
     parser.add_argument("--rows", default=",".join(r for r in ROWS if r != "compile_time"))
     parser.add_argument("--json", default=None)
     return parser.parse_args(argv)

@@ -6,10 +6,14 @@ disabling adapters only fills buffers: no re-tracing, and no recompile under ``t
 An off adapter adds exact zeros, so each adapter's outputs equal a graph holding it alone.
 Passes of other kinds (IA3, prompts) use the same gate: tag nothing, just call ``gate_node``.
 
-Mixed batches (PEFT's ``adapter_names=``, HF graphs only): the graph's input adapter passes the
-per-sample names to the ``Gates`` module, which turns them into per-sample gates; each gate read
-(``sample_gate``) then returns its adapter's gates shaped to broadcast against the branch tensor
-instead of the 0-d buffer. Without names it returns the buffer itself, so outputs are unchanged.
+Mixed batches (PEFT's ``adapter_names=``, HF graphs only): before the graph runs, a forward
+pre-hook (``index_sample_names``) turns the per-sample names into a LongTensor of indices into
+``adapter_names(gm)`` (-1: ``"__base__"``). Hooks run outside ``torch.compile``'s frame, so the
+compiled graph receives a tensor, not a list of strings that would be a guard: a new mixture
+never recompiles. The input adapter passes the indices to the ``Gates`` module, which turns them
+into per-sample gates; each gate read (``sample_gate``) then returns its adapter's gates shaped
+to broadcast against the branch tensor instead of the 0-d buffer. Without names it returns the
+buffer itself, so outputs are unchanged.
 
 >>> import torch
 >>> gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
@@ -45,13 +49,13 @@ def check_adapter_name(name: str) -> str:
 
 
 class Gates(torch.nn.Module):
-    """Holds one 0-d gate buffer per adapter; called with per-sample adapter names (or None), it
-    returns each adapter's per-sample gates (or None).
+    """Holds one 0-d gate buffer per adapter; called with per-sample adapter indices (or None), it
+    returns each adapter's per-sample gates (or None). ``index`` turns names into those indices.
 
     >>> gates = Gates(); gates.register_buffer("sql", torch.ones(()))
-    >>> gates(["sql", BASE])["sql"]
+    >>> gates(gates.index(["sql", BASE]))["sql"]
     tensor([1., 0.])
-    >>> gates(["chat"])
+    >>> gates.index(["chat"])
     Traceback (most recent call last):
     ...
     ValueError: adapter_names has unknown adapters ['chat']; this graph has ['sql'] (and '__base__')
@@ -61,20 +65,46 @@ class Gates(torch.nn.Module):
         super().__init__()
         self.unmixable: set[str] = set()  # adapters whose gates are read without a branch
 
-    def forward(self, names: "list[str] | None") -> "dict[str, torch.Tensor] | None":
-        if names is None:
-            return None
-        buffers = dict(self.named_buffers())
-        unknown = sorted(set(names) - set(buffers) - {BASE})
+    def index(self, names: list[str]) -> torch.Tensor:
+        """Each name's position among the adapters, -1 for ``"__base__"``, checked."""
+        adapters = [name for name, _ in self.named_buffers()]
+        unknown = sorted(set(names) - set(adapters) - {BASE})
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; this graph has "
-                             f"{list(buffers)} (and {BASE!r})")
-        unmixable = sorted(self.unmixable & set(buffers))
+                             f"{adapters} (and {BASE!r})")
+        unmixable = sorted(self.unmixable & set(adapters))
         if unmixable:
             raise ValueError(f"adapters {unmixable} have modules_to_save copies or prompts, which "
                              f"cannot be mixed per sample; call without adapter_names=")
-        return {adapter: torch.tensor([float(n == adapter) for n in names], device=gate.device)
-                for adapter, gate in buffers.items()}
+        device = next(self.buffers(), torch.zeros(())).device
+        return torch.tensor([adapters.index(n) if n != BASE else -1 for n in names], device=device)
+
+    def forward(self, index: "torch.Tensor | None") -> "dict[str, torch.Tensor] | None":
+        if index is None:
+            return None
+        return {adapter: (index == position).to(gate.dtype)
+                for position, (adapter, gate) in enumerate(self.named_buffers())}
+
+
+@torch.compiler.disable  # a hook is a frame of its own: never compiled, so it adds no graph break
+def index_sample_names(module: torch.nn.Module, args: tuple, kwargs: dict) -> "tuple[tuple, dict]":
+    """Forward pre-hook of adapted graphs: ``adapter_names=[names]`` becomes the LongTensor
+    ``Gates.index`` gives, before ``torch.compile``'s frame starts. A tensor passes unchanged, as
+    do names for a graph that reads no per-sample gates (merged, or prompts only): what reads
+    them there refuses them, saying why.
+
+    >>> gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    >>> _ = gate_node(gm, "sql", torch.zeros(1), branch=gm.graph.placeholder("x"))
+    >>> _ = gm.graph.call_module(GATES, (None,))  # the per-sample gates (the input adapter feeds them)
+    >>> index_sample_names(gm, (), {"adapter_names": ["__base__", "sql"]})[1]
+    {'adapter_names': tensor([-1,  0])}
+    """
+    names = kwargs.get("adapter_names")
+    graph = getattr(module, "graph", None)
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names) or \
+            graph is None or not graph.find_nodes(op="call_module", target=GATES):
+        return args, kwargs
+    return args, {**kwargs, "adapter_names": getattr(module, GATES).index(list(names))}
 
 
 def sample_gate(gate: torch.Tensor, per_sample: "dict[str, torch.Tensor] | None", adapter: str,

@@ -33,6 +33,14 @@ class AdaptedModule(torch.fx.GraphModule):
 
     capture_info: Any = None  # fxpeft.program.CaptureInfo, set by the emit step
 
+    def __init__(self, root: Any, graph: torch.fx.Graph, class_name: str = "GraphModule") -> None:
+        super().__init__(root, graph, class_name)
+        # adapter_names= becomes an index tensor before torch.compile's frame (no recompiles)
+        self.register_forward_pre_hook(gates.index_sample_names, with_kwargs=True)
+
+    def _deepcopy_init(self) -> Any:
+        return AdaptedModule.__init__  # GraphModule's would drop the pre-hook
+
     # Export bakes the capture dtype into the graph (``cos.to(x.dtype)`` became a constant), so a
     # dtype conversion also retargets those constants (``retarget_dtype_constants``).
 

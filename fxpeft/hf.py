@@ -62,11 +62,14 @@ def _shift_right(labels: torch.Tensor, start: int, pad: int) -> torch.Tensor:
     return shifted.masked_fill(shifted == -100, pad)
 
 
-def check_sample_names(names: Any, batch: int, training: bool) -> list[str] | None:
-    """PEFT's ``adapter_names=`` (one adapter name per sample), checked; None when not given.
+def check_sample_names(names: Any, batch: int, training: bool) -> "list[str] | torch.Tensor | None":
+    """PEFT's ``adapter_names=`` (one adapter per sample: names, or the index tensor the graph's
+    pre-hook made of them, ``fxpeft.gates.index_sample_names``), checked; None when not given.
 
     >>> check_sample_names(["sql", "__base__"], 2, training=False)
     ['sql', '__base__']
+    >>> check_sample_names(torch.tensor([0, -1]), 2, training=False)
+    tensor([ 0, -1])
     >>> check_sample_names(["sql"], 2, training=False)
     Traceback (most recent call last):
     ...
@@ -74,14 +77,18 @@ def check_sample_names(names: Any, batch: int, training: bool) -> list[str] | No
     """
     if names is None:
         return None
-    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+    tensor = isinstance(names, torch.Tensor)
+    if tensor and (names.dim() != 1 or names.is_floating_point()):
+        raise ValueError(f"adapter_names as a tensor holds one adapter index per sample; got shape "
+                         f"{tuple(names.shape)}, {names.dtype}")
+    if not tensor and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
         raise ValueError(f"adapter_names must be a list of adapter names, one per sample; got {names!r}")
     if len(names) != batch:
         raise ValueError(f"adapter_names has {len(names)} names for a batch of {batch}; give one "
                          f"per sample")
     if training:  # as PEFT: mixed batches are for inference
         raise ValueError("adapter_names= (mixed adapter batches) is inference only; call .eval() first")
-    return list(names)
+    return names if tensor else list(names)
 
 
 class InputAdapter(torch.nn.Module):
@@ -89,7 +96,7 @@ class InputAdapter(torch.nn.Module):
 
     ``attention_mask=None`` becomes all ones, ``token_type_ids=None`` zeros; for
     encoder-decoders, ``decoder_input_ids=None`` is ``labels`` shifted right, as transformers does. The last output is the checked
-    per-sample ``adapter_names`` (or None), for the graph's gates (``fxpeft.gates``).
+    per-sample ``adapter_names`` (an index tensor, or None), for the graph's gates (``fxpeft.gates``).
     """
 
     def __init__(self, names: tuple[str, ...], model_class: str, config: Any, max_seq: int | None):

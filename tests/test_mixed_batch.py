@@ -127,3 +127,49 @@ def test_merged_graph_refuses_adapter_names():
     with pytest.raises(TypeError, match="has no adapters \\(it was merged\\)"):
         merged(ids, adapter_names=["default", "default"])
     gm(ids, adapter_names=["default", "__base__"])  # the adapted graph still takes them
+
+
+MIXTURES = [["default", "sql", "__base__", "sql"], ["sql"] * 4, ["default"] * 4,
+            ["__base__", "sql", "default", "default"], ["sql", "sql", "default", "__base__"]]
+
+
+class CountingBackend:
+    """A ``torch.compile`` backend that runs the graph as traced, counting compiles and keeping
+    each compiled graph's tensor inputs (their example values)."""
+
+    def __init__(self) -> None:
+        self.compiles, self.inputs = 0, []
+
+    def __call__(self, graph_module, example_inputs):
+        self.compiles += 1
+        self.inputs.append([v for v in example_inputs if isinstance(v, torch.Tensor)])
+        return graph_module.forward
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["gated", "fuse_mixed"])
+def test_five_mixtures_compile_once_and_the_graph_receives_an_index_tensor(fused):
+    gm = fxpeft.rewrite(tiny_llama(), "lora_qv", dropout=0.0)
+    gm.add_adapter("sql", "lora_all_linear", dropout=0.0, r=4)
+    randomize(gm, 2)
+    gm = (fxpeft.fuse(gm.eval(), mixed=True) if fused else gm).eval()
+    ids, mask = batch()
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    compiled = torch.compile(gm, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        for names in MIXTURES:
+            out = compiled(ids, attention_mask=mask, adapter_names=names).logits
+            expected = gm(ids, attention_mask=mask, adapter_names=names).logits
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    assert backend.compiles == 1
+    indices = [t for t in backend.inputs[0] if t.dtype == torch.int64 and t.shape == (len(NAMES),)]
+    assert len(indices) == 1  # the per-sample adapter indices: data, not a guard on names
+
+
+def test_an_index_tensor_works_like_the_names(llama):
+    ids, mask = batch()
+    index = torch.tensor([llama.adapter_names.index(n) if n != "__base__" else -1 for n in NAMES])
+    with torch.no_grad():
+        by_names = llama(ids, attention_mask=mask, adapter_names=NAMES).logits
+        by_index = llama(ids, attention_mask=mask, adapter_names=index).logits
+    torch.testing.assert_close(by_index, by_names, rtol=0, atol=0)

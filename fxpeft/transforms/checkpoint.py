@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import operator
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.fx
@@ -60,7 +61,7 @@ def _node_layer(node: torch.fx.Node) -> str | None:
     return layer_of(owner[0]) if owner else None
 
 
-def _spans(graph: torch.fx.Graph) -> dict[str, list[torch.fx.Node]]:
+def layer_spans(graph: torch.fx.Graph) -> dict[str, list[torch.fx.Node]]:
     """Per layer, the nodes from its first to its last in graph order (``get_attr`` nodes are
     left out: regions take them as inputs). A layer whose span holds another layer's nodes is
     left out too."""
@@ -80,10 +81,19 @@ def _spans(graph: torch.fx.Graph) -> dict[str, list[torch.fx.Node]]:
     return spans
 
 
-def _extract(gm: torch.fx.GraphModule, label: str, nodes: list[torch.fx.Node], name: str) -> None:
-    """Move ``nodes`` into a ``CheckpointedRegion`` at ``name`` and call it in their place."""
-    if not hasattr(gm, CHECKPOINT_MODULE):
-        gm.add_module(CHECKPOINT_MODULE, torch.nn.Module())
+@dataclass(frozen=True)
+class Region:
+    """One layer's nodes as a standalone graph: ``graph`` takes ``inputs`` (every value the
+    nodes read from outside, weights included) as placeholders ``in_0, in_1, ...`` and returns
+    ``outputs`` (the nodes read outside) as a tuple."""
+    nodes: list[torch.fx.Node]
+    inputs: list[torch.fx.Node]
+    outputs: list[torch.fx.Node]
+    graph: torch.fx.Graph
+
+
+def region_of(nodes: list[torch.fx.Node]) -> Region:
+    """The standalone graph of ``nodes`` (a layer's span, ``layer_spans``)."""
     inside = set(nodes)
     inputs = list(dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in inside))
     outputs = [n for n in nodes if any(u not in inside for u in n.users)]
@@ -92,25 +102,39 @@ def _extract(gm: torch.fx.GraphModule, label: str, nodes: list[torch.fx.Node], n
     for node in nodes:
         env[node] = sub.node_copy(node, env.__getitem__)
     sub.output(tuple(env[o] for o in outputs))
-    region = torch.fx.GraphModule(gm, sub, class_name=f"Region_{label.replace('.', '_')}")
-    gm.get_submodule(CHECKPOINT_MODULE).add_module(name, CheckpointedRegion(region))
-    with gm.graph.inserting_after(nodes[-1]):
-        call = gm.graph.call_module(f"{CHECKPOINT_MODULE}.{name}", tuple(inputs))
+    return Region(nodes, inputs, outputs, sub)
+
+
+def call_region(gm: torch.fx.GraphModule, region: Region, target: str) -> None:
+    """Replace ``region``'s nodes in ``gm`` by a call of the submodule at ``target``."""
+    inside = set(region.nodes)
+    with gm.graph.inserting_after(region.nodes[-1]):
+        call = gm.graph.call_module(target, tuple(region.inputs))
     with gm.graph.inserting_after(call):
-        for index, output in enumerate(outputs):
+        for index, output in enumerate(region.outputs):
             value = gm.graph.call_function(operator.getitem, (call, index))
             value.meta = dict(output.meta)
             output.replace_all_uses_with(value, delete_user_cb=lambda user: user not in inside)
-    for node in reversed(nodes):
+    for node in reversed(region.nodes):
         gm.graph.erase_node(node)
 
 
 def checkpoint_layers(gm: torch.fx.GraphModule) -> int:
     """Put each layer of ``gm`` under gradient checkpointing; returns how many."""
-    spans = _spans(gm.graph)
+    spans = layer_spans(gm.graph)
     for index, (layer, nodes) in enumerate(spans.items()):
-        _extract(gm, layer, nodes, f"layer_{index}")
+        _checkpoint(gm, layer, nodes, f"layer_{index}")
     return len(spans)
+
+
+def _checkpoint(gm: torch.fx.GraphModule, label: str, nodes: list[torch.fx.Node], name: str) -> None:
+    """Move ``nodes`` into a ``CheckpointedRegion`` at ``name`` and call it in their place."""
+    if not hasattr(gm, CHECKPOINT_MODULE):
+        gm.add_module(CHECKPOINT_MODULE, torch.nn.Module())
+    region = region_of(nodes)
+    module = torch.fx.GraphModule(gm, region.graph, class_name=f"Region_{label.replace('.', '_')}")
+    gm.get_submodule(CHECKPOINT_MODULE).add_module(name, CheckpointedRegion(module))
+    call_region(gm, region, f"{CHECKPOINT_MODULE}.{name}")
 
 
 def _lora_a_targets(graph: torch.fx.Graph) -> set[str]:
@@ -170,5 +194,5 @@ def recompute_norms(gm: torch.fx.GraphModule) -> int:
             regions.append((owning_module(node)[0], norm, downs))
     for index, (label, norm, downs) in enumerate(regions):
         _hoist(gm.graph, norm[-1], downs)
-        _extract(gm, label, norm + downs, f"norm_{index}")
+        _checkpoint(gm, label, norm + downs, f"norm_{index}")
     return len(regions)

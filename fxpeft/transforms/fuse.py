@@ -21,11 +21,14 @@ changed, and is logged with its time:
 - ``sdpa_gqa`` and ``gated_activation``: less for backward to keep: SDPA reads grouped-query
   keys and values without ``repeat_kv``, and ``act(gate) * up`` saves only its two inputs
   (``fxpeft.transforms.activations``).
-- ``recompute_norms`` (not with ``checkpoint="layers"``): a norm that feeds LoRA ``A``
+- ``recompute_norms`` (not with ``checkpoint=`` or ``regions=``): a norm that feeds LoRA ``A``
   projections is recomputed with them in backward, so its output is not kept beside its input.
 - ``strip_leftovers``: no-op casts (to the dtype a tensor already has) and dead code.
 - ``checkpoint_layers`` (only with ``checkpoint="layers"``): gradient checkpointing, each layer
   a region recomputed in backward (``fxpeft.transforms.checkpoint``).
+- ``region_layers`` (only with ``regions="layers"``): regional compilation, identical layers
+  become calls of one shared region that ``torch.compile`` compiles once
+  (``fxpeft.transforms.regions``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from fxpeft.program import copy_graph
 from fxpeft.transforms.activations import gated_activation, sdpa_gqa
 from fxpeft.transforms.checkpoint import checkpoint_layers, recompute_norms
 from fxpeft.transforms.lm_loss import LMHeadLoss
+from fxpeft.transforms.regions import region_layers
 
 log = logging.getLogger("fxpeft")
 aten = torch.ops.aten
@@ -217,15 +221,26 @@ def mixed_lora(x: torch.Tensor, weights_a: list[torch.Tensor], weights_b: list[t
             total = total + torch.nn.functional.linear(torch.nn.functional.linear(x, a) * gate, b) * scale
         return total
     rows = torch.stack([per_sample[name] for name in adapters], 1).to(x.dtype)  # [batch, adapters]
-    rank = max(a.shape[0] for a in weights_a)
-    a_all = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, rank - a.shape[0])) for a in weights_a])
-    b_all = torch.stack([torch.nn.functional.pad(b, (0, rank - b.shape[1])) * scale
-                         for b, scale in zip(weights_b, scales)])
     chosen, used = rows.argmax(1), rows.sum(1)  # one adapter per sample, or none (__base__)
+    a_all, b_all = _stacked_ranks(weights_a, weights_b)
+    scale = torch.tensor(scales, dtype=x.dtype, device=x.device)[chosen] * used  # 0: __base__
     xs = x.reshape(rows.shape[0], -1, x.shape[-1])
     down = torch.bmm(xs, a_all[chosen].transpose(1, 2))
-    up = torch.bmm(down, b_all[chosen].transpose(1, 2)) * used[:, None, None]
+    # the per-sample scale goes on the gathered [batch, out, rank] B, not on the [batch, tokens,
+    # out] result: no full-size multiply
+    up = torch.bmm(down, (b_all[chosen] * scale[:, None, None]).transpose(1, 2))
     return up.reshape(*x.shape[:-1], up.shape[-1])
+
+
+def _stacked_ranks(weights_a: list[torch.Tensor],
+                   weights_b: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[adapters, rank, in]`` and ``[adapters, out, rank]``, ranks zero-padded to the largest
+    (padding adds exact zeros)."""
+    rank = max(a.shape[0] for a in weights_a)
+    if all(a.shape[0] == rank for a in weights_a):
+        return torch.stack(weights_a), torch.stack(weights_b)
+    return (torch.stack([torch.nn.functional.pad(a, (0, 0, 0, rank - a.shape[0])) for a in weights_a]),
+            torch.stack([torch.nn.functional.pad(b, (0, rank - b.shape[1])) for b in weights_b]))
 
 
 def _gatherable_joins(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
@@ -267,11 +282,11 @@ def gather_lora(gm: torch.fx.GraphModule) -> int:
     return len(sites)
 
 
-CHECKPOINT_CHOICES = (None, "layers")
+LAYER_CHOICES = (None, "layers")  # for checkpoint= and regions=
 
 
 def fuse_passes(shared_dropout: bool = False, mixed: bool = False,
-                checkpoint: str | None = None) -> list[FusePass]:
+                checkpoint: str | None = None, regions: str | None = None) -> list[FusePass]:
     """The passes ``fuse`` runs, in order."""
     if mixed:
         passes = [FusePass("gather_lora", gather_lora)]
@@ -284,8 +299,10 @@ def fuse_passes(shared_dropout: bool = False, mixed: bool = False,
                FusePass("strip_leftovers", strip_leftovers)]
     if checkpoint == "layers":
         passes.append(FusePass("checkpoint_layers", checkpoint_layers))
-    else:  # inside a checkpointed layer everything is recomputed anyway; after strip_leftovers,
-        # whose no-op casts would stand between a norm and its A projections
+    elif regions == "layers":
+        passes.append(FusePass("region_layers", region_layers))
+    else:  # checkpointed layers and regions recompute or rebuild whole layers; after
+        # strip_leftovers, whose no-op casts would stand between a norm and its A projections
         passes.append(FusePass("recompute_norms", recompute_norms))
     return passes
 
@@ -298,12 +315,24 @@ def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return fused.train(gm.training)
 
 
+def _check_layer_options(checkpoint: str | None, regions: str | None) -> None:
+    for name, value in (("checkpoint", checkpoint), ("regions", regions)):
+        if value not in LAYER_CHOICES:
+            raise ValueError(f"fuse: {name}={value!r}; choose one of {list(LAYER_CHOICES)}")
+    if checkpoint and regions:
+        raise ValueError("fuse: checkpoint='layers' and regions='layers' both make each layer a "
+                         "region; choose one")
+
+
 def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout: bool = False,
-         mixed: bool = False, checkpoint: str | None = None) -> torch.fx.GraphModule:
+         mixed: bool = False, checkpoint: str | None = None,
+         regions: str | None = None) -> torch.fx.GraphModule:
     """A fused copy of ``gm``, specialised to its active adapters, sharing its parameters.
     ``mixed=True`` instead keeps every adapter and gathers each site's LoRA branches, for
     mixed-batch serving (``adapter_names=``). ``checkpoint="layers"`` adds gradient
     checkpointing: backward recomputes each layer's activations instead of keeping them.
+    ``regions="layers"`` is regional compilation: identical layers call one shared region,
+    which ``torch.compile`` compiles once however deep the model (cold compile time).
 
     >>> import torch, fxpeft
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -314,15 +343,16 @@ def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout
     >>> ids = torch.tensor([[1, 2, 3]])
     >>> torch.equal(fused(ids).logits, gm(ids).logits)
     True
+    >>> compiled = torch.compile(fxpeft.fuse(gm, regions="layers"))  # each layer structure once
     """
-    known = {p.name for p in fuse_passes(True, checkpoint="layers") + fuse_passes(mixed=True)}
+    known = {p.name for p in fuse_passes(True, checkpoint="layers") + fuse_passes(regions="layers") +
+             fuse_passes(mixed=True)}
     unknown = sorted(set(skip) - known)
     if unknown:
         raise ValueError(f"fuse: no pass {unknown}; passes: {', '.join(sorted(known))}")
-    if checkpoint not in CHECKPOINT_CHOICES:
-        raise ValueError(f"fuse: checkpoint={checkpoint!r}; choose one of {list(CHECKPOINT_CHOICES)}")
+    _check_layer_options(checkpoint, regions)
     fused = _copy(gm)
-    for fuse_pass in fuse_passes(shared_dropout, mixed, checkpoint):
+    for fuse_pass in fuse_passes(shared_dropout, mixed, checkpoint, regions):
         if fuse_pass.name in skip:
             continue
         start = time.perf_counter()
