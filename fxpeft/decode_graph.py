@@ -40,10 +40,13 @@ from fxpeft.match import match
 from fxpeft.names import GATES
 from fxpeft.patterns import find_linear_sites
 from fxpeft.program import CaptureInfo, Program
+from fxpeft.transforms.fuse import (FusePass, drop_dropout, fold_lora_scale, fuse_lora_a,
+                                    strip_leftovers)
+from fxpeft.transforms.gqa import gqa_in_sdpa
 
 log = logging.getLogger("fxpeft")
 LENGTH_STEP = 16  # cache lengths round up to a multiple, so prompts of similar length share a graph;
-# small, because every step attends over (and HF repeats for GQA) the whole cache
+# small, because every step attends over the whole cache
 MAX_DECODERS = 2  # per training graph: each holds a KV cache
 _DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
 _CACHE_PREFIX = "fxpeft_kv"
@@ -82,14 +85,30 @@ def _build(gm: AdaptedModule, batch: int, length: int, dtype: torch.dtype,
     model = _bound_model(gm)
     decoder = emit(_export(_with_static_cache(model, batch, length, dtype, device), batch, length))
     decoder.meta["fxpeft"] = {"passes": []}
+    grouped = gqa_in_sdpa(decoder)  # before splicing: the adapters' nodes see the same SDPA nodes
     for adapter, record in adapter_records(gm).items():
         _splice_like(decoder, gm, adapter, record)
     if hasattr(gm, GATES):
         decoder.add_module(GATES, getattr(gm, GATES))  # one set of on/off switches for both graphs
+    _slim(decoder)
     decoder.fxpeft_cache_length = length
-    log.info("fxpeft decode graph: batch %d, cache length %d, %d adapters", batch, length,
-             len(adapter_records(gm)))
+    log.info("fxpeft decode graph: batch %d, cache length %d, %d adapters, %d SDPA with GQA", batch,
+             length, len(adapter_records(gm)), grouped)
     return decoder.eval()
+
+
+# After splicing: the decode graph never trains and nothing splices into it again, so it can drop
+# what only training needs and fold what PEFT computes per step. Gates stay (they switch adapters).
+SLIM_PASSES = (FusePass("drop_dropout", drop_dropout), FusePass("fold_lora_scale", fold_lora_scale),
+               FusePass("fuse_lora_a", fuse_lora_a), FusePass("strip_leftovers", strip_leftovers))
+
+
+def _slim(decoder: AdaptedModule) -> None:
+    for slim in SLIM_PASSES:
+        changed = slim.run(decoder)
+        log.debug("fxpeft decode graph: %s changed %d", slim.name, changed)
+    decoder.graph.lint()
+    decoder.recompile()
 
 
 def _model_class(gm: AdaptedModule) -> type:

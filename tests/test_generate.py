@@ -77,9 +77,9 @@ def test_decode_graph_has_the_same_adapter_nodes_and_shares_parameters(kind):
     gm = _adapted(kind)
     ids, _ = _left_padded()
     decoder = _decoder(gm, ids)
-    count = lambda g: sorted((r.kind, r.module_path) for n in g.graph.nodes
-                             if (r := n.meta.get(ADAPTER_META)) is not None)
-    assert count(decoder) == count(gm) and count(gm)
+    sites = lambda g: {(r.kind, r.module_path) for n in g.graph.nodes  # noqa: E731
+                       if (r := n.meta.get(ADAPTER_META)) is not None}
+    assert sites(decoder) == sites(gm) and sites(gm)  # node counts differ: the decoder is slimmed
     for target in record(gm, "default").attached:
         assert fetch(decoder, target) is fetch(gm, target)
     assert getattr(decoder, GATES) is getattr(gm, GATES)
@@ -87,6 +87,30 @@ def test_decode_graph_has_the_same_adapter_nodes_and_shares_parameters(kind):
     assert all(id(p) in decoder_params for p in adapter_parameters(gm, "default"))
     assert {id(p) for p in gm.parameters()} >= decoder_params  # nothing of its own but the KV cache
     decoder.graph.lint()
+
+
+def test_decode_graph_attends_grouped_heads_on_the_cache_and_drops_training_nodes():
+    """The decode step does no work PEFT's eager step does not: SDPA reads the KV cache itself
+    (``enable_gqa``, no repeated copy), no dropout, the LoRA scale on the gate, q/v LoRA ``A``
+    in one matmul. Tokens stay PEFT's (test above)."""
+    gm = _adapted("lora")
+    decoder = _decoder(gm, _left_padded()[0])
+    aten = torch.ops.aten
+    sdpa = [n for n in decoder.graph.nodes if n.target is aten.scaled_dot_product_attention.default]
+    assert len(sdpa) == 2 and all(n.kwargs.get("enable_gqa") for n in sdpa)
+    for node in sdpa:  # k and v: the cache itself, 2 kv heads for 4 query heads
+        assert [a.target for a in node.args[1:3]] == [aten.index_copy_.default] * 2
+        assert node.args[0].meta["val"].shape[1] == 4 and node.args[1].meta["val"].shape[1] == 2
+    assert not any(n.target is aten.expand.default and n.args[0].target is aten.unsqueeze.default
+                   and n.args[0].args[0].target is aten.index_copy_.default for n in decoder.graph.nodes)
+    assert not [n for n in decoder.graph.nodes if n.op == "call_module"]  # no dropout
+    matmuls = lambda g: len(g.graph.find_nodes(op="call_function", target=aten.linear.default))  # noqa: E731
+    assert (matmuls(gm), matmuls(decoder)) == (2 * (7 + 4) + 1, 2 * (7 + 3) + 1)  # per layer: 7 base,
+    # LoRA A q, A v, B q, B v (one A in the decoder); and the head
+    ups = [n for n in decoder.graph.nodes if n.target is aten.linear.default
+           and n.args[1].op == "get_attr" and "lora_B" in n.args[1].target]
+    assert len(ups) == 4 and all(user.target is aten.add.Tensor for n in ups for user in n.users)  # no
+    # scale multiply on the B output: alpha / r rides the 0-d gate
 
 
 def test_sampling_with_a_fixed_seed_is_reproducible_and_equals_peft(tmp_path):

@@ -18,6 +18,8 @@ changed, and is logged with its time:
 - ``fuse_lm_loss``: in train mode with labels, a causal LM's head and loss become a chunked
   linear cross-entropy that never holds the full logits (``fxpeft.transforms.lm_loss``);
   ``.logits`` is then None. Only where exact: a plain fp32 head without an adapter.
+- ``drop_dropout`` (not in ``fuse``; the decode graph runs it): dropouts become their input, for
+  graphs that only ever run in eval mode.
 - ``strip_leftovers``: no-op casts (to the dtype a tensor already has) and dead code.
 - ``checkpoint_layers`` (only with ``checkpoint="layers"``): gradient checkpointing, each layer
   a region recomputed in backward (``fxpeft.transforms.checkpoint``).
@@ -151,6 +153,18 @@ def share_dropout(gm: torch.fx.GraphModule) -> int:
         else:
             seen[key] = node
     return shared
+
+
+def drop_dropout(gm: torch.fx.GraphModule) -> int:
+    """Every dropout becomes its input: only for graphs that never train (the decode graph), as
+    a graph running in eval mode draws no mask. Sibling LoRA ``A`` projections then read one
+    tensor, so ``fuse_lora_a`` can join them."""
+    dropped = 0
+    for node in list(gm.graph.find_nodes(op="call_module", target=DROPOUT_MODULE)):
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        dropped += 1
+    return dropped
 
 
 def strip_leftovers(gm: torch.fx.GraphModule) -> int:
