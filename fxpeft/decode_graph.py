@@ -43,6 +43,7 @@ from fxpeft.program import CaptureInfo, Program
 from fxpeft.transforms.fuse import (FusePass, drop_dropout, fold_lora_scale, fuse_lora_a,
                                     strip_leftovers)
 from fxpeft.transforms.gqa import gqa_in_sdpa
+from fxpeft.transforms.norms import fuse_rms_norm
 
 log = logging.getLogger("fxpeft")
 LENGTH_STEP = 16  # cache lengths round up to a multiple, so prompts of similar length share a graph;
@@ -98,9 +99,11 @@ def _build(gm: AdaptedModule, batch: int, length: int, dtype: torch.dtype,
 
 
 # After splicing: the decode graph never trains and nothing splices into it again, so it can drop
-# what only training needs and fold what PEFT computes per step. Gates stay (they switch adapters).
+# what only training needs, fold what PEFT computes per step, and join tiny ops (a single-token
+# step is mostly per-op dispatch besides the weights' matmuls). Gates stay (they switch adapters).
 SLIM_PASSES = (FusePass("drop_dropout", drop_dropout), FusePass("fold_lora_scale", fold_lora_scale),
-               FusePass("fuse_lora_a", fuse_lora_a), FusePass("strip_leftovers", strip_leftovers))
+               FusePass("fuse_lora_a", fuse_lora_a), FusePass("strip_leftovers", strip_leftovers),
+               FusePass("fuse_rms_norm", fuse_rms_norm))
 
 
 def _slim(decoder: AdaptedModule) -> None:

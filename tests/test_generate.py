@@ -92,7 +92,7 @@ def test_decode_graph_has_the_same_adapter_nodes_and_shares_parameters(kind):
 def test_decode_graph_attends_grouped_heads_on_the_cache_and_drops_training_nodes():
     """The decode step does no work PEFT's eager step does not: SDPA reads the KV cache itself
     (``enable_gqa``, no repeated copy), no dropout, the LoRA scale on the gate, q/v LoRA ``A``
-    in one matmul. Tokens stay PEFT's (test above)."""
+    in one matmul, each RMSNorm one ``rms_norm``. Tokens stay PEFT's (test above)."""
     gm = _adapted("lora")
     decoder = _decoder(gm, _left_padded()[0])
     aten = torch.ops.aten
@@ -111,6 +111,8 @@ def test_decode_graph_attends_grouped_heads_on_the_cache_and_drops_training_node
            and n.args[1].op == "get_attr" and "lora_B" in n.args[1].target]
     assert len(ups) == 4 and all(user.target is aten.add.Tensor for n in ups for user in n.users)  # no
     # scale multiply on the B output: alpha / r rides the 0-d gate
+    norms = decoder.graph.find_nodes(op="call_function", target=aten.rms_norm.default)
+    assert len(norms) == 2 * 2 + 1 and not decoder.graph.find_nodes(op="call_function", target=aten.rsqrt.default)
 
 
 def test_sampling_with_a_fixed_seed_is_reproducible_and_equals_peft(tmp_path):
