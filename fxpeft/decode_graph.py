@@ -37,6 +37,7 @@ from fxpeft.emit import emit
 from fxpeft.errors import FxpeftError
 from fxpeft.graph_module import AdaptedModule
 from fxpeft.match import match
+from fxpeft.gates import active_adapters
 from fxpeft.names import GATES
 from fxpeft.patterns import find_linear_sites
 from fxpeft.program import CaptureInfo, Program
@@ -86,6 +87,7 @@ def _build(gm: AdaptedModule, batch: int, length: int, dtype: torch.dtype,
     model = _bound_model(gm)
     decoder = emit(_export(_with_static_cache(model, batch, length, dtype, device), batch, length))
     decoder.meta["fxpeft"] = {"passes": []}
+    decoder.fxpeft_virtual_tokens = {}  # adapter -> ids of the virtual tokens its prefill carries
     grouped = gqa_in_sdpa(decoder)  # before splicing: the adapters' nodes see the same SDPA nodes
     for adapter, record in adapter_records(gm).items():
         _splice_like(decoder, gm, adapter, record)
@@ -230,25 +232,42 @@ def _exported(shell: torch.nn.Module, inputs: dict[str, torch.Tensor], shapes: d
 
 
 def without_kv_cache(gm: AdaptedModule) -> dict[str, str]:
-    """Adapters of ``gm`` whose kind the KV-cached decode graph cannot hold, with the reason
-    (``AdapterKind.no_kv_cache``); ``fxpeft.generate`` then decodes with the training graph.
+    """Adapters of ``gm`` the KV-cached decode graph cannot hold, with the reason; then
+    ``fxpeft.generate`` decodes with the training graph. That is when several adapters lengthen
+    the input (prompt tuning, ``AdapterKind.decode_splice``): the training graph stacks their
+    virtual tokens, the decode graph holds one adapter's.
 
     >>> import torch, fxpeft
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
     >>> without_kv_cache(fxpeft.rewrite(net, fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"]))))
     {}
     """
-    found = {}
-    for adapter, record in adapter_records(gm).items():
-        for rule in record.rules.rules:
-            reason = registry.get(rule.rewrite).no_kv_cache
-            if reason:
-                found[adapter] = f"{rule.rewrite}: {reason}"
-    return found
+    lengthening = {adapter: rule.rewrite for adapter, record in adapter_records(gm).items()
+                   for rule in record.rules.rules if registry.get(rule.rewrite).decode_splice is not None}
+    if len(lengthening) < 2:
+        return {}
+    return {adapter: f"{kind}: {len(lengthening)} adapters lengthen the input; the decode graph "
+            f"holds one" for adapter, kind in lengthening.items()}
+
+
+def virtual_tokens(gm: AdaptedModule) -> int:
+    """How many virtual tokens the active adapters that lengthen the input (prompt tuning) put
+    in front of a prompt: what the decode graph's KV cache must hold besides the tokens."""
+    active = set(active_adapters(gm))
+    return sum(rule.params.num_virtual_tokens for adapter, record in adapter_records(gm).items()
+               if adapter in active for rule in record.rules.rules
+               if registry.get(rule.rewrite).decode_splice is not None)
 
 
 def _splice_like(decoder: AdaptedModule, gm: AdaptedModule, adapter: str, record: Any) -> None:
-    """Splice ``adapter`` into ``decoder`` by its rules, then share ``gm``'s parameters."""
+    """Splice ``adapter`` into ``decoder`` by its rules, then share ``gm``'s parameters (a kind
+    that lengthens the input splices its own way, ``AdapterKind.decode_splice``)."""
+    lengthen = {registry.get(rule.rewrite).decode_splice for rule in record.rules.rules} - {None}
+    if lengthen:
+        for target in record.attached:
+            place(decoder, target, fetch(gm, target))
+        decoder.fxpeft_virtual_tokens[adapter] = lengthen.pop()(decoder, adapter, record)
+        return
     program = program_of(decoder)
     result = match(program, record.rules)
     wanted = sorted(m.module_path for m in record.matches)

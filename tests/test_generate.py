@@ -217,21 +217,40 @@ def test_bad_inputs_are_one_line_errors():
         fxpeft.generate(plain, torch.ones(1, 3, dtype=torch.long))
 
 
-def test_prompt_tuning_generates_without_the_kv_cache_and_equals_peft_greedy(tmp_path):
-    """Prompt tuning's virtual tokens lengthen the sequence, which the static-cache decode graph
-    does not hold: generation runs full forwards of the training graph instead (no decode graph
-    is built), and its greedy tokens equal PEFT's model's over full forwards. (PEFT's cached
-    ``generate`` parted from both after two tokens in one row of this random tiny model.)"""
+def test_prompt_tuning_prefills_its_virtual_tokens_once_and_equals_peft_greedy(tmp_path):
+    """The decode graph takes prompt tuning's virtual tokens as ids past the vocabulary, which
+    the prefill puts in front once (the KV cache keeps them); greedy tokens equal PEFT's model's
+    over full forwards. (PEFT's cached ``generate`` parted from both after two tokens in one row
+    of this random tiny model.)"""
     gm = fxpeft.rewrite(tiny_llama(), "prompt_tuning.toml")
     _perturb(gm)
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
-    assert set(decode_graph.without_kv_cache(gm)) == {"default"}
+    assert decode_graph.without_kv_cache(gm) == {}
     ours = fxpeft.generate(gm.train(), ids, max_new_tokens=NEW_TOKENS)
-    assert gm.training and decode_graph.cached_keys(gm) == []  # mode kept, no decode graph
+    assert gm.training  # mode kept
+    decoder = decode_graph.decoder_for(gm, 2, 9 + NEW_TOKENS + 20)  # 20 virtual tokens: built
+    assert decoder.fxpeft_virtual_tokens == {"default": range(VOCAB, VOCAB + 20)}
+    assert decoder.prompt_embeddings is gm.prompt_embeddings and len(decode_graph.cached_keys(gm)) == 1
     peft_model, theirs = _peft_twin(gm, tmp_path), ids
     with torch.no_grad():  # PEFT's model, greedy over full forwards (the same computation)
         for _ in range(NEW_TOKENS):
             theirs = torch.cat([theirs, peft_model(input_ids=theirs).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert ours.shape == (2, 9 + NEW_TOKENS) and torch.equal(ours, theirs)
-    with gm.disable_adapters():
-        assert not torch.equal(fxpeft.generate(gm, ids, max_new_tokens=NEW_TOKENS), ours)
+    with gm.disable_adapters():  # no virtual tokens: the base model's own generate
+        base = fxpeft.generate(gm, ids, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    assert torch.equal(base, tiny_llama().generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                                   eos_token_id=None))
+    assert not torch.equal(base, ours)
+
+
+def test_two_prompt_adapters_generate_without_the_kv_cache():
+    """Two active prompt-tuning adapters stack their virtual tokens in the training graph; the
+    decode graph holds one, so generation runs full forwards of the training graph instead."""
+    gm = fxpeft.rewrite(tiny_llama(), "prompt_tuning.toml")
+    fxpeft.add_adapter(gm, "more", "prompt_tuning.toml")
+    gm.set_adapter(["default", "more"])
+    _perturb(gm)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    assert set(decode_graph.without_kv_cache(gm)) == {"default", "more"}
+    ours = fxpeft.generate(gm.eval(), ids, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    assert decode_graph.cached_keys(gm) == [] and torch.equal(ours, _greedy_without_cache(gm, ids, NEW_TOKENS))
