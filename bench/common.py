@@ -17,9 +17,9 @@ def machine_line() -> str:
             f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
-def interleaved_medians(sides: dict[str, Callable[[], None]], steps: int, warmup: int) -> dict[str, float]:
+def interleaved_times(sides: dict[str, Callable[[], None]], steps: int, warmup: int) -> dict[str, list[float]]:
     """Run each side once per round, round-robin, so machine noise hits every side alike;
-    return the median seconds per call of each side after ``warmup`` rounds."""
+    return each side's seconds per call, one per round after ``warmup`` rounds."""
     times: dict[str, list[float]] = {name: [] for name in sides}
     for round_index in range(warmup + steps):
         for name, step in sides.items():
@@ -28,7 +28,12 @@ def interleaved_medians(sides: dict[str, Callable[[], None]], steps: int, warmup
             elapsed = time.perf_counter() - start
             if round_index >= warmup:
                 times[name].append(elapsed)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def interleaved_medians(sides: dict[str, Callable[[], None]], steps: int, warmup: int) -> dict[str, float]:
+    """The median of each side's ``interleaved_times``."""
+    return {name: statistics.median(values) for name, values in interleaved_times(sides, steps, warmup).items()}
 
 
 def print_ratios(medians: dict[str, float], reference: str) -> None:

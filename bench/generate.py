@@ -4,18 +4,21 @@ interleaved, medians after warm-up, ratios from this run only.
 
     python bench/generate.py [--prompt 128 --new 16 --batch 1 --steps 3] [--per-step]
 
-Per-token decode time of a side = (median time to generate ``new`` tokens - median time to
-generate 1 token) / (new - 1): the prefill cancels out. The no-cache loop runs the whole sequence
-through the adapted graph for every token, as a hand-written loop had to before
-``fxpeft.generate``. It also checks that the greedy tokens equal PEFT's. ``--per-step`` times one
-decoding step in isolation instead (less noisy on a loaded machine): the decode graph, PEFT's
-model on a ``StaticCache`` of the same length, and a no-cache forward over prompt + 1 tokens.
+Per-token decode time of a side = the median over rounds of (time to generate ``new`` tokens -
+time to generate 1 token, both in the same round) / (new - 1): the prefill cancels out, and
+pairing within a round keeps the machine's drift between rounds out of the difference. The
+no-cache loop runs the whole sequence through the adapted graph for every token, as a
+hand-written loop had to before ``fxpeft.generate``. It also checks that the greedy tokens equal
+PEFT's. ``--per-step`` times one decoding step in isolation instead (less noisy on a loaded
+machine): the decode graph, PEFT's model on a ``StaticCache`` of the same length, and a no-cache
+forward over prompt + 1 tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_medians, machine_line  # noqa: E402
+from common import interleaved_medians, interleaved_times, machine_line  # noqa: E402
 
 import fxpeft  # noqa: E402
 from fxpeft.decode_graph import decoder_for  # noqa: E402
@@ -114,8 +117,10 @@ def main() -> None:
         print(f"fxpeft / PEFT static     {medians['fxpeft'] / medians['peft static']:.3f}")
         return
     with torch.no_grad():
-        medians = interleaved_medians(sides(gm, peft_model, ids, args.new), args.steps, warmup=1)
-    per_token = {name: (medians[f"{name} {args.new}"] - medians[f"{name} 1"]) / (args.new - 1)
+        times = interleaved_times(sides(gm, peft_model, ids, args.new), args.steps, warmup=1)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    per_token = {name: statistics.median((long - short) / (args.new - 1) for long, short in
+                                         zip(times[f"{name} {args.new}"], times[f"{name} 1"]))
                  for name in ("fxpeft", "peft static", "peft dynamic", "no cache")}
     print(machine_line())
     for name, seconds in per_token.items():

@@ -37,13 +37,18 @@ from fxpeft.emit import emit
 from fxpeft.errors import FxpeftError
 from fxpeft.graph_module import AdaptedModule
 from fxpeft.match import match
+from fxpeft.gates import active_adapters
 from fxpeft.names import GATES
 from fxpeft.patterns import find_linear_sites
 from fxpeft.program import CaptureInfo, Program
+from fxpeft.transforms.fuse import (FusePass, drop_dropout, fold_lora_scale, fuse_lora_a,
+                                    strip_leftovers)
+from fxpeft.transforms.gqa import gqa_in_sdpa
+from fxpeft.transforms.norms import fuse_rms_norm
 
 log = logging.getLogger("fxpeft")
 LENGTH_STEP = 16  # cache lengths round up to a multiple, so prompts of similar length share a graph;
-# small, because every step attends over (and HF repeats for GQA) the whole cache
+# small, because every step attends over the whole cache
 MAX_DECODERS = 2  # per training graph: each holds a KV cache
 _DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
 _CACHE_PREFIX = "fxpeft_kv"
@@ -82,14 +87,33 @@ def _build(gm: AdaptedModule, batch: int, length: int, dtype: torch.dtype,
     model = _bound_model(gm)
     decoder = emit(_export(_with_static_cache(model, batch, length, dtype, device), batch, length))
     decoder.meta["fxpeft"] = {"passes": []}
+    decoder.fxpeft_virtual_tokens = {}  # adapter -> ids of the virtual tokens its prefill carries
+    grouped = gqa_in_sdpa(decoder)  # before splicing: the adapters' nodes see the same SDPA nodes
     for adapter, record in adapter_records(gm).items():
         _splice_like(decoder, gm, adapter, record)
     if hasattr(gm, GATES):
         decoder.add_module(GATES, getattr(gm, GATES))  # one set of on/off switches for both graphs
+    _slim(decoder)
     decoder.fxpeft_cache_length = length
-    log.info("fxpeft decode graph: batch %d, cache length %d, %d adapters", batch, length,
-             len(adapter_records(gm)))
+    log.info("fxpeft decode graph: batch %d, cache length %d, %d adapters, %d SDPA with GQA", batch,
+             length, len(adapter_records(gm)), grouped)
     return decoder.eval()
+
+
+# After splicing: the decode graph never trains and nothing splices into it again, so it can drop
+# what only training needs, fold what PEFT computes per step, and join tiny ops (a single-token
+# step is mostly per-op dispatch besides the weights' matmuls). Gates stay (they switch adapters).
+SLIM_PASSES = (FusePass("drop_dropout", drop_dropout), FusePass("fold_lora_scale", fold_lora_scale),
+               FusePass("fuse_lora_a", fuse_lora_a), FusePass("strip_leftovers", strip_leftovers),
+               FusePass("fuse_rms_norm", fuse_rms_norm))
+
+
+def _slim(decoder: AdaptedModule) -> None:
+    for slim in SLIM_PASSES:
+        changed = slim.run(decoder)
+        log.debug("fxpeft decode graph: %s changed %d", slim.name, changed)
+    decoder.graph.lint()
+    decoder.recompile()
 
 
 def _model_class(gm: AdaptedModule) -> type:
@@ -208,25 +232,42 @@ def _exported(shell: torch.nn.Module, inputs: dict[str, torch.Tensor], shapes: d
 
 
 def without_kv_cache(gm: AdaptedModule) -> dict[str, str]:
-    """Adapters of ``gm`` whose kind the KV-cached decode graph cannot hold, with the reason
-    (``AdapterKind.no_kv_cache``); ``fxpeft.generate`` then decodes with the training graph.
+    """Adapters of ``gm`` the KV-cached decode graph cannot hold, with the reason; then
+    ``fxpeft.generate`` decodes with the training graph. That is when several adapters lengthen
+    the input (prompt tuning, ``AdapterKind.decode_splice``): the training graph stacks their
+    virtual tokens, the decode graph holds one adapter's.
 
     >>> import torch, fxpeft
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
     >>> without_kv_cache(fxpeft.rewrite(net, fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"]))))
     {}
     """
-    found = {}
-    for adapter, record in adapter_records(gm).items():
-        for rule in record.rules.rules:
-            reason = registry.get(rule.rewrite).no_kv_cache
-            if reason:
-                found[adapter] = f"{rule.rewrite}: {reason}"
-    return found
+    lengthening = {adapter: rule.rewrite for adapter, record in adapter_records(gm).items()
+                   for rule in record.rules.rules if registry.get(rule.rewrite).decode_splice is not None}
+    if len(lengthening) < 2:
+        return {}
+    return {adapter: f"{kind}: {len(lengthening)} adapters lengthen the input; the decode graph "
+            f"holds one" for adapter, kind in lengthening.items()}
+
+
+def virtual_tokens(gm: AdaptedModule) -> int:
+    """How many virtual tokens the active adapters that lengthen the input (prompt tuning) put
+    in front of a prompt: what the decode graph's KV cache must hold besides the tokens."""
+    active = set(active_adapters(gm))
+    return sum(rule.params.num_virtual_tokens for adapter, record in adapter_records(gm).items()
+               if adapter in active for rule in record.rules.rules
+               if registry.get(rule.rewrite).decode_splice is not None)
 
 
 def _splice_like(decoder: AdaptedModule, gm: AdaptedModule, adapter: str, record: Any) -> None:
-    """Splice ``adapter`` into ``decoder`` by its rules, then share ``gm``'s parameters."""
+    """Splice ``adapter`` into ``decoder`` by its rules, then share ``gm``'s parameters (a kind
+    that lengthens the input splices its own way, ``AdapterKind.decode_splice``)."""
+    lengthen = {registry.get(rule.rewrite).decode_splice for rule in record.rules.rules} - {None}
+    if lengthen:
+        for target in record.attached:
+            place(decoder, target, fetch(gm, target))
+        decoder.fxpeft_virtual_tokens[adapter] = lengthen.pop()(decoder, adapter, record)
+        return
     program = program_of(decoder)
     result = match(program, record.rules)
     wanted = sorted(m.module_path for m in record.matches)

@@ -18,8 +18,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from fxpeft.decode_graph import decoder_for, without_kv_cache
+from fxpeft.decode_graph import decoder_for, virtual_tokens, without_kv_cache
 from fxpeft.errors import FxpeftError
+from fxpeft.gates import active_adapters
 from fxpeft.graph_module import AdaptedModule
 
 
@@ -110,7 +111,9 @@ def generate(gm: AdaptedModule, input_ids: torch.Tensor, max_new_tokens: int = 2
     mask = _check(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
     config = gm.capture_info.config if gm.capture_info is not None else None
     uncached = without_kv_cache(gm)
-    decoder = None if uncached else decoder_for(gm, input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+    decoder = None if uncached else decoder_for(
+        gm, input_ids.shape[0], input_ids.shape[1] + max_new_tokens + virtual_tokens(gm))
+    virtual = _virtual_ids(gm, decoder)
     device = next((decoder or gm).parameters()).device
     ids, mask = input_ids.to(device), mask.to(device)
     eos = _token_ids(getattr(config, "eos_token_id", None) if eos_token_id is None else eos_token_id, device)
@@ -119,14 +122,27 @@ def generate(gm: AdaptedModule, input_ids: torch.Tensor, max_new_tokens: int = 2
     choose = lambda logits: _next_token(logits, do_sample, temperature, top_k, top_p, generator)  # noqa: E731
     if decoder is None:
         return _decode_without_cache(gm, ids, mask, max_new_tokens, eos, pad, choose)
-    return _decode(decoder, ids, mask, max_new_tokens, eos, pad, choose)
+    prefix = torch.tensor(virtual, dtype=ids.dtype, device=device).expand(ids.shape[0], -1)
+    out = _decode(decoder, torch.cat([prefix, ids], 1), torch.cat([torch.ones_like(prefix), mask], 1),
+                  max_new_tokens, eos, pad, choose)
+    return out[:, len(virtual):]  # as PEFT's generate: the virtual tokens are not returned
+
+
+def _virtual_ids(gm: AdaptedModule, decoder: "torch.nn.Module | None") -> list[int]:
+    """The virtual token ids the prefill puts in front: those of the active adapter that
+    lengthens the input (prompt tuning), if any."""
+    if decoder is None:
+        return []
+    active = set(active_adapters(gm))
+    return [i for adapter, ids in decoder.fxpeft_virtual_tokens.items() if adapter in active for i in ids]
 
 
 def _decode_without_cache(gm: AdaptedModule, ids: torch.Tensor, mask: torch.Tensor,
                           max_new_tokens: int, eos: "torch.Tensor | None", pad: int,
                           choose: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Each token from a full forward of the training graph (in eval mode): for adapters the
-    cached decode graph cannot hold (``decode_graph.without_kv_cache``), such as prompt tuning."""
+    cached decode graph cannot hold (``decode_graph.without_kv_cache``): several prompt-tuning
+    adapters."""
     was_training = gm.training
     gm.eval()
     running = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)

@@ -120,15 +120,33 @@ def peft_config(program: Program, rec: AdapterRecord, kind: AdapterKind) -> dict
     return {**config, **kind.peft.to_config(mine, program)}
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """A ``DTensor`` (FSDP2's parameters): each rank holds a shard.
+
+    >>> is_sharded(torch.zeros(2))
+    False
+    """
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(tensor, DTensor)
+
+
 def peft_state_dict(gm: torch.nn.Module, adapter: str, kind: AdapterKind) -> dict[str, torch.Tensor]:
-    """``adapter``'s tensors under PEFT's keys (copies, on the CPU)."""
+    """``adapter``'s tensors under PEFT's keys (copies, on the CPU). Sharded tensors (FSDP2) are
+    gathered whole: a collective, so every rank must call this."""
     tensors = {}
     for name, tensor in gm.state_dict().items():
         key = to_peft_key(name, adapter, kind.components, kind.peft.key_prefix) \
             if is_adapter_parameter(name) else None
         if key is not None:
+            tensor = tensor.full_tensor() if is_sharded(tensor) else tensor
             tensors[key] = tensor.detach().to("cpu", copy=True).contiguous()
     return tensors
+
+
+def _sharded(gm: torch.nn.Module) -> bool:
+    return any(is_sharded(p) for name, p in gm.named_parameters() if is_adapter_parameter(name))
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -213,9 +231,16 @@ def save(gm: AdaptedModule, directory: "str | Path", adapter: str = "default") -
     >>> folder = fxpeft.save(fxpeft.rewrite(model, "lora_qv"), tempfile.mkdtemp() + "/qv")
     >>> sorted(p.name for p in folder.iterdir())
     ['adapter_config.json', 'adapter_model.safetensors', 'fxpeft_rules.toml']
+
+    A graph sharded by FSDP2 (``fully_shard``): call ``save`` on every rank. Each gathers the
+    adapter (a collective), rank 0 writes, and all return once the folder is complete.
     """
+    sharded = _sharded(gm)
     writers = _writers(gm, adapter, Path(directory))
-    replace_folder(Path(directory), writers)
+    if not sharded or torch.distributed.get_rank() == 0:
+        replace_folder(Path(directory), writers)
+    if sharded:
+        torch.distributed.barrier()  # no rank reads the folder before rank 0 has written it
     return Path(directory)
 
 

@@ -77,9 +77,9 @@ def test_decode_graph_has_the_same_adapter_nodes_and_shares_parameters(kind):
     gm = _adapted(kind)
     ids, _ = _left_padded()
     decoder = _decoder(gm, ids)
-    count = lambda g: sorted((r.kind, r.module_path) for n in g.graph.nodes
-                             if (r := n.meta.get(ADAPTER_META)) is not None)
-    assert count(decoder) == count(gm) and count(gm)
+    sites = lambda g: {(r.kind, r.module_path) for n in g.graph.nodes  # noqa: E731
+                       if (r := n.meta.get(ADAPTER_META)) is not None}
+    assert sites(decoder) == sites(gm) and sites(gm)  # node counts differ: the decoder is slimmed
     for target in record(gm, "default").attached:
         assert fetch(decoder, target) is fetch(gm, target)
     assert getattr(decoder, GATES) is getattr(gm, GATES)
@@ -87,6 +87,32 @@ def test_decode_graph_has_the_same_adapter_nodes_and_shares_parameters(kind):
     assert all(id(p) in decoder_params for p in adapter_parameters(gm, "default"))
     assert {id(p) for p in gm.parameters()} >= decoder_params  # nothing of its own but the KV cache
     decoder.graph.lint()
+
+
+def test_decode_graph_attends_grouped_heads_on_the_cache_and_drops_training_nodes():
+    """The decode step does no work PEFT's eager step does not: SDPA reads the KV cache itself
+    (``enable_gqa``, no repeated copy), no dropout, the LoRA scale on the gate, q/v LoRA ``A``
+    in one matmul, each RMSNorm one ``rms_norm``. Tokens stay PEFT's (test above)."""
+    gm = _adapted("lora")
+    decoder = _decoder(gm, _left_padded()[0])
+    aten = torch.ops.aten
+    sdpa = [n for n in decoder.graph.nodes if n.target is aten.scaled_dot_product_attention.default]
+    assert len(sdpa) == 2 and all(n.kwargs.get("enable_gqa") for n in sdpa)
+    for node in sdpa:  # k and v: the cache itself, 2 kv heads for 4 query heads
+        assert [a.target for a in node.args[1:3]] == [aten.index_copy_.default] * 2
+        assert node.args[0].meta["val"].shape[1] == 4 and node.args[1].meta["val"].shape[1] == 2
+    assert not any(n.target is aten.expand.default and n.args[0].target is aten.unsqueeze.default
+                   and n.args[0].args[0].target is aten.index_copy_.default for n in decoder.graph.nodes)
+    assert not [n for n in decoder.graph.nodes if n.op == "call_module"]  # no dropout
+    matmuls = lambda g: len(g.graph.find_nodes(op="call_function", target=aten.linear.default))  # noqa: E731
+    assert (matmuls(gm), matmuls(decoder)) == (2 * (7 + 4) + 1, 2 * (7 + 3) + 1)  # per layer: 7 base,
+    # LoRA A q, A v, B q, B v (one A in the decoder); and the head
+    ups = [n for n in decoder.graph.nodes if n.target is aten.linear.default
+           and n.args[1].op == "get_attr" and "lora_B" in n.args[1].target]
+    assert len(ups) == 4 and all(user.target is aten.add.Tensor for n in ups for user in n.users)  # no
+    # scale multiply on the B output: alpha / r rides the 0-d gate
+    norms = decoder.graph.find_nodes(op="call_function", target=aten.rms_norm.default)
+    assert len(norms) == 2 * 2 + 1 and not decoder.graph.find_nodes(op="call_function", target=aten.rsqrt.default)
 
 
 def test_sampling_with_a_fixed_seed_is_reproducible_and_equals_peft(tmp_path):
@@ -191,21 +217,40 @@ def test_bad_inputs_are_one_line_errors():
         fxpeft.generate(plain, torch.ones(1, 3, dtype=torch.long))
 
 
-def test_prompt_tuning_generates_without_the_kv_cache_and_equals_peft_greedy(tmp_path):
-    """Prompt tuning's virtual tokens lengthen the sequence, which the static-cache decode graph
-    does not hold: generation runs full forwards of the training graph instead (no decode graph
-    is built), and its greedy tokens equal PEFT's model's over full forwards. (PEFT's cached
-    ``generate`` parted from both after two tokens in one row of this random tiny model.)"""
+def test_prompt_tuning_prefills_its_virtual_tokens_once_and_equals_peft_greedy(tmp_path):
+    """The decode graph takes prompt tuning's virtual tokens as ids past the vocabulary, which
+    the prefill puts in front once (the KV cache keeps them); greedy tokens equal PEFT's model's
+    over full forwards. (PEFT's cached ``generate`` parted from both after two tokens in one row
+    of this random tiny model.)"""
     gm = fxpeft.rewrite(tiny_llama(), "prompt_tuning.toml")
     _perturb(gm)
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
-    assert set(decode_graph.without_kv_cache(gm)) == {"default"}
+    assert decode_graph.without_kv_cache(gm) == {}
     ours = fxpeft.generate(gm.train(), ids, max_new_tokens=NEW_TOKENS)
-    assert gm.training and decode_graph.cached_keys(gm) == []  # mode kept, no decode graph
+    assert gm.training  # mode kept
+    decoder = decode_graph.decoder_for(gm, 2, 9 + NEW_TOKENS + 20)  # 20 virtual tokens: built
+    assert decoder.fxpeft_virtual_tokens == {"default": range(VOCAB, VOCAB + 20)}
+    assert decoder.prompt_embeddings is gm.prompt_embeddings and len(decode_graph.cached_keys(gm)) == 1
     peft_model, theirs = _peft_twin(gm, tmp_path), ids
     with torch.no_grad():  # PEFT's model, greedy over full forwards (the same computation)
         for _ in range(NEW_TOKENS):
             theirs = torch.cat([theirs, peft_model(input_ids=theirs).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert ours.shape == (2, 9 + NEW_TOKENS) and torch.equal(ours, theirs)
-    with gm.disable_adapters():
-        assert not torch.equal(fxpeft.generate(gm, ids, max_new_tokens=NEW_TOKENS), ours)
+    with gm.disable_adapters():  # no virtual tokens: the base model's own generate
+        base = fxpeft.generate(gm, ids, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    assert torch.equal(base, tiny_llama().generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                                   eos_token_id=None))
+    assert not torch.equal(base, ours)
+
+
+def test_two_prompt_adapters_generate_without_the_kv_cache():
+    """Two active prompt-tuning adapters stack their virtual tokens in the training graph; the
+    decode graph holds one, so generation runs full forwards of the training graph instead."""
+    gm = fxpeft.rewrite(tiny_llama(), "prompt_tuning.toml")
+    fxpeft.add_adapter(gm, "more", "prompt_tuning.toml")
+    gm.set_adapter(["default", "more"])
+    _perturb(gm)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    assert set(decode_graph.without_kv_cache(gm)) == {"default", "more"}
+    ours = fxpeft.generate(gm.eval(), ids, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    assert decode_graph.cached_keys(gm) == [] and torch.equal(ours, _greedy_without_cache(gm, ids, NEW_TOKENS))

@@ -45,7 +45,8 @@ import torch
 import torch.fx
 
 from fxpeft.adapters import attach_component, fetch
-from fxpeft.embedding import INPUT_IDS, InputEmbeddingSite, id_readers, input_adapter, model_input
+from fxpeft.embedding import (INPUT_IDS, InputEmbeddingSite, find_input_embeddings, id_readers,
+                              input_adapter, model_input)
 from fxpeft.errors import PassError, RuleError
 from fxpeft.gates import GATE_META, gate_node
 from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced, initialising
@@ -357,6 +358,41 @@ def splice(job: SpliceInput) -> Spliced:
     return Spliced(added, [target])
 
 
+# --- the decode graph: virtual tokens as ids past the vocabulary, prefilled once ----------------
+
+def place_virtual(rows: torch.Tensor, ids: torch.Tensor, vocab: int, prompt: torch.Tensor) -> torch.Tensor:
+    """In a decode graph: where an id is ``vocab + i`` (a virtual token), prompt row ``i`` (in
+    the rows' dtype) instead of the embedding module's row; other rows pass unchanged.
+
+    >>> place_virtual(torch.zeros(1, 3, 2), torch.tensor([[5, 4, 1]]), 4, torch.ones(2, 2))[0, :, 0].tolist()
+    [1.0, 1.0, 0.0]
+    """
+    row = prompt[(ids - vocab).clamp(0, prompt.shape[0] - 1)].to(rows.dtype)
+    return torch.where((ids >= vocab)[..., None], row, rows)
+
+
+def decode_splice(decoder: torch.fx.GraphModule, adapter: str, record: Any) -> range:
+    """The prompt of ``record`` (an ``AdapterRecord``; its parameter already shared into
+    ``decoder``) into a decode graph: ``fxpeft.generate`` prefills the virtual tokens
+    as ids ``vocab .. vocab + length - 1`` in front of the prompt (once: the KV cache keeps them);
+    the lookup reads them clamped and ``place_virtual`` puts the prompt rows in their place at
+    the embedding module's output (after Gemma's scale, as in the training graph). Returns the
+    virtual token ids."""
+    site = find_input_embeddings(decoder)[0]
+    ids, vocab = site.node.args[1], site.num_embeddings
+    (target,), length = record.attached, record.rules.rules[0].params.num_virtual_tokens
+    with decoder.graph.inserting_before(site.node):
+        clamped = decoder.graph.call_function(aten.clamp.default, (ids, None, vocab - 1))
+    site.node.update_arg(1, clamped)
+    with decoder.graph.inserting_after(site.output):
+        prompt = decoder.graph.get_attr(target)
+    placed = _lengthen(decoder, site.output, place_virtual, (ids, vocab, prompt))
+    placed.prepend(prompt)
+    for node in (clamped, prompt, placed):
+        node.meta[ADAPTER_META] = AdapterNode("prompt_tuning", adapter, site.module_path, None)
+    return range(vocab, vocab + length)
+
+
 # --- PEFT's PromptTuningConfig ----------------------------------------------------------------
 
 PROMPT_FIELDS = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules",
@@ -423,5 +459,4 @@ KIND = AdapterKind(
     merge="prompt tuning adds input positions (virtual tokens), which no weight can hold",
     components=(PROMPT,),
     peft=PeftFormat("PROMPT_TUNING", rules_to_config, config_to_rules, PROMPT_FIELDS, key_prefix=""),
-    no_kv_cache="its virtual tokens lengthen the sequence, which the decode graph's static KV "
-                "cache does not account for")
+    decode_splice=decode_splice)

@@ -68,7 +68,11 @@ class AdapterKind:
     merge: "Merger | str"
     components: tuple[str, ...]
     peft: Any = None
-    no_kv_cache: str | None = None  # why fxpeft.generate's cached decode graph cannot hold it
+    # For a kind that lengthens the input (prompt tuning): splices one adapter (name, record) into
+    # a decode graph, which has no input adapter; returns the ids of the virtual tokens the
+    # prefill puts in front (as many as its params' num_virtual_tokens, which sizes the cache).
+    # Only one such adapter per graph decodes with the cache.
+    decode_splice: "Callable[[Any, str, Any], range] | None" = None
 
     @property
     def sites(self) -> tuple[str, ...]:

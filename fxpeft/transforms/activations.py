@@ -1,76 +1,17 @@
-"""Fuse passes that shrink what backward keeps, without recomputing anything costly. Each keeps
-outputs exact and gradients equal up to summation order.
-
-- ``sdpa_gqa``: grouped-query attention without ``repeat_kv``. Export records HF's
-  ``repeat_kv`` (unsqueeze, expand, reshape) in front of SDPA, so SDPA saves keys and values
-  with every query head's copy; ``enable_gqa=True`` on the un-repeated tensors keeps one copy per
-  key/value head. (Eager HF uses ``enable_gqa`` too, when no mask is given.)
-- ``gated_activation``: ``act(gate) * up`` (SwiGLU, GeGLU) becomes one autograd function that
-  saves ``gate`` and ``up`` and recomputes ``act(gate)`` in backward; autograd would also keep
-  ``act(gate)``, a third ``[tokens, intermediate]`` tensor per layer.
+"""``gated_activation``: ``act(gate) * up`` (SwiGLU, GeGLU) becomes one autograd function that
+saves ``gate`` and ``up`` and recomputes ``act(gate)`` in backward; autograd would also keep
+``act(gate)``, a third ``[tokens, intermediate]`` tensor per layer. Outputs are exact and
+gradients bit-identical (the same aten formulas). With ``sdpa_gqa`` (``fxpeft.transforms.gqa``)
+and ``recompute_norms`` (``fxpeft.transforms.checkpoint``) it is one of the fuse passes that
+shrink what backward keeps without recomputing any matmul of the base model.
 """
 
 from __future__ import annotations
-
-import sys
 
 import torch
 import torch.fx
 
 aten = torch.ops.aten
-SDPA = aten.scaled_dot_product_attention.default
-_NO_OP_VIEWS = (aten.slice.Tensor, aten.alias.default)
-
-
-def _is_full_slice(node: torch.fx.Node) -> bool:
-    """``x[:, ...]``: a slice from 0 to the end (export records them around ``None`` indexing)."""
-    if node.target == aten.alias.default:
-        return True
-    start = node.args[2] if len(node.args) > 2 else 0
-    end = node.args[3] if len(node.args) > 3 else sys.maxsize
-    step = node.args[4] if len(node.args) > 4 else 1
-    return start == 0 and end == sys.maxsize and step == 1
-
-
-def _through_full_slices(value: object) -> object:
-    while isinstance(value, torch.fx.Node) and value.target in _NO_OP_VIEWS and _is_full_slice(value):
-        value = value.args[0]
-    return value
-
-
-def unrepeated_kv(value: object) -> tuple[torch.fx.Node, int] | None:
-    """``(kv, n_rep)`` if ``value`` is HF's ``repeat_kv(kv, n_rep)`` as export records it:
-    ``kv[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)``."""
-    if not isinstance(value, torch.fx.Node) or value.target not in (aten.reshape.default, aten.view.default):
-        return None
-    expand = value.args[0]
-    if not isinstance(expand, torch.fx.Node) or expand.target != aten.expand.default:
-        return None
-    unsqueezed = _through_full_slices(expand.args[0])
-    if not isinstance(unsqueezed, torch.fx.Node) or unsqueezed.target != aten.unsqueeze.default or \
-            unsqueezed.args[1] != 2:
-        return None
-    kv = _through_full_slices(unsqueezed.args[0])
-    sizes = expand.args[1]
-    if not isinstance(kv, torch.fx.Node) or len(sizes) != 5 or not isinstance(sizes[2], int):
-        return None
-    return kv, sizes[2]
-
-
-def sdpa_gqa(gm: torch.fx.GraphModule) -> int:
-    """SDPA reads un-repeated keys and values with ``enable_gqa=True``; returns how many."""
-    changed = 0
-    for node in list(gm.graph.find_nodes(op="call_function", target=SDPA)):
-        if node.kwargs.get("enable_gqa") or len(node.args) < 3:
-            continue
-        key, value = unrepeated_kv(node.args[1]), unrepeated_kv(node.args[2])
-        if key is None or value is None or key[1] != value[1]:
-            continue
-        node.args = (node.args[0], key[0], value[0], *node.args[3:])
-        node.kwargs = {**node.kwargs, "enable_gqa": True}
-        changed += 1
-    gm.graph.eliminate_dead_code()
-    return changed
 
 
 class _GatedActivation(torch.autograd.Function):

@@ -19,10 +19,12 @@ changed, and is logged with its time:
   linear cross-entropy that never holds the full logits (``fxpeft.transforms.lm_loss``);
   ``.logits`` is then None. Only where exact: a plain fp32 head without an adapter.
 - ``sdpa_gqa`` and ``gated_activation``: less for backward to keep: SDPA reads grouped-query
-  keys and values without ``repeat_kv``, and ``act(gate) * up`` saves only its two inputs
-  (``fxpeft.transforms.activations``).
+  keys and values without ``repeat_kv`` (``fxpeft.transforms.gqa``, which the decode graph runs
+  too), and ``act(gate) * up`` saves only its two inputs (``fxpeft.transforms.activations``).
 - ``recompute_norms`` (not with ``checkpoint=`` or ``regions=``): a norm that feeds LoRA ``A``
   projections is recomputed with them in backward, so its output is not kept beside its input.
+- ``drop_dropout`` (not in ``fuse``; the decode graph runs it): dropouts become their input, for
+  graphs that only ever run in eval mode.
 - ``strip_leftovers``: no-op casts (to the dtype a tensor already has) and dead code.
 - ``checkpoint_layers`` (only with ``checkpoint="layers"``): gradient checkpointing, each layer
   a region recomputed in backward (``fxpeft.transforms.checkpoint``).
@@ -48,7 +50,8 @@ from fxpeft.graph_module import AdaptedModule
 from fxpeft.names import (DROPOUT_MODULE, GATE_META, GATES, LM_LOSS_MODULE, OUTPUT_MODULE,
                           adapter_node)
 from fxpeft.program import copy_graph
-from fxpeft.transforms.activations import gated_activation, sdpa_gqa
+from fxpeft.transforms.activations import gated_activation
+from fxpeft.transforms.gqa import gqa_in_sdpa
 from fxpeft.transforms.checkpoint import checkpoint_layers, recompute_norms
 from fxpeft.transforms.lm_loss import LMHeadLoss
 from fxpeft.transforms.regions import region_layers
@@ -161,6 +164,18 @@ def share_dropout(gm: torch.fx.GraphModule) -> int:
         else:
             seen[key] = node
     return shared
+
+
+def drop_dropout(gm: torch.fx.GraphModule) -> int:
+    """Every dropout becomes its input: only for graphs that never train (the decode graph), as
+    a graph running in eval mode draws no mask. Sibling LoRA ``A`` projections then read one
+    tensor, so ``fuse_lora_a`` can join them."""
+    dropped = 0
+    for node in list(gm.graph.find_nodes(op="call_module", target=DROPOUT_MODULE)):
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        dropped += 1
+    return dropped
 
 
 def strip_leftovers(gm: torch.fx.GraphModule) -> int:
@@ -295,7 +310,7 @@ def fuse_passes(shared_dropout: bool = False, mixed: bool = False,
         if shared_dropout:
             passes.append(FusePass("share_dropout", share_dropout))
         passes += [FusePass("fuse_lora_a", fuse_lora_a), FusePass("fuse_lm_loss", fuse_lm_loss)]
-    passes += [FusePass("sdpa_gqa", sdpa_gqa), FusePass("gated_activation", gated_activation),
+    passes += [FusePass("sdpa_gqa", gqa_in_sdpa), FusePass("gated_activation", gated_activation),
                FusePass("strip_leftovers", strip_leftovers)]
     if checkpoint == "layers":
         passes.append(FusePass("checkpoint_layers", checkpoint_layers))

@@ -1,0 +1,95 @@
+"""``fuse_rms_norm``: RMSNorm as one ``aten.rms_norm`` call instead of seven.
+
+transformers' Llama-family RMSNorm, traced in fp32, is ``w * (x * rsqrt(mean(x ** 2, -1) + eps))``:
+pow, mean, add, rsqrt and two muls, each a Python-dispatched op per layer and norm. In a
+single-token decode step these tiny ops cost more in dispatch than in arithmetic, and
+``aten.rms_norm`` computes the same expression in the same order in one call (bit-identical in
+fp32; tested). Only the exact fp32 pattern is replaced: a bf16 norm casts between the steps,
+and Gemma's ``(1 + w)`` has no plain weight, so neither matches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+aten = torch.ops.aten
+
+
+def _call(node: object, target: object) -> "torch.fx.Node | None":
+    return node if isinstance(node, torch.fx.Node) and node.target is target else None
+
+
+def _fp32(node: object) -> bool:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return isinstance(value, torch.Tensor) and value.dtype == torch.float32
+
+
+def _uncast(node: object) -> object:
+    """``node`` without fp32-to-fp32 casts (the ``.to(input_dtype)`` of an fp32 norm)."""
+    while _call(node, aten.to.dtype) and _fp32(node.args[0]) and node.args[1:] == (torch.float32,):
+        node = node.args[0]
+    return node
+
+
+def _normed(node: object) -> "tuple[torch.fx.Node, float] | None":
+    """``(x, eps)`` when ``node`` is ``x * rsqrt(mean(x ** 2, [-1], keepdim) + eps)``."""
+    scaled = _call(_uncast(node), aten.mul.Tensor)
+    rsqrt = _call(scaled.args[1], aten.rsqrt.default) if scaled else None
+    shifted = _call(rsqrt.args[0], aten.add.Tensor) if rsqrt else None
+    mean = _call(shifted.args[0], aten.mean.dim) if shifted else None
+    square = _call(mean.args[0], aten.pow.Tensor_Scalar) if mean else None
+    if square is None or not isinstance(shifted.args[1], float) or square.args[1] != 2 \
+            or list(mean.args[1]) != [-1] or mean.args[2:] != (True,) or mean.kwargs:
+        return None
+    x = scaled.args[0]
+    return (x, shifted.args[1]) if square.args[0] is x and _fp32(x) else None
+
+
+def _rms_norm(node: torch.fx.Node) -> "tuple[torch.fx.Node, torch.fx.Node, float] | None":
+    """``(x, weight, eps)`` when ``node`` is ``weight * normed(x)`` with a 1-D fp32 weight."""
+    if node.target is not aten.mul.Tensor or len(node.args) != 2:
+        return None
+    weight, normed = node.args
+    found = _normed(normed)
+    value = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
+    if found is None or weight.op != "get_attr" or not _fp32(weight) or value.dim() != 1:
+        return None
+    return found[0], weight, found[1]
+
+
+def _erase_chain(graph: torch.fx.Graph, node: torch.fx.Node, stop: torch.fx.Node) -> None:
+    """Erase ``node`` and the producers it leaves unused, up to ``stop`` (the norm's input)."""
+    if node is stop or node.users or node.op != "call_function":
+        return
+    inputs = node.all_input_nodes
+    graph.erase_node(node)
+    for source in inputs:
+        _erase_chain(graph, source, stop)
+
+
+def fuse_rms_norm(gm: torch.fx.GraphModule) -> int:
+    """Each fp32 RMSNorm pattern becomes one ``aten.rms_norm``; returns how many.
+
+    >>> import torch
+    >>> from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    >>> norm = LlamaRMSNorm(8); x = torch.randn(2, 3, 8)
+    >>> gm = torch.export.export(norm, (x,)).module()
+    >>> fuse_rms_norm(gm), torch.equal(gm(x), norm(x))
+    (1, True)
+    """
+    fused = 0
+    for node in list(gm.graph.find_nodes(op="call_function", target=aten.mul.Tensor)):
+        found = _rms_norm(node) if node in gm.graph.nodes else None
+        if found is None:
+            continue
+        x, weight, eps = found
+        with gm.graph.inserting_before(node):
+            norm = gm.graph.call_function(aten.rms_norm.default, (x, [weight.meta["val"].shape[0]], weight, eps))
+        norm.meta.update(node.meta)
+        node.replace_all_uses_with(norm)
+        _erase_chain(gm.graph, node, x)
+        fused += 1
+    if fused:
+        gm.recompile()
+    return fused
