@@ -1,9 +1,10 @@
 """How long ``fxpeft.rewrite`` of the real SmolLM2-135M takes, first call (cold: the first
 capture in a fresh process) and second call (warm: the capture cache), cut to 2, 8 and 30 layers,
 with capture-once-and-replicate on and off (``FXPEFT_REPLICATE=0``). Each measure runs in its own
-fresh process; the model is loaded before the clock starts.
+fresh process (medians over ``--repeat`` processes); the model is loaded before the clock
+starts.
 
-    python bench/capture_time.py [--layers 2 8 30] [--json out.json]
+    python bench/capture_time.py [--layers 2 8 30] [--repeat 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -51,16 +53,22 @@ def rewrite_seconds(layers: int, replicate: bool) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 30])
+    parser.add_argument("--repeat", type=int, default=3, help="fresh processes per measure (median)")
     parser.add_argument("--json")
     args = parser.parse_args()
     print(machine_line())
+    runs: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(args.repeat):  # interleaved, so load changes hit every measure alike
+        for layers in args.layers:
+            for replicate in (True, False):
+                label = f"{layers} layers, replication {'on' if replicate else 'off'}"
+                runs.setdefault(label, []).append(rewrite_seconds(layers, replicate))
     results = {}
-    for layers in args.layers:
-        for replicate in (True, False):
-            first, second = rewrite_seconds(layers, replicate)
-            label = f"{layers} layers, {'replicated' if replicate else 'full export'}"
-            print(f"  {label:<28} first call {first:6.2f} s   second call {second:6.3f} s")
-            results[label] = {"first_s": first, "second_s": second}
+    for label, times in runs.items():
+        first, second = (statistics.median(t[i] for t in times) for i in (0, 1))
+        print(f"  {label:<28} first call {first:6.2f} s   second call {second:6.3f} s   "
+              f"(median of {len(times)}; first calls {', '.join(f'{t[0]:.2f}' for t in times)})")
+        results[label] = {"first_s": first, "second_s": second, "runs": times}
     print(machine_line())
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine_line(), "results": results}, indent=2))

@@ -15,7 +15,8 @@ Rows:
 - mixed: inference with ``adapter_names=`` over 8 adapters, batch 16 x seq, against PEFT's mixed
   batch and a graph holding one adapter.
 - inference: unmerged and merged forward, against the base model.
-- rewrite: ``fxpeft.rewrite`` of the model, first and second call, against ``get_peft_model``.
+- rewrite: ``fxpeft.rewrite`` of the real SmolLM2-135M, first call (in a fresh process) and
+  second call, against ``get_peft_model`` (``bench/capture_time.py`` has more depths).
 - compile_time: the first compiled step, each side in a fresh process with an empty inductor
   cache (slow: minutes).
 """
@@ -145,18 +146,18 @@ def row_inference(args, base, ids, results) -> None:
     report("inference forward", interleaved_medians(sides, args.steps, 2), "base", results)
 
 
-def row_rewrite(args, base, results) -> None:
-    from fxpeft import capture_cache
-    capture_cache.clear()  # earlier rows captured this model: the first call must be cold
-    timings = {}
-    for label in ("fxpeft.rewrite, first call", "fxpeft.rewrite, second call"):
-        start = time.perf_counter()
-        fxpeft.rewrite(base, "lora_qv")
-        timings[label] = time.perf_counter() - start
+def row_rewrite(results) -> None:
+    """``fxpeft.rewrite`` of the real SmolLM2-135M (30 layers): the first call in a fresh process
+    (cold) and the second (the capture cache), against ``get_peft_model`` of it with a deepcopy."""
+    from capture_time import rewrite_seconds
+    from fxpeft.models import load_smollm2
+    first, second = rewrite_seconds(30, replicate=True)
+    model = load_smollm2()[0]
     start = time.perf_counter()
-    peft_lora(copy.deepcopy(base))
-    timings["get_peft_model incl. deepcopy"] = time.perf_counter() - start
-    report("set-up time", timings, "get_peft_model incl. deepcopy", results)
+    peft_lora(copy.deepcopy(model))
+    timings = {"fxpeft.rewrite, first call (fresh process)": first, "fxpeft.rewrite, second call": second,
+               "get_peft_model incl. deepcopy": time.perf_counter() - start}
+    report("set-up time, real SmolLM2 (30 layers)", timings, "get_peft_model incl. deepcopy", results)
 
 
 _COMPILE_CHILD = """
@@ -217,7 +218,7 @@ def main() -> None:
                "adapters": lambda: row_adapters(args, base, ids, results),
                "mixed": lambda: row_mixed(args, base, results),
                "inference": lambda: row_inference(args, base, ids, results),
-               "rewrite": lambda: row_rewrite(args, base, results),
+               "rewrite": lambda: row_rewrite(results),
                "compile_time": lambda: row_compile_time(args, results)}
     for row in rows:
         runners[row]()
