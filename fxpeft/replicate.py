@@ -253,12 +253,11 @@ def _check_span(graph: torch.fx.Graph, found: _Partition) -> None:
     not read layer 0."""
     compute = [n for n in graph.nodes if n.op != "get_attr"]
     where = [found.layer[n] for n in compute]
-    start = where.index(0)
-    end = len(where) - where[::-1].index(1)
-    if where[start:end] != sorted(where[start:end], key=lambda w: -1 if w is None else w) or \
-            None in where[start:end]:
+    layered = [i for i, w in enumerate(where) if w is not None]
+    span = where[layered[0]:layered[-1] + 1] if layered else []
+    if not span or None in span or span != sorted(span):
         raise NotReplicable("shared nodes run between the layers, or the layers interleave")
-    for node in compute[end:]:
+    for node in compute[layered[-1] + 1:]:
         if any(found.layer[n] == 0 for n in node.all_input_nodes):
             raise NotReplicable(f"{node.name}, after the layers, reads the first layer")
 
@@ -268,8 +267,8 @@ def replicate(graph: torch.fx.Graph, stack: LayerStack, found: _Partition, count
     2 .. count - 1 after each run of them, and later shared nodes reading the last copy."""
     new = torch.fx.Graph()
     new._codegen = copy.deepcopy(graph._codegen)
-    copies: list[dict[torch.fx.Node, torch.fx.Node]] = [{}, {}] + [{} for _ in range(2, count)]
-    base = copies[1]  # every node of the shallow graph -> its copy
+    base: dict[torch.fx.Node, torch.fx.Node] = {}  # every node of the shallow graph -> its copy
+    copies: dict[int, dict[torch.fx.Node, torch.fx.Node]] = {i: {} for i in range(2, count)}
 
     def at(index: int, node: torch.fx.Node) -> torch.fx.Node:
         """Layer ``index``'s copy of layer-1 template ``node``."""
@@ -310,9 +309,12 @@ def _with_run_ends(graph: torch.fx.Graph, found: _Partition
 def _copy_run(new: torch.fx.Graph, run: list[torch.fx.Node], index: int, stack: LayerStack,
               env: dict[torch.fx.Node, torch.fx.Node], arg: Callable) -> None:
     for node in run:
-        copied = new.node_copy(node, arg)
-        if node.op == "get_attr":
-            copied.target = renumber(node.target, stack, 1, index)
+        if node.op == "get_attr":  # named as export names it, after the target
+            target = renumber(node.target, stack, 1, index)
+            copied = new.create_node("get_attr", target, name=target.replace(".", "_"))
+            copied.meta = copy.copy(node.meta)
+        else:
+            copied = new.node_copy(node, arg)
         if "nn_module_stack" in node.meta:
             copied.meta["nn_module_stack"] = _renumbered_stack(node.meta, stack, 1, index)
         env[node] = copied
