@@ -118,6 +118,7 @@ def _hooked_layer():
     (_sliding_qwen2, "config.layer_types differs"),
     (_one_gelu_layer, "layer 1 differs"),
     (_hooked_layer, "has hooks"),
+    (lambda: tiny_gpt2(n_layer=4, scale_attn_by_inverse_layer_idx=True), "layer 1 differs"),  # scaling
     (lambda: tiny_llama(num_hidden_layers=2), None),
 ])
 def test_models_whose_layers_differ_are_exported_whole(make, reason, monkeypatch, caplog):
@@ -129,7 +130,7 @@ def test_models_whose_layers_differ_are_exported_whole(make, reason, monkeypatch
     if reason is not None:
         assert reason in messages
     ids = token_batch()
-    gm = fxpeft.rewrite(model, "lora_qv")
+    gm = fxpeft.rewrite(model, "lora_all_linear")
     torch.testing.assert_close(gm(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
     assert program.layer_count == len(replicate.find_layer_stack(model).layers)
 
