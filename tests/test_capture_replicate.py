@@ -18,6 +18,8 @@ from fxpeft.capture import capture
 FAMILIES = {
     "llama_gqa": lambda: tiny_llama(num_hidden_layers=4),
     "qwen2": lambda: tiny_qwen2(num_hidden_layers=4),
+    "qwen2_all_sliding": lambda: tiny_qwen2(num_hidden_layers=4, use_sliding_window=True,
+                                            sliding_window=4, max_window_layers=0),
     "mistral": lambda: tiny_mistral(num_hidden_layers=5),
     "gemma": lambda: tiny_gemma(num_hidden_layers=4),
     "gpt2": lambda: tiny_gpt2(n_layer=4),
@@ -86,6 +88,7 @@ def _outputs_and_grads(model, rules, monkeypatch, replicated: bool):
 
 @pytest.mark.parametrize("family, rules", [("llama_gqa", "lora_qv"), ("llama_gqa", "ia3"),
                                            ("llama_gqa", "llama_adapter"), ("qwen2", "lora_all_linear"),
+                                           ("qwen2_all_sliding", "lora_qv"),
                                            ("gpt2", "lora_all_linear"), ("gemma", "ia3")])
 def test_adapted_replicated_graphs_compute_what_full_ones_do(family, rules, monkeypatch):
     model = FAMILIES[family]()
