@@ -3,8 +3,9 @@ the emit step (``fxpeft.emit``) builds the ``AdaptedModule`` from it.
 
 HF transformers models go through non-strict ``torch.export`` with dynamic batch and sequence
 dimensions (a model of identical layers exports its first and last layers only, and
-``fxpeft.replicate`` copies the layer's subgraph for the rest); plain modules through ``torch.fx.symbolic_trace`` (with user leaf modules), falling
-back to ``torch.export`` when example inputs are given.
+``fxpeft.replicate`` copies the layer's subgraph for the rest); plain modules through
+``torch.fx.symbolic_trace`` (with user leaf modules), falling back to ``torch.export`` when
+example inputs are given.
 """
 
 from __future__ import annotations
