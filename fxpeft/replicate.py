@@ -42,15 +42,7 @@ class NotReplicable(Exception):
 
 @dataclass(frozen=True)
 class LayerStack:
-    """The model's repeated decoder layers: their ``ModuleList`` path and the layers.
-
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-    ...                   num_attention_heads=2, vocab_size=32)
-    >>> stack = find_layer_stack(LlamaForCausalLM(cfg))
-    >>> stack.path, len(stack.layers)
-    ('model.layers', 3)
-    """
+    """The model's repeated decoder layers: their ``ModuleList`` path and the layers."""
 
     path: str
     layers: tuple[torch.nn.Module, ...]
@@ -60,7 +52,12 @@ class LayerStack:
 
 
 def find_layer_stack(model: torch.nn.Module) -> LayerStack:
-    """The one ``ModuleList`` holding ``num_hidden_layers`` layers."""
+    """The one ``ModuleList`` holding ``num_hidden_layers`` layers.
+
+    >>> stack = find_layer_stack(_tiny_llama())
+    >>> stack.path, len(stack.layers)
+    ('model.layers', 3)
+    """
     count = getattr(_text_config(model.config), "num_hidden_layers", None)
     found = [(name, m) for name, m in model.named_modules()
              if isinstance(m, torch.nn.ModuleList) and count is not None and len(m) == count]
@@ -76,7 +73,15 @@ def _text_config(config: Any) -> Any:
 
 
 def check_uniform(model: torch.nn.Module, stack: LayerStack) -> None:
-    """Raise ``NotReplicable`` unless every layer is built like the first (see the module doc)."""
+    """Raise ``NotReplicable`` unless every layer is built like the first (see the module doc).
+
+    >>> model = _tiny_llama()
+    >>> model.model.layers[2].mlp.act_fn = torch.nn.GELU()
+    >>> check_uniform(model, find_layer_stack(model))
+    Traceback (most recent call last):
+    ...
+    fxpeft.replicate.NotReplicable: layer 2 differs from layer 0 (LlamaDecoderLayer)
+    """
     _check_config_lists(_text_config(model.config), len(stack.layers))
     first = _layer_signature(stack.layers[0])
     for index, layer in enumerate(stack.layers[1:], start=1):
@@ -129,7 +134,13 @@ def shallow_model(model: torch.nn.Module, stack: LayerStack) -> torch.nn.Module:
     """A copy of ``model`` whose layer list holds only its first and last layers (under names
     ``<path>.0`` and ``<path>.1``); every module and tensor is the model's own, not copied. The
     config is the model's too, so what is built from it outside the layers (masks, rotary
-    tables) is what the full model builds."""
+    tables) is what the full model builds.
+
+    >>> model = _tiny_llama()
+    >>> shallow = shallow_model(model, find_layer_stack(model))
+    >>> len(shallow.model.layers), shallow.model.layers[1] is model.model.layers[2]
+    (2, True)
+    """
     root = shell_module(model)
     owner = root
     *parents, name = stack.path.split(".")
@@ -140,7 +151,7 @@ def shallow_model(model: torch.nn.Module, stack: LayerStack) -> torch.nn.Module:
     return root
 
 
-def layer_of(node: torch.fx.Node, stack: LayerStack) -> int | None:
+def _layer_of(node: torch.fx.Node, stack: LayerStack) -> int | None:
     """The index (0 or 1 in a shallow graph) of the layer ``node`` belongs to, or None (shared)."""
     if node.op == "get_attr":
         paths = [node.target]
@@ -189,7 +200,7 @@ class _Partition:
 
 def partition(graph: torch.fx.Graph, stack: LayerStack) -> _Partition:
     """Split the shallow graph and check that its two layers are the same subgraph."""
-    layer = {n: layer_of(n, stack) for n in graph.nodes}
+    layer = {n: _layer_of(n, stack) for n in graph.nodes}
     layers = [[n for n in graph.nodes if layer[n] == i] for i in (0, 1)]
     if len(layers[0]) != len(layers[1]) or not layers[0]:
         raise NotReplicable(f"the layers differ: {len(layers[0])} and {len(layers[1])} nodes")
@@ -264,7 +275,17 @@ def _check_span(graph: torch.fx.Graph, found: _Partition) -> None:
 
 def replicate(graph: torch.fx.Graph, stack: LayerStack, found: _Partition, count: int) -> torch.fx.Graph:
     """The graph of the model with ``count`` layers: layer 1's nodes, copied for layers
-    2 .. count - 1 after each run of them, and later shared nodes reading the last copy."""
+    2 .. count - 1 after each run of them, and later shared nodes reading the last copy.
+
+    >>> from fxpeft.capture import _export
+    >>> from fxpeft.hf import example_inputs
+    >>> model = _tiny_llama()
+    >>> stack = find_layer_stack(model)
+    >>> shallow = _export(shallow_model(model, stack), example_inputs(model)).module().graph
+    >>> full = replicate(shallow, stack, partition(shallow, stack), 3)
+    >>> sorted({n.target.split(".")[2] for n in full.find_nodes(op="get_attr") if ".layers." in n.target})
+    ['0', '1', '2']
+    """
     new = torch.fx.Graph()
     new._codegen = copy.deepcopy(graph._codegen)
     base: dict[torch.fx.Node, torch.fx.Node] = {}  # every node of the shallow graph -> its copy
@@ -318,3 +339,10 @@ def _copy_run(new: torch.fx.Graph, run: list[torch.fx.Node], index: int, stack: 
         if "nn_module_stack" in node.meta:
             copied.meta["nn_module_stack"] = _renumbered_stack(node.meta, stack, 1, index)
         env[node] = copied
+
+
+def _tiny_llama() -> torch.nn.Module:
+    """A 3-layer Llama for the examples above."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                        num_attention_heads=2, vocab_size=32))
