@@ -16,7 +16,8 @@ Rows:
   each step, against PEFT's mixed batch and a graph holding one adapter; eager, and compiled
   (``torch.compile`` of ``fuse(gm, mixed=True)``: one compile for every mixture).
 - inference: unmerged and merged forward, against the base model.
-- rewrite: ``fxpeft.rewrite`` of the model, first and second call, against ``get_peft_model``.
+- rewrite: ``fxpeft.rewrite`` of the real SmolLM2-135M, first call (in a fresh process) and
+  second call, against ``get_peft_model`` (``bench/capture_time.py`` has more depths).
 - compile_time: the first compiled step, each side (fxpeft, fused, fused with
   ``regions="layers"``, PEFT) in a fresh process with an empty inductor cache,
   ``--compile-repeats`` times (default 2), sides interleaved; medians (slow: minutes).
@@ -168,18 +169,18 @@ def row_inference(args, base, ids, results) -> None:
     report("inference forward", interleaved_medians(sides, args.steps, 2), "base", results)
 
 
-def row_rewrite(args, base, results) -> None:
-    from fxpeft import capture_cache
-    capture_cache.clear()  # earlier rows captured this model: the first call must be cold
-    timings = {}
-    for label in ("fxpeft.rewrite, first call", "fxpeft.rewrite, second call"):
-        start = time.perf_counter()
-        fxpeft.rewrite(base, "lora_qv")
-        timings[label] = time.perf_counter() - start
+def row_rewrite(results) -> None:
+    """``fxpeft.rewrite`` of the real SmolLM2-135M (30 layers): the first call in a fresh process
+    (cold) and the second (the capture cache), against ``get_peft_model`` of it with a deepcopy."""
+    from capture_time import rewrite_seconds
+    from fxpeft.models import load_smollm2
+    first, second = rewrite_seconds(30, replicate=True)
+    model = load_smollm2()[0]
     start = time.perf_counter()
-    peft_lora(copy.deepcopy(base))
-    timings["get_peft_model incl. deepcopy"] = time.perf_counter() - start
-    report("set-up time", timings, "get_peft_model incl. deepcopy", results)
+    peft_lora(copy.deepcopy(model))
+    timings = {"fxpeft.rewrite, first call (fresh process)": first, "fxpeft.rewrite, second call": second,
+               "get_peft_model incl. deepcopy": time.perf_counter() - start}
+    report("set-up time, real SmolLM2 (30 layers)", timings, "get_peft_model incl. deepcopy", results)
 
 
 _COMPILE_CHILD = """
@@ -254,7 +255,7 @@ def main() -> None:
                "adapters": lambda: row_adapters(args, base, ids, results),
                "mixed": lambda: row_mixed(args, base, results),
                "inference": lambda: row_inference(args, base, ids, results),
-               "rewrite": lambda: row_rewrite(args, base, results),
+               "rewrite": lambda: row_rewrite(results),
                "compile_time": lambda: row_compile_time(args, results)}
     for row in rows:
         runners[row]()

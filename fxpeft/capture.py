@@ -2,15 +2,17 @@
 the emit step (``fxpeft.emit``) builds the ``AdaptedModule`` from it.
 
 HF transformers models go through non-strict ``torch.export`` with dynamic batch and sequence
-dimensions; plain modules through ``torch.fx.symbolic_trace`` (with user leaf modules), falling
-back to ``torch.export`` when example inputs are given.
+dimensions (a model of identical layers exports its first and last layers only, and
+``fxpeft.replicate`` copies the layer's subgraph for the rest); plain modules through
+``torch.fx.symbolic_trace`` (with user leaf modules), falling back to ``torch.export`` when
+example inputs are given.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
+import os
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -18,11 +20,11 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch.utils._sympy.numbers import int_oo
 
-from fxpeft import capture_cache, hf, quantized
+from fxpeft import capture_cache, hf, quantized, replicate
 from fxpeft.errors import CaptureError
 from fxpeft.graph_module import AdaptedModule
 from fxpeft.patterns import find_linear_sites, owning_module
-from fxpeft.program import CaptureInfo, Program
+from fxpeft.program import CaptureInfo, Program, shell_module
 
 log = logging.getLogger("fxpeft")
 aten = torch.ops.aten
@@ -135,17 +137,51 @@ def _capture_hf(model: torch.nn.Module, example_inputs: Any, cacheable: bool = T
     if cached is not None:
         log.debug("capture: %s from the capture cache", type(model).__name__)
         return cached
-    with _capture_mode(model):
-        try:
-            exported = torch.export.export(model, (), inputs, dynamic_shapes=hf.dynamic_shapes(inputs),
-                                           strict=False)
-        except Exception as err:  # torch.export raises many types; all mean "could not capture"
-            raise _fail(model, "torch.export", err, "pass example_inputs= that the model's forward "
-                        "accepts, or load it with attn_implementation='sdpa' or 'eager'") from err
-    program = _hf_program(model, exported, tuple(inputs))
+    # Replicated graphs are bound to the model's parameters by name: not for quantized layers.
+    program = (_replicated(model, inputs) if cacheable and replication_enabled() else None) \
+        or _exported(model, inputs)
     if key is not None:
         capture_cache.store(key, model, program)
     return program
+
+
+def replication_enabled() -> bool:
+    """Capture-once-and-replicate (``fxpeft.replicate``); ``FXPEFT_REPLICATE=0`` turns it off."""
+    return os.environ.get("FXPEFT_REPLICATE", "1") != "0"
+
+
+def _export(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.export.ExportedProgram:
+    with _capture_mode(model):
+        try:
+            return torch.export.export(model, (), inputs, dynamic_shapes=hf.dynamic_shapes(inputs),
+                                       strict=False)
+        except Exception as err:  # torch.export raises many types; all mean "could not capture"
+            raise _fail(model, "torch.export", err, "pass example_inputs= that the model's forward "
+                        "accepts, or load it with attn_implementation='sdpa' or 'eager'") from err
+
+
+def _exported(model: torch.nn.Module, inputs: dict[str, Any]) -> Program:
+    return _hf_program(model, _export(model, inputs), tuple(inputs))
+
+
+def _replicated(model: torch.nn.Module, inputs: dict[str, Any]) -> Program | None:
+    """The full graph built from an export of the first and last layers, or None (with the
+    reason in the debug log) where ``fxpeft.replicate`` cannot show it is the same graph."""
+    try:
+        stack = replicate.find_layer_stack(model)
+        if len(stack.layers) <= 2:
+            return None  # nothing to save
+        replicate.check_uniform(model, stack)
+        shallow = _hf_program(model, _export(replicate.shallow_model(model, stack), inputs),
+                              tuple(inputs))
+        graph = replicate.replicate(shallow.graph, stack, replicate.partition(shallow.graph, stack),
+                                    len(stack.layers))
+    except (replicate.NotReplicable, CaptureError) as why:
+        log.debug("capture: %s exported whole, not replicated: %s", type(model).__name__, why)
+        return None
+    lifted = capture_cache.constants(shallow.graph_module, model)
+    log.debug("capture: %s replicated from 2 of its %d layers", type(model).__name__, len(stack.layers))
+    return Program(capture_cache.bind(graph, lifted, model), shallow.info)
 
 
 def _max_sequence(exported: torch.export.ExportedProgram, example: torch.fx.Node) -> int | None:
@@ -199,15 +235,6 @@ def _capture_plain(model: torch.nn.Module, example_inputs: Any,
                                              training=model.training))
 
 
-def _shell(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy sharing ``module``'s parameters and buffers but with its own attribute tables, so
-    adapters attached to it (and its train flag) leave the user's module as it was."""
-    shell = copy.copy(module)
-    shell._modules, shell._parameters = dict(module._modules), dict(module._parameters)
-    shell._buffers = dict(module._buffers)
-    return shell
-
-
 def _detach_called_modules(graph_module: torch.fx.GraphModule) -> None:
     """GraphModule keeps the user's own objects for ``call_module`` targets; swap in shells, as
     the export frontend never touches the user's modules either."""
@@ -215,7 +242,7 @@ def _detach_called_modules(graph_module: torch.fx.GraphModule) -> None:
     for target in sorted(targets, key=lambda t: t.count(".")):
         parent, _, name = target.rpartition(".")
         owner = graph_module.get_submodule(parent) if parent else graph_module
-        owner._modules[name] = _shell(owner._modules[name])
+        owner._modules[name] = shell_module(owner._modules[name])
 
 
 def _capture_plain_export(model: torch.nn.Module, example_inputs: Any) -> Program:

@@ -18,6 +18,7 @@ from typing import Any, Hashable
 
 import torch
 import torch.fx
+from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
 
 from fxpeft.adapters import fetch, has_target, place
 from fxpeft.program import CaptureInfo, Program, copy_graph
@@ -56,9 +57,8 @@ def cache_key(model: torch.nn.Module, inputs: dict[str, Any]) -> Hashable:
 
 def store(key: Hashable, model: torch.nn.Module, program: Program) -> None:
     """Keep a copy of ``program``'s graph (before emit changes it) and its constants."""
-    targets = {n.target for n in program.graph.find_nodes(op="get_attr")}
-    constants = {t: fetch(program.graph_module, t) for t in targets if not has_target(model, t)}
-    _ENTRIES[key] = CachedGraph(copy_graph(program.graph), constants, replace(program.info, config=None))
+    _ENTRIES[key] = CachedGraph(copy_graph(program.graph), constants(program.graph_module, model),
+                                replace(program.info, config=None))
     _ENTRIES.move_to_end(key)
     while len(_ENTRIES) > MAX_ENTRIES:
         _ENTRIES.popitem(last=False)
@@ -70,12 +70,33 @@ def lookup(key: Hashable, model: torch.nn.Module) -> Program | None:
     if cached is None:
         return None
     _ENTRIES.move_to_end(key)
-    graph, root = copy_graph(cached.graph), torch.nn.Module()
-    for target in {n.target for n in graph.find_nodes(op="get_attr")}:
-        value = cached.constants[target] if target in cached.constants else fetch(model, target)
-        place(root, target, value)
     info = replace(cached.info, config=model.config, training=model.training)
-    return Program(torch.fx.GraphModule(root, graph), info)
+    return Program(bind(copy_graph(cached.graph), cached.constants, model), info)
+
+
+def constants(graph_module: torch.fx.GraphModule, model: torch.nn.Module) -> dict[str, Any]:
+    """The values of ``graph_module``'s get_attr targets that ``model`` does not have (constants
+    export lifted), by target."""
+    targets = {n.target for n in graph_module.graph.find_nodes(op="get_attr")}
+    return {t: fetch(graph_module, t) for t in targets if not has_target(model, t)}
+
+
+def bind(graph: torch.fx.Graph, lifted: dict[str, Any], model: torch.nn.Module) -> torch.fx.GraphModule:
+    """A GraphModule running ``graph`` on ``model``'s own parameters and buffers (by name), and on
+    ``lifted`` constants for the targets the model does not have.
+
+    >>> model = torch.nn.Linear(2, 2)
+    >>> graph = torch.fx.Graph(); _ = graph.output(graph.get_attr("weight"))
+    >>> bind(graph, {}, model).weight is model.weight
+    True
+    """
+    root = torch.nn.Module()
+    for target in {n.target for n in graph.find_nodes(op="get_attr")}:
+        place(root, target, lifted[target] if target in lifted else fetch(model, target))
+    # Lazy: this module only carries the graph until emit builds the one users call, so its
+    # Python code (a tenth of a second for a 30-layer model) is generated only if it runs.
+    with _use_lazy_graph_module(True):
+        return _make_graph_module(root, graph)
 
 
 def clear() -> None:

@@ -112,6 +112,20 @@ def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     return new
 
 
+def shell_module(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy sharing ``module``'s parameters and buffers but with its own attribute tables, so
+    adapters attached to it (and its train flag) leave the user's module as it was.
+
+    >>> linear = torch.nn.Linear(2, 2)
+    >>> shell_module(linear).weight is linear.weight, shell_module(linear) is linear
+    (True, False)
+    """
+    shell = copy.copy(module)
+    shell._modules, shell._parameters = dict(module._modules), dict(module._parameters)
+    shell._buffers = dict(module._buffers)
+    return shell
+
+
 @dataclass(frozen=True)
 class CaptureInfo:
     """What capture learned about the model, kept on the emitted graph (``gm.capture_info``).

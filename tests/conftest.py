@@ -31,20 +31,20 @@ def tiny_llama(**overrides):
     return LlamaForCausalLM(LlamaConfig(**{**cfg, **overrides})).eval()
 
 
-def tiny_mistral():
+def tiny_mistral(**overrides):
     from transformers import MistralConfig, MistralForCausalLM
     torch.manual_seed(0)
-    return MistralForCausalLM(MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2,
-                                            vocab_size=VOCAB)).eval()
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=VOCAB)
+    return MistralForCausalLM(MistralConfig(**{**cfg, **overrides})).eval()
 
 
-def tiny_qwen2():
+def tiny_qwen2(**overrides):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2,
-                                        vocab_size=VOCAB)).eval()
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=VOCAB)
+    return Qwen2ForCausalLM(Qwen2Config(**{**cfg, **overrides})).eval()
 
 
 def tiny_gpt2(**overrides):
@@ -55,12 +55,12 @@ def tiny_gpt2(**overrides):
     return GPT2LMHeadModel(GPT2Config(**{**cfg, **overrides})).eval()
 
 
-def tiny_opt():
+def tiny_opt(**overrides):
     from transformers import OPTConfig, OPTForCausalLM
     torch.manual_seed(0)
-    return OPTForCausalLM(OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2,
-                                    num_attention_heads=4, vocab_size=VOCAB, word_embed_proj_dim=64,
-                                    max_position_embeddings=256, pad_token_id=1)).eval()
+    cfg = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+               vocab_size=VOCAB, word_embed_proj_dim=64, max_position_embeddings=256, pad_token_id=1)
+    return OPTForCausalLM(OPTConfig(**{**cfg, **overrides})).eval()
 
 
 def tiny_bert(num_labels: int = 3):
@@ -168,12 +168,12 @@ def tiny_qwen3():
                                         vocab_size=VOCAB)).eval()
 
 
-def tiny_gemma():
+def tiny_gemma(**overrides):
     from transformers import GemmaConfig, GemmaForCausalLM
     torch.manual_seed(0)
-    return GemmaForCausalLM(GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                                        vocab_size=VOCAB)).eval()
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=1, head_dim=16, vocab_size=VOCAB)
+    return GemmaForCausalLM(GemmaConfig(**{**cfg, **overrides})).eval()
 
 
 def emitted_base(model):

@@ -59,3 +59,14 @@ def test_the_cache_keeps_a_few_graphs():
     for layers in range(1, capture_cache.MAX_ENTRIES + 3):
         capture(tiny_llama(num_hidden_layers=layers))
     assert len(capture_cache._ENTRIES) == capture_cache.MAX_ENTRIES
+
+
+def test_a_replicated_capture_is_cached_like_a_full_one():
+    from test_capture_replicate import graph_signature
+    first = capture(tiny_llama(num_hidden_layers=4))  # replicated from 2 layers (fxpeft.replicate)
+    model = tiny_llama(num_hidden_layers=4)
+    hit = capture(model)
+    assert len(capture_cache._ENTRIES) == 1
+    assert graph_signature(hit.graph) == graph_signature(first.graph)
+    assert hit.graph_module.get_parameter("model.layers.3.mlp.up_proj.weight") is \
+        model.model.layers[3].mlp.up_proj.weight

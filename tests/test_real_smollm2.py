@@ -42,3 +42,19 @@ def test_example_runs_and_perplexity_drops(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     assert (tmp_path / "adapter-loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_replicated_capture_is_the_full_capture(smollm2, monkeypatch, caplog):
+    """The 30 layers come from an export of 2 (``fxpeft.replicate``): the same graph, node for node."""
+    import logging
+    from test_capture_replicate import graph_signature
+    from fxpeft.capture import capture
+    model, _ = smollm2
+    monkeypatch.setenv("FXPEFT_CAPTURE_CACHE", "0")
+    with caplog.at_level(logging.DEBUG, logger="fxpeft"):
+        fast = capture(model)
+    assert "replicated from 2 of its 30 layers" in caplog.text
+    monkeypatch.setenv("FXPEFT_REPLICATE", "0")
+    full = capture(model)
+    assert graph_signature(fast.graph) == graph_signature(full.graph)
+    assert fast.module_paths() == full.module_paths() and len(fast.sites) == 30 * 7 + 1

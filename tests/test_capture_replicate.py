@@ -1,0 +1,158 @@
+"""Capture once and replicate (``fxpeft.replicate``): a model with identical layers is exported
+with its first and last layers only, and the full graph is built by copying the layer. The result
+must be the graph a full export gives, node for node, and adapt and train the same; a model whose
+layers differ is exported whole."""
+
+import logging
+
+import pytest
+import torch
+from torch.fx.node import map_aggregate
+
+import fxpeft
+from conftest import (randomize_adapters, tiny_gemma, tiny_gpt2, tiny_llama, tiny_mistral, tiny_opt,
+                      tiny_qwen2, token_batch)
+from fxpeft import replicate
+from fxpeft.capture import capture
+
+FAMILIES = {
+    "llama_gqa": lambda: tiny_llama(num_hidden_layers=4),
+    "qwen2": lambda: tiny_qwen2(num_hidden_layers=4),
+    "qwen2_all_sliding": lambda: tiny_qwen2(num_hidden_layers=4, use_sliding_window=True,
+                                            sliding_window=4, max_window_layers=0),
+    "mistral": lambda: tiny_mistral(num_hidden_layers=5),
+    "gemma": lambda: tiny_gemma(num_hidden_layers=4),
+    "gpt2": lambda: tiny_gpt2(n_layer=4),
+    "opt": lambda: tiny_opt(num_hidden_layers=3),
+}
+
+
+@pytest.fixture(autouse=True)
+def no_capture_cache(monkeypatch):
+    monkeypatch.setenv("FXPEFT_CAPTURE_CACHE", "0")  # each capture here must really capture
+
+
+def _describe(value):
+    if isinstance(value, torch.Tensor):
+        return str(tuple(value.shape)), value.dtype
+    return repr(value)
+
+
+def graph_signature(graph: torch.fx.Graph) -> list[tuple]:
+    """Each node's op, target, arguments (nodes by position), module stack, stack trace and
+    value shape: everything but its name."""
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    def arg(a):
+        return ("node", position[a]) if isinstance(a, torch.fx.Node) else a
+    return [(n.op, str(n.target), map_aggregate(n.args, arg), map_aggregate(n.kwargs, arg),
+             tuple((n.meta.get("nn_module_stack") or {}).items()), n.meta.get("stack_trace"),
+             _describe(n.meta.get("val"))) for n in graph.nodes]
+
+
+def captured(model, monkeypatch, replicated: bool, caplog):
+    monkeypatch.setenv("FXPEFT_REPLICATE", "1" if replicated else "0")
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="fxpeft"):
+        program = capture(model)
+    assert any("replicated from 2" in r.message for r in caplog.records) == replicated
+    return program
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_replicated_capture_is_the_full_capture_node_for_node(family, monkeypatch, caplog):
+    model = FAMILIES[family]()
+    fast = captured(model, monkeypatch, True, caplog)
+    full = captured(model, monkeypatch, False, caplog)
+    assert graph_signature(fast.graph) == graph_signature(full.graph)
+    assert fast.module_paths() == full.module_paths()
+    assert fast.info == full.info
+    assert [n.name for n in fast.graph.find_nodes(op="get_attr")] == \
+        [n.name for n in full.graph.find_nodes(op="get_attr")]  # parameters named as export names them
+    last = f"{replicate.find_layer_stack(model).path}.{fast.layer_count - 1}"
+    for name, param in model.named_parameters():  # bound to the model's own tensors
+        if name.startswith(last):
+            assert fast.graph_module.get_parameter(name) is param
+    fast.graph.lint()
+
+
+def _outputs_and_grads(model, rules, monkeypatch, replicated: bool):
+    monkeypatch.setenv("FXPEFT_REPLICATE", "1" if replicated else "0")
+    gm = fxpeft.rewrite(model, rules)
+    randomize_adapters(gm)
+    ids = token_batch()
+    out = gm(ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in gm.named_parameters() if p.grad is not None}
+    return out.logits.detach(), grads
+
+
+@pytest.mark.parametrize("family, rules", [("llama_gqa", "lora_qv"), ("llama_gqa", "ia3"),
+                                           ("llama_gqa", "llama_adapter"), ("qwen2", "lora_all_linear"),
+                                           ("qwen2_all_sliding", "lora_qv"),
+                                           ("gpt2", "lora_all_linear"), ("gemma", "ia3")])
+def test_adapted_replicated_graphs_compute_what_full_ones_do(family, rules, monkeypatch):
+    model = FAMILIES[family]()
+    logits, grads = _outputs_and_grads(model, rules, monkeypatch, replicated=True)
+    full_logits, full_grads = _outputs_and_grads(model, rules, monkeypatch, replicated=False)
+    torch.testing.assert_close(logits, full_logits, rtol=0, atol=1e-6)
+    assert grads.keys() == full_grads.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads[name], full_grads[name], rtol=0, atol=1e-6)
+
+
+def _sliding_qwen2():  # layer_types: 2 full-attention layers, then 2 sliding-window ones
+    return tiny_qwen2(num_hidden_layers=4, use_sliding_window=True, sliding_window=4,
+                      max_window_layers=2)
+
+
+def _one_gelu_layer():
+    model = tiny_llama(num_hidden_layers=4)
+    model.model.layers[1].mlp.act_fn = torch.nn.GELU()
+    return model
+
+
+def _hooked_layer():
+    model = tiny_llama(num_hidden_layers=4)
+    model.model.layers[2].mlp.register_forward_hook(lambda module, args, out: out * 2)
+    return model
+
+
+@pytest.mark.parametrize("make, reason", [
+    (_sliding_qwen2, "config.layer_types differs"),
+    (_one_gelu_layer, "layer 1 differs"),
+    (_hooked_layer, "has hooks"),
+    (lambda: tiny_gpt2(n_layer=4, scale_attn_by_inverse_layer_idx=True), "layer 1 differs"),  # scaling
+    (lambda: tiny_llama(num_hidden_layers=2), None),
+])
+def test_models_whose_layers_differ_are_exported_whole(make, reason, monkeypatch, caplog):
+    model = make()
+    with caplog.at_level(logging.DEBUG, logger="fxpeft"):
+        program = capture(model)
+    messages = " ".join(r.message for r in caplog.records)
+    assert "replicated from" not in messages
+    if reason is not None:
+        assert reason in messages
+    ids = token_batch()
+    gm = fxpeft.rewrite(model, "lora_all_linear")
+    torch.testing.assert_close(gm(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    assert program.layer_count == len(replicate.find_layer_stack(model).layers)
+
+
+def test_a_last_layer_that_computes_differently_fails_the_graph_check(monkeypatch, caplog):
+    model = tiny_llama(num_hidden_layers=4)
+    mlp = model.model.layers[3].mlp
+    base = type(mlp)
+    # Same class name and module (and so the same module path types), a different forward.
+    mlp.__class__ = type(base.__name__, (base,), {"forward": lambda self, x: base.forward(self, x) * 2,
+                                                  "__module__": base.__module__,
+                                                  "__qualname__": base.__qualname__})
+    stack = replicate.find_layer_stack(model)
+    with pytest.raises(replicate.NotReplicable):
+        replicate.check_uniform(model, stack)  # the class object differs
+    monkeypatch.setattr(replicate, "check_uniform", lambda model, stack: None)
+    with caplog.at_level(logging.DEBUG, logger="fxpeft"):
+        gm = fxpeft.rewrite(model, "lora_qv")
+    messages = " ".join(r.message for r in caplog.records)
+    assert "exported whole, not replicated" in messages and "differ" in messages, messages
+    ids = token_batch()
+    torch.testing.assert_close(gm(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
