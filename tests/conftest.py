@@ -94,6 +94,16 @@ def nodes_with_target_anywhere(gm: torch.fx.GraphModule, target) -> list[torch.f
             for n in nodes_with_target(m, target)]
 
 
+def loss_and_grads(gm, batch, seed=0):
+    """The train loss of ``gm(**batch)`` (seeded) and the gradients it leaves; gradients cleared."""
+    torch.manual_seed(seed)
+    loss = gm(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
+    gm.zero_grad()
+    return loss.detach(), grads
+
+
 def saved_bytes(gm, batch) -> int:
     """Bytes of activations (not weights) autograd keeps for backward after one forward."""
     weights = {p.data_ptr() for p in gm.parameters()}

@@ -7,17 +7,8 @@ import pytest
 import torch
 
 import fxpeft
-from conftest import randomize_adapters, saved_bytes, tiny_llama, tiny_t5, token_batch, train
+from conftest import loss_and_grads, randomize_adapters, saved_bytes, tiny_llama, tiny_t5, token_batch, train
 from fxpeft.transforms.checkpoint import CHECKPOINT_MODULE, CheckpointedRegion
-
-
-def loss_and_grads(gm, batch, seed=0):
-    torch.manual_seed(seed)
-    loss = gm(**batch).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
-    gm.zero_grad()
-    return loss.detach(), grads
 
 
 def llama_case(rules):

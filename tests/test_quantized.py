@@ -19,7 +19,7 @@ from peft import IA3Config, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import BitsAndBytesConfig, LlamaForCausalLM  # noqa: E402
 
 import fxpeft  # noqa: E402
-from conftest import (assert_only_adapters_get_grads, randomize_adapters, tiny_llama,  # noqa: E402
+from conftest import (assert_only_adapters_get_grads, loss_and_grads, randomize_adapters, tiny_llama,  # noqa: E402
                       token_batch, train)
 from fxpeft.quantized import QUANTIZED_OPS  # noqa: E402
 from fxpeft.transforms.activations import silu_and_mul  # noqa: E402
@@ -191,17 +191,9 @@ def test_a_model_already_repacked_for_cpu_inference_is_captured(checkpoint):
     torch.testing.assert_close(logits(gm, ids), fresh, rtol=0, atol=1e-2)
 
 
-def loss_and_grads(gm, copy, ids):
-    """A fused copy's train loss, and the gradients it leaves on ``gm``'s adapters."""
-    loss = copy(ids, labels=ids).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
-    gm.zero_grad()
-    return loss.detach(), grads
-
-
-def assert_same_loss_and_grads(gm, copy, reference, ids):
-    (loss, grads), (expected_loss, expected) = loss_and_grads(gm, copy, ids), loss_and_grads(gm, reference, ids)
+def assert_same_loss_and_grads(copy, reference, ids):
+    batch = {"input_ids": ids, "labels": ids}
+    (loss, grads), (expected_loss, expected) = loss_and_grads(copy, batch), loss_and_grads(reference, batch)
     torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-5)
     assert grads.keys() == expected.keys() and grads
     for name in expected:
@@ -211,7 +203,7 @@ def assert_same_loss_and_grads(gm, copy, reference, ids):
 def test_qlora_with_gradient_checkpointing_equals_the_unchecked_graph(checkpoint):
     gm = fxpeft.rewrite(load(checkpoint, "nf4-double"), "lora_qv.toml", dropout=0.0).train()
     randomize_adapters(gm)
-    assert_same_loss_and_grads(gm, fxpeft.fuse(gm, checkpoint="layers"), fxpeft.fuse(gm), token_batch())
+    assert_same_loss_and_grads(fxpeft.fuse(gm, checkpoint="layers"), fxpeft.fuse(gm), token_batch())
 
 
 def test_the_memory_passes_apply_on_a_4bit_base_and_keep_loss_and_gradients(checkpoint):
@@ -226,4 +218,4 @@ def test_the_memory_passes_apply_on_a_4bit_base_and_keep_loss_and_gradients(chec
             if n.target == torch.ops.aten.scaled_dot_product_attention.default] == [True] * layers
     assert len([n for n in fused.graph.nodes if n.op == "call_module" and ".norm_" in n.target]) == layers
     plain = fxpeft.fuse(gm, skip=("sdpa_gqa", "gated_activation", "recompute_norms"))
-    assert_same_loss_and_grads(gm, fused, plain, token_batch())
+    assert_same_loss_and_grads(fused, plain, token_batch())

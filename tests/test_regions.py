@@ -6,17 +6,8 @@ import pytest
 import torch
 
 import fxpeft
-from conftest import randomize_adapters, tiny_llama, tiny_t5, token_batch
+from conftest import loss_and_grads, randomize_adapters, tiny_llama, tiny_t5, token_batch
 from fxpeft.transforms.regions import REGIONS_MODULE, LayerRegion
-
-
-def loss_and_grads(gm, batch):
-    torch.manual_seed(0)
-    loss = gm(**batch).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
-    gm.zero_grad()
-    return loss.detach(), grads
 
 
 def region_calls(gm):

@@ -76,7 +76,8 @@ def _gated(mul: torch.fx.Node) -> tuple[torch.fx.Node, object, tuple, dict] | No
         if act.target == aten.silu.default:
             return act, up, (silu_and_mul, (act.args[0], up)), {}
         if act.target == aten.gelu.default:
-            return act, up, (gelu_and_mul, (act.args[0], up)), {"approximate": act.kwargs.get("approximate", "none")}
+            approximate = act.kwargs.get("approximate", "none")
+            return act, up, (gelu_and_mul, (act.args[0], up)), {"approximate": approximate}
     return None
 
 
