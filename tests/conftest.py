@@ -105,21 +105,21 @@ def loss_and_grads(gm, batch, seed=0):
 
 
 def saved_bytes(gm, batch) -> int:
-    """Bytes of activations (not weights) autograd keeps for backward after one forward."""
+    """Bytes of activations (not weights) autograd keeps for backward after one forward; a
+    tensor several ops keep counts once."""
     weights = {p.data_ptr() for p in gm.parameters()}
-    total = 0
+    kept: dict[int, int] = {}
 
     def pack(tensor):
-        nonlocal total
         if tensor.data_ptr() not in weights:
-            total += tensor.numel() * tensor.element_size()
+            kept[tensor.data_ptr()] = max(kept.get(tensor.data_ptr(), 0), tensor.numel() * tensor.element_size())
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = gm(**batch).loss
     loss.backward()
     gm.zero_grad()
-    return total
+    return sum(kept.values())
 
 
 @pytest.fixture

@@ -8,10 +8,11 @@ import torch
 
 import fxpeft
 from conftest import (adapter_nodes, nodes_with_target, nodes_with_target_anywhere, randomize_adapters,
-                      saved_bytes, tiny_gemma, tiny_gpt2, tiny_llama, tiny_qwen2, token_batch)
+                      saved_bytes, tiny_gemma, tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2, token_batch)
 from fxpeft.names import adapter_node
 from fxpeft.transforms.activations import gelu_and_mul, silu_and_mul
 from fxpeft.transforms.checkpoint import CHECKPOINT_MODULE, CheckpointedRegion
+from fxpeft.transforms.norms import rms_norm_then_down
 
 aten = torch.ops.aten
 PASSES = ("drop_inactive", "fold_lora_scale", "fuse_lora_a", "fuse_lm_loss", "sdpa_gqa", "gated_activation",
@@ -66,8 +67,8 @@ def test_the_passes_do_their_jobs_in_the_graph():
     scale_muls = [n for n in adapter_nodes(fused) if n.target == aten.mul.Tensor
                   and isinstance(n.args[1], float)]
     assert scale_muls == []  # folded onto the gates
-    downs = [n for n in nodes_with_target_anywhere(fused, aten.linear.default)
-             if n.args[1].op in ("call_function", "placeholder") and n.args[1].name.startswith(("cat", "in_"))]
+    downs = [n for n in nodes_with_target(fused, aten.linear.default) + nodes_with_target(fused, rms_norm_then_down)
+             if n.args[-1].op == "call_function" and n.args[-1].target == aten.cat.default]
     # per layer: q/k/v read one tensor, gate/up another
     assert len(downs) == 2 * 2 and len(nodes_with_target(fused, aten.split_with_sizes.default)) == 4
     assert len(nodes_with_target(fused, aten.to.dtype)) < len(nodes_with_target(gm, aten.to.dtype))
@@ -210,19 +211,39 @@ def test_gated_activations_keep_only_their_two_inputs(rules):
 
 @pytest.mark.parametrize("rules,norms_per_layer", [("lora_qv", 1), ("lora_all_linear", 2)])
 def test_norms_feeding_lora_a_are_recomputed_in_backward(rules, norms_per_layer):
+    """Llama's fp32 RMSNorm and its A projection become one function that keeps the norm's
+    input and per-row rsqrt."""
     gm = lora_graph(rules)
     fused = fxpeft.fuse(gm)
-    regions = [m for name, m in fused.named_modules() if name.startswith(f"{CHECKPOINT_MODULE}.norm_")
-               and isinstance(m, CheckpointedRegion)]
-    assert len(regions) == LAYERS * norms_per_layer
+    calls = nodes_with_target(fused, rms_norm_then_down)
+    assert len(calls) == LAYERS * norms_per_layer
+    assert all(call.args[3].target == aten.cat.default for call in calls)  # the fused A weights
+    assert not norm_regions(fused)
+    # per norm, the normalised tensor is not kept; but the first layer's input needs no gradient,
+    # so there only the norm's output was kept, and now its input is (the same size)
+    kept_less = len(calls) - 1
+    assert saved_bytes_dropped_by(gm, "recompute_norms") > 0.95 * kept_less * TOKENS * HIDDEN * 4
+    checked = fxpeft.fuse(gm, checkpoint="layers")  # whole layers recompute: nothing to do here
+    assert not nodes_with_target_anywhere(checked, rms_norm_then_down) and not norm_regions(checked)
+
+
+def norm_regions(fused):
+    return [m for name, m in fused.named_modules() if name.startswith(f"{CHECKPOINT_MODULE}.norm_")
+            and isinstance(m, CheckpointedRegion)]
+
+
+def test_other_norms_feeding_lora_a_are_recomputed_in_checkpointed_regions():
+    """OPT's LayerNorm is no RMSNorm: it and the A projections run again under checkpoint."""
+    gm = fxpeft.rewrite(tiny_opt(dropout=0.0, attention_dropout=0.0), "lora_all_linear", dropout=0.0)
+    randomize_adapters(gm)
+    fused = fxpeft.fuse(gm)
+    regions = norm_regions(fused)
+    assert len(regions) == 2 * 2  # per layer: before q/k/v, before fc1
     for region in regions:  # the norm and the A projection, and no parameter of their own
         assert not list(region.parameters())
-        assert nodes_with_target(region.region, aten.rsqrt.default)
+        assert nodes_with_target(region.region, aten.layer_norm.default)
         assert nodes_with_target(region.region, aten.linear.default)
-    # per region, the normalised tensor is not kept (the fused A weights are, a few KiB)
-    assert saved_bytes_dropped_by(gm, "recompute_norms") > 0.7 * len(regions) * TOKENS * HIDDEN * 4
-    checked = fxpeft.fuse(gm, checkpoint="layers")  # whole layers recompute: no norm regions
-    assert not any(name.startswith(f"{CHECKPOINT_MODULE}.norm_") for name, _ in checked.named_modules())
+    assert_equivalent(gm, fused, token_batch())
 
 
 def gpt2_without_dropout():

@@ -10,6 +10,8 @@ and Gemma's ``(1 + w)`` has no plain weight, so neither matches.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx
 
@@ -46,7 +48,7 @@ def _normed(node: object) -> "tuple[torch.fx.Node, float] | None":
     return (x, shifted.args[1]) if square.args[0] is x and _fp32(x) else None
 
 
-def _rms_norm(node: torch.fx.Node) -> "tuple[torch.fx.Node, torch.fx.Node, float] | None":
+def rms_norm_parts(node: torch.fx.Node) -> "tuple[torch.fx.Node, torch.fx.Node, float] | None":
     """``(x, weight, eps)`` when ``node`` is ``weight * normed(x)`` with a 1-D fp32 weight."""
     if node.target is not aten.mul.Tensor or len(node.args) != 2:
         return None
@@ -56,6 +58,55 @@ def _rms_norm(node: torch.fx.Node) -> "tuple[torch.fx.Node, torch.fx.Node, float
     if found is None or weight.op != "get_attr" or not _fp32(weight) or value.dim() != 1:
         return None
     return found[0], weight, found[1]
+
+
+class _RMSNormThenDown(torch.autograd.Function):
+    """``y = w * (x * rsqrt(mean(x ** 2) + eps))`` and ``y @ down.T`` (a LoRA ``A``), keeping only
+    ``x`` and the per-row ``rsqrt`` for backward: ``y``, which the ``A`` gradient needs, is
+    recomputed from them (two multiplies) instead of being kept. Forward is the traced ops in
+    their order (bit-identical); backward is RMSNorm's gradient formula."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        y = weight * (x * rstd)
+        through_y = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        ctx.save_for_backward(x, rstd, weight, down if through_y else None)
+        if not through_y:
+            ctx.mark_non_differentiable(y)  # as the norm alone: the first layer's base needs no backward
+        return y, torch.nn.functional.linear(y, down)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor, grad_down_out: torch.Tensor) -> tuple:
+        x, rstd, weight, down = ctx.saved_tensors
+        normed = x * rstd
+        grad_down = grad_weight = grad_x = None
+        if ctx.needs_input_grad[3]:
+            y = weight * normed
+            grad_down = grad_down_out.reshape(-1, grad_down_out.shape[-1]).T @ y.reshape(-1, y.shape[-1])
+        if down is not None:
+            grad_y = grad_y + grad_down_out @ down
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_y * normed).reshape(-1, normed.shape[-1]).sum(0)
+        if ctx.needs_input_grad[0]:
+            grad_normed = grad_y * weight
+            grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+        return grad_x, grad_weight, None, grad_down
+
+
+def rms_norm_then_down(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                       down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An fp32 RMSNorm and the LoRA ``A`` projection that reads it, keeping only ``x`` and the
+    per-row ``rsqrt`` for backward (``recompute_norms``).
+
+    >>> from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    >>> norm, down, x = LlamaRMSNorm(8), torch.randn(2, 8), torch.randn(3, 8)
+    >>> y, a = rms_norm_then_down(x, norm.weight, norm.variance_epsilon, down)
+    >>> torch.equal(y, norm(x)), torch.equal(a, norm(x) @ down.T)
+    (True, True)
+    """
+    return _RMSNormThenDown.apply(x, weight, eps, down)
 
 
 def _erase_chain(graph: torch.fx.Graph, node: torch.fx.Node, stop: torch.fx.Node) -> None:
@@ -80,7 +131,7 @@ def fuse_rms_norm(gm: torch.fx.GraphModule) -> int:
     """
     fused = 0
     for node in list(gm.graph.find_nodes(op="call_function", target=aten.mul.Tensor)):
-        found = _rms_norm(node) if node in gm.graph.nodes else None
+        found = rms_norm_parts(node) if node in gm.graph.nodes else None
         if found is None:
             continue
         x, weight, eps = found
