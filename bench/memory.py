@@ -11,6 +11,11 @@ follows live tensors rather than the heap's high-water mark):
 - ``training``: minus the RSS just before the steps: what training adds.
 
     python bench/memory.py [--model smollm2|llama] [--batch 4 --seq 128 --steps 2] [--variants A,B]
+    python bench/memory.py --step-time 7    # step time only: PEFT, fxpeft, fused, interleaved
+
+Step times from the memory children are each from a separate process and only a few steps, so
+``--step-time N`` measures them properly instead: the three sides on one model in one process,
+interleaved step by step, medians of N steps after one warm-up round.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_line  # noqa: E402
+from common import interleaved_medians, machine_line  # noqa: E402
 
 from fxpeft.memory import (STEADY_MALLOC_ENV, current_rss_mib, own_memory,  # noqa: E402
                            peak_rss_mib, release_freed_memory, reset_peak_rss)
@@ -100,6 +105,27 @@ def child(args: argparse.Namespace) -> None:
                       "step": min(times[1:] or times)}))
 
 
+def step_times(args: argparse.Namespace) -> None:
+    """PEFT, fxpeft and the fused copy on one model, interleaved: median step time ratios."""
+    import copy
+
+    import torch
+
+    import fxpeft
+    from run import peft_lora, training_step
+    model = _model(args.model, "fxpeft")
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq),
+                        generator=torch.Generator().manual_seed(0))
+    gm = fxpeft.rewrite(copy.deepcopy(model), "lora_qv", dropout=0.0)
+    sides = {"fxpeft": training_step(gm, ids), "fxpeft fused": training_step(fxpeft.fuse(gm), ids),
+             "PEFT": training_step(peft_lora(model), ids)}
+    medians = interleaved_medians(sides, args.step_time, 1)
+    print(f"{args.model}, batch {args.batch} x {args.seq}, LoRA q,v: training step, sides interleaved\n"
+          f"{machine_line()}")
+    for side, seconds in medians.items():
+        print(f"  {side:<14}{seconds:8.3f} s  {seconds / medians['PEFT']:.3f} x PEFT")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "llama"])
@@ -108,9 +134,13 @@ def main() -> None:
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # one child's variant
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated subset to run; PEFT is always run (the reference)")
+    parser.add_argument("--step-time", type=int, default=0, metavar="N",
+                        help="instead: step times of PEFT, fxpeft and fused, interleaved, N steps")
     args = parser.parse_args()
     if args.variant:
         return child(args)
+    if args.step_time:
+        return step_times(args)
     print(f"{args.model}, batch {args.batch} x {args.seq}, LoRA q,v, {args.steps} AdamW steps\n{machine_line()}")
     results = {}
     chosen = {v.strip() for v in args.variants.split(",")} | {"PEFT"}
