@@ -99,6 +99,24 @@ class LinearSite(WeightedSite):
         return bias.target if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else None
 
 
+def erase_unused(graph: torch.fx.Graph, node: object) -> None:
+    """Erase ``node`` if nothing reads it, then each of its producers that this leaves unread
+    (a pass's replaced chain), stopping at placeholders, ``get_attr`` and impure ops.
+
+    >>> g = torch.fx.Graph(); x = g.placeholder("x")
+    >>> y = g.call_function(torch.neg, (g.call_function(torch.neg, (x,)),)); _ = g.output(x)
+    >>> erase_unused(g, y); [n.op for n in g.nodes]
+    ['placeholder', 'output']
+    """
+    pending = [node]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, torch.fx.Node) and node.graph is graph and node.op == "call_function" \
+                and not node.users and not node.is_impure():
+            pending.extend(node.all_input_nodes)
+            graph.erase_node(node)
+
+
 def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     """A copy of ``graph`` (its code generator too); node metadata is shared, not copied.
 

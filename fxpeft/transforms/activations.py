@@ -69,15 +69,14 @@ def gelu_and_mul(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none"
 
 
 def _gated(mul: torch.fx.Node) -> tuple[torch.fx.Node, object, tuple, dict] | None:
-    """``(act node, up, fused args, fused kwargs)`` if ``mul`` is ``act(gate) * up``."""
+    """``(act node, fused function, its args, its kwargs)`` if ``mul`` is ``act(gate) * up``."""
     for act, up in ((mul.args[0], mul.args[1]), (mul.args[1], mul.args[0])):
         if not isinstance(act, torch.fx.Node) or len(act.users) != 1 or not isinstance(up, torch.fx.Node):
             continue
         if act.target == aten.silu.default:
-            return act, up, (silu_and_mul, (act.args[0], up)), {}
+            return act, silu_and_mul, (act.args[0], up), {}
         if act.target == aten.gelu.default:
-            approximate = act.kwargs.get("approximate", "none")
-            return act, up, (gelu_and_mul, (act.args[0], up)), {"approximate": approximate}
+            return act, gelu_and_mul, (act.args[0], up), {"approximate": act.kwargs.get("approximate", "none")}
     return None
 
 
@@ -88,7 +87,7 @@ def gated_activation(gm: torch.fx.GraphModule) -> int:
         found = _gated(mul) if len(mul.args) == 2 and not mul.kwargs else None
         if found is None:
             continue
-        act, _, (function, args), kwargs = found
+        act, function, args, kwargs = found
         with gm.graph.inserting_before(mul):
             fused = gm.graph.call_function(function, args, kwargs)
         fused.meta = dict(mul.meta)

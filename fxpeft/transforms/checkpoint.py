@@ -162,14 +162,14 @@ def _lora_downs_of(node: torch.fx.Node, targets: set[str]) -> list[torch.fx.Node
             and u.args[0] is node and _reads_lora_a(u.args[1], targets)]
 
 
-def _norm_nodes(graph: torch.fx.Graph, output: torch.fx.Node) -> list[torch.fx.Node] | None:
-    """The nodes of the normalisation module that produced ``output``, if it is one (a module
-    whose type name holds "Norm") and its nodes end at ``output``."""
-    owner = owning_module(output)
-    if owner is None or "Norm" not in owner[1].rsplit(".", 1)[-1]:
-        return None
-    nodes = [n for n in graph.nodes if n.op == "call_function" and owning_module(n) == owner]
-    return nodes if nodes and nodes[-1] is output else None
+def _norm_modules(graph: torch.fx.Graph) -> dict[tuple[str, str], list[torch.fx.Node]]:
+    """Each normalisation module's nodes (a module whose type name holds "Norm"), in order."""
+    norms: dict[tuple[str, str], list[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        owner = owning_module(node) if node.op == "call_function" else None
+        if owner is not None and "Norm" in owner[1].rsplit(".", 1)[-1]:
+            norms.setdefault(owner, []).append(node)
+    return norms
 
 
 def _hoist(graph: torch.fx.Graph, anchor: torch.fx.Node, nodes: list[torch.fx.Node]) -> None:
@@ -194,11 +194,10 @@ def recompute_norms(gm: torch.fx.GraphModule) -> int:
     """Recompute each normalisation that feeds LoRA ``A`` projections, with them, in backward;
     returns how many regions."""
     regions, targets = [], _lora_a_targets(gm.graph)
-    for node in gm.graph.nodes:
-        downs = _lora_downs_of(node, targets) if node.op == "call_function" else []
-        norm = _norm_nodes(gm.graph, node) if downs else None
-        if norm is not None:
-            regions.append((owning_module(node)[0], norm, downs))
+    for (path, _), norm in _norm_modules(gm.graph).items():
+        downs = _lora_downs_of(norm[-1], targets)  # the module's output feeds A projections
+        if downs:
+            regions.append((path, norm, downs))
     for index, (label, norm, downs) in enumerate(regions):
         _hoist(gm.graph, norm[-1], downs)
         if not _fuse_rms_norm_and_down(gm.graph, norm[-1], downs):
@@ -217,9 +216,9 @@ def _fuse_rms_norm_and_down(graph: torch.fx.Graph, output: torch.fx.Node, downs:
     with graph.inserting_after(down):
         both = graph.call_function(rms_norm_then_down, (x, weight, eps, down.args[1]))
     with graph.inserting_after(both):
-        projected = graph.call_function(operator.getitem, (both, 1))
-    with graph.inserting_after(both):
         y = graph.call_function(operator.getitem, (both, 0))
+    with graph.inserting_after(y):
+        projected = graph.call_function(operator.getitem, (both, 1))
     y.meta, projected.meta = dict(output.meta), dict(down.meta)
     down.replace_all_uses_with(projected)
     graph.erase_node(down)

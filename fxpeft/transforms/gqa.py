@@ -7,7 +7,8 @@ decode graph they are the whole static KV cache, so every single-token step copi
 ``n_rep`` times over (a profile of SmolLM2's decode step put 39% of its time in those copies).
 SDPA reads grouped heads itself (``enable_gqa=True``), so the pass feeds it the unrepeated
 tensors. In a training graph (``fxpeft.fuse``'s ``sdpa_gqa``) this also means SDPA keeps one
-copy of each key/value head for backward instead of ``n_rep``. Same result: the kernel computes the same dot products (tested against PEFT's tokens).
+copy of each key/value head for backward instead of ``n_rep``. Same result: the kernel
+computes the same dot products (tested against PEFT's tokens).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import sys
 import torch
 import torch.fx
 
+from fxpeft.program import erase_unused
+
 aten = torch.ops.aten
 _RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
-_REPEAT_CHAIN = (*_RESHAPES, aten.expand.default, aten.unsqueeze.default, aten.slice.Tensor)
 
 
 def _is_full_slice(node: object) -> bool:
@@ -58,15 +60,6 @@ def _unrepeated(node: object) -> "tuple[torch.fx.Node, int] | None":
     return source, heads // kv_heads
 
 
-def _erase_if_unused(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
-    """Erase ``node`` and then its producers (the repeat chain) that nothing else reads."""
-    while isinstance(node, torch.fx.Node) and not node.users and node.op == "call_function" \
-            and node.target in _REPEAT_CHAIN:
-        source = node.args[0]
-        graph.erase_node(node)
-        node = source
-
-
 def gqa_in_sdpa(gm: torch.fx.GraphModule) -> int:
     """Every SDPA whose k and v are ``repeat_kv`` copies reads the unrepeated k and v with
     ``enable_gqa=True``; returns how many SDPA nodes changed.
@@ -91,7 +84,7 @@ def gqa_in_sdpa(gm: torch.fx.GraphModule) -> int:
         sdpa.args = (sdpa.args[0], key[0], value[0], *sdpa.args[3:])
         sdpa.kwargs = {**sdpa.kwargs, "enable_gqa": True}
         for node in repeated:
-            _erase_if_unused(gm.graph, node)
+            erase_unused(gm.graph, node)
         changed += 1
     if changed:
         gm.recompile()

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.fx
 
+from fxpeft.program import erase_unused
+
 aten = torch.ops.aten
 
 
@@ -109,16 +111,6 @@ def rms_norm_then_down(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return _RMSNormThenDown.apply(x, weight, eps, down)
 
 
-def _erase_chain(graph: torch.fx.Graph, node: torch.fx.Node, stop: torch.fx.Node) -> None:
-    """Erase ``node`` and the producers it leaves unused, up to ``stop`` (the norm's input)."""
-    if node is stop or node.users or node.op != "call_function":
-        return
-    inputs = node.all_input_nodes
-    graph.erase_node(node)
-    for source in inputs:
-        _erase_chain(graph, source, stop)
-
-
 def fuse_rms_norm(gm: torch.fx.GraphModule) -> int:
     """Each fp32 RMSNorm pattern becomes one ``aten.rms_norm``; returns how many.
 
@@ -139,7 +131,7 @@ def fuse_rms_norm(gm: torch.fx.GraphModule) -> int:
             norm = gm.graph.call_function(aten.rms_norm.default, (x, [weight.meta["val"].shape[0]], weight, eps))
         norm.meta.update(node.meta)
         node.replace_all_uses_with(norm)
-        _erase_chain(gm.graph, node, x)
+        erase_unused(gm.graph, node)
         fused += 1
     if fused:
         gm.recompile()
