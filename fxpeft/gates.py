@@ -79,6 +79,23 @@ class Gates(torch.nn.Module):
         device = next(self.buffers(), torch.zeros(())).device
         return torch.tensor([adapters.index(n) if n != BASE else -1 for n in names], device=device)
 
+    def check_index(self, index: torch.Tensor) -> None:
+        """An index tensor given as ``adapter_names=``: each entry an adapter's position or -1.
+
+        >>> gates = Gates(); gates.register_buffer("sql", torch.ones(()))
+        >>> gates.check_index(torch.tensor([0, 3]))
+        Traceback (most recent call last):
+        ...
+        ValueError: adapter_names as a tensor holds indices into ['sql'] or -1 ('__base__'); got 3
+        """
+        if index.is_floating_point():
+            return  # the input adapter refuses it, naming the dtype
+        adapters = [name for name, _ in self.named_buffers()]
+        wrong = index[(index < -1) | (index >= len(adapters))]
+        if wrong.numel():
+            raise ValueError(f"adapter_names as a tensor holds indices into {adapters} or -1 "
+                             f"({BASE!r}); got {wrong.flatten()[0].item()}")
+
     def forward(self, index: "torch.Tensor | None") -> "dict[str, torch.Tensor] | None":
         if index is None:
             return None
@@ -101,10 +118,15 @@ def index_sample_names(module: torch.nn.Module, args: tuple, kwargs: dict) -> "t
     """
     names = kwargs.get("adapter_names")
     graph = getattr(module, "graph", None)
-    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names) or \
-            graph is None or not graph.find_nodes(op="call_module", target=GATES):
+    if names is None or graph is None or not graph.find_nodes(op="call_module", target=GATES):
         return args, kwargs
-    return args, {**kwargs, "adapter_names": getattr(module, GATES).index(list(names))}
+    gates = getattr(module, GATES)
+    if isinstance(names, torch.Tensor):
+        gates.check_index(names)
+        return args, kwargs
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        return args, kwargs  # the input adapter refuses it, saying why
+    return args, {**kwargs, "adapter_names": gates.index(list(names))}
 
 
 def sample_gate(gate: torch.Tensor, per_sample: "dict[str, torch.Tensor] | None", adapter: str,

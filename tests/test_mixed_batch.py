@@ -173,3 +173,12 @@ def test_an_index_tensor_works_like_the_names(llama):
         by_names = llama(ids, attention_mask=mask, adapter_names=NAMES).logits
         by_index = llama(ids, attention_mask=mask, adapter_names=index).logits
     torch.testing.assert_close(by_index, by_names, rtol=0, atol=0)
+
+
+def test_an_index_tensor_out_of_range_is_refused(llama):
+    ids, mask = batch()
+    index = torch.full((len(NAMES),), len(llama.adapter_names))
+    with torch.no_grad(), pytest.raises(ValueError, match="indices into .* or -1"):
+        llama(ids, attention_mask=mask, adapter_names=index)
+    with torch.no_grad(), pytest.raises(ValueError, match="one adapter index per sample"):
+        llama(ids, attention_mask=mask, adapter_names=index.float())
