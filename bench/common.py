@@ -13,8 +13,15 @@ import torch
 
 def machine_line() -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_initialized() else ""
     return (f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-            f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+            f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}{gpu}")
+
+
+def _synchronize() -> None:
+    """Wait for queued GPU work, so a step's time is its own (a no-op on the CPU)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def interleaved_times(sides: dict[str, Callable[[], None]], steps: int, warmup: int) -> dict[str, list[float]]:
@@ -23,8 +30,10 @@ def interleaved_times(sides: dict[str, Callable[[], None]], steps: int, warmup: 
     times: dict[str, list[float]] = {name: [] for name in sides}
     for round_index in range(warmup + steps):
         for name, step in sides.items():
+            _synchronize()
             start = time.perf_counter()
             step()
+            _synchronize()
             elapsed = time.perf_counter() - start
             if round_index >= warmup:
                 times[name].append(elapsed)

@@ -3,14 +3,20 @@ against fxpeft, its fused copy (fused LM-head loss), the fused copy with gradien
 (``fuse(gm, checkpoint="layers")``) and QLoRA (nf4 base), each in a fresh subprocess, LoRA q,v,
 a few AdamW steps.
 
-Two numbers per variant, both peak RSS during the training steps (freed memory is returned to
+On the CPU, two numbers per variant, both peak RSS during the training steps (freed memory is returned to
 the OS and the peak reset through /proc/self/clear_refs once the adapted model is built, so
 loading and capture are left out; each child runs with a fixed glibc mmap threshold, so RSS
 follows live tensors rather than the heap's high-water mark):
 - ``total``: minus the RSS before the model was loaded: the model's weights plus training;
 - ``training``: minus the RSS just before the steps: what training adds.
 
-    python bench/memory.py [--model smollm2|llama] [--batch 4 --seq 128 --steps 2] [--variants A,B]
+With ``--device cuda`` the same two numbers come from the GPU's allocator instead
+(``torch.cuda.max_memory_allocated``; ``total`` counts from an empty GPU). ``--model
+smollm2-shape`` is SmolLM2-135M's architecture (``bench/smollm2_config.json``) with random
+weights, for machines without the real checkpoint.
+
+    python bench/memory.py [--model smollm2|smollm2-shape|llama] [--batch 4 --seq 128 --steps 2]
+                           [--variants A,B] [--device cuda]
     python bench/memory.py --step-time 7    # step time only: PEFT, fxpeft, fused, interleaved
 
 Step times from the memory children are each from a separate process and only a few steps, so
@@ -44,23 +50,29 @@ def _nf4():
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
 
 
-def _model(name: str, variant: str):
+def _config(name: str):
+    from transformers import LlamaConfig
+    if name == "smollm2-shape":
+        return LlamaConfig.from_json_file(Path(__file__).parent / "smollm2_config.json")
+    return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
+                       num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)
+
+
+def _model(name: str, variant: str, device: str = "cpu"):
     import torch
     quantization = _nf4() if "nf4" in variant else None
     if name == "smollm2":
         from fxpeft.models import load_smollm2
-        return load_smollm2(quantization_config=quantization)[0]
-    from transformers import LlamaConfig, LlamaForCausalLM
+        return load_smollm2(quantization_config=quantization)[0].to(device)
+    from transformers import LlamaForCausalLM
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
-                                         num_attention_heads=9, num_key_value_heads=3,
-                                         vocab_size=49152)).eval()
+    model = LlamaForCausalLM(_config(name)).eval()
     if quantization is None:
-        return model
+        return model.to(device)
     import tempfile
     folder = tempfile.mkdtemp()
     model.save_pretrained(folder)
-    return LlamaForCausalLM.from_pretrained(folder, quantization_config=quantization, device_map="cpu")
+    return LlamaForCausalLM.from_pretrained(folder, quantization_config=quantization, device_map=device)
 
 
 def _adapted(variant: str, model):
@@ -84,25 +96,36 @@ def child(args: argparse.Namespace) -> None:
     import transformers  # noqa: F401  (imported before the baseline, as every variant needs it)
     if "nf4" in args.variant:
         import bitsandbytes  # noqa: F401
-    before = current_rss_mib()
-    model = _model(args.model, args.variant)
+    gpu = args.device == "cuda"
+    before = _gpu_mib() if gpu else current_rss_mib()
+    model = _model(args.model, args.variant, args.device)
     own_memory(model)  # the checkpoint's mapped pages go: RSS counts what the model holds
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq),
-                        generator=torch.Generator().manual_seed(0))
+                        generator=torch.Generator().manual_seed(0)).to(args.device)
     adapted = _adapted(args.variant, model).train()
     optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-4)
     release_freed_memory()  # what loading and quantizing freed
     reset_peak_rss()
-    loaded = current_rss_mib()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    loaded = _gpu_mib() if gpu else current_rss_mib()
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
         adapted(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if gpu:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    print(json.dumps({"before": before, "loaded": loaded, "peak": peak_rss_mib(),
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if gpu else peak_rss_mib()
+    print(json.dumps({"before": before, "loaded": loaded, "peak": peak,
                       "step": min(times[1:] or times)}))
+
+
+def _gpu_mib() -> float:
+    import torch
+    return torch.cuda.memory_allocated() / 2 ** 20
 
 
 def step_times(args: argparse.Namespace) -> None:
@@ -113,9 +136,9 @@ def step_times(args: argparse.Namespace) -> None:
 
     import fxpeft
     from run import peft_lora, training_step
-    model = _model(args.model, "fxpeft")
+    model = _model(args.model, "fxpeft", args.device)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq),
-                        generator=torch.Generator().manual_seed(0))
+                        generator=torch.Generator().manual_seed(0)).to(args.device)
     gm = fxpeft.rewrite(copy.deepcopy(model), "lora_qv", dropout=0.0)
     sides = {"fxpeft": training_step(gm, ids), "fxpeft fused": training_step(fxpeft.fuse(gm), ids),
              "PEFT": training_step(peft_lora(model), ids)}
@@ -128,7 +151,8 @@ def step_times(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="smollm2", choices=["smollm2", "llama"])
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "smollm2-shape", "llama"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     for name, default in (("batch", 4), ("seq", 128), ("steps", 2)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # one child's variant
@@ -141,7 +165,8 @@ def main() -> None:
         return child(args)
     if args.step_time:
         return step_times(args)
-    print(f"{args.model}, batch {args.batch} x {args.seq}, LoRA q,v, {args.steps} AdamW steps\n{machine_line()}")
+    print(f"{args.model} on {args.device}, batch {args.batch} x {args.seq}, LoRA q,v, {args.steps} AdamW steps\n"
+          f"{machine_line()}")
     results = {}
     chosen = {v.strip() for v in args.variants.split(",")} | {"PEFT"}
     unknown = chosen - set(VARIANTS)
@@ -149,6 +174,7 @@ def main() -> None:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     for variant in [v for v in VARIANTS if v in chosen]:
         command = [sys.executable, __file__, "--variant", variant, "--model", args.model,
+                   "--device", args.device,
                    "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
         out = subprocess.run(command, capture_output=True, text=True,
                              env={**os.environ, **STEADY_MALLOC_ENV})

@@ -4,12 +4,14 @@ from this run only, with the thread count and load average.
 
     python bench/run.py [--layers 4 --hidden 576 --vocab 4096 --batch 4 --seq 128 --steps 8]
                         [--rows eager,compiled,adapters,mixed,inference,rewrite,compile_time]
-                        [--json out.json]
+                        [--device cuda] [--json out.json]
 
 Rows:
 - eager: one AdamW training step, LoRA q,v (r=8, alpha=16, dropout 0): fxpeft's graph, its fused
   copy (``fxpeft.fuse``), PEFT.
 - compiled: the same step under ``torch.compile`` (inductor), each side warmed up first.
+- cudagraphs (GPU): the same step under ``torch.compile(mode="reduce-overhead")``, which
+  records CUDA graphs where the compiled graph has no break.
 - adapters: 4 adapters loaded, 1 active, against a graph holding only that adapter (gated
   graph and fused copy).
 - mixed: inference with ``adapter_names=`` over 8 adapters, batch 16 x seq, a different mixture
@@ -43,7 +45,7 @@ from common import interleaved_medians, machine_line  # noqa: E402
 
 import fxpeft  # noqa: E402
 
-ROWS = ("eager", "compiled", "adapters", "mixed", "inference", "rewrite", "compile_time")
+ROWS = ("eager", "compiled", "cudagraphs", "adapters", "mixed", "inference", "rewrite", "compile_time")
 
 
 def llama(args: argparse.Namespace) -> torch.nn.Module:
@@ -52,7 +54,7 @@ def llama(args: argparse.Namespace) -> torch.nn.Module:
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
                          num_hidden_layers=args.layers, num_attention_heads=9, num_key_value_heads=3,
                          vocab_size=args.vocab, max_position_embeddings=2048)
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval().to(args.device)
 
 
 def peft_lora(model: torch.nn.Module, names: tuple[str, ...] = ("default",)) -> torch.nn.Module:
@@ -64,11 +66,12 @@ def peft_lora(model: torch.nn.Module, names: tuple[str, ...] = ("default",)) -> 
     return peft_model
 
 
-def training_step(model: torch.nn.Module, ids: torch.Tensor, compiled: bool = False):
+def training_step(model: torch.nn.Module, ids: torch.Tensor, compiled: bool = False,
+                  mode: str | None = None):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     model.train()
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model, mode=mode) if compiled else model
 
     def step() -> None:
         loss = forward(input_ids=ids, labels=ids).loss
@@ -110,6 +113,20 @@ def row_compiled(args, base, ids, results) -> None:
     report("compiled training step", interleaved_medians(sides, args.steps, 3), "PEFT compiled", results)
 
 
+def row_cudagraphs(args, base, ids, results) -> None:
+    if base.device.type != "cuda":
+        print("\ncudagraphs: skipped (a GPU row; run with --device cuda)")
+        return
+    torch._dynamo.reset()
+    gm = fxpeft.rewrite(copy.deepcopy(base), "lora_qv", dropout=0.0)
+    mode = "reduce-overhead"
+    sides = {"fxpeft fused, reduce-overhead": training_step(fxpeft.fuse(gm), ids, True, mode),
+             "PEFT, reduce-overhead": training_step(peft_lora(copy.deepcopy(base)), ids, True, mode),
+             "PEFT compiled (default mode)": training_step(peft_lora(copy.deepcopy(base)), ids, True)}
+    report("compiled training step, CUDA graphs (mode='reduce-overhead')",
+           interleaved_medians(sides, args.steps, 3), "PEFT, reduce-overhead", results)
+
+
 def row_adapters(args, base, ids, results) -> None:
     one = fxpeft.rewrite(copy.deepcopy(base), "lora_qv", dropout=0.0)
     four = fxpeft.rewrite(copy.deepcopy(base), "lora_qv", dropout=0.0)
@@ -141,6 +158,7 @@ def mixed_step(model: torch.nn.Module, ids: torch.Tensor, mixtures: list[list[st
 def row_mixed(args, base, results) -> None:
     names = [f"a{i}" for i in range(8)]
     ids = torch.randint(0, args.vocab, (16, args.seq), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(args.device)
     mixtures = _mixtures(names, 16)
     gm = fxpeft.rewrite(copy.deepcopy(base), "lora_qv", dropout=0.0, adapter=names[0])
     for name in names[1:]:
@@ -191,14 +209,16 @@ args = run.parse([{argv}])
 base, ids = run.llama(args), run.batch(args)
 model = {build}
 step = run.training_step(model, ids, compiled=True)
-start = time.perf_counter(); step(); print(time.perf_counter() - start)
+start = time.perf_counter(); step()
+torch.cuda.synchronize() if torch.cuda.is_initialized() else None
+print(time.perf_counter() - start)
 """
 
 
 def _cold_compile(args, build: str) -> float:
     """Seconds of the first compiled step, in a fresh process with an empty inductor cache (FX
     graph and AOTAutograd caches live in it)."""
-    argv = ", ".join(repr(a) for name in ("layers", "hidden", "vocab", "batch", "seq")
+    argv = ", ".join(repr(a) for name in ("layers", "hidden", "vocab", "batch", "seq", "device")
                      for a in (f"--{name}", str(getattr(args, name))))
     with tempfile.TemporaryDirectory() as cache:
         code = _COMPILE_CHILD.format(bench=str(Path(__file__).parent), argv=argv, build=build)
@@ -226,7 +246,8 @@ def row_compile_time(args, results) -> None:
 
 
 def batch(args: argparse.Namespace) -> torch.Tensor:
-    return torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    return ids.to(args.device)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -237,6 +258,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-repeats", type=int, default=2,
                         help="fresh processes per side for compile_time")
     parser.add_argument("--rows", default=",".join(r for r in ROWS if r != "compile_time"))
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU rows")
     parser.add_argument("--json", default=None)
     return parser.parse_args(argv)
 
@@ -252,6 +274,7 @@ def main() -> None:
           f"{args.seq}\n{machine_line()}")
     runners = {"eager": lambda: row_eager(args, base, ids, results),
                "compiled": lambda: row_compiled(args, base, ids, results),
+               "cudagraphs": lambda: row_cudagraphs(args, base, ids, results),
                "adapters": lambda: row_adapters(args, base, ids, results),
                "mixed": lambda: row_mixed(args, base, results),
                "inference": lambda: row_inference(args, base, ids, results),

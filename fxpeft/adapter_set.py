@@ -104,8 +104,8 @@ def delete_adapter(gm: torch.fx.GraphModule, adapter: str) -> None:
     for target in attached:
         _detach(gm, target)
     gates = getattr(gm, GATES, None)
-    if gates is not None and hasattr(gates, adapter):
-        delattr(gates, adapter)
+    if gates is not None:
+        gates.drop(adapter)
     adapter_records(gm).pop(adapter, None)
     gm.graph.lint()
     gm.recompile()

@@ -64,10 +64,49 @@ class Gates(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.unmixable: set[str] = set()  # adapters whose gates are read without a branch
+        # Copies of gates on the other devices of a split model, named "<adapter>_<n>" in a
+        # child module (adapter names start with a letter, so "_devices" is never one).
+        self._devices = torch.nn.Module()
+        self.copy_of: dict[str, str] = {}
+
+    def adapters(self) -> list[tuple[str, torch.Tensor]]:
+        """(adapter, its gate buffer), in the order the adapters were added; no device copies."""
+        return list(self.named_buffers(recurse=False))
+
+    def on(self, adapter: str, device: torch.device) -> str:
+        """The attribute path, under this module, of ``adapter``'s gate on ``device``: the gate
+        itself, or a copy made there the first time (a layer reads the gate on its own device).
+
+        >>> gates = Gates(); gates.register_buffer("sql", torch.ones(()))
+        >>> gates.on("sql", torch.device("cpu")), gates.on("sql", torch.device("meta"))
+        ('sql', '_devices.sql_1')
+        """
+        names = [adapter, *(copy for copy, of in self.copy_of.items() if of == adapter)]
+        for name in names:
+            if self.get_buffer(name).device == device:
+                return name
+        copy = f"{adapter}_{len(names)}"
+        self._devices.register_buffer(copy, self.get_buffer(adapter).to(device), persistent=False)
+        self.copy_of[f"_devices.{copy}"] = adapter
+        return f"_devices.{copy}"
+
+    def fill(self, on: set[str]) -> None:
+        """Open the gates of the adapters in ``on`` and close the others, copies included."""
+        with torch.no_grad():
+            for name, gate in self.named_buffers():
+                gate.fill_(1.0 if self.copy_of.get(name, name) in on else 0.0)
+
+    def drop(self, adapter: str) -> None:
+        """Forget ``adapter``'s gate and its copies."""
+        for copy in [c for c, of in self.copy_of.items() if of == adapter]:
+            delattr(self._devices, copy.split(".", 1)[1])
+            del self.copy_of[copy]
+        if hasattr(self, adapter):
+            delattr(self, adapter)
 
     def index(self, names: list[str]) -> torch.Tensor:
         """Each name's position among the adapters, -1 for ``"__base__"``, checked."""
-        adapters = [name for name, _ in self.named_buffers()]
+        adapters = [name for name, _ in self.adapters()]
         unknown = sorted(set(names) - set(adapters) - {BASE})
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; this graph has "
@@ -90,7 +129,7 @@ class Gates(torch.nn.Module):
         """
         if index.is_floating_point():
             return  # the input adapter refuses it, naming the dtype
-        adapters = [name for name, _ in self.named_buffers()]
+        adapters = [name for name, _ in self.adapters()]
         wrong = index[(index < -1) | (index >= len(adapters))]
         if wrong.numel():
             raise ValueError(f"adapter_names as a tensor holds indices into {adapters} or -1 "
@@ -100,7 +139,7 @@ class Gates(torch.nn.Module):
         if index is None:
             return None
         return {adapter: (index == position).to(gate.dtype)
-                for position, (adapter, gate) in enumerate(self.named_buffers())}
+                for position, (adapter, gate) in enumerate(self.adapters())}
 
 
 @torch.compiler.disable  # a hook is a frame of its own: never compiled, so it adds no graph break
@@ -140,7 +179,7 @@ def sample_gate(gate: torch.Tensor, per_sample: "dict[str, torch.Tensor] | None"
     """
     if per_sample is None:
         return gate
-    gates = per_sample[adapter].to(branch.dtype)
+    gates = per_sample[adapter].to(branch.device, branch.dtype)  # a split model's other device
     if branch.shape[0] != gates.shape[0]:  # rows are samples times positions, batch-major
         gates = gates.repeat_interleave(branch.shape[0] // gates.shape[0])
     return gates.reshape(-1, *[1] * (branch.dim() - 1))
@@ -176,14 +215,26 @@ def gate_node(gm: torch.fx.GraphModule, adapter: str, like: torch.Tensor,
     gates = _gates(gm)
     if not hasattr(gates, check_adapter_name(adapter)):
         gates.register_buffer(adapter, torch.ones((), device=like.device), persistent=False)
-    node = gm.graph.get_attr(f"{GATES}.{adapter}")
-    node.meta[GATE_META] = adapter
+    node = gate_attr(gm, adapter, like.device)
     if branch is None:
         gates.unmixable.add(adapter)
     per_sample = _per_sample_node(gm.graph) if branch is not None else None
     if per_sample is None:
         return node
     node = gm.graph.call_function(sample_gate, (node, per_sample, adapter, branch))
+    node.meta[GATE_META] = adapter
+    return node
+
+
+def gate_attr(gm: torch.fx.GraphModule, adapter: str, device: torch.device) -> torch.fx.Node:
+    """A node reading ``adapter``'s (existing) 0-d gate buffer on ``device``.
+
+    >>> gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    >>> _ = gate_node(gm, "sql", torch.zeros(1))
+    >>> gate_attr(gm, "sql", torch.device("meta")).target
+    'fxpeft_gates._devices.sql_1'
+    """
+    node = gm.graph.get_attr(f"{GATES}.{_gates(gm).on(adapter, torch.device(device))}")
     node.meta[GATE_META] = adapter
     return node
 
@@ -216,18 +267,16 @@ def drop_unused_per_sample(graph: torch.fx.Graph) -> None:
 
 def adapter_names(gm: torch.nn.Module) -> list[str]:
     """The adapters in ``gm``, in the order they were added."""
-    return [name for name, _ in _gates(gm).named_buffers()] if hasattr(gm, GATES) else []
+    return [name for name, _ in _gates(gm).adapters()] if hasattr(gm, GATES) else []
 
 
 def active_adapters(gm: torch.nn.Module) -> list[str]:
-    return [name for name, gate in _gates(gm).named_buffers() if gate.item() != 0] \
+    return [name for name, gate in _gates(gm).adapters() if gate.item() != 0] \
         if hasattr(gm, GATES) else []
 
 
 def _set_gates(gm: torch.nn.Module, on: set[str]) -> None:
-    with torch.no_grad():
-        for name, gate in _gates(gm).named_buffers():
-            gate.fill_(1.0 if name in on else 0.0)
+    _gates(gm).fill(on)
 
 
 def set_adapter(gm: torch.nn.Module, names: "str | list[str]") -> None:

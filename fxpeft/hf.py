@@ -22,8 +22,17 @@ def is_hf_model(model: torch.nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def _input_device(model: torch.nn.Module) -> torch.device:
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
+    return next(model.parameters(), torch.zeros(())).device
+
+
 def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> dict[str, torch.Tensor]:
-    """Inputs for capture, synthesised from the model's config.
+    """Inputs for capture, synthesised from the model's config, on the device of its input
+    embeddings (a split model's first device), since export bakes the devices it sees.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -34,7 +43,7 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> dict
     config = model.config
     vocab = getattr(config, "vocab_size", None) or 2
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+    ids = torch.randint(0, vocab, (batch, seq), generator=generator).to(_input_device(model))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if getattr(config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = ids.clone()

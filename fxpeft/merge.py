@@ -31,7 +31,7 @@ log = logging.getLogger("fxpeft")
 
 def _check_gates(gm: torch.nn.Module) -> None:
     gates = getattr(gm, GATES, None)
-    for name, gate in (gates.named_buffers() if gates is not None else ()):
+    for name, gate in (gates.adapters() if gates is not None else ()):
         if float(gate) not in (0.0, 1.0):
             raise FxpeftError(f"merge: adapter {name!r} has a partly open gate ({float(gate)}); "
                               f"only on (1) or off (0) adapters can be folded")

@@ -76,3 +76,93 @@ def test_qlora_nf4_on_cuda_trains_with_checkpointing(tmp_path):
     ids = token_batch().cuda()
     losses = train(checked, lambda m: m(ids, labels=ids).loss)
     assert losses[-1] < losses[0]
+
+
+def test_a_gate_read_on_another_device_is_a_copy_that_switches_with_it():
+    from fxpeft.gates import gate_attr
+    gm = fxpeft.rewrite(tiny_llama(), "lora_qv.toml")
+    gm.add_adapter("sql", "lora_qv.toml")
+    copy = gate_attr(gm, "sql", torch.device("meta")).target
+    assert copy == "fxpeft_gates._devices.sql_1"
+    assert gate_attr(gm, "sql", torch.device("meta")).target == copy  # made once per device
+    assert gate_attr(gm, "sql", torch.device("cpu")).target == "fxpeft_gates.sql"
+    assert gm.adapter_names == ["default", "sql"]  # copies are not adapters
+    gates = gm.get_submodule("fxpeft_gates")
+    assert gates.copy_of == {"_devices.sql_1": "sql"}
+    gm.delete_adapter("sql")
+    assert gates.copy_of == {} and not list(gates.get_submodule("_devices").buffers())
+
+
+class TwoDevices(torch.nn.Module):
+    """A plain module split by hand: its first half on the CPU, its second on the GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+        self.second = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x).to(self.second[0].weight.device))
+
+
+def gate_devices(gm):
+    """{(gate buffer target, its device) read by the graph}."""
+    return {(n.target, gm.get_buffer(n.target).device.type) for n in gm.graph.nodes
+            if n.op == "get_attr" and n.target.startswith("fxpeft_gates.")}
+
+
+@pytest.mark.cuda
+@cuda
+def test_a_plain_module_split_over_cpu_and_cuda_reads_each_gate_on_its_layers_device():
+    import copy
+    whole = TwoDevices()
+    split = copy.deepcopy(whole)
+    split.second.cuda()
+    x = torch.randn(5, 16)
+    gm = fxpeft.rewrite(split, "lora_all_linear.toml", dropout=0.0)
+    reference = fxpeft.rewrite(whole, "lora_all_linear.toml", dropout=0.0)
+    randomize_adapters(gm)
+    randomize_adapters(reference)
+    assert {device for _, device in gate_devices(gm)} == {"cpu", "cuda"}
+    out = gm(x)
+    torch.testing.assert_close(out.cpu(), reference(x), rtol=0, atol=1e-5)
+    out.sum().backward()
+    for name, param in gm.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and param.grad.device == param.device, name
+    with gm.disable_adapters():
+        torch.testing.assert_close(gm(x).cpu(), split(x).cpu(), rtol=0, atol=1e-6)
+
+
+def split_llama():
+    """The tiny Llama with its embeddings and first layer on the CPU and the rest on the GPU,
+    as ``from_pretrained(device_map=...)`` places it (accelerate's hooks move activations)."""
+    from accelerate import dispatch_model
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": 0, "model.norm": 0, "lm_head": 0}
+    return dispatch_model(tiny_llama(), device_map=device_map)
+
+
+@pytest.mark.cuda
+@cuda
+def test_a_transformers_model_split_over_cpu_and_cuda_trains_and_mixes_adapters():
+    pytest.importorskip("accelerate")
+    gm = fxpeft.rewrite(split_llama(), "lora_qv.toml", dropout=0.0)
+    gm.add_adapter("sql", "lora_qv.toml", dropout=0.0)
+    reference = fxpeft.rewrite(tiny_llama(), "lora_qv.toml", dropout=0.0)
+    reference.add_adapter("sql", "lora_qv.toml", dropout=0.0)
+    randomize_adapters(gm)
+    randomize_adapters(reference)
+    assert {device for _, device in gate_devices(gm)} == {"cpu", "cuda"}
+    ids = token_batch()
+    names = ["sql", "__base__"]
+    for model in (gm, reference):
+        model.set_adapter("sql")
+    torch.testing.assert_close(gm(ids).logits.cpu(), reference(ids).logits, rtol=0, atol=1e-4)
+    expected = reference(ids, adapter_names=names).logits
+    torch.testing.assert_close(gm(ids, adapter_names=names).logits.cpu(), expected, rtol=0, atol=1e-4)
+    fused = fxpeft.fuse(gm.eval(), mixed=True)
+    torch.testing.assert_close(fused(ids, adapter_names=names).logits.cpu(), expected, rtol=0, atol=1e-4)
+    losses = train(gm.train(), lambda m: m(ids, labels=ids).loss, steps=10)
+    assert losses[-1] < losses[0]

@@ -32,6 +32,14 @@ SCHEMES = {
     "int8": dict(load_in_8bit=True),
 }
 LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
+GPU_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="no CUDA GPU on this machine")]
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU_MARKS)]
+
+
+def on_gpu(*values):
+    """A parameter set that runs on CUDA (and is skipped, saying why, without a GPU)."""
+    return pytest.param(*values, "cuda", marks=GPU_MARKS)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +49,9 @@ def checkpoint(tmp_path_factory):
     return folder
 
 
-def load(checkpoint, scheme: str, compute=torch.float32) -> LlamaForCausalLM:
+def load(checkpoint, scheme: str, compute=torch.float32, device: str = "cpu") -> LlamaForCausalLM:
     config = BitsAndBytesConfig(**SCHEMES[scheme], bnb_4bit_compute_dtype=compute)
-    return LlamaForCausalLM.from_pretrained(checkpoint, quantization_config=config, device_map="cpu").train()
+    return LlamaForCausalLM.from_pretrained(checkpoint, quantization_config=config, device_map=device).train()
 
 
 def logits(model, ids, **kwargs):
@@ -74,10 +82,11 @@ def test_each_quantized_layer_is_one_op_and_one_linear_site(checkpoint, scheme):
     assert fxpeft.trainable_parameters(gm) == peft_model.get_nb_trainable_parameters()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("rules", ["lora_qv.toml", "dora_qv.toml", "ia3.toml"])
-def test_identity_at_init_and_gradients_only_on_adapters(checkpoint, scheme, rules):
-    model, ids = load(checkpoint, scheme), token_batch()
+def test_identity_at_init_and_gradients_only_on_adapters(checkpoint, scheme, rules, device):
+    model, ids = load(checkpoint, scheme, device=device), token_batch().to(device)
     expected = logits(model, ids).detach()
     gm = fxpeft.rewrite(model, rules).eval()
     torch.testing.assert_close(logits(gm, ids), expected, rtol=0, atol=0)
@@ -93,20 +102,23 @@ def peft_lora(model):
     return peft_model
 
 
-@pytest.mark.parametrize("scheme,compute", [("nf4", torch.float32), ("fp4-double", torch.float32),
-                                            ("int8", torch.float32), ("nf4-double", torch.bfloat16)])
+@pytest.mark.parametrize("scheme,compute,device", [
+    ("nf4", torch.float32, "cpu"), ("fp4-double", torch.float32, "cpu"), ("int8", torch.float32, "cpu"),
+    ("nf4-double", torch.bfloat16, "cpu"), on_gpu("nf4", torch.float32), on_gpu("fp4-double", torch.float32),
+    on_gpu("nf4-double", torch.bfloat16)])
 def test_a_peft_qlora_folder_loads_with_parity_and_fxpeft_folders_load_in_peft(checkpoint, scheme,
-                                                                               compute, tmp_path):
+                                                                               compute, device, tmp_path):
     """With bf16 compute both sides run the base in bf16 and the fp32 LoRA branch on the
-    layer's fp32 input, so the tolerance stays 1e-5."""
-    ids = token_batch()
-    peft_model = peft_lora(load(checkpoint, scheme, compute))
+    layer's fp32 input, so the tolerance stays 1e-5. Not int8 on CUDA: there bitsandbytes
+    quantizes the activations too (LLM.int8()), where fxpeft's op dequantizes the weight."""
+    ids = token_batch().to(device)
+    peft_model = peft_lora(load(checkpoint, scheme, compute, device))
     peft_model.save_pretrained(tmp_path / "peft")
     expected = logits(peft_model, ids).detach()
-    gm = fxpeft.load(load(checkpoint, scheme, compute), tmp_path / "peft").train()
+    gm = fxpeft.load(load(checkpoint, scheme, compute, device), tmp_path / "peft").train()
     torch.testing.assert_close(logits(gm, ids), expected, rtol=0, atol=1e-5)
     fxpeft.save(gm, tmp_path / "ours")
-    back = PeftModel.from_pretrained(load(checkpoint, scheme, compute), tmp_path / "ours").train()
+    back = PeftModel.from_pretrained(load(checkpoint, scheme, compute, device), tmp_path / "ours").train()
     torch.testing.assert_close(logits(back, ids), expected, rtol=0, atol=1e-5)
 
 
@@ -123,19 +135,21 @@ def test_ia3_and_dora_match_peft_on_a_4bit_base(checkpoint, tmp_path):
         torch.testing.assert_close(logits(gm, ids), logits(peft_model, ids), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scheme", ["nf4-double", "int8"])
-def test_twenty_steps_lower_the_loss(checkpoint, scheme):
-    gm = fxpeft.rewrite(load(checkpoint, scheme), "lora_qv.toml").train()
-    ids = token_batch(batch=4, seq=16)
+def test_twenty_steps_lower_the_loss(checkpoint, scheme, device):
+    gm = fxpeft.rewrite(load(checkpoint, scheme, device=device), "lora_qv.toml").train()
+    ids = token_batch(batch=4, seq=16).to(device)
     torch.manual_seed(0)  # adapter dropout
     losses = train(gm, lambda m: m(ids, labels=ids).loss)
     assert losses[-1] < losses[0] - 0.2, losses
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
-def test_torch_compile_forward_and_backward_equal_eager(checkpoint, scheme):
-    ids = token_batch()
-    gm = fxpeft.rewrite(load(checkpoint, scheme), "lora_qv.toml").train()
+def test_torch_compile_forward_and_backward_equal_eager(checkpoint, scheme, device):
+    ids = token_batch().to(device)
+    gm = fxpeft.rewrite(load(checkpoint, scheme, device=device), "lora_qv.toml").train()
     randomize_adapters(gm)
     gm.eval()
     eager = gm(ids, labels=ids).loss
@@ -150,13 +164,14 @@ def test_torch_compile_forward_and_backward_equal_eager(checkpoint, scheme):
         torch.testing.assert_close(gm.get_parameter(name).grad, grad, rtol=0, atol=1e-5)
 
 
-def test_merge_requantizes_and_reports_the_error_like_peft(checkpoint, tmp_path, caplog):
-    ids = token_batch()
-    peft_model = peft_lora(load(checkpoint, "nf4"))
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_requantizes_and_reports_the_error_like_peft(checkpoint, tmp_path, caplog, device):
+    ids = token_batch().to(device)
+    peft_model = peft_lora(load(checkpoint, "nf4", device=device))
     peft_model.save_pretrained(tmp_path)
     unmerged = logits(peft_model, ids).detach()
     peft_error = (logits(peft_model.merge_and_unload().train(), ids) - unmerged).abs().max()
-    gm = fxpeft.load(load(checkpoint, "nf4"), tmp_path)
+    gm = fxpeft.load(load(checkpoint, "nf4", device=device), tmp_path)
     with caplog.at_level(logging.WARNING, logger="fxpeft"):
         merged = fxpeft.merge(gm)
     assert "requantized 4 layer(s)" in caplog.text

@@ -34,12 +34,12 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from fxpeft.adapter_set import adapter_records
 from fxpeft.adapters import attach_component, fetch
 from fxpeft.errors import FxpeftError, RuleError
-from fxpeft.gates import gate_node, reroute
+from fxpeft.gates import gate_attr, gate_node, reroute
 from fxpeft.kinds.lora import adapter_dtype, adapter_input, casts, join, record_nodes
 from fxpeft.kinds.rank_allocator import RankAllocator, Schedule, Triplet
 from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced
 from fxpeft.match import Match
-from fxpeft.names import (ADAPTER_META, GATE_META, GATES, OUTPUT_MODULE, PEFT_PREFIX, AdapterNode,
+from fxpeft.names import (ADAPTER_META, GATE_META, OUTPUT_MODULE, PEFT_PREFIX, AdapterNode,
                           adapter_node)
 from fxpeft.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, layers_prefix,
                                 target_regex, targets_for)
@@ -213,8 +213,7 @@ def _new_regulariser(job: SpliceInput, a: torch.fx.Node, b: torch.fx.Node) -> li
         job.gm.add_module(ORTH_MODULE, OrthogonalRegulariser())
     final = next(iter(graph.find_nodes(op="output")))
     with graph.inserting_before(final):
-        gate = graph.get_attr(f"{GATES}.{job.adapter}")
-        gate.meta[GATE_META] = job.adapter
+        gate = gate_attr(job.gm, job.adapter, job.gm.get_parameter(a.target).device)
         reg = graph.call_module(ORTH_MODULE, (final.args[0], gate, job.params.orth_reg_weight,
                                               a, b))
     final.args = (reg,)
@@ -266,7 +265,7 @@ def orthogonality(pairs: tuple[torch.Tensor, ...]) -> torch.Tensor:
     for index, p in enumerate(pairs):
         cov = p @ p.T if index % 2 == 0 else p.T @ p
         eye = torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)
-        total = total + torch.norm(cov - eye, p="fro")
+        total = total + torch.norm(cov - eye, p="fro").to(pairs[0].device)  # split models
     return total / len(pairs)
 
 
@@ -278,7 +277,8 @@ class OrthogonalRegulariser(torch.nn.Module):
         loss = getattr(output, "loss", None)
         if not self.training or not isinstance(loss, torch.Tensor):
             return output
-        return type(output)(**{**output, "loss": loss + weight * orthogonality(pairs) * gate})
+        term = weight * orthogonality(pairs) * gate.to(pairs[0].device)
+        return type(output)(**{**output, "loss": loss + term.to(loss.device)})
 
 
 # --- merge --------------------------------------------------------------------------------------

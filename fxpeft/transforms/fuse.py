@@ -45,7 +45,7 @@ import torch
 import torch.fx
 
 from fxpeft.adapter_set import strip_adapters
-from fxpeft.gates import active_adapters, adapter_names
+from fxpeft.gates import active_adapters, adapter_names, gate_attr
 from fxpeft.graph_module import AdaptedModule
 from fxpeft.names import (DROPOUT_MODULE, GATE_META, GATES, LM_LOSS_MODULE, OUTPUT_MODULE,
                           adapter_node)
@@ -235,7 +235,8 @@ def mixed_lora(x: torch.Tensor, weights_a: list[torch.Tensor], weights_b: list[t
         for a, b, scale, gate in zip(weights_a, weights_b, scales, gates):
             total = total + torch.nn.functional.linear(torch.nn.functional.linear(x, a) * gate, b) * scale
         return total
-    rows = torch.stack([per_sample[name] for name in adapters], 1).to(x.dtype)  # [batch, adapters]
+    # [batch, adapters], on the site's device (a split model's gates start on the first one)
+    rows = torch.stack([per_sample[name] for name in adapters], 1).to(x.device, x.dtype)
     chosen, used = rows.argmax(1), rows.sum(1)  # one adapter per sample, or none (__base__)
     a_all, b_all = _stacked_ranks(weights_a, weights_b)
     scale = torch.tensor(scales, dtype=x.dtype, device=x.device)[chosen] * used  # 0: __base__
@@ -289,7 +290,8 @@ def gather_lora(gm: torch.fx.GraphModule) -> int:
             branch = graph.call_function(mixed_lora, (
                 x, [graph.get_attr(d.detail.lora_A) for d in details],
                 [graph.get_attr(d.detail.lora_B) for d in details], [d.detail.scale for d in details],
-                [graph.get_attr(f"{GATES}.{d.adapter}") for d in details],
+                [gate_attr(gm, d.adapter, gm.get_parameter(d.detail.lora_A).device)
+                 for d in details],
                 [d.adapter for d in details], per_sample))
             total = graph.call_function(aten.add.Tensor, (joins[0].args[0], branch))
         joins[-1].replace_all_uses_with(total)

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU checks, as one script for a short lease of a GPU machine (no network there): the
+# `cuda` tests, then the benchmarks with --device cuda. Each section has its own time limit and
+# writes its log to $OUT, so a slow one costs only itself.
+#
+#   bench/gpu.sh [tests,memory,run,int8,compile_time]    # default: all but compile_time
+#
+# Wheels for what the machine lacks (bitsandbytes, and the transformers and peft versions the
+# project is tested with) can travel in .whl/ and are installed first.
+set -u
+OUT=${OUT:-out/gpu}
+SECTIONS=${1:-tests,memory,run,int8}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())"
+python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)"
+
+section() {  # name, seconds, command...
+    local name=$1 seconds=$2; shift 2
+    [[ ",$SECTIONS," == *",$name,"* ]] || return 0
+    echo "=== $name (limit ${seconds}s)"
+    local start=$SECONDS
+    timeout "$seconds" "$@" >"$OUT/$name.log" 2>&1
+    echo "=== $name: rc $? in $((SECONDS - start))s"
+    tail -n 40 "$OUT/$name.log"
+}
+
+section tests 120 python3 -m pytest -q -p no:cacheprovider -o addopts= -m cuda -rs tests
+section memory 100 python3 bench/memory.py --device cuda --model smollm2-shape --steps 3
+section run 180 python3 bench/run.py --device cuda --steps 10 --json "$OUT/run_cuda.json" \
+    --rows eager,compiled,cudagraphs,adapters,mixed,inference
+section int8 50 python3 - <<'PY'
+# fxpeft's 8-bit op (dequantize, then matmul) against bitsandbytes' own CUDA route, same LoRA.
+import sys, tempfile, torch
+sys.path.insert(0, "tests")
+from conftest import randomize_adapters, tiny_llama, token_batch
+from peft import LoraConfig, get_peft_model
+from transformers import BitsAndBytesConfig, LlamaForCausalLM
+import fxpeft
+folder = tempfile.mkdtemp(); tiny_llama().save_pretrained(folder)
+load = lambda: LlamaForCausalLM.from_pretrained(folder, device_map="cuda",
+    quantization_config=BitsAndBytesConfig(load_in_8bit=True)).train()
+peft_model = get_peft_model(load(), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                               target_modules=["q_proj", "v_proj"]))
+randomize_adapters(peft_model, seed=3); peft_model.save_pretrained(folder + "/a")
+ids = token_batch().cuda()
+gm = fxpeft.load(load(), folder + "/a").train()
+ours, theirs = gm(ids).logits, peft_model(input_ids=ids).logits
+print("int8 on CUDA: max |fxpeft - PEFT| =", (ours - theirs).abs().max().item(),
+      "; logits max-abs", theirs.abs().max().item())
+PY
+section compile_time 300 python3 bench/run.py --device cuda --rows compile_time --compile-repeats 1
+exit 0
