@@ -33,8 +33,9 @@ section() {  # name, seconds, command...
     tail -n 40 "$OUT/$name.log"
 }
 
-section tests 120 python3 -m pytest -q -p no:cacheprovider -o addopts= -m cuda -rs tests
-section memory 100 python3 bench/memory.py --device cuda --model smollm2-shape --steps 3
+section tests 100 python3 -m pytest -q -p no:cacheprovider -o addopts= -m cuda -rs tests
+section memory 110 python3 bench/memory.py --device cuda --model smollm2-shape --steps 2 \
+    --variants "PEFT + HF checkpointing,fxpeft fused,fxpeft fused + checkpoint,fxpeft nf4 fused + checkpoint"
 section run 180 python3 bench/run.py --device cuda --steps 10 --json "$OUT/run_cuda.json" \
     --rows eager,compiled,cudagraphs,adapters,mixed,inference
 section int8 50 python3 - <<'PY'

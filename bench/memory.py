@@ -176,8 +176,8 @@ def main() -> None:
         command = [sys.executable, __file__, "--variant", variant, "--model", args.model,
                    "--device", args.device,
                    "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
-        out = subprocess.run(command, capture_output=True, text=True,
-                             env={**os.environ, **STEADY_MALLOC_ENV})
+        steady = STEADY_MALLOC_ENV if args.device == "cpu" else {}  # RSS is not measured there
+        out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **steady})
         if out.returncode:
             raise SystemExit(f"{variant} failed:\n{out.stderr[-2000:]}")
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])

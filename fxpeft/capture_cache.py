@@ -11,6 +11,7 @@ forward that none of these reveal (a monkeypatched method) is not seen: set
 
 from __future__ import annotations
 
+import copy
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -57,7 +58,7 @@ def cache_key(model: torch.nn.Module, inputs: dict[str, Any]) -> Hashable:
 
 def store(key: Hashable, model: torch.nn.Module, program: Program) -> None:
     """Keep a copy of ``program``'s graph (before emit changes it) and its constants."""
-    _ENTRIES[key] = CachedGraph(copy_graph(program.graph), constants(program.graph_module, model),
+    _ENTRIES[key] = CachedGraph(copy_graph(program.graph), _own(constants(program.graph_module, model)),
                                 replace(program.info, config=None))
     _ENTRIES.move_to_end(key)
     while len(_ENTRIES) > MAX_ENTRIES:
@@ -71,7 +72,19 @@ def lookup(key: Hashable, model: torch.nn.Module) -> Program | None:
         return None
     _ENTRIES.move_to_end(key)
     info = replace(cached.info, config=model.config, training=model.training)
-    return Program(bind(copy_graph(cached.graph), cached.constants, model), info)
+    return Program(bind(copy_graph(cached.graph), _own(cached.constants), model), info)
+
+
+def _own(constants: dict[str, Any]) -> dict[str, Any]:
+    """``constants`` with a copy of each submodule (the bodies of export's higher-order ops,
+    such as ``wrap_with_set_grad_enabled``): a graph's ``.to(device)`` rewrites its submodules'
+    device constants in place, which must not reach the cache or the graphs it hands out.
+
+    >>> body = torch.nn.Linear(1, 1)
+    >>> _own({"submod_1": body, "c": torch.ones(())})["submod_1"] is body
+    False
+    """
+    return {t: copy.deepcopy(v) if isinstance(v, torch.nn.Module) else v for t, v in constants.items()}
 
 
 def constants(graph_module: torch.fx.GraphModule, model: torch.nn.Module) -> dict[str, Any]:

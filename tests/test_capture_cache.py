@@ -70,3 +70,22 @@ def test_a_replicated_capture_is_cached_like_a_full_one():
     assert graph_signature(hit.graph) == graph_signature(first.graph)
     assert hit.graph_module.get_parameter("model.layers.3.mlp.up_proj.weight") is \
         model.model.layers[3].mlp.up_proj.weight
+
+
+def test_moving_one_graph_leaves_the_cached_capture_and_later_graphs_on_their_device():
+    """A forward with a ``no_grad`` region exports as a higher-order op whose body is a
+    submodule; ``gm.to(device)`` rewrites that body's device constants, so every graph (and the
+    cache) must own its copy."""
+    from test_devices import device_constants
+
+    def with_no_grad_region():
+        model = tiny_llama()
+        rotary = model.model.rotary_emb
+        rotary.forward = torch.no_grad()(rotary.forward)
+        return model
+    first = fxpeft.rewrite(with_no_grad_region(), "lora_qv.toml")
+    assert [m for m in first.modules() if m is not first and isinstance(m, torch.fx.GraphModule)]
+    first.to("meta")
+    second = fxpeft.rewrite(with_no_grad_region(), "dora_qv.toml")
+    assert {d.type for d in device_constants(second)} == {"cpu"}
+    second(token_batch())

@@ -86,10 +86,17 @@ def test_each_quantized_layer_is_one_op_and_one_linear_site(checkpoint, scheme):
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("rules", ["lora_qv.toml", "dora_qv.toml", "ia3.toml"])
 def test_identity_at_init_and_gradients_only_on_adapters(checkpoint, scheme, rules, device):
+    """On CUDA the base differs from the model's own layers by kernel rounding (4-bit, ~1e-7)
+    or, for 8-bit, because bitsandbytes' CUDA forward quantizes the activations too (LLM.int8())
+    where fxpeft's op dequantizes the weight (~5e-3 here); the adapters themselves add exactly 0."""
     model, ids = load(checkpoint, scheme, device=device), token_batch().to(device)
     expected = logits(model, ids).detach()
     gm = fxpeft.rewrite(model, rules).eval()
-    torch.testing.assert_close(logits(gm, ids), expected, rtol=0, atol=0)
+    tolerance = 0 if device == "cpu" else 1e-2 if scheme == "int8" else 1e-6
+    torch.testing.assert_close(logits(gm, ids), expected, rtol=0, atol=tolerance)
+    with gm.disable_adapters():
+        base = logits(gm, ids).detach()
+    torch.testing.assert_close(logits(gm, ids), base, rtol=0, atol=0)
     randomize_adapters(gm)
     gm.train()(ids, labels=ids).loss.backward()
     assert_only_adapters_get_grads(gm)
