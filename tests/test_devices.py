@@ -135,13 +135,31 @@ def test_a_plain_module_split_over_cpu_and_cuda_reads_each_gate_on_its_layers_de
         torch.testing.assert_close(gm(x).cpu(), split(x).cpu(), rtol=0, atol=1e-6)
 
 
-def split_llama():
-    """The tiny Llama with its embeddings and first layer on the CPU and the rest on the GPU,
-    as ``from_pretrained(device_map=...)`` places it (accelerate's hooks move activations)."""
-    from accelerate import dispatch_model
-    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
-                  "model.layers.1": 0, "model.norm": 0, "lm_head": 0}
-    return dispatch_model(tiny_llama(), device_map=device_map)
+PLACES = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+          "model.layers.1": "cuda", "model.norm": "cuda", "lm_head": "cuda"}
+
+
+def split_llama(places: "dict[str, str]" = PLACES):
+    """The tiny Llama with each listed module on its device and accelerate's hooks moving the
+    activations between them, as ``from_pretrained(device_map=...)`` places a model over several
+    GPUs (here over the CPU and one GPU: accelerate's own "cpu" entries are offloaded weights
+    that still run on a GPU, so the hooks are added directly)."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    model = tiny_llama()
+    for name, device in places.items():
+        module = model.get_submodule(name).to(device)
+        add_hook_to_module(module, AlignDevicesHook(execution_device=device,
+                                                    io_same_device=name == "model.embed_tokens"))
+    return model
+
+
+def test_accelerate_device_hooks_are_captured():
+    pytest.importorskip("accelerate")
+    model = split_llama({name: "cpu" for name in PLACES})
+    ids = token_batch()
+    expected = model(ids).logits
+    gm = fxpeft.rewrite(model, "lora_qv.toml")
+    torch.testing.assert_close(gm(ids).logits, expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.cuda
