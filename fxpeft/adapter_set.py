@@ -17,7 +17,7 @@ import torch.fx
 
 from fxpeft.adapters import fetch
 from fxpeft.errors import FxpeftError
-from fxpeft.gates import GATES, drop_unused_per_sample, set_adapter
+from fxpeft.gates import GATES, drop_gate, drop_unused_per_sample, set_adapter
 from fxpeft.names import adapter_node, owning_adapter
 
 
@@ -105,7 +105,7 @@ def delete_adapter(gm: torch.fx.GraphModule, adapter: str) -> None:
         _detach(gm, target)
     gates = getattr(gm, GATES, None)
     if gates is not None:
-        gates.drop(adapter)
+        drop_gate(gates, adapter)
     adapter_records(gm).pop(adapter, None)
     gm.graph.lint()
     gm.recompile()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx
@@ -194,7 +194,7 @@ def _max_sequence(exported: torch.export.ExportedProgram, example: torch.fx.Node
 def _hf_program(model: torch.nn.Module, exported: torch.export.ExportedProgram,
                 names: tuple[str, ...]) -> Program:
     root = exported.module()
-    strip_export_checks(root.graph)
+    tidy_export(root)
     first = next(iter(root.graph.find_nodes(op="placeholder")))
     info = CaptureInfo(type(model).__name__, "export", names, model.config, root._out_spec,
                        _max_sequence(exported, first), model.training)
@@ -208,6 +208,37 @@ def strip_export_checks(graph: torch.fx.Graph) -> int:
     for node in doomed:
         graph.erase_node(node)
     return len(doomed)
+
+
+def grad_mode_region(enable: bool, body: Callable[..., Any], *args: Any) -> Any:
+    """Export's ``wrap_with_set_grad_enabled`` (a ``no_grad`` block in ``forward``), restoring
+    the grad mode however ``body`` ends: torch's own leaves it switched off when the body raises.
+
+    >>> def fails(x):
+    ...     raise ValueError("no")
+    >>> try:
+    ...     grad_mode_region(False, fails, 1)
+    ... except ValueError:
+    ...     torch.is_grad_enabled()
+    True
+    """
+    with torch.set_grad_enabled(enable):
+        return body(*args)
+
+
+def tidy_export(root: torch.fx.GraphModule) -> int:
+    """``strip_export_checks`` in ``root`` and in the bodies of its higher-order ops, whose grad
+    mode regions become ``grad_mode_region`` calls; returns how many nodes changed."""
+    from torch._higher_order_ops.wrap import wrap_with_set_grad_enabled
+    changed = 0
+    for module in [m for m in root.modules() if isinstance(m, torch.fx.GraphModule)]:
+        changed += strip_export_checks(module.graph)
+        for node in module.graph.find_nodes(op="call_function", target=wrap_with_set_grad_enabled):
+            node.target = grad_mode_region
+            changed += 1
+        if module is not root:
+            module.recompile()
+    return changed
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -256,5 +287,5 @@ def _capture_plain_export(model: torch.nn.Module, example_inputs: Any) -> Progra
         except Exception as err:
             raise _fail(model, "torch.export", err, "check example_inputs match forward()") from err
     root = exported.module()
-    strip_export_checks(root.graph)
+    tidy_export(root)
     return Program(root, CaptureInfo(type(model).__name__, "export", training=model.training))

@@ -32,7 +32,7 @@ from fxpeft.adapt import apply_adapter, program_of
 from fxpeft.kinds import registry
 from fxpeft.adapter_set import adapter_records
 from fxpeft.adapters import fetch, has_target, place
-from fxpeft.capture import strip_export_checks
+from fxpeft.capture import tidy_export
 from fxpeft.emit import emit
 from fxpeft.errors import FxpeftError
 from fxpeft.graph_module import AdaptedModule
@@ -227,7 +227,7 @@ def _exported(shell: torch.nn.Module, inputs: dict[str, torch.Tensor], shapes: d
         raise FxpeftError(f"could not capture the decode graph of {type(shell).__name__} with a "
                           f"static KV cache: {reason}") from err
     root = exported.module()
-    strip_export_checks(root.graph)
+    tidy_export(root)
     return Program(root, CaptureInfo(type(shell).__mro__[1].__name__, "export", training=False))
 
 

@@ -64,49 +64,10 @@ class Gates(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.unmixable: set[str] = set()  # adapters whose gates are read without a branch
-        # Copies of gates on the other devices of a split model, named "<adapter>_<n>" in a
-        # child module (adapter names start with a letter, so "_devices" is never one).
-        self._devices = torch.nn.Module()
-        self.copy_of: dict[str, str] = {}
-
-    def adapters(self) -> list[tuple[str, torch.Tensor]]:
-        """(adapter, its gate buffer), in the order the adapters were added; no device copies."""
-        return list(self.named_buffers(recurse=False))
-
-    def on(self, adapter: str, device: torch.device) -> str:
-        """The attribute path, under this module, of ``adapter``'s gate on ``device``: the gate
-        itself, or a copy made there the first time (a layer reads the gate on its own device).
-
-        >>> gates = Gates(); gates.register_buffer("sql", torch.ones(()))
-        >>> gates.on("sql", torch.device("cpu")), gates.on("sql", torch.device("meta"))
-        ('sql', '_devices.sql_1')
-        """
-        names = [adapter, *(copy for copy, of in self.copy_of.items() if of == adapter)]
-        for name in names:
-            if self.get_buffer(name).device == device:
-                return name
-        copy = f"{adapter}_{len(names)}"
-        self._devices.register_buffer(copy, self.get_buffer(adapter).to(device), persistent=False)
-        self.copy_of[f"_devices.{copy}"] = adapter
-        return f"_devices.{copy}"
-
-    def fill(self, on: set[str]) -> None:
-        """Open the gates of the adapters in ``on`` and close the others, copies included."""
-        with torch.no_grad():
-            for name, gate in self.named_buffers():
-                gate.fill_(1.0 if self.copy_of.get(name, name) in on else 0.0)
-
-    def drop(self, adapter: str) -> None:
-        """Forget ``adapter``'s gate and its copies."""
-        for copy in [c for c, of in self.copy_of.items() if of == adapter]:
-            delattr(self._devices, copy.split(".", 1)[1])
-            del self.copy_of[copy]
-        if hasattr(self, adapter):
-            delattr(self, adapter)
 
     def index(self, names: list[str]) -> torch.Tensor:
         """Each name's position among the adapters, -1 for ``"__base__"``, checked."""
-        adapters = [name for name, _ in self.adapters()]
+        adapters = [name for name, _ in gate_buffers(self)]
         unknown = sorted(set(names) - set(adapters) - {BASE})
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; this graph has "
@@ -129,7 +90,7 @@ class Gates(torch.nn.Module):
         """
         if index.is_floating_point():
             return  # the input adapter refuses it, naming the dtype
-        adapters = [name for name, _ in self.adapters()]
+        adapters = [name for name, _ in gate_buffers(self)]
         wrong = index[(index < -1) | (index >= len(adapters))]
         if wrong.numel():
             raise ValueError(f"adapter_names as a tensor holds indices into {adapters} or -1 "
@@ -139,7 +100,65 @@ class Gates(torch.nn.Module):
         if index is None:
             return None
         return {adapter: (index == position).to(gate.dtype)
-                for position, (adapter, gate) in enumerate(self.adapters())}
+                for position, (adapter, gate) in enumerate(gate_buffers(self))}
+
+
+# Copies of a gate on the other devices of a split model are buffers "<adapter>_<n>" of the
+# child module "_devices" (adapter names start with a letter, so it is never one). Functions, not
+# methods: a fused copy's gates module is a plain Module (GraphModule copies attributes so).
+DEVICE_COPIES = "_devices"
+
+
+def gate_buffers(gates: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(adapter, its gate buffer), in the order the adapters were added; no device copies."""
+    return list(gates.named_buffers(recurse=False))
+
+
+def _copies(gates: torch.nn.Module) -> list[tuple[str, str, torch.Tensor]]:
+    """(attribute path, adapter, buffer) of each device copy."""
+    holder = getattr(gates, DEVICE_COPIES, None)
+    if holder is None:
+        return []
+    return [(f"{DEVICE_COPIES}.{name}", name.rsplit("_", 1)[0], buffer)
+            for name, buffer in holder.named_buffers(recurse=False)]
+
+
+def gate_on(gates: torch.nn.Module, adapter: str, device: torch.device) -> str:
+    """The attribute path, under ``gates``, of ``adapter``'s gate on ``device``: the gate
+    itself, or a copy made there the first time (a layer reads the gate on its own device).
+
+    >>> gates = Gates(); gates.register_buffer("sql", torch.ones(()))
+    >>> gate_on(gates, "sql", torch.device("cpu")), gate_on(gates, "sql", torch.device("meta"))
+    ('sql', '_devices.sql_1')
+    """
+    own = [(adapter, gates.get_buffer(adapter))]
+    own += [(path, buffer) for path, of, buffer in _copies(gates) if of == adapter]
+    for path, buffer in own:
+        if buffer.device == device:
+            return path
+    if not hasattr(gates, DEVICE_COPIES):
+        gates.add_module(DEVICE_COPIES, torch.nn.Module())
+    name = f"{adapter}_{len(own)}"
+    getattr(gates, DEVICE_COPIES).register_buffer(name, own[0][1].to(device), persistent=False)
+    return f"{DEVICE_COPIES}.{name}"
+
+
+def fill_gates(gates: torch.nn.Module, on: set[str]) -> None:
+    """Open the gates of the adapters in ``on`` and close the others, device copies included."""
+    with torch.no_grad():
+        for adapter, gate in gate_buffers(gates):
+            gate.fill_(1.0 if adapter in on else 0.0)
+        for _, adapter, gate in _copies(gates):
+            gate.fill_(1.0 if adapter in on else 0.0)
+
+
+def drop_gate(gates: torch.nn.Module, adapter: str) -> None:
+    """Forget ``adapter``'s gate and its device copies."""
+    for path, of, _ in _copies(gates):
+        if of == adapter:
+            delattr(getattr(gates, DEVICE_COPIES), path.split(".", 1)[1])
+    if hasattr(gates, adapter):
+        delattr(gates, adapter)
 
 
 @torch.compiler.disable  # a hook is a frame of its own: never compiled, so it adds no graph break
@@ -234,7 +253,7 @@ def gate_attr(gm: torch.fx.GraphModule, adapter: str, device: torch.device) -> t
     >>> gate_attr(gm, "sql", torch.device("meta")).target
     'fxpeft_gates._devices.sql_1'
     """
-    node = gm.graph.get_attr(f"{GATES}.{_gates(gm).on(adapter, torch.device(device))}")
+    node = gm.graph.get_attr(f"{GATES}.{gate_on(_gates(gm), adapter, torch.device(device))}")
     node.meta[GATE_META] = adapter
     return node
 
@@ -267,16 +286,16 @@ def drop_unused_per_sample(graph: torch.fx.Graph) -> None:
 
 def adapter_names(gm: torch.nn.Module) -> list[str]:
     """The adapters in ``gm``, in the order they were added."""
-    return [name for name, _ in _gates(gm).adapters()] if hasattr(gm, GATES) else []
+    return [name for name, _ in gate_buffers(_gates(gm))] if hasattr(gm, GATES) else []
 
 
 def active_adapters(gm: torch.nn.Module) -> list[str]:
-    return [name for name, gate in _gates(gm).adapters() if gate.item() != 0] \
+    return [name for name, gate in gate_buffers(_gates(gm)) if gate.item() != 0] \
         if hasattr(gm, GATES) else []
 
 
 def _set_gates(gm: torch.nn.Module, on: set[str]) -> None:
-    _gates(gm).fill(on)
+    fill_gates(_gates(gm), on)
 
 
 def set_adapter(gm: torch.nn.Module, names: "str | list[str]") -> None:

@@ -17,7 +17,7 @@ import torch.fx
 from fxpeft.adapter_set import strip_adapters
 from fxpeft.adapters import fetch, has_target, is_adapter_parameter, place
 from fxpeft.errors import FxpeftError
-from fxpeft.gates import active_adapters, adapter_names
+from fxpeft.gates import active_adapters, adapter_names, gate_buffers
 from fxpeft.graph_module import AdaptedModule
 from fxpeft.kinds import registry
 from fxpeft.names import DEFAULT_ADAPTER, GATES, INPUTS_MODULE, adapter_node, is_fxpeft_node
@@ -31,7 +31,7 @@ log = logging.getLogger("fxpeft")
 
 def _check_gates(gm: torch.nn.Module) -> None:
     gates = getattr(gm, GATES, None)
-    for name, gate in (gates.adapters() if gates is not None else ()):
+    for name, gate in (gate_buffers(gates) if gates is not None else ()):
         if float(gate) not in (0.0, 1.0):
             raise FxpeftError(f"merge: adapter {name!r} has a partly open gate ({float(gate)}); "
                               f"only on (1) or off (0) adapters can be folded")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fxpeft
+from fxpeft import capture_cache
 from conftest import assert_only_adapters_get_grads, randomize_adapters, tiny_gpt2, tiny_llama, token_batch
 from fxpeft.capture import capture
 from fxpeft.rules import LoraParams, Rule, Where
@@ -129,3 +130,28 @@ def test_per_call_overrides_change_rank_and_scale():
     scales = [n.args[1] for n in gm.graph.nodes
               if n.target == torch.ops.aten.mul.Tensor and n.meta.get("fxpeft_adapter")]
     assert scales == [2.0]
+
+
+def test_a_no_grad_block_in_forward_runs_as_a_grad_mode_region_without_export_checks():
+    """Export keeps a ``no_grad`` block as a higher-order op over a submodule; capture strips
+    the metadata asserts there too and calls it through ``grad_mode_region``, which restores
+    the grad mode even when the block raises (torch's own op leaves it off)."""
+    from conftest import tiny_llama, token_batch
+    from fxpeft.capture import _EXPORT_CHECKS, grad_mode_region
+    capture_cache.clear()  # the cache cannot tell a patched forward from the plain one
+    model = tiny_llama()
+    rotary = model.model.rotary_emb
+    rotary.forward = torch.no_grad()(rotary.forward)
+    ids = token_batch()
+    expected = model(ids).logits
+    gm = fxpeft.rewrite(model, "lora_qv.toml").train()
+    regions = gm.graph.find_nodes(op="call_function", target=grad_mode_region)
+    assert len(regions) == 1 and regions[0].args[0] is False
+    bodies = [m for m in gm.modules() if m is not gm and isinstance(m, torch.fx.GraphModule)]
+    assert bodies and not [n for b in bodies for n in b.graph.nodes if n.target in _EXPORT_CHECKS]
+    gm.graph.lint()
+    torch.testing.assert_close(gm.eval()(ids).logits, expected, rtol=0, atol=1e-6)
+    compiled = torch.compile(gm.train(), fullgraph=True)
+    compiled(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in gm.parameters() if p.requires_grad)
+    assert torch.is_grad_enabled()
