@@ -225,13 +225,16 @@ def _per_sample_node(graph: torch.fx.Graph) -> "torch.fx.Node | None":
     return found
 
 
-def gate_node(gm: torch.fx.GraphModule, adapter: str, like: torch.Tensor,
+def gate_node(gm: torch.fx.GraphModule, adapter: str, like: "torch.Tensor | torch.nn.Module",
               branch: "torch.fx.Node | None" = None) -> torch.fx.Node:
     """``adapter``'s gate (created on, the first time), to multiply into a branch: the 0-d
-    buffer, or per sample (``sample_gate``) shaped like ``branch``, a batch-leading tensor.
-    Without a branch (a parameter choice, as ``modules_to_save``) it is the buffer, and the
-    adapter refuses mixed batches."""
+    buffer on ``like``'s device (a tensor's, or a module's first tensor's), or per sample
+    (``sample_gate``) shaped like ``branch``, a batch-leading tensor. Without a branch (a
+    parameter choice, as ``modules_to_save``) it is the buffer, and the adapter refuses mixed
+    batches."""
     gates = _gates(gm)
+    if isinstance(like, torch.nn.Module):
+        like = next(iter([*like.parameters(), *like.buffers()]), torch.zeros(()))
     if not hasattr(gates, check_adapter_name(adapter)):
         gates.register_buffer(adapter, torch.ones((), device=like.device), persistent=False)
     node = gate_attr(gm, adapter, like.device)

@@ -270,7 +270,7 @@ IGNORED = {"task_type", "base_model_name_or_path", "revision", "inference_mode",
            "layers_pattern"}
 # Fields PEFT reads by truth value: a falsy value of another type is as neutral as False / {}.
 FALSY_NEUTRAL = {"use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "exclude_modules",
-                 "layers_to_transform"}
+                 "layers_to_transform", "init_lora_weights"}
 
 
 def _known_gap(field: str, value) -> bool:
