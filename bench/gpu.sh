@@ -34,7 +34,7 @@ section() {  # name, seconds, command...
 }
 
 section tests 100 python3 -m pytest -q -p no:cacheprovider -o addopts= -m cuda -rs tests
-section memory 110 python3 bench/memory.py --device cuda --model smollm2-shape --steps 2 \
+section memory 110 python3 bench/memory.py --device cuda --model smollm2-shape --steps 2 --timeout 45 \
     --variants "PEFT + HF checkpointing,fxpeft fused,fxpeft fused + checkpoint,fxpeft nf4 fused + checkpoint"
 section run 180 python3 bench/run.py --device cuda --steps 10 --json "$OUT/run_cuda.json" \
     --rows eager,compiled,cudagraphs,adapters,mixed,inference

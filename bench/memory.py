@@ -97,12 +97,19 @@ def child(args: argparse.Namespace) -> None:
     if "nf4" in args.variant:
         import bitsandbytes  # noqa: F401
     gpu = args.device == "cuda"
+    started = time.perf_counter()
+
+    def stage(name: str) -> None:  # on stderr, so a variant that times out says how far it got
+        print(f"{time.perf_counter() - started:7.1f} s  {name}", file=sys.stderr, flush=True)
     before = _gpu_mib() if gpu else current_rss_mib()
+    stage("baseline read")
     model = _model(args.model, args.variant, args.device)
+    stage("model built")
     own_memory(model)  # the checkpoint's mapped pages go: RSS counts what the model holds
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq),
                         generator=torch.Generator().manual_seed(0)).to(args.device)
     adapted = _adapted(args.variant, model).train()
+    stage("adapted")
     optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-4)
     release_freed_memory()  # what loading and quantizing freed
     reset_peak_rss()
@@ -118,6 +125,7 @@ def child(args: argparse.Namespace) -> None:
         if gpu:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        stage(f"step {len(times)}")
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if gpu else peak_rss_mib()
     print(json.dumps({"before": before, "loaded": loaded, "peak": peak,
                       "step": min(times[1:] or times)}))
@@ -158,6 +166,8 @@ def main() -> None:
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # one child's variant
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated subset to run; PEFT is always run (the reference)")
+    parser.add_argument("--timeout", type=float, default=600,
+                        help="seconds a variant's process may take before it is reported and skipped")
     parser.add_argument("--step-time", type=int, default=0, metavar="N",
                         help="instead: step times of PEFT, fxpeft and fused, interleaved, N steps")
     args = parser.parse_args()
@@ -177,11 +187,32 @@ def main() -> None:
                    "--device", args.device,
                    "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
         steady = STEADY_MALLOC_ENV if args.device == "cpu" else {}  # RSS is not measured there
-        out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **steady})
-        if out.returncode:
-            raise SystemExit(f"{variant} failed:\n{out.stderr[-2000:]}")
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-    print_table(results)
+        code, stdout, stderr = _run_child(command, {**os.environ, **steady}, args.timeout)
+        if code is None:
+            print(f"  {variant}: no result after {args.timeout:.0f} s; it had reached:\n{stderr[-800:]}")
+            continue
+        if code:
+            raise SystemExit(f"{variant} failed:\n{stderr[-2000:]}")
+        results[variant] = json.loads(stdout.strip().splitlines()[-1])
+    if "PEFT" in results:
+        print_table(results)
+
+
+def _run_child(command: list[str], env: dict[str, str], timeout: float) -> tuple[int | None, str, str]:
+    """(exit code, or None if it ran past ``timeout`` and was killed; stdout; stderr). Output
+    goes through files, so a killed child's last lines are still there to read."""
+    import tempfile
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env)
+        try:
+            code: int | None = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            code = None
+        out.seek(0)
+        err.seek(0)
+        return code, out.read(), err.read()
 
 
 def print_table(results: dict[str, dict]) -> None:
