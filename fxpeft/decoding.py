@@ -85,6 +85,22 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
+def _check_one_device(gm: torch.nn.Module) -> None:
+    """Generation keeps one KV cache on one device: a graph split over devices is refused.
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1).to("meta"))
+    >>> _check_one_device(net)
+    Traceback (most recent call last):
+    ...
+    fxpeft.errors.FxpeftError: fxpeft.generate: the graph's parameters are on several devices (cpu, meta); generation runs on one: move the graph there first, e.g. gm.to("cpu")
+    """
+    devices = sorted({str(p.device) for p in gm.parameters()})
+    if len(devices) > 1:
+        raise FxpeftError(f"fxpeft.generate: the graph's parameters are on several devices "
+                          f"({', '.join(devices)}); generation runs on one: move the graph there "
+                          f'first, e.g. gm.to("{devices[0]}")')
+
+
 @torch.no_grad()
 def generate(gm: AdaptedModule, input_ids: torch.Tensor, max_new_tokens: int = 20, *,
              do_sample: bool = False, temperature: float = 1.0, top_k: "int | None" = 50,
@@ -109,6 +125,7 @@ def generate(gm: AdaptedModule, input_ids: torch.Tensor, max_new_tokens: int = 2
     torch.Size([2, 7])
     """
     mask = _check(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
+    _check_one_device(gm)
     config = gm.capture_info.config if gm.capture_info is not None else None
     uncached = without_kv_cache(gm)
     decoder = None if uncached else decoder_for(
