@@ -18,25 +18,7 @@ Nothing lost, nothing silently wrong:
 - Every problem with a folder is an ``fxpeft.FxpeftError`` (mostly ``AdapterFileError``) whose
   message names the file, and the key where there is one; the model is left as it was.
 
-Atomic saves. A reader sees the complete old folder or the complete new one, never a mix:
-
-1. ``save`` writes the whole new folder into a sibling ``.<name>.fxpeft-new-<pid>-<random>``
-   and flushes it to disk (fsync);
-2. renames the old folder ``<name>`` to ``.<name>.fxpeft-old``;
-3. renames the new folder to ``<name>``;
-4. deletes ``.<name>.fxpeft-old``, its ``adapter_config.json`` first.
-
-Whenever the process dies, ``<name>`` holds the complete old or the complete new folder; only
-between steps 2 and 3 it is absent, and then ``.<name>.fxpeft-old`` holds the complete old one:
-``load`` reads that, and the next ``save`` renames it back before doing anything else (or, if
-``<name>`` is there, deletes it). A save that raises leaves the old folder untouched and removes
-its staging folder; the next save also removes staging folders that dead processes left. Saving
-replaces the whole folder, so it only replaces an adapter folder (plain files, among them
-``adapter_config.json`` or the weights): anything else is an error, never deleted.
-
-``load`` reads every file through one handle on the folder (POSIX), so renames during the read
-cannot mix two versions. Step 4 deletes the config first, and a read that finds its config gone
-at the end starts again, so a half-deleted old folder is never taken for a complete one.
+Atomic saves and consistent reads: ``fxpeft.folders``.
 """
 
 from __future__ import annotations
@@ -46,12 +28,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import reprlib
-import secrets
-import shutil
-import stat
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -64,9 +42,10 @@ from fxpeft.adapter_set import AdapterRecord, delete_adapter, record, set_traina
 from fxpeft.adapters import is_adapter_parameter
 from fxpeft.api import add_adapter, rewrite
 from fxpeft.errors import FxpeftError, MatchError, PassError, RuleError
+from fxpeft.folders import (CONFIG, RULES, WEIGHTS, AdapterFileError, _fsync, _read_folder,
+                            _replace_file, replace_folder)
 from fxpeft.graph_module import AdaptedModule
 from fxpeft.kinds.registry import AdapterKind, values_from_file
-from fxpeft.names import MODULES_TO_SAVE
 from fxpeft.peft_format import (INERT_FIELDS, PeftFormatError, neutral, check_fields,
                                 kind_for_config, kind_for_rewrite, to_peft_key)
 from fxpeft.peft_config import module_names
@@ -76,22 +55,14 @@ from fxpeft.rules.dump import dump_rules
 from fxpeft.rules.loader import parse_rules
 from fxpeft.rules.schema import RuleSet
 
-CONFIG, WEIGHTS, RULES = "adapter_config.json", "adapter_model.safetensors", "fxpeft_rules.toml"
 DIGEST = "fxpeft_sha256"
 log = logging.getLogger("fxpeft")
 _TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
                "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
                "ForConditionalGeneration": "SEQ_2_SEQ_LM", "Model": "FEATURE_EXTRACTION"}
-_TEXT_LIMIT = 16 * 2 ** 20  # bytes; a config or rule file is kilobytes, never this
-_READ_ATTEMPTS = 8
-_NEW, _OLD = ".fxpeft-new-", ".fxpeft-old"
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 80
 _short = _REPR.repr  # adversarial values can be huge; messages quote only their start
-
-
-class AdapterFileError(FxpeftError, ValueError):
-    """An adapter folder that cannot be read or does not fit the model; names file and key."""
 
 
 # --- save: the files' contents ------------------------------------------------------------------
@@ -243,234 +214,6 @@ def save(gm: AdaptedModule, directory: "str | Path", adapter: str = "default") -
         torch.distributed.barrier()  # no rank reads the folder before rank 0 has written it
     return Path(directory)
 
-
-# --- save: replacing the folder atomically ------------------------------------------------------
-
-def _target(directory: "str | Path") -> Path:
-    """The real folder (a symlink keeps pointing at the new content)."""
-    return Path(os.path.realpath(directory))
-
-
-def _aside(directory: Path) -> Path:
-    """Where a save keeps the old folder between its two renames; ``load`` falls back to it."""
-    return directory.with_name(f".{directory.name}{_OLD}")
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or folder to disk, so a rename never publishes unwritten data."""
-    folder = path.is_dir()
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        if folder:  # Windows cannot open a folder
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not folder:  # some file systems cannot flush a folder; a file must flush
-            raise
-    finally:
-        os.close(fd)
-
-
-def _remove(folder: Path) -> None:
-    """Delete a folder, its config first (the sign readers check; see ``_snapshot``)."""
-    with contextlib.suppress(FileNotFoundError):  # another save may have got there first
-        names = sorted(os.listdir(folder), key=lambda name: name != CONFIG)
-        for name in names:
-            if (folder / name).is_dir() and not (folder / name).is_symlink():
-                shutil.rmtree(folder / name)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(folder / name)
-        os.rmdir(folder)
-
-
-def _alive(pid: int) -> bool:
-    """Whether the process that named a staging folder may still be writing it."""
-    if pid == os.getpid() or os.name != "posix":  # os.kill on Windows would end the process
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # someone else's process
-        return True
-    return True
-
-
-def _tidy(directory: Path) -> None:
-    """Finish what a save that died left: put a set-aside old folder back (or drop it if the
-    new one made it into place), and remove staging folders of dead processes."""
-    aside = _aside(directory)
-    if aside.is_dir():
-        if directory.exists():
-            _remove(aside)
-        else:
-            os.rename(aside, directory)
-    prefix = f".{directory.name}{_NEW}"
-    for entry in directory.parent.iterdir():
-        pid = entry.name[len(prefix):].split("-")[0]
-        if entry.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
-            _remove(entry)
-
-
-def _check_replaceable(directory: Path) -> None:
-    """Saving replaces the whole folder: refuse one that is more than an adapter folder."""
-    if not directory.exists():
-        return
-    if not directory.is_dir():
-        raise AdapterFileError(f"{directory}: exists and is not a folder")
-    entries = list(directory.iterdir())
-    folder = next((entry for entry in entries if not entry.is_file()), None)
-    if folder is not None:
-        raise AdapterFileError(f"{folder}: saving replaces {directory} as a whole and would "
-                               f"delete this (another adapter?); save to another folder")
-    if entries and not any(entry.name in (CONFIG, WEIGHTS) for entry in entries):
-        raise AdapterFileError(f"{directory}: not an adapter folder (no {CONFIG}); saving "
-                               f"replaces a folder as a whole, so it only replaces adapter folders")
-
-
-def _staging(directory: Path) -> Path:
-    """A new, empty sibling folder, named so that ``_tidy`` can tell whether its owner lives."""
-    while True:
-        staging = directory.with_name(f".{directory.name}{_NEW}{os.getpid()}-{secrets.token_hex(4)}")
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(staging)  # mode 0o777 less the umask, like any folder the user makes
-            return staging
-
-
-def _swap_in(staging: Path, directory: Path) -> None:
-    """Steps 2-4 of the module docstring."""
-    if not os.path.lexists(directory):
-        os.rename(staging, directory)
-        return
-    aside = _aside(directory)
-    os.rename(directory, aside)
-    try:
-        os.rename(staging, directory)
-    except BaseException:
-        os.rename(aside, directory)
-        raise
-    _fsync(directory.parent)
-    try:
-        _remove(aside)
-    except OSError as err:  # the new folder is in place: the save succeeded; _tidy retries
-        log.warning("fxpeft.save: could not remove the old folder %s yet: %s", aside, err)
-
-
-def replace_folder(directory: "str | Path", writers: dict[str, Callable[[Path], None]]) -> None:
-    """Make ``directory`` hold exactly the files ``writers`` write (each called with its path),
-    atomically: see the module docstring.
-
-    >>> import tempfile
-    >>> folder = Path(tempfile.mkdtemp()) / "a"
-    >>> replace_folder(folder, {CONFIG: lambda p: p.write_text("{}")})
-    >>> replace_folder(folder, {WEIGHTS: lambda p: p.write_bytes(b"")})
-    >>> [p.name for p in folder.parent.iterdir()], [p.name for p in folder.iterdir()]
-    (['a'], ['adapter_model.safetensors'])
-    """
-    directory = _target(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    _tidy(directory)
-    _check_replaceable(directory)
-    staging = _staging(directory)
-    file_mode = stat.S_IMODE(os.stat(staging).st_mode) & 0o666  # 0o666 less the umask
-    try:
-        for name, write in writers.items():
-            write(staging / name)
-            os.chmod(staging / name, file_mode)  # safetensors writes 0o600 whatever the umask
-            _fsync(staging / name)
-        _fsync(staging)
-        _swap_in(staging, directory)
-    finally:
-        if os.path.lexists(staging):
-            _remove(staging)
-    _fsync(directory.parent)
-
-
-# --- load: reading the folder -------------------------------------------------------------------
-
-def _current(directory: Path) -> Path:
-    """``directory``, or the old folder a save set aside in the instant between its renames."""
-    aside = _aside(_target(directory))
-    return aside if not os.path.exists(directory) and aside.is_dir() else directory
-
-
-def _read_member(folder: Path, handle: int | None, name: str) -> bytes | None:
-    """One file of the folder, read through the folder's handle; None if absent."""
-    path = folder / name
-    try:  # O_NONBLOCK: a FIFO in the folder must not hang the load
-        fd = os.open(name if handle is not None else path,
-                     os.O_RDONLY | getattr(os, "O_NONBLOCK", 0), dir_fd=handle)
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise AdapterFileError(f"{path}: cannot open: {err.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise AdapterFileError(f"{path}: not a regular file")
-        if name != WEIGHTS and info.st_size > _TEXT_LIMIT:
-            raise AdapterFileError(f"{path}: {info.st_size} bytes, more than any {name} holds "
-                                   f"(at most {_TEXT_LIMIT})")
-        with os.fdopen(fd, "rb", closefd=False) as file:
-            return file.read()
-    except OSError as err:
-        raise AdapterFileError(f"{path}: cannot read: {err.strerror}") from None
-    finally:
-        os.close(fd)
-
-
-def _open_folder(folder: Path) -> int | None:
-    """A handle on the folder (None where the OS reads files by path only)."""
-    if os.open not in os.supports_dir_fd:
-        return None
-    return os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-
-
-def _snapshot(directory: Path, folder: Path) -> dict[str, bytes] | None:
-    """The adapter files of ``folder`` as one version, or None when a save changed it meanwhile.
-
-    A folder is deleted config first, so a config still there after every read means none of
-    the reads saw a half-deleted folder; without a config, the folder must still be in place.
-    """
-    handle = _open_folder(folder)
-    try:
-        files = {name: data for name in (CONFIG, WEIGHTS, RULES)
-                 if (data := _read_member(folder, handle, name)) is not None}
-        if handle is None:
-            return files
-        if CONFIG in files:
-            with contextlib.suppress(FileNotFoundError):
-                os.stat(CONFIG, dir_fd=handle)
-                return files
-            return None
-        still = folder == directory and os.path.samestat(os.stat(folder), os.fstat(handle))
-        return files if still else None
-    finally:
-        if handle is not None:
-            os.close(handle)
-
-
-def _read_folder(directory: Path) -> tuple[Path, dict[str, bytes]]:
-    """Which folder was read (``directory`` or its set-aside old copy) and its files' bytes."""
-    for _ in range(_READ_ATTEMPTS):
-        folder = _current(directory)
-        try:
-            files = _snapshot(directory, folder)
-        except FileNotFoundError:  # the folder itself: absent, or renamed an instant ago
-            files = {} if not os.path.lexists(folder) and _current(directory) == folder else None
-        except NotADirectoryError:
-            raise AdapterFileError(f"{folder}: not a folder; an adapter folder holds {CONFIG} "
-                                   f"and {WEIGHTS}") from None
-        except OSError as err:
-            raise AdapterFileError(f"{folder}: cannot read: {err.strerror}") from None
-        if files is not None:
-            return folder, files
-    raise AdapterFileError(f"{directory}: changed during each of {_READ_ATTEMPTS} reads; is "
-                           f"another process saving into it?")
 
 
 # --- load: parsing ------------------------------------------------------------------------------
@@ -720,21 +463,6 @@ def load(model: torch.nn.Module, directory: "str | Path", adapter: str = "defaul
 
 
 # --- adapter files among other files (the HF Trainer's checkpoint folders) ----------------------
-
-def _replace_file(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through a sibling temporary file and one rename: never half-written."""
-    temp = path.with_name(f".{path.name}{_NEW}{os.getpid()}-{secrets.token_hex(4)}")
-    os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 0o666 less the umask
-    try:
-        mode = stat.S_IMODE(os.stat(temp).st_mode)
-        write(temp)
-        os.chmod(temp, mode)  # safetensors writes 0o600 whatever the umask
-        _fsync(temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.lexists(temp):
-            os.unlink(temp)
-
 
 def write_into(gm: AdaptedModule, directory: "str | Path", adapter: str = "default") -> Path:
     """Write ``adapter``'s files (as ``save`` does) into ``directory``, keeping the other files

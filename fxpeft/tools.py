@@ -30,8 +30,8 @@ from fxpeft.match import match
 from fxpeft.merge import merge_into
 from fxpeft.peft_config import rules_from_config
 from fxpeft.rules.loader import load_rules
-from fxpeft.serialize import (CONFIG, _exact_json, _exact_rules, _kind_of, _parse_config,
-                              _read_folder, load, peft_config)
+from fxpeft.folders import CONFIG, _read_folder
+from fxpeft.serialize import _exact_json, _exact_rules, _kind_of, _parse_config, load, peft_config
 
 
 def read_config(path: "str | Path") -> tuple[dict[str, Any], Path]:

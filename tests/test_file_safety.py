@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fxpeft
+import fxpeft.folders as folders
 import fxpeft.serialize as serialize
 from conftest import randomize_adapters
 from fxpeft.rules import LoraParams, Rule, Where
@@ -241,7 +242,7 @@ def test_a_killed_save_leaves_the_old_or_the_new_adapter(tmp_path, monkeypatch, 
         outcomes.append("old" if same_adapter(loaded, old) else "new" if same_adapter(loaded, new)
                         else f"a mix after {steps[-1]}")
         on_disk = "old" if _complete(folder, old) else "new" if _complete(folder, new) else \
-            "old aside" if not folder.exists() and _complete(serialize._aside(folder.resolve()), old) \
+            "old aside" if not folder.exists() and _complete(folders._aside(folder.resolve()), old) \
             else "?"
         assert on_disk in ("old", "new", "old aside"), (stop_at, steps[-1])
         states.add(on_disk)
@@ -258,7 +259,7 @@ def test_a_read_overlapping_a_save_sees_one_version(tmp_path, monkeypatch, old, 
     the two adapters, whichever read it was."""
     for reads_before_save in (1, 2, 3):
         folder = fxpeft.save(old, tmp_path / f"a{reads_before_save}")
-        real, count = serialize._read_member, []
+        real, count = folders._read_member, []
 
         def read_then_save(*args, **kwargs):
             data = real(*args, **kwargs)
@@ -266,7 +267,7 @@ def test_a_read_overlapping_a_save_sees_one_version(tmp_path, monkeypatch, old, 
             if len(count) == reads_before_save:
                 fxpeft.save(new, folder)
             return data
-        monkeypatch.setattr(serialize, "_read_member", read_then_save)
+        monkeypatch.setattr(folders, "_read_member", read_then_save)
         loaded = fxpeft.load(Net(), folder)
         monkeypatch.undo()
         assert same_adapter(loaded, old) or same_adapter(loaded, new), reads_before_save
@@ -274,7 +275,7 @@ def test_a_read_overlapping_a_save_sees_one_version(tmp_path, monkeypatch, old, 
 
 def test_load_falls_back_to_the_old_folder_between_the_two_renames(tmp_path, old):
     folder = fxpeft.save(old, tmp_path / "a")
-    os.rename(folder, serialize._aside(folder.resolve()))  # a save killed between its renames
+    os.rename(folder, folders._aside(folder.resolve()))  # a save killed between its renames
     assert same_adapter(fxpeft.load(Net(), folder), old)
 
 
