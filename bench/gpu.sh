@@ -3,13 +3,13 @@
 # `cuda` tests, then the benchmarks with --device cuda. Each section has its own time limit and
 # writes its log to $OUT, so a slow one costs only itself.
 #
-#   bench/gpu.sh [tests,memory,run,int8,compile_time]    # default: all but compile_time
+#   bench/gpu.sh [tests,memory,run,profile,int8,compile_time]   # default: all but compile_time
 #
 # Wheels for what the machine lacks (bitsandbytes, and the transformers and peft versions the
 # project is tested with) can travel in .whl/ and are installed first.
 set -u
 OUT=${OUT:-out/gpu}
-SECTIONS=${1:-tests,memory,run,int8}
+SECTIONS=${1:-tests,memory,run,profile,int8}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -38,6 +38,7 @@ section memory 110 python3 bench/memory.py --device cuda --model smollm2-shape -
     --variants "PEFT + HF checkpointing,fxpeft fused,fxpeft fused + checkpoint,fxpeft nf4 fused + checkpoint"
 section run 180 python3 bench/run.py --device cuda --steps 10 --json "$OUT/run_cuda.json" \
     --rows eager,compiled,cudagraphs,adapters,mixed,inference
+section profile 60 python3 bench/profile_step.py --device cuda --steps 10
 section int8 50 python3 - <<'PY'
 # fxpeft's 8-bit op (dequantize, then matmul) against bitsandbytes' own CUDA route, same LoRA.
 import sys, tempfile, torch
