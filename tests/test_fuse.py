@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import fxpeft
-from conftest import (adapter_nodes, nodes_with_target, nodes_with_target_anywhere, randomize_adapters,
-                      saved_bytes, tiny_gemma, tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2, token_batch)
+from conftest import (adapter_nodes, loss_and_grads, nodes_with_target, nodes_with_target_anywhere,
+                      randomize_adapters, saved_bytes, tiny_gemma, tiny_gpt2, tiny_llama, tiny_opt,
+                      tiny_qwen2, token_batch)
 from fxpeft.names import adapter_node
 from fxpeft.transforms.activations import gelu_and_mul, silu_and_mul
 from fxpeft.transforms.checkpoint import CHECKPOINT_MODULE, CheckpointedRegion
@@ -151,6 +152,36 @@ def test_fused_graph_compiles_fullgraph_forward_and_backward():
     loss.backward()
     torch.testing.assert_close(loss, gm.train()(ids, labels=ids).loss, rtol=0, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_the_fused_training_graph_compiles_whole_and_cacheable():
+    """In train mode with labels (the fused LM-head loss) under ``fullgraph=True``: no graph
+    break, and no ``autograd.Function`` in the traced graph (AOTAutograd does not cache a graph
+    that holds one, so every process would compile it afresh); loss and adapter gradients equal
+    eager's."""
+    gm = lora_graph()
+    randomize_adapters(gm)
+    fused = fxpeft.fuse(gm).train()
+    ids = token_batch()
+    expected_loss, expected = loss_and_grads(fused, {"input_ids": ids, "labels": ids})
+    traced = []
+
+    def recording(graph_module, example_inputs):
+        traced.append(graph_module)
+        return graph_module.forward
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, backend=recording)
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in fused.named_parameters() if p.grad is not None}
+    torch._dynamo.reset()
+    assert len(traced) == 1
+    targets = {str(getattr(n.target, "__name__", n.target)) for n in traced[0].graph.nodes}
+    assert "autograd_function_apply" not in targets
+    assert any("chunked_linear_cross_entropy" in t for t in targets)
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-5)
+    for name in expected:
+        torch.testing.assert_close(grads[name], expected[name], rtol=0, atol=1e-5)
 
 
 def test_mixed_fusion_gathers_each_sites_adapters_and_keeps_every_row():

@@ -45,6 +45,10 @@ def _activation(gate: torch.Tensor, approximate: str | None) -> torch.Tensor:
 def _gated_product(gate: torch.Tensor, up: torch.Tensor, approximate: str | None) -> torch.Tensor:
     if gate.shape != up.shape or gate.dtype != up.dtype:
         return _activation(gate, approximate) * up  # broadcasting or promotion: plain autograd
+    if torch.compiler.is_compiling():
+        # inductor's partitioner recomputes pointwise ops by itself, and an autograd.Function
+        # would keep AOTAutograd from caching the compiled graph (a full compile per process)
+        return _activation(gate, approximate) * up
     return _GatedActivation.apply(gate, up, approximate)
 
 

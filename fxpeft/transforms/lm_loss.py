@@ -21,34 +21,54 @@ CHUNK_TOKENS = 1024
 IGNORE_INDEX = -100
 
 
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """``sum(cross_entropy(h @ W.T, targets))`` over the counted tokens, chunk by chunk."""
+@torch.library.custom_op("fxpeft::chunked_linear_cross_entropy", mutates_args=())
+def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sum of cross_entropy(hidden @ weight.T, targets) over the counted tokens, its gradient
+    to hidden, its gradient to weight)`` chunk by chunk (the weight gradient is empty unless
+    ``weight_grad``). One opaque op, so ``torch.compile`` keeps it whole, with no graph break,
+    and AOTAutograd can cache the compiled graph.
 
-    @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        total = hidden.new_zeros((), dtype=torch.float32)
-        grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
-        for start in range(0, hidden.shape[0], CHUNK_TOKENS):
-            rows, wanted = hidden[start:start + CHUNK_TOKENS], targets[start:start + CHUNK_TOKENS]
-            logits = rows @ weight.T
-            counted = wanted != IGNORE_INDEX
-            safe = torch.where(counted, wanted, 0)
-            total += (torch.logsumexp(logits, -1) - logits.gather(1, safe[:, None])[:, 0])[counted].sum()
-            dlogits = torch.softmax(logits, -1)
-            dlogits[torch.arange(len(safe)), safe] -= 1
-            dlogits *= counted[:, None]
-            grad_hidden[start:start + CHUNK_TOKENS] = dlogits @ weight
-            if grad_weight is not None:
-                grad_weight += dlogits.T @ rows
-        ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else weight)
-        ctx.has_weight_grad = grad_weight is not None
-        return total
+    >>> h, w, y = torch.randn(5, 4), torch.randn(7, 4), torch.tensor([1, 2, -100, 3, 4])
+    >>> total, dh, dw = chunked_linear_cross_entropy(h, w, y, False)
+    >>> torch.allclose(total, torch.nn.functional.cross_entropy(h @ w.T, y, reduction="sum")), dw.shape
+    (True, torch.Size([0]))
+    """
+    total = hidden.new_zeros((), dtype=torch.float32)
+    grad_hidden = torch.zeros_like(hidden)
+    grad_weight = torch.zeros_like(weight) if weight_grad else weight.new_empty(0)
+    for start in range(0, hidden.shape[0], CHUNK_TOKENS):
+        rows, wanted = hidden[start:start + CHUNK_TOKENS], targets[start:start + CHUNK_TOKENS]
+        logits = rows @ weight.T
+        counted = wanted != IGNORE_INDEX
+        safe = torch.where(counted, wanted, 0)
+        total += (torch.logsumexp(logits, -1) - logits.gather(1, safe[:, None])[:, 0])[counted].sum()
+        dlogits = torch.softmax(logits, -1)
+        dlogits[torch.arange(len(safe)), safe] -= 1
+        dlogits *= counted[:, None]
+        grad_hidden[start:start + CHUNK_TOKENS] = dlogits @ weight
+        if weight_grad:
+            grad_weight += dlogits.T @ rows
+    return total, grad_hidden, grad_weight
 
-    @staticmethod
-    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple:
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total, (grad_weight * grad_total if ctx.has_weight_grad else None), None
+
+@chunked_linear_cross_entropy.register_fake
+def _(hidden, weight, targets, weight_grad):
+    return (hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden),
+            weight.new_empty(weight.shape if weight_grad else (0,)))
+
+
+def _keep_gradients(ctx: Any, inputs: tuple, output: tuple) -> None:
+    ctx.save_for_backward(output[1], output[2])
+    ctx.weight_grad = inputs[3]
+
+
+def _scaled_gradients(ctx: Any, grad_total: torch.Tensor, *unused: Any) -> tuple:
+    grad_hidden, grad_weight = ctx.saved_tensors
+    return grad_hidden * grad_total, (grad_weight * grad_total if ctx.weight_grad else None), None, None
+
+
+chunked_linear_cross_entropy.register_autograd(_scaled_gradients, setup_context=_keep_gradients)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -61,7 +81,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     True
     """
     targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
-    total = _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets)
+    total = torch.ops.fxpeft.chunked_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                                         targets, weight.requires_grad)[0]
     if num_items_in_batch is not None:
         return total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch)
                         else num_items_in_batch)
