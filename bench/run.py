@@ -21,8 +21,9 @@ Rows:
 - rewrite: ``fxpeft.rewrite`` of the real SmolLM2-135M, first call (in a fresh process) and
   second call, against ``get_peft_model`` (``bench/capture_time.py`` has more depths).
 - compile_time: the first compiled step, each side (fxpeft, fused, fused with
-  ``regions="layers"``, PEFT) in a fresh process with an empty inductor cache,
-  ``--compile-repeats`` times (default 2), sides interleaved; medians (slow: minutes).
+  ``regions="layers"``, PEFT) in a fresh process with an empty inductor cache (cold), then in
+  another fresh process on the cache that one filled (warm), ``--compile-repeats`` times
+  (default 2), sides interleaved; medians (slow: minutes).
 """
 
 from __future__ import annotations
@@ -215,34 +216,39 @@ print(time.perf_counter() - start)
 """
 
 
-def _cold_compile(args, build: str) -> float:
-    """Seconds of the first compiled step, in a fresh process with an empty inductor cache (FX
-    graph and AOTAutograd caches live in it)."""
+def _first_compiled_step(args, build: str, cache: str) -> float:
+    """Seconds of the first compiled step, in a fresh process whose inductor cache (FX graph and
+    AOTAutograd caches live in it) is the folder ``cache``."""
     argv = ", ".join(repr(a) for name in ("layers", "hidden", "vocab", "batch", "seq", "device")
                      for a in (f"--{name}", str(getattr(args, name))))
-    with tempfile.TemporaryDirectory() as cache:
-        code = _COMPILE_CHILD.format(bench=str(Path(__file__).parent), argv=argv, build=build)
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    code = _COMPILE_CHILD.format(bench=str(Path(__file__).parent), argv=argv, build=build)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"compile_time {build} failed:\n{out.stderr[-2000:]}")
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def row_compile_time(args, results) -> None:
+    """Cold: a fresh process with an empty inductor cache. Warm: another fresh process on the
+    cache the cold one filled, as a second run on the same machine finds it."""
     rewrite = "run.fxpeft.rewrite(base, 'lora_qv', dropout=0.0)"
     builds = {"fxpeft": rewrite, "fxpeft fused": f"run.fxpeft.fuse({rewrite})",
               "fxpeft fused, regions='layers'": f"run.fxpeft.fuse({rewrite}, regions='layers')",
               "PEFT": "run.peft_lora(base)"}
-    runs: dict[str, list[float]] = {name: [] for name in builds}
+    runs: dict[str, dict[str, list[float]]] = {kind: {name: [] for name in builds} for kind in ("cold", "warm")}
     for _ in range(args.compile_repeats):  # sides interleaved: A B C, A B C
         for name, build in builds.items():
-            runs[name].append(_cold_compile(args, build))
-    for name, seconds in runs.items():
-        print(f"  {name}: " + ", ".join(f"{s:.1f} s" for s in seconds))
-    timings = {name: statistics.median(seconds) for name, seconds in runs.items()}
-    report("first compiled step (fresh process, empty inductor cache; median of "
-           f"{args.compile_repeats})", timings, "PEFT", results)
+            with tempfile.TemporaryDirectory() as cache:
+                runs["cold"][name].append(_first_compiled_step(args, build, cache))
+                runs["warm"][name].append(_first_compiled_step(args, build, cache))
+    for kind, timings in runs.items():
+        for name, seconds in timings.items():
+            print(f"  {kind} {name}: " + ", ".join(f"{s:.1f} s" for s in seconds))
+        medians = {name: statistics.median(seconds) for name, seconds in timings.items()}
+        title = "empty inductor cache" if kind == "cold" else "the inductor cache a first run filled"
+        report(f"first compiled step, {kind} (fresh process, {title}; median of "
+               f"{args.compile_repeats})", medians, "PEFT", results)
 
 
 def batch(args: argparse.Namespace) -> torch.Tensor:
