@@ -297,10 +297,6 @@ def active_adapters(gm: torch.nn.Module) -> list[str]:
         if hasattr(gm, GATES) else []
 
 
-def _set_gates(gm: torch.nn.Module, on: set[str]) -> None:
-    fill_gates(_gates(gm), on)
-
-
 def set_adapter(gm: torch.nn.Module, names: "str | list[str]") -> None:
     """Make ``names`` (one adapter or several, which then add up) the active adapters."""
     wanted = [names] if isinstance(names, str) else list(names)
@@ -308,15 +304,15 @@ def set_adapter(gm: torch.nn.Module, names: "str | list[str]") -> None:
     for name in wanted:
         if name not in known:
             raise FxpeftError(f"no adapter {name!r} in this graph; it has {known}")
-    _set_gates(gm, set(wanted))
+    fill_gates(_gates(gm), set(wanted))
 
 
 @contextlib.contextmanager
 def disable_adapters(gm: torch.nn.Module) -> Iterator[None]:
     """Run the base model inside the ``with`` block; the active adapters come back after."""
     was_active = set(active_adapters(gm))
-    _set_gates(gm, set())
+    fill_gates(_gates(gm), set())
     try:
         yield
     finally:
-        _set_gates(gm, was_active)
+        fill_gates(_gates(gm), was_active)

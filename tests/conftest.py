@@ -192,3 +192,15 @@ def emitted_base(model):
     from fxpeft.capture import capture
     from fxpeft.emit import emit
     return emit(capture(model))
+
+
+# A GPU test: marked `cuda`, and skipped, saying why, where no GPU exists.
+CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                   reason="no CUDA GPU on this machine")]
+
+
+def on_cuda(test):
+    """``CUDA_MARKS`` on a test function."""
+    for mark in CUDA_MARKS:
+        test = mark(test)
+    return test

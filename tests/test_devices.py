@@ -5,10 +5,9 @@ import pytest
 import torch
 
 import fxpeft
-from conftest import randomize_adapters, tiny_llama, token_batch, train
+from conftest import on_cuda, randomize_adapters, tiny_llama, token_batch, train
 from fxpeft.graph_module import move_device_constants
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
 
 def device_constants(gm):
@@ -36,8 +35,7 @@ def test_to_the_same_device_changes_nothing():
     torch.testing.assert_close(gm(ids).logits, expected, rtol=0, atol=0)
 
 
-@pytest.mark.cuda
-@cuda
+@on_cuda
 @pytest.mark.parametrize("rules", ["lora_qv.toml", "dora_qv.toml", "ia3.toml", "llama_adapter.toml"])
 def test_captured_on_cpu_then_moved_to_cuda_equals_cpu(rules):
     gm = fxpeft.rewrite(tiny_llama(), rules).eval()
@@ -51,8 +49,7 @@ def test_captured_on_cpu_then_moved_to_cuda_equals_cpu(rules):
     assert all(p.grad.is_cuda for n, p in gm.named_parameters() if p.grad is not None)
 
 
-@pytest.mark.cuda
-@cuda
+@on_cuda
 def test_a_cuda_model_is_captured_on_its_device_and_trains_compiled():
     model = tiny_llama().cuda()
     gm = fxpeft.rewrite(model, "lora_qv.toml").train()
@@ -62,8 +59,7 @@ def test_a_cuda_model_is_captured_on_its_device_and_trains_compiled():
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.cuda
-@cuda
+@on_cuda
 def test_qlora_nf4_on_cuda_trains_with_checkpointing(tmp_path):
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
@@ -117,8 +113,7 @@ def gate_devices(gm):
             if n.op == "get_attr" and n.target.startswith("fxpeft_gates.")}
 
 
-@pytest.mark.cuda
-@cuda
+@on_cuda
 def test_a_plain_module_split_over_cpu_and_cuda_reads_each_gate_on_its_layers_device():
     import copy
     whole = TwoDevices()
@@ -167,8 +162,7 @@ def test_accelerate_device_hooks_are_captured():
     torch.testing.assert_close(gm(ids).logits, expected, rtol=0, atol=1e-6)
 
 
-@pytest.mark.cuda
-@cuda
+@on_cuda
 def test_a_transformers_model_split_over_cpu_and_cuda_trains_and_mixes_adapters():
     pytest.importorskip("accelerate")
     gm = fxpeft.rewrite(split_llama(), "lora_qv.toml", dropout=0.0)

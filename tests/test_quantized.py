@@ -19,8 +19,8 @@ from peft import IA3Config, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import BitsAndBytesConfig, LlamaForCausalLM  # noqa: E402
 
 import fxpeft  # noqa: E402
-from conftest import (assert_only_adapters_get_grads, loss_and_grads, randomize_adapters, tiny_llama,  # noqa: E402
-                      token_batch, train)
+from conftest import (CUDA_MARKS, assert_only_adapters_get_grads, loss_and_grads, randomize_adapters,  # noqa: E402
+                      tiny_llama, token_batch, train)
 from fxpeft.quantized import QUANTIZED_OPS  # noqa: E402
 from fxpeft.transforms.activations import silu_and_mul  # noqa: E402
 
@@ -32,14 +32,12 @@ SCHEMES = {
     "int8": dict(load_in_8bit=True),
 }
 LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
-GPU_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                  reason="no CUDA GPU on this machine")]
-DEVICES = ["cpu", pytest.param("cuda", marks=GPU_MARKS)]
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_MARKS)]
 
 
 def on_gpu(*values):
     """A parameter set that runs on CUDA (and is skipped, saying why, without a GPU)."""
-    return pytest.param(*values, "cuda", marks=GPU_MARKS)
+    return pytest.param(*values, "cuda", marks=CUDA_MARKS)
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,12 @@ def rms_norm_parts(node: torch.fx.Node) -> "tuple[torch.fx.Node, torch.fx.Node, 
     return found[0], weight, found[1]
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight * (x * rstd), rstd)``, the traced ops in their order (bit-identical)."""
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x * rstd), rstd
+
+
 class _RMSNormThenDown(torch.autograd.Function):
     """``y = w * (x * rsqrt(mean(x ** 2) + eps))`` and ``y @ down.T`` (a LoRA ``A``), keeping only
     ``x`` and the per-row ``rsqrt`` for backward: ``y``, which the ``A`` gradient needs, is
@@ -71,8 +77,7 @@ class _RMSNormThenDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float,
                 down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        y = weight * (x * rstd)
+        y, rstd = _rms_norm(x, weight, eps)
         through_y = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.save_for_backward(x, rstd, weight, down if through_y else None)
         if not through_y:
@@ -109,7 +114,7 @@ def rms_norm_then_down(x: torch.Tensor, weight: torch.Tensor, eps: float,
     (True, True)
     """
     if torch.compiler.is_compiling():  # as in gated_activation: inductor decides what to keep
-        y = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+        y = _rms_norm(x, weight, eps)[0]
         return y, torch.nn.functional.linear(y, down)
     return _RMSNormThenDown.apply(x, weight, eps, down)
 
