@@ -18,7 +18,7 @@ def machine_line() -> str:
             f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}{gpu}")
 
 
-def _synchronize() -> None:
+def synchronize() -> None:
     """Wait for queued GPU work, so a step's time is its own (a no-op on the CPU)."""
     if torch.cuda.is_initialized():
         torch.cuda.synchronize()
@@ -30,10 +30,10 @@ def interleaved_times(sides: dict[str, Callable[[], None]], steps: int, warmup: 
     times: dict[str, list[float]] = {name: [] for name in sides}
     for round_index in range(warmup + steps):
         for name, step in sides.items():
-            _synchronize()
+            synchronize()
             start = time.perf_counter()
             step()
-            _synchronize()
+            synchronize()
             elapsed = time.perf_counter() - start
             if round_index >= warmup:
                 times[name].append(elapsed)

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_medians, machine_line  # noqa: E402
+from common import interleaved_medians, machine_line, synchronize  # noqa: E402
 
 from fxpeft.memory import (STEADY_MALLOC_ENV, current_rss_mib, own_memory,  # noqa: E402
                            peak_rss_mib, release_freed_memory, reset_peak_rss)
@@ -122,8 +122,7 @@ def child(args: argparse.Namespace) -> None:
         adapted(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if gpu:
-            torch.cuda.synchronize()
+        synchronize()
         times.append(time.perf_counter() - start)
         stage(f"step {len(times)}")
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if gpu else peak_rss_mib()

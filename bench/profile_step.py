@@ -13,12 +13,11 @@ import copy
 import sys
 from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 import run  # noqa: E402
-from common import machine_line  # noqa: E402
+from common import machine_line, synchronize  # noqa: E402
 
 import fxpeft  # noqa: E402
 
@@ -31,8 +30,7 @@ def top_operators(step, steps: int, cuda: bool, top: int) -> tuple[float, list[t
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        if cuda:
-            torch.cuda.synchronize()
+        synchronize()
     events = prof.key_averages()
     self_time = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     total = sum(self_time(e) for e in events) / steps / 1000

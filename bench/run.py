@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_medians, machine_line  # noqa: E402
+from common import interleaved_medians, machine_line, synchronize  # noqa: E402, F401 (synchronize: the compile child)
 
 import fxpeft  # noqa: E402
 
@@ -211,7 +211,7 @@ base, ids = run.llama(args), run.batch(args)
 model = {build}
 step = run.training_step(model, ids, compiled=True)
 start = time.perf_counter(); step()
-torch.cuda.synchronize() if torch.cuda.is_initialized() else None
+run.synchronize()
 print(time.perf_counter() - start)
 """
 
