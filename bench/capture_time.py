@@ -1,6 +1,8 @@
 """How long ``fxpeft.rewrite`` of the real SmolLM2-135M takes, first call (cold: the first
 capture in a fresh process) and second call (warm: the capture cache), cut to 2, 8 and 30 layers,
-with capture-once-and-replicate on and off (``FXPEFT_REPLICATE=0``). Each measure runs in its own
+with capture-once-and-replicate on and off (``FXPEFT_REPLICATE=0``); and then the first and
+second ``fxpeft.generate`` of 8 tokens (the first one builds the decode graph), against PEFT's
+``get_peft_model`` and ``generate`` in a process of their own. Each measure runs in its own
 fresh process (medians over ``--repeat`` processes); the model is loaded before the clock
 starts.
 
@@ -20,9 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_line  # noqa: E402
 
-_CHILD = """
+_LOAD = """
 import json, time, torch
-import fxpeft
 from fxpeft.models import load_smollm2
 model, _ = load_smollm2()
 layers = {layers}
@@ -30,23 +31,47 @@ model.model.layers = model.model.layers[:layers]  # the first layers, as a shall
 model.config.num_hidden_layers = layers
 if getattr(model.config, "layer_types", None):
     model.config.layer_types = model.config.layer_types[:layers]
-times = []
-for _ in range(2):
+ids = torch.randint(10, 10000, (1, 32), generator=torch.Generator().manual_seed(1))
+def timed(run):
     start = time.perf_counter()
-    fxpeft.rewrite(model, "lora_qv")
-    times.append(time.perf_counter() - start)
-print(json.dumps(times))
+    out = run()
+    return out, time.perf_counter() - start
 """
+_FXPEFT = _LOAD + """
+import fxpeft
+gm, first = timed(lambda: fxpeft.rewrite(model, "lora_qv"))
+_, second = timed(lambda: fxpeft.rewrite(model, "lora_qv"))
+_, generate_first = timed(lambda: fxpeft.generate(gm, ids, max_new_tokens=8))
+_, generate_second = timed(lambda: fxpeft.generate(gm, ids, max_new_tokens=8))
+print(json.dumps([first, second, generate_first, generate_second]))
+"""
+_PEFT = _LOAD + """
+from peft import LoraConfig, get_peft_model
+peft_model, first = timed(lambda: get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"])))
+generate = lambda: peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                       max_new_tokens=8, do_sample=False)
+_, generate_first = timed(generate)
+_, generate_second = timed(generate)
+print(json.dumps([first, float("nan"), generate_first, generate_second]))
+"""
+MEASURES = ("first call", "second call", "first generate", "second generate")
+
+
+def child_seconds(layers: int, side: str) -> list[float]:
+    """The seconds of ``MEASURES`` in a fresh process: ``side`` is "fxpeft" (replication on),
+    "fxpeft whole" (``FXPEFT_REPLICATE=0``) or "PEFT" (its first call is ``get_peft_model``)."""
+    env = {**os.environ, "FXPEFT_REPLICATE": "0" if side == "fxpeft whole" else "1"}
+    code = (_PEFT if side == "PEFT" else _FXPEFT).format(layers=layers)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).parent.parent)
+    if out.returncode:
+        raise SystemExit(f"capture_time {side}, {layers} layers failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def rewrite_seconds(layers: int, replicate: bool) -> tuple[float, float]:
     """(first call, second call) seconds of ``fxpeft.rewrite`` in a fresh process."""
-    env = {**os.environ, "FXPEFT_REPLICATE": "1" if replicate else "0"}
-    out = subprocess.run([sys.executable, "-c", _CHILD.format(layers=layers)], env=env,
-                         capture_output=True, text=True, cwd=Path(__file__).parent.parent)
-    if out.returncode:
-        raise SystemExit(f"capture_time {layers} layers failed:\n{out.stderr[-2000:]}")
-    first, second = json.loads(out.stdout.strip().splitlines()[-1])
+    first, second, *_ = child_seconds(layers, "fxpeft" if replicate else "fxpeft whole")
     return first, second
 
 
@@ -57,18 +82,22 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     print(machine_line())
-    runs: dict[str, list[tuple[float, float]]] = {}
+    runs: dict[str, list[list[float]]] = {}
     for _ in range(args.repeat):  # interleaved, so load changes hit every measure alike
         for layers in args.layers:
-            for replicate in (True, False):
-                label = f"{layers} layers, replication {'on' if replicate else 'off'}"
-                runs.setdefault(label, []).append(rewrite_seconds(layers, replicate))
+            for side in ("fxpeft", "fxpeft whole", "PEFT"):
+                runs.setdefault(f"{layers} layers, {side}", []).append(child_seconds(layers, side))
     results = {}
     for label, times in runs.items():
-        first, second = (statistics.median(t[i] for t in times) for i in (0, 1))
-        print(f"  {label:<28} first call {first:6.2f} s   second call {second:6.3f} s   "
-              f"(median of {len(times)}; first calls {', '.join(f'{t[0]:.2f}' for t in times)})")
-        results[label] = {"first_s": first, "second_s": second, "runs": times}
+        medians = {name: statistics.median(t[i] for t in times) for i, name in enumerate(MEASURES)}
+        print(f"  {label:<22} " + "   ".join(f"{name} {seconds:6.2f} s" for name, seconds in medians.items())
+              + f"   (median of {len(times)})")
+        results[label] = {**medians, "runs": times}
+    for layers in args.layers:
+        ours, theirs = results[f"{layers} layers, fxpeft"], results[f"{layers} layers, PEFT"]
+        print(f"  {layers} layers: first generate {ours['first generate'] / theirs['first generate']:.2f} x "
+              f"PEFT's; rewrite + first generate {(ours['first call'] + ours['first generate']) / (theirs['first call'] + theirs['first generate']):.2f} x "
+              f"get_peft_model + first generate")
     print(machine_line())
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine_line(), "results": results}, indent=2))

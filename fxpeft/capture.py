@@ -168,20 +168,14 @@ def _replicated(model: torch.nn.Module, inputs: dict[str, Any]) -> Program | Non
     """The full graph built from an export of the first and last layers, or None (with the
     reason in the debug log) where ``fxpeft.replicate`` cannot show it is the same graph."""
     try:
-        stack = replicate.find_layer_stack(model)
-        if len(stack.layers) <= 2:
-            return None  # nothing to save
-        replicate.check_uniform(model, stack)
-        shallow = _hf_program(model, _export(replicate.shallow_model(model, stack), inputs),
-                              tuple(inputs))
-        graph = replicate.replicate(shallow.graph, stack, replicate.partition(shallow.graph, stack),
-                                    len(stack.layers))
+        program = replicate.captured_once(
+            model, lambda shallow: _hf_program(model, _export(shallow, inputs), tuple(inputs)))
     except (replicate.NotReplicable, CaptureError) as why:
         log.debug("capture: %s exported whole, not replicated: %s", type(model).__name__, why)
         return None
-    lifted = capture_cache.constants(shallow.graph_module, model)
-    log.debug("capture: %s replicated from 2 of its %d layers", type(model).__name__, len(stack.layers))
-    return Program(capture_cache.bind(graph, lifted, model), shallow.info)
+    log.debug("capture: %s replicated from 2 of its %d layers", type(model).__name__,
+              len(replicate.find_layer_stack(model).layers))
+    return program
 
 
 def _max_sequence(exported: torch.export.ExportedProgram, example: torch.fx.Node) -> int | None:

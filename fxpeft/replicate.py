@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx
 
-from fxpeft.program import shell_module
+from fxpeft import capture_cache
+from fxpeft.program import Program, shell_module
 
 # Attributes a layer keeps only to know its position (for KV caches, which capture turns off).
 # Any other plain attribute that differs between layers makes them different layers.
@@ -42,13 +43,52 @@ class NotReplicable(Exception):
 
 @dataclass(frozen=True)
 class LayerStack:
-    """The model's repeated decoder layers: their ``ModuleList`` path and the layers."""
+    """The model's repeated decoder layers: their ``ModuleList`` path and the layers.
+
+    ``root_names``: templates of root-level targets that belong to one layer each (a decode
+    graph's KV cache, ``fxpeft_kv_keys_{}``), copied and renumbered with the layer."""
 
     path: str
     layers: tuple[torch.nn.Module, ...]
+    root_names: tuple[str, ...] = ()
 
     def prefix(self, index: int) -> str:
         return f"{self.path}.{index}"
+
+    def owns(self, index: int, target: str) -> bool:
+        """Whether ``target`` (a module path or get_attr target) belongs to layer ``index``.
+
+        >>> stack = LayerStack("model.layers", (), ("kv_{}",))
+        >>> stack.owns(1, "model.layers.1.mlp"), stack.owns(1, "model.layers.10"), stack.owns(1, "kv_1")
+        (True, False, True)
+        """
+        prefix = self.prefix(index)
+        return target == prefix or target.startswith(f"{prefix}.") or \
+            any(target == name.format(index) for name in self.root_names)
+
+
+def captured_once(model: torch.nn.Module, export: Callable[[torch.nn.Module], Program],
+                  stack: LayerStack | None = None) -> Program:
+    """``model``'s program, built from ``export`` of its shallow copy (``shallow_model``) and
+    bound to ``model``'s own tensors; raises ``NotReplicable`` where that is not shown to be
+    the graph a full export gives.
+
+    >>> from fxpeft.capture import _export, _hf_program
+    >>> from fxpeft.hf import example_inputs
+    >>> model = _tiny_llama()
+    >>> inputs = example_inputs(model)
+    >>> program = captured_once(model, lambda shallow: _hf_program(model, _export(shallow, inputs), tuple(inputs)))
+    >>> program.graph_module.get_parameter("model.layers.1.mlp.up_proj.weight") is model.model.layers[1].mlp.up_proj.weight
+    True
+    """
+    stack = stack or find_layer_stack(model)
+    if len(stack.layers) <= 2:
+        raise NotReplicable(f"{len(stack.layers)} layers: nothing to save")
+    check_uniform(model, stack)
+    shallow = export(shallow_model(model, stack))
+    graph = replicate(shallow.graph, stack, partition(shallow.graph, stack), len(stack.layers))
+    lifted = capture_cache.constants(shallow.graph_module, model)
+    return Program(capture_cache.bind(graph, lifted, model), shallow.info)
 
 
 def find_layer_stack(model: torch.nn.Module) -> LayerStack:
@@ -158,8 +198,7 @@ def _layer_of(node: torch.fx.Node, stack: LayerStack) -> int | None:
     else:
         paths = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
     for index in (0, 1):
-        prefix = stack.prefix(index)
-        if any(p == prefix or p.startswith(f"{prefix}.") for p in paths):
+        if any(stack.owns(index, p) for p in paths):
             return index
     return None
 
@@ -169,7 +208,12 @@ def renumber(text: str, stack: LayerStack, old: int, new: int) -> str:
 
     >>> renumber("model.layers.1.mlp", LayerStack("model.layers", ()), 1, 7)
     'model.layers.7.mlp'
+    >>> renumber("kv_1", LayerStack("model.layers", (), ("kv_{}",)), 1, 7)
+    'kv_7'
     """
+    for name in stack.root_names:
+        if text == name.format(old):
+            return name.format(new)
     old_prefix = stack.prefix(old)
     if text == old_prefix or text.startswith(f"{old_prefix}."):
         return stack.prefix(new) + text[len(old_prefix):]

@@ -12,7 +12,8 @@ from torch.fx.node import map_aggregate
 import fxpeft
 from conftest import (randomize_adapters, tiny_gemma, tiny_gpt2, tiny_llama, tiny_mistral, tiny_opt,
                       tiny_qwen2, token_batch)
-from fxpeft import replicate
+from fxpeft import capture_cache, decode_graph, replicate
+from fxpeft.adapters import fetch
 from fxpeft.capture import capture
 
 FAMILIES = {
@@ -156,3 +157,44 @@ def test_a_last_layer_that_computes_differently_fails_the_graph_check(monkeypatc
     assert "exported whole, not replicated" in messages and "differ" in messages, messages
     ids = token_batch()
     torch.testing.assert_close(gm(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def _decode(gm, replicated: bool, monkeypatch, caplog):
+    """Greedy tokens and the decode graph of ``gm``, built again with replication on or off."""
+    monkeypatch.setenv("FXPEFT_REPLICATE", "1" if replicated else "0")
+    decode_graph.forget(gm)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="fxpeft"):
+        tokens = fxpeft.generate(gm, token_batch()[:2, :5], max_new_tokens=5)
+    messages = " ".join(r.message for r in caplog.records)
+    assert ("decode graph: replicated from 2" in messages) == replicated, messages
+    (decoder,) = decode_graph._DECODERS[gm].values()
+    return tokens, decoder
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_replicated_decode_graph_is_the_full_export_node_for_node(family, monkeypatch, caplog):
+    gm = fxpeft.rewrite(FAMILIES[family](), "lora_all_linear")
+    randomize_adapters(gm)
+    tokens, decoder = _decode(gm, True, monkeypatch, caplog)
+    full_tokens, full_decoder = _decode(gm, False, monkeypatch, caplog)
+    assert graph_signature(decoder.graph) == graph_signature(full_decoder.graph)
+    assert [n.name for n in decoder.graph.find_nodes(op="get_attr")] == \
+        [n.name for n in full_decoder.graph.find_nodes(op="get_attr")]
+    assert torch.equal(tokens, full_tokens)
+    kv = [n.target for n in decoder.graph.find_nodes(op="get_attr") if n.target.startswith("fxpeft_kv")]
+    assert len(kv) == 2 * gm.capture_info.config.num_hidden_layers + 1  # keys, values; one length
+    decoder.graph.lint()
+
+
+def test_each_decode_graph_owns_its_kv_cache(monkeypatch):
+    """Two adapted copies of one model share the capture cache's graph, not their KV caches."""
+    monkeypatch.setenv("FXPEFT_CAPTURE_CACHE", "1")
+    first, second = (fxpeft.rewrite(tiny_llama(num_hidden_layers=4), "lora_qv") for _ in range(2))
+    for gm in (first, second):  # the second decode graph comes from the capture cache
+        fxpeft.generate(gm, token_batch()[:2, :5], max_new_tokens=2)
+    decoders = [next(iter(decode_graph._DECODERS[gm].values())) for gm in (first, second)]
+    for target in ("fxpeft_kv_keys_0", "fxpeft_kv_values_3", "fxpeft_kv_length"):
+        assert fetch(decoders[0], target) is not fetch(decoders[1], target)
+    assert not any(name.startswith("fxpeft_kv") for entry in capture_cache._ENTRIES.values()
+                   for name in entry.constants)
