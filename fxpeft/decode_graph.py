@@ -21,13 +21,14 @@ the training graph's object. Decode graphs are cached per training graph, batch 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import logging
 import weakref
 from collections import OrderedDict
-from typing import Any, Hashable
+from typing import Any, Hashable, Iterator
 
 import torch
 import torch.fx
@@ -93,16 +94,29 @@ def _build(gm: AdaptedModule, batch: int, length: int, dtype: torch.dtype,
     decoder = emit(_export(_with_static_cache(model, batch, length, dtype, device), batch, length))
     decoder.meta["fxpeft"] = {"passes": []}
     decoder.fxpeft_virtual_tokens = {}  # adapter -> ids of the virtual tokens its prefill carries
-    grouped = gqa_in_sdpa(decoder)  # before splicing: the adapters' nodes see the same SDPA nodes
-    for adapter, record in adapter_records(gm).items():
-        _splice_like(decoder, gm, adapter, record)
-    if hasattr(gm, GATES):
-        decoder.add_module(GATES, getattr(gm, GATES))  # one set of on/off switches for both graphs
-    _slim(decoder)
+    with _one_recompile(decoder):
+        grouped = gqa_in_sdpa(decoder)  # before splicing: the adapters' nodes see the same SDPA nodes
+        for adapter, record in adapter_records(gm).items():
+            _splice_like(decoder, gm, adapter, record)
+        if hasattr(gm, GATES):
+            decoder.add_module(GATES, getattr(gm, GATES))  # one set of on/off switches for both graphs
+        _slim(decoder)
     decoder.fxpeft_cache_length = length
     log.info("fxpeft decode graph: batch %d, cache length %d, %d adapters, %d SDPA with GQA", batch,
              length, len(adapter_records(gm)), grouped)
     return decoder.eval()
+
+
+@contextlib.contextmanager
+def _one_recompile(decoder: AdaptedModule) -> Iterator[None]:
+    """Regenerate ``decoder``'s code once, at the end: every pass recompiles after its change,
+    and for a 30-layer graph each costs tens of milliseconds; nothing runs it in between."""
+    decoder.recompile = lambda: None  # an instance attribute hides the method
+    try:
+        yield
+    finally:
+        del decoder.recompile
+    decoder.recompile()
 
 
 # After splicing: the decode graph never trains and nothing splices into it again, so it can drop
@@ -118,7 +132,6 @@ def _slim(decoder: AdaptedModule) -> None:
         changed = slim.run(decoder)
         log.debug("fxpeft decode graph: %s changed %d", slim.name, changed)
     decoder.graph.lint()
-    decoder.recompile()
 
 
 def _model_class(gm: AdaptedModule) -> type:
