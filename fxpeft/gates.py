@@ -161,6 +161,43 @@ def drop_gate(gates: torch.nn.Module, adapter: str) -> None:
         delattr(gates, adapter)
 
 
+SPECIALISED = "fxpeft_specialised_to"  # on a copy holding only some adapters' nodes: their names
+_CHECKED_AT = "fxpeft_gates_checked_at"  # the gates' write counts when that copy last checked them
+
+
+@torch.compiler.disable  # reads the gates' values: kept out of compiled frames, as below
+def refuse_dropped_adapters(module: torch.nn.Module, args: tuple) -> None:
+    """Forward pre-hook of adapted graphs: a copy specialised to the adapters that were active
+    (``fxpeft.fuse`` drops the others' nodes) refuses to run while an adapter it dropped is
+    active, rather than silently leaving it out. Fewer active adapters is fine: a closed gate
+    adds zeros.
+
+    >>> import fxpeft
+    >>> gm = fxpeft.rewrite(torch.nn.Sequential(torch.nn.Linear(2, 2)), fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"])))
+    >>> gm = gm.add_adapter("other", fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"])))
+    >>> fused = fxpeft.fuse(gm)
+    >>> gm.set_adapter("other")
+    >>> fused(torch.ones(1, 2))
+    Traceback (most recent call last):
+    ...
+    fxpeft.errors.FxpeftError: this fused copy holds only adapters ['default'] (fxpeft.fuse drops the adapters that are off), but 'other' is active now: fuse again after set_adapter (fxpeft.fuse(gm)), or use fxpeft.fuse(gm, mixed=True), which keeps every adapter
+    """
+    kept, gates = getattr(module, SPECIALISED, None), getattr(module, GATES, None)
+    if kept is None or gates is None:
+        return
+    writes = tuple(gate._version for _, gate in gate_buffers(gates))
+    if writes == getattr(module, _CHECKED_AT, None):
+        return  # no gate written since the last check: reading them would stall a GPU
+    dropped = [name for name, gate in gate_buffers(gates) if name not in kept and gate.item() != 0]
+    if dropped:
+        raise FxpeftError(f"this fused copy holds only adapters {list(kept)} (fxpeft.fuse drops "
+                          f"the adapters that are off), but {', '.join(map(repr, dropped))} "
+                          f"{'is' if len(dropped) == 1 else 'are'} active now: fuse again after "
+                          f"set_adapter (fxpeft.fuse(gm)), or use fxpeft.fuse(gm, mixed=True), "
+                          f"which keeps every adapter")
+    setattr(module, _CHECKED_AT, writes)
+
+
 @torch.compiler.disable  # a hook is a frame of its own: never compiled, so it adds no graph break
 def index_sample_names(module: torch.nn.Module, args: tuple, kwargs: dict) -> "tuple[tuple, dict]":
     """Forward pre-hook of adapted graphs: ``adapter_names=[names]`` becomes the LongTensor

@@ -37,6 +37,7 @@ class AdaptedModule(torch.fx.GraphModule):
         super().__init__(root, graph, class_name)
         # adapter_names= becomes an index tensor before torch.compile's frame (no recompiles)
         self.register_forward_pre_hook(gates.index_sample_names, with_kwargs=True)
+        self.register_forward_pre_hook(gates.refuse_dropped_adapters)
 
     def _deepcopy_init(self) -> Any:
         return AdaptedModule.__init__  # GraphModule's would drop the pre-hook

@@ -96,6 +96,31 @@ def test_the_specialised_graph_equals_the_gated_one_for_every_active_set():
     gm.set_adapter("default")
 
 
+def test_a_specialised_copy_refuses_an_adapter_it_dropped_and_fewer_are_fine():
+    """Switching to an adapter whose nodes ``drop_inactive`` removed would silently leave it
+    out: the copy refuses, eager and compiled, until fused again; a mixed copy keeps every one."""
+    gm = lora_graph("lora_qv")
+    gm.add_adapter("b", "lora_qv", dropout=0.0)
+    randomize_adapters(gm, seed=4)
+    ids = token_batch()
+    fused, mixed = fxpeft.fuse(gm).eval(), fxpeft.fuse(gm, mixed=True).eval()
+    compiled = torch.compile(fused)
+    with torch.no_grad():
+        compiled(ids)
+        with gm.disable_adapters():  # fewer active adapters: closed gates add zeros
+            torch.testing.assert_close(fused(ids).logits, gm.eval()(ids).logits, rtol=0, atol=1e-5)
+        gm.set_adapter("b")
+        for runs in (fused, compiled):
+            with pytest.raises(fxpeft.FxpeftError, match=r"holds only adapters \['default'\].*'b' is active"):
+                runs(ids)
+        expected = gm(ids).logits
+        torch.testing.assert_close(mixed(ids).logits, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(fxpeft.fuse(gm).eval()(ids).logits, expected, rtol=0, atol=1e-5)
+        unspecialised = fxpeft.fuse(gm, skip=("drop_inactive",)).eval()
+        gm.set_adapter("default")
+        torch.testing.assert_close(unspecialised(ids).logits, gm(ids).logits, rtol=0, atol=1e-5)
+
+
 def test_shared_dropout_is_opt_in():
     gm = fxpeft.rewrite(tiny_llama(), "lora_all_linear")  # dropout 0.05 per branch
     assert not nodes_with_target(fxpeft.fuse(gm), aten.split_with_sizes.default)

@@ -8,7 +8,8 @@ Each pass is small, named, individually switchable (``skip=``), returns how many
 changed, and is logged with its time:
 
 - ``drop_inactive``: an adapter whose gate is off contributes exact zeros; its nodes go, so idle
-  adapters cost nothing (the copy is specialised to the active set).
+  adapters cost nothing (the copy is specialised to the active set, and refuses to run while
+  an adapter it dropped is active: ``gates.refuse_dropped_adapters``).
 - ``fold_lora_scale``: ``B(g * A x) * s`` becomes ``B((g * s) * A x)``: the scale moves onto the
   0-d gate, which removes a full ``[tokens, out]`` multiply forward and backward per site.
 - ``fuse_lora_a``: the LoRA ``A`` projections that read the same tensor (q/k/v, gate/up, or
@@ -45,7 +46,7 @@ import torch
 import torch.fx
 
 from fxpeft.adapter_set import strip_adapters
-from fxpeft.gates import active_adapters, adapter_names, gate_attr
+from fxpeft.gates import SPECIALISED, active_adapters, adapter_names, gate_attr
 from fxpeft.graph_module import AdaptedModule
 from fxpeft.names import (DROPOUT_MODULE, GATE_META, GATES, LM_LOSS_MODULE, OUTPUT_MODULE,
                           adapter_node)
@@ -372,6 +373,8 @@ def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout
     for fuse_pass in fuse_passes(shared_dropout, mixed, checkpoint, regions):
         if fuse_pass.name in skip:
             continue
+        if fuse_pass.name == "drop_inactive":
+            setattr(fused, SPECIALISED, tuple(active_adapters(gm)))
         start = time.perf_counter()
         changed = fuse_pass.run(fused)
         fused.graph.lint()
