@@ -265,6 +265,9 @@ def _replicated(shell: torch.nn.Module, inputs: dict[str, torch.Tensor],
         return None
     try:
         stack = replicate.find_layer_stack(shell)
+        if len(shell.fxpeft_kv_cache.layers) != len(stack.layers):
+            raise replicate.NotReplicable(f"{len(shell.fxpeft_kv_cache.layers)} cache layers for "
+                                          f"{len(stack.layers)} layers")
         stack = dataclasses.replace(stack, root_names=tuple(f"{_CACHE_PREFIX}_{part}_{{}}"
                                                             for part in ("keys", "values")))
         program = replicate.captured_once(
@@ -307,9 +310,13 @@ def _name_cache_tensors(root: torch.fx.GraphModule, shell: torch.nn.Module) -> N
     numbered constants (``model.layers.3.self_attn.lifted_tensor_9``), since the layers reach
     them through the cache object, not as module attributes."""
     names = {id(t): name for name, t in shell._buffers.items() if name.startswith(_CACHE_PREFIX)}
+    cache = {id(t) for layer in shell.fxpeft_kv_cache.layers for t in (layer.keys, layer.values)}
     reads = {n.target: n for n in root.graph.find_nodes(op="get_attr")}
     for node in list(root.graph.find_nodes(op="get_attr")):
         name = names.get(id(fetch(root, node.target)))
+        if name is None and id(fetch(root, node.target)) in cache:  # only a shallow shell names some
+            raise replicate.NotReplicable(f"{node.target} is the cache of a layer the shallow "
+                                          f"model does not hold")
         if name is None or node.target == name:
             continue
         if name in reads:

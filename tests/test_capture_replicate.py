@@ -198,3 +198,22 @@ def test_each_decode_graph_owns_its_kv_cache(monkeypatch):
         assert fetch(decoders[0], target) is not fetch(decoders[1], target)
     assert not any(name.startswith("fxpeft_kv") for entry in capture_cache._ENTRIES.values()
                    for name in entry.constants)
+
+
+def test_a_decode_graph_whose_last_layer_reads_another_cache_is_exported_whole(monkeypatch, caplog):
+    """The shallow model holds the caches of the first and last layers only: a last layer that
+    writes another layer's cache (here made to, by its ``layer_idx``) is not replicated."""
+    bound = decode_graph._bound_model
+
+    def last_layer_reads_cache_1(gm):
+        model = bound(gm)
+        model.model.layers[-1].self_attn.layer_idx = 1
+        return model
+    monkeypatch.setattr(decode_graph, "_bound_model", last_layer_reads_cache_1)
+    gm = fxpeft.rewrite(tiny_llama(num_hidden_layers=4), "lora_qv")
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="fxpeft"):
+        tokens = fxpeft.generate(gm, token_batch()[:2, :5], max_new_tokens=3)
+    messages = " ".join(r.message for r in caplog.records)
+    assert "not replicated" in messages and "cache of a layer the shallow model does not hold" in messages
+    assert tokens.shape == (2, 8)
