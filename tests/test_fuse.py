@@ -121,6 +121,41 @@ def test_a_specialised_copy_refuses_an_adapter_it_dropped_and_fewer_are_fine():
         torch.testing.assert_close(unspecialised(ids).logits, gm(ids).logits, rtol=0, atol=1e-5)
 
 
+def test_a_fused_copy_is_cached_per_active_set_and_compiles_once_per_set():
+    from torch._dynamo.testing import CompileCounter
+    gm = lora_graph("lora_qv").eval()
+    gm.add_adapter("b", "lora_qv", dropout=0.0)
+    randomize_adapters(gm, seed=5)
+    ids, counter, copies = token_batch(), CompileCounter(), {}
+    with torch.no_grad():
+        for active in ("default", "b", "default", "b"):
+            gm.set_adapter(active)
+            fused = fxpeft.fuse(gm)
+            assert copies.setdefault(active, fused) is fused  # switching back: the same copy
+            torch.testing.assert_close(torch.compile(fused, backend=counter)(ids).logits, gm(ids).logits,
+                                       rtol=0, atol=1e-5)
+    assert counter.frame_count == 2  # once per active set
+    assert fxpeft.fuse(gm, mixed=True) is fxpeft.fuse(gm, mixed=True)
+    mixed = fxpeft.fuse(gm, mixed=True)
+    gm.set_adapter("default")
+    assert fxpeft.fuse(gm, mixed=True) is mixed  # it keeps every adapter: not per set
+    assert fxpeft.fuse(gm, skip=("fuse_lora_a",)) is not copies["default"]  # other options
+    gm.add_adapter("c", "lora_qv", dropout=0.0)  # the graph changed: a new copy
+    gm.set_adapter(["default", "c"])
+    with_c = fxpeft.fuse(gm)
+    assert with_c is not copies["default"]
+    assert {adapter_node(n).adapter for n in with_c.graph.nodes if adapter_node(n)} == {"default", "c"}
+    gm.set_adapter("default")
+    gm.delete_adapter("c")
+    with torch.no_grad():
+        torch.testing.assert_close(fxpeft.fuse(gm)(ids).logits, gm(ids).logits, rtol=0, atol=1e-5)
+    before = fxpeft.fuse(gm)
+    gm.double()  # converted: new buffers, so a new copy, which runs in float64
+    assert fxpeft.fuse(gm) is not before
+    with torch.no_grad():
+        assert fxpeft.fuse(gm)(ids).logits.dtype == torch.float64
+
+
 def test_shared_dropout_is_opt_in():
     gm = fxpeft.rewrite(tiny_llama(), "lora_all_linear")  # dropout 0.05 per branch
     assert not nodes_with_target(fxpeft.fuse(gm), aten.split_with_sizes.default)

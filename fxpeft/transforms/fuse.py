@@ -39,13 +39,14 @@ from __future__ import annotations
 import logging
 import operator
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import torch
 import torch.fx
 
-from fxpeft.adapter_set import strip_adapters
+from fxpeft.adapter_set import adapter_records, strip_adapters
 from fxpeft.gates import SPECIALISED, active_adapters, adapter_names, gate_attr
 from fxpeft.graph_module import AdaptedModule
 from fxpeft.names import (DROPOUT_MODULE, GATE_META, GATES, LM_LOSS_MODULE, OUTPUT_MODULE,
@@ -352,6 +353,11 @@ def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout
     ``regions="layers"`` is regional compilation: identical layers call one shared region,
     which ``torch.compile`` compiles once however deep the model (cold compile time).
 
+    The same copy comes back while nothing it depends on has changed (the active adapters, for
+    a specialised copy; the options; the graph's adapters and tensors), up to ``MAX_FUSED``
+    copies per graph: switching adapters back is instant, and ``torch.compile`` reuses what it
+    compiled for that copy, so it compiles at most once per active set.
+
     >>> import torch, fxpeft
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, vocab_size=32,
@@ -359,8 +365,8 @@ def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout
     >>> gm = fxpeft.rewrite(model, "lora_qv", dropout=0.0)
     >>> fused = fxpeft.fuse(gm)
     >>> ids = torch.tensor([[1, 2, 3]])
-    >>> torch.equal(fused(ids).logits, gm(ids).logits)
-    True
+    >>> torch.equal(fused(ids).logits, gm(ids).logits), fxpeft.fuse(gm) is fused
+    (True, True)
     >>> compiled = torch.compile(fxpeft.fuse(gm, regions="layers"))  # each layer structure once
     """
     known = {p.name for p in fuse_passes(True, checkpoint="layers") + fuse_passes(regions="layers") +
@@ -369,6 +375,50 @@ def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout
     if unknown:
         raise ValueError(f"fuse: no pass {unknown}; passes: {', '.join(sorted(known))}")
     _check_layer_options(checkpoint, regions)
+    options = (tuple(sorted(set(skip))), shared_dropout, mixed, checkpoint, regions)
+    specialised = not mixed and "drop_inactive" not in skip
+    key, keep_alive = _depends_on(gm, specialised, options)
+    copies = gm.__dict__.setdefault(_FUSED_COPIES, _FusedCopies())
+    if key not in copies:
+        copies[key] = (_fused_copy(gm, skip, shared_dropout, mixed, checkpoint, regions), keep_alive)
+        while len(copies) > MAX_FUSED:
+            copies.popitem(last=False)
+    copies.move_to_end(key)
+    return copies[key][0].train(gm.training)
+
+
+MAX_FUSED = 8  # per graph: copies share its tensors, so each costs only its graph and code
+# Kept on the graph itself: a copy reaches the graph through the adapter records it shares, so
+# a cache outside would keep every graph alive; on it, the two are one cycle that gc frees.
+_FUSED_COPIES = "_fxpeft_fused_copies"
+
+
+class _FusedCopies(OrderedDict):
+    """A graph's fused copies by what they depend on; a copy (or pickle) of the graph starts
+    with none, since they would run on the original's tensors."""
+
+    def __deepcopy__(self, memo: dict) -> "_FusedCopies":
+        return _FusedCopies()
+
+    def __reduce__(self) -> tuple:
+        return _FusedCopies, ()
+
+
+def _depends_on(gm: torch.fx.GraphModule, specialised: bool, options: tuple) -> tuple[Hashable, list]:
+    """What a fused copy of ``gm`` depends on, as a key, and the objects whose ids the key holds
+    (kept alive with the copy, so no id is reused while it is cached): the active adapters (for
+    a specialised copy), the options, the graph, its adapter records, and every tensor (``to``
+    replaces buffers; AdaLoRA replaces parameters)."""
+    records = list(adapter_records(gm).items())
+    tensors = [*gm.parameters(), *gm.buffers()]
+    active = tuple(active_adapters(gm)) if specialised else None
+    key = (active, options, id(gm.graph), len(gm.graph.nodes),
+           tuple((name, id(rec)) for name, rec in records), tuple(id(t) for t in tensors))
+    return key, [rec for _, rec in records]
+
+
+def _fused_copy(gm: torch.fx.GraphModule, skip: tuple[str, ...], shared_dropout: bool, mixed: bool,
+                checkpoint: str | None, regions: str | None) -> torch.fx.GraphModule:
     fused = _copy(gm)
     for fuse_pass in fuse_passes(shared_dropout, mixed, checkpoint, regions):
         if fuse_pass.name in skip:
