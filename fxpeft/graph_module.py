@@ -7,6 +7,7 @@ regenerated, and under ``torch.compile`` each mode compiles once, later switches
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterator
 
 import torch
@@ -41,6 +42,34 @@ class AdaptedModule(torch.fx.GraphModule):
 
     def _deepcopy_init(self) -> Any:
         return AdaptedModule.__init__  # GraphModule's would drop the pre-hook
+
+    def __deepcopy__(self, memo: dict) -> "AdaptedModule":
+        """``copy.deepcopy``: an independent graph (a reference model, an EMA copy). The adapter
+        records in ``meta`` name the nodes they matched; they are copied last, pointing at the
+        copy's nodes (a node copied on its own would copy export's fake tensors, and fail), with
+        the attributes ``GraphModule``'s copy leaves out (``capture_info``, ...).
+
+        >>> import fxpeft
+        >>> gm = fxpeft.rewrite(torch.nn.Sequential(torch.nn.Linear(2, 2)), fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"])))
+        >>> twin = copy.deepcopy(gm)
+        >>> twin.get_parameter("0.lora_A.weight") is gm.get_parameter("0.lora_A.weight"), twin.adapter_names
+        (False, ['default'])
+        """
+        matched = {m.candidate.node.graph for rec in adapter_set.adapter_records(self).values()
+                   for m in rec.matches}
+        for graph in matched - {self.graph}:  # a fused copy's records are its source graph's
+            memo.update({id(node): node for node in graph.nodes})
+        meta, self.meta = self.meta, {}
+        try:
+            copied = super().__deepcopy__(memo)
+        finally:
+            self.meta = meta
+        for old, new in zip(self.graph.nodes, copied.graph.nodes):
+            memo[id(old)] = new
+        copied.meta = copy.deepcopy(meta, memo)
+        for name in self.__dict__.keys() - copied.__dict__.keys():  # capture_info, ...: what
+            copied.__dict__[name] = copy.deepcopy(self.__dict__[name], memo)  # GraphModule drops
+        return copied
 
     # Export bakes the capture dtype into the graph (``cos.to(x.dtype)`` became a constant), so a
     # dtype conversion also retargets those constants (``retarget_dtype_constants``).

@@ -122,3 +122,34 @@ def test_mode_switches_under_torch_compile_compile_once_per_mode():
     eager = gm(ids).logits
     torch.testing.assert_close(compiled(ids).logits, eager, rtol=0, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_deepcopy_gives_an_independent_graph_whose_records_name_its_own_nodes(tmp_path):
+    """A reference model or an EMA copy: ``copy.deepcopy`` of an adapted graph (it failed on
+    export's fake tensors, reached through the nodes the adapter records name)."""
+    import copy
+    from fxpeft.adapter_set import adapter_records
+    gm = fxpeft.rewrite(tiny_llama(), "lora_qv", dropout=0.0)
+    gm.add_adapter("b", "lora_qv", dropout=0.0)
+    randomize_adapters(gm)
+    twin = copy.deepcopy(gm)
+    ids = token_batch()
+    torch.testing.assert_close(twin(ids).logits, gm(ids).logits, rtol=0, atol=0)
+    ours = dict(gm.named_parameters())
+    assert all(param is not ours[name] for name, param in twin.named_parameters())
+    for record in adapter_records(twin).values():
+        assert all(m.candidate.node.graph is twin.graph for m in record.matches)
+    twin.train()(ids, labels=ids).loss.backward()  # a step on the copy leaves the original as it was
+    with torch.no_grad():
+        for name, param in twin.named_parameters():
+            if param.grad is not None:
+                param.sub_(param.grad)
+    assert not gm.get_parameter("model.layers.0.self_attn.q_proj.lora_B.weight").equal(
+        twin.get_parameter("model.layers.0.self_attn.q_proj.lora_B.weight"))
+    twin.set_adapter("b")
+    assert gm.active_adapters == ["default"] and twin.active_adapters == ["b"]
+    assert (fxpeft.save(twin, tmp_path / "twin") / "adapter_model.safetensors").is_file()
+    assert fxpeft.generate(twin.eval(), ids[:1, :4], max_new_tokens=2).shape == (1, 6)
+    fused = fxpeft.fuse(gm.eval())
+    with torch.no_grad():
+        torch.testing.assert_close(copy.deepcopy(fused)(ids).logits, gm(ids).logits, rtol=0, atol=1e-5)
