@@ -17,7 +17,7 @@ from fxpeft.transforms.norms import rms_norm_then_down
 
 aten = torch.ops.aten
 PASSES = ("drop_inactive", "fold_lora_scale", "fuse_lora_a", "fuse_lm_loss", "sdpa_gqa", "gated_activation",
-          "recompute_norms", "strip_leftovers")
+          "recompute_norms", "strip_leftovers", "onednn_linear")
 
 
 def lora_graph(rules="lora_all_linear", **overrides):
@@ -154,6 +154,25 @@ def test_a_fused_copy_is_cached_per_active_set_and_compiles_once_per_set():
     assert fxpeft.fuse(gm) is not before
     with torch.no_grad():
         assert fxpeft.fuse(gm)(ids).logits.dtype == torch.float64
+
+
+def test_frozen_base_linears_run_on_onednn_and_adapter_linears_do_not():
+    from fxpeft.transforms.cpu_gemm import _onednn
+    if not _onednn():
+        pytest.skip("this torch has no oneDNN (mkldnn) CPU GEMM")
+    gm = lora_graph("lora_qv")
+    fused = fxpeft.fuse(gm)
+    frozen = nodes_with_target(fused, torch.ops.fxpeft.frozen_linear.default)
+    weights = [n.args[1].target for n in frozen]
+    # 7 base linears in each of 2 layers; lm_head is inside the fused loss
+    assert len(frozen) == 14 and not any("lora" in w for w in weights)
+    assert all(not fused.get_parameter(w).requires_grad for w in weights)
+    assert all("lora" in n.args[1].target for n in nodes_with_target(fused, aten.linear.default))
+    assert_equivalent(gm, fused, token_batch())
+    fused.get_parameter(weights[0]).requires_grad_(True)  # unfrozen after fusing: refused, not wrong
+    with pytest.raises(fxpeft.FxpeftError, match="now requires grad; fuse again"):
+        fused.train()(token_batch(), labels=token_batch())
+    fused.get_parameter(weights[0]).requires_grad_(False)
 
 
 def test_shared_dropout_is_opt_in():

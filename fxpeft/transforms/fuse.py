@@ -27,6 +27,9 @@ changed, and is logged with its time:
 - ``drop_dropout`` (not in ``fuse``; the decode graph runs it): dropouts become their input, for
   graphs that only ever run in eval mode.
 - ``strip_leftovers``: no-op casts (to the dtype a tensor already has) and dead code.
+- ``onednn_linear``: frozen base linears run on oneDNN's CPU GEMM, about 15% faster than MKL's
+  at these shapes, forward and input gradient (``fxpeft.transforms.cpu_gemm``; other devices
+  and dtypes, and autocast, run ``F.linear`` as before).
 - ``checkpoint_layers`` (only with ``checkpoint="layers"``): gradient checkpointing, each layer
   a region recomputed in backward (``fxpeft.transforms.checkpoint``).
 - ``region_layers`` (only with ``regions="layers"``): regional compilation, identical layers
@@ -55,6 +58,7 @@ from fxpeft.program import copy_graph
 from fxpeft.transforms.activations import gated_activation
 from fxpeft.transforms.gqa import gqa_in_sdpa
 from fxpeft.transforms.checkpoint import checkpoint_layers, recompute_norms
+from fxpeft.transforms.cpu_gemm import onednn_linear
 from fxpeft.transforms.lm_loss import LMHeadLoss
 from fxpeft.transforms.regions import region_layers
 
@@ -323,6 +327,7 @@ def fuse_passes(shared_dropout: bool = False, mixed: bool = False,
     else:  # checkpointed layers and regions recompute or rebuild whole layers; after
         # strip_leftovers, whose no-op casts would stand between a norm and its A projections
         passes.append(FusePass("recompute_norms", recompute_norms))
+    passes.append(FusePass("onednn_linear", onednn_linear))  # last: the others match aten.linear
     return passes
 
 
@@ -365,7 +370,7 @@ def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout
     >>> gm = fxpeft.rewrite(model, "lora_qv", dropout=0.0)
     >>> fused = fxpeft.fuse(gm)
     >>> ids = torch.tensor([[1, 2, 3]])
-    >>> torch.equal(fused(ids).logits, gm(ids).logits), fxpeft.fuse(gm) is fused
+    >>> torch.allclose(fused(ids).logits, gm(ids).logits, atol=1e-5), fxpeft.fuse(gm) is fused
     (True, True)
     >>> compiled = torch.compile(fxpeft.fuse(gm, regions="layers"))  # each layer structure once
     """

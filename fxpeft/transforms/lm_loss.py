@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from fxpeft.transforms.cpu_gemm import project
+
 CHUNK_TOKENS = 1024
 IGNORE_INDEX = -100
 
@@ -39,14 +41,14 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     grad_weight = torch.zeros_like(weight) if weight_grad else weight.new_empty(0)
     for start in range(0, hidden.shape[0], CHUNK_TOKENS):
         rows, wanted = hidden[start:start + CHUNK_TOKENS], targets[start:start + CHUNK_TOKENS]
-        logits = rows @ weight.T
+        logits = project(rows, weight)  # oneDNN's GEMM on the CPU (fxpeft.transforms.cpu_gemm)
         counted = wanted != IGNORE_INDEX
         safe = torch.where(counted, wanted, 0)
         total += (torch.logsumexp(logits, -1) - logits.gather(1, safe[:, None])[:, 0])[counted].sum()
         dlogits = torch.softmax(logits, -1)
         dlogits[torch.arange(len(safe)), safe] -= 1
         dlogits *= counted[:, None]
-        grad_hidden[start:start + CHUNK_TOKENS] = dlogits @ weight
+        grad_hidden[start:start + CHUNK_TOKENS] = project(dlogits, weight.t())
         if weight_grad:
             grad_weight += dlogits.T @ rows
     return total, grad_hidden, grad_weight
