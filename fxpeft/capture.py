@@ -168,13 +168,14 @@ def _replicated(model: torch.nn.Module, inputs: dict[str, Any]) -> Program | Non
     """The full graph built from an export of the first and last layers, or None (with the
     reason in the debug log) where ``fxpeft.replicate`` cannot show it is the same graph."""
     try:
+        stack = replicate.find_layer_stack(model)
         program = replicate.captured_once(
-            model, lambda shallow: _hf_program(model, _export(shallow, inputs), tuple(inputs)))
+            model, lambda shallow: _hf_program(model, _export(shallow, inputs), tuple(inputs)), stack)
     except (replicate.NotReplicable, CaptureError) as why:
         log.debug("capture: %s exported whole, not replicated: %s", type(model).__name__, why)
         return None
     log.debug("capture: %s replicated from 2 of its %d layers", type(model).__name__,
-              len(replicate.find_layer_stack(model).layers))
+              len(stack.layers))
     return program
 
 

@@ -313,8 +313,9 @@ def _name_cache_tensors(root: torch.fx.GraphModule, shell: torch.nn.Module) -> N
     cache = {id(t) for layer in shell.fxpeft_kv_cache.layers for t in (layer.keys, layer.values)}
     reads = {n.target: n for n in root.graph.find_nodes(op="get_attr")}
     for node in list(root.graph.find_nodes(op="get_attr")):
-        name = names.get(id(fetch(root, node.target)))
-        if name is None and id(fetch(root, node.target)) in cache:  # only a shallow shell names some
+        value = fetch(root, node.target)
+        name = names.get(id(value))
+        if name is None and id(value) in cache:  # only a shallow shell names some
             raise replicate.NotReplicable(f"{node.target} is the cache of a layer the shallow "
                                           f"model does not hold")
         if name is None or node.target == name:
@@ -322,7 +323,7 @@ def _name_cache_tensors(root: torch.fx.GraphModule, shell: torch.nn.Module) -> N
         if name in reads:
             node.replace_all_uses_with(reads[name])
         else:
-            place(root, name, fetch(root, node.target))
+            place(root, name, value)
             with root.graph.inserting_before(node):
                 reads[name] = root.graph.get_attr(name)
             node.replace_all_uses_with(reads[name])

@@ -89,9 +89,9 @@ def onednn_linear(gm: torch.fx.GraphModule) -> int:
                 is_adapter_parameter(weight.target):
             continue
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        tensors = [fetch(gm, n.target) for n in (weight, bias) if isinstance(n, torch.fx.Node)]
         if bias is not None and (not isinstance(bias, torch.fx.Node) or bias.op != "get_attr"):
-            continue
+            continue  # a computed bias: leave the linear as it is
+        tensors = [fetch(gm, n.target) for n in (weight, bias) if n is not None]
         if any(not isinstance(t, torch.Tensor) or t.requires_grad or t.device.type != "cpu"
                for t in tensors):
             continue

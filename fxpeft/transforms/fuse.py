@@ -419,7 +419,7 @@ def _depends_on(gm: torch.fx.GraphModule, specialised: bool, options: tuple) -> 
     active = tuple(active_adapters(gm)) if specialised else None
     key = (active, options, id(gm.graph), len(gm.graph.nodes),
            tuple((name, id(rec)) for name, rec in records), tuple(id(t) for t in tensors))
-    return key, [rec for _, rec in records]
+    return key, [gm.graph, *(rec for _, rec in records)]
 
 
 def _fused_copy(gm: torch.fx.GraphModule, skip: tuple[str, ...], shared_dropout: bool, mixed: bool,
