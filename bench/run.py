@@ -21,9 +21,10 @@ Rows:
 - rewrite: ``fxpeft.rewrite`` of the real SmolLM2-135M, first call (in a fresh process) and
   second call, against ``get_peft_model`` (``bench/capture_time.py`` has more depths).
 - compile_time: the first compiled step, each side (fxpeft, fused, fused with
-  ``regions="layers"``, PEFT) in a fresh process with an empty inductor cache (cold), then in
-  another fresh process on the cache that one filled (warm), ``--compile-repeats`` times
-  (default 2), sides interleaved; medians (slow: minutes).
+  ``regions="layers"``, PEFT) in a fresh process with empty inductor and fxpeft compile caches
+  (cold); in another with an empty inductor cache and the compile cache fxpeft kept from the
+  cold one (warm start; PEFT keeps none); and in a third on the inductor cache the cold one
+  filled (warm); ``--compile-repeats`` times (default 2), sides interleaved; medians (slow).
 """
 
 from __future__ import annotations
@@ -216,38 +217,48 @@ print(time.perf_counter() - start)
 """
 
 
-def _first_compiled_step(args, build: str, cache: str) -> float:
+def _first_compiled_step(args, build: str, cache: str, store: str) -> float:
     """Seconds of the first compiled step, in a fresh process whose inductor cache (FX graph and
-    AOTAutograd caches live in it) is the folder ``cache``."""
+    AOTAutograd caches live in it) is the folder ``cache`` and fxpeft's warm-start cache
+    (``fxpeft.compile_cache``) the folder ``store``."""
     argv = ", ".join(repr(a) for name in ("layers", "hidden", "vocab", "batch", "seq", "device")
                      for a in (f"--{name}", str(getattr(args, name))))
     code = _COMPILE_CHILD.format(bench=str(Path(__file__).parent), argv=argv, build=build)
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "FXPEFT_COMPILE_CACHE": store}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"compile_time {build} failed:\n{out.stderr[-2000:]}")
     return float(out.stdout.strip().splitlines()[-1])
 
 
+COMPILE_CONDITIONS = {
+    "cold": "empty inductor cache, empty fxpeft compile cache",
+    "warm start": "empty inductor cache, fxpeft's compile cache kept by the cold run",
+    "warm": "the inductor cache the cold run filled"}
+
+
 def row_compile_time(args, results) -> None:
-    """Cold: a fresh process with an empty inductor cache. Warm: another fresh process on the
-    cache the cold one filled, as a second run on the same machine finds it."""
+    """Cold: a fresh process with an empty inductor cache and an empty fxpeft compile cache.
+    Warm start: another fresh process with an empty inductor cache, on the compile cache fxpeft
+    kept from the cold one (PEFT has none: for it this is a second cold run). Warm: a fresh
+    process on the inductor cache the cold one filled, as a second run on the same machine finds it."""
     rewrite = "run.fxpeft.rewrite(base, 'lora_qv', dropout=0.0)"
     builds = {"fxpeft": rewrite, "fxpeft fused": f"run.fxpeft.fuse({rewrite})",
               "fxpeft fused, regions='layers'": f"run.fxpeft.fuse({rewrite}, regions='layers')",
               "PEFT": "run.peft_lora(base)"}
-    runs: dict[str, dict[str, list[float]]] = {kind: {name: [] for name in builds} for kind in ("cold", "warm")}
+    runs = {kind: {name: [] for name in builds} for kind in COMPILE_CONDITIONS}
     for _ in range(args.compile_repeats):  # sides interleaved: A B C, A B C
         for name, build in builds.items():
-            with tempfile.TemporaryDirectory() as cache:
-                runs["cold"][name].append(_first_compiled_step(args, build, cache))
-                runs["warm"][name].append(_first_compiled_step(args, build, cache))
+            with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as store, \
+                    tempfile.TemporaryDirectory() as empty:
+                runs["cold"][name].append(_first_compiled_step(args, build, cache, store))
+                runs["warm start"][name].append(_first_compiled_step(args, build, empty, store))
+                runs["warm"][name].append(_first_compiled_step(args, build, cache, store))
     for kind, timings in runs.items():
         for name, seconds in timings.items():
             print(f"  {kind} {name}: " + ", ".join(f"{s:.1f} s" for s in seconds))
         medians = {name: statistics.median(seconds) for name, seconds in timings.items()}
-        title = "empty inductor cache" if kind == "cold" else "the inductor cache a first run filled"
-        report(f"first compiled step, {kind} (fresh process, {title}; median of "
+        report(f"first compiled step, {kind} (fresh process, {COMPILE_CONDITIONS[kind]}; median of "
                f"{args.compile_repeats})", medians, "PEFT", results)
 
 

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 import torch.fx
 
-from fxpeft import adapt, adapter_set, gates
+from fxpeft import adapt, adapter_set, compile_cache, gates
 from fxpeft.errors import FxpeftError
 from fxpeft.kinds import adalora
 from fxpeft.kinds.registry import is_adapter_parameter
@@ -39,6 +39,7 @@ class AdaptedModule(torch.fx.GraphModule):
         # adapter_names= becomes an index tensor before torch.compile's frame (no recompiles)
         self.register_forward_pre_hook(gates.index_sample_names, with_kwargs=True)
         self.register_forward_pre_hook(gates.refuse_dropped_adapters)
+        compile_cache.activate()  # a first torch.compile in a fresh inductor folder starts warm
 
     def _deepcopy_init(self) -> Any:
         return AdaptedModule.__init__  # GraphModule's would drop the pre-hook

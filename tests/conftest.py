@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 
 import pytest
@@ -17,6 +18,8 @@ settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# compiles in tests keep their kernels in a folder of this run's, not the user's cache
+os.environ.setdefault("FXPEFT_COMPILE_CACHE", tempfile.mkdtemp(prefix="fxpeft-test-compile-cache-"))
 warnings.filterwarnings("ignore")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

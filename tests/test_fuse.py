@@ -12,11 +12,12 @@ from conftest import (adapter_nodes, loss_and_grads, nodes_with_target, nodes_wi
                       tiny_qwen2, token_batch)
 from fxpeft.names import adapter_node
 from fxpeft.transforms.activations import gelu_and_mul, silu_and_mul
+from fxpeft.transforms.causal_mask import masked_or_causal_sdpa
 from fxpeft.transforms.checkpoint import CHECKPOINT_MODULE, CheckpointedRegion
 from fxpeft.transforms.norms import rms_norm_then_down
 
 aten = torch.ops.aten
-PASSES = ("drop_inactive", "fold_lora_scale", "fuse_lora_a", "fuse_lm_loss", "sdpa_gqa", "gated_activation",
+PASSES = ("drop_inactive", "fold_lora_scale", "fuse_lora_a", "fuse_lm_loss", "sdpa_gqa", "causal_mask", "gated_activation",
           "recompute_norms", "strip_leftovers", "onednn_linear")
 
 
@@ -298,15 +299,15 @@ def saved_bytes_dropped_by(gm, fuse_pass: str) -> int:
 def test_sdpa_reads_grouped_query_keys_and_values_without_repeat_kv():
     gm = lora_graph("lora_qv")
     fused = fxpeft.fuse(gm)
-    attention = nodes_with_target(fused, aten.scaled_dot_product_attention.default)
+    attention = nodes_with_target(fused, masked_or_causal_sdpa)  # causal_mask's; its arguments are SDPA's
     assert len(attention) == LAYERS and all(n.kwargs["enable_gqa"] for n in attention)
     assert all(n.args[1].meta["val"].shape[1] == n.args[2].meta["val"].shape[1] == 2 for n in attention)
     assert [n for n in nodes_with_target(fused, aten.expand.default) if len(n.args[1]) == 5] == []
     # per layer, keys and values each keep 2 heads instead of 4
     assert saved_bytes_dropped_by(gm, "sdpa_gqa") == LAYERS * 2 * 2 * TOKENS * HEAD_DIM * 4
     multi_head = fxpeft.fuse(fxpeft.rewrite(tiny_llama(num_key_value_heads=4), "lora_qv", dropout=0.0))
-    assert not any(n.kwargs.get("enable_gqa") for n in
-                   nodes_with_target(multi_head, aten.scaled_dot_product_attention.default))
+    attention = nodes_with_target(multi_head, masked_or_causal_sdpa)
+    assert len(attention) == LAYERS and not any(n.kwargs.get("enable_gqa") for n in attention)
 
 
 @pytest.mark.parametrize("rules", ["lora_qv", "lora_all_linear"])

@@ -19,6 +19,9 @@ changed, and is logged with its time:
 - ``fuse_lm_loss``: in train mode with labels, a causal LM's head and loss become a chunked
   linear cross-entropy that never holds the full logits (``fxpeft.transforms.lm_loss``);
   ``.logits`` is then None. Only where exact: a plain fp32 head without an adapter.
+- ``causal_mask``: where the caller's ``attention_mask`` is absent or all ones, SDPA runs with
+  ``is_causal=True`` and the 4-D mask is not built, as eager transformers does
+  (``fxpeft.transforms.causal_mask``; only where checked exact).
 - ``sdpa_gqa`` and ``gated_activation``: less for backward to keep: SDPA reads grouped-query
   keys and values without ``repeat_kv`` (``fxpeft.transforms.gqa``, which the decode graph runs
   too), and ``act(gate) * up`` saves only its two inputs (``fxpeft.transforms.activations``).
@@ -49,6 +52,7 @@ from typing import Any, Callable, Hashable
 import torch
 import torch.fx
 
+from fxpeft import compile_cache
 from fxpeft.adapter_set import adapter_records, strip_adapters
 from fxpeft.gates import SPECIALISED, active_adapters, adapter_names, gate_attr
 from fxpeft.graph_module import AdaptedModule
@@ -56,6 +60,7 @@ from fxpeft.names import (DROPOUT_MODULE, GATE_META, GATES, LM_LOSS_MODULE, OUTP
                           adapter_node)
 from fxpeft.program import copy_graph
 from fxpeft.transforms.activations import gated_activation
+from fxpeft.transforms.causal_mask import causal_mask
 from fxpeft.transforms.gqa import gqa_in_sdpa
 from fxpeft.transforms.checkpoint import checkpoint_layers, recompute_norms
 from fxpeft.transforms.cpu_gemm import onednn_linear
@@ -318,7 +323,8 @@ def fuse_passes(shared_dropout: bool = False, mixed: bool = False,
         if shared_dropout:
             passes.append(FusePass("share_dropout", share_dropout))
         passes += [FusePass("fuse_lora_a", fuse_lora_a), FusePass("fuse_lm_loss", fuse_lm_loss)]
-    passes += [FusePass("sdpa_gqa", gqa_in_sdpa), FusePass("gated_activation", gated_activation),
+    passes += [FusePass("sdpa_gqa", gqa_in_sdpa), FusePass("causal_mask", causal_mask),
+               FusePass("gated_activation", gated_activation),
                FusePass("strip_leftovers", strip_leftovers)]
     if checkpoint == "layers":
         passes.append(FusePass("checkpoint_layers", checkpoint_layers))
@@ -380,6 +386,7 @@ def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout
     if unknown:
         raise ValueError(f"fuse: no pass {unknown}; passes: {', '.join(sorted(known))}")
     _check_layer_options(checkpoint, regions)
+    compile_cache.activate()
     options = (tuple(sorted(set(skip))), shared_dropout, mixed, checkpoint, regions)
     specialised = not mixed and "drop_inactive" not in skip
     key, keep_alive = _depends_on(gm, specialised, options)
