@@ -136,7 +136,7 @@ def _on_compile_end(*_args: object) -> None:
 
 
 def _on_exit() -> None:
-    for folder, since in list(_started.items()):
+    for folder, since in list(_started.items()) if enabled() else ():
         try:
             harvest(Path(folder), store_folder(), since=since)
         except Exception as error:

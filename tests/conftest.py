@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import warnings
 
@@ -18,10 +19,19 @@ settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# compiles in tests keep their kernels in a folder of this run's, not the user's cache
-os.environ.setdefault("FXPEFT_COMPILE_CACHE", tempfile.mkdtemp(prefix="fxpeft-test-compile-cache-"))
+# compiles in tests keep their kernels in a folder of this run's (removed at the end), not in
+# the user's cache
+_TEST_COMPILE_CACHE = None
+if "FXPEFT_COMPILE_CACHE" not in os.environ:
+    _TEST_COMPILE_CACHE = os.environ["FXPEFT_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="fxpeft-test-compile-cache-")
 warnings.filterwarnings("ignore")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_unconfigure(config):
+    if _TEST_COMPILE_CACHE:
+        os.environ["FXPEFT_COMPILE_CACHE"] = "0"  # nothing more kept at exit
+        shutil.rmtree(_TEST_COMPILE_CACHE, ignore_errors=True)
 
 VOCAB = 128
 
