@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from fxpeft.models import cache_root
+
 log = logging.getLogger("fxpeft")
 
 SKIPPED_PARTS = frozenset({"locks", "precompiled_headers"})
@@ -58,7 +60,6 @@ def store_folder() -> Path:
     >>> store_folder().parent.name != ""
     True
     """
-    from fxpeft.models import cache_root
     root = os.environ.get("FXPEFT_COMPILE_CACHE") or str(cache_root() / "compile")
     return Path(root) / environment_key()
 

@@ -23,6 +23,7 @@ from conftest import (CUDA_MARKS, assert_only_adapters_get_grads, loss_and_grads
                       tiny_llama, token_batch, train)
 from fxpeft.quantized import QUANTIZED_OPS  # noqa: E402
 from fxpeft.transforms.activations import silu_and_mul  # noqa: E402
+from fxpeft.transforms.causal_mask import masked_or_causal_sdpa  # noqa: E402
 
 SCHEMES = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
@@ -235,7 +236,7 @@ def test_the_memory_passes_apply_on_a_4bit_base_and_keep_loss_and_gradients(chec
     calls = [n for n in fused.graph.nodes if n.op == "call_function"]
     assert [n.target for n in calls].count(silu_and_mul) == layers
     assert [n.kwargs.get("enable_gqa") for n in calls
-            if n.target == torch.ops.aten.scaled_dot_product_attention.default] == [True] * layers
+            if n.target == masked_or_causal_sdpa] == [True] * layers  # causal_mask's SDPA
     assert len([n for n in fused.graph.nodes if n.op == "call_module" and ".norm_" in n.target]) == layers
     plain = fxpeft.fuse(gm, skip=("sdpa_gqa", "gated_activation", "recompute_norms"))
     assert_same_loss_and_grads(fused, plain, token_batch())

@@ -105,7 +105,9 @@ def _is_causal(gm: torch.fx.GraphModule, mask: torch.fx.Node) -> bool:
             built = _built_mask(gm, mask, length)
         except Exception:  # the mask needs inputs a plain call does not give: leave it
             return False
-        q, k, v = (torch.randn(2, 2, length, 8, generator=generator) for _ in range(3))
+        if built.dim() != 4 or built.shape[-2] != built.shape[-1]:
+            return False  # keys other than the queries (prompt tokens, a cache): not plain causal
+        q, k, v = (torch.randn(2, 2, built.shape[-1], 8, generator=generator) for _ in range(3))
         masked = torch.nn.functional.scaled_dot_product_attention(q, k, v, built.to(q.device))
         causal = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         if not torch.allclose(masked, causal, atol=1e-6):
