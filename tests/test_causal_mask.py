@@ -101,3 +101,16 @@ def test_switchable_and_compiles_once_with_and_once_without_a_mask():
                                        rtol=0, atol=1e-5)
     torch._dynamo.reset()
     assert counter.frame_count == 2
+
+
+def test_a_mask_read_by_anything_but_sdpa_is_left_alone():
+    """The submodule returns None for an all-ones mask: only SDPA knows to run causal then."""
+    from fxpeft.transforms.causal_mask import causal_mask
+    from fxpeft.transforms.fuse import _copy
+    gm = fxpeft.rewrite(tiny_llama(), "lora_qv", dropout=0.0)
+    copy = _copy(gm)
+    sdpa = next(n for n in copy.graph.nodes if n.target == aten.scaled_dot_product_attention.default)
+    with copy.graph.inserting_after(sdpa.args[3]):
+        copy.graph.call_function(aten.logical_not.default, (sdpa.args[3],))
+    assert causal_mask(copy) == 0
+    assert causal_mask(_copy(gm)) == 2

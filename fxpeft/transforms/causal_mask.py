@@ -141,7 +141,7 @@ def causal_mask(gm: torch.fx.GraphModule) -> int:
             readers.setdefault(mask, []).append(sdpa)
     changed = 0
     for index, (mask, sdpas) in enumerate(readers.items()):
-        if _is_causal(gm, mask):
+        if set(mask.users) == set(sdpas) and _is_causal(gm, mask):  # None must reach SDPA only
             _outline(gm, mask, f"fxpeft_causal_mask_{index}", given)
             for sdpa in sdpas:
                 sdpa.target = masked_or_causal_sdpa
