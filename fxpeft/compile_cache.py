@@ -117,8 +117,8 @@ def _on_compile_start(*_args: object) -> None:
         return
     try:
         folder = _inductor_folder()
-        if str(folder) not in _started:
-            _started[str(folder)] = time.time()
+        if str(folder) not in _started:  # 2 s back: file systems that keep whole seconds
+            _started[str(folder)] = time.time() - 2.0
             copied = restore(store_folder(), folder)
             log.debug("compile cache: %d files from %s into %s", copied, store_folder(), folder)
     except Exception as error:  # a cache must never fail a compile
@@ -130,7 +130,9 @@ def _on_compile_end(*_args: object) -> None:
         return
     try:
         folder = _inductor_folder()
-        kept = harvest(folder, store_folder(), since=_started.get(str(folder), 0.0))
+        if str(folder) not in _started:  # a folder no compile started in: not ours to copy
+            return
+        kept = harvest(folder, store_folder(), since=_started[str(folder)])
         log.debug("compile cache: kept %d new files from %s", kept, folder)
     except Exception as error:
         log.debug("compile cache: harvest skipped: %s", error)

@@ -136,3 +136,13 @@ def test_the_cache_never_fails_a_compile_and_is_off_with_0(tmp_path, monkeypatch
         (Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "k.py").write_text("# new")
         compile_cache._on_compile_end()
     assert not Path("0").exists() and blocker.read_text() == "not a folder"
+
+
+def test_a_folder_no_compile_started_in_is_never_copied(tmp_path, monkeypatch):
+    """A compile that ends in a folder it did not start in (the folder changed mid-way) keeps
+    nothing: without a start time, all of a user's inductor cache would be copied."""
+    monkeypatch.setenv("FXPEFT_COMPILE_CACHE", str(tmp_path / "store"))
+    with fresh_cache():
+        (Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "k.py").write_text("# old")
+        compile_cache._on_compile_end()
+    assert not (tmp_path / "store").exists()
