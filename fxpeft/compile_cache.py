@@ -101,8 +101,12 @@ def activate() -> None:
     if (not enabled() or handler is None
             or _on_compile_start in getattr(handler, "start_callbacks", ())):
         return
-    handler.register_start_callback(_on_compile_start)
-    handler.register_end_callback(_on_compile_end)
+    try:
+        handler.register_start_callback(_on_compile_start)
+        handler.register_end_callback(_on_compile_end)
+    except Exception as error:  # another torch's callback API: compile without the cache
+        log.debug("compile cache: not registered: %s", error)
+        return
     if not _exit_hook:  # what compile workers finish after the last compile ends, kept at exit
         _exit_hook.append(atexit.register(_on_exit))
 

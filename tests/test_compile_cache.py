@@ -146,3 +146,10 @@ def test_a_folder_no_compile_started_in_is_never_copied(tmp_path, monkeypatch):
         (Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "k.py").write_text("# old")
         compile_cache._on_compile_end()
     assert not (tmp_path / "store").exists()
+
+
+def test_a_torch_without_this_callback_api_compiles_without_the_cache(monkeypatch):
+    monkeypatch.setattr(torch._dynamo, "callback_handler", object())
+    compile_cache.activate()  # no error: the cache is simply not registered
+    monkeypatch.delattr(torch._dynamo, "callback_handler")
+    compile_cache.activate()
