@@ -33,4 +33,10 @@ def main(output: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    try:
+        main(Path(sys.argv[1]))
+    finally:  # the Trainer leaves its process group up; gloo's threads torn down at exit aborted
+        # a rank once ("terminate called without an active exception", SIGABRT)
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
