@@ -123,8 +123,8 @@ def _on_compile_start(*_args: object) -> None:
         folder = _inductor_folder()
         if str(folder) not in _started:  # 2 s back: file systems that keep whole seconds
             _started[str(folder)] = time.time() - 2.0
-            copied = restore(store_folder(), folder)
-            log.debug("compile cache: %d files from %s into %s", copied, store_folder(), folder)
+            store = store_folder()
+            log.debug("compile cache: %d files from %s into %s", restore(store, folder), store, folder)
     except Exception as error:  # a cache must never fail a compile
         log.debug("compile cache: restore skipped: %s", error)
 

@@ -43,6 +43,17 @@ def input_adapter(graph: torch.fx.Graph) -> torch.fx.Node | None:
     return next(iter(graph.find_nodes(op="call_module", target=INPUTS_MODULE)), None)
 
 
+def input_placeholder(graph: torch.fx.Graph, name: str) -> torch.fx.Node | None:
+    """The placeholder of the graph input ``name`` (in an emitted graph: what the caller passed,
+    before the input adapter fills defaults), or None.
+
+    >>> graph = torch.fx.Graph(); ids = graph.placeholder("input_ids"); _ = graph.output(ids)
+    >>> input_placeholder(graph, "input_ids") is ids, input_placeholder(graph, "labels")
+    (True, None)
+    """
+    return next((n for n in graph.find_nodes(op="placeholder") if n.target == name), None)
+
+
 def model_input(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node | None:
     """The node carrying the model input ``name``: the input adapter's output for it in an
     emitted graph, else its placeholder; None if the graph has no such input.
@@ -53,7 +64,7 @@ def model_input(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node | None:
     """
     adapter = input_adapter(gm.graph)
     if adapter is None:
-        return next((n for n in gm.graph.find_nodes(op="placeholder") if n.target == name), None)
+        return input_placeholder(gm.graph, name)
     names = list(gm.get_submodule(INPUTS_MODULE).names)
     if name not in names:
         return None

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 import torch.fx
 
-from fxpeft.names import INPUTS_MODULE
+from fxpeft.embedding import input_adapter, input_placeholder
 from fxpeft.transforms.checkpoint import region_of
 
 aten = torch.ops.aten
@@ -74,8 +74,8 @@ def _only_for(mask: torch.fx.Node) -> list[torch.fx.Node]:
     return [n for n in mask.graph.nodes if n in inside]
 
 
-def _built_mask(gm: torch.fx.GraphModule, mask: torch.fx.Node, length: int) -> torch.Tensor:
-    """``mask``'s value for a batch of 2 sequences of ``length`` tokens and no attention mask."""
+def _mask_builder(gm: torch.fx.GraphModule, mask: torch.fx.Node) -> torch.fx.GraphModule:
+    """A module that computes ``mask`` from the graph's inputs (``builder(input_ids)``)."""
     sub, needed = torch.fx.Graph(), _ancestors(mask) | {mask}
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for node in gm.graph.nodes:
@@ -83,8 +83,7 @@ def _built_mask(gm: torch.fx.GraphModule, mask: torch.fx.Node, length: int) -> t
             env[node] = sub.node_copy(node, env.__getitem__)
     sub.output(env[mask])
     sub._codegen = gm.graph._codegen
-    ids = torch.ones(2, length, dtype=torch.long)
-    return torch.fx.GraphModule(gm, sub)(ids)
+    return torch.fx.GraphModule(gm, sub)
 
 
 def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
@@ -99,10 +98,10 @@ def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
 
 def _is_causal(gm: torch.fx.GraphModule, mask: torch.fx.Node) -> bool:
     """SDPA with ``mask`` built for all-ones inputs equals causal SDPA, at two lengths."""
-    generator = torch.Generator().manual_seed(0)
+    generator, builder = torch.Generator().manual_seed(0), _mask_builder(gm, mask)
     for length in _CHECK_LENGTHS:
-        try:
-            built = _built_mask(gm, mask, length)
+        try:  # a batch of 2 sequences of ``length`` tokens and no attention mask
+            built = builder(torch.ones(2, length, dtype=torch.long))
         except Exception:  # the mask needs inputs a plain call does not give: leave it
             return False
         if built.dim() != 4 or built.shape[-2] != built.shape[-1]:
@@ -113,11 +112,6 @@ def _is_causal(gm: torch.fx.GraphModule, mask: torch.fx.Node) -> bool:
         if not torch.allclose(masked, causal, atol=1e-6):
             return False
     return True
-
-
-def _given_mask(gm: torch.fx.GraphModule) -> "torch.fx.Node | None":
-    """The ``attention_mask`` placeholder (None when the caller leaves it out)."""
-    return next((p for p in gm.graph.find_nodes(op="placeholder") if p.target == "attention_mask"), None)
 
 
 def causal_mask(gm: torch.fx.GraphModule) -> int:
@@ -131,8 +125,8 @@ def causal_mask(gm: torch.fx.GraphModule) -> int:
     >>> causal_mask(copy)
     2
     """
-    given, info = _given_mask(gm), getattr(gm, "capture_info", None)
-    if given is None or not hasattr(gm, INPUTS_MODULE) or info is None or _windowed(info.config):
+    given, info = input_placeholder(gm.graph, "attention_mask"), getattr(gm, "capture_info", None)
+    if given is None or input_adapter(gm.graph) is None or info is None or _windowed(info.config):
         return 0
     readers: dict[torch.fx.Node, list[torch.fx.Node]] = {}
     for sdpa in gm.graph.find_nodes(op="call_function", target=_SDPA):
