@@ -25,6 +25,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import inspect
 import logging
 import weakref
 from collections import OrderedDict
@@ -230,10 +231,29 @@ def _step(self: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     cache.layers[0].cumulative_length.copy_(cache_position[0])  # one tensor, shared by the layers
     for layer in cache.layers:
         layer.positions = cache_position
-    out = type(self).__mro__[1].forward(self, input_ids=input_ids, attention_mask=attention_mask,
-                                        position_ids=position_ids, cache=cache,
-                                        use_cache=True, logits_to_keep=1)
+    forward = type(self).__mro__[1].forward
+    out = forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                  **{cache_keyword(forward): cache})
     return out.logits
+
+
+def cache_keyword(forward: Any) -> str:
+    """The keyword that hands ``forward`` its KV cache: transformers 5.25 names it ``cache``,
+    5.23 ``past_key_values``. Read from the signature, because a wrong name falls silently into
+    ``**kwargs`` and the cache is never written.
+
+    >>> cache_keyword(lambda input_ids, past_key_values=None, **kwargs: None)
+    'past_key_values'
+    >>> cache_keyword(lambda input_ids, cache=None, **kwargs: None)
+    'cache'
+    """
+    parameters = inspect.signature(forward).parameters
+    for keyword in ("cache", "past_key_values"):
+        if keyword in parameters:
+            return keyword
+    raise FxpeftError(f"{getattr(forward, '__qualname__', forward)} takes no KV cache "
+                      f"(neither 'cache' nor 'past_key_values'); cannot build its decode graph")
 
 
 def _export(shell: torch.nn.Module, batch: int, length: int) -> Program:

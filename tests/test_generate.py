@@ -72,6 +72,21 @@ def test_greedy_tokens_equal_peft_generate_with_left_padding(kind, tmp_path):
         assert not torch.equal(fxpeft.generate(gm, ids, max_new_tokens=NEW_TOKENS, attention_mask=mask), ours)
 
 
+@pytest.mark.parametrize("kind", list(RULES))
+def test_an_identity_adapter_generates_the_base_models_own_tokens(kind):
+    """At init every kind is the identity, so greedy decoding must give the base model's own
+    ``generate`` tokens, on every transformers version in range (5.23 names the cache keyword
+    ``past_key_values``, 5.25 ``cache``: a wrong one leaves the KV cache unwritten)."""
+    model = tiny_llama().eval()
+    keep = ["lm_head"] if kind == "modules_to_save" else ()
+    gm = fxpeft.rewrite(tiny_llama(), RULES[kind], modules_to_save=keep).eval()
+    ids, mask = _left_padded()
+    ours = fxpeft.generate(gm, ids, max_new_tokens=NEW_TOKENS, attention_mask=mask)
+    theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                            do_sample=False)
+    assert torch.equal(ours, theirs)
+
+
 @pytest.mark.parametrize("kind", ["lora", "adaption_prompt", "modules_to_save"])
 def test_decode_graph_has_the_same_adapter_nodes_and_shares_parameters(kind):
     gm = _adapted(kind)
