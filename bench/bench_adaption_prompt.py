@@ -31,7 +31,7 @@ PEFT_SIDE = "HF PEFT adaption prompt"
 
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     if not args.tiny:
-        from fxpeft.models import load_smollm2
+        from fxpeft.helpers.models import load_smollm2
         return load_smollm2()[0], "SmolLM2-135M"
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)

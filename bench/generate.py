@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import interleaved_medians, interleaved_times, machine_line  # noqa: E402
 
 import fxpeft  # noqa: E402
-from fxpeft.decode_graph import decoder_for  # noqa: E402
-from fxpeft.models import load_smollm2  # noqa: E402
+from fxpeft.generation.decode_graph import decoder_for  # noqa: E402
+from fxpeft.helpers.models import load_smollm2  # noqa: E402
 
 
 def adapted(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:

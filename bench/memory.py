@@ -36,8 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import interleaved_medians, machine_line, synchronize  # noqa: E402
 
-from fxpeft.memory import (STEADY_MALLOC_ENV, current_rss_mib, own_memory,  # noqa: E402
-                           peak_rss_mib, release_freed_memory, reset_peak_rss)
+from fxpeft.helpers.memory import (STEADY_MALLOC_ENV, current_rss_mib, own_memory, peak_rss_mib,
+                                   release_freed_memory, reset_peak_rss)
 
 VARIANTS = ("PEFT", "PEFT + HF checkpointing", "fxpeft", "fxpeft fused",
             "fxpeft fused + checkpoint", "fxpeft nf4 fused", "fxpeft nf4 fused + checkpoint")
@@ -62,7 +62,7 @@ def _model(name: str, variant: str, device: str = "cpu"):
     import torch
     quantization = _nf4() if "nf4" in variant else None
     if name == "smollm2":
-        from fxpeft.models import load_smollm2
+        from fxpeft.helpers.models import load_smollm2
         return load_smollm2(quantization_config=quantization)[0].to(device)
     from transformers import LlamaForCausalLM
     torch.manual_seed(0)

@@ -193,7 +193,7 @@ def row_rewrite(results) -> None:
     """``fxpeft.rewrite`` of the real SmolLM2-135M (30 layers): the first call in a fresh process
     (cold) and the second (the capture cache), against ``get_peft_model`` of it with a deepcopy."""
     from capture_time import rewrite_seconds
-    from fxpeft.models import load_smollm2
+    from fxpeft.helpers.models import load_smollm2
     first, second = rewrite_seconds(30, replicate=True)
     model = load_smollm2()[0]
     start = time.perf_counter()
@@ -220,7 +220,7 @@ print(time.perf_counter() - start)
 def _first_compiled_step(args, build: str, cache: str, store: str) -> float:
     """Seconds of the first compiled step, in a fresh process whose inductor cache (FX graph and
     AOTAutograd caches live in it) is the folder ``cache`` and fxpeft's warm-start cache
-    (``fxpeft.compile_cache``) the folder ``store``."""
+    (``fxpeft.runtime.compile_cache``) the folder ``store``."""
     argv = ", ".join(repr(a) for name in ("layers", "hidden", "vocab", "batch", "seq", "device")
                      for a in (f"--{name}", str(getattr(args, name))))
     code = _COMPILE_CHILD.format(bench=str(Path(__file__).parent), argv=argv, build=build)

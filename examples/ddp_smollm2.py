@@ -29,9 +29,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import fxpeft
-from fxpeft.data import perplexity, shakespeare_text, token_blocks
-from fxpeft.models import load_smollm2
-from fxpeft.serialize import tensor_digest
+from fxpeft.helpers.data import perplexity, shakespeare_text, token_blocks
+from fxpeft.helpers.models import load_smollm2
+from fxpeft.io.serialize import tensor_digest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 import fxpeft
-from fxpeft.data import (answers, example_arguments, perplexity, shakespeare_text, token_blocks,
-                         train_on_blocks)
-from fxpeft.models import load_smollm2
-from fxpeft.plots import save_with_curve
+from fxpeft.helpers.data import (answers, example_arguments, perplexity, shakespeare_text,
+                                 token_blocks, train_on_blocks)
+from fxpeft.helpers.models import load_smollm2
+from fxpeft.tools.plots import save_with_curve
 
 
 def parse_args() -> argparse.Namespace:

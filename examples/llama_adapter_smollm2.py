@@ -3,7 +3,7 @@
     python examples/llama_adapter_smollm2.py       # defaults finish in a few minutes on 2 cores
 
 Builds "Who speaks next?" and "Continue the line" instructions from one play
-(``fxpeft.data.play_instructions``), formats them with SmolLM2's chat template and masks the
+(``fxpeft.helpers.data.play_instructions``), formats them with SmolLM2's chat template and masks the
 prompt out of the labels, rewrites the model with ``llama_adapter.toml`` (gated prompts in the
 top two attention layers), trains, and prints greedy answers (``fxpeft.generate``) to held-out
 instructions before and after, with the exact-match rate on "Who speaks next?". Saves the adapter
@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 import fxpeft
-from fxpeft.data import (answers, chat_prompt, example_arguments, instruction_batch,
-                         play_instructions, shakespeare_text, train_on_blocks)
-from fxpeft.models import load_smollm2
-from fxpeft.plots import save_with_curve
+from fxpeft.helpers.data import (answers, chat_prompt, example_arguments, instruction_batch,
+                                 play_instructions, shakespeare_text, train_on_blocks)
+from fxpeft.helpers.models import load_smollm2
+from fxpeft.tools.plots import save_with_curve
 
 
 def parse_args(argv: "list[str] | None" = None) -> argparse.Namespace:

@@ -24,12 +24,12 @@ import time
 import torch
 
 import fxpeft
-from fxpeft.data import (example_arguments, perplexity, shakespeare_text, token_blocks,
-                         train_on_blocks)
-from fxpeft.memory import (STEADY_MALLOC_ENV, current_rss_mib, own_memory, peak_rss_mib,
-                           release_freed_memory, reset_peak_rss)
-from fxpeft.models import load_smollm2
-from fxpeft.plots import save_with_curve
+from fxpeft.helpers.data import (example_arguments, perplexity, shakespeare_text, token_blocks,
+                                 train_on_blocks)
+from fxpeft.helpers.memory import (STEADY_MALLOC_ENV, current_rss_mib, own_memory, peak_rss_mib,
+                                   release_freed_memory, reset_peak_rss)
+from fxpeft.helpers.models import load_smollm2
+from fxpeft.tools.plots import save_with_curve
 
 
 def parse_args() -> argparse.Namespace:
@@ -80,7 +80,7 @@ def measure_fp32_baseline(args: argparse.Namespace) -> float:
 
 def main() -> None:
     if any(os.environ.get(k) != v for k, v in STEADY_MALLOC_ENV.items()):
-        # Re-run with glibc's mmap threshold fixed, so RSS follows live tensors (fxpeft.memory).
+        # Re-run with glibc's mmap threshold fixed, so RSS follows live tensors (fxpeft.helpers.memory).
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC_ENV})
     args = parse_args()
     torch.manual_seed(args.seed)
@@ -89,7 +89,7 @@ def main() -> None:
     start, before = time.perf_counter(), current_rss_mib()
     config = nf4_config(args.compute)
     model, tokenizer = load_smollm2(quantization_config=config)
-    own_memory(model)  # lets the fp32 checkpoint's mapped pages go (fxpeft.memory)
+    own_memory(model)  # lets the fp32 checkpoint's mapped pages go (fxpeft.helpers.memory)
     blocks = token_blocks(tokenizer, shakespeare_text(args.play), args.seq_len)
     held_out, train_blocks = blocks[: args.eval_blocks], blocks[args.eval_blocks:]
     print(f"{args.play}: {len(train_blocks)} training blocks, {len(held_out)} held-out blocks of "

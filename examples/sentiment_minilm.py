@@ -24,9 +24,9 @@ import torch
 from tqdm import tqdm
 
 import fxpeft
-from fxpeft.data import sentiment_tweets
-from fxpeft.models import load_minilm
-from fxpeft.plots import save_with_curve
+from fxpeft.helpers.data import sentiment_tweets
+from fxpeft.helpers.models import load_minilm
+from fxpeft.tools.plots import save_with_curve
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

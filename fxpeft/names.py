@@ -12,8 +12,10 @@ none of them knows a kind by name.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 ADAPTER_META = "fxpeft_adapter"        # node.meta key: an AdapterNode
@@ -87,3 +89,8 @@ def component_base(part: str, components: Any) -> str | None:
         if part == base or (part.startswith(f"{base}_") and _IDENTIFIER.match(part[len(base) + 1:])):
             return base
     return None
+
+
+def cache_root() -> Path:
+    """``$FXPEFT_CACHE`` or ``~/.cache/fxpeft``."""
+    return Path(os.environ.get("FXPEFT_CACHE", Path.home() / ".cache" / "fxpeft"))

@@ -202,8 +202,8 @@ def tiny_gemma(**overrides):
 def emitted_base(model):
     """The base model's emitted graph (signature, dropout as data), no adapters: what a merged or
     stripped graph must equal."""
-    from fxpeft.capture import capture
-    from fxpeft.emit import emit
+    from fxpeft.capture.export import capture
+    from fxpeft.runtime.emit import emit
     return emit(capture(model))
 
 

@@ -11,7 +11,7 @@ from transformers import TrainingArguments
 
 import fxpeft
 from conftest import tiny_llama, token_batch
-from fxpeft.serialize import tensor_digest
+from fxpeft.io.serialize import tensor_digest
 
 
 def digest(gm) -> str:

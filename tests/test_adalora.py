@@ -11,7 +11,7 @@ import fxpeft
 from conftest import (adapter_nodes, assert_only_adapters_get_grads, emitted_base, tiny_gpt2,
                       tiny_llama, token_batch)
 from fxpeft.kinds.adalora import AdaLoraParams, allocator
-from fxpeft.peft_format import PeftFormatError
+from fxpeft.formats.peft_format import PeftFormatError
 from fxpeft.rules import Rule, Where
 
 RULES = Path(__file__).parents[1] / "passes" / "adalora_qv.toml"  # bundled as "adalora_qv.toml"

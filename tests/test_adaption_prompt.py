@@ -10,7 +10,7 @@ from conftest import (emitted_base, token_batch, tiny_gemma, tiny_llama, tiny_mi
                       tiny_qwen3)
 from fxpeft.rules import Rule, Where
 from fxpeft.kinds.adaption_prompt import AdaptionPromptParams
-from fxpeft.gates import GATE_META
+from fxpeft.graph.gates import GATE_META
 from fxpeft.names import ADAPTER_META
 from peft_io import load_into, peft_adapted, save_from
 

@@ -23,7 +23,7 @@ import fxpeft
 from conftest import randomize_adapters
 from fxpeft.kinds.ia3 import IA3Params
 from fxpeft.rules import Rule, Where
-from fxpeft.serialize import CONFIG, RULES, WEIGHTS, tensor_digest
+from fxpeft.io.serialize import CONFIG, RULES, WEIGHTS, tensor_digest
 from test_file_safety import Net, adapted, deadline, same_adapter
 
 OUTCOMES: Counter = Counter()

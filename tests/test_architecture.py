@@ -6,8 +6,8 @@ from pathlib import Path
 import networkx as nx
 
 import fxpeft
-from fxpeft.kinds import registry
-from fxpeft.transforms import default_passes
+from fxpeft import registry
+from fxpeft.runtime.passes import default_passes
 
 PACKAGE = Path(fxpeft.__file__).parent
 
@@ -62,7 +62,7 @@ def import_graph() -> nx.DiGraph:
 def test_the_module_import_graph_has_no_cycle():
     graph = import_graph()
     assert graph.number_of_edges() > 40  # the scan sees the real imports
-    assert ("fxpeft.api", "fxpeft.capture") in graph.edges
+    assert ("fxpeft.runtime.rewrite", "fxpeft.capture.export") in graph.edges
     cycles = list(nx.simple_cycles(graph))
     assert cycles == [], cycles[:5]
 
@@ -98,7 +98,7 @@ def test_every_kind_is_complete_and_drives_the_passes():
 def test_no_consumer_lists_kinds_by_hand():
     """Only kind files, the registration list and the registry may name a kind's components."""
     components = {c for k in registry.all_kinds() for c in k.components} - {"modules_to_save"}
-    allowed = {"fxpeft.kinds.registry", "fxpeft.kinds.builtin", "fxpeft.peft_format"} | {
+    allowed = {"fxpeft.registry", "fxpeft.kinds.builtin", "fxpeft.formats.peft_format"} | {
         f"fxpeft.kinds.{k.name}" for k in registry.all_kinds()}
     offenders = []
     for name, path in _modules().items():

@@ -6,8 +6,8 @@ import torch
 import fxpeft
 from conftest import (tiny_gemma, tiny_gpt2, tiny_llama, tiny_mistral, tiny_opt, tiny_qwen2,
                       tiny_qwen3)
-from fxpeft.attention import EAGER_PATTERN, SDPA_PATTERN, bind, condense, find_attention_sites
-from fxpeft.capture import capture
+from fxpeft.match.attention import EAGER_PATTERN, SDPA_PATTERN, bind, condense, find_attention_sites
+from fxpeft.capture.export import capture
 
 aten = torch.ops.aten
 # builder, attention module path template, o projection name, (heads, kv_heads, head_dim)

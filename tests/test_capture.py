@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import fxpeft
-from fxpeft import capture_cache
+from fxpeft.capture import cache as capture_cache
 from conftest import assert_only_adapters_get_grads, randomize_adapters, tiny_gpt2, tiny_llama, token_batch
-from fxpeft.capture import capture
+from fxpeft.capture.export import capture
 from fxpeft.rules import LoraParams, Rule, Where
 
 
@@ -137,7 +137,7 @@ def test_a_no_grad_block_in_forward_runs_as_a_grad_mode_region_without_export_ch
     the metadata asserts there too and calls it through ``grad_mode_region``, which restores
     the grad mode even when the block raises (torch's own op leaves it off)."""
     from conftest import tiny_llama, token_batch
-    from fxpeft.capture import _EXPORT_CHECKS, grad_mode_region
+    from fxpeft.capture.export import _EXPORT_CHECKS, grad_mode_region
     capture_cache.clear()  # the cache cannot tell a patched forward from the plain one
     model = tiny_llama()
     rotary = model.model.rotary_emb

@@ -6,8 +6,8 @@ import torch
 
 import fxpeft
 from conftest import randomize_adapters, tiny_llama, token_batch
-from fxpeft import capture_cache
-from fxpeft.capture import capture
+from fxpeft.capture import cache as capture_cache
+from fxpeft.capture.export import capture
 
 
 def signature(program):
@@ -63,7 +63,7 @@ def test_the_cache_keeps_a_few_graphs():
 
 def test_a_replicated_capture_is_cached_like_a_full_one():
     from test_capture_replicate import graph_signature
-    first = capture(tiny_llama(num_hidden_layers=4))  # replicated from 2 layers (fxpeft.replicate)
+    first = capture(tiny_llama(num_hidden_layers=4))  # replicated from 2 layers (fxpeft.capture.replicate)
     model = tiny_llama(num_hidden_layers=4)
     hit = capture(model)
     assert len(capture_cache._ENTRIES) == 1

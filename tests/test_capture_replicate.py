@@ -1,4 +1,4 @@
-"""Capture once and replicate (``fxpeft.replicate``): a model with identical layers is exported
+"""Capture once and replicate (``fxpeft.capture.replicate``): a model with identical layers is exported
 with its first and last layers only, and the full graph is built by copying the layer. The result
 must be the graph a full export gives, node for node, and adapt and train the same; a model whose
 layers differ is exported whole."""
@@ -12,9 +12,10 @@ from torch.fx.node import map_aggregate
 import fxpeft
 from conftest import (randomize_adapters, tiny_gemma, tiny_gpt2, tiny_llama, tiny_mistral, tiny_opt,
                       tiny_qwen2, token_batch)
-from fxpeft import capture_cache, decode_graph, replicate
-from fxpeft.adapters import fetch
-from fxpeft.capture import capture
+from fxpeft.capture import cache as capture_cache, replicate
+from fxpeft.generation import decode_graph
+from fxpeft.graph.targets import fetch
+from fxpeft.capture.export import capture
 
 FAMILIES = {
     "llama_gqa": lambda: tiny_llama(num_hidden_layers=4),

@@ -1,6 +1,6 @@
 """The fxpeft command line."""
 
-from fxpeft.cli import main
+from fxpeft.tools.cli import main
 
 
 def test_check_accepts_bundled_and_reports_located_errors(tmp_path, capsys):
@@ -31,7 +31,7 @@ def test_unknown_rule_file_is_an_error_not_a_traceback(capsys):
 
 
 def test_kinds_lists_the_registry(capsys):
-    from fxpeft.kinds import registry
+    from fxpeft import registry
     assert main(["kinds"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == [k.name for k in registry.all_kinds()]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import fxpeft
 from conftest import randomize_adapters, tiny_llama, token_batch
-from fxpeft.cli import main
+from fxpeft.tools.cli import main
 
 ATOL = 1e-5  # fp32, the same merged weights; only summation order may differ
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,7 +220,7 @@ def test_every_command_fails_in_one_line(tmp_path, model_dir, lora_dir, capsys, 
 def test_the_installed_command_prints_no_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     for argv in (["merge"], ["convert", str(tmp_path / "missing.json")]):
-        done = subprocess.run([sys.executable, "-m", "fxpeft.cli", *argv], capture_output=True,
+        done = subprocess.run([sys.executable, "-m", "fxpeft.tools.cli", *argv], capture_output=True,
                               text=True, env=env, cwd=tmp_path, timeout=300)
         assert done.returncode != 0 and done.stderr.count("\n") == 1, done.stderr
         assert "Traceback" not in done.stderr and done.stderr.startswith("fxpeft")

@@ -1,4 +1,4 @@
-"""fxpeft's warm-start cache for torch.compile (``fxpeft.compile_cache``): a first compile in an
+"""fxpeft's warm-start cache for torch.compile (``fxpeft.runtime.compile_cache``): a first compile in an
 empty inductor folder reuses what an earlier compile kept, and the cache never fails a compile."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.utils import fresh_cache
 
 import fxpeft
-from fxpeft import compile_cache
+from fxpeft.runtime import compile_cache
 from conftest import tiny_llama, token_batch
 
 

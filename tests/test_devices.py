@@ -6,7 +6,7 @@ import torch
 
 import fxpeft
 from conftest import on_cuda, randomize_adapters, tiny_llama, token_batch, train
-from fxpeft.graph_module import move_device_constants
+from fxpeft.runtime.adapted_module import move_device_constants
 
 
 
@@ -75,7 +75,7 @@ def test_qlora_nf4_on_cuda_trains_with_checkpointing(tmp_path):
 
 
 def test_a_gate_read_on_another_device_is_a_copy_that_switches_with_it():
-    from fxpeft.gates import gate_attr
+    from fxpeft.graph.gates import gate_attr
     gm = fxpeft.rewrite(tiny_llama(), "lora_qv.toml")
     gm.add_adapter("sql", "lora_qv.toml")
     copy = gate_attr(gm, "sql", torch.device("meta")).target

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import fxpeft
-import fxpeft.folders as folders
-import fxpeft.serialize as serialize
+import fxpeft.io.folders as folders
+import fxpeft.io.serialize as serialize
 from conftest import randomize_adapters
 from fxpeft.rules import LoraParams, Rule, Where
 

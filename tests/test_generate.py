@@ -11,11 +11,11 @@ import torch
 
 import fxpeft
 from conftest import VOCAB, tiny_llama, token_batch
-from fxpeft import decode_graph
-from fxpeft.adapter_set import adapter_parameters, record
-from fxpeft.adapters import fetch
+from fxpeft.generation import decode_graph
+from fxpeft.graph.records import adapter_parameters, record
+from fxpeft.graph.targets import fetch
 from fxpeft.errors import FxpeftError
-from fxpeft.kinds.registry import is_adapter_parameter
+from fxpeft.registry import is_adapter_parameter
 from fxpeft.names import ADAPTER_META, GATES
 
 RULES = {"lora": "lora_qv.toml", "dora": "dora_qv.toml", "ia3": "ia3.toml",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fxpeft
-from fxpeft.emit import sdpa_dropout_p
+from fxpeft.runtime.emit import sdpa_dropout_p
 from conftest import nodes_with_target, randomize_adapters, tiny_bert, tiny_llama, token_batch
 
 aten = torch.ops.aten
@@ -128,7 +128,7 @@ def test_deepcopy_gives_an_independent_graph_whose_records_name_its_own_nodes(tm
     """A reference model or an EMA copy: ``copy.deepcopy`` of an adapted graph (it failed on
     export's fake tensors, reached through the nodes the adapter records name)."""
     import copy
-    from fxpeft.adapter_set import adapter_records
+    from fxpeft.graph.records import adapter_records
     gm = fxpeft.rewrite(tiny_llama(), "lora_qv", dropout=0.0)
     gm.add_adapter("b", "lora_qv", dropout=0.0)
     randomize_adapters(gm)

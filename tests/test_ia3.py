@@ -4,7 +4,7 @@ import torch
 
 import fxpeft
 from conftest import emitted_base, nodes_with_target, token_batch, tiny_llama
-from fxpeft.gates import GATE_META
+from fxpeft.graph.gates import GATE_META
 from fxpeft.names import ADAPTER_META
 from peft_io import load_into, peft_adapted, save_from
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 import fxpeft
 from conftest import (adapter_nodes, assert_only_adapters_get_grads, lora_branch_count,
                       randomize_adapters, train)
-from fxpeft.capture import capture
-from fxpeft.emit import emit
+from fxpeft.capture.export import capture
+from fxpeft.runtime.emit import emit
 from fxpeft.rules import LoraParams, Rule, Where
 
 aten = torch.ops.aten

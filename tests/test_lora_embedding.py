@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 import fxpeft
 from conftest import (adapter_nodes, assert_only_adapters_get_grads, emitted_base, lora_branch_count,
                       randomize_adapters, tiny_bert, tiny_llama, token_batch, train)
-from fxpeft.cli import main
-from fxpeft.gates import GATE_META
+from fxpeft.tools.cli import main
+from fxpeft.graph.gates import GATE_META
 from fxpeft.rules import LoraParams, Rule, Where
 
 aten = torch.ops.aten

@@ -5,8 +5,8 @@ import torch
 
 import fxpeft
 from conftest import tiny_llama
-from fxpeft.capture import capture
-from fxpeft.match import match
+from fxpeft.capture.export import capture
+from fxpeft.match.query import match
 from fxpeft.rules import LoraParams, Rule, RuleSet, Where, parse_rules
 
 

@@ -8,11 +8,11 @@ from safetensors.torch import load_file
 
 import fxpeft
 from conftest import emitted_base, randomize_adapters, tiny_llama, token_batch
-from fxpeft.adapters import adapter_component
+from fxpeft.graph.params import adapter_component
 import dataclasses
 
 from fxpeft.errors import FxpeftError, PassError
-from fxpeft.kinds import registry
+from fxpeft import registry
 
 COMPONENTS = {"lora_A", "lora_B", "ia3_l", "adaption_prompt", "adaption_gate"}
 

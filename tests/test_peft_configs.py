@@ -9,7 +9,7 @@ from peft import AdaptionPromptConfig, IA3Config, LoHaConfig, LoraConfig, get_pe
 
 import fxpeft
 from conftest import assert_only_adapters_get_grads, randomize_adapters, tiny_llama, token_batch
-from fxpeft.peft_format import PeftFormatError
+from fxpeft.formats.peft_format import PeftFormatError
 
 ATOL = 1e-5  # fp32 on the same weights; only summation order may differ
 

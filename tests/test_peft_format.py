@@ -221,7 +221,7 @@ def test_failed_load_into_a_graph_leaves_it_unchanged(saved, tmp_path):
 
 
 def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
-    import fxpeft.serialize as serialize
+    import fxpeft.io.serialize as serialize
     gm = fxpeft.rewrite(tiny_llama(), "lora_qv")
 
     def crash(*args, **kwargs):

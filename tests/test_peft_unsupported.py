@@ -10,7 +10,7 @@ from peft import LoHaConfig, LoraConfig, get_peft_model
 
 import fxpeft
 from conftest import tiny_llama
-from fxpeft.peft_format import PeftFormatError
+from fxpeft.formats.peft_format import PeftFormatError
 
 
 class Volume(torch.nn.Module):

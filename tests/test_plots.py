@@ -1,12 +1,12 @@
-"""fxpeft.plots: the loss curve the examples save beside their adapters, and layer pictures."""
+"""fxpeft.tools.plots: the loss curve the examples save beside their adapters, and layer pictures."""
 
 import pytest
 import torch
 
 import fxpeft
 from conftest import tiny_llama, token_batch
-from fxpeft.data import train_on_blocks
-from fxpeft.plots import draw_layer, layer_nodes, loss_curve, node_layers, save_with_curve
+from fxpeft.helpers.data import train_on_blocks
+from fxpeft.tools.plots import draw_layer, layer_nodes, loss_curve, node_layers, save_with_curve
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -11,7 +11,7 @@ from conftest import (VOCAB, adapter_nodes, assert_only_adapters_get_grads, emit
                       tiny_gemma, tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2, tiny_t5, token_batch,
                       train)
 from fxpeft.errors import FxpeftError, PassError, RuleError
-from fxpeft.gates import GATE_META
+from fxpeft.graph.gates import GATE_META
 from fxpeft.kinds.prompt_tuning import (PromptTuningParams, place_prompt, prepend_ids,
                                         prepend_labels, prepend_mask, prompt_on)
 from fxpeft.names import adapter_node

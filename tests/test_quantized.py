@@ -21,7 +21,7 @@ from transformers import BitsAndBytesConfig, LlamaForCausalLM  # noqa: E402
 import fxpeft  # noqa: E402
 from conftest import (CUDA_MARKS, assert_only_adapters_get_grads, loss_and_grads, randomize_adapters,  # noqa: E402
                       tiny_llama, token_batch, train)
-from fxpeft.quantized import QUANTIZED_OPS  # noqa: E402
+from fxpeft.capture.quantized import QUANTIZED_OPS  # noqa: E402
 from fxpeft.transforms.activations import silu_and_mul  # noqa: E402
 from fxpeft.transforms.causal_mask import masked_or_causal_sdpa  # noqa: E402
 
@@ -66,7 +66,7 @@ def test_each_quantized_layer_is_one_op_and_one_linear_site(checkpoint, scheme):
     ops = gm.graph.find_nodes(op="call_function", target=op)
     assert len(ops) == LINEARS_PER_LAYER * 2
     assert type(model.model.layers[0].self_attn.q_proj) is layer_type  # restored after capture
-    program = fxpeft.adapt.program_of(gm)
+    program = fxpeft.runtime.apply.program_of(gm)
     sites = {s.module_path: s for s in program.sites}
     q = sites["model.layers.0.self_attn.q_proj"]
     assert (q.kind, q.in_features, q.out_features) == ("quantized", 64, 64)

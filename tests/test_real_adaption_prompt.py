@@ -12,7 +12,7 @@ TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the m
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from fxpeft.models import load_smollm2
+    from fxpeft.helpers.models import load_smollm2
     return load_smollm2()
 
 

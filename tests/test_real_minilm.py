@@ -24,7 +24,7 @@ def example():
 
 
 def test_sentiment_tweets_are_balanced_and_seeded(example):
-    from fxpeft.data import sentiment_tweets
+    from fxpeft.helpers.data import sentiment_tweets
     texts, labels = sentiment_tweets(seed=0)
     assert labels.count(0) == labels.count(1) > 5000
     assert sentiment_tweets(seed=0)[0][:20] == texts[:20] != sentiment_tweets(seed=1)[0][:20]
@@ -33,7 +33,7 @@ def test_sentiment_tweets_are_balanced_and_seeded(example):
 def test_example_trains_and_peft_loads_its_adapter(example, tmp_path):
     from peft import PeftModel
 
-    from fxpeft.models import load_minilm
+    from fxpeft.helpers.models import load_minilm
     args = example.parse_args(["--steps", "30", "--test-size", "64", "--output", str(tmp_path / "adapter")])
     result = example.run(args, progress=False)
     assert 0.3 < result["before"] < 0.7  # a random head: near chance on balanced classes

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.real
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from fxpeft.models import load_smollm2
+    from fxpeft.helpers.models import load_smollm2
     return load_smollm2()
 
 
@@ -45,10 +45,10 @@ def test_example_runs_and_perplexity_drops(tmp_path):
 
 
 def test_the_replicated_capture_is_the_full_capture(smollm2, monkeypatch, caplog):
-    """The 30 layers come from an export of 2 (``fxpeft.replicate``): the same graph, node for node."""
+    """The 30 layers come from an export of 2 (``fxpeft.capture.replicate``): the same graph, node for node."""
     import logging
     from test_capture_replicate import graph_signature
-    from fxpeft.capture import capture
+    from fxpeft.capture.export import capture
     model, _ = smollm2
     monkeypatch.setenv("FXPEFT_CAPTURE_CACHE", "0")
     with caplog.at_level(logging.DEBUG, logger="fxpeft"):

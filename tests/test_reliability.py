@@ -283,7 +283,7 @@ def test_train_only_branches_are_refused_at_capture_unless_a_rule_says_safe():
 
 
 def test_an_eager_scale_that_is_not_a_constant_binds_nothing():
-    from fxpeft.attention import _eager_scale
+    from fxpeft.match.attention import _eager_scale
     graph = torch.fx.Graph()
     q, k, s = (graph.placeholder(n) for n in "qks")
     scores = graph.call_function(torch.ops.aten.matmul.default, (q, k))

@@ -11,7 +11,7 @@ from transformers import TrainingArguments
 
 import fxpeft
 from conftest import randomize_adapters, tiny_llama, token_batch
-from fxpeft.serialize import restore
+from fxpeft.io.serialize import restore
 
 STEPS, SAVE_EVERY = 6, 3
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "fxpeft_rules.toml"}

@@ -31,19 +31,20 @@ import torch
 import torch.fx
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from fxpeft.adapter_set import adapter_records
-from fxpeft.adapters import attach_component, fetch
+from fxpeft.graph.records import adapter_records
+from fxpeft.graph.params import attach_component
+from fxpeft.graph.targets import fetch
 from fxpeft.errors import FxpeftError, RuleError
-from fxpeft.gates import gate_attr, gate_node, reroute
+from fxpeft.graph.gates import gate_attr, gate_node, reroute
 from fxpeft.kinds.lora import adapter_dtype, adapter_input, casts, join, record_nodes
 from fxpeft.kinds.rank_allocator import RankAllocator, Schedule, Triplet
-from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced
-from fxpeft.match import Match
+from fxpeft.registry import AdapterKind, SpliceInput, Spliced
+from fxpeft.match.query import Match
 from fxpeft.names import (ADAPTER_META, GATE_META, OUTPUT_MODULE, PEFT_PREFIX, AdapterNode,
                           adapter_node)
-from fxpeft.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, layers_prefix,
-                                target_regex, targets_for)
-from fxpeft.program import Program
+from fxpeft.formats.peft_format import (PeftFormat, PeftFormatError, exclude_regexes,
+                                        layers_prefix, target_regex, targets_for)
+from fxpeft.capture.program import Program
 from fxpeft.rules import checks
 from fxpeft.rules.schema import Params, Rule, RuleSet, Where, spec
 

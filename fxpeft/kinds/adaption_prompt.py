@@ -12,7 +12,7 @@ grouped onto the prompt's k/v heads instead of repeating k/v.
 
 Adapter ``"default"`` adds PEFT's ``adaption_prompt`` / ``adaption_gate``, any other
 ``adaption_prompt_<name>`` / ``adaption_gate_<name>``. The learned gate is multiplied by the
-adapter's on/off gate (``fxpeft.gates``), so an off adapter adds exact zeros.
+adapter's on/off gate (``fxpeft.graph.gates``), so an off adapter adds exact zeros.
 """
 
 from __future__ import annotations
@@ -23,15 +23,17 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxpeft.adapters import attach_component, nodes_between
-from fxpeft.attention import AttentionSite
+from fxpeft.graph.params import attach_component
+from fxpeft.graph.targets import nodes_between
+from fxpeft.match.attention import AttentionSite
 from fxpeft.errors import PassError
-from fxpeft.gates import GATE_META, gate_node, reroute
-from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced
-from fxpeft.match import Match
+from fxpeft.graph.gates import GATE_META, gate_node, reroute
+from fxpeft.registry import AdapterKind, SpliceInput, Spliced
+from fxpeft.match.query import Match
 from fxpeft.names import ADAPTER_META, AdapterNode
-from fxpeft.peft_format import PeftFormat, PeftFormatError, names_regex
-from fxpeft.program import LinearSite, Program
+from fxpeft.formats.peft_format import PeftFormat, PeftFormatError, names_regex
+from fxpeft.capture.linear_sites import LinearSite
+from fxpeft.capture.program import Program
 from fxpeft.rules import checks
 from fxpeft.rules.schema import Params, Rule, RuleSet, Where, spec
 

@@ -1,6 +1,6 @@
 """Registers the adapter kinds fxpeft ships. Their order is the order the passes run in.
 
->>> from fxpeft.kinds import registry
+>>> from fxpeft import registry
 >>> [k.name for k in registry.all_kinds()] == list(BUILTIN)
 True
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from fxpeft.kinds.registry import register
+from fxpeft.registry import register
 
 BUILTIN = ("lora", "ia3", "adaption_prompt", "modules_to_save", "dora", "adalora", "prompt_tuning")
 

@@ -23,15 +23,16 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from fxpeft.adapters import attach_component, fetch
-from fxpeft.gates import gate_node, reroute
+from fxpeft.graph.params import attach_component
+from fxpeft.graph.targets import fetch
+from fxpeft.graph.gates import gate_node, reroute
 from fxpeft.kinds.lora import (LORA_FIELDS, LoraDetail, LoraParams, adapter_dtype, adapter_input,
                                attach_lora, casts, config_to_rules, join, lora_delta, low_rank,
                                record_nodes, rules_to_config)
-from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced
+from fxpeft.registry import AdapterKind, SpliceInput, Spliced
 from fxpeft.names import AdapterNode
-from fxpeft.peft_format import PeftFormat
-from fxpeft.quantized import base_weight, weight_node, weight_so_far
+from fxpeft.formats.peft_format import PeftFormat
+from fxpeft.capture.quantized import base_weight, weight_node, weight_so_far
 
 aten = torch.ops.aten
 MAGNITUDE = "lora_magnitude_vector"

@@ -3,7 +3,7 @@ feed-forward sites, its input. Shapes are PEFT's: ``(out, 1)`` for outputs, ``(1
 inputs, so the saved tensors need no reshaping. Merge folds the vector into the weight.
 
 Adapter ``"default"`` adds ``ia3_l``, any other ``ia3_l_<name>``. The scale is
-``lerp(1, l, gate)`` with the adapter's gate (``fxpeft.gates``): exactly ``l`` when on and
+``lerp(1, l, gate)`` with the adapter's gate (``fxpeft.graph.gates``): exactly ``l`` when on and
 exactly ``1`` when off. The ``mul`` that applies it is the removable node.
 """
 
@@ -15,16 +15,17 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxpeft.adapters import attach_component, fetch
-from fxpeft.gates import gate_node, reroute
+from fxpeft.graph.params import attach_component
+from fxpeft.graph.targets import fetch
+from fxpeft.graph.gates import gate_node, reroute
 from fxpeft.kinds.lora import adapter_dtype
-from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced
-from fxpeft.match import Match
+from fxpeft.registry import AdapterKind, SpliceInput, Spliced
+from fxpeft.match.query import Match
 from fxpeft.names import ADAPTER_META, AdapterNode
-from fxpeft.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, full_regex,
-                                names_regex, target_regex, targets_for)
-from fxpeft.quantized import weight_so_far
-from fxpeft.program import Program
+from fxpeft.formats.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, full_regex,
+                                        names_regex, target_regex, targets_for)
+from fxpeft.capture.quantized import weight_so_far
+from fxpeft.capture.program import Program
 from fxpeft.rules import checks
 from fxpeft.rules.schema import Params, Rule, RuleSet, Where, spec
 

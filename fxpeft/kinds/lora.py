@@ -8,9 +8,9 @@ A 1-d/2-d convolution gets ``lora_A``, a convolution with the base's kernel, str
 and dilation producing ``r`` channels, and ``lora_B``, a 1x1 convolution to the output channels
 with the base's ``groups``.
 
-``gate`` is the adapter's on/off gate (``fxpeft.gates``), on the rank-r tensor where it is
+``gate`` is the adapter's on/off gate (``fxpeft.graph.gates``), on the rank-r tensor where it is
 cheapest. Adapter ``"default"`` adds ``lora_A`` / ``lora_B``, any other ``lora_A_<name>`` /
-``lora_B_<name>``; the saved keys are PEFT's (``fxpeft.peft_format``). The ``add`` that joins the
+``lora_B_<name>``; the saved keys are PEFT's (``fxpeft.formats.peft_format``). The ``add`` that joins the
 branch is the removable node: stripping the adapter routes its users back to ``y``, and merge
 folds ``scale * B @ A`` into the weight there.
 """
@@ -25,18 +25,20 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from fxpeft.adapters import attach_component, fetch, nodes_between
+from fxpeft.graph.params import attach_component
+from fxpeft.graph.targets import fetch, nodes_between
 from fxpeft.errors import FxpeftError
-from fxpeft.gates import GATE_META, gate_node, reroute
-from fxpeft.dropout import dropout_target
-from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced
-from fxpeft.layer_sites import ConvSite, EmbeddingSite, find_conv_sites, find_embedding_sites
-from fxpeft.match import Match
+from fxpeft.graph.gates import GATE_META, gate_node, reroute
+from fxpeft.graph.dropout import dropout_target
+from fxpeft.registry import AdapterKind, SpliceInput, Spliced
+from fxpeft.match.layer_sites import ConvSite, EmbeddingSite, find_conv_sites, find_embedding_sites
+from fxpeft.match.query import Match
 from fxpeft.names import ADAPTER_META, AdapterNode
-from fxpeft.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, target_regex,
-                                targets_for, layers_prefix)
-from fxpeft.quantized import weight_so_far
-from fxpeft.program import LinearSite, Program
+from fxpeft.formats.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, target_regex,
+                                        targets_for, layers_prefix)
+from fxpeft.capture.quantized import weight_so_far
+from fxpeft.capture.linear_sites import LinearSite
+from fxpeft.capture.program import Program
 from fxpeft.rules import checks
 from fxpeft.rules.schema import Params, Rule, RuleSet, Where, spec
 

@@ -16,10 +16,11 @@ from typing import Sequence
 import torch
 import torch.fx
 
-from fxpeft.adapters import attach_component, fetch, is_adapter_parameter
+from fxpeft.graph.params import attach_component, is_adapter_parameter
+from fxpeft.graph.targets import fetch
 from fxpeft.errors import FxpeftError
-from fxpeft.gates import gate_node
-from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced
+from fxpeft.graph.gates import gate_node
+from fxpeft.registry import AdapterKind, SpliceInput, Spliced
 from fxpeft.names import ADAPTER_META, MODULES_TO_SAVE, AdapterNode, is_fxpeft_node
 
 aten = torch.ops.aten

@@ -44,16 +44,17 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxpeft.adapters import attach_component, fetch
-from fxpeft.embedding import (INPUT_IDS, InputEmbeddingSite, find_input_embeddings, id_readers,
-                              input_adapter, model_input)
+from fxpeft.graph.params import attach_component
+from fxpeft.graph.targets import fetch
+from fxpeft.match.input_embedding import (INPUT_IDS, InputEmbeddingSite, find_input_embeddings,
+                                          id_readers, input_adapter, model_input)
 from fxpeft.errors import PassError, RuleError
-from fxpeft.gates import GATE_META, gate_node
-from fxpeft.kinds.registry import AdapterKind, SpliceInput, Spliced, initialising
-from fxpeft.match import Match
+from fxpeft.graph.gates import GATE_META, gate_node
+from fxpeft.registry import AdapterKind, SpliceInput, Spliced, initialising
+from fxpeft.match.query import Match
 from fxpeft.names import ADAPTER_META, INPUTS_MODULE, OUTPUT_MODULE, AdapterNode, is_fxpeft_node
-from fxpeft.peft_format import PeftFormat, PeftFormatError
-from fxpeft.program import Program
+from fxpeft.formats.peft_format import PeftFormat, PeftFormatError
+from fxpeft.capture.program import Program
 from fxpeft.rules import checks
 from fxpeft.rules.schema import Params, Rule, RuleSet, spec
 
@@ -214,8 +215,8 @@ def embedded(gm: torch.fx.GraphModule, site: InputEmbeddingSite, ids: torch.Tens
     calls the module.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from fxpeft.capture import capture
-    >>> from fxpeft.embedding import find_input_embeddings
+    >>> from fxpeft.capture.export import capture
+    >>> from fxpeft.match.input_embedding import find_input_embeddings
     >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, vocab_size=32,
     ...                          num_hidden_layers=1, num_attention_heads=2))
     >>> program = capture(model); site = find_input_embeddings(program.graph_module)[0]

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 from fxpeft.errors import RuleError
 from fxpeft.rules.locate import KeyLocator
-from fxpeft.kinds.registry import rewrite_kinds
+from fxpeft.registry import rewrite_kinds
 from fxpeft.rules.schema import Rule, RuleSet, Where, did_you_mean, known_keys
 
 TOP_KEYS = ("version", "description", "allow_training_branches", "rule")

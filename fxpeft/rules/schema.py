@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from fxpeft.errors import RuleError
-from fxpeft.kinds import registry
+from fxpeft import registry
 from fxpeft.rules import checks
 
 

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 import torch.fx
 
-from fxpeft.embedding import input_adapter, input_placeholder
+from fxpeft.match.input_embedding import input_adapter, input_placeholder
 from fxpeft.transforms.checkpoint import region_of
 
 aten = torch.ops.aten

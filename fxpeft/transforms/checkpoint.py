@@ -23,7 +23,7 @@ import torch.fx
 from torch.utils.checkpoint import checkpoint
 
 from fxpeft.names import adapter_node
-from fxpeft.patterns import owning_module
+from fxpeft.graph.targets import owning_module
 from fxpeft.transforms.norms import rms_norm_parts, rms_norm_then_down
 
 CHECKPOINT_MODULE = "_fxpeft_checkpointed"

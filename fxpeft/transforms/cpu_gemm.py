@@ -16,9 +16,9 @@ from typing import Any, Optional
 import torch
 import torch.fx
 
-from fxpeft.adapters import fetch
+from fxpeft.graph.targets import fetch
 from fxpeft.errors import FxpeftError
-from fxpeft.kinds.registry import is_adapter_parameter
+from fxpeft.registry import is_adapter_parameter
 
 aten = torch.ops.aten
 

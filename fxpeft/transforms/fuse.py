@@ -52,13 +52,13 @@ from typing import Any, Callable, Hashable
 import torch
 import torch.fx
 
-from fxpeft import compile_cache
-from fxpeft.adapter_set import adapter_records, strip_adapters
-from fxpeft.gates import SPECIALISED, active_adapters, adapter_names, gate_attr
-from fxpeft.graph_module import AdaptedModule
+from fxpeft.runtime import compile_cache
+from fxpeft.graph.records import adapter_records, strip_adapters
+from fxpeft.graph.gates import SPECIALISED, active_adapters, adapter_names, gate_attr
+from fxpeft.runtime.adapted_module import AdaptedModule
 from fxpeft.names import (DROPOUT_MODULE, GATE_META, GATES, LM_LOSS_MODULE, OUTPUT_MODULE,
                           adapter_node)
-from fxpeft.program import copy_graph
+from fxpeft.capture.program import copy_graph
 from fxpeft.transforms.activations import gated_activation
 from fxpeft.transforms.causal_mask import causal_mask
 from fxpeft.transforms.gqa import gqa_in_sdpa

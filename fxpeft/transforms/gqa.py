@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.fx
 
-from fxpeft.program import erase_unused
+from fxpeft.capture.program import erase_unused
 
 aten = torch.ops.aten
 _RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)

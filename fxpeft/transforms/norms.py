@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from fxpeft.program import erase_unused
+from fxpeft.capture.program import erase_unused
 
 aten = torch.ops.aten
 

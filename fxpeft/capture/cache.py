@@ -1,0 +1,116 @@
+"""An in-process cache of exported graphs: a second ``rewrite`` (or ``load``) of a model of the
+same class, configuration, structure and input signature skips ``torch.export`` (the seconds a
+rewrite costs) and rebinds the cached graph to the new model's own parameters by name.
+
+The key holds the model class, its config (``to_json_string``) and attention implementation,
+every module's path and type, every parameter's and buffer's name, shape, dtype and device, the
+captured inputs' names, dtypes and ranks, and the torch and transformers versions. A changed
+forward that none of these reveal (a monkeypatched method) is not seen: set
+``FXPEFT_CAPTURE_CACHE=0`` to turn the cache off.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import Any, Hashable
+
+import torch
+import torch.fx
+from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
+
+from fxpeft.graph.targets import fetch, has_target, place
+from fxpeft.capture.program import CaptureInfo, Program, copy_graph
+
+_ENTRIES: "OrderedDict[Hashable, CachedGraph]" = OrderedDict()
+MAX_ENTRIES = 4
+
+
+@dataclass(frozen=True)
+class CachedGraph:
+    graph: torch.fx.Graph  # never handed out: every hit gets a copy
+    constants: dict[str, Any]  # get_attr targets that are not the model's (lifted constants)
+    info: CaptureInfo
+
+
+def enabled() -> bool:
+    return os.environ.get("FXPEFT_CAPTURE_CACHE", "1") != "0"
+
+
+def _versions() -> tuple[str, str]:
+    import transformers
+    return torch.__version__, transformers.__version__
+
+
+def cache_key(model: torch.nn.Module, inputs: dict[str, Any]) -> Hashable:
+    """What decides the exported graph, as a hashable value."""
+    config = model.config
+    structure = tuple((name, type(m).__module__, type(m).__qualname__) for name, m in model.named_modules())
+    tensors = tuple((name, tuple(t.shape), t.dtype, t.device.type)
+                    for name, t in (*model.named_parameters(), *model.named_buffers()))
+    signature = tuple((name, getattr(t, "dtype", type(t)), getattr(t, "ndim", None))
+                      for name, t in inputs.items())
+    return (type(model).__module__, type(model).__qualname__, config.to_json_string(),
+            getattr(config, "_attn_implementation", None), structure, tensors, signature, _versions())
+
+
+def store(key: Hashable, model: torch.nn.Module, program: Program) -> None:
+    """Keep a copy of ``program``'s graph (before emit changes it) and its constants."""
+    _ENTRIES[key] = CachedGraph(copy_graph(program.graph), _own(constants(program.graph_module, model)),
+                                replace(program.info, config=None))
+    _ENTRIES.move_to_end(key)
+    while len(_ENTRIES) > MAX_ENTRIES:
+        _ENTRIES.popitem(last=False)
+
+
+def lookup(key: Hashable, model: torch.nn.Module) -> Program | None:
+    """A ``Program`` bound to ``model``'s parameters, or None on a miss."""
+    cached = _ENTRIES.get(key)
+    if cached is None:
+        return None
+    _ENTRIES.move_to_end(key)
+    info = replace(cached.info, config=model.config, training=model.training)
+    return Program(bind(copy_graph(cached.graph), _own(cached.constants), model), info)
+
+
+def _own(constants: dict[str, Any]) -> dict[str, Any]:
+    """``constants`` with a copy of each submodule (the bodies of export's higher-order ops,
+    such as ``wrap_with_set_grad_enabled``): a graph's ``.to(device)`` rewrites its submodules'
+    device constants in place, which must not reach the cache or the graphs it hands out.
+
+    >>> body = torch.nn.Linear(1, 1)
+    >>> _own({"submod_1": body, "c": torch.ones(())})["submod_1"] is body
+    False
+    """
+    return {t: copy.deepcopy(v) if isinstance(v, torch.nn.Module) else v for t, v in constants.items()}
+
+
+def constants(graph_module: torch.fx.GraphModule, model: torch.nn.Module) -> dict[str, Any]:
+    """The values of ``graph_module``'s get_attr targets that ``model`` does not have (constants
+    export lifted), by target."""
+    targets = {n.target for n in graph_module.graph.find_nodes(op="get_attr")}
+    return {t: fetch(graph_module, t) for t in targets if not has_target(model, t)}
+
+
+def bind(graph: torch.fx.Graph, lifted: dict[str, Any], model: torch.nn.Module) -> torch.fx.GraphModule:
+    """A GraphModule running ``graph`` on ``model``'s own parameters and buffers (by name), and on
+    ``lifted`` constants for the targets the model does not have.
+
+    >>> model = torch.nn.Linear(2, 2)
+    >>> graph = torch.fx.Graph(); _ = graph.output(graph.get_attr("weight"))
+    >>> bind(graph, {}, model).weight is model.weight
+    True
+    """
+    root = torch.nn.Module()
+    for target in {n.target for n in graph.find_nodes(op="get_attr")}:
+        place(root, target, lifted[target] if target in lifted else fetch(model, target))
+    # Lazy: this module only carries the graph until emit builds the one users call, so its
+    # Python code (a tenth of a second for a 30-layer model) is generated only if it runs.
+    with _use_lazy_graph_module(True):
+        return _make_graph_module(root, graph)
+
+
+def clear() -> None:
+    _ENTRIES.clear()

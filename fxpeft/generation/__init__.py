@@ -1,0 +1,3 @@
+"""Generation: the KV-cached decode graph of an adapted causal LM (``decode_graph``) and the
+decoding loop, ``fxpeft.generate`` (``decoding``).
+"""

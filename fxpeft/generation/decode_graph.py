@@ -1,0 +1,411 @@
+"""The decode graph of an adapted causal LM: the model captured with a static KV cache, carrying
+the same adapters, made by the same rules, *sharing* the training graph's adapter parameters and
+gates. Training, then generating, then training again needs no copy; ``set_adapter`` and
+``disable_adapters`` on the training graph switch the decode graph too.
+
+How it is obtained: the ``AdaptedModule`` keeps no HF model, only the model's tensors (under the
+model's own names) and its config (``capture_info``). On first use the model class
+(``transformers.<capture_info.model_class>``) is built on the meta device from that config, each
+of its parameters and buffers is pointed at the graph's own tensor (shared, not copied), and a
+subclass whose forward reads and writes a ``StaticCache`` held as buffers is exported with
+``torch.export`` (dynamic sequence length: one graph runs the prefill and every decoding step).
+Where the layers are identical, only the first and last are exported and the others are copies
+of the last one's subgraph (``fxpeft.capture.replicate``, as ``rewrite`` captures): the same graph, node
+for node, for a fraction of the export time (SmolLM2's first ``generate``: 2.0 s, against 6.1 s).
+Each adapter record (``fxpeft.graph.records.AdapterRecord``) is matched again against that graph and
+the kinds' passes splice it; every target they attached, and the gate module, is then replaced by
+the training graph's object. Decode graphs are cached per training graph, batch size, cache length
+(rounded up to ``LENGTH_STEP``), device, dtype and adapter set, so ``add_adapter`` or
+``delete_adapter`` rebuilds them and the first ``generate`` of a shape pays the export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import inspect
+import logging
+import weakref
+from collections import OrderedDict
+from typing import Any, Hashable, Iterator
+
+import torch
+import torch.fx
+
+from fxpeft.capture import cache as capture_cache, replicate
+from fxpeft.runtime.apply import apply_adapter, program_of
+from fxpeft import registry
+from fxpeft.graph.records import adapter_records
+from fxpeft.graph.targets import fetch, has_target, place
+from fxpeft.capture.export import replication_enabled, tidy_export
+from fxpeft.runtime.emit import emit
+from fxpeft.errors import FxpeftError
+from fxpeft.runtime.adapted_module import AdaptedModule
+from fxpeft.match.query import match
+from fxpeft.graph.gates import active_adapters
+from fxpeft.names import GATES
+from fxpeft.capture.linear_sites import find_linear_sites
+from fxpeft.capture.program import CaptureInfo, Program
+from fxpeft.transforms.fuse import (FusePass, drop_dropout, fold_lora_scale, fuse_lora_a,
+                                    strip_leftovers)
+from fxpeft.transforms.gqa import gqa_in_sdpa
+from fxpeft.transforms.norms import fuse_rms_norm
+
+log = logging.getLogger("fxpeft")
+LENGTH_STEP = 16  # cache lengths round up to a multiple, so prompts of similar length share a graph;
+# small, because every step attends over the whole cache
+MAX_DECODERS = 2  # per training graph: each holds a KV cache
+_DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+_CACHE_PREFIX = "fxpeft_kv"
+
+
+def cache_length(tokens: int) -> int:
+    """The cache length a graph is built for: ``tokens`` rounded up to ``LENGTH_STEP``.
+
+    >>> cache_length(1), cache_length(16), cache_length(17)
+    (16, 16, 32)
+    """
+    return -(-tokens // LENGTH_STEP) * LENGTH_STEP
+
+
+def decoder_for(gm: AdaptedModule, batch: int, length: int) -> AdaptedModule:
+    """The decode graph of ``gm`` for ``batch`` sequences of up to ``length`` tokens (cached).
+
+    It is called ``decoder(input_ids, attention_mask, position_ids, cache_position)`` and returns
+    the last position's logits; ``attention_mask`` is ``[batch, cache length]`` (1 where a token
+    is, 0 for padding and for positions not yet written)."""
+    device = next(gm.parameters()).device
+    dtype = gm.base_dtype() or torch.float32  # the cache's: adapters may be fp32 on a bf16 base
+    key = (batch, cache_length(length), dtype, device,
+           tuple((name, id(rec)) for name, rec in adapter_records(gm).items()))
+    built = _DECODERS.setdefault(gm, OrderedDict())
+    if key not in built:
+        built[key] = _build(gm, batch, key[1], dtype, device)
+        while len(built) > MAX_DECODERS:
+            built.popitem(last=False)
+    built.move_to_end(key)
+    return built[key]
+
+
+def _build(gm: AdaptedModule, batch: int, length: int, dtype: torch.dtype,
+           device: torch.device) -> AdaptedModule:
+    model = _bound_model(gm)
+    decoder = emit(_export(_with_static_cache(model, batch, length, dtype, device), batch, length))
+    decoder.meta["fxpeft"] = {"passes": []}
+    decoder.fxpeft_virtual_tokens = {}  # adapter -> ids of the virtual tokens its prefill carries
+    with _one_recompile(decoder):
+        grouped = gqa_in_sdpa(decoder)  # before splicing: the adapters' nodes see the same SDPA nodes
+        for adapter, record in adapter_records(gm).items():
+            _splice_like(decoder, gm, adapter, record)
+        if hasattr(gm, GATES):
+            decoder.add_module(GATES, getattr(gm, GATES))  # one set of on/off switches for both graphs
+        _slim(decoder)
+    decoder.fxpeft_cache_length = length
+    log.info("fxpeft decode graph: batch %d, cache length %d, %d adapters, %d SDPA with GQA", batch,
+             length, len(adapter_records(gm)), grouped)
+    return decoder.eval()
+
+
+@contextlib.contextmanager
+def _one_recompile(decoder: AdaptedModule) -> Iterator[None]:
+    """Regenerate ``decoder``'s code once, at the end: every pass recompiles after its change,
+    and for a 30-layer graph each costs tens of milliseconds; nothing runs it in between."""
+    decoder.recompile = lambda: None  # an instance attribute hides the method
+    try:
+        yield
+    finally:
+        del decoder.recompile
+    decoder.recompile()
+
+
+# After splicing: the decode graph never trains and nothing splices into it again, so it can drop
+# what only training needs, fold what PEFT computes per step, and join tiny ops (a single-token
+# step is mostly per-op dispatch besides the weights' matmuls). Gates stay (they switch adapters).
+SLIM_PASSES = (FusePass("drop_dropout", drop_dropout), FusePass("fold_lora_scale", fold_lora_scale),
+               FusePass("fuse_lora_a", fuse_lora_a), FusePass("strip_leftovers", strip_leftovers),
+               FusePass("fuse_rms_norm", fuse_rms_norm))
+
+
+def _slim(decoder: AdaptedModule) -> None:
+    for slim in SLIM_PASSES:
+        changed = slim.run(decoder)
+        log.debug("fxpeft decode graph: %s changed %d", slim.name, changed)
+    decoder.graph.lint()
+
+
+def _model_class(gm: AdaptedModule) -> type:
+    info = gm.capture_info
+    import transformers
+    cls = getattr(transformers, getattr(info, "model_class", "") or "", None)
+    if info is None or info.frontend != "export" or cls is None or info.config is None:
+        raise FxpeftError(f"{type(gm).__name__}: generation needs a graph captured from a "
+                          f"transformers causal LM (fxpeft.rewrite(model, ...)); this one was "
+                          f"captured from {getattr(info, 'model_class', 'an unknown model')}")
+    if not hasattr(cls, "generate") or getattr(info.config, "is_encoder_decoder", False):
+        raise FxpeftError(f"{info.model_class} is not a causal LM with a KV cache; fxpeft.generate "
+                          f"decodes causal LMs (LlamaForCausalLM, ...)")
+    return cls
+
+
+def _bound_model(gm: AdaptedModule) -> torch.nn.Module:
+    """The model class built on the meta device, its tensors replaced by ``gm``'s own."""
+    if any(site.kind == "quantized" for site in find_linear_sites(gm)):
+        raise FxpeftError("fxpeft.generate does not support quantized (bitsandbytes) graphs yet")
+    cls = _model_class(gm)
+    with torch.device("meta"):
+        model = cls(gm.capture_info.config)
+    shared = _shared_tensors(model, gm)
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None:
+                    table[name] = shared[id(tensor)]
+    return model.eval()
+
+
+def _shared_tensors(model: torch.nn.Module, gm: AdaptedModule) -> dict[int, torch.Tensor]:
+    """For each tensor of ``model`` (tied ones once), ``gm``'s tensor under one of its names."""
+    found: dict[int, torch.Tensor] = {}
+    names: dict[int, str] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                full = f"{prefix}.{name}" if prefix else name
+                if tensor is not None and has_target(gm, full):
+                    found[id(tensor)] = fetch(gm, full)
+                names.setdefault(id(tensor), full)
+    missing = [names[i] for i in names if i not in found and i != id(None)]
+    if missing:
+        raise FxpeftError(f"the graph has no tensor for {missing[:3]} of {type(model).__name__}; "
+                          f"cannot build its decode graph")
+    return found
+
+
+def _with_static_cache(model: torch.nn.Module, batch: int, length: int, dtype: torch.dtype,
+                       device: torch.device) -> torch.nn.Module:
+    """A shell of ``model`` whose forward runs one step against a ``StaticCache`` it holds. The
+    cache's tensors are the shell's buffers ``fxpeft_kv_keys_<layer>``, ``fxpeft_kv_values_<layer>``
+    and ``fxpeft_kv_length`` (export sees them as constants; ``_name_cache_tensors`` gives the
+    graph these names), so each decode graph owns its cache."""
+    from transformers import StaticCache
+    from transformers.configuration_utils import get_head_shapes
+    config = model.config.get_text_config()
+    cache = StaticCache(config=config, max_cache_len=length)
+    cache.layers = [_step_layer()(length) for _ in cache.layers]  # sliding layers branch on data
+    cache.early_initialization(batch, *get_head_shapes(config), dtype, device)
+    shared_length = cache.layers[0].cumulative_length
+    shell = copy.copy(model)
+    shell._buffers = dict(model._buffers)
+    shell.__class__ = type(f"Decode{type(model).__name__}", (type(model),), {"forward": _step})
+    shell.fxpeft_kv_cache = cache
+    for index, layer in enumerate(cache.layers):
+        layer.cumulative_length = shared_length
+        for part in ("keys", "values"):
+            shell.register_buffer(f"{_CACHE_PREFIX}_{part}_{index}", getattr(layer, part), persistent=False)
+    shell.register_buffer(f"{_CACHE_PREFIX}_length", shared_length, persistent=False)
+    return shell
+
+
+@functools.cache
+def _step_layer() -> type:
+    """A static cache layer that writes at the step's ``cache_position`` (``_step`` hands it
+    over), where transformers' own counts a length of its own: so every layer of the graph reads
+    the same input, and the layers are one subgraph that ``fxpeft.capture.replicate`` can copy. (Built on
+    first use: importing fxpeft does not import transformers.)"""
+    from transformers.cache_utils import StaticLayer
+
+    def update(self: Any, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys.index_copy_(2, self.positions, key_states)
+        self.values.index_copy_(2, self.positions, value_states)
+        return self.keys, self.values
+    return type("StepLayer", (StaticLayer,), {"update": update, "__module__": __name__})
+
+
+def _step(self: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+          position_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+    """One forward against the held cache, writing at ``cache_position``; last logits only."""
+    cache = self.fxpeft_kv_cache
+    cache.layers[0].cumulative_length.copy_(cache_position[0])  # one tensor, shared by the layers
+    for layer in cache.layers:
+        layer.positions = cache_position
+    forward = type(self).__mro__[1].forward
+    out = forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                  **{cache_keyword(forward): cache})
+    return out.logits
+
+
+def cache_keyword(forward: Any) -> str:
+    """The keyword that hands ``forward`` its KV cache: transformers 5.25 names it ``cache``,
+    5.23 ``past_key_values``. Read from the signature, because a wrong name falls silently into
+    ``**kwargs`` and the cache is never written.
+
+    >>> cache_keyword(lambda input_ids, past_key_values=None, **kwargs: None)
+    'past_key_values'
+    >>> cache_keyword(lambda input_ids, cache=None, **kwargs: None)
+    'cache'
+    """
+    parameters = inspect.signature(forward).parameters
+    for keyword in ("cache", "past_key_values"):
+        if keyword in parameters:
+            return keyword
+    raise FxpeftError(f"{getattr(forward, '__qualname__', forward)} takes no KV cache "
+                      f"(neither 'cache' nor 'past_key_values'); cannot build its decode graph")
+
+
+def _export(shell: torch.nn.Module, batch: int, length: int) -> Program:
+    device = next(shell.parameters()).device
+    tokens = min(8, length - 1)
+    ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
+    mask = torch.zeros(batch, length, dtype=torch.long, device=device)
+    steps = torch.arange(tokens, device=device)
+    seq = torch.export.Dim("tokens", min=1, max=length - 1)
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": steps.expand(batch, tokens),
+              "cache_position": steps}
+    shapes = {"input_ids": {1: seq}, "attention_mask": None, "position_ids": {1: seq},
+              "cache_position": {0: seq}}
+    key = capture_cache.cache_key(shell, inputs) if capture_cache.enabled() else None
+    program = capture_cache.lookup(key, shell) if key is not None else None
+    if program is None:
+        program = _replicated(shell, inputs, shapes) or _exported(shell, inputs, shapes)
+        if key is not None:
+            capture_cache.store(key, shell, program)
+    program.sites = find_linear_sites(program.graph_module)
+    return program
+
+
+def _replicated(shell: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                shapes: dict[str, Any]) -> Program | None:
+    """The decode graph built from an export of the first and last layers (``fxpeft.capture.replicate``),
+    or None where that is not shown to be the graph a full export gives."""
+    if not replication_enabled():
+        return None
+    try:
+        stack = replicate.find_layer_stack(shell)
+        if len(shell.fxpeft_kv_cache.layers) != len(stack.layers):
+            raise replicate.NotReplicable(f"{len(shell.fxpeft_kv_cache.layers)} cache layers for "
+                                          f"{len(stack.layers)} layers")
+        stack = dataclasses.replace(stack, root_names=tuple(f"{_CACHE_PREFIX}_{part}_{{}}"
+                                                            for part in ("keys", "values")))
+        program = replicate.captured_once(
+            shell, lambda shallow: _exported(_shallow_cache(shallow, stack), inputs, shapes), stack)
+    except (replicate.NotReplicable, FxpeftError) as why:
+        log.debug("fxpeft decode graph: exported whole, not replicated: %s", why)
+        return None
+    log.debug("fxpeft decode graph: replicated from 2 of %d layers", len(stack.layers))
+    return program
+
+
+def _shallow_cache(shallow: torch.nn.Module, stack: replicate.LayerStack) -> torch.nn.Module:
+    """``shallow`` (``replicate.shallow_model`` of a decode shell) holding the cache tensors of
+    its two layers under the names of layers 0 and 1, as it holds the layers themselves."""
+    count = len(stack.layers)
+    full = {name: shallow._buffers.pop(name) for name in list(shallow._buffers)
+            if name.startswith(_CACHE_PREFIX)}
+    for index, layer in enumerate((0, count - 1)):  # in the full shell's order: layer by layer
+        for part in ("keys", "values"):
+            shallow._buffers[f"{_CACHE_PREFIX}_{part}_{index}"] = full[f"{_CACHE_PREFIX}_{part}_{layer}"]
+    shallow._buffers[f"{_CACHE_PREFIX}_length"] = full[f"{_CACHE_PREFIX}_length"]
+    return shallow
+
+
+def _exported(shell: torch.nn.Module, inputs: dict[str, torch.Tensor], shapes: dict[str, Any]) -> Program:
+    try:
+        exported = torch.export.export(shell, (), inputs, dynamic_shapes=shapes, strict=False)
+    except Exception as err:  # torch.export raises many types; all mean "could not capture"
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise FxpeftError(f"could not capture the decode graph of {type(shell).__name__} with a "
+                          f"static KV cache: {reason}") from err
+    root = exported.module()
+    tidy_export(root)
+    _name_cache_tensors(root, shell)
+    return Program(root, CaptureInfo(type(shell).__mro__[1].__name__, "export", training=False))
+
+
+def _name_cache_tensors(root: torch.fx.GraphModule, shell: torch.nn.Module) -> None:
+    """Point the graph's reads of the cache at the shell's buffer names: export lifts them as
+    numbered constants (``model.layers.3.self_attn.lifted_tensor_9``), since the layers reach
+    them through the cache object, not as module attributes."""
+    names = {id(t): name for name, t in shell._buffers.items() if name.startswith(_CACHE_PREFIX)}
+    cache = {id(t) for layer in shell.fxpeft_kv_cache.layers for t in (layer.keys, layer.values)}
+    reads = {n.target: n for n in root.graph.find_nodes(op="get_attr")}
+    for node in list(root.graph.find_nodes(op="get_attr")):
+        value = fetch(root, node.target)
+        name = names.get(id(value))
+        if name is None and id(value) in cache:  # only a shallow shell names some
+            raise replicate.NotReplicable(f"{node.target} is the cache of a layer the shallow "
+                                          f"model does not hold")
+        if name is None or node.target == name:
+            continue
+        if name in reads:
+            node.replace_all_uses_with(reads[name])
+        else:
+            place(root, name, value)
+            with root.graph.inserting_before(node):
+                reads[name] = root.graph.get_attr(name)
+            node.replace_all_uses_with(reads[name])
+        owner, _, attribute = node.target.rpartition(".")
+        delattr(fetch(root, owner), attribute)
+        root.graph.erase_node(node)
+    root.recompile()
+
+
+def without_kv_cache(gm: AdaptedModule) -> dict[str, str]:
+    """Adapters of ``gm`` the KV-cached decode graph cannot hold, with the reason; then
+    ``fxpeft.generate`` decodes with the training graph. That is when several adapters lengthen
+    the input (prompt tuning, ``AdapterKind.decode_splice``): the training graph stacks their
+    virtual tokens, the decode graph holds one adapter's.
+
+    >>> import torch, fxpeft
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> without_kv_cache(fxpeft.rewrite(net, fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"]))))
+    {}
+    """
+    lengthening = {adapter: rule.rewrite for adapter, record in adapter_records(gm).items()
+                   for rule in record.rules.rules if registry.get(rule.rewrite).decode_splice is not None}
+    if len(lengthening) < 2:
+        return {}
+    return {adapter: f"{kind}: {len(lengthening)} adapters lengthen the input; the decode graph "
+            f"holds one" for adapter, kind in lengthening.items()}
+
+
+def virtual_tokens(gm: AdaptedModule) -> int:
+    """How many virtual tokens the active adapters that lengthen the input (prompt tuning) put
+    in front of a prompt: what the decode graph's KV cache must hold besides the tokens."""
+    active = set(active_adapters(gm))
+    return sum(rule.params.num_virtual_tokens for adapter, record in adapter_records(gm).items()
+               if adapter in active for rule in record.rules.rules
+               if registry.get(rule.rewrite).decode_splice is not None)
+
+
+def _splice_like(decoder: AdaptedModule, gm: AdaptedModule, adapter: str, record: Any) -> None:
+    """Splice ``adapter`` into ``decoder`` by its rules, then share ``gm``'s parameters (a kind
+    that lengthens the input splices its own way, ``AdapterKind.decode_splice``)."""
+    lengthen = {registry.get(rule.rewrite).decode_splice for rule in record.rules.rules} - {None}
+    if lengthen:
+        for target in record.attached:
+            place(decoder, target, fetch(gm, target))
+        decoder.fxpeft_virtual_tokens[adapter] = lengthen.pop()(decoder, adapter, record)
+        return
+    program = program_of(decoder)
+    result = match(program, record.rules)
+    wanted = sorted(m.module_path for m in record.matches)
+    if sorted(m.module_path for m in result.matches) != wanted:
+        raise FxpeftError(f"adapter {adapter!r}: its rules match other modules in the decode graph "
+                          f"({sorted(m.module_path for m in result.matches)[:3]}) than in the "
+                          f"training graph ({wanted[:3]})")
+    apply_adapter(program, record.rules, result, adapter, record.modules_to_save)
+    for target in adapter_records(decoder)[adapter].attached:
+        place(decoder, target, fetch(gm, target))
+
+
+def forget(gm: torch.nn.Module) -> None:
+    """Drop ``gm``'s cached decode graphs (their KV caches)."""
+    _DECODERS.pop(gm, None)
+
+
+def cached_keys(gm: torch.nn.Module) -> list[Hashable]:
+    return list(_DECODERS.get(gm, {}))

@@ -1,0 +1,111 @@
+"""The named adapters of one graph: their records, and removing them.
+
+``gm.meta["fxpeft"]["adapters"]`` maps each adapter name to an ``AdapterRecord`` (the rules and
+matches that built it, its ``modules_to_save``, and the targets its splices attached), which
+``fxpeft.save`` writes out and ``delete_adapter`` undoes. Removal reads only node records
+(``fxpeft.names.AdapterNode``): each removable node is replaced by its ``args[bypass]``, and the
+adapter's other nodes then have no users and go.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from fxpeft.graph.targets import fetch
+from fxpeft.errors import FxpeftError
+from fxpeft.graph.gates import GATES, drop_gate, drop_unused_per_sample, set_adapter
+from fxpeft.names import adapter_node, owning_adapter
+
+
+@dataclass
+class AdapterRecord:
+    rules: Any  # fxpeft.rules.RuleSet
+    matches: list = field(default_factory=list)
+    modules_to_save: tuple[str, ...] = ()
+    attached: list[str] = field(default_factory=list)  # targets its splices added
+
+
+def adapter_records(gm: torch.nn.Module) -> dict[str, AdapterRecord]:
+    return gm.meta.setdefault("fxpeft", {}).setdefault("adapters", {})
+
+
+def record(gm: torch.nn.Module, adapter: str) -> AdapterRecord:
+    records = adapter_records(gm)
+    if adapter not in records:
+        raise FxpeftError(f"no adapter {adapter!r} in this graph; it has {sorted(records)}")
+    return records[adapter]
+
+
+def adapter_parameters(gm: torch.nn.Module, adapter: str) -> list[torch.nn.Parameter]:
+    """The parameters ``adapter``'s splices attached (shared call sites count once)."""
+    found: dict[int, torch.nn.Parameter] = {}
+    for target in record(gm, adapter).attached:
+        value = fetch(gm, target)
+        for param in value.parameters() if isinstance(value, torch.nn.Module) else [value]:
+            found[id(param)] = param
+    return list(found.values())
+
+
+def set_trainable(gm: torch.nn.Module, adapters: "list[str] | set[str]", trainable: bool) -> None:
+    """``requires_grad`` of every parameter of ``adapters``."""
+    for adapter in adapters:
+        for param in adapter_parameters(gm, adapter):
+            param.requires_grad_(trainable)
+
+
+def activate(gm: torch.nn.Module, names: "str | list[str]", inference_mode: bool = False) -> None:
+    """PEFT's ``set_adapter``: ``names`` become the active adapters and train (unless
+    ``inference_mode``); every other adapter is switched off and frozen, so an optimizer's weight
+    decay cannot shrink an adapter that is not being trained."""
+    set_adapter(gm, names)
+    active = {names} if isinstance(names, str) else set(names)
+    set_trainable(gm, set(adapter_records(gm)) - active, False)
+    set_trainable(gm, active, not inference_mode)
+
+
+def strip_adapters(graph: torch.fx.Graph, adapters: set[str]) -> list[str]:
+    """Remove ``adapters``' nodes from ``graph`` (bypassing each removable one); returns the
+    targets they read."""
+    targets = []
+    for node in reversed(list(graph.nodes)):
+        if owning_adapter(node) not in adapters:
+            continue
+        entry = adapter_node(node)
+        if entry is not None and entry.removable:
+            node.replace_all_uses_with(node.args[entry.bypass])
+        if not node.users:
+            if node.op == "get_attr":
+                targets.append(node.target)
+            graph.erase_node(node)
+    drop_unused_per_sample(graph)
+    left = [n.name for n in graph.nodes if owning_adapter(n) in adapters]
+    if left:
+        raise FxpeftError(f"cannot remove adapter nodes {left[:3]}: base nodes still read them")
+    return targets
+
+
+def _detach(gm: torch.nn.Module, target: str) -> None:
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path)
+    if name in owner._modules:
+        del owner._modules[name]
+    elif hasattr(owner, name):
+        delattr(owner, name)
+
+
+def delete_adapter(gm: torch.fx.GraphModule, adapter: str) -> None:
+    """Remove ``adapter`` from ``gm``: its nodes, parameters, gate and record."""
+    attached = record(gm, adapter).attached
+    strip_adapters(gm.graph, {adapter})
+    for target in attached:
+        _detach(gm, target)
+    gates = getattr(gm, GATES, None)
+    if gates is not None:
+        drop_gate(gates, adapter)
+    adapter_records(gm).pop(adapter, None)
+    gm.graph.lint()
+    gm.recompile()

@@ -1,0 +1,241 @@
+"""The adapted GraphModule: a ``torch.fx.GraphModule`` whose train/eval switch is data.
+
+Every dropout in it goes through the shared modules of ``fxpeft.graph.dropout`` (the emit step puts
+them there), so ``gm.train()`` / ``gm.eval()`` only flip ``training`` flags: the code is never
+regenerated, and under ``torch.compile`` each mode compiles once, later switches hit the cache.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterator
+
+import torch
+import torch.fx
+
+from fxpeft.runtime import apply as adapt, compile_cache
+from fxpeft.graph import records as adapter_set, gates
+from fxpeft.errors import FxpeftError
+from fxpeft.kinds import adalora
+from fxpeft.registry import is_adapter_parameter
+from fxpeft.names import OUTPUT_MODULE, is_fxpeft_node
+
+
+CHECKPOINTING_ADVICE = ("use fxpeft.fuse(gm, checkpoint='layers') for a copy of the graph that "
+                        "recomputes each layer's activations in backward")
+
+
+class AdaptedModule(torch.fx.GraphModule):
+    """What ``fxpeft.rewrite`` returns. ``train()`` / ``eval()`` switch every dropout in the graph.
+
+    >>> gm = AdaptedModule(torch.nn.Module(), torch.fx.Graph())
+    >>> gm.eval().training
+    False
+    """
+
+    capture_info: Any = None  # fxpeft.capture.program.CaptureInfo, set by the emit step
+
+    def __init__(self, root: Any, graph: torch.fx.Graph, class_name: str = "GraphModule") -> None:
+        super().__init__(root, graph, class_name)
+        # adapter_names= becomes an index tensor before torch.compile's frame (no recompiles)
+        self.register_forward_pre_hook(gates.index_sample_names, with_kwargs=True)
+        self.register_forward_pre_hook(gates.refuse_dropped_adapters)
+        compile_cache.activate()  # a first torch.compile in a fresh inductor folder starts warm
+
+    def _deepcopy_init(self) -> Any:
+        return AdaptedModule.__init__  # GraphModule's would drop the pre-hook
+
+    def __deepcopy__(self, memo: dict) -> "AdaptedModule":
+        """``copy.deepcopy``: an independent graph (a reference model, an EMA copy). The adapter
+        records in ``meta`` name the nodes they matched; they are copied last, pointing at the
+        copy's nodes (a node copied on its own would copy export's fake tensors, and fail), with
+        the attributes ``GraphModule``'s copy leaves out (``capture_info``, ...).
+
+        >>> import fxpeft
+        >>> gm = fxpeft.rewrite(torch.nn.Sequential(torch.nn.Linear(2, 2)), fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"])))
+        >>> twin = copy.deepcopy(gm)
+        >>> twin.get_parameter("0.lora_A.weight") is gm.get_parameter("0.lora_A.weight"), twin.adapter_names
+        (False, ['default'])
+        """
+        matched = {m.candidate.node.graph for rec in adapter_set.adapter_records(self).values()
+                   for m in rec.matches}
+        for graph in matched - {self.graph}:  # a fused copy's records are its source graph's
+            memo.update({id(node): node for node in graph.nodes})
+        meta, self.meta = self.meta, {}
+        try:
+            copied = super().__deepcopy__(memo)
+        finally:
+            self.meta = meta
+        for old, new in zip(self.graph.nodes, copied.graph.nodes):
+            memo[id(old)] = new
+        copied.meta = copy.deepcopy(meta, memo)
+        for name in self.__dict__.keys() - copied.__dict__.keys():  # capture_info, ...: what
+            copied.__dict__[name] = copy.deepcopy(self.__dict__[name], memo)  # GraphModule drops
+        return copied
+
+    # Export bakes the capture dtype into the graph (``cos.to(x.dtype)`` became a constant), so a
+    # dtype conversion also retargets those constants (``retarget_dtype_constants``).
+
+    def base_dtype(self) -> "torch.dtype | None":
+        """The floating dtype of the base weights (adapters may differ: fp32 on half bases)."""
+        return next((p.dtype for n, p in self.named_parameters()
+                     if p.is_floating_point() and not is_adapter_parameter(n)), None)
+
+    @property
+    def loss_type(self) -> "str | None":
+        """transformers' ``PreTrainedModel.loss_type`` (``"ForCausalLM"`` for a causal LM graph):
+        the HF Trainer reads it to count a batch's target tokens, which a causal loss shifts.
+
+        >>> AdaptedModule(torch.nn.Module(), torch.fx.Graph()).loss_type is None  # no HF head
+        True
+        """
+        return getattr(getattr(self, OUTPUT_MODULE, None), "loss_type", None)
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """HF's switch (``Trainer(gradient_checkpointing=True)`` calls it) has nothing to wrap
+        in a flat graph: refuse, pointing at the pass that does it."""
+        raise FxpeftError(f"{type(self).__name__}: gradient_checkpointing_enable() cannot wrap a "
+                          f"captured graph; {CHECKPOINTING_ADVICE}")
+
+    def to(self, *args: Any, **kwargs: Any) -> "AdaptedModule":
+        """``Module.to``; a device move also moves the device constants export baked into the
+        graph (``arange(..., device=cpu)``), as ``torch.export.passes.move_to_device_pass``
+        does for an ExportedProgram, and a dtype change retargets its dtype constants
+        (``retarget_dtype_constants``)."""
+        device, dtype = torch._C._nn._parse_to(*args, **kwargs)[:2]
+        before = self.base_dtype()
+        moved = super().to(*args, **kwargs)
+        if device is not None:
+            move_device_constants(self, device)
+        if dtype is not None and before is not None and dtype.is_floating_point and dtype != before:
+            retarget_dtype_constants(self, before, dtype)
+        return moved
+
+    def cuda(self, device: "int | torch.device | None" = None) -> "AdaptedModule":
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
+
+    def cpu(self) -> "AdaptedModule":
+        return self.to("cpu")
+
+    # Module's own conversions bypass ``to``: route them through it.
+
+    def half(self) -> "AdaptedModule":
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> "AdaptedModule":
+        return self.to(torch.bfloat16)
+
+    def float(self) -> "AdaptedModule":
+        return self.to(torch.float32)
+
+    def double(self) -> "AdaptedModule":
+        return self.to(torch.float64)
+
+
+    # Several named adapters (fxpeft.graph.gates): switching fills gate buffers, so it never re-traces
+    # and never recompiles under torch.compile.
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return gates.adapter_names(self)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return gates.active_adapters(self)
+
+    def set_adapter(self, names: "str | list[str]", inference_mode: bool = False) -> None:
+        """Activate ``names`` (one adapter, or several that add up) and make them trainable
+        (frozen with ``inference_mode``); the others go off and are frozen, as PEFT does."""
+        adapter_set.activate(self, names, inference_mode)
+
+    def disable_adapters(self) -> Iterator[None]:
+        """``with gm.disable_adapters(): ...`` runs the base model."""
+        return gates.disable_adapters(self)
+
+    def add_adapter(self, adapter: str, rules: Any, **kwargs: Any) -> "AdaptedModule":
+        """Splice another named adapter (inactive) into this graph; see ``fxpeft.add_adapter``."""
+        return adapt.add_adapter(self, adapter, rules, **kwargs)
+
+    def delete_adapter(self, adapter: str) -> None:
+        adapter_set.delete_adapter(self, adapter)
+
+    def update_and_allocate(self, step: int) -> None:
+        """AdaLoRA's rank allocation for ``step`` (PEFT's ``update_and_allocate``), for adapters
+        whose rules say ``auto_allocate = false``: call it after each ``optimizer.step()``,
+        before ``zero_grad()``, numbering steps from 0 (others allocate by themselves).
+
+        >>> import torch, fxpeft
+        >>> from fxpeft.kinds.adalora import AdaLoraParams
+        >>> rule = fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"]),
+        ...                          params=AdaLoraParams(total_step=4, auto_allocate=False))
+        >>> gm = fxpeft.rewrite(torch.nn.Sequential(torch.nn.Linear(4, 4)), rule)
+        >>> gm(torch.randn(2, 4)).sum().backward()
+        >>> gm.update_and_allocate(0)
+        """
+        adalora.update_and_allocate(self, step)
+
+
+def _moved(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.device):
+        return device
+    if isinstance(value, (list, tuple)):
+        return type(value)(_moved(v, device) for v in value)
+    return value
+
+
+def move_device_constants(module: torch.nn.Module, device: "torch.device | str") -> int:
+    """Point every ``device=`` constant in the graphs of ``module`` (and its graph submodules,
+    such as checkpointed regions) at ``device``; returns how many nodes changed.
+
+    >>> g = torch.fx.Graph()
+    >>> _ = g.output(g.call_function(torch.ops.aten.arange.default, (3,), {"device": torch.device("cpu")}))
+    >>> gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    >>> move_device_constants(gm, "meta"), gm(), gm.graph.find_nodes(op="call_function", target=torch.ops.aten.arange.default)[0].kwargs["device"]
+    (1, tensor(..., device='meta', size=(3,), dtype=torch.int64), device(type='meta'))
+    """
+    device, changed = torch.device(device), 0
+    for graph_module in (m for m in module.modules() if isinstance(m, torch.fx.GraphModule)):
+        for node in graph_module.graph.nodes:
+            args, kwargs = _moved(node.args, device), {k: _moved(v, device) for k, v in node.kwargs.items()}
+            if args != node.args or kwargs != node.kwargs:
+                node.args, node.kwargs = args, kwargs
+                changed += 1
+        graph_module.recompile()
+    return changed
+
+
+def _retargeted(value: Any, old: torch.dtype, new: torch.dtype, adapter_cast: bool) -> Any:
+    if isinstance(value, torch.dtype):
+        return new if value == old or (adapter_cast and value.is_floating_point) else value
+    if isinstance(value, float) and value in (torch.finfo(old).min, torch.finfo(old).max):
+        return torch.finfo(new).min if value < 0 else torch.finfo(new).max  # mask fill values
+    if isinstance(value, (list, tuple)):
+        return type(value)(_retargeted(v, old, new, adapter_cast) for v in value)
+    return value
+
+
+def retarget_dtype_constants(module: torch.nn.Module, old: torch.dtype, new: torch.dtype) -> int:
+    """After converting weights from ``old`` to ``new``, make the graphs of ``module`` compute
+    in ``new``: every ``old`` dtype constant (and ``finfo(old).min``/``max`` fill value) becomes
+    ``new``'s, and so do the casts adapters make (their weights were converted too). Casts to
+    other dtypes stay: a bf16 graph's deliberate fp32 upcasts stay fp32 when it becomes fp16.
+    A graph captured in fp32 cannot tell its deliberate fp32 upcasts (RMSNorm, softmax) from
+    casts that follow the data, so converted to bf16 it computes in bf16 throughout.
+
+    >>> g = torch.fx.Graph()
+    >>> _ = g.output(g.call_function(torch.ops.aten.zeros.default, ([2],), {"dtype": torch.float32}))
+    >>> gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    >>> retarget_dtype_constants(gm, torch.float32, torch.bfloat16), gm().dtype
+    (1, torch.bfloat16)
+    """
+    changed = 0
+    for graph_module in (m for m in module.modules() if isinstance(m, torch.fx.GraphModule)):
+        for node in graph_module.graph.nodes:
+            adapter_cast = is_fxpeft_node(node)
+            args = _retargeted(node.args, old, new, adapter_cast)
+            kwargs = {k: _retargeted(v, old, new, adapter_cast) for k, v in node.kwargs.items()}
+            if args != node.args or kwargs != node.kwargs:
+                node.args, node.kwargs = args, kwargs
+                changed += 1
+        graph_module.recompile()
+    return changed

@@ -1,0 +1,96 @@
+"""Splice one named adapter into an emitted graph: match its rules, run the kinds' passes, and
+record what was added. ``fxpeft.rewrite`` and ``fxpeft.add_adapter`` both end here.
+
+The adapted module keeps no capture ``Program``: ``program_of(gm)`` re-indexes its linear layers
+(adapter nodes are never sites) from the graph as it is now.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+
+from fxpeft.graph.records import AdapterRecord, adapter_records, set_trainable
+from fxpeft.graph.params import freeze_base
+from fxpeft.errors import FxpeftError, MatchError
+from fxpeft.match.explain import build_explanation
+from fxpeft.graph.gates import active_adapters, adapter_names, check_adapter_name, set_adapter
+from fxpeft.kinds.modules_to_save import module_sites
+from fxpeft.match.query import MatchResult, match
+from fxpeft.names import MODULES_TO_SAVE
+from fxpeft.capture.linear_sites import find_linear_sites
+from fxpeft.capture.program import Program
+from fxpeft.graph.rollback import rollback_on_error
+from fxpeft.rules.loader import load_rules
+from fxpeft.rules.schema import RuleSet
+from fxpeft.runtime.passes import PassResult, default_passes, run_passes
+
+
+def program_of(gm: torch.fx.GraphModule) -> Program:
+    """A ``Program`` view of an emitted graph, for matching more rules against it."""
+    return Program(gm, gm.capture_info, find_linear_sites(gm))
+
+
+def require_matches(program: Program, ruleset: RuleSet, result: MatchResult) -> None:
+    """A rule that is not ``optional`` and matched nothing is a ``MatchError`` with hints."""
+    report = build_explanation(program, ruleset, result)
+    for index, rule in enumerate(ruleset.rules):
+        if not rule.optional and not result.for_rule(index):
+            raise MatchError(f"{ruleset.source}: rule {rule.name!r} matched nothing in "
+                             f"{program.model_class}; closest module names: "
+                             f"{', '.join(report.rules[index].closest) or 'none'} "
+                             f"(set optional = true to allow this; fxpeft.explain shows why)")
+
+
+def _work(gm: torch.nn.Module, result: MatchResult, modules_to_save: Sequence[str]) -> dict[str, list]:
+    work: dict[str, list] = {}
+    for found in result.matches:
+        work.setdefault(found.rule.rewrite, []).append((found.site, found.rule.params))
+    if modules_to_save:
+        work[MODULES_TO_SAVE] = [(site, None) for site in module_sites(gm, modules_to_save)]
+    return work
+
+
+def apply_adapter(program: Program, ruleset: RuleSet, result: MatchResult, adapter: str,
+                  modules_to_save: Sequence[str] = ()) -> list[PassResult]:
+    """Run every kind's pass for ``adapter`` over ``result``; all or nothing."""
+    gm = program.graph_module
+    with rollback_on_error(gm):  # a pass failing part-way must not leave a half-adapted graph
+        reports, spliced = run_passes(gm, _work(gm, result, modules_to_save),
+                                      check_adapter_name(adapter), default_passes())
+    freeze_base(gm)
+    attached = [target for added in spliced for target in added.attached]
+    adapter_records(gm)[adapter] = AdapterRecord(ruleset, result.matches, tuple(modules_to_save),
+                                                 attached)
+    gm.meta["fxpeft"].setdefault("passes", []).extend(reports)
+    return reports
+
+
+def add_adapter(gm: torch.fx.GraphModule, adapter: str, rules: Any, *,
+                modules_to_save: Sequence[str] = (), **overrides: Any) -> torch.fx.GraphModule:
+    """Splice a second (third, ...) named adapter into ``gm``, without re-tracing. It starts
+    inactive and frozen; ``gm.set_adapter(adapter)`` switches to it and makes it trainable.
+
+    >>> import torch, fxpeft
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    >>> gm = fxpeft.rewrite(net, fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"])))
+    >>> _ = fxpeft.add_adapter(gm, "other", fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"])))
+    >>> gm.adapter_names, gm.active_adapters
+    (['default', 'other'], ['default'])
+    """
+    if gm.meta.get("fxpeft_fused"):
+        raise FxpeftError("this is a fused copy (fxpeft.fuse); add adapters to the graph it was "
+                          "fused from, then fuse again")
+    if adapter in adapter_records(gm) or adapter in adapter_names(gm):
+        raise FxpeftError(f"adapter {adapter!r} already exists in this graph")
+    program = program_of(gm)
+    ruleset = load_rules(rules).with_params(**overrides)
+    result = match(program, ruleset)
+    require_matches(program, ruleset, result)
+    active = active_adapters(gm)
+    apply_adapter(program, ruleset, result, adapter, modules_to_save)
+    set_adapter(gm, active)
+    set_trainable(gm, [adapter], False)  # inactive adapters are frozen until set_adapter
+    return gm

@@ -1,0 +1,135 @@
+"""The pipeline from a model to an adapted graph: ``rewrite``, ``explain``, ``add_adapter``,
+``trainable_parameters`` (re-exported by ``fxpeft.api``).
+
+``rewrite`` is the whole pipeline: capture -> match -> emit -> the kinds' passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Sequence
+
+import torch
+
+from fxpeft.runtime.apply import add_adapter, apply_adapter, require_matches
+from fxpeft.capture.export import capture
+from fxpeft.runtime.emit import emit
+from fxpeft.errors import FxpeftError
+from fxpeft.match.explain import Explanation, build_explanation
+from fxpeft.runtime.adapted_module import CHECKPOINTING_ADVICE, AdaptedModule
+from fxpeft.match.query import MatchResult, match
+from fxpeft.formats.peft_config import as_config, config_source, is_config, rules_from_config
+from fxpeft.formats.peft_format import PeftFormatError
+from fxpeft.capture.program import Program
+from fxpeft.capture.quantized import packed_4bit_weights
+from fxpeft.rules.loader import load_rules
+from fxpeft.rules.schema import RuleSet
+from fxpeft.runtime.passes import PassResult
+
+__all__ = ["add_adapter", "explain", "pass_report", "rewrite", "trainable_parameters"]
+log = logging.getLogger("fxpeft")
+RulesLike = "str | Path | RuleSet | Rule | Iterable[Rule] | PEFT config"
+
+
+def _from_config(model: torch.nn.Module, rules: Any,
+                 modules_to_save: Sequence[str]) -> tuple[Any, tuple[str, ...]]:
+    """A PEFT config (object or dict) becomes its rules and ``modules_to_save``, read as
+    ``fxpeft.load`` reads ``adapter_config.json``; anything else passes through."""
+    if not is_config(rules):
+        return rules, tuple(modules_to_save)
+    source = config_source(rules)
+    found = rules_from_config(as_config(rules, source), model, source)
+    if modules_to_save and tuple(modules_to_save) != found.modules_to_save:
+        raise FxpeftError(f"{source}: modules_to_save is {list(found.modules_to_save)} in the "
+                          f"config and {list(modules_to_save)} in the call; give it once")
+    return found.rules, found.modules_to_save
+
+
+def _matched(model: torch.nn.Module, rules: Any, example_inputs: Any, leaf_modules: Sequence[type],
+             overrides: dict[str, Any]) -> tuple[Program, RuleSet, MatchResult]:
+    ruleset = load_rules(rules).with_params(**overrides)
+    program = capture(model, example_inputs, leaf_modules, ruleset.allow_training_branches)
+    return program, ruleset, match(program, ruleset)
+
+
+def explain(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = None,
+            leaf_modules: Sequence[type] = (), **overrides: Any) -> Explanation:
+    """Per rule, the module paths it matches; for a rule that matches nothing, the closest
+    module names. ``print(fxpeft.explain(model, "lora_qv.toml"))`` shows the report.
+
+    >>> import torch, fxpeft
+    >>> class Attn(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__(); self.q_proj = torch.nn.Linear(4, 4); self.v_proj = torch.nn.Linear(4, 4)
+    ...     def forward(self, x): return self.q_proj(x) + self.v_proj(x)
+    >>> fxpeft.explain(Attn(), "lora_qv.toml").rules[0].matched
+    ['q_proj', 'v_proj']
+    """
+    rules, _ = _from_config(model, rules, ())
+    program, ruleset, result = _matched(model, rules, example_inputs, leaf_modules, overrides)
+    return build_explanation(program, ruleset, result)
+
+
+def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = None,
+            leaf_modules: Sequence[type] = (), adapter: str = "default",
+            modules_to_save: Sequence[str] = (), **overrides: Any) -> AdaptedModule:
+    """Capture ``model``, match ``rules``, and splice adapters: an adapted ``GraphModule``.
+
+    ``rules`` is a path, a bundled name (``"lora_qv.toml"``), rule objects, or a PEFT config
+    (``LoraConfig(...)``, ``IA3Config``, ``AdaptionPromptConfig``, or its plain dict with a
+    ``peft_type``), read as ``fxpeft.load`` reads ``adapter_config.json``; keyword
+    ``overrides`` (``r=16``) replace those parameters in every rule that has them. The base
+    parameters are shared with ``model`` and frozen; only adapter parameters train. ``adapter``
+    names the adapter (see ``add_adapter``); ``modules_to_save`` (PEFT's, e.g. ``["classifier"]``)
+    get fully trainable copies.
+
+    >>> import torch, fxpeft
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    >>> gm = fxpeft.rewrite(net, fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"])), r=2)
+    >>> fxpeft.trainable_parameters(gm)
+    (16, 36)
+    """
+    _warn_hf_checkpointing(model)
+    from_config = is_config(rules)
+    rules, modules_to_save = _from_config(model, rules, modules_to_save)
+    program, ruleset, result = _matched(model, rules, example_inputs, leaf_modules, overrides)
+    require_matches(program, ruleset, result)
+    if from_config and not result.matches:  # PEFT, too, refuses a config that adapts nothing
+        raise PeftFormatError(f"{ruleset.source}: the adapter it describes matches no module "
+                              f"of {program.model_class}")
+    gm = emit(program)
+    gm.meta["fxpeft"] = {"passes": []}
+    apply_adapter(program, ruleset, result, adapter, modules_to_save)
+    return gm
+
+
+def _warn_hf_checkpointing(model: torch.nn.Module) -> None:
+    """HF checkpointing wraps module calls, which capture flattens away: say so."""
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"  # transformers 5 renamed it
+    if getattr(model, flag, False):
+        warnings.warn(f"{type(model).__name__}.gradient_checkpointing_enable() does not survive "
+                      f"capture: the graph would keep every activation; {CHECKPOINTING_ADVICE}",
+                      stacklevel=3)
+
+
+def pass_report(gm: AdaptedModule) -> list[PassResult]:
+    """What each pass did to ``gm``."""
+    return list(gm.meta.get("fxpeft", {}).get("passes", []))
+
+
+def trainable_parameters(gm: torch.nn.Module, print_line: bool = False) -> tuple[int, int]:
+    """(trainable, total) parameter counts, as PEFT's ``get_nb_trainable_parameters``; with
+    ``print_line`` also prints PEFT's ``print_trainable_parameters`` line.
+
+    >>> trainable_parameters(torch.nn.Linear(2, 2))
+    (6, 6)
+    """
+    trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
+    packed = packed_4bit_weights(gm)  # two 4-bit weights a byte, as PEFT counts them
+    total = sum(p.numel() * (2 if name in packed else 1) for name, p in gm.named_parameters())
+    if print_line:
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+    return trainable, total
