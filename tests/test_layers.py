@@ -13,6 +13,7 @@ from test_architecture import PACKAGE, import_graph
 
 # Bottom first. A layer may import only layers before it.
 LAYERS = (
+    "bundled_rules",  # passes/, the rule files (installed as fxpeft.bundled_rules; no code)
     "names", "errors", "registry",  # root leaves: shared names, exceptions, the kind registry
     "rules",        # rule files as validated data
     "graph",        # building blocks of an adapted graph: targets, params, gates, dropout, records
@@ -76,14 +77,15 @@ def test_no_engine_layer_imports_the_helpers():
 
 
 def test_pyproject_lists_every_package():
-    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     listed = set(config["tool"]["setuptools"]["packages"])
     folders = {".".join(("fxpeft", *p.parent.relative_to(PACKAGE).parts)).rstrip(".")
                for p in PACKAGE.rglob("__init__.py")}
     assert folders - listed == set()
-    assert listed - folders == {"fxpeft.bundled_rules"}
+    assert listed - folders <= {"fxpeft.bundled_rules"}  # in the checkout it is passes/
     assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} == {
         f.split(".")[1] for f in folders if "." in f}  # no folder without an __init__
+    assert set(config["tool"]["setuptools"]["package-data"]) == {"fxpeft.bundled_rules"}
 
 
 def test_the_root_keeps_only_the_face_and_the_leaves():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Hashable
 
@@ -22,10 +21,11 @@ import torch.fx
 from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
 
 from fxpeft.graph.targets import fetch, has_target, place
+from fxpeft.graph.bounded_cache import BoundedCache
 from fxpeft.capture.program import CaptureInfo, Program, copy_graph
 
-_ENTRIES: "OrderedDict[Hashable, CachedGraph]" = OrderedDict()
 MAX_ENTRIES = 4
+_ENTRIES = BoundedCache(MAX_ENTRIES)  # key -> CachedGraph
 
 
 @dataclass(frozen=True)
@@ -58,19 +58,15 @@ def cache_key(model: torch.nn.Module, inputs: dict[str, Any]) -> Hashable:
 
 def store(key: Hashable, model: torch.nn.Module, program: Program) -> None:
     """Keep a copy of ``program``'s graph (before emit changes it) and its constants."""
-    _ENTRIES[key] = CachedGraph(copy_graph(program.graph), _own(constants(program.graph_module, model)),
-                                replace(program.info, config=None))
-    _ENTRIES.move_to_end(key)
-    while len(_ENTRIES) > MAX_ENTRIES:
-        _ENTRIES.popitem(last=False)
+    _ENTRIES.keep(key, CachedGraph(copy_graph(program.graph), _own(constants(program.graph_module, model)),
+                                   replace(program.info, config=None)))
 
 
 def lookup(key: Hashable, model: torch.nn.Module) -> Program | None:
     """A ``Program`` bound to ``model``'s parameters, or None on a miss."""
-    cached = _ENTRIES.get(key)
+    cached = _ENTRIES.recall(key)
     if cached is None:
         return None
-    _ENTRIES.move_to_end(key)
     info = replace(cached.info, config=model.config, training=model.training)
     return Program(bind(copy_graph(cached.graph), _own(cached.constants), model), info)
 

@@ -103,26 +103,39 @@ _TRANSPOSES = (aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.pe
 _ADDS = (aten.add.Tensor, operator.add, torch.add)
 
 
-def _weight(gm: torch.fx.GraphModule, node: object) -> tuple[str, torch.Tensor] | None:
+def weight_of(gm: torch.fx.GraphModule, node: object, dims: int | None = None
+              ) -> tuple[str, torch.Tensor] | None:
+    """``(target, tensor)`` when ``node`` reads a tensor attribute (of ``dims`` dimensions, if
+    given): the weight a linear, embedding or convolution site computes with."""
     if isinstance(node, torch.fx.Node) and node.op == "get_attr":
         value = fetch(gm, node.target)
-        if isinstance(value, torch.Tensor) and value.dim() == 2:
+        if isinstance(value, torch.Tensor) and dims in (None, value.dim()):
             return node.target, value
     return None
 
 
-def _owner(gm: torch.fx.GraphModule, node: torch.fx.Node, weight_target: str) -> tuple[str, str]:
+def _weight(gm: torch.fx.GraphModule, node: object) -> tuple[str, torch.Tensor] | None:
+    return weight_of(gm, node, dims=2)
+
+
+def weight_owner(gm: torch.fx.GraphModule, node: torch.fx.Node, weight_target: str,
+                 bare: str | None = None) -> tuple[str, str]:
     """(path, type) of the module computing ``node``: its module stack; else the module whose
-    ``weight`` it is (its real type); else, for a functional linear over a bare parameter, the
-    parameter's name and ``torch.nn.functional.linear`` (never a made-up module type)."""
+    weight it is (its real type); else, where ``bare`` names the functional op, for a bare
+    parameter (not a module's ``weight``) the parameter's name and ``bare`` (never a made-up
+    module type)."""
     found = owning_module(node)
     if found is not None and found[0]:
         return found
     path, _, name = weight_target.rpartition(".")
-    if name != "weight":
-        return weight_target, "torch.nn.functional.linear"
+    if bare is not None and name != "weight":
+        return weight_target, bare
     module = gm.get_submodule(path)
     return path, f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _owner(gm: torch.fx.GraphModule, node: torch.fx.Node, weight_target: str) -> tuple[str, str]:
+    return weight_owner(gm, node, weight_target, bare="torch.nn.functional.linear")
 
 
 def _from_functional(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearSite | None:

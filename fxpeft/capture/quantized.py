@@ -27,6 +27,8 @@ from typing import Iterator, Optional
 import torch
 import torch.fx
 
+from fxpeft.graph.targets import fetch
+
 Tensor = torch.Tensor
 
 
@@ -284,11 +286,6 @@ def dequantize_call(node: torch.fx.Node) -> tuple[object, tuple]:
     return torch.ops.fxpeft.dequantize_8bit.default, (*node.args[1:3], _input_dtype(node))
 
 
-def _attr(root: torch.nn.Module, target: str) -> Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(root.get_submodule(owner), name)
-
-
 def base_weight(gm: torch.fx.GraphModule, weight_target: str) -> Tensor:
     """The base weight at ``weight_target`` as a dense tensor: itself, or, for a quantized
     layer, a dequantized copy made now.
@@ -302,7 +299,7 @@ def base_weight(gm: torch.fx.GraphModule, weight_target: str) -> Tensor:
     if node is None:
         return weight.detach()
     op, args = dequantize_call(node)
-    values = [_attr(gm, a.target) if isinstance(a, torch.fx.Node) else a for a in args]
+    values = [fetch(gm, a.target) if isinstance(a, torch.fx.Node) else a for a in args]
     with torch.no_grad():
         return op(*values)
 

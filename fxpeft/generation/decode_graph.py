@@ -28,7 +28,6 @@ import functools
 import inspect
 import logging
 import weakref
-from collections import OrderedDict
 from typing import Any, Hashable, Iterator
 
 import torch
@@ -42,6 +41,7 @@ from fxpeft.graph.targets import fetch, has_target, place
 from fxpeft.capture.export import replication_enabled, tidy_export
 from fxpeft.runtime.emit import emit
 from fxpeft.errors import FxpeftError
+from fxpeft.graph.bounded_cache import BoundedCache
 from fxpeft.runtime.adapted_module import AdaptedModule
 from fxpeft.match.query import match
 from fxpeft.graph.gates import active_adapters
@@ -57,7 +57,7 @@ log = logging.getLogger("fxpeft")
 LENGTH_STEP = 16  # cache lengths round up to a multiple, so prompts of similar length share a graph;
 # small, because every step attends over the whole cache
 MAX_DECODERS = 2  # per training graph: each holds a KV cache
-_DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+_DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, BoundedCache]" = weakref.WeakKeyDictionary()
 _CACHE_PREFIX = "fxpeft_kv"
 
 
@@ -80,13 +80,8 @@ def decoder_for(gm: AdaptedModule, batch: int, length: int) -> AdaptedModule:
     dtype = gm.base_dtype() or torch.float32  # the cache's: adapters may be fp32 on a bf16 base
     key = (batch, cache_length(length), dtype, device,
            tuple((name, id(rec)) for name, rec in adapter_records(gm).items()))
-    built = _DECODERS.setdefault(gm, OrderedDict())
-    if key not in built:
-        built[key] = _build(gm, batch, key[1], dtype, device)
-        while len(built) > MAX_DECODERS:
-            built.popitem(last=False)
-    built.move_to_end(key)
-    return built[key]
+    built = _DECODERS.setdefault(gm, BoundedCache(MAX_DECODERS))
+    return built.get_or_build(key, lambda: _build(gm, batch, key[1], dtype, device))
 
 
 def _build(gm: AdaptedModule, batch: int, length: int, dtype: torch.dtype,

@@ -6,7 +6,6 @@ component (``model.layers.0.self_attn.q_proj.lora_A.weight`` has ``lora_A``), fo
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.fx

@@ -277,7 +277,7 @@ def _read_folder(directory: Path) -> tuple[Path, dict[str, bytes]]:
 
 # --- adapter files among other files (the HF Trainer's checkpoint folders) ----------------------
 
-def _replace_file(path: Path, write: Callable[[Path], None]) -> None:
+def replace_file(path: Path, write: Callable[[Path], None]) -> None:
     """Write ``path`` through a sibling temporary file and one rename: never half-written."""
     temp = path.with_name(f".{path.name}{_NEW}{os.getpid()}-{secrets.token_hex(4)}")
     os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # 0o666 less the umask
@@ -290,3 +290,25 @@ def _replace_file(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         if os.path.lexists(temp):
             os.unlink(temp)
+
+
+def write_new_folder(directory: Path, write: Callable[[Path], None]) -> None:
+    """Create ``directory`` from what ``write`` puts into a staging sibling, in one rename: it
+    appears complete or not at all. It must not exist (a new folder never replaces one).
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp()) / "merged"
+    >>> write_new_folder(folder, lambda staging: (staging / "x.txt").write_text("x"))
+    >>> [p.name for p in folder.parent.iterdir()], [p.name for p in folder.iterdir()]
+    (['merged'], ['x.txt'])
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = _staging(directory)
+    try:
+        write(staging)
+        _fsync(staging)
+        os.rename(staging, directory)
+    finally:
+        if os.path.lexists(staging):
+            _remove(staging)
+    _fsync(directory.parent)

@@ -43,7 +43,7 @@ from fxpeft.graph.params import is_adapter_parameter
 from fxpeft.runtime.rewrite import add_adapter, rewrite
 from fxpeft.errors import FxpeftError, MatchError, PassError, RuleError
 from fxpeft.io.folders import (CONFIG, RULES, WEIGHTS, AdapterFileError, _fsync, _read_folder,
-                               _replace_file, replace_folder)
+                               replace_file, replace_folder)
 from fxpeft.runtime.adapted_module import AdaptedModule
 from fxpeft.registry import AdapterKind, values_from_file
 from fxpeft.formats.peft_format import (INERT_FIELDS, PeftFormatError, neutral, check_fields,
@@ -482,7 +482,7 @@ def write_into(gm: AdaptedModule, directory: "str | Path", adapter: str = "defau
     writers = _writers(gm, adapter, directory)
     directory.mkdir(parents=True, exist_ok=True)
     for name in sorted(writers, key=lambda name: name == CONFIG):  # a config means complete
-        _replace_file(directory / name, writers[name])
+        replace_file(directory / name, writers[name])
     _fsync(directory)
     return directory
 

@@ -16,8 +16,7 @@ import torch
 import torch.fx
 
 from fxpeft.names import is_fxpeft_node
-from fxpeft.graph.targets import fetch, owning_module
-from fxpeft.capture.linear_sites import WeightedSite
+from fxpeft.capture.linear_sites import WeightedSite, weight_of, weight_owner
 from fxpeft.capture.program import layer_index
 
 aten = torch.ops.aten
@@ -112,23 +111,6 @@ class ConvSite(WeightedSite):
                 f"{list(self.stride)} padding {self.padding!r} groups {self.groups}")
 
 
-def _weight(gm: torch.fx.GraphModule, node: object) -> tuple[str, torch.Tensor] | None:
-    if isinstance(node, torch.fx.Node) and node.op == "get_attr":
-        value = fetch(gm, node.target)
-        if isinstance(value, torch.Tensor):
-            return node.target, value
-    return None
-
-
-def _owner(gm: torch.fx.GraphModule, node: torch.fx.Node, weight_target: str) -> tuple[str, str]:
-    """(path, type) from the module stack, else the module owning the weight."""
-    found = owning_module(node)
-    if found is not None and found[0]:
-        return found
-    path = weight_target.rpartition(".")[0]
-    return path, _type_name(gm.get_submodule(path))
-
-
 def _arg(node: torch.fx.Node, index: int, name: str, default: Any) -> Any:
     if len(node.args) > index:
         return node.args[index]
@@ -138,11 +120,11 @@ def _arg(node: torch.fx.Node, index: int, name: str, default: Any) -> Any:
 def _embedding_from_aten(gm: torch.fx.GraphModule, node: torch.fx.Node) -> EmbeddingSite | None:
     if node.op != "call_function" or node.target not in _EMBEDDINGS:
         return None
-    found = _weight(gm, node.args[0])
+    found = weight_of(gm, node.args[0])
     if found is None or found[1].dim() != 2:
         return None
     target, weight = found
-    path, kind = _owner(gm, node, target)
+    path, kind = weight_owner(gm, node, target)
     return EmbeddingSite(node, "embedding", path, kind, weight.shape[0], weight.shape[1], target,
                          _arg(node, 2, "padding_idx", -1), _arg(node, 3, "scale_grad_by_freq", False),
                          _arg(node, 4, "sparse", False))
@@ -166,7 +148,7 @@ def _ntuple(value: Any, dims: int) -> tuple[int, ...]:
 def _conv_from_aten(gm: torch.fx.GraphModule, node: torch.fx.Node) -> ConvSite | None:
     if node.op != "call_function" or node.target not in _CONVS:
         return None
-    found = _weight(gm, node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
+    found = weight_of(gm, node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
     if found is None or found[1].dim() not in (3, 4):
         return None
     if node.target == aten.convolution.default and (node.args[6] or any(node.args[7])):
@@ -174,7 +156,7 @@ def _conv_from_aten(gm: torch.fx.GraphModule, node: torch.fx.Node) -> ConvSite |
     target, weight = found
     dims, groups = weight.dim() - 2, _arg(node, _CONVS[node.target], "groups", 1)
     padding = _arg(node, 4, "padding", 0)
-    path, kind = _owner(gm, node, target)
+    path, kind = weight_owner(gm, node, target)
     return ConvSite(node, "conv", path, kind, weight.shape[1] * groups, weight.shape[0], target,
                     tuple(weight.shape[2:]), _ntuple(_arg(node, 3, "stride", 1), dims),
                     padding if isinstance(padding, str) else _ntuple(padding, dims),

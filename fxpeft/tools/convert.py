@@ -13,10 +13,7 @@ Every output is written whole or not at all (a temporary sibling, then one renam
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +27,7 @@ from fxpeft.match.query import match
 from fxpeft.transforms.merge import merge_into
 from fxpeft.formats.peft_config import rules_from_config
 from fxpeft.rules.loader import load_rules
-from fxpeft.io.folders import CONFIG, _read_folder
+from fxpeft.io.folders import CONFIG, _read_folder, replace_file, write_new_folder
 from fxpeft.io.serialize import (_exact_json, _exact_rules, _kind_of, _parse_config, load,
                                  peft_config)
 
@@ -80,31 +77,11 @@ def rules_to_config(rules: Any, model: torch.nn.Module) -> str:
     return _exact_json(config, Path(CONFIG))
 
 
-@contextlib.contextmanager
-def _staged(path: Path, folder: bool) -> Any:
-    """A temporary sibling of ``path`` to write into; renamed to ``path`` only on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    make = tempfile.mkdtemp if folder else tempfile.mkstemp
-    made = make(prefix=f".{path.name}.fxpeft-new-", dir=path.parent)
-    staging = Path(made if folder else made[1])
-    if not folder:
-        os.close(made[0])
-    try:
-        yield staging
-        # a file replaces the old one in one step; a folder never replaces one (checked above)
-        (os.rename if folder else os.replace)(staging, path)
-    finally:
-        if staging.is_dir():
-            shutil.rmtree(staging, ignore_errors=True)
-        elif os.path.lexists(staging):
-            os.unlink(staging)
-
-
 def write_text(path: "str | Path", text: str) -> Path:
     """Write (or replace) a text file atomically."""
     path = Path(path)
-    with _staged(path, folder=False) as staging:
-        staging.write_text(text, encoding="utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_file(path, lambda staging: staging.write_text(text, encoding="utf-8"))
     return path
 
 
@@ -120,8 +97,10 @@ def save_merged(model: torch.nn.Module, adapter: "str | Path", out: "str | Path"
     merge_into(model, gm)
     if out.is_dir():
         out.rmdir()  # an empty folder the user made: replaced by the complete one
-    with _staged(out, folder=True) as staging:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         if extra is not None:
             extra(staging)
+    write_new_folder(out, write)
     return out

@@ -45,7 +45,6 @@ from __future__ import annotations
 import logging
 import operator
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
@@ -53,6 +52,7 @@ import torch
 import torch.fx
 
 from fxpeft.runtime import compile_cache
+from fxpeft.graph.bounded_cache import BoundedCache
 from fxpeft.graph.records import adapter_records, strip_adapters
 from fxpeft.graph.gates import SPECIALISED, active_adapters, adapter_names, gate_attr
 from fxpeft.runtime.adapted_module import AdaptedModule
@@ -390,13 +390,10 @@ def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout
     options = (tuple(sorted(set(skip))), shared_dropout, mixed, checkpoint, regions)
     specialised = not mixed and "drop_inactive" not in skip
     key, keep_alive = _depends_on(gm, specialised, options)
-    copies = gm.__dict__.setdefault(_FUSED_COPIES, _FusedCopies())
-    if key not in copies:
-        copies[key] = (_fused_copy(gm, skip, shared_dropout, mixed, checkpoint, regions), keep_alive)
-        while len(copies) > MAX_FUSED:
-            copies.popitem(last=False)
-    copies.move_to_end(key)
-    return copies[key][0].train(gm.training)
+    copies = gm.__dict__.setdefault(_FUSED_COPIES, _FusedCopies(MAX_FUSED))
+    fused, _ = copies.get_or_build(key, lambda: (
+        _fused_copy(gm, skip, shared_dropout, mixed, checkpoint, regions), keep_alive))
+    return fused.train(gm.training)
 
 
 MAX_FUSED = 8  # per graph: copies share its tensors, so each costs only its graph and code
@@ -405,15 +402,12 @@ MAX_FUSED = 8  # per graph: copies share its tensors, so each costs only its gra
 _FUSED_COPIES = "_fxpeft_fused_copies"
 
 
-class _FusedCopies(OrderedDict):
+class _FusedCopies(BoundedCache):
     """A graph's fused copies by what they depend on; a copy (or pickle) of the graph starts
     with none, since they would run on the original's tensors."""
 
     def __deepcopy__(self, memo: dict) -> "_FusedCopies":
-        return _FusedCopies()
-
-    def __reduce__(self) -> tuple:
-        return _FusedCopies, ()
+        return _FusedCopies(self.size)
 
 
 def _depends_on(gm: torch.fx.GraphModule, specialised: bool, options: tuple) -> tuple[Hashable, list]:
