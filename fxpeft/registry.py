@@ -51,6 +51,31 @@ Merger = Callable[[torch.fx.GraphModule, torch.fx.Node, AdapterNode, dict], None
 
 
 @dataclass(frozen=True)
+class LowRankBranch:
+    """Capability ``low_rank``: what fuse passes may rely on about a low-rank branch
+    ``scale * B(gate * A(x))``: the targets of its down (A) and up (B) projection weights, and
+    its scale. ``fold_lora_scale``, ``fuse_lora_a``, ``gather_lora`` and checkpointing read it;
+    they still check the graph's shape around it, so a kind whose branch is shaped otherwise is
+    simply left as it is."""
+
+    down: str
+    up: str
+    scale: float
+
+
+@dataclass(frozen=True)
+class Lengthens:
+    """Capability ``lengthens``: a kind that puts tokens in front of the input (prompt tuning).
+    ``tokens(params)`` is how many (they size the KV cache); ``decode_splice(decoder, adapter,
+    record)`` splices one adapter into a decode graph, which has no input adapter, and returns the
+    ids of the virtual tokens the prefill puts in front. Only one such adapter per graph decodes
+    with the cache."""
+
+    tokens: Callable[[Any], int]
+    decode_splice: Callable[[Any, str, Any], range]
+
+
+@dataclass(frozen=True)
 class AdapterKind:
     """One adapter kind.
 
@@ -60,6 +85,14 @@ class AdapterKind:
     name components of its parameters (``lora_A``), suffixed for non-default adapters.
     ``peft``: its PEFT format (``fxpeft.formats.peft_format.PeftFormat``), or None. Removal needs no
     function: every node records its own bypass.
+
+    Capabilities, which shared code calls without knowing the kind (``docs``: writing a new kind):
+    ``default_rule``: a rule without ``rewrite`` and ``params`` is this kind's (one kind);
+    ``keyword_sites(gm, names)``: a kind applied by a ``rewrite`` keyword of its own name
+    (``modules_to_save=[...]``) finds its sites; ``low_rank(record)``: a ``LowRankBranch`` for a
+    removable node of a low-rank kind; ``lengthens``: a ``Lengthens``; ``on_step(gm, adapters,
+    step)``: a kind with state across optimizer steps (AdaLoRA's rank allocation) advances it
+    for ``adapters`` of ``gm`` (``AdaptedModule.update_and_allocate``).
     """
 
     name: str
@@ -68,11 +101,11 @@ class AdapterKind:
     merge: "Merger | str"
     components: tuple[str, ...]
     peft: Any = None
-    # For a kind that lengthens the input (prompt tuning): splices one adapter (name, record) into
-    # a decode graph, which has no input adapter; returns the ids of the virtual tokens the
-    # prefill puts in front (as many as its params' num_virtual_tokens, which sizes the cache).
-    # Only one such adapter per graph decodes with the cache.
-    decode_splice: "Callable[[Any, str, Any], range] | None" = None
+    default_rule: bool = False
+    keyword_sites: "Callable[[torch.fx.GraphModule, Any], list] | None" = None
+    low_rank: "Callable[[AdapterNode], LowRankBranch | None] | None" = None
+    lengthens: Lengthens | None = None
+    on_step: "Callable[[torch.fx.GraphModule, list[str], int], None] | None" = None
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -100,6 +133,31 @@ def get(name: str) -> AdapterKind:
     if name not in _KINDS:
         raise FxpeftError(f"no adapter kind {name!r}; known: {', '.join(_KINDS)}")
     return _KINDS[name]
+
+
+def default_kind() -> AdapterKind:
+    """The kind a rule without ``rewrite`` gets (``default_rule``).
+
+    >>> import fxpeft
+    >>> default_kind().params is fxpeft.rules.LoraParams
+    True
+    """
+    found = [k for k in _KINDS.values() if k.default_rule]
+    if len(found) != 1:
+        raise FxpeftError(f"exactly one adapter kind must be the default rule's; found {len(found)}")
+    return found[0]
+
+
+def low_rank_branch(record: "AdapterNode | None") -> LowRankBranch | None:
+    """The low-rank branch an adapter node belongs to, if its kind has one.
+
+    >>> low_rank_branch(None) is None
+    True
+    """
+    if record is None or record.kind not in _KINDS:
+        return None
+    kind = _KINDS[record.kind]
+    return kind.low_rank(record) if kind.low_rank is not None else None
 
 
 def rewrite_kinds() -> dict[str, type]:

@@ -153,3 +153,23 @@ def test_a_torch_without_this_callback_api_compiles_without_the_cache(monkeypatc
     compile_cache.activate()  # no error: the cache is simply not registered
     monkeypatch.delattr(torch._dynamo, "callback_handler")
     compile_cache.activate()
+
+
+@pytest.mark.skipif(not hasattr(torch._dynamo, "callback_handler"), reason="torch without compile callbacks")
+def test_an_unrelated_compile_in_the_same_process_is_left_alone(tmp_path, monkeypatch):
+    """A process that built an fxpeft graph registers the callbacks, but a ``torch.compile`` of
+    other code keeps nothing in fxpeft's store and restores nothing into its folder."""
+    monkeypatch.setenv("FXPEFT_COMPILE_CACHE", str(tmp_path / "store"))
+    torch._dynamo.reset()
+    fxpeft.rewrite(torch.nn.Sequential(torch.nn.Linear(4, 4)),
+                   fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"])))  # registers them
+    (compile_cache.store_folder() / "kept.py").parent.mkdir(parents=True)
+    (compile_cache.store_folder() / "kept.py").write_text("# an earlier fxpeft compile's")
+    with fresh_cache():
+        folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        compiled = torch.compile(lambda x: torch.sin(x) * 2 + 1)
+        torch.testing.assert_close(compiled(torch.ones(8)), torch.sin(torch.ones(8)) * 2 + 1)
+        written = [p for p in folder.rglob("*") if p.is_file()]
+        compile_cache._on_exit()
+        assert written and not (folder / "kept.py").exists()  # nothing restored into its folder
+    assert [p.name for p in compile_cache.store_folder().rglob("*") if p.is_file()] == ["kept.py"]

@@ -351,7 +351,7 @@ def _name_cache_tensors(root: torch.fx.GraphModule, shell: torch.nn.Module) -> N
 def without_kv_cache(gm: AdaptedModule) -> dict[str, str]:
     """Adapters of ``gm`` the KV-cached decode graph cannot hold, with the reason; then
     ``fxpeft.generate`` decodes with the training graph. That is when several adapters lengthen
-    the input (prompt tuning, ``AdapterKind.decode_splice``): the training graph stacks their
+    the input (prompt tuning, ``AdapterKind.lengthens``): the training graph stacks their
     virtual tokens, the decode graph holds one adapter's.
 
     >>> import torch, fxpeft
@@ -360,7 +360,7 @@ def without_kv_cache(gm: AdaptedModule) -> dict[str, str]:
     {}
     """
     lengthening = {adapter: rule.rewrite for adapter, record in adapter_records(gm).items()
-                   for rule in record.rules.rules if registry.get(rule.rewrite).decode_splice is not None}
+                   for rule in record.rules.rules if registry.get(rule.rewrite).lengthens is not None}
     if len(lengthening) < 2:
         return {}
     return {adapter: f"{kind}: {len(lengthening)} adapters lengthen the input; the decode graph "
@@ -371,19 +371,19 @@ def virtual_tokens(gm: AdaptedModule) -> int:
     """How many virtual tokens the active adapters that lengthen the input (prompt tuning) put
     in front of a prompt: what the decode graph's KV cache must hold besides the tokens."""
     active = set(active_adapters(gm))
-    return sum(rule.params.num_virtual_tokens for adapter, record in adapter_records(gm).items()
+    return sum(lengthens.tokens(rule.params) for adapter, record in adapter_records(gm).items()
                if adapter in active for rule in record.rules.rules
-               if registry.get(rule.rewrite).decode_splice is not None)
+               if (lengthens := registry.get(rule.rewrite).lengthens) is not None)
 
 
 def _splice_like(decoder: AdaptedModule, gm: AdaptedModule, adapter: str, record: Any) -> None:
     """Splice ``adapter`` into ``decoder`` by its rules, then share ``gm``'s parameters (a kind
-    that lengthens the input splices its own way, ``AdapterKind.decode_splice``)."""
-    lengthen = {registry.get(rule.rewrite).decode_splice for rule in record.rules.rules} - {None}
+    that lengthens the input splices its own way, ``Lengthens.decode_splice``)."""
+    lengthen = {registry.get(rule.rewrite).lengthens for rule in record.rules.rules} - {None}
     if lengthen:
         for target in record.attached:
             place(decoder, target, fetch(gm, target))
-        decoder.fxpeft_virtual_tokens[adapter] = lengthen.pop()(decoder, adapter, record)
+        decoder.fxpeft_virtual_tokens[adapter] = lengthen.pop().decode_splice(decoder, adapter, record)
         return
     program = program_of(decoder)
     result = match(program, record.rules)

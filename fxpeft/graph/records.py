@@ -40,6 +40,19 @@ def record(gm: torch.nn.Module, adapter: str) -> AdapterRecord:
     return records[adapter]
 
 
+def adapters_by_kind(gm: torch.nn.Module) -> dict[str, list[str]]:
+    """Each adapter kind the graph's rules rewrite with, and its adapters (in the order added).
+
+    >>> adapters_by_kind(torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph()))
+    {}
+    """
+    found: dict[str, list[str]] = {}
+    for name, rec in adapter_records(gm).items():
+        for kind in dict.fromkeys(rule.rewrite for rule in rec.rules.rules):
+            found.setdefault(kind, []).append(name)
+    return found
+
+
 def adapter_parameters(gm: torch.nn.Module, adapter: str) -> list[torch.nn.Parameter]:
     """The parameters ``adapter``'s splices attached (shared call sites count once)."""
     found: dict[int, torch.nn.Parameter] = {}

@@ -384,14 +384,10 @@ def _install_step_hook() -> None:
         _HOOK.append(register_optimizer_step_post_hook(_after_optimizer_step))
 
 
-def update_and_allocate(gm: torch.fx.GraphModule, step: int) -> None:
-    """PEFT's ``update_and_allocate(step)`` for every trainable AdaLoRA adapter of ``gm`` whose
-    rules say ``auto_allocate = false``: call it after each ``optimizer.step()``, before
-    ``zero_grad()``, with the step number (from 0)."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise FxpeftError(f"update_and_allocate: step must be an integer >= 0 (the optimizer "
-                          f"steps taken before this one), got {step!r}")
-    trainable = [a for a in adalora_adapters(gm) if allocator(gm, a).triplets[0].E.requires_grad]
+def on_step(gm: torch.fx.GraphModule, adapters: list[str], step: int) -> None:
+    """PEFT's ``update_and_allocate(step)`` for every trainable AdaLoRA adapter among
+    ``adapters`` whose rules say ``auto_allocate = false`` (``AdapterKind.on_step``)."""
+    trainable = [a for a in adapters if allocator(gm, a).triplets[0].E.requires_grad]
     if not trainable:
         raise FxpeftError("update_and_allocate: this graph has no trainable AdaLoRA adapter")
     for adapter in trainable:
@@ -535,4 +531,5 @@ KIND = AdapterKind(
     name=KIND_NAME, params=AdaLoraParams, splice=splice, merge=merge, components=COMPONENTS,
     peft=PeftFormat("ADALORA", rules_to_config, config_to_rules, ADALORA_FIELDS,
                     save_state=save_state, load_state=load_state,
-                    state_fields=frozenset({"rank_pattern"})))
+                    state_fields=frozenset({"rank_pattern"})),
+    on_step=on_step)

@@ -30,7 +30,7 @@ from fxpeft.graph.targets import fetch, nodes_between
 from fxpeft.errors import FxpeftError
 from fxpeft.graph.gates import GATE_META, gate_node, reroute
 from fxpeft.graph.dropout import dropout_target
-from fxpeft.registry import AdapterKind, SpliceInput, Spliced
+from fxpeft.registry import AdapterKind, LowRankBranch, SpliceInput, Spliced
 from fxpeft.match.layer_sites import ConvSite, EmbeddingSite, find_conv_sites, find_embedding_sites
 from fxpeft.match.query import Match
 from fxpeft.names import ADAPTER_META, AdapterNode
@@ -400,8 +400,15 @@ def rules_to_config(matches: list[Match], program: Program, use_dora: bool = Fal
             "use_dora": use_dora, "fan_in_fan_out": any(m.site.fan_in_fan_out for m in matches)}
 
 
+def branch_of(record: AdapterNode) -> LowRankBranch:
+    """The branch's A and B weights and scale, for the fuse passes (``AdapterKind.low_rank``)."""
+    detail = record.detail
+    return LowRankBranch(detail.lora_A, detail.lora_B, detail.scale)
+
+
 KIND = AdapterKind(
     name="lora", params=LoraParams, splice=splice, merge=merge,
     components=(*LINEAR.names, *EMBEDDING.names),
     peft=PeftFormat("LORA", rules_to_config, config_to_rules, LORA_FIELDS,
-                    selector={"use_dora": False}))
+                    selector={"use_dora": False}),
+    default_rule=True, low_rank=branch_of)

@@ -112,4 +112,4 @@ def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,
 
 
 KIND = AdapterKind(name=MODULES_TO_SAVE, params=None, splice=splice, merge=merge,
-                   components=(MODULES_TO_SAVE,))
+                   components=(MODULES_TO_SAVE,), keyword_sites=module_sites)

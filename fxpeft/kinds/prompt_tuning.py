@@ -50,7 +50,7 @@ from fxpeft.match.input_embedding import (INPUT_IDS, InputEmbeddingSite, find_in
                                           id_readers, input_adapter, model_input)
 from fxpeft.errors import PassError, RuleError
 from fxpeft.graph.gates import GATE_META, gate_node
-from fxpeft.registry import AdapterKind, SpliceInput, Spliced, initialising
+from fxpeft.registry import AdapterKind, Lengthens, SpliceInput, Spliced, initialising
 from fxpeft.match.query import Match
 from fxpeft.names import ADAPTER_META, INPUTS_MODULE, OUTPUT_MODULE, AdapterNode, is_fxpeft_node
 from fxpeft.formats.peft_format import PeftFormat, PeftFormatError
@@ -460,4 +460,4 @@ KIND = AdapterKind(
     merge="prompt tuning adds input positions (virtual tokens), which no weight can hold",
     components=(PROMPT,),
     peft=PeftFormat("PROMPT_TUNING", rules_to_config, config_to_rules, PROMPT_FIELDS, key_prefix=""),
-    decode_splice=decode_splice)
+    lengthens=Lengthens(tokens=lambda params: params.num_virtual_tokens, decode_splice=decode_splice))

@@ -22,5 +22,5 @@ __all__ = ["LoraParams", "Params", "Rule", "RuleSet", "Where", "load_rules", "pa
 def __getattr__(name: str) -> Any:
     """``LoraParams``: the params class of the kind a rule without ``rewrite`` gets."""
     if name == "LoraParams":
-        return registry.get("lora").params
+        return registry.default_kind().params
     raise AttributeError(f"module 'fxpeft.rules' has no attribute {name!r}")

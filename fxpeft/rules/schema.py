@@ -82,7 +82,7 @@ class Params:
 
 
 def _default_params() -> Params:
-    return registry.get("lora").params()  # a rule without params is a default LoRA
+    return registry.default_kind().params()  # a rule without params is the default kind's
 
 
 @dataclass(frozen=True)

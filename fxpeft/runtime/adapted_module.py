@@ -16,7 +16,7 @@ import torch.fx
 from fxpeft.runtime import apply as adapt, compile_cache
 from fxpeft.graph import records as adapter_set, gates
 from fxpeft.errors import FxpeftError
-from fxpeft.kinds import adalora
+from fxpeft import registry
 from fxpeft.registry import is_adapter_parameter
 from fxpeft.names import OUTPUT_MODULE, is_fxpeft_node
 
@@ -172,7 +172,16 @@ class AdaptedModule(torch.fx.GraphModule):
         >>> gm(torch.randn(2, 4)).sum().backward()
         >>> gm.update_and_allocate(0)
         """
-        adalora.update_and_allocate(self, step)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise FxpeftError(f"update_and_allocate: step must be an integer >= 0 (the optimizer "
+                              f"steps taken before this one), got {step!r}")
+        stateful = {kind: adapters for kind, adapters in adapter_set.adapters_by_kind(self).items()
+                    if registry.get(kind).on_step is not None}
+        if not stateful:
+            raise FxpeftError("update_and_allocate: no adapter of this graph keeps state across "
+                              "optimizer steps (AdaLoRA's rank allocation does)")
+        for kind, adapters in stateful.items():
+            registry.get(kind).on_step(self, adapters, step)
 
 
 def _moved(value: Any, device: torch.device) -> Any:

@@ -17,7 +17,7 @@ from fxpeft.graph.params import freeze_base
 from fxpeft.errors import FxpeftError, MatchError
 from fxpeft.match.explain import build_explanation
 from fxpeft.graph.gates import active_adapters, adapter_names, check_adapter_name, set_adapter
-from fxpeft.kinds.modules_to_save import module_sites
+from fxpeft import registry
 from fxpeft.match.query import MatchResult, match
 from fxpeft.names import MODULES_TO_SAVE
 from fxpeft.capture.linear_sites import find_linear_sites
@@ -44,12 +44,17 @@ def require_matches(program: Program, ruleset: RuleSet, result: MatchResult) -> 
                              f"(set optional = true to allow this; fxpeft.explain shows why)")
 
 
-def _work(gm: torch.nn.Module, result: MatchResult, modules_to_save: Sequence[str]) -> dict[str, list]:
+def _work(gm: torch.nn.Module, result: MatchResult,
+          keywords: dict[str, Sequence[str]]) -> dict[str, list]:
+    """Per kind, its (site, params) items: the rules' matches, and the sites of the kinds applied
+    by a keyword of their own name (``modules_to_save=[...]``: ``AdapterKind.keyword_sites``)."""
     work: dict[str, list] = {}
     for found in result.matches:
         work.setdefault(found.rule.rewrite, []).append((found.site, found.rule.params))
-    if modules_to_save:
-        work[MODULES_TO_SAVE] = [(site, None) for site in module_sites(gm, modules_to_save)]
+    for kind in registry.all_kinds():
+        names = keywords.get(kind.name) if kind.keyword_sites is not None else None
+        if names:
+            work[kind.name] = [(site, None) for site in kind.keyword_sites(gm, names)]
     return work
 
 
@@ -58,7 +63,7 @@ def apply_adapter(program: Program, ruleset: RuleSet, result: MatchResult, adapt
     """Run every kind's pass for ``adapter`` over ``result``; all or nothing."""
     gm = program.graph_module
     with rollback_on_error(gm):  # a pass failing part-way must not leave a half-adapted graph
-        reports, spliced = run_passes(gm, _work(gm, result, modules_to_save),
+        reports, spliced = run_passes(gm, _work(gm, result, {MODULES_TO_SAVE: modules_to_save}),
                                       check_adapter_name(adapter), default_passes())
     freeze_base(gm)
     attached = [target for added in spliced for target in added.attached]

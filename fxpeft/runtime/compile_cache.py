@@ -13,8 +13,14 @@ The copies sit under a key of the torch and Python versions, the CPU's instructi
 the C++ compiler, because inductor's CPU kernels are built for the CPU they were compiled on
 (``-march=native``). Lock files are never copied, and a shared library is copied only when its
 ELF header says it is whole (g++ writes it in place; another process may still be writing one).
-Only processes that built an fxpeft graph register the two compile callbacks; from then on, what
-any compile in that process writes is kept. ``FXPEFT_COMPILE_CACHE=0`` turns it off; the folder is
+Only processes that built an fxpeft graph register the two compile callbacks, and they keep only
+what compiles of fxpeft graphs write: a compile counts as fxpeft's when the frame Dynamo compiles
+holds an fxpeft graph (``torch.compile(gm)``, ``gm.compile()``, a function given the graph as an
+argument or closing over it); what inductor writes from its start until a compile of anything else
+starts (a lazily compiled backward included) is kept, and nothing else: a user's own
+``torch.compile`` of other code in the same process is left alone. A torch whose Dynamo frames
+look otherwise keeps nothing (the cache is off, never wrong). ``FXPEFT_COMPILE_CACHE=0`` turns
+it off; the folder is
 held to ``FXPEFT_COMPILE_CACHE_MB`` (default 512) by dropping its oldest files. Any failure here is
 logged at debug level and never fails a compile.
 """
@@ -42,6 +48,8 @@ log = logging.getLogger("fxpeft")
 
 SKIPPED_PARTS = frozenset({"locks", "precompiled_headers"})
 _started: dict[str, float] = {}  # inductor folder -> when this process first restored into it
+# inductor folder -> [start, end] windows in which fxpeft graphs compiled (end inf: still open)
+_windows: dict[str, list[list[float]]] = {}
 _exit_hook: list = []
 
 
@@ -116,36 +124,80 @@ def _inductor_folder() -> Path:
     return Path(cache_dir())
 
 
-def _on_compile_start(*_args: object) -> None:
+def _is_fxpeft_graph(value: object) -> bool:
+    return isinstance(value, torch.nn.Module) and getattr(value, "capture_info", None) is not None
+
+
+def compiling_fxpeft_graph() -> bool:
+    """Whether the frame Dynamo is compiling now holds an fxpeft graph: among its locals (a
+    module's own frame holds it as ``fn`` or ``self``) or its closure. Read from Dynamo's
+    ``_compile`` frame, whose ``locals`` and ``closure`` are the compiled frame's.
+
+    >>> compiling_fxpeft_graph()  # not inside a compile
+    False
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_compile" and "locals" in frame.f_locals:
+            values = list((frame.f_locals.get("locals") or {}).values())
+            cells = frame.f_locals.get("closure") or ()
+            values += [getattr(cell, "cell_contents", None) for cell in cells]
+            return any(_is_fxpeft_graph(value) for value in values)
+        frame = frame.f_back
+    return False
+
+
+def _continues_a_compile(args: tuple) -> bool:
+    """A start that Dynamo did not trigger (a lazily compiled backward, autotuning, CUDA graph
+    recording) belongs to the frame compiled before it."""
+    trigger = getattr(args[0], "callback_trigger", None) if args else None
+    return trigger is not None and getattr(trigger, "name", "") != "DYNAMO"
+
+
+def _on_compile_start(*args: object) -> None:
     if not enabled():
         return
     try:
-        folder = _inductor_folder()
-        if str(folder) not in _started:  # 2 s back: file systems that keep whole seconds
-            _started[str(folder)] = time.time() - 2.0
+        folder, now = str(_inductor_folder()), time.time()
+        windows = _windows.setdefault(folder, [])
+        if _continues_a_compile(args):
+            return
+        if not compiling_fxpeft_graph():  # another compile: what it writes is not ours
+            if windows and windows[-1][1] == float("inf"):
+                windows[-1][1] = now
+            return
+        if not windows or windows[-1][1] != float("inf"):  # 2 s back: whole-second file systems
+            windows.append([now - 2.0, float("inf")])
+        if folder not in _started:
+            _started[folder] = now - 2.0
             store = store_folder()
-            log.debug("compile cache: %d files from %s into %s", restore(store, folder), store, folder)
+            log.debug("compile cache: %d files from %s into %s", restore(store, Path(folder)),
+                      store, folder)
     except Exception as error:  # a cache must never fail a compile
         log.debug("compile cache: restore skipped: %s", error)
+
+
+def _harvest_windows(folder: str) -> int:
+    return sum(harvest(Path(folder), store_folder(), since=start, until=end)
+               for start, end in _windows.get(folder, ()))
 
 
 def _on_compile_end(*_args: object) -> None:
     if not enabled():
         return
     try:
-        folder = _inductor_folder()
-        if str(folder) not in _started:  # a folder no compile started in: not ours to copy
+        folder = str(_inductor_folder())
+        if folder not in _started:  # a folder no fxpeft compile started in: not ours to copy
             return
-        kept = harvest(folder, store_folder(), since=_started[str(folder)])
-        log.debug("compile cache: kept %d new files from %s", kept, folder)
+        log.debug("compile cache: kept %d new files from %s", _harvest_windows(folder), folder)
     except Exception as error:
         log.debug("compile cache: harvest skipped: %s", error)
 
 
 def _on_exit() -> None:
-    for folder, since in list(_started.items()) if enabled() else ():
+    for folder in list(_started) if enabled() else ():
         try:
-            harvest(Path(folder), store_folder(), since=since)
+            _harvest_windows(folder)
         except Exception as error:
             log.debug("compile cache: harvest at exit skipped: %s", error)
 
@@ -187,8 +239,9 @@ def restore(store: Path, inductor: Path) -> int:
     return copied
 
 
-def harvest(inductor: Path, store: Path, since: float = 0.0) -> int:
-    """Copy into ``store`` the files inductor wrote since ``since`` that it lacks; returns the count.
+def harvest(inductor: Path, store: Path, since: float = 0.0, until: float = float("inf")) -> int:
+    """Copy into ``store`` the files inductor wrote from ``since`` to ``until`` that it lacks;
+    returns the count.
 
     >>> harvest(Path("/nonexistent"), Path(tempfile.gettempdir()) / "fxpeft-doctest-store")
     0
@@ -198,7 +251,7 @@ def harvest(inductor: Path, store: Path, since: float = 0.0) -> int:
     kept = 0
     for relative, stat in _files(inductor).items():
         source, target = inductor / relative, store / relative
-        if stat.st_mtime >= since and not target.exists() and _whole(source):
+        if since <= stat.st_mtime <= until and not target.exists() and _whole(source):
             _copy(source, target)
             kept += 1
     if kept:

@@ -23,6 +23,7 @@ import torch.fx
 from torch.utils.checkpoint import checkpoint
 
 from fxpeft.names import adapter_node
+from fxpeft.registry import low_rank_branch
 from fxpeft.graph.targets import owning_module
 from fxpeft.transforms.norms import rms_norm_parts, rms_norm_then_down
 
@@ -145,8 +146,8 @@ def _checkpoint(gm: torch.fx.GraphModule, label: str, nodes: list[torch.fx.Node]
 
 
 def _lora_a_targets(graph: torch.fx.Graph) -> set[str]:
-    return {record.detail.lora_A for n in graph.nodes
-            if (record := adapter_node(n)) is not None and record.kind == "lora"}
+    return {branch.down for n in graph.nodes
+            if (branch := low_rank_branch(adapter_node(n))) is not None}
 
 
 def _reads_lora_a(weight: object, targets: set[str]) -> bool:

@@ -53,6 +53,7 @@ import torch.fx
 
 from fxpeft.runtime import compile_cache
 from fxpeft.graph.bounded_cache import BoundedCache
+from fxpeft.registry import low_rank_branch
 from fxpeft.graph.records import adapter_records, strip_adapters
 from fxpeft.graph.gates import SPECIALISED, active_adapters, adapter_names, gate_attr
 from fxpeft.runtime.adapted_module import AdaptedModule
@@ -102,7 +103,7 @@ def fold_lora_scale(gm: torch.fx.GraphModule) -> int:
     folded = 0
     for join in list(gm.graph.nodes):
         record = adapter_node(join)
-        parts = _lora_parts(join) if record and record.kind == "lora" and record.removable else None
+        parts = _lora_parts(join) if low_rank_branch(record) and record.removable else None
         if parts is None:
             continue
         scaled, up, gated = parts
@@ -120,10 +121,9 @@ def _lora_downs(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, list[torch.fx.N
     """LoRA ``A`` projections grouped by the tensor they read."""
     groups: dict[torch.fx.Node, list[torch.fx.Node]] = {}
     for node in gm.graph.find_nodes(op="call_function", target=aten.linear.default):
-        record = adapter_node(node)
-        weight = node.args[1]
-        if record and record.kind == "lora" and len(node.args) == 2 and \
-                getattr(weight, "target", None) == record.detail.lora_A:
+        branch = low_rank_branch(adapter_node(node))
+        if branch is not None and len(node.args) == 2 and \
+                getattr(node.args[1], "target", None) == branch.down:
             groups.setdefault(node.args[0], []).append(node)
     return {x: downs for x, downs in groups.items() if len(downs) > 1}
 
@@ -275,7 +275,7 @@ def _gatherable_joins(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]
     joins: dict[str, list[torch.fx.Node]] = {}
     for node in gm.graph.nodes:
         record = adapter_node(node)
-        if record and record.kind == "lora" and record.removable:
+        if low_rank_branch(record) is not None and record.removable:
             joins.setdefault(record.module_path, []).append(node)
     plain = {}
     for path, found in joins.items():
@@ -294,16 +294,17 @@ def gather_lora(gm: torch.fx.GraphModule) -> int:
         return 0
     sites = _gatherable_joins(gm)
     for joins in sites.values():
-        details = [adapter_node(j) for j in joins]
+        records = [adapter_node(j) for j in joins]
+        branches = [low_rank_branch(r) for r in records]
         x = _lora_parts(joins[0])[2].args[0].args[0]
         graph = gm.graph
         with graph.inserting_before(joins[0]):
             branch = graph.call_function(mixed_lora, (
-                x, [graph.get_attr(d.detail.lora_A) for d in details],
-                [graph.get_attr(d.detail.lora_B) for d in details], [d.detail.scale for d in details],
-                [gate_attr(gm, d.adapter, gm.get_parameter(d.detail.lora_A).device)
-                 for d in details],
-                [d.adapter for d in details], per_sample))
+                x, [graph.get_attr(b.down) for b in branches],
+                [graph.get_attr(b.up) for b in branches], [b.scale for b in branches],
+                [gate_attr(gm, r.adapter, gm.get_parameter(b.down).device)
+                 for r, b in zip(records, branches)],
+                [r.adapter for r in records], per_sample))
             total = graph.call_function(aten.add.Tensor, (joins[0].args[0], branch))
         joins[-1].replace_all_uses_with(total)
     gm.graph.eliminate_dead_code()
