@@ -93,3 +93,13 @@ def test_every_capability_is_declared_by_a_kind():
     for name in capabilities:
         assert any(getattr(kind, name) is not None for kind in registry.all_kinds()), name
     assert sum(kind.default_rule for kind in registry.all_kinds()) == 1
+
+
+def test_emit_leaves_the_program_it_was_given_as_it_was():
+    import torch
+    from fxpeft.capture.export import capture
+    from fxpeft.runtime.emit import emit
+    program = capture(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    before = program.graph_module
+    gm = emit(program)
+    assert program.graph_module is before and gm is not before

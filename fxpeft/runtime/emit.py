@@ -27,7 +27,8 @@ _SDPA_P_INDEX = 4  # (query, key, value, attn_mask, dropout_p, is_causal)
 
 def emit(program: Program) -> AdaptedModule:
     """The ``AdaptedModule`` around ``program``'s graph (the same graph and node objects, so
-    ``program.sites`` stay valid).
+    ``program.sites`` stay valid). ``program`` itself is left as it was: a caller that goes on
+    matching wants ``dataclasses.replace(program, graph_module=gm)``.
 
     >>> from fxpeft.capture.export import capture
     >>> gm = emit(capture(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))))
@@ -40,7 +41,6 @@ def emit(program: Program) -> AdaptedModule:
     _dropout_as_data(root, graph)
     gm = AdaptedModule(root, graph, class_name=f"Adapted{info.model_class}")
     gm.capture_info = info
-    program.graph_module = gm
     log.debug("emit: %s", type(gm).__name__)
     return gm.train(info.training)
 

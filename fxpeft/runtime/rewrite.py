@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from typing import Any, Sequence
@@ -100,7 +101,8 @@ def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = N
                               f"of {program.model_class}")
     gm = emit(program)
     gm.meta["fxpeft"] = {"passes": []}
-    apply_adapter(program, ruleset, result, adapter, modules_to_save)
+    apply_adapter(dataclasses.replace(program, graph_module=gm), ruleset, result, adapter,
+                  modules_to_save)
     return gm
 
 
