@@ -7,11 +7,10 @@ import logging
 
 import pytest
 import torch
-from torch.fx.node import map_aggregate
 
 import fxpeft
-from conftest import (randomize_adapters, tiny_gemma, tiny_gpt2, tiny_llama, tiny_mistral, tiny_opt,
-                      tiny_qwen2, token_batch)
+from conftest import (graph_signature, randomize_adapters, tiny_gemma, tiny_gpt2, tiny_llama, tiny_mistral,
+                      tiny_opt, tiny_qwen2, token_batch)
 from fxpeft.capture import cache as capture_cache, replicate
 from fxpeft.generation import decode_graph
 from fxpeft.graph.targets import fetch
@@ -32,23 +31,6 @@ FAMILIES = {
 @pytest.fixture(autouse=True)
 def no_capture_cache(monkeypatch):
     monkeypatch.setenv("FXPEFT_CAPTURE_CACHE", "0")  # each capture here must really capture
-
-
-def _describe(value):
-    if isinstance(value, torch.Tensor):
-        return str(tuple(value.shape)), value.dtype
-    return repr(value)
-
-
-def graph_signature(graph: torch.fx.Graph) -> list[tuple]:
-    """Each node's op, target, arguments (nodes by position), module stack, stack trace and
-    value shape: everything but its name."""
-    position = {node: i for i, node in enumerate(graph.nodes)}
-    def arg(a):
-        return ("node", position[a]) if isinstance(a, torch.fx.Node) else a
-    return [(n.op, str(n.target), map_aggregate(n.args, arg), map_aggregate(n.kwargs, arg),
-             tuple((n.meta.get("nn_module_stack") or {}).items()), n.meta.get("stack_trace"),
-             _describe(n.meta.get("val"))) for n in graph.nodes]
 
 
 def captured(model, monkeypatch, replicated: bool, caplog):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fxpeft
-from conftest import randomize_adapters, tiny_llama, token_batch
+from conftest import device_constants, graph_signature, randomize_adapters, tiny_llama, token_batch
 from fxpeft.capture import cache as capture_cache
 from fxpeft.capture.export import capture
 
@@ -62,7 +62,6 @@ def test_the_cache_keeps_a_few_graphs():
 
 
 def test_a_replicated_capture_is_cached_like_a_full_one():
-    from test_capture_replicate import graph_signature
     first = capture(tiny_llama(num_hidden_layers=4))  # replicated from 2 layers (fxpeft.capture.replicate)
     model = tiny_llama(num_hidden_layers=4)
     hit = capture(model)
@@ -76,7 +75,6 @@ def test_moving_one_graph_leaves_the_cached_capture_and_later_graphs_on_their_de
     """A forward with a ``no_grad`` region exports as a higher-order op whose body is a
     submodule; ``gm.to(device)`` rewrites that body's device constants, so every graph (and the
     cache) must own its copy."""
-    from test_devices import device_constants
 
     def with_no_grad_region():
         model = tiny_llama()
