@@ -85,13 +85,23 @@ def test_names_is_a_leaf():
     assert list(import_graph().successors("fxpeft.names")) == []
 
 
+REQUIRED_PARAMS = {"adalora": "total_step = 10"}  # params a rule must give (no default)
+
+
+def rule_params(kind: registry.AdapterKind):
+    """The params a rule file saying ``rewrite = <kind>`` gets."""
+    text = (f'[[rule]]\nmatch = "{kind.sites[0]}"\nrewrite = "{kind.name}"\n'
+            f'[rule.params]\n{REQUIRED_PARAMS.get(kind.name, "")}\n')
+    return parse_rules(text, "kind.toml").rules[0].params
+
+
 def test_every_kind_is_complete():
     for kind in registry.all_kinds():
         assert callable(kind.splice) and kind.components
         assert callable(kind.merge) or (isinstance(kind.merge, str) and kind.merge)
         if kind.params is not None:
             assert kind.params.kind == kind.name and kind.sites
-            assert registry.rewrite_kinds()[kind.name] is kind.params
+            assert type(rule_params(kind)) is kind.params  # the rule loader reads the registry
         assert len(set(kind.components)) == len(kind.components)  # kinds may share (DoRA: LoRA's A, B)
 
 
