@@ -6,9 +6,11 @@ import os
 import shutil
 import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from torch.fx.node import map_aggregate
 from hypothesis import settings
 
 # CI replays the same examples every run (a red CI run loses a submission); a failure prints the
@@ -32,6 +34,9 @@ def pytest_unconfigure(config):
     if _TEST_COMPILE_CACHE:
         os.environ["FXPEFT_COMPILE_CACHE"] = "0"  # nothing more kept at exit
         shutil.rmtree(_TEST_COMPILE_CACHE, ignore_errors=True)
+
+# The checkout holding tests/ (test files sit one folder deeper, by pipeline stage).
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 VOCAB = 128
 
@@ -217,3 +222,30 @@ def on_cuda(test):
     for mark in CUDA_MARKS:
         test = mark(test)
     return test
+
+
+def _describe(value):
+    if isinstance(value, torch.Tensor):
+        return str(tuple(value.shape)), value.dtype
+    return repr(value)
+
+
+def graph_signature(graph: torch.fx.Graph) -> list[tuple]:
+    """Each node's op, target, arguments (nodes by position), module stack, stack trace and
+    value shape: everything but its name."""
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    def arg(a):
+        return ("node", position[a]) if isinstance(a, torch.fx.Node) else a
+    return [(n.op, str(n.target), map_aggregate(n.args, arg), map_aggregate(n.kwargs, arg),
+             tuple((n.meta.get("nn_module_stack") or {}).items()), n.meta.get("stack_trace"),
+             _describe(n.meta.get("val"))) for n in graph.nodes]
+
+
+def device_constants(gm: torch.nn.Module) -> list[torch.device]:
+    """The ``torch.device`` constants baked into the arguments of every graph inside ``gm``."""
+    found = []
+    for module in gm.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                found += [v for v in (*node.args, *node.kwargs.values()) if isinstance(v, torch.device)]
+    return found

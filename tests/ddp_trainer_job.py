@@ -1,4 +1,4 @@
-"""Run by tests/test_ddp.py under ``torchrun --nproc_per_node=2``: fxpeft.Trainer with DDP trains
+"""Run by tests/integration/test_ddp.py under ``torchrun --nproc_per_node=2``: fxpeft.Trainer with DDP trains
 4 steps (checkpoints at 2 and 4), then resumes from step 2; each rank writes its adapter
 digests to ``<output>/rank<r>.json``."""
 

@@ -1,4 +1,4 @@
-"""Run by tests/test_fsdp.py under ``torchrun --nproc_per_node=2`` (gloo, CPU), and by the test
+"""Run by tests/integration/test_fsdp.py under ``torchrun --nproc_per_node=2`` (gloo, CPU), and by the test
 itself in one process: FSDP2's ``fully_shard`` on the whole adapted graph (one unit: the graph
 reads the layers' parameters directly and calls no submodule FSDP could hook), AdamW steps on
 this rank's half of each global batch, then ``fxpeft.save`` on every rank (it gathers the

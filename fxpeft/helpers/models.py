@@ -54,7 +54,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32,
                  quantization_config: Any = None) -> tuple[Any, Any]:
     """(model, tokenizer) for SmolLM2-135M-Instruct, in eval mode; ``quantization_config`` (a
     ``BitsAndBytesConfig``) quantizes it on load, on the CPU. Example (real weights, so not run
-    as a doctest; ``tests/test_real_smollm2.py`` runs it)::
+    as a doctest; ``tests/integration/test_real_smollm2.py`` runs it)::
 
         model, tokenizer = load_smollm2()
         assert model.config.num_hidden_layers == 30
@@ -80,7 +80,7 @@ def minilm_folder() -> Path:
 def load_minilm(num_labels: int = 2) -> tuple[Any, Any]:
     """(model, tokenizer) for all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) as a sequence
     classifier, in eval mode; its ``classifier`` head is new (random). Example (real weights,
-    so not run as a doctest; ``tests/test_real_minilm.py`` runs it)::
+    so not run as a doctest; ``tests/integration/test_real_minilm.py`` runs it)::
 
         model, tokenizer = load_minilm()
         assert model.config.num_hidden_layers == 6

@@ -1,17 +1,27 @@
 """The in-process capture cache: a hit gives the graph and outputs a fresh capture gives, bound to
 the new model's own parameters; anything that changes the graph misses."""
 
+import logging
+
 import pytest
 import torch
 
 import fxpeft
-from conftest import randomize_adapters, tiny_llama, token_batch
+from conftest import device_constants, graph_signature, randomize_adapters, tiny_llama, token_batch
 from fxpeft.capture import cache as capture_cache
 from fxpeft.capture.export import capture
 
 
 def signature(program):
     return [(n.op, str(n.target), len(n.args)) for n in program.graph.nodes]
+
+
+def from_the_cache(model, caplog) -> bool:
+    """Capture ``model``; whether the capture came from the cache (its debug log says so)."""
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="fxpeft"):
+        capture(model)
+    return any("from the capture cache" in r.getMessage() for r in caplog.records)
 
 
 @pytest.fixture(autouse=True)
@@ -55,18 +65,19 @@ def test_a_changed_config_structure_or_version_misses(monkeypatch):
     assert key != capture_cache.cache_key(model, {"input_ids": token_batch()})
 
 
-def test_the_cache_keeps_a_few_graphs():
-    for layers in range(1, capture_cache.MAX_ENTRIES + 3):
-        capture(tiny_llama(num_hidden_layers=layers))
-    assert len(capture_cache._ENTRIES) == capture_cache.MAX_ENTRIES
+def test_the_cache_keeps_the_latest_few_graphs(caplog):
+    depths = range(1, capture_cache.MAX_ENTRIES + 3)  # two more models than the cache holds
+    assert not any(from_the_cache(tiny_llama(num_hidden_layers=n), caplog) for n in depths)
+    latest = depths[-capture_cache.MAX_ENTRIES:]
+    assert all(from_the_cache(tiny_llama(num_hidden_layers=n), caplog) for n in reversed(latest))
+    assert not from_the_cache(tiny_llama(num_hidden_layers=depths[0]), caplog)  # the oldest went
 
 
-def test_a_replicated_capture_is_cached_like_a_full_one():
-    from test_capture_replicate import graph_signature
+def test_a_replicated_capture_is_cached_like_a_full_one(caplog):
     first = capture(tiny_llama(num_hidden_layers=4))  # replicated from 2 layers (fxpeft.capture.replicate)
     model = tiny_llama(num_hidden_layers=4)
+    assert from_the_cache(model, caplog)
     hit = capture(model)
-    assert len(capture_cache._ENTRIES) == 1
     assert graph_signature(hit.graph) == graph_signature(first.graph)
     assert hit.graph_module.get_parameter("model.layers.3.mlp.up_proj.weight") is \
         model.model.layers[3].mlp.up_proj.weight
@@ -76,7 +87,6 @@ def test_moving_one_graph_leaves_the_cached_capture_and_later_graphs_on_their_de
     """A forward with a ``no_grad`` region exports as a higher-order op whose body is a
     submodule; ``gm.to(device)`` rewrites that body's device constants, so every graph (and the
     cache) must own its copy."""
-    from test_devices import device_constants
 
     def with_no_grad_region():
         model = tiny_llama()

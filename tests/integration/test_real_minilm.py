@@ -2,14 +2,15 @@
 trains, and PEFT reads the folder it saves (classifier included) to the same logits."""
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import REPO_ROOT
+
 pytestmark = pytest.mark.real
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "sentiment_minilm.py"
+EXAMPLE = REPO_ROOT / "examples" / "sentiment_minilm.py"
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,12 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import fxpeft
+from conftest import REPO_ROOT
 
 pytestmark = pytest.mark.real
 
@@ -31,7 +31,7 @@ def test_rewrite_is_identity_at_init(smollm2):
 
 
 def test_example_runs_and_perplexity_drops(tmp_path):
-    script = Path(__file__).parents[1] / "examples" / "finetune_smollm2.py"
+    script = REPO_ROOT / "examples" / "finetune_smollm2.py"
     result = subprocess.run([sys.executable, str(script), "--steps", "3", "--seq-len", "64",
                              "--eval-blocks", "4", "--output", str(tmp_path / "adapter")],
                             capture_output=True, text=True, timeout=900)
@@ -47,7 +47,7 @@ def test_example_runs_and_perplexity_drops(tmp_path):
 def test_the_replicated_capture_is_the_full_capture(smollm2, monkeypatch, caplog):
     """The 30 layers come from an export of 2 (``fxpeft.capture.replicate``): the same graph, node for node."""
     import logging
-    from test_capture_replicate import graph_signature
+    from conftest import graph_signature
     from fxpeft.capture.export import capture
     model, _ = smollm2
     monkeypatch.setenv("FXPEFT_CAPTURE_CACHE", "0")

@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,6 +223,13 @@ def deadline(seconds: int, what: str):
         signal.signal(signal.SIGALRM, previous)
 
 
+def aside_of(folder: Path) -> Path:
+    """Where a save keeps the old folder between its two renames, the name the save protocol
+    documents (fxpeft/io/folders.py): ``.<name>.fxpeft-old`` beside it."""
+    folder = folder.resolve()
+    return folder.with_name(f".{folder.name}.fxpeft-old")
+
+
 def _complete(folder, gm) -> bool:
     return folder.is_dir() and sorted(p.name for p in folder.iterdir()) == FILES and \
         same_adapter(fxpeft.load(Net(), folder), gm)
@@ -242,7 +250,7 @@ def test_a_killed_save_leaves_the_old_or_the_new_adapter(tmp_path, monkeypatch, 
         outcomes.append("old" if same_adapter(loaded, old) else "new" if same_adapter(loaded, new)
                         else f"a mix after {steps[-1]}")
         on_disk = "old" if _complete(folder, old) else "new" if _complete(folder, new) else \
-            "old aside" if not folder.exists() and _complete(folders._aside(folder.resolve()), old) \
+            "old aside" if not folder.exists() and _complete(aside_of(folder), old) \
             else "?"
         assert on_disk in ("old", "new", "old aside"), (stop_at, steps[-1])
         states.add(on_disk)
@@ -275,7 +283,7 @@ def test_a_read_overlapping_a_save_sees_one_version(tmp_path, monkeypatch, old, 
 
 def test_load_falls_back_to_the_old_folder_between_the_two_renames(tmp_path, old):
     folder = fxpeft.save(old, tmp_path / "a")
-    os.rename(folder, folders._aside(folder.resolve()))  # a save killed between its renames
+    os.rename(folder, aside_of(folder))  # a save killed between its renames
     assert same_adapter(fxpeft.load(Net(), folder), old)
 
 

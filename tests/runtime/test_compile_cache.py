@@ -10,12 +10,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.callback import CallbackArgs, CallbackTrigger
 from torch._dynamo.utils import counters
 from torch._inductor.utils import fresh_cache
 
 import fxpeft
 from fxpeft.runtime import compile_cache
 from conftest import tiny_llama, token_batch
+
+
+COMPILE = CallbackArgs(CallbackTrigger.DYNAMO, "0/0")
+
+
+def compile_starts() -> None:
+    """What Dynamo runs as a compile starts: the callbacks registered with it, fxpeft's among them
+    once ``activate`` ran (as every rewrite and fuse runs it)."""
+    compile_cache.activate()
+    torch._dynamo.callback_handler.run_start_callbacks(COMPILE)
+
+
+def compile_ends() -> None:
+    torch._dynamo.callback_handler.run_end_callbacks(COMPILE)
 
 
 def _elf(path: Path, whole: bool = True) -> None:
@@ -128,13 +143,14 @@ def test_the_cache_never_fails_a_compile_and_is_off_with_0(tmp_path, monkeypatch
     monkeypatch.setenv("FXPEFT_COMPILE_CACHE", str(blocker / "store"))
     with fresh_cache():
         (Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "k.py").write_text("# new")
-        compile_cache._on_compile_start()
-        compile_cache._on_compile_end()  # cannot write under a file: logged, not raised
+        compile_starts()
+        compile_ends()  # cannot write under a file: logged, not raised
     monkeypatch.setenv("FXPEFT_COMPILE_CACHE", "0")
     assert not compile_cache.enabled()
     with fresh_cache():
         (Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "k.py").write_text("# new")
-        compile_cache._on_compile_end()
+        compile_starts()
+        compile_ends()
     assert not Path("0").exists() and blocker.read_text() == "not a folder"
 
 
@@ -142,9 +158,11 @@ def test_a_folder_no_compile_started_in_is_never_copied(tmp_path, monkeypatch):
     """A compile that ends in a folder it did not start in (the folder changed mid-way) keeps
     nothing: without a start time, all of a user's inductor cache would be copied."""
     monkeypatch.setenv("FXPEFT_COMPILE_CACHE", str(tmp_path / "store"))
-    with fresh_cache():
-        (Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "k.py").write_text("# old")
-        compile_cache._on_compile_end()
+    with fresh_cache():  # the compile starts in this folder
+        compile_starts()
+        with fresh_cache():  # and ends in another
+            (Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "k.py").write_text("# old")
+            compile_ends()
     assert not (tmp_path / "store").exists()
 
 

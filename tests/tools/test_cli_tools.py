@@ -12,11 +12,11 @@ from peft import AdaptionPromptConfig, IA3Config, LoraConfig, PeftConfig, get_pe
 from safetensors.torch import load_file
 
 import fxpeft
-from conftest import randomize_adapters, tiny_llama, token_batch
+from conftest import REPO_ROOT, randomize_adapters, tiny_llama, token_batch
 from fxpeft.tools.cli import main
 
 ATOL = 1e-5  # fp32, the same merged weights; only summation order may differ
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 
 
 @pytest.fixture(scope="module")

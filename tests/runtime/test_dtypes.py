@@ -5,14 +5,13 @@ Tolerance: both sides add an fp32 branch to the bf16 base output and round once 
 they agree to bf16 resolution; logits here are O(1), and bf16 carries 8 significant bits, so
 1e-2 bounds one rounding step of the base path."""
 
-from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import fxpeft
-from conftest import assert_only_adapters_get_grads, randomize_adapters, tiny_llama, token_batch
+from conftest import REPO_ROOT, assert_only_adapters_get_grads, randomize_adapters, tiny_llama, token_batch
 from fxpeft.names import adapter_node
 from fxpeft.kinds.lora import LoraParams
 from fxpeft.rules import Rule, Where
@@ -89,7 +88,7 @@ def test_merge_on_a_bf16_base_keeps_bf16_weights():
 
 
 @pytest.mark.parametrize("rules", ["lora_qv", "dora_qv", "ia3.toml", "llama_adapter.toml",
-                                   str(Path(__file__).parent.parent / "passes" / "prompt_tuning.toml")])
+                                   str(REPO_ROOT / "passes" / "prompt_tuning.toml")])
 def test_gm_to_bfloat16_after_rewriting_works_for_each_kind(rules):
     """A graph captured in fp32 cannot tell its fp32 upcasts from casts that follow the data,
     so converted it computes in bf16 throughout: its logits agree with the fp32 graph's, and

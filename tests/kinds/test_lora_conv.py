@@ -2,7 +2,6 @@
 CNN captured with symbolic_trace and with torch.export; PEFT's layout and numbers both ways."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,14 +9,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import fxpeft
-from conftest import (adapter_nodes, assert_only_adapters_get_grads, lora_branch_count,
+from conftest import (REPO_ROOT, adapter_nodes, assert_only_adapters_get_grads, lora_branch_count,
                       randomize_adapters, train)
 from fxpeft.capture.export import capture
 from fxpeft.runtime.emit import emit
 from fxpeft.rules import LoraParams, Rule, Where
 
 aten = torch.ops.aten
-RULES = Path(__file__).parent.parent / "passes" / "lora_conv.toml"
+RULES = REPO_ROOT / "passes" / "lora_conv.toml"
 ATOL = 1e-5  # fp32; PEFT's and fxpeft's convolutions run the same kernels
 CONVS = ["stem", "down", "point", "seq"]
 SHAPES = {"stem": ((8, 3, 3, 3), (8, 8, 1, 1)), "down": ((8, 8, 3, 3), (16, 8, 1, 1)),

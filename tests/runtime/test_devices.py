@@ -5,18 +5,8 @@ import pytest
 import torch
 
 import fxpeft
-from conftest import on_cuda, randomize_adapters, tiny_llama, token_batch, train
+from conftest import device_constants, on_cuda, randomize_adapters, tiny_llama, token_batch, train
 from fxpeft.runtime.adapted_module import move_device_constants
-
-
-
-def device_constants(gm):
-    found = []
-    for module in gm.modules():
-        if isinstance(module, torch.fx.GraphModule):
-            for node in module.graph.nodes:
-                found += [v for v in (*node.args, *node.kwargs.values()) if isinstance(v, torch.device)]
-    return found
 
 
 def test_moving_the_graph_moves_every_baked_device_constant():

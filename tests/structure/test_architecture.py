@@ -1,13 +1,15 @@
 """The shape of the code: no import cycles, and a kind registry that every consumer reads."""
 
 import ast
+import logging
 from pathlib import Path
 
 import networkx as nx
 
 import fxpeft
+from conftest import tiny_llama
 from fxpeft import registry
-from fxpeft.runtime.passes import default_passes
+from fxpeft.rules.loader import parse_rules
 
 PACKAGE = Path(fxpeft.__file__).parent
 
@@ -83,16 +85,51 @@ def test_names_is_a_leaf():
     assert list(import_graph().successors("fxpeft.names")) == []
 
 
-def test_every_kind_is_complete_and_drives_the_passes():
-    kinds = registry.all_kinds()
-    assert [p.name for p in default_passes()] == [k.name for k in kinds]
-    for kind in kinds:
+REQUIRED_PARAMS = {"adalora": "total_step = 10"}  # params a rule must give (no default)
+
+
+def rule_params(kind: registry.AdapterKind):
+    """The params a rule file saying ``rewrite = <kind>`` gets."""
+    text = (f'[[rule]]\nmatch = "{kind.sites[0]}"\nrewrite = "{kind.name}"\n'
+            f'[rule.params]\n{REQUIRED_PARAMS.get(kind.name, "")}\n')
+    return parse_rules(text, "kind.toml").rules[0].params
+
+
+def test_every_kind_is_complete():
+    for kind in registry.all_kinds():
         assert callable(kind.splice) and kind.components
         assert callable(kind.merge) or (isinstance(kind.merge, str) and kind.merge)
         if kind.params is not None:
             assert kind.params.kind == kind.name and kind.sites
-            assert registry.rewrite_kinds()[kind.name] is kind.params
+            assert type(rule_params(kind)) is kind.params  # the rule loader reads the registry
         assert len(set(kind.components)) == len(kind.components)  # kinds may share (DoRA: LoRA's A, B)
+
+
+# Rules in the reverse of the pass order: the passes still run in registration order
+# (fxpeft/kinds/builtin.py's BUILTIN), one per kind that has matches.
+RULES_AGAINST_PASS_ORDER = """
+[[rule]]
+match = "attention"
+rewrite = "adaption_prompt"
+[[rule]]
+match = "linear"
+rewrite = "ia3"
+[rule.where]
+path = ['k_proj$']
+[[rule]]
+match = "linear"
+rewrite = "lora"
+[rule.where]
+path = ['q_proj$']
+"""
+
+
+def test_the_kinds_passes_run_in_registration_order_whatever_the_rule_order(caplog):
+    with caplog.at_level(logging.INFO, logger="fxpeft"):
+        fxpeft.rewrite(tiny_llama(), parse_rules(RULES_AGAINST_PASS_ORDER))
+    ran = [r.getMessage().split()[2].rstrip(":") for r in caplog.records
+           if r.getMessage().startswith("fxpeft pass ")]
+    assert ran == ["lora", "ia3", "adaption_prompt"]
 
 
 def test_no_consumer_lists_kinds_by_hand():

@@ -7,12 +7,11 @@ import logging
 
 import pytest
 import torch
-from torch.fx.node import map_aggregate
 
 import fxpeft
-from conftest import (randomize_adapters, tiny_gemma, tiny_gpt2, tiny_llama, tiny_mistral, tiny_opt,
-                      tiny_qwen2, token_batch)
-from fxpeft.capture import cache as capture_cache, replicate
+from conftest import (graph_signature, randomize_adapters, tiny_gemma, tiny_gpt2, tiny_llama, tiny_mistral,
+                      tiny_opt, tiny_qwen2, token_batch)
+from fxpeft.capture import replicate
 from fxpeft.generation import decode_graph
 from fxpeft.graph.targets import fetch
 from fxpeft.capture.export import capture
@@ -32,23 +31,6 @@ FAMILIES = {
 @pytest.fixture(autouse=True)
 def no_capture_cache(monkeypatch):
     monkeypatch.setenv("FXPEFT_CAPTURE_CACHE", "0")  # each capture here must really capture
-
-
-def _describe(value):
-    if isinstance(value, torch.Tensor):
-        return str(tuple(value.shape)), value.dtype
-    return repr(value)
-
-
-def graph_signature(graph: torch.fx.Graph) -> list[tuple]:
-    """Each node's op, target, arguments (nodes by position), module stack, stack trace and
-    value shape: everything but its name."""
-    position = {node: i for i, node in enumerate(graph.nodes)}
-    def arg(a):
-        return ("node", position[a]) if isinstance(a, torch.fx.Node) else a
-    return [(n.op, str(n.target), map_aggregate(n.args, arg), map_aggregate(n.kwargs, arg),
-             tuple((n.meta.get("nn_module_stack") or {}).items()), n.meta.get("stack_trace"),
-             _describe(n.meta.get("val"))) for n in graph.nodes]
 
 
 def captured(model, monkeypatch, replicated: bool, caplog):
@@ -169,8 +151,8 @@ def _decode(gm, replicated: bool, monkeypatch, caplog):
         tokens = fxpeft.generate(gm, token_batch()[:2, :5], max_new_tokens=5)
     messages = " ".join(r.message for r in caplog.records)
     assert ("decode graph: replicated from 2" in messages) == replicated, messages
-    (decoder,) = decode_graph._DECODERS[gm].values()
-    return tokens, decoder
+    assert len(decode_graph.cached_keys(gm)) == 1
+    return tokens, decode_graph.decoder_for(gm, 2, 10)  # the one generate built (5 + 5 tokens)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -192,13 +174,16 @@ def test_each_decode_graph_owns_its_kv_cache(monkeypatch):
     """Two adapted copies of one model share the capture cache's graph, not their KV caches."""
     monkeypatch.setenv("FXPEFT_CAPTURE_CACHE", "1")
     first, second = (fxpeft.rewrite(tiny_llama(num_hidden_layers=4), "lora_qv") for _ in range(2))
+    randomize_adapters(first, seed=1), randomize_adapters(second, seed=2)
+    prompt = token_batch()[:2, :5]
+    alone = fxpeft.generate(first, prompt, max_new_tokens=4)
     for gm in (first, second):  # the second decode graph comes from the capture cache
-        fxpeft.generate(gm, token_batch()[:2, :5], max_new_tokens=2)
-    decoders = [next(iter(decode_graph._DECODERS[gm].values())) for gm in (first, second)]
+        fxpeft.generate(gm, prompt, max_new_tokens=4)
+    decoders = [decode_graph.decoder_for(gm, 2, 9) for gm in (first, second)]  # the ones built
+    assert all(len(decode_graph.cached_keys(gm)) == 1 for gm in (first, second))
     for target in ("fxpeft_kv_keys_0", "fxpeft_kv_values_3", "fxpeft_kv_length"):
         assert fetch(decoders[0], target) is not fetch(decoders[1], target)
-    assert not any(name.startswith("fxpeft_kv") for entry in capture_cache._ENTRIES.values()
-                   for name in entry.constants)
+    assert torch.equal(fxpeft.generate(first, prompt, max_new_tokens=4), alone)  # its own cache
 
 
 def test_a_decode_graph_whose_last_layer_reads_another_cache_is_exported_whole(monkeypatch, caplog):

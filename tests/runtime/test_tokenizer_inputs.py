@@ -1,5 +1,5 @@
 """``gm(**tokenizer(texts, padding=True, return_tensors="pt"))`` on RoBERTa, T5 and Llama graphs
-(BERT: tests/test_reliability.py), with and without each optional input, against the eager model.
+(BERT: tests/runtime/test_reliability.py), with and without each optional input, against the eager model.
 
 No tokenizer is loaded (offline): the batches are shaped as each family's tokenizer returns them,
 padded with the config's pad id where the mask is 0 (right padding, and left padding for Llama

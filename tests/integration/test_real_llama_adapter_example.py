@@ -3,15 +3,16 @@ LLaMA-Adapter steps, greedy answers before and after, the adapter and its loss c
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+
+from conftest import REPO_ROOT
 
 pytestmark = pytest.mark.real
 
 
 def test_example_trains_and_answers(tmp_path):
-    script = Path(__file__).parents[1] / "examples" / "llama_adapter_smollm2.py"
+    script = REPO_ROOT / "examples" / "llama_adapter_smollm2.py"
     result = subprocess.run([sys.executable, str(script), "--steps", "2", "--batch-size", "2",
                              "--eval-blocks", "2", "--show", "1",
                              "--output", str(tmp_path / "adapter")],

@@ -1,13 +1,12 @@
 """Prompt tuning: the graph it builds, switching it off (a shorter sequence), training, and
 parity with PEFT's PromptTuningConfig both ways through the folder format, on Llama and T5."""
 
-from pathlib import Path
 
 import pytest
 import torch
 
 import fxpeft
-from conftest import (VOCAB, adapter_nodes, assert_only_adapters_get_grads, emitted_base, tiny_bert,
+from conftest import (REPO_ROOT, VOCAB, adapter_nodes, assert_only_adapters_get_grads, emitted_base, tiny_bert,
                       tiny_gemma, tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2, tiny_t5, token_batch,
                       train)
 from fxpeft.errors import FxpeftError, PassError, RuleError
@@ -17,7 +16,7 @@ from fxpeft.kinds.prompt_tuning import (PromptTuningParams, place_prompt, prepen
 from fxpeft.names import adapter_node
 from fxpeft.rules import Rule
 
-RULES = str(Path(__file__).parent.parent / "passes" / "prompt_tuning.toml")
+RULES = str(REPO_ROOT / "passes" / "prompt_tuning.toml")
 BUILDERS = {"llama": tiny_llama, "t5": tiny_t5}
 TASKS = {"llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 INITS = ["RANDOM", "SAMPLE_VOCAB", "TEXT"]

@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT
+
+ROOT = REPO_ROOT  # the checkout, for examples/ and tests/ (the torchrun jobs)
 EXAMPLE = ROOT / "examples" / "ddp_smollm2.py"
 FLAGS = ["--tiny", "--steps", "8", "--batch-size", "8", "--seq-len", "16", "--lr", "1e-2",
          "--eval-blocks", "4"]

@@ -1,6 +1,8 @@
 """The ``causal_mask`` fuse pass: causal SDPA instead of a built 4-D mask when the caller's mask
 is absent or all ones; the built mask, exactly as before, when it has zeros."""
 
+from copy import deepcopy
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
@@ -106,11 +108,10 @@ def test_switchable_and_compiles_once_with_and_once_without_a_mask():
 def test_a_mask_read_by_anything_but_sdpa_is_left_alone():
     """The submodule returns None for an all-ones mask: only SDPA knows to run causal then."""
     from fxpeft.transforms.causal_mask import causal_mask
-    from fxpeft.transforms.fuse import _copy
     gm = fxpeft.rewrite(tiny_llama(), "lora_qv", dropout=0.0)
-    copy = _copy(gm)
+    copy = deepcopy(gm)  # an independent graph to edit
     sdpa = next(n for n in copy.graph.nodes if n.target == aten.scaled_dot_product_attention.default)
     with copy.graph.inserting_after(sdpa.args[3]):
         copy.graph.call_function(aten.logical_not.default, (sdpa.args[3],))
     assert causal_mask(copy) == 0
-    assert causal_mask(_copy(gm)) == 2
+    assert causal_mask(deepcopy(gm)) == 2

@@ -2,7 +2,6 @@
 folder format, on a tiny Llama's ``embed_tokens`` and a tiny BERT's ``word_embeddings``."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,14 +9,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import fxpeft
-from conftest import (adapter_nodes, assert_only_adapters_get_grads, emitted_base, lora_branch_count,
-                      randomize_adapters, tiny_bert, tiny_llama, token_batch, train)
+from conftest import (REPO_ROOT, adapter_nodes, assert_only_adapters_get_grads, emitted_base,
+                      lora_branch_count, randomize_adapters, tiny_bert, tiny_llama, token_batch, train)
 from fxpeft.tools.cli import main
 from fxpeft.graph.gates import GATE_META
 from fxpeft.rules import LoraParams, Rule, Where
 
 aten = torch.ops.aten
-RULES = Path(__file__).parent.parent / "passes" / "lora_embeddings.toml"
+RULES = REPO_ROOT / "passes" / "lora_embeddings.toml"
 ATOL = 1e-5  # fp32 through different but equivalent op orders (PEFT: matmul; fxpeft: linear)
 MODELS = {"llama": (tiny_llama, "model.embed_tokens"),
           "bert": (tiny_bert, "bert.embeddings.word_embeddings")}

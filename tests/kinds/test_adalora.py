@@ -2,19 +2,18 @@
 rank allocation and files (both ways), training, merging, and its errors."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import fxpeft
-from conftest import (adapter_nodes, assert_only_adapters_get_grads, emitted_base, tiny_gpt2,
+from conftest import (REPO_ROOT, adapter_nodes, assert_only_adapters_get_grads, emitted_base, tiny_gpt2,
                       tiny_llama, token_batch)
 from fxpeft.kinds.adalora import AdaLoraParams, allocator
 from fxpeft.formats.peft_format import PeftFormatError
 from fxpeft.rules import Rule, Where
 
-RULES = Path(__file__).parents[1] / "passes" / "adalora_qv.toml"  # bundled as "adalora_qv.toml"
+RULES = REPO_ROOT / "passes" / "adalora_qv.toml"  # bundled as "adalora_qv.toml"
 SITES = [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv"]
 KNOBS = dict(init_r=6, target_r=2, tinit=1, tfinal=2, total_step=10)
 PEFT_KNOBS = dict(KNOBS, lora_alpha=8, lora_dropout=0.0)
