@@ -9,6 +9,7 @@ from pathlib import Path
 
 import networkx as nx
 
+from conftest import REPO_ROOT
 from test_architecture import PACKAGE, import_graph
 
 # Bottom first. A layer may import only layers before it.
@@ -77,7 +78,7 @@ def test_no_engine_layer_imports_the_helpers():
 
 
 def test_pyproject_lists_every_package():
-    config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     listed = set(config["tool"]["setuptools"]["packages"])
     folders = {".".join(("fxpeft", *p.parent.relative_to(PACKAGE).parts)).rstrip(".")
                for p in PACKAGE.rglob("__init__.py")}
