@@ -11,6 +11,8 @@ HF PEFT's layout; ``generate`` decodes with a KV cache.
 
 from fxpeft.errors import CaptureError, FxpeftError, MatchError, PassError, RuleError
 from fxpeft.generation.decoding import generate
+from fxpeft.generation import hf_generate  # noqa: F401  provides gm.generate
+from fxpeft.io import checkpoints  # noqa: F401  provides gm.save_pretrained
 from fxpeft.graph.params import adapter_state_dict
 from fxpeft.io.serialize import AdapterFileError, load, save
 from fxpeft.runtime.adapted_module import AdaptedModule

@@ -22,6 +22,7 @@ import torch.fx
 from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
 
 from fxpeft.graph.targets import fetch, has_target, place
+from fxpeft.capture.hf import face_of
 from fxpeft.capture.program import CaptureInfo, Program, copy_graph
 
 _ENTRIES: "OrderedDict[Hashable, CachedGraph]" = OrderedDict()
@@ -59,7 +60,7 @@ def cache_key(model: torch.nn.Module, inputs: dict[str, Any]) -> Hashable:
 def store(key: Hashable, model: torch.nn.Module, program: Program) -> None:
     """Keep a copy of ``program``'s graph (before emit changes it) and its constants."""
     _ENTRIES[key] = CachedGraph(copy_graph(program.graph), _own(constants(program.graph_module, model)),
-                                replace(program.info, config=None))
+                                replace(program.info, config=None, hf=None))
     _ENTRIES.move_to_end(key)
     while len(_ENTRIES) > MAX_ENTRIES:
         _ENTRIES.popitem(last=False)
@@ -71,7 +72,8 @@ def lookup(key: Hashable, model: torch.nn.Module) -> Program | None:
     if cached is None:
         return None
     _ENTRIES.move_to_end(key)
-    info = replace(cached.info, config=model.config, training=model.training)
+    info = replace(cached.info, config=model.config, training=model.training,
+                   hf=face_of(model) if cached.info.inputs else None)
     return Program(bind(copy_graph(cached.graph), _own(cached.constants), model), info)
 
 

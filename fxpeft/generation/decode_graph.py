@@ -82,7 +82,11 @@ def decoder_for(gm: AdaptedModule, batch: int, length: int) -> AdaptedModule:
            tuple((name, id(rec)) for name, rec in adapter_records(gm).items()))
     built = _DECODERS.setdefault(gm, OrderedDict())
     if key not in built:
-        built[key] = _build(gm, batch, key[1], dtype, device)
+        # building splices (and so initialises) adapters whose tensors are then the training
+        # graph's: it must not move the caller's random state, or a seeded sampling run would
+        # draw differently on a graph's first generate than on later ones
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            built[key] = _build(gm, batch, key[1], dtype, device)
         while len(built) > MAX_DECODERS:
             built.popitem(last=False)
     built.move_to_end(key)
