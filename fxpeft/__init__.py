@@ -11,7 +11,8 @@ from typing import Any
 from fxpeft import rules
 from fxpeft.api import (AdaptedModule, AdapterFileError, CaptureError, FxpeftError, MatchError,
                         PassError, RuleError, adapter_state_dict, add_adapter, explain, fuse,
-                        generate, load, merge, merge_into, rewrite, save, trainable_parameters)
+                        generate, load, merge, merge_into, reference_model, rewrite, save,
+                        trainable_parameters)
 from fxpeft.api import __all__ as _public
 from fxpeft.kinds import builtin  # noqa: F401  registers the adapter kinds
 

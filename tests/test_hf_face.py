@@ -113,14 +113,14 @@ def test_gradient_checkpointing_enable_runs_the_checkpointed_copy_with_the_same_
     plain = _loss_and_grads(gm, batch)
     gm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     assert gm.is_gradient_checkpointing and gm.is_activation_checkpointing
-    copy = gm.forward.__self__ is gm and fxpeft.transforms.fuse.checkpointed_copy(gm)
+    copy = fxpeft.transforms.fuse.checkpointed_copy(gm)
     assert len(copy.get_submodule("_fxpeft_checkpointed")._modules) == 2  # one region per layer
     checked = _loss_and_grads(gm, batch)
     assert torch.equal(plain[0], checked[0])  # dropout masks recompute the same
     for name, grad in plain[1].items():
         torch.testing.assert_close(checked[1][name], grad, rtol=0, atol=1e-7)
     gm.gradient_checkpointing_disable()
-    assert not gm.is_gradient_checkpointing and "forward" not in gm.__dict__
+    assert not gm.is_gradient_checkpointing
     with pytest.raises(fxpeft.FxpeftError, match="^AdaptedLlamaForCausalLM.gradient_checkpointing_enable: offload"):
         gm.activation_checkpointing_enable(offload=True)
 
@@ -231,3 +231,18 @@ def test_what_generate_cannot_honour_is_a_one_line_error_naming_it(knob, shown):
         gm.generate(**batch, **knob)
     assert str(caught.value).startswith("generate: ") and shown in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_base_model_returns_the_head_input_and_refuses_an_adapted_head():
+    model = tiny_llama()
+    gm = _perturbed(fxpeft.rewrite(model, "lora_qv.toml"))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    backbone = gm.base_model
+    hidden = backbone(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(model.lm_head(hidden), gm(ids).logits, rtol=0, atol=1e-6)
+    assert backbone is gm.base_model and not any("lm_head" in str(n.target) for n in backbone.graph.nodes)
+    kept = fxpeft.rewrite(tiny_llama(), "lora_qv.toml", modules_to_save=["lm_head"])
+    with pytest.raises(fxpeft.FxpeftError, match=r"^AdaptedLlamaForCausalLM.base_model: adapter 'default' adapts the LM head"):
+        kept.base_model
+    with pytest.raises(AttributeError, match="base_model: fxpeft builds it for causal LMs"):
+        fxpeft.rewrite(tiny_bert(), Rule(where=Where(path=[r"\.(query|value)$"]))).base_model

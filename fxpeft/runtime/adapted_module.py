@@ -14,7 +14,7 @@ import torch
 import torch.fx
 
 from fxpeft.runtime import apply as adapt, compile_cache
-from fxpeft.runtime.hf_face import HfModelFace
+from fxpeft.runtime.hf_face import HfModelFace, checkpoint_switch
 from fxpeft.graph import records as adapter_set, gates
 from fxpeft.kinds import adalora
 from fxpeft.names import OUTPUT_MODULE, is_fxpeft_node
@@ -40,6 +40,13 @@ class AdaptedModule(HfModelFace, torch.fx.GraphModule):
         self.register_forward_pre_hook(gates.index_sample_names, with_kwargs=True)
         self.register_forward_pre_hook(gates.refuse_dropped_adapters)
         compile_cache.activate()  # a first torch.compile in a fresh inductor folder starts warm
+
+    def recompile(self) -> Any:
+        """``GraphModule.recompile``; the generated ``forward`` then runs the checkpointed copy
+        while ``gradient_checkpointing_enable()`` is on (``hf_face.checkpoint_switch``)."""
+        result = super().recompile()
+        type(self).forward = checkpoint_switch(type(self).forward)
+        return result
 
     def _deepcopy_init(self) -> Any:
         return AdaptedModule.__init__  # GraphModule's would drop the pre-hook

@@ -19,8 +19,8 @@ switches to live in layers above this one; they register themselves (``registry.
 from __future__ import annotations
 
 import dataclasses
-import types
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import torch
 import torch.fx
@@ -34,7 +34,7 @@ REQUIRE_GRAD_META = "fxpeft_require_grad"  # the node enable_input_require_grads
 CHECKPOINTING = "_fxpeft_checkpointing"  # instance flag: forward runs the checkpointed copy
 # Attributes that exist only for a transformers model's graph; elsewhere an AttributeError
 # that says why (``__getattr__`` re-raises it, as Python falls back there from a property).
-HF_ONLY = ("config", "generation_config", "name_or_path", "main_input_name", "dtype")
+HF_ONLY = ("config", "generation_config", "name_or_path", "main_input_name", "dtype", "base_model")
 
 
 class FaceAttributeError(FxpeftError, AttributeError):
@@ -53,10 +53,26 @@ def require_grad(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _checkpointed_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-    """``forward`` while checkpointing is on: the checkpointed copy's (``fxpeft.fuse`` keeps one
-    per state of the graph: ``add_adapter`` or ``to`` make a new one)."""
-    return provided("checkpointed_copy")(self).forward(*args, **kwargs)
+def checkpoint_switch(generated: Callable[..., Any]) -> Callable[..., Any]:
+    """The graph's generated ``forward``, wrapped so that while checkpointing is on it runs the
+    checkpointed copy's (``fxpeft.fuse`` keeps one per state of the graph: ``add_adapter`` or
+    ``to`` make a new one). It is the class's ``forward``, so a caller that wraps ``forward``
+    (TRL's fused LM head) still reaches it; its signature is the generated one.
+
+    >>> def forward(self, input_ids, labels=None): return "plain"
+    >>> import inspect; str(inspect.signature(checkpoint_switch(forward)))
+    '(self, input_ids, labels=None)'
+    """
+    if getattr(generated, "__wrapped__", None) is not None and getattr(generated, "_fxpeft_switch", False):
+        return generated
+
+    @functools.wraps(generated)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.__dict__.get(CHECKPOINTING):
+            return provided("checkpointed_copy")(self).forward(*args, **kwargs)
+        return generated(self, *args, **kwargs)
+    forward._fxpeft_switch = True
+    return forward
 
 
 class HfModelFace:
@@ -75,7 +91,7 @@ class HfModelFace:
 
     def __getattr__(self, name: str) -> Any:
         if name in HF_ONLY:  # the property raised: raise its message, not Module's
-            self._hf(name)
+            return getattr(HfModelFace, name).fget(self)
         return super().__getattr__(name)
 
     @property
@@ -135,7 +151,22 @@ class HfModelFace:
     def get_output_embeddings(self) -> "torch.nn.Module | None":
         """The module holding the LM head's weight; None where the model has no LM head (as HF)."""
         path = self._hf("get_output_embeddings").output_embeddings
-        return None if path is None else self.get_submodule(path)
+        if path is None:
+            return None
+        head = self.get_submodule(path)
+        if "bias" not in head._parameters and not hasattr(head, "bias"):
+            head.register_parameter("bias", None)  # as nn.Linear(bias=False): callers read it
+        return head
+
+    @property
+    def base_model(self) -> torch.nn.Module:
+        """The graph without its LM head, returning ``last_hidden_state``: what TRL's fused LM
+        head calls (``fxpeft.transforms.backbone``)."""
+        head = self._hf("base_model").output_embeddings
+        if head is None:
+            raise FaceAttributeError(f"{type(self).__name__}.base_model: fxpeft builds it for "
+                                     f"causal LMs (a graph with an LM head); this one has none")
+        return provided("backbone")(self, head, self.is_gradient_checkpointing)
 
     # -- enable_input_require_grads: a node after the input embedding lookup -----------------------
 
@@ -189,12 +220,9 @@ class HfModelFace:
                               f"activations stay on the device)")
         provided("checkpointed_copy")(self)  # now: a graph the pass cannot split fails here
         self.__dict__[CHECKPOINTING] = True
-        # a bound method, not a closure: copy.deepcopy binds it to the copy
-        self.__dict__["forward"] = types.MethodType(_checkpointed_forward, self)
 
     def gradient_checkpointing_disable(self) -> None:
         self.__dict__.pop(CHECKPOINTING, None)
-        self.__dict__.pop("forward", None)
 
     activation_checkpointing_disable = gradient_checkpointing_disable
 
@@ -203,6 +231,11 @@ class HfModelFace:
         return bool(self.__dict__.get(CHECKPOINTING))
 
     is_activation_checkpointing = is_gradient_checkpointing
+
+    def add_model_tags(self, tags: "str | list[str]") -> None:
+        """HF's model-card tags (TRL adds ``trl``, ``sft``): kept in ``model_tags``."""
+        known = self.__dict__.setdefault("model_tags", [])
+        known.extend(t for t in ([tags] if isinstance(tags, str) else tags) if t not in known)
 
     # -- what upper layers do ---------------------------------------------------------------------
 
