@@ -11,21 +11,24 @@ from typing import Any
 from fxpeft import rules
 from fxpeft.api import (AdaptedModule, AdapterFileError, CaptureError, FxpeftError, MatchError,
                         PassError, RuleError, adapter_state_dict, add_adapter, explain, fuse,
-                        generate, load, merge, merge_into, rewrite, save, trainable_parameters)
+                        generate, load, merge, merge_into, reference_model, rewrite, save,
+                        trainable_parameters)
 from fxpeft.api import __all__ as _public
 from fxpeft.kinds import builtin  # noqa: F401  registers the adapter kinds
 
-__all__ = [*_public, "rules", "Trainer"]
+__all__ = [*_public, "rules", "Trainer", "AdapterCheckpoints", "with_adapter_checkpoints"]
+_TRAINER_NAMES = ("Trainer", "AdapterCheckpoints", "with_adapter_checkpoints")
 
 
 def __getattr__(name: str) -> Any:
-    """``fxpeft.Trainer`` (``fxpeft.tools.trainer``) imports ``transformers.Trainer``, which takes
-    seconds: only when asked for.
+    """``fxpeft.Trainer``, ``fxpeft.AdapterCheckpoints`` and ``fxpeft.with_adapter_checkpoints``
+    (``fxpeft.tools.trainer``) import ``transformers.Trainer``, which takes seconds: only when
+    asked for.
 
     >>> import fxpeft
     >>> fxpeft.Trainer.__module__
     'fxpeft.tools.trainer'
     """
-    if name == "Trainer":
-        return importlib.import_module("fxpeft.tools.trainer").Trainer
+    if name in _TRAINER_NAMES:
+        return getattr(importlib.import_module("fxpeft.tools.trainer"), name)
     raise AttributeError(f"module 'fxpeft' has no attribute {name!r}")

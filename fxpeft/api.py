@@ -11,14 +11,18 @@ HF PEFT's layout; ``generate`` decodes with a KV cache.
 
 from fxpeft.errors import CaptureError, FxpeftError, MatchError, PassError, RuleError
 from fxpeft.generation.decoding import generate
+from fxpeft.generation import hf_generate  # noqa: F401  provides gm.generate
+from fxpeft.io import checkpoints  # noqa: F401  provides gm.save_pretrained
 from fxpeft.graph.params import adapter_state_dict
 from fxpeft.io.serialize import AdapterFileError, load, save
 from fxpeft.runtime.adapted_module import AdaptedModule
 from fxpeft.runtime.rewrite import add_adapter, explain, rewrite, trainable_parameters
 from fxpeft.transforms.fuse import fuse
+from fxpeft.transforms import backbone  # noqa: F401  provides gm.base_model
 from fxpeft.transforms.merge import merge, merge_into
+from fxpeft.transforms.reference import reference_model
 
 __all__ = ["AdaptedModule", "AdapterFileError", "CaptureError", "FxpeftError", "MatchError",
            "PassError", "RuleError", "adapter_state_dict", "add_adapter", "explain", "fuse",
-           "generate", "load", "merge", "merge_into", "rewrite", "save",
+           "generate", "load", "merge", "merge_into", "reference_model", "rewrite", "save",
            "trainable_parameters"]

@@ -209,3 +209,33 @@ def values_from_file() -> Iterator[None]:
 def initialising() -> bool:
     """Whether a splice must initialise its parameters (False inside ``values_from_file``)."""
     return not _FROM_FILE.get()
+
+
+# --- the graph's HF-model face: what upper layers provide ---------------------------------------
+# ``AdaptedModule`` (``fxpeft.runtime``) answers ``generate``, ``save_pretrained`` and
+# ``gradient_checkpointing_enable``, whose work lives in layers above it (generation, io,
+# transforms). Each of those registers its entry here when imported (``import fxpeft`` imports
+# them all), so imports still point only down the layers.
+
+_PROVIDED: dict[str, Callable[..., Any]] = {}
+
+
+def provide(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register the function that does ``name`` for ``AdaptedModule``'s face.
+
+    >>> @provide("_doc_example")
+    ... def twice(x): return 2 * x
+    >>> provided("_doc_example")(4)
+    8
+    """
+    def register_function(function: Callable[..., Any]) -> Callable[..., Any]:
+        _PROVIDED[name] = function
+        return function
+    return register_function
+
+
+def provided(name: str) -> Callable[..., Any]:
+    """The function registered for ``name``; a one-line error when none is (a partial import)."""
+    if name not in _PROVIDED:
+        raise FxpeftError(f"{name}: nothing provides it; import fxpeft (not only fxpeft.runtime)")
+    return _PROVIDED[name]

@@ -98,6 +98,35 @@ def tiny_t5():
                                                pad_token_id=0)).eval()
 
 
+WORD_SPECIALS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "[UNK]": 3}
+
+
+def word_tokenizer(padding_side: str = "left"):
+    """A word-level tokenizer over the tiny models' vocabulary, built offline: ``w4`` ... are
+    tokens 4 ..., with pad, eos, bos and unk specials; texts are words separated by spaces.
+
+    >>> word_tokenizer()("w5 w6")["input_ids"]
+    [5, 6]
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {**WORD_SPECIALS, **{f"w{i}": i for i in range(len(WORD_SPECIALS), VOCAB - 1)},
+             "abcdef": VOCAB - 1}  # the prefix transformers' StopStringCriteria tokenizes
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>", unk_token="[UNK]", padding_side=padding_side)
+
+
+def word_texts(count: int, words: int = 8, seed: int = 0) -> list[str]:
+    """``count`` texts of up to ``words`` random words of ``word_tokenizer``."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max(2, words // 2), words + 1, (count,), generator=generator)
+    return [" ".join(f"w{int(i)}" for i in torch.randint(len(WORD_SPECIALS), VOCAB - 1, (int(n),), generator=generator))
+            for n in lengths]
+
+
 def token_batch(batch: int = 3, seq: int = 11, seed: int = 1) -> torch.Tensor:
     return torch.randint(2, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 

@@ -22,6 +22,7 @@ from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_modu
 
 from fxpeft.graph.targets import fetch, has_target, place
 from fxpeft.graph.bounded_cache import BoundedCache
+from fxpeft.capture.hf import face_of
 from fxpeft.capture.program import CaptureInfo, Program, copy_graph
 
 MAX_ENTRIES = 4
@@ -59,7 +60,7 @@ def cache_key(model: torch.nn.Module, inputs: dict[str, Any]) -> Hashable:
 def store(key: Hashable, model: torch.nn.Module, program: Program) -> None:
     """Keep a copy of ``program``'s graph (before emit changes it) and its constants."""
     _ENTRIES.keep(key, CachedGraph(copy_graph(program.graph), _own(constants(program.graph_module, model)),
-                                   replace(program.info, config=None)))
+                                   replace(program.info, config=None, hf=None)))
 
 
 def lookup(key: Hashable, model: torch.nn.Module) -> Program | None:
@@ -67,7 +68,8 @@ def lookup(key: Hashable, model: torch.nn.Module) -> Program | None:
     cached = _ENTRIES.recall(key)
     if cached is None:
         return None
-    info = replace(cached.info, config=model.config, training=model.training)
+    info = replace(cached.info, config=model.config, training=model.training,
+                   hf=face_of(model) if cached.info.inputs else None)
     return Program(bind(copy_graph(cached.graph), _own(cached.constants), model), info)
 
 

@@ -192,7 +192,7 @@ def _hf_program(model: torch.nn.Module, exported: torch.export.ExportedProgram,
     tidy_export(root)
     first = next(iter(root.graph.find_nodes(op="placeholder")))
     info = CaptureInfo(type(model).__name__, "export", names, model.config, root._out_spec,
-                       _max_sequence(exported, first), model.training)
+                       _max_sequence(exported, first), model.training, hf.face_of(model))
     return Program(root, info)
 
 

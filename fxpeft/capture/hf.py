@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from fxpeft.capture.program import HfFace
+
 
 def is_hf_model(model: torch.nn.Module) -> bool:
     try:
@@ -59,3 +61,22 @@ def dynamic_shapes(inputs: dict[str, Any]) -> dict[str, Any]:
             for name, t in inputs.items()}
 
 
+
+
+def face_of(model: torch.nn.Module) -> HfFace:
+    """The HF face of ``model``: its own ``generation_config``, ``main_input_name``, the paths of
+    its input and output embeddings, and whether its class can generate.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                          num_attention_heads=2, vocab_size=32))
+    >>> face = face_of(model)
+    >>> face.input_embeddings, face.output_embeddings, face.can_generate, face.generation_config is model.generation_config
+    ('model.embed_tokens', 'lm_head', True, True)
+    """
+    paths = {id(module): name for name, module in model.named_modules()}
+    embeddings = [getattr(model, f"get_{side}_embeddings", lambda: None)() for side in ("input", "output")]
+    can_generate = getattr(type(model), "can_generate", lambda: False)()
+    return HfFace(getattr(model, "generation_config", None), getattr(model, "main_input_name", "input_ids"),
+                  *(paths.get(id(module)) if module is not None else None for module in embeddings),
+                  bool(can_generate) and not getattr(model.config, "is_encoder_decoder", False))

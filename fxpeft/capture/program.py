@@ -69,12 +69,26 @@ def shell_module(module: torch.nn.Module) -> torch.nn.Module:
 
 
 @dataclass(frozen=True)
+class HfFace:
+    """What an HF model answers that its graph answers too (``AdaptedModule``'s HF face):
+    its own ``generation_config`` object (not a copy), ``main_input_name``, the module paths of
+    its input and output embeddings (None where it has none), and whether its class generates."""
+
+    generation_config: Any = None
+    main_input_name: str = "input_ids"
+    input_embeddings: str | None = None
+    output_embeddings: str | None = None
+    can_generate: bool = False
+
+
+@dataclass(frozen=True)
 class CaptureInfo:
     """What capture learned about the model, kept on the emitted graph (``gm.capture_info``).
 
     ``inputs``: the captured input names (HF graphs); ``config``: the model's config;
     ``out_spec``, ``max_seq``: the output tree and the longest sequence the export allows;
-    ``training``: the model's mode when captured (the emitted graph starts in it).
+    ``training``: the model's mode when captured (the emitted graph starts in it); ``hf``: the
+    model's HF face (``HfFace``), None for a model that is not a transformers model.
     """
 
     model_class: str
@@ -84,6 +98,7 @@ class CaptureInfo:
     out_spec: Any = None
     max_seq: int | None = None
     training: bool = False
+    hf: HfFace | None = None
 
 
 @dataclass

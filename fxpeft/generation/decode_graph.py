@@ -81,7 +81,16 @@ def decoder_for(gm: AdaptedModule, batch: int, length: int) -> AdaptedModule:
     key = (batch, cache_length(length), dtype, device,
            tuple((name, id(rec)) for name, rec in adapter_records(gm).items()))
     built = _DECODERS.setdefault(gm, BoundedCache(MAX_DECODERS))
-    return built.get_or_build(key, lambda: _build(gm, batch, key[1], dtype, device))
+    return built.get_or_build(key, lambda: _built_keeping_the_random_state(gm, batch, key[1], dtype, device))
+
+
+def _built_keeping_the_random_state(gm: AdaptedModule, batch: int, length: int, dtype: torch.dtype,
+                                    device: torch.device) -> AdaptedModule:
+    """Building splices (and so initialises) adapters whose tensors are then the training
+    graph's: it must not move the caller's random state, or a seeded sampling run would draw
+    differently on a graph's first generate than on later ones."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _build(gm, batch, length, dtype, device)
 
 
 def _build(gm: AdaptedModule, batch: int, length: int, dtype: torch.dtype,

@@ -14,7 +14,8 @@ Generation always runs the graph in eval mode (no dropout) and without gradients
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -106,13 +107,17 @@ def generate(gm: AdaptedModule, input_ids: torch.Tensor, max_new_tokens: int = 2
              do_sample: bool = False, temperature: float = 1.0, top_k: "int | None" = 50,
              top_p: float = 1.0, eos_token_id: "int | Sequence[int] | None" = None,
              attention_mask: "torch.Tensor | None" = None, pad_token_id: "int | None" = None,
-             generator: "torch.Generator | None" = None) -> torch.Tensor:
+             generator: "torch.Generator | None" = None, streamer: Any = None,
+             stopping_criteria: "Sequence[Callable] | None" = None) -> torch.Tensor:
     """Continue each row of ``input_ids`` by up to ``max_new_tokens`` tokens with a KV cache;
     returns ``[batch, prompt + new]`` token ids, as ``model.generate`` does.
 
     Greedy unless ``do_sample``. ``eos_token_id`` (default: the model config's; ``[]`` for none)
     ends a row, which is then filled with ``pad_token_id`` (default: the config's, else the first
     eos id) until every row has ended. Left-pad batches and pass their ``attention_mask``.
+    As transformers: a ``streamer`` gets ``put(prompt)``, then ``put(tokens)`` per step, then
+    ``end()``; each of ``stopping_criteria`` is called ``(ids so far, logits)`` after each step
+    and ends the rows where it says True.
 
     >>> import torch, fxpeft
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -136,13 +141,55 @@ def generate(gm: AdaptedModule, input_ids: torch.Tensor, max_new_tokens: int = 2
     eos = _token_ids(getattr(config, "eos_token_id", None) if eos_token_id is None else eos_token_id, device)
     pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
     pad = pad if pad is not None else (int(eos[0]) if eos is not None else 0)
+    ending = Ending(eos, pad, list(stopping_criteria or ()), streamer, len(virtual))
     choose = lambda logits: _next_token(logits, do_sample, temperature, top_k, top_p, generator)  # noqa: E731
-    if decoder is None:
-        return _decode_without_cache(gm, ids, mask, max_new_tokens, eos, pad, choose)
-    prefix = torch.tensor(virtual, dtype=ids.dtype, device=device).expand(ids.shape[0], -1)
-    out = _decode(decoder, torch.cat([prefix, ids], 1), torch.cat([torch.ones_like(prefix), mask], 1),
-                  max_new_tokens, eos, pad, choose)
-    return out[:, len(virtual):]  # as PEFT's generate: the virtual tokens are not returned
+    ending.begin(ids)
+    try:
+        if decoder is None:
+            return _decode_without_cache(gm, ids, mask, max_new_tokens, ending, choose)
+        prefix = torch.tensor(virtual, dtype=ids.dtype, device=device).expand(ids.shape[0], -1)
+        out = _decode(decoder, torch.cat([prefix, ids], 1), torch.cat([torch.ones_like(prefix), mask], 1),
+                      max_new_tokens, ending, choose)
+        return out[:, len(virtual):]  # as PEFT's generate: the virtual tokens are not returned
+    finally:
+        ending.end()
+
+
+@dataclass
+class Ending:
+    """How rows end: at an ``eos`` token or where a stopping criterion says so; ended rows get
+    ``pad``. It also feeds the ``streamer``. ``skip``: virtual tokens in front of the rows,
+    which criteria and the streamer do not see."""
+
+    eos: "torch.Tensor | None"
+    pad: int
+    criteria: list[Callable]
+    streamer: Any = None
+    skip: int = 0
+
+    def begin(self, ids: torch.Tensor) -> None:
+        if self.streamer is not None:
+            self.streamer.put(ids.cpu())
+
+    def end(self) -> None:
+        if self.streamer is not None:
+            self.streamer.end()
+
+    def step(self, token: torch.Tensor, running: torch.Tensor, rows: Callable[[], torch.Tensor],
+             logits: torch.Tensor) -> torch.Tensor:
+        """``token`` for the rows still running (pad for the others); updates ``running``.
+        ``rows()``: the ids so far, ``token`` included (built only when a criterion needs it)."""
+        if self.eos is not None or self.criteria:
+            token = torch.where(running, token, self.pad)
+        if self.streamer is not None:
+            self.streamer.put(token.cpu())
+        if self.eos is not None:
+            running &= ~torch.isin(token, self.eos)
+        if self.criteria:
+            ids = rows(token)[:, self.skip:]
+            for criterion in self.criteria:
+                running &= ~torch.as_tensor(criterion(ids, logits), device=running.device).bool()
+        return token
 
 
 def _virtual_ids(gm: AdaptedModule, decoder: "torch.nn.Module | None") -> list[int]:
@@ -155,7 +202,7 @@ def _virtual_ids(gm: AdaptedModule, decoder: "torch.nn.Module | None") -> list[i
 
 
 def _decode_without_cache(gm: AdaptedModule, ids: torch.Tensor, mask: torch.Tensor,
-                          max_new_tokens: int, eos: "torch.Tensor | None", pad: int,
+                          max_new_tokens: int, ending: Ending,
                           choose: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Each token from a full forward of the training graph (in eval mode): for adapters the
     cached decode graph cannot hold (``decode_graph.without_kv_cache``): several prompt-tuning
@@ -165,10 +212,8 @@ def _decode_without_cache(gm: AdaptedModule, ids: torch.Tensor, mask: torch.Tens
     running = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
     try:
         for _ in range(max_new_tokens):
-            token = choose(gm(input_ids=ids, attention_mask=mask).logits[:, -1])
-            if eos is not None:
-                token = torch.where(running, token, pad)
-                running &= ~torch.isin(token, eos)
+            logits = gm(input_ids=ids, attention_mask=mask).logits[:, -1]
+            token = ending.step(choose(logits), running, lambda t: torch.cat([ids, t[:, None]], 1), logits)
             ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
             if not running.any():
                 break
@@ -178,7 +223,7 @@ def _decode_without_cache(gm: AdaptedModule, ids: torch.Tensor, mask: torch.Tens
 
 
 def _decode(decoder: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
-            eos: "torch.Tensor | None", pad: int, choose: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+            ending: Ending, choose: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """The prefill, then one cached step per token; rows stop at ``eos`` and are padded."""
     batch, prompt = ids.shape
     cache_mask = mask.new_zeros(batch, decoder.fxpeft_cache_length)
@@ -188,10 +233,8 @@ def _decode(decoder: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, max
     running = torch.ones(batch, dtype=torch.bool, device=ids.device)
     new: list[torch.Tensor] = []
     for step in range(max_new_tokens):
-        token = choose(logits[:, -1])
-        if eos is not None:
-            token = torch.where(running, token, pad)
-            running &= ~torch.isin(token, eos)
+        token = ending.step(choose(logits[:, -1]), running,
+                            lambda t: torch.cat([ids, *new, t[:, None]], 1), logits[:, -1])
         new.append(token[:, None])
         if step == max_new_tokens - 1 or not running.any():
             break

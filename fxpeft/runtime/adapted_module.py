@@ -14,18 +14,18 @@ import torch
 import torch.fx
 
 from fxpeft.runtime import apply as adapt, compile_cache
+from fxpeft.runtime.hf_face import HfModelFace, checkpoint_switch
 from fxpeft.graph import records as adapter_set, gates
 from fxpeft.errors import FxpeftError
 from fxpeft import registry
-from fxpeft.registry import is_adapter_parameter
 from fxpeft.names import OUTPUT_MODULE, is_fxpeft_node
 
 
-CHECKPOINTING_ADVICE = ("use fxpeft.fuse(gm, checkpoint='layers') for a copy of the graph that "
-                        "recomputes each layer's activations in backward")
+CHECKPOINTING_ADVICE = ("call gm.gradient_checkpointing_enable() on the graph (or use "
+                        "fxpeft.fuse(gm, checkpoint='layers') for a fused copy that checkpoints each layer)")
 
 
-class AdaptedModule(torch.fx.GraphModule):
+class AdaptedModule(HfModelFace, torch.fx.GraphModule):
     """What ``fxpeft.rewrite`` returns. ``train()`` / ``eval()`` switch every dropout in the graph.
 
     >>> gm = AdaptedModule(torch.nn.Module(), torch.fx.Graph())
@@ -41,6 +41,13 @@ class AdaptedModule(torch.fx.GraphModule):
         self.register_forward_pre_hook(gates.index_sample_names, with_kwargs=True)
         self.register_forward_pre_hook(gates.refuse_dropped_adapters)
         compile_cache.activate()  # a first torch.compile in a fresh inductor folder starts warm
+
+    def recompile(self) -> Any:
+        """``GraphModule.recompile``; the generated ``forward`` then runs the checkpointed copy
+        while ``gradient_checkpointing_enable()`` is on (``hf_face.checkpoint_switch``)."""
+        result = super().recompile()
+        type(self).forward = checkpoint_switch(type(self).forward)
+        return result
 
     def _deepcopy_init(self) -> Any:
         return AdaptedModule.__init__  # GraphModule's would drop the pre-hook
@@ -78,8 +85,10 @@ class AdaptedModule(torch.fx.GraphModule):
 
     def base_dtype(self) -> "torch.dtype | None":
         """The floating dtype of the base weights (adapters may differ: fp32 on half bases)."""
-        return next((p.dtype for n, p in self.named_parameters()
-                     if p.is_floating_point() and not is_adapter_parameter(n)), None)
+        try:
+            return self.dtype
+        except AttributeError:
+            return None
 
     @property
     def loss_type(self) -> "str | None":
@@ -90,12 +99,6 @@ class AdaptedModule(torch.fx.GraphModule):
         True
         """
         return getattr(getattr(self, OUTPUT_MODULE, None), "loss_type", None)
-
-    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
-        """HF's switch (``Trainer(gradient_checkpointing=True)`` calls it) has nothing to wrap
-        in a flat graph: refuse, pointing at the pass that does it."""
-        raise FxpeftError(f"{type(self).__name__}: gradient_checkpointing_enable() cannot wrap a "
-                          f"captured graph; {CHECKPOINTING_ADVICE}")
 
     def to(self, *args: Any, **kwargs: Any) -> "AdaptedModule":
         """``Module.to``; a device move also moves the device constants export baked into the

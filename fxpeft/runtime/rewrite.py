@@ -26,6 +26,7 @@ from fxpeft.capture.program import Program
 from fxpeft.capture.quantized import packed_4bit_weights
 from fxpeft.rules.loader import load_rules
 from fxpeft.rules.schema import RuleSet
+from fxpeft.registry import provide
 from fxpeft.runtime.passes import PassResult
 
 __all__ = ["add_adapter", "explain", "pass_report", "rewrite", "trainable_parameters"]
@@ -121,6 +122,7 @@ def pass_report(gm: AdaptedModule) -> list[PassResult]:
     return list(gm.meta.get("fxpeft", {}).get("passes", []))
 
 
+@provide("trainable_parameters")
 def trainable_parameters(gm: torch.nn.Module, print_line: bool = False) -> tuple[int, int]:
     """(trainable, total) parameter counts, as PEFT's ``get_nb_trainable_parameters``; with
     ``print_line`` also prints PEFT's ``print_trainable_parameters`` line.

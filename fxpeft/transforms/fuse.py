@@ -60,6 +60,7 @@ from fxpeft.runtime.adapted_module import AdaptedModule
 from fxpeft.names import (DROPOUT_MODULE, GATE_META, GATES, LM_LOSS_MODULE, OUTPUT_MODULE,
                           adapter_node)
 from fxpeft.capture.program import copy_graph
+from fxpeft.registry import provide
 from fxpeft.transforms.activations import gated_activation
 from fxpeft.transforms.causal_mask import causal_mask
 from fxpeft.transforms.gqa import gqa_in_sdpa
@@ -395,6 +396,24 @@ def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout
     fused, _ = copies.get_or_build(key, lambda: (
         _fused_copy(gm, skip, shared_dropout, mixed, checkpoint, regions), keep_alive))
     return fused.train(gm.training)
+
+
+@provide("checkpointed_copy")
+def checkpointed_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` with every layer checkpointed and nothing else changed (no fusing, every adapter
+    kept): what ``gm.gradient_checkpointing_enable()`` runs. The same copy comes back while
+    ``gm`` is unchanged (``fuse``'s cache).
+
+    >>> import torch, fxpeft
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, vocab_size=32,
+    ...                          num_hidden_layers=2, num_attention_heads=2))
+    >>> gm = fxpeft.rewrite(model, "lora_qv")
+    >>> len(checkpointed_copy(gm).get_submodule("_fxpeft_checkpointed")._modules), checkpointed_copy(gm) is checkpointed_copy(gm)
+    (2, True)
+    """
+    others = tuple(p.name for p in fuse_passes(checkpoint="layers") if p.name != "checkpoint_layers")
+    return fuse(gm, skip=others, checkpoint="layers")
 
 
 MAX_FUSED = 8  # per graph: copies share its tensors, so each costs only its graph and code

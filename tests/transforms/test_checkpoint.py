@@ -72,9 +72,9 @@ def test_training_the_checkpointed_copy_trains_the_adapters_and_eval_runs_withou
 def test_hf_gradient_checkpointing_is_reported_with_the_alternative():
     model = tiny_llama()
     model.gradient_checkpointing_enable()
-    with pytest.warns(UserWarning, match=r"does not survive capture.*checkpoint='layers'"):
+    with pytest.warns(UserWarning, match=r"does not survive capture.*gm.gradient_checkpointing_enable\(\)"):
         gm = fxpeft.rewrite(model, "lora_qv.toml")
-    with pytest.raises(fxpeft.FxpeftError, match="checkpoint='layers'"):
-        gm.gradient_checkpointing_enable()
+    gm.gradient_checkpointing_enable()  # the graph's own switch runs the checkpointing pass
+    assert gm.is_gradient_checkpointing
     with pytest.raises(ValueError, match="checkpoint="):
         fxpeft.fuse(gm, checkpoint="blocks")
