@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import reprlib
 from pathlib import Path
@@ -42,6 +43,7 @@ from fxpeft.graph.records import AdapterRecord, delete_adapter, record, set_trai
 from fxpeft.graph.params import is_adapter_parameter
 from fxpeft.runtime.rewrite import add_adapter, rewrite
 from fxpeft.errors import FxpeftError, MatchError, PassError, RuleError
+from fxpeft.io.base_model import load_base, local_name
 from fxpeft.io.folders import (CONFIG, RULES, WEIGHTS, AdapterFileError, _fsync, _read_folder,
                                replace_file, replace_folder)
 from fxpeft.runtime.adapted_module import AdaptedModule
@@ -83,7 +85,7 @@ def peft_config(program: Program, rec: AdapterRecord, kind: AdapterKind) -> dict
     """The ``adapter_config.json`` content for one adapter."""
     model_config = program.info.config
     config = {"peft_type": kind.peft.peft_type, "task_type": _task_type(program.model_class),
-              "base_model_name_or_path": getattr(model_config, "_name_or_path", None) or None,
+              "base_model_name_or_path": local_name(getattr(model_config, "_name_or_path", None)),
               "revision": None, "inference_mode": True}
     if rec.modules_to_save:  # only PEFT configs that know the field (not ADAPTION_PROMPT) get it
         config["modules_to_save"] = list(rec.modules_to_save)
@@ -418,14 +420,18 @@ def _read_config(directory: Path) -> tuple[Path, dict[str, bytes], dict[str, Any
     return folder, files, config, kind
 
 
-def load(model: torch.nn.Module, directory: "str | Path", adapter: str = "default",
-         trainable: bool = False, *, example_inputs: Any = None,
-         leaf_modules: Sequence[type] = ()) -> AdaptedModule:
+def load(model: "torch.nn.Module | str | Path", directory: "str | Path | None" = None,
+         adapter: str = "default", trainable: bool = False, *, example_inputs: Any = None,
+         leaf_modules: Sequence[type] = (), **base_options: Any) -> AdaptedModule:
     """Rebuild an adapted graph from a PEFT (or fxpeft) adapter folder and load its weights.
 
-    ``model`` is the base model (a new graph is captured, with ``example_inputs`` and
-    ``leaf_modules`` as ``fxpeft.rewrite`` takes them) or an ``AdaptedModule`` (the adapter is
-    added, inactive, next to those it has). With ``trainable=False`` nothing requires grad and
+    ``load(model, folder)``: ``model`` is the base model (a new graph is captured, with
+    ``example_inputs`` and ``leaf_modules`` as ``fxpeft.rewrite`` takes them) or an
+    ``AdaptedModule`` (the adapter is added, inactive, next to those it has).
+    ``load(folder, **base_options)``: the base model is the local folder the adapter's
+    ``base_model_name_or_path`` names, loaded with ``from_pretrained(base, **base_options)``
+    (``dtype``, ``quantization_config``, ``device_map``); a folder is never taken for a model,
+    nor a model for a folder. With ``trainable=False`` nothing requires grad and
     the graph is in eval mode. On any error the model is left as it was; a problem with the
     folder is an ``FxpeftError`` naming the file (and key).
 
@@ -437,6 +443,7 @@ def load(model: torch.nn.Module, directory: "str | Path", adapter: str = "defaul
     >>> fxpeft.load(model, folder).adapter_names
     ['default']
     """
+    model, directory = _base_and_folder(model, directory, base_options)
     grown = isinstance(model, AdaptedModule)
     if grown and (example_inputs is not None or leaf_modules):
         raise FxpeftError("example_inputs and leaf_modules apply to capturing a base model; "
@@ -460,6 +467,26 @@ def load(model: torch.nn.Module, directory: "str | Path", adapter: str = "defaul
         if not grown:  # a graph the caller already holds keeps its mode
             gm.eval()
     return gm
+
+
+def _base_and_folder(model: Any, directory: Any, options: dict[str, Any]) -> tuple[Any, Path]:
+    """``load(model, folder)`` as given; ``load(folder)`` with the base the folder names."""
+    if isinstance(model, (str, os.PathLike)):
+        if directory is not None:
+            raise FxpeftError(f"fxpeft.load({str(model)!r}, {str(directory)!r}): the first argument "
+                              f"is the base model, or the adapter folder alone (its base is loaded "
+                              f"from base_model_name_or_path)")
+        folder, _, config, _ = _read_config(Path(model))
+        return load_base(config, folder / CONFIG, options), Path(model)
+    if not isinstance(model, torch.nn.Module):
+        raise FxpeftError(f"fxpeft.load: the first argument is the base model (an nn.Module) or an "
+                          f"adapter folder, got {type(model).__name__}")
+    if directory is None:
+        raise FxpeftError("fxpeft.load(model, folder): the adapter folder is missing")
+    if options:
+        raise FxpeftError(f"fxpeft.load: {', '.join(sorted(options))} load a base model, which "
+                          f"only fxpeft.load(folder) does; this call was given the model")
+    return model, Path(directory)
 
 
 # --- adapter files among other files (the HF Trainer's checkpoint folders) ----------------------
