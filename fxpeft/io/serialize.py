@@ -443,12 +443,12 @@ def load(model: "torch.nn.Module | str | Path", directory: "str | Path | None" =
     >>> fxpeft.load(model, folder).adapter_names
     ['default']
     """
-    model, directory = _base_and_folder(model, directory, base_options)
+    model, directory, read = _base_and_folder(model, directory, base_options)
     grown = isinstance(model, AdaptedModule)
     if grown and (example_inputs is not None or leaf_modules):
         raise FxpeftError("example_inputs and leaf_modules apply to capturing a base model; "
                           "this model is already an fxpeft graph, which is not captured again")
-    folder, files, config, kind = _read_config(Path(directory))
+    folder, files, config, kind = read or _read_config(directory)
     keep = _modules_to_save(config, folder / CONFIG)
     rules, source = _rules(folder, files, config, kind, model)
     tensors = _parse_weights(files.get(WEIGHTS), folder / WEIGHTS)
@@ -469,15 +469,16 @@ def load(model: "torch.nn.Module | str | Path", directory: "str | Path | None" =
     return gm
 
 
-def _base_and_folder(model: Any, directory: Any, options: dict[str, Any]) -> tuple[Any, Path]:
-    """``load(model, folder)`` as given; ``load(folder)`` with the base the folder names."""
+def _base_and_folder(model: Any, directory: Any, options: dict[str, Any]) -> tuple[Any, Path, Any]:
+    """``load(model, folder)`` as given; ``load(folder)`` with the base the folder names (and
+    the folder as read, so it is read once)."""
     if isinstance(model, (str, os.PathLike)):
         if directory is not None:
             raise FxpeftError(f"fxpeft.load({str(model)!r}, {str(directory)!r}): the first argument "
                               f"is the base model, or the adapter folder alone (its base is loaded "
                               f"from base_model_name_or_path)")
-        folder, _, config, _ = _read_config(Path(model))
-        return load_base(config, folder / CONFIG, options), Path(model)
+        read = _read_config(Path(model))
+        return load_base(read[2], read[0] / CONFIG, options), Path(model), read
     if not isinstance(model, torch.nn.Module):
         raise FxpeftError(f"fxpeft.load: the first argument is the base model (an nn.Module) or an "
                           f"adapter folder, got {type(model).__name__}")
@@ -486,7 +487,7 @@ def _base_and_folder(model: Any, directory: Any, options: dict[str, Any]) -> tup
     if options:
         raise FxpeftError(f"fxpeft.load: {', '.join(sorted(options))} load a base model, which "
                           f"only fxpeft.load(folder) does; this call was given the model")
-    return model, Path(directory)
+    return model, Path(directory), None
 
 
 # --- adapter files among other files (the HF Trainer's checkpoint folders) ----------------------
