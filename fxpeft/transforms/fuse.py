@@ -75,8 +75,13 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class FusePass:
+    """A named pass over a fused copy; ``run`` returns how many places it changed.
+    ``specialises``: what it leaves depends on which adapters are active, so the copy is kept
+    per active set and refuses to run under another (``drop_inactive``)."""
+
     name: str
     run: Callable[[torch.fx.GraphModule], int]
+    specialises: bool = False
 
 
 def drop_inactive(gm: torch.fx.GraphModule) -> int:
@@ -321,7 +326,8 @@ def fuse_passes(shared_dropout: bool = False, mixed: bool = False,
     if mixed:
         passes = [FusePass("gather_lora", gather_lora)]
     else:
-        passes = [FusePass("drop_inactive", drop_inactive), FusePass("fold_lora_scale", fold_lora_scale)]
+        passes = [FusePass("drop_inactive", drop_inactive, specialises=True),
+                  FusePass("fold_lora_scale", fold_lora_scale)]
         if shared_dropout:
             passes.append(FusePass("share_dropout", share_dropout))
         passes += [FusePass("fuse_lora_a", fuse_lora_a), FusePass("fuse_lm_loss", fuse_lm_loss)]
@@ -390,7 +396,8 @@ def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout
     _check_layer_options(checkpoint, regions)
     compile_cache.activate()
     options = (tuple(sorted(set(skip))), shared_dropout, mixed, checkpoint, regions)
-    specialised = not mixed and "drop_inactive" not in skip
+    specialised = any(p.specialises and p.name not in skip
+                      for p in fuse_passes(shared_dropout, mixed, checkpoint, regions))
     key, keep_alive = _depends_on(gm, specialised, options)
     copies = gm.__dict__.setdefault(_FUSED_COPIES, _FusedCopies(MAX_FUSED))
     fused, _ = copies.get_or_build(key, lambda: (
@@ -449,7 +456,7 @@ def _fused_copy(gm: torch.fx.GraphModule, skip: tuple[str, ...], shared_dropout:
     for fuse_pass in fuse_passes(shared_dropout, mixed, checkpoint, regions):
         if fuse_pass.name in skip:
             continue
-        if fuse_pass.name == "drop_inactive":
+        if fuse_pass.specialises:
             setattr(fused, SPECIALISED, tuple(active_adapters(gm)))
         start = time.perf_counter()
         changed = fuse_pass.run(fused)
