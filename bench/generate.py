@@ -30,6 +30,7 @@ from common import interleaved_medians, interleaved_times, machine_line  # noqa:
 
 import fxpeft  # noqa: E402
 from fxpeft.generation.decode_graph import decoder_for  # noqa: E402
+from fxpeft.graph.state import graph_state  # noqa: E402
 from fxpeft.helpers.models import load_smollm2  # noqa: E402
 
 
@@ -77,7 +78,7 @@ def step_sides(gm: torch.nn.Module, peft_model: torch.nn.Module, ids: torch.Tens
     batch, prompt = ids.shape
     decoder = decoder_for(gm, batch, prompt + new)
     token = ids[:, -1:]
-    mask = torch.zeros(batch, decoder.fxpeft_cache_length, dtype=torch.long)
+    mask = torch.zeros(batch, graph_state(decoder).cache_length, dtype=torch.long)
     mask[:, :prompt + 1] = 1
     cache = StaticCache(config=peft_model.config, max_cache_len=prompt + new)
     peft_model(input_ids=ids, cache=cache, use_cache=True)

@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import inspect
 import logging
-import weakref
 from typing import Any, Hashable, Iterator
 
 import torch
@@ -41,23 +40,20 @@ from fxpeft.graph.targets import fetch, has_target, place
 from fxpeft.capture.export import replication_enabled, tidy_export
 from fxpeft.runtime.emit import emit
 from fxpeft.errors import FxpeftError
-from fxpeft.graph.bounded_cache import BoundedCache
+from fxpeft.graph.state import GraphState, graph_state, set_graph_state
 from fxpeft.runtime.adapted_module import AdaptedModule
 from fxpeft.match.query import match
 from fxpeft.graph.gates import active_adapters
 from fxpeft.names import GATES
 from fxpeft.capture.linear_sites import find_linear_sites
 from fxpeft.capture.program import CaptureInfo, Program
-from fxpeft.transforms.fuse import (FusePass, drop_dropout, fold_lora_scale, fuse_lora_a,
-                                    strip_leftovers)
+from fxpeft.runtime.passes import DECODING, run_pipeline, select
+from fxpeft.transforms.fuse import GRAPH_PASSES
 from fxpeft.transforms.gqa import gqa_in_sdpa
-from fxpeft.transforms.norms import fuse_rms_norm
 
 log = logging.getLogger("fxpeft")
 LENGTH_STEP = 16  # cache lengths round up to a multiple, so prompts of similar length share a graph;
 # small, because every step attends over the whole cache
-MAX_DECODERS = 2  # per training graph: each holds a KV cache
-_DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, BoundedCache]" = weakref.WeakKeyDictionary()
 _CACHE_PREFIX = "fxpeft_kv"
 
 
@@ -80,8 +76,7 @@ def decoder_for(gm: AdaptedModule, batch: int, length: int) -> AdaptedModule:
     dtype = gm.base_dtype() or torch.float32  # the cache's: adapters may be fp32 on a bf16 base
     key = (batch, cache_length(length), dtype, device,
            tuple((name, id(rec)) for name, rec in adapter_records(gm).items()))
-    built = _DECODERS.setdefault(gm, BoundedCache(MAX_DECODERS))
-    return built.get_or_build(key, lambda: _built_keeping_the_random_state(gm, batch, key[1], dtype, device))
+    return graph_state(gm).decoders.get_or_build(key, lambda: _built_keeping_the_random_state(gm, batch, key[1], dtype, device))
 
 
 def _built_keeping_the_random_state(gm: AdaptedModule, batch: int, length: int, dtype: torch.dtype,
@@ -97,8 +92,7 @@ def _build(gm: AdaptedModule, batch: int, length: int, dtype: torch.dtype,
            device: torch.device) -> AdaptedModule:
     model = _bound_model(gm)
     decoder = emit(_export(_with_static_cache(model, batch, length, dtype, device), batch, length))
-    decoder.meta["fxpeft"] = {"passes": []}
-    decoder.fxpeft_virtual_tokens = {}  # adapter -> ids of the virtual tokens its prefill carries
+    set_graph_state(decoder, GraphState(role="decoder", cache_length=length))
     with _one_recompile(decoder):
         grouped = gqa_in_sdpa(decoder)  # before splicing: the adapters' nodes see the same SDPA nodes
         for adapter, record in adapter_records(gm).items():
@@ -106,7 +100,6 @@ def _build(gm: AdaptedModule, batch: int, length: int, dtype: torch.dtype,
         if hasattr(gm, GATES):
             decoder.add_module(GATES, getattr(gm, GATES))  # one set of on/off switches for both graphs
         _slim(decoder)
-    decoder.fxpeft_cache_length = length
     log.info("fxpeft decode graph: batch %d, cache length %d, %d adapters, %d SDPA with GQA", batch,
              length, len(adapter_records(gm)), grouped)
     return decoder.eval()
@@ -124,18 +117,20 @@ def _one_recompile(decoder: AdaptedModule) -> Iterator[None]:
     decoder.recompile()
 
 
-# After splicing: the decode graph never trains and nothing splices into it again, so it can drop
-# what only training needs, fold what PEFT computes per step, and join tiny ops (a single-token
-# step is mostly per-op dispatch besides the weights' matmuls). Gates stay (they switch adapters).
-SLIM_PASSES = (FusePass("drop_dropout", drop_dropout), FusePass("fold_lora_scale", fold_lora_scale),
-               FusePass("fuse_lora_a", fuse_lora_a), FusePass("strip_leftovers", strip_leftovers),
-               FusePass("fuse_rms_norm", fuse_rms_norm))
+def slim_passes() -> list:
+    """After splicing, the decode graph asks for the passes that slim a graph that never trains
+    (``eval_only``): it drops what only training needs, folds what PEFT computes per step, and
+    joins tiny ops (a single-token step is mostly per-op dispatch besides the weights' matmuls).
+    None of them drops an adapter: the gates still switch them.
+
+    >>> [p.name for p in slim_passes()]
+    ['drop_dropout', 'fold_lora_scale', 'fuse_lora_a', 'strip_leftovers', 'fuse_rms_norm']
+    """
+    return select(GRAPH_PASSES, {"slims"}, DECODING)
 
 
 def _slim(decoder: AdaptedModule) -> None:
-    for slim in SLIM_PASSES:
-        changed = slim.run(decoder)
-        log.debug("fxpeft decode graph: %s changed %d", slim.name, changed)
+    run_pipeline(decoder, slim_passes(), DECODING, recompile=False)
     decoder.graph.lint()
 
 
@@ -202,8 +197,9 @@ def _with_static_cache(model: torch.nn.Module, batch: int, length: int, dtype: t
     shared_length = cache.layers[0].cumulative_length
     shell = copy.copy(model)
     shell._buffers = dict(model._buffers)
-    shell.__class__ = type(f"Decode{type(model).__name__}", (type(model),), {"forward": _step})
-    shell.fxpeft_kv_cache = cache
+    # the step's forward and the cache it writes are the shell class's own (copies share them)
+    shell.__class__ = type(f"Decode{type(model).__name__}", (type(model),),
+                           {"forward": _step, "decode_cache": cache})
     for index, layer in enumerate(cache.layers):
         layer.cumulative_length = shared_length
         for part in ("keys", "values"):
@@ -231,7 +227,7 @@ def _step_layer() -> type:
 def _step(self: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
           position_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
     """One forward against the held cache, writing at ``cache_position``; last logits only."""
-    cache = self.fxpeft_kv_cache
+    cache = self.decode_cache
     cache.layers[0].cumulative_length.copy_(cache_position[0])  # one tensor, shared by the layers
     for layer in cache.layers:
         layer.positions = cache_position
@@ -289,8 +285,8 @@ def _replicated(shell: torch.nn.Module, inputs: dict[str, torch.Tensor],
         return None
     try:
         stack = replicate.find_layer_stack(shell)
-        if len(shell.fxpeft_kv_cache.layers) != len(stack.layers):
-            raise replicate.NotReplicable(f"{len(shell.fxpeft_kv_cache.layers)} cache layers for "
+        if len(shell.decode_cache.layers) != len(stack.layers):
+            raise replicate.NotReplicable(f"{len(shell.decode_cache.layers)} cache layers for "
                                           f"{len(stack.layers)} layers")
         stack = dataclasses.replace(stack, root_names=tuple(f"{_CACHE_PREFIX}_{part}_{{}}"
                                                             for part in ("keys", "values")))
@@ -334,7 +330,7 @@ def _name_cache_tensors(root: torch.fx.GraphModule, shell: torch.nn.Module) -> N
     numbered constants (``model.layers.3.self_attn.lifted_tensor_9``), since the layers reach
     them through the cache object, not as module attributes."""
     names = {id(t): name for name, t in shell._buffers.items() if name.startswith(_CACHE_PREFIX)}
-    cache = {id(t) for layer in shell.fxpeft_kv_cache.layers for t in (layer.keys, layer.values)}
+    cache = {id(t) for layer in shell.decode_cache.layers for t in (layer.keys, layer.values)}
     reads = {n.target: n for n in root.graph.find_nodes(op="get_attr")}
     for node in list(root.graph.find_nodes(op="get_attr")):
         value = fetch(root, node.target)
@@ -392,7 +388,7 @@ def _splice_like(decoder: AdaptedModule, gm: AdaptedModule, adapter: str, record
     if lengthen:
         for target in record.attached:
             place(decoder, target, fetch(gm, target))
-        decoder.fxpeft_virtual_tokens[adapter] = lengthen.pop().decode_splice(decoder, adapter, record)
+        graph_state(decoder).virtual_tokens[adapter] = lengthen.pop().decode_splice(decoder, adapter, record)
         return
     program = program_of(decoder)
     result = match(program, record.rules)
@@ -408,8 +404,8 @@ def _splice_like(decoder: AdaptedModule, gm: AdaptedModule, adapter: str, record
 
 def forget(gm: torch.nn.Module) -> None:
     """Drop ``gm``'s cached decode graphs (their KV caches)."""
-    _DECODERS.pop(gm, None)
+    graph_state(gm).decoders.clear()
 
 
 def cached_keys(gm: torch.nn.Module) -> list[Hashable]:
-    return list(_DECODERS.get(gm, {}))
+    return list(graph_state(gm).decoders)

@@ -22,6 +22,7 @@ import torch
 from fxpeft.generation.decode_graph import decoder_for, virtual_tokens, without_kv_cache
 from fxpeft.errors import FxpeftError
 from fxpeft.graph.gates import active_adapters
+from fxpeft.graph.state import graph_state
 from fxpeft.runtime.adapted_module import AdaptedModule
 
 
@@ -198,7 +199,7 @@ def _virtual_ids(gm: AdaptedModule, decoder: "torch.nn.Module | None") -> list[i
     if decoder is None:
         return []
     active = set(active_adapters(gm))
-    return [i for adapter, ids in decoder.fxpeft_virtual_tokens.items() if adapter in active for i in ids]
+    return [i for adapter, ids in graph_state(decoder).virtual_tokens.items() if adapter in active for i in ids]
 
 
 def _decode_without_cache(gm: AdaptedModule, ids: torch.Tensor, mask: torch.Tensor,
@@ -226,7 +227,7 @@ def _decode(decoder: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, max
             ending: Ending, choose: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """The prefill, then one cached step per token; rows stop at ``eos`` and are padded."""
     batch, prompt = ids.shape
-    cache_mask = mask.new_zeros(batch, decoder.fxpeft_cache_length)
+    cache_mask = mask.new_zeros(batch, graph_state(decoder).cache_length)
     cache_mask[:, :prompt] = mask
     positions = _positions(mask)
     logits = decoder(ids, cache_mask, positions, torch.arange(prompt, device=ids.device))

@@ -36,6 +36,7 @@ import torch
 import torch.fx
 
 from fxpeft.errors import FxpeftError
+from fxpeft.graph.state import graph_state
 from fxpeft.names import BASE_ADAPTER as BASE
 from fxpeft.names import GATE_META, GATES, INPUTS_MODULE, PER_SAMPLE_META
 
@@ -161,10 +162,6 @@ def drop_gate(gates: torch.nn.Module, adapter: str) -> None:
         delattr(gates, adapter)
 
 
-SPECIALISED = "fxpeft_specialised_to"  # on a copy holding only some adapters' nodes: their names
-_CHECKED_AT = "fxpeft_gates_checked_at"  # the gates' write counts when that copy last checked them
-
-
 @torch.compiler.disable  # reads the gates' values: kept out of compiled frames, as below
 def refuse_dropped_adapters(module: torch.nn.Module, args: tuple) -> None:
     """Forward pre-hook of adapted graphs: a copy specialised to the adapters that were active
@@ -182,11 +179,12 @@ def refuse_dropped_adapters(module: torch.nn.Module, args: tuple) -> None:
     ...
     fxpeft.errors.FxpeftError: this fused copy holds only adapters ['default'] (fxpeft.fuse drops the adapters that are off), but 'other' is active now: fuse again after set_adapter (fxpeft.fuse(gm)), or use fxpeft.fuse(gm, mixed=True), which keeps every adapter
     """
-    kept, gates = getattr(module, SPECIALISED, None), getattr(module, GATES, None)
+    state = graph_state(module)
+    kept, gates = state.specialised_to, getattr(module, GATES, None)
     if kept is None or gates is None:
         return
     writes = tuple(gate._version for _, gate in gate_buffers(gates))
-    if writes == getattr(module, _CHECKED_AT, None):
+    if writes == state.gates_checked_at:
         return  # no gate written since the last check: reading them would stall a GPU
     dropped = [name for name, gate in gate_buffers(gates) if name not in kept and gate.item() != 0]
     if dropped:
@@ -195,7 +193,7 @@ def refuse_dropped_adapters(module: torch.nn.Module, args: tuple) -> None:
                           f"{'is' if len(dropped) == 1 else 'are'} active now: fuse again after "
                           f"set_adapter (fxpeft.fuse(gm)), or use fxpeft.fuse(gm, mixed=True), "
                           f"which keeps every adapter")
-    setattr(module, _CHECKED_AT, writes)
+    state.gates_checked_at = writes
 
 
 @torch.compiler.disable  # a hook is a frame of its own: never compiled, so it adds no graph break

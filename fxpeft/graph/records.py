@@ -1,6 +1,6 @@
 """The named adapters of one graph: their records, and removing them.
 
-``gm.meta["fxpeft"]["adapters"]`` maps each adapter name to an ``AdapterRecord`` (the rules and
+``graph_state(gm).adapters`` (``fxpeft.graph.state``) maps each adapter name to an ``AdapterRecord`` (the rules and
 matches that built it, its ``modules_to_save``, and the targets its splices attached), which
 ``fxpeft.save`` writes out and ``delete_adapter`` undoes. Removal reads only node records
 (``fxpeft.names.AdapterNode``): each removable node is replaced by its ``args[bypass]``, and the
@@ -17,6 +17,7 @@ import torch.fx
 
 from fxpeft.graph.targets import fetch
 from fxpeft.errors import FxpeftError
+from fxpeft.graph.state import graph_state
 from fxpeft.graph.gates import GATES, drop_gate, drop_unused_per_sample, set_adapter
 from fxpeft.names import adapter_node, owning_adapter
 
@@ -30,7 +31,7 @@ class AdapterRecord:
 
 
 def adapter_records(gm: torch.nn.Module) -> dict[str, AdapterRecord]:
-    return gm.meta.setdefault("fxpeft", {}).setdefault("adapters", {})
+    return graph_state(gm).adapters
 
 
 def record(gm: torch.nn.Module, adapter: str) -> AdapterRecord:

@@ -8,10 +8,10 @@ init), A and B at normal(0, 0.02), as PEFT does. The branch is
 and is not saved, so it is part of the constant scale. The closing ``add`` is the removable node;
 merge folds ``B·diag(E)·A`` times the scale into the weight.
 
-Rank allocation (``fxpeft.kinds.rank_allocator``) runs after every optimizer step that updates
-the adapter, through a global optimizer step hook (``auto_allocate = true``, the default), or
-when the training loop calls ``gm.update_and_allocate(step)`` (``auto_allocate = false``, PEFT's
-way). In train mode, with labels, the orthogonality regulariser ``orth_reg_weight * mean(|AAᵀ -
+Rank allocation (``fxpeft.kinds.rank_allocator``) runs after every step of the optimizer that
+trains the adapter (``auto_allocate = true``, the default: that optimizer's own step hook, see
+"the optimizers that train the graph" below), or when the training loop calls
+``gm.update_and_allocate(step)`` (``auto_allocate = false``, PEFT's way). In train mode, with labels, the orthogonality regulariser ``orth_reg_weight * mean(|AAᵀ -
 I|, |BᵀB - I|)`` joins the loss as PEFT's forward adds it: one gated, removable node after the
 output adapter per adapter, which lists every site's A and B.
 
@@ -25,13 +25,15 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.fx
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.hooks import RemovableHandle
 
 from fxpeft.graph.records import adapter_records
+from fxpeft.graph.state import graph_state
 from fxpeft.graph.params import attach_component
 from fxpeft.graph.targets import fetch
 from fxpeft.errors import FxpeftError, RuleError
@@ -250,8 +252,7 @@ def splice(job: SpliceInput) -> Spliced:
         total = _branch(job, detail)
     reroute(y, total)
     added = record_nodes(job, y, total, KIND_NAME, detail) + _regularise(job, detail)
-    _GRAPHS.add(job.gm)
-    _install_step_hook()
+    _count_backwards(job.gm, job.adapter, job.gm.get_parameter(detail.lora_E))
     return Spliced(added, [detail.lora_A, detail.lora_E, detail.lora_B])
 
 
@@ -303,10 +304,6 @@ def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,
 
 # --- rank allocation ------------------------------------------------------------------------------
 
-_GRAPHS: "weakref.WeakSet[torch.fx.GraphModule]" = weakref.WeakSet()  # graphs with AdaLoRA sites
-_HOOK: list[Any] = []  # the global optimizer hook's handle, once installed
-
-
 def _site_records(gm: torch.fx.GraphModule, adapter: str) -> list[AdapterNode]:
     """The records of ``adapter``'s sites in graph order (a module called twice counts once)."""
     found: dict[str, AdapterNode] = {}
@@ -333,18 +330,23 @@ def adalora_adapters(gm: torch.nn.Module) -> list[str]:
             if any(rule.rewrite == KIND_NAME for rule in rec.rules.rules)]
 
 
-class _Entry(NamedTuple):
-    """An adapter's allocator in ``gm.meta``, with the adapter record it was made for."""
+@dataclass(eq=False)
+class _Entry:
+    """An adapter's allocator (in ``graph_state(gm).kinds``), with the adapter record it was made
+    for, and what ties it to the optimizer that trains it."""
 
     record: Any
     allocator: RankAllocator
     auto: bool
+    backwards: int = 0  # backward passes that reached the adapter
+    allocated_at: int = 0  # ``backwards`` when it last allocated: once per step, whoever asks
+    optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = dataclasses.field(default_factory=weakref.WeakSet)
 
 
 def _entry(gm: torch.fx.GraphModule, adapter: str) -> _Entry:
     """Made on first use; a deleted and re-added adapter (a new record) gets a new one."""
     rec = adapter_records(gm)[adapter]
-    store = gm.meta["fxpeft"].setdefault(KIND_NAME, {})
+    store = graph_state(gm).kinds.setdefault(KIND_NAME, {})
     found = store.get(adapter)
     if found is None or found.record is not rec:
         records = _site_records(gm, adapter)
@@ -365,23 +367,79 @@ def _auto(gm: torch.fx.GraphModule, adapter: str) -> bool:
     return _entry(gm, adapter).auto
 
 
-def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """The global optimizer hook: every auto-allocating AdaLoRA adapter that this optimizer
-    updated (its parameters are in it and have gradients) allocates, numbering steps from 0."""
-    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for gm in list(_GRAPHS):
-        for adapter in adalora_adapters(gm):
-            found = allocator(gm, adapter)
-            params = found.parameters()
-            if _auto(gm, adapter) and any(id(p) in stepped for p in params) and \
-                    all(p.grad is not None for p in params):
-                found.update_and_allocate(found.steps)
-                found.steps += 1
+# --- the optimizers that train the graph ------------------------------------------------------------
+# Nothing acts on an optimizer that does not train an AdaLoRA adapter, and no process-wide hook
+# outlives the need for it. Each site's E counts the backward passes that reach it (a hook on that
+# tensor, which the graph owns). A backward of an auto-allocating adapter whose optimizer is not
+# known yet arms a discovery hook: torch's process-wide optimizer post-hook, kept only until an
+# optimizer holding the adapter steps. That optimizer then gets a step hook of its own, which
+# allocates after each of its steps, and the discovery hook goes.
+
+_WAITING: "weakref.WeakKeyDictionary[torch.fx.GraphModule, set[str]]" = weakref.WeakKeyDictionary()
+_DISCOVERY: list[RemovableHandle] = []  # the discovery hook's handle, while armed
 
 
-def _install_step_hook() -> None:
-    if not _HOOK:
-        _HOOK.append(register_optimizer_step_post_hook(_after_optimizer_step))
+def _count_backwards(gm: torch.fx.GraphModule, adapter: str, lora_E: torch.nn.Parameter) -> None:
+    graph = weakref.ref(gm)
+
+    def reached(_: torch.Tensor) -> None:
+        owner = graph()
+        if owner is not None and adapter in adapter_records(owner):
+            _after_backward(owner, adapter)
+    lora_E.register_post_accumulate_grad_hook(reached)
+
+
+def _after_backward(gm: torch.fx.GraphModule, adapter: str) -> None:
+    found = _entry(gm, adapter)
+    found.backwards += 1
+    if found.auto and not any(_holds(opt, found) for opt in found.optimizers):
+        _WAITING.setdefault(gm, set()).add(adapter)
+        if not _DISCOVERY:
+            _DISCOVERY.append(register_optimizer_step_post_hook(_discover))
+    elif _DISCOVERY and not _WAITING:
+        _DISCOVERY.pop().remove()  # safe here: no optimizer is running its post-hooks
+
+
+def _holds(optimizer: torch.optim.Optimizer, found: _Entry) -> bool:
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return any(id(p) in held for p in found.allocator.parameters())
+
+
+def _discover(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """The discovery hook: an optimizer that holds a waiting adapter gets its own step hook
+    (from its next step on) and allocates for this step; any other is left alone. (It cannot
+    remove itself: torch is iterating over its hooks; the next backward or step does.)"""
+    for gm, adapters in list(_WAITING.items()):
+        for adapter in sorted(adapters):
+            found = _entry(gm, adapter)
+            if _holds(optimizer, found):
+                adapters.discard(adapter)
+                found.optimizers.add(optimizer)
+                optimizer.register_step_post_hook(_step_hook(gm, adapter))
+                _allocate_once(found)
+        if not adapters:
+            _WAITING.pop(gm, None)
+
+
+def _step_hook(gm: torch.fx.GraphModule, adapter: str) -> Any:
+    graph = weakref.ref(gm)
+
+    def stepped(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        owner = graph()
+        if owner is not None and adapter in adapter_records(owner):
+            _allocate_once(_entry(owner, adapter))
+        if _DISCOVERY and not _WAITING:
+            _DISCOVERY.pop().remove()  # the optimizer's own hooks run before the global ones
+    return stepped
+
+
+def _allocate_once(found: _Entry) -> None:
+    """Allocate for the step just taken, if a backward reached the adapter since the last time."""
+    if found.auto and found.backwards > found.allocated_at and \
+            all(p.grad is not None for p in found.allocator.parameters()):
+        found.allocated_at = found.backwards
+        found.allocator.update_and_allocate(found.allocator.steps)
+        found.allocator.steps += 1
 
 
 def on_step(gm: torch.fx.GraphModule, adapters: list[str], step: int) -> None:

@@ -23,6 +23,7 @@ from fxpeft.names import MODULES_TO_SAVE
 from fxpeft.capture.linear_sites import find_linear_sites
 from fxpeft.capture.program import Program
 from fxpeft.graph.rollback import rollback_on_error
+from fxpeft.graph.state import graph_state
 from fxpeft.rules.loader import load_rules
 from fxpeft.rules.schema import RuleSet
 from fxpeft.runtime.passes import PassResult, default_passes, run_passes
@@ -69,7 +70,7 @@ def apply_adapter(program: Program, ruleset: RuleSet, result: MatchResult, adapt
     attached = [target for added in spliced for target in added.attached]
     adapter_records(gm)[adapter] = AdapterRecord(ruleset, result.matches, tuple(modules_to_save),
                                                  attached)
-    gm.meta["fxpeft"].setdefault("passes", []).extend(reports)
+    graph_state(gm).passes.extend(reports)
     return reports
 
 
@@ -85,7 +86,7 @@ def add_adapter(gm: torch.fx.GraphModule, adapter: str, rules: Any, *,
     >>> gm.adapter_names, gm.active_adapters
     (['default', 'other'], ['default'])
     """
-    if gm.meta.get("fxpeft_fused"):
+    if graph_state(gm).role == "fused":
         raise FxpeftError("this is a fused copy (fxpeft.fuse); add adapters to the graph it was "
                           "fused from, then fuse again")
     if adapter in adapter_records(gm) or adapter in adapter_names(gm):

@@ -28,6 +28,7 @@ from fxpeft.rules.loader import load_rules
 from fxpeft.rules.schema import RuleSet
 from fxpeft.registry import provide
 from fxpeft.runtime.passes import PassResult
+from fxpeft.graph.state import graph_state
 
 __all__ = ["add_adapter", "explain", "pass_report", "rewrite", "trainable_parameters"]
 log = logging.getLogger("fxpeft")
@@ -101,7 +102,6 @@ def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = N
         raise PeftFormatError(f"{ruleset.source}: the adapter it describes matches no module "
                               f"of {program.model_class}")
     gm = emit(program)
-    gm.meta["fxpeft"] = {"passes": []}
     apply_adapter(dataclasses.replace(program, graph_module=gm), ruleset, result, adapter,
                   modules_to_save)
     return gm
@@ -119,7 +119,7 @@ def _warn_hf_checkpointing(model: torch.nn.Module) -> None:
 
 def pass_report(gm: AdaptedModule) -> list[PassResult]:
     """What each pass did to ``gm``."""
-    return list(gm.meta.get("fxpeft", {}).get("passes", []))
+    return list(graph_state(gm).passes)
 
 
 @provide("trainable_parameters")

@@ -23,9 +23,9 @@ from fxpeft.graph.records import adapter_records
 from fxpeft.names import OUTPUT_MODULE
 from fxpeft.registry import provide
 from fxpeft.transforms.checkpoint import checkpoint_layers
-from fxpeft.transforms.fuse import _copy, _depends_on, _FusedCopies
+from fxpeft.graph.state import graph_state
+from fxpeft.transforms.fuse import _copy, _depends_on
 
-_BACKBONES = "_fxpeft_backbones"
 
 
 def hidden_state_output(hidden: torch.Tensor) -> Any:
@@ -80,14 +80,12 @@ def backbone(gm: torch.fx.GraphModule, head: str, checkpointed: bool) -> torch.f
     """
     _refuse_adapted_head(gm, head)
     key, keep_alive = _depends_on(gm, False, ("backbone", head, checkpointed))
-    built = gm.__dict__.setdefault(_BACKBONES, _FusedCopies(1))  # one at a time; a copy of gm starts empty
-    copy, _ = built.get_or_build(key, lambda: (_cut_copy(gm, head, checkpointed), keep_alive))
+    copy, _ = graph_state(gm).backbones.get_or_build(key, lambda: (_cut_copy(gm, head, checkpointed), keep_alive))
     return copy.train(gm.training)
 
 
 def _cut_copy(gm: torch.fx.GraphModule, head: str, checkpointed: bool) -> torch.fx.GraphModule:
-    copy = _copy(gm)
-    copy.meta["fxpeft_fused"] = False
+    copy = _copy(gm, role="backbone")
     mapping = dict(zip(gm.graph.nodes, copy.graph.nodes))
     _cut_head(copy, mapping[_head_input(gm, head)])
     if checkpointed:

@@ -4,8 +4,11 @@ passes never have to understand adapter bookkeeping, and that bookkeeping never 
 understand them. The copy shares every parameter and buffer (gates included) with the original,
 so training it trains the adapters.
 
-Each pass is small, named, individually switchable (``skip=``), returns how many places it
-changed, and is logged with its time:
+Each pass is small, named, individually switchable (``skip=``), and a ``GraphPass``
+(``fxpeft.runtime.passes``): it declares what it does, the graph facts it requires, ensures and
+breaks, and the passes it must follow; ``GRAPH_PASSES`` lists them in the order they run, and
+``fuse`` and the decode graph each ask for theirs by what they do (``select``); the manager checks
+the order and reports what each changed, with its time:
 
 - ``drop_inactive``: an adapter whose gate is off contributes exact zeros; its nodes go, so idle
   adapters cost nothing (the copy is specialised to the active set, and refuses to run while
@@ -44,23 +47,24 @@ from __future__ import annotations
 
 import logging
 import operator
-import time
-from dataclasses import dataclass
-from typing import Any, Callable, Hashable
+from typing import Any, Hashable
 
 import torch
 import torch.fx
 
 from fxpeft.runtime import compile_cache
-from fxpeft.graph.bounded_cache import BoundedCache
 from fxpeft.registry import low_rank_branch
 from fxpeft.graph.records import adapter_records, strip_adapters
-from fxpeft.graph.gates import SPECIALISED, active_adapters, adapter_names, gate_attr
+from fxpeft.graph.gates import active_adapters, adapter_names, gate_attr
+from fxpeft.graph.state import graph_state, set_graph_state
 from fxpeft.runtime.adapted_module import AdaptedModule
 from fxpeft.names import (DROPOUT_MODULE, GATE_META, GATES, LM_LOSS_MODULE, OUTPUT_MODULE,
                           adapter_node)
 from fxpeft.capture.program import copy_graph
 from fxpeft.registry import provide
+from fxpeft.graph.patterns import Op, Var, copy_node, match, replace_matches
+from fxpeft.runtime.passes import ADAPTED, GraphPass, run_pipeline, select
+from fxpeft.transforms.norms import fuse_rms_norm
 from fxpeft.transforms.activations import gated_activation
 from fxpeft.transforms.causal_mask import causal_mask
 from fxpeft.transforms.gqa import gqa_in_sdpa
@@ -73,17 +77,6 @@ log = logging.getLogger("fxpeft")
 aten = torch.ops.aten
 
 
-@dataclass(frozen=True)
-class FusePass:
-    """A named pass over a fused copy; ``run`` returns how many places it changed.
-    ``specialises``: what it leaves depends on which adapters are active, so the copy is kept
-    per active set and refuses to run under another (``drop_inactive``)."""
-
-    name: str
-    run: Callable[[torch.fx.GraphModule], int]
-    specialises: bool = False
-
-
 def drop_inactive(gm: torch.fx.GraphModule) -> int:
     """Strip every adapter whose gate is off."""
     idle = set(adapter_names(gm)) - set(active_adapters(gm))
@@ -92,35 +85,31 @@ def drop_inactive(gm: torch.fx.GraphModule) -> int:
     return len(idle)
 
 
-def _lora_parts(join: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node] | None:
-    """(scaled, up, gated) of a LoRA branch ending in ``join = y + up * s``, if it has that shape."""
-    scaled = join.args[1] if len(join.args) == 2 else None
-    if not isinstance(scaled, torch.fx.Node) or scaled.target != aten.mul.Tensor or len(scaled.users) != 1:
-        return None
-    up = scaled.args[0]
-    gated = up.args[0] if isinstance(up, torch.fx.Node) and up.target == aten.linear.default else None
-    if gated is None or gated.target != aten.mul.Tensor or GATE_META not in gated.meta:
-        return None
-    return scaled, up, gated
+def _low_rank_join(node: torch.fx.Node) -> bool:
+    record = adapter_node(node)
+    return low_rank_branch(record) is not None and record.removable
+
+
+# y + B(A x * g) * s, the branch of a low-rank kind (its join is the removable node)
+SCALED_BRANCH = Op(None, (Var("y"), Op(aten.mul.Tensor, (
+    Op(aten.linear.default, (Op(aten.mul.Tensor, (Var("down"), Var("gate")), name="gated",
+                                single_user=True, where=lambda n: GATE_META in n.meta),
+                             Var("B")), name="up", single_user=True),
+    Var("scale")), single_user=True)), name="join", where=_low_rank_join)
+
+
+def _scale_on_gate(graph: torch.fx.Graph, found: dict) -> torch.fx.Node:
+    """y + B(A x * (g * s)): the same branch, with the scale on the 0-d gate."""
+    gate = graph.call_function(aten.mul.Tensor, (found["gate"], found["scale"]))
+    gate.meta[GATE_META] = found["gated"].meta[GATE_META]
+    gated = copy_node(graph, found["gated"], (found["down"], gate))
+    up = copy_node(graph, found["up"], (gated, found["B"]))
+    return copy_node(graph, found["join"], (found["y"], up))
 
 
 def fold_lora_scale(gm: torch.fx.GraphModule) -> int:
-    """Move each LoRA branch's scale onto its gate."""
-    folded = 0
-    for join in list(gm.graph.nodes):
-        record = adapter_node(join)
-        parts = _lora_parts(join) if low_rank_branch(record) and record.removable else None
-        if parts is None:
-            continue
-        scaled, up, gated = parts
-        with gm.graph.inserting_before(gated):
-            gate = gm.graph.call_function(aten.mul.Tensor, (gated.args[1], scaled.args[1]))
-        gate.meta[GATE_META] = gated.meta[GATE_META]
-        gated.args = (gated.args[0], gate)
-        join.args = (join.args[0], up)
-        gm.graph.erase_node(scaled)
-        folded += 1
-    return folded
+    """Move each low-rank branch's scale onto its gate (``SCALED_BRANCH`` -> ``_scale_on_gate``)."""
+    return replace_matches(gm, SCALED_BRANCH, _scale_on_gate)
 
 
 def _lora_downs(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, list[torch.fx.Node]]:
@@ -285,12 +274,18 @@ def _gatherable_joins(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]
             joins.setdefault(record.module_path, []).append(node)
     plain = {}
     for path, found in joins.items():
-        parts = [_lora_parts(j) for j in found]
-        inputs = {p[2].args[0].args[0] for p in parts if p is not None}
-        if len(found) > 1 and None not in parts and len(inputs) == 1 and \
+        inputs = {_branch_input(j) for j in found}
+        if len(found) > 1 and None not in inputs and len(inputs) == 1 and \
                 all(j.target == aten.add.Tensor for j in found):
             plain[path] = found
     return plain
+
+
+def _branch_input(join: torch.fx.Node) -> torch.fx.Node | None:
+    """What the down-projection of a ``SCALED_BRANCH`` reads, or None for another shape."""
+    found = match(SCALED_BRANCH, join)
+    down = found["down"] if found is not None else None
+    return down.args[0] if isinstance(down, torch.fx.Node) and down.args else None
 
 
 def gather_lora(gm: torch.fx.GraphModule) -> int:
@@ -302,7 +297,7 @@ def gather_lora(gm: torch.fx.GraphModule) -> int:
     for joins in sites.values():
         records = [adapter_node(j) for j in joins]
         branches = [low_rank_branch(r) for r in records]
-        x = _lora_parts(joins[0])[2].args[0].args[0]
+        x = _branch_input(joins[0])
         graph = gm.graph
         with graph.inserting_before(joins[0]):
             branch = graph.call_function(mixed_lora, (
@@ -320,36 +315,59 @@ def gather_lora(gm: torch.fx.GraphModule) -> int:
 LAYER_CHOICES = (None, "layers")  # for checkpoint= and regions=
 
 
-def fuse_passes(shared_dropout: bool = False, mixed: bool = False,
-                checkpoint: str | None = None, regions: str | None = None) -> list[FusePass]:
-    """The passes ``fuse`` runs, in order."""
-    if mixed:
-        passes = [FusePass("gather_lora", gather_lora)]
-    else:
-        passes = [FusePass("drop_inactive", drop_inactive, specialises=True),
-                  FusePass("fold_lora_scale", fold_lora_scale)]
-        if shared_dropout:
-            passes.append(FusePass("share_dropout", share_dropout))
-        passes += [FusePass("fuse_lora_a", fuse_lora_a), FusePass("fuse_lm_loss", fuse_lm_loss)]
-    passes += [FusePass("sdpa_gqa", gqa_in_sdpa), FusePass("causal_mask", causal_mask),
-               FusePass("gated_activation", gated_activation),
-               FusePass("strip_leftovers", strip_leftovers)]
-    if checkpoint == "layers":
-        passes.append(FusePass("checkpoint_layers", checkpoint_layers))
-    elif regions == "layers":
-        passes.append(FusePass("region_layers", region_layers))
-    else:  # checkpointed layers and regions recompute or rebuild whole layers; after
-        # strip_leftovers, whose no-op casts would stand between a norm and its A projections
-        passes.append(FusePass("recompute_norms", recompute_norms))
-    passes.append(FusePass("onednn_linear", onednn_linear))  # last: the others match aten.linear
-    return passes
+def _graph_pass(name: str, transform: Any, does: str, **declared: Any) -> GraphPass:
+    return GraphPass(name, transform, frozenset(does.split()), **declared)
 
 
-def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+# Every optimisation pass, in the order any pipeline runs them; ``fuse`` and the decode graph
+# ask for theirs by what they do (``select``), and the manager checks each pipeline's order.
+GRAPH_PASSES = (
+    _graph_pass("drop_inactive", drop_inactive, "specialises", invalidates={"every_adapter"},
+                specialises=True),
+    _graph_pass("gather_lora", gather_lora, "mixes", requires={"every_adapter", "lora_branches"},
+                invalidates={"lora_branches", "explicit_lora_scale"}),
+    _graph_pass("drop_dropout", drop_dropout, "slims", requires={"eval_only"}),
+    _graph_pass("fold_lora_scale", fold_lora_scale, "slims",
+                requires={"explicit_lora_scale", "aten_linear"}, invalidates={"explicit_lora_scale"}),
+    _graph_pass("share_dropout", share_dropout, "shares_dropout"),
+    # sibling branches read one tensor only once their dropouts are shared or gone
+    _graph_pass("fuse_lora_a", fuse_lora_a, "slims", requires={"lora_branches", "aten_linear"},
+                after=("share_dropout", "drop_dropout")),
+    _graph_pass("fuse_lm_loss", fuse_lm_loss, "fuses_loss", requires={"aten_linear"}),
+    _graph_pass("sdpa_gqa", gqa_in_sdpa, "saves_activations"),
+    _graph_pass("causal_mask", causal_mask, "skips_mask"),
+    _graph_pass("gated_activation", gated_activation, "saves_activations"),
+    _graph_pass("strip_leftovers", strip_leftovers, "slims", ensures={"no_cast_leftovers"}),
+    _graph_pass("fuse_rms_norm", fuse_rms_norm, "slims", requires={"eval_only"}),
+    _graph_pass("checkpoint_layers", checkpoint_layers, "checkpoints", invalidates={"flat_layers"}),
+    _graph_pass("region_layers", region_layers, "regions", requires={"flat_layers"},
+                invalidates={"flat_layers"}),
+    # a norm and its A projections must be adjacent: no no-op cast between them, no region
+    _graph_pass("recompute_norms", recompute_norms, "saves_activations",
+                requires={"flat_layers", "no_cast_leftovers", "aten_linear"}),
+    _graph_pass("onednn_linear", onednn_linear, "cpu_gemm", invalidates={"aten_linear"}),
+)
+_TRAINING = {"slims", "saves_activations", "skips_mask", "cpu_gemm"}  # what every fuse asks for
+
+
+def fuse_passes(shared_dropout: bool = False, mixed: bool = False, checkpoint: str | None = None,
+                regions: str | None = None, skip: tuple[str, ...] = ()) -> list[GraphPass]:
+    """The passes ``fuse`` runs with these options, in order.
+
+    >>> [p.name for p in fuse_passes(mixed=True)][:2]
+    ['gather_lora', 'sdpa_gqa']
+    """
+    wants = _TRAINING | ({"mixes"} if mixed else {"specialises", "fuses_loss"})
+    wants |= {"shares_dropout"} if shared_dropout and not mixed else set()
+    wants |= {"checkpoints"} if checkpoint == "layers" else set()
+    wants |= {"regions"} if regions == "layers" else set()
+    return select(GRAPH_PASSES, wants, ADAPTED, skip)
+
+
+def _copy(gm: torch.fx.GraphModule, role: str = "fused") -> torch.fx.GraphModule:
     fused = AdaptedModule(gm, copy_graph(gm.graph), class_name=f"Fused{type(gm).__name__}")
     fused.capture_info = getattr(gm, "capture_info", None)
-    fused.meta["fxpeft"] = gm.meta.get("fxpeft", {})  # save() reads the same records
-    fused.meta["fxpeft_fused"] = True
+    set_graph_state(fused, graph_state(gm).derived(role=role))  # save() reads the same records
     return fused.train(gm.training)
 
 
@@ -373,7 +391,7 @@ def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout
     which ``torch.compile`` compiles once however deep the model (cold compile time).
 
     The same copy comes back while nothing it depends on has changed (the active adapters, for
-    a specialised copy; the options; the graph's adapters and tensors), up to ``MAX_FUSED``
+    a specialised copy; the options; the graph's adapters and tensors), up to ``MAX_COPIES``
     copies per graph: switching adapters back is instant, and ``torch.compile`` reuses what it
     compiled for that copy, so it compiles at most once per active set.
 
@@ -388,20 +406,21 @@ def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout
     (True, True)
     >>> compiled = torch.compile(fxpeft.fuse(gm, regions="layers"))  # each layer structure once
     """
-    known = {p.name for p in fuse_passes(True, checkpoint="layers") + fuse_passes(regions="layers") +
-             fuse_passes(mixed=True)}
+    known = {p.name for p in GRAPH_PASSES}
     unknown = sorted(set(skip) - known)
     if unknown:
         raise ValueError(f"fuse: no pass {unknown}; passes: {', '.join(sorted(known))}")
     _check_layer_options(checkpoint, regions)
     compile_cache.activate()
-    options = (tuple(sorted(set(skip))), shared_dropout, mixed, checkpoint, regions)
-    specialised = any(p.specialises and p.name not in skip
-                      for p in fuse_passes(shared_dropout, mixed, checkpoint, regions))
-    key, keep_alive = _depends_on(gm, specialised, options)
-    copies = gm.__dict__.setdefault(_FUSED_COPIES, _FusedCopies(MAX_FUSED))
-    fused, _ = copies.get_or_build(key, lambda: (
-        _fused_copy(gm, skip, shared_dropout, mixed, checkpoint, regions), keep_alive))
+    return _fused(gm, fuse_passes(shared_dropout, mixed, checkpoint, regions, tuple(skip)))
+
+
+def _fused(gm: torch.fx.GraphModule, passes: list[GraphPass]) -> torch.fx.GraphModule:
+    """The copy of ``gm`` that ``passes`` make, from the cache while nothing it depends on changed."""
+    specialised = any(p.specialises for p in passes)
+    key, keep_alive = _depends_on(gm, specialised, tuple(p.name for p in passes))
+    fused, _ = graph_state(gm).fused_copies.get_or_build(key, lambda: (
+        _fused_copy(gm, passes), keep_alive))
     return fused.train(gm.training)
 
 
@@ -419,22 +438,13 @@ def checkpointed_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     >>> len(checkpointed_copy(gm).get_submodule("_fxpeft_checkpointed")._modules), checkpointed_copy(gm) is checkpointed_copy(gm)
     (2, True)
     """
-    others = tuple(p.name for p in fuse_passes(checkpoint="layers") if p.name != "checkpoint_layers")
-    return fuse(gm, skip=others, checkpoint="layers")
+    compile_cache.activate()
+    return _fused(gm, select(GRAPH_PASSES, {"checkpoints"}, ADAPTED))
 
 
-MAX_FUSED = 8  # per graph: copies share its tensors, so each costs only its graph and code
-# Kept on the graph itself: a copy reaches the graph through the adapter records it shares, so
-# a cache outside would keep every graph alive; on it, the two are one cycle that gc frees.
-_FUSED_COPIES = "_fxpeft_fused_copies"
-
-
-class _FusedCopies(BoundedCache):
-    """A graph's fused copies by what they depend on; a copy (or pickle) of the graph starts
-    with none, since they would run on the original's tensors."""
-
-    def __deepcopy__(self, memo: dict) -> "_FusedCopies":
-        return _FusedCopies(self.size)
+# The copies are kept in the graph's own state (``graph_state(gm).fused_copies``): a copy reaches
+# the graph through the adapter records it shares, so a cache outside would keep every graph
+# alive; on it, the two are one cycle that gc frees.
 
 
 def _depends_on(gm: torch.fx.GraphModule, specialised: bool, options: tuple) -> tuple[Hashable, list]:
@@ -450,18 +460,10 @@ def _depends_on(gm: torch.fx.GraphModule, specialised: bool, options: tuple) -> 
     return key, [gm.graph, *(rec for _, rec in records)]
 
 
-def _fused_copy(gm: torch.fx.GraphModule, skip: tuple[str, ...], shared_dropout: bool, mixed: bool,
-                checkpoint: str | None, regions: str | None) -> torch.fx.GraphModule:
+def _fused_copy(gm: torch.fx.GraphModule, passes: list[GraphPass]) -> torch.fx.GraphModule:
     fused = _copy(gm)
-    for fuse_pass in fuse_passes(shared_dropout, mixed, checkpoint, regions):
-        if fuse_pass.name in skip:
-            continue
-        if fuse_pass.specialises:
-            setattr(fused, SPECIALISED, tuple(active_adapters(gm)))
-        start = time.perf_counter()
-        changed = fuse_pass.run(fused)
-        fused.graph.lint()
-        log.info("fxpeft fuse %s: %d changes (%.0f ms)", fuse_pass.name, changed,
-                 (time.perf_counter() - start) * 1000)
+    if any(p.specialises for p in passes):
+        graph_state(fused).specialised_to = tuple(active_adapters(gm))
+    run_pipeline(fused, passes, ADAPTED, recompile=False)
     fused.recompile()
     return fused

@@ -15,6 +15,7 @@ import copy
 from fxpeft.graph.dropout import ATTENTION_DROPOUT_MODULE
 from fxpeft.graph.gates import adapter_names
 from fxpeft.graph.records import strip_adapters
+from fxpeft.graph.state import GraphState, set_graph_state
 from fxpeft.names import DEFAULT_ADAPTER, DROPOUT_MODULE
 from fxpeft.runtime.adapted_module import AdaptedModule
 from fxpeft.capture.program import copy_graph
@@ -42,7 +43,7 @@ def reference_model(gm: AdaptedModule) -> AdaptedModule:
     # gate; every module it shares with gm stays untouched
     ref = AdaptedModule(gm, graph, class_name=f"Reference{type(gm).__name__}")
     ref.capture_info = gm.capture_info
-    ref.meta["fxpeft"] = {"passes": []}  # no adapters: nothing to save, switch or strip
+    set_graph_state(ref, GraphState(role="reference"))  # no adapters: nothing to save, switch or strip
     ref.graph.eliminate_dead_code()
     ref.recompile()
     for name in (DROPOUT_MODULE, ATTENTION_DROPOUT_MODULE):

@@ -13,6 +13,7 @@ import fxpeft
 from conftest import VOCAB, tiny_llama, token_batch
 from fxpeft.generation import decode_graph
 from fxpeft.graph.records import adapter_parameters, record
+from fxpeft.graph.state import graph_state
 from fxpeft.graph.targets import fetch
 from fxpeft.errors import FxpeftError
 from fxpeft.registry import is_adapter_parameter
@@ -244,7 +245,7 @@ def test_prompt_tuning_prefills_its_virtual_tokens_once_and_equals_peft_greedy(t
     ours = fxpeft.generate(gm.train(), ids, max_new_tokens=NEW_TOKENS)
     assert gm.training  # mode kept
     decoder = decode_graph.decoder_for(gm, 2, 9 + NEW_TOKENS + 20)  # 20 virtual tokens: built
-    assert decoder.fxpeft_virtual_tokens == {"default": range(VOCAB, VOCAB + 20)}
+    assert graph_state(decoder).virtual_tokens == {"default": range(VOCAB, VOCAB + 20)}
     assert decoder.prompt_embeddings is gm.prompt_embeddings and len(decode_graph.cached_keys(gm)) == 1
     peft_model, theirs = _peft_twin(gm, tmp_path), ids
     with torch.no_grad():  # PEFT's model, greedy over full forwards (the same computation)

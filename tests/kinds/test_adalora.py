@@ -353,3 +353,27 @@ def test_a_saved_ranknum_must_be_the_initial_rank(tmp_path):
     save_file(tensors, tmp_path / "adapter_model.safetensors")
     with pytest.raises(PeftFormatError, match=r"q_proj.ranknum = \[3.0\]: fxpeft reads only ranknum"):
         fxpeft.load(tiny_llama(), tmp_path)
+
+
+def test_allocation_hooks_only_the_optimizer_that_trains_the_graph():
+    """No process-wide hook stays: the graph's optimizer gets a step hook of its own at its first
+    step; an unrelated optimizer stepping in between is left alone, and nothing is armed before
+    the first backward."""
+    from torch.optim.optimizer import _global_optimizer_post_hooks
+    ids = token_batch()
+    gm = fxpeft.rewrite(tiny_llama(), _rule(auto_allocate=True))
+    assert not _global_optimizer_post_hooks  # rewriting arms nothing
+    other = torch.nn.Linear(2, 2)
+    unrelated = torch.optim.SGD(other.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.5)
+    gm.train()
+    for _ in range(3):
+        gm(ids, labels=ids).loss.backward()
+        other(torch.ones(1, 2)).sum().backward()
+        unrelated.step()  # between the graph's backward and its optimizer's step
+        unrelated.zero_grad()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert allocator(gm, "default").steps == 3
+    assert not _global_optimizer_post_hooks and not unrelated._optimizer_step_post_hooks
+    assert len(optimizer._optimizer_step_post_hooks) == 1
