@@ -54,6 +54,8 @@ class GraphState:
       headless ``base_model``, the decode graphs of ``generate``), by what they depend on.
     - ``virtual_tokens``, ``cache_length``: a decode graph's virtual token ids per adapter (the
       kinds that lengthen the input) and the length of its KV cache.
+    - ``checkpointing``: ``gradient_checkpointing_enable()`` was called: forward runs the
+      checkpointed copy.
     """
 
     adapters: dict[str, Any] = field(default_factory=dict)
@@ -67,6 +69,7 @@ class GraphState:
     decoders: GraphCache = field(default_factory=lambda: GraphCache(MAX_DECODERS))
     virtual_tokens: dict[str, Any] = field(default_factory=dict)
     cache_length: int | None = None
+    checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

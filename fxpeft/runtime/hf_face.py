@@ -28,10 +28,10 @@ import torch.fx
 from fxpeft.capture.linear_sites import find_linear_sites
 from fxpeft.capture.program import HfFace
 from fxpeft.errors import FxpeftError
+from fxpeft.graph.state import graph_state
 from fxpeft.registry import is_adapter_parameter, provided
 
 REQUIRE_GRAD_META = "fxpeft_require_grad"  # the node enable_input_require_grads adds
-CHECKPOINTING = "_fxpeft_checkpointing"  # instance flag: forward runs the checkpointed copy
 # Attributes that exist only for a transformers model's graph; elsewhere an AttributeError
 # that says why (``__getattr__`` re-raises it, as Python falls back there from a property).
 HF_ONLY = ("config", "generation_config", "name_or_path", "main_input_name", "dtype", "base_model")
@@ -68,7 +68,7 @@ def checkpoint_switch(generated: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(generated)
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.__dict__.get(CHECKPOINTING):
+        if graph_state(self).checkpointing:
             return provided("checkpointed_copy")(self).forward(*args, **kwargs)
         return generated(self, *args, **kwargs)
     forward._fxpeft_switch = True
@@ -219,16 +219,16 @@ class HfModelFace:
                               f"{refused[0]} is not supported (every layer is checkpointed, "
                               f"activations stay on the device)")
         provided("checkpointed_copy")(self)  # now: a graph the pass cannot split fails here
-        self.__dict__[CHECKPOINTING] = True
+        graph_state(self).checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:
-        self.__dict__.pop(CHECKPOINTING, None)
+        graph_state(self).checkpointing = False
 
     activation_checkpointing_disable = gradient_checkpointing_disable
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return bool(self.__dict__.get(CHECKPOINTING))
+        return graph_state(self).checkpointing
 
     is_activation_checkpointing = is_gradient_checkpointing
 
