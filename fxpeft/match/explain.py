@@ -34,7 +34,7 @@ def closest_names(patterns: tuple[str, ...], paths: list[str], limit: int = 5) -
     return (found + [leaf for leaf in leaves if leaf not in found])[:limit]
 
 
-def module_types(program: Program) -> dict[str, str]:
+def _module_types(program: Program) -> dict[str, str]:
     """Every module path of the captured model -> its class name (``LlamaRMSNorm``).
 
     Exported graphs name their modules in each node's ``nn_module_stack``; symbolic_trace graphs
@@ -50,19 +50,27 @@ def module_types(program: Program) -> dict[str, str]:
     return {path: kind for path, kind in found.items() if path and not path.startswith("_")}
 
 
-def other_layers(program: Program, rule: Rule) -> list[tuple[str, str]]:
+def _other_layers(program: Program, rule: Rule) -> list[tuple[str, str]]:
     """Modules whose path the rule's ``path`` selects but which are no candidate of its match kind:
     (path, class name), e.g. ``("model.layers.0.input_layernorm", "LlamaRMSNorm")``."""
     if not rule.where.path:
         return []
     sites = {c.module_path for c in candidates(program, rule.match)}
-    return [(path, kind) for path, kind in module_types(program).items()
+    return [(path, kind) for path, kind in _module_types(program).items()
             if path not in sites and any(re.search(p, path) for p in rule.where.path)]
 
 
 def other_layers_note(program: Program, rule: Rule) -> str:
-    """``input_layernorm exists (LlamaRMSNorm), but it is not a linear``, or ""."""
-    found = other_layers(program, rule)
+    """``... input_layernorm exists (LlamaRMSNorm), but it is not a linear layer``, or "".
+
+    >>> import torch
+    >>> from fxpeft.capture.export import capture
+    >>> from fxpeft.rules import Rule, Where
+    >>> program = capture(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2)))
+    >>> other_layers_note(program, Rule(where=Where(path=["^1$"])))
+    '1 exists (LayerNorm), but it is not a linear layer'
+    """
+    found = _other_layers(program, rule)
     if not found:
         return ""
     path, kind = found[0]

@@ -51,7 +51,13 @@ def _from_config(model: torch.nn.Module, rules: Any,
 def check_model(model: Any, caller: str) -> None:
     """A model that cannot be captured or trained is refused before any work: not a module, or
     parameters on the ``meta`` device (shapes without values: its logits and saves would be
-    empty)."""
+    empty).
+
+    >>> check_model("llama", "rewrite")
+    Traceback (most recent call last):
+    ...
+    fxpeft.errors.FxpeftError: fxpeft.rewrite: the model must be a torch.nn.Module, got str 'llama'; load it first (e.g. AutoModelForCausalLM.from_pretrained(...))
+    """
     if not isinstance(model, torch.nn.Module):
         raise FxpeftError(f"fxpeft.{caller}: the model must be a torch.nn.Module, got "
                           f"{type(model).__name__} {model!r:.60}; load it first (e.g. "
