@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,10 @@ def erase_unused(graph: torch.fx.Graph, node: object) -> None:
             graph.erase_node(node)
 
 
+# what torch 2.13's pytree says when a copied tree spec is rebuilt (copyreg): not the user's doing
+_TREESPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
 def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     """A copy of ``graph`` (its code generator too); node metadata is shared, not copied.
 
@@ -49,7 +54,9 @@ def copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     2
     """
     new = torch.fx.Graph()
-    new._codegen = copy.deepcopy(graph._codegen)
+    with warnings.catch_warnings():  # torch's own deprecation, raised by copying its tree specs
+        warnings.filterwarnings("ignore", message=_TREESPEC_WARNING, category=FutureWarning)
+        new._codegen = copy.deepcopy(graph._codegen)
     new.output(new.graph_copy(graph, {}))
     return new
 

@@ -44,6 +44,9 @@ _ADAPTER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
 def check_adapter_name(name: str) -> str:
+    if name == BASE:
+        raise FxpeftError(f"adapter name {BASE!r} is reserved: adapter_names=[..., {BASE!r}] "
+                          f"means the base model, without adapters; choose another name")
     if not isinstance(name, str) or not _ADAPTER_NAME.match(name):
         raise FxpeftError(f"adapter name {name!r} must be a Python identifier (letters, digits, _)")
     return name

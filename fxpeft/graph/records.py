@@ -71,10 +71,21 @@ def set_trainable(gm: torch.nn.Module, adapters: "list[str] | set[str]", trainab
             param.requires_grad_(trainable)
 
 
+def _check_names(gm: torch.nn.Module, names: Any) -> None:
+    """``names`` is one adapter's name or a list of names (not None, which PEFT refuses too)."""
+    if isinstance(names, str) or (isinstance(names, (list, tuple))
+                                  and all(isinstance(name, str) for name in names)):
+        return
+    raise FxpeftError(f"set_adapter takes an adapter name or a list of names, got "
+                      f"{type(names).__name__} {names!r:.60}; this graph has "
+                      f"{sorted(adapter_records(gm))} (gm.disable_adapters() runs the base model)")
+
+
 def activate(gm: torch.nn.Module, names: "str | list[str]", inference_mode: bool = False) -> None:
     """PEFT's ``set_adapter``: ``names`` become the active adapters and train (unless
     ``inference_mode``); every other adapter is switched off and frozen, so an optimizer's weight
     decay cannot shrink an adapter that is not being trained."""
+    _check_names(gm, names)
     set_adapter(gm, names)
     active = {names} if isinstance(names, str) else set(names)
     set_trainable(gm, set(adapter_records(gm)) - active, False)

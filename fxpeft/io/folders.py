@@ -7,18 +7,24 @@ Atomic saves. A reader sees the complete old folder or the complete new one, nev
    and flushes it to disk (fsync);
 2. renames the old folder ``<name>`` to ``.<name>.fxpeft-old``;
 3. renames the new folder to ``<name>``;
-4. deletes ``.<name>.fxpeft-old``, its ``adapter_config.json`` first.
+4. renames ``.<name>.fxpeft-old`` to ``.<name>.fxpeft-del-<pid>-<random>``, then deletes that,
+   its ``adapter_config.json`` first.
 
-Whenever the process dies, ``<name>`` holds the complete old or the complete new folder; only
-between steps 2 and 3 it is absent, and then ``.<name>.fxpeft-old`` holds the complete old one:
-``load`` reads that, and the next ``save`` renames it back before doing anything else (or, if
-``<name>`` is there, deletes it). A save that raises leaves the old folder untouched and removes
-its staging folder; the next save also removes staging folders that dead processes left. Saving
-replaces the whole folder, so it only replaces an adapter folder (plain files, among them
-``adapter_config.json`` or the weights): anything else is an error, never deleted.
+``.<name>.fxpeft-old`` is only ever made by a rename of a complete folder and only ever left by
+a rename, so it is complete whenever it exists: a deletion that dies half-way leaves a
+``-del-`` folder, which nothing reads and the next save removes. Whenever the process dies,
+``<name>`` holds the complete old or the complete new folder; only between steps 2 and 3 it is
+absent, and then ``.<name>.fxpeft-old`` holds the complete old one: ``load`` reads that, and the
+next ``save`` renames it back before doing anything else (or, if ``<name>`` is there, deletes
+it). A set-aside folder without its ``adapter_config.json`` (an older fxpeft deleted it in place,
+config first) is half-deleted: it is never read nor put back, only removed. A save that raises
+leaves the old folder untouched and removes its staging folder; the next save also removes
+staging and ``-del-`` folders that dead processes left. Saving replaces the whole folder, so it
+only replaces an adapter folder (plain files, among them ``adapter_config.json`` or the
+weights): anything else is an error, never deleted.
 
 ``load`` reads every file through one handle on the folder (POSIX), so renames during the read
-cannot mix two versions. Step 4 deletes the config first, and a read that finds its config gone
+cannot mix two versions. A folder is deleted config first, and a read that finds its config gone
 at the end starts again, so a half-deleted old folder is never taken for a complete one.
 """
 
@@ -39,7 +45,7 @@ CONFIG, WEIGHTS, RULES = "adapter_config.json", "adapter_model.safetensors", "fx
 log = logging.getLogger("fxpeft")
 _TEXT_LIMIT = 16 * 2 ** 20  # bytes; a config or rule file is kilobytes, never this
 _READ_ATTEMPTS = 8
-_NEW, _OLD = ".fxpeft-new-", ".fxpeft-old"
+_NEW, _OLD, _DEL = ".fxpeft-new-", ".fxpeft-old", ".fxpeft-del-"
 
 
 class AdapterFileError(FxpeftError, ValueError):
@@ -56,6 +62,18 @@ def _target(directory: "str | Path") -> Path:
 def _aside(directory: Path) -> Path:
     """Where a save keeps the old folder between its two renames; ``load`` falls back to it."""
     return directory.with_name(f".{directory.name}{_OLD}")
+
+
+def _complete_aside(directory: Path) -> Path | None:
+    """The set-aside old folder if it is complete (see the module docstring), else None."""
+    aside = _aside(directory)
+    return aside if aside.is_dir() and (aside / CONFIG).is_file() else None
+
+
+def _owned_name(directory: Path, tag: str) -> Path:
+    """A sibling named ``.<name><tag><pid>-<random>``, so ``_tidy`` can tell whether its owner
+    lives."""
+    return directory.with_name(f".{directory.name}{tag}{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def _fsync(path: Path) -> None:
@@ -107,15 +125,25 @@ def _tidy(directory: Path) -> None:
     new one made it into place), and remove staging folders of dead processes."""
     aside = _aside(directory)
     if aside.is_dir():
-        if directory.exists():
-            _remove(aside)
+        if directory.exists() or _complete_aside(directory) is None:
+            _drop(aside, directory)  # the new folder is in place, or the old one half-deleted
         else:
             os.rename(aside, directory)
-    prefix = f".{directory.name}{_NEW}"
-    for entry in directory.parent.iterdir():
-        pid = entry.name[len(prefix):].split("-")[0]
-        if entry.name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
-            _remove(entry)
+    for tag in (_NEW, _DEL):
+        prefix = f".{directory.name}{tag}"
+        for entry in directory.parent.iterdir():
+            pid = entry.name[len(prefix):].split("-")[0]
+            if entry.name.startswith(prefix) and pid.isdigit() and (
+                    not _alive(int(pid)) or (tag == _DEL and int(pid) == os.getpid())):
+                _remove(entry)  # a -del- folder of this process: a deletion it did not finish
+
+
+def _drop(aside: Path, directory: Path) -> None:
+    """Step 4: rename the set-aside folder out of the way (atomically), then delete it."""
+    doomed = _owned_name(directory, _DEL)
+    with contextlib.suppress(FileNotFoundError):  # another save may have got there first
+        os.rename(aside, doomed)
+    _remove(doomed)
 
 
 def _check_replaceable(directory: Path) -> None:
@@ -134,10 +162,20 @@ def _check_replaceable(directory: Path) -> None:
                                f"replaces a folder as a whole, so it only replaces adapter folders")
 
 
+def _make_parent(directory: Path) -> None:
+    """Create the folders above ``directory``; a file in the way is a one-line error."""
+    blocking = next((p for p in (directory.parent, *directory.parent.parents)
+                     if os.path.lexists(p) and not p.is_dir()), None)
+    if blocking is not None:
+        raise AdapterFileError(f"{directory}: cannot be made, {blocking} is a file, not a "
+                               f"folder; save to a path whose folders are folders")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+
+
 def _staging(directory: Path) -> Path:
     """A new, empty sibling folder, named so that ``_tidy`` can tell whether its owner lives."""
     while True:
-        staging = directory.with_name(f".{directory.name}{_NEW}{os.getpid()}-{secrets.token_hex(4)}")
+        staging = _owned_name(directory, _NEW)
         with contextlib.suppress(FileExistsError):
             os.mkdir(staging)  # mode 0o777 less the umask, like any folder the user makes
             return staging
@@ -157,7 +195,7 @@ def _swap_in(staging: Path, directory: Path) -> None:
         raise
     _fsync(directory.parent)
     try:
-        _remove(aside)
+        _drop(aside, directory)
     except OSError as err:  # the new folder is in place: the save succeeded; _tidy retries
         log.warning("fxpeft.save: could not remove the old folder %s yet: %s", aside, err)
 
@@ -174,7 +212,7 @@ def replace_folder(directory: "str | Path", writers: dict[str, Callable[[Path], 
     (['a'], ['adapter_model.safetensors'])
     """
     directory = _target(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(directory)
     _tidy(directory)
     _check_replaceable(directory)
     staging = _staging(directory)
@@ -196,8 +234,8 @@ def replace_folder(directory: "str | Path", writers: dict[str, Callable[[Path], 
 
 def _current(directory: Path) -> Path:
     """``directory``, or the old folder a save set aside in the instant between its renames."""
-    aside = _aside(_target(directory))
-    return aside if not os.path.exists(directory) and aside.is_dir() else directory
+    aside = _complete_aside(_target(directory))
+    return aside if not os.path.exists(directory) and aside is not None else directory
 
 
 def _read_member(folder: Path, handle: int | None, name: str) -> bytes | None:
@@ -302,7 +340,7 @@ def write_new_folder(directory: Path, write: Callable[[Path], None]) -> None:
     >>> [p.name for p in folder.parent.iterdir()], [p.name for p in folder.iterdir()]
     (['merged'], ['x.txt'])
     """
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(directory)
     staging = _staging(directory)
     try:
         write(staging)

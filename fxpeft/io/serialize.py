@@ -24,6 +24,7 @@ Atomic saves and consistent reads: ``fxpeft.io.folders``.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import logging
@@ -48,6 +49,7 @@ from fxpeft.io.folders import (CONFIG, RULES, WEIGHTS, AdapterFileError, _fsync,
                                replace_file, replace_folder)
 from fxpeft.runtime.adapted_module import AdaptedModule
 from fxpeft.registry import AdapterKind, values_from_file
+from fxpeft.names import PEFT_PREFIX
 from fxpeft.formats.peft_format import (INERT_FIELDS, PeftFormatError, neutral, check_fields,
                                         kind_for_config, kind_for_rewrite, to_peft_key)
 from fxpeft.formats.peft_config import module_names
@@ -328,9 +330,12 @@ def _build(model: torch.nn.Module, adapter: str, rules: RuleSet, keep: Sequence[
     """The adapted graph; errors that come from the rules name the file they came from."""
     try:
         with values_from_file():  # _fill writes every adapter tensor next
+            # a folder keeps PEFT's meaning: its modules_to_save may name absent heads ("score"),
+            # and an adapter that adapts nothing is refused by _fill
             if isinstance(model, AdaptedModule):
-                return add_adapter(model, adapter, rules, modules_to_save=keep)
-            return rewrite(model, rules, adapter=adapter, modules_to_save=keep, **capture)
+                return add_adapter(model, adapter, rules, modules_to_save=keep, allow_empty=True)
+            return rewrite(model, rules, adapter=adapter, modules_to_save=keep, allow_empty=True,
+                           **capture)
     except (PassError, MatchError, RuleError) as err:
         if str(source) in str(err):
             raise
@@ -348,17 +353,56 @@ def _comparable(value: Any) -> Any:
 
 
 def _check_rules_match_config(gm: AdaptedModule, adapter: str, kind: AdapterKind,
-                              config: dict[str, Any], folder: Path) -> None:
-    """``fxpeft_rules.toml`` must build exactly what ``adapter_config.json`` says: PEFT's
-    ``save_pretrained`` rewrites only the JSON, so an edited JSON with a stale TOML is refused."""
+                              config: dict[str, Any], folder: Path, from_rules: bool = True) -> None:
+    """What the graph's adapter is must be what ``adapter_config.json`` says. Loading
+    (``from_rules``): ``fxpeft_rules.toml`` must build exactly that, as PEFT's ``save_pretrained``
+    rewrites only the JSON, so an edited JSON with a stale TOML is refused. Resuming: the graph
+    the weights go into must have been built with that config."""
     ours = peft_config(program_of(gm), record(gm, adapter), kind)
     compared = (kind.peft.fields | {"modules_to_save"}) - INERT_FIELDS - kind.peft.state_fields
     for field in sorted(compared):
         if _comparable(ours.get(field)) != _comparable(config.get(field)):
+            says = f"{folder / CONFIG}: says {field} = {config.get(field)!r}"
+            if not from_rules:
+                raise AdapterFileError(
+                    f"{says}, but adapter {adapter!r} of this graph has {field} = "
+                    f"{ours.get(field)!r}; resume into a graph built as the folder says "
+                    f"(fxpeft.load(model, folder) builds one)")
             raise AdapterFileError(
-                f"{folder / CONFIG}: {field} = {config.get(field)!r}, but {RULES} builds "
-                f"{field} = {ours.get(field)!r}; {CONFIG} is the source of truth (PEFT rewrites "
-                f"only it): delete {RULES} to load from {CONFIG} alone")
+                f"{says}, but {RULES}, saved with it, builds {field} = {ours.get(field)!r} on "
+                f"this model; {CONFIG} is the source of truth (PEFT rewrites only it): if it was "
+                f"edited on purpose, delete {RULES} to load from {CONFIG} alone")
+
+
+def _module_path(key: str, components: tuple[str, ...]) -> str:
+    """The module a PEFT key belongs to: ``...q_proj.lora_A.weight`` -> ``...q_proj`` (PEFT's
+    copy of a base weight, ``...base_layer.weight``, belongs to the layer too)."""
+    parts = key.removeprefix(PEFT_PREFIX).split(".")
+    cut = next((i for i, part in enumerate(parts) if part in (*components, "base_layer")),
+               len(parts) - 1)
+    return ".".join(parts[:cut])
+
+
+def _check_modules(model: torch.nn.Module, kind: AdapterKind, tensors: dict[str, torch.Tensor],
+                   folder: Path) -> None:
+    """Weights for none of the modules ``model`` has mean the folder is another model's (GPT-2's
+    ``c_attn`` in a Llama): said first, before anything is built or any field compared."""
+    have = {path for path, _ in model.named_modules()}
+    named = {path for key in tensors if key.startswith(PEFT_PREFIX)
+             and (path := _module_path(key, kind.components))}
+    foreign = sorted(named - have)
+    if not foreign or len(foreign) < len(named):  # a stray key is "unexpected", said later
+        return
+    info = getattr(model, "capture_info", None)
+    model_class = info.model_class if info is not None else type(model).__name__
+    more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in have if p})
+    close = difflib.get_close_matches(foreign[0].rsplit(".", 1)[-1], leaves, n=3, cutoff=0.3)
+    raise AdapterFileError(
+        f"{folder / WEIGHTS}: holds adapter weights for {foreign[0]}{more}, and {model_class} "
+        f"has none of these modules: the folder was made for another model; closest module "
+        f"names here: "
+        f"{', '.join(close or leaves[:3]) or 'none'}")
 
 
 def _expected(gm: torch.nn.Module, adapter: str, kind: AdapterKind) -> dict[str, str]:
@@ -387,13 +431,16 @@ def _check_tensors(expected: dict[str, str], tensors: dict[str, torch.Tensor],
 
 
 def _fill(gm: AdaptedModule, adapter: str, kind: AdapterKind, tensors: dict[str, torch.Tensor],
-          folder: Path, source: Path) -> None:
+          folder: Path, source: Path, consistent: Callable[[], None]) -> None:
+    """Check, in the order that blames the right thing, then copy: the config
+    (``consistent``) before keys and shapes (the caller has checked the modules)."""
     expected = _expected(gm, adapter, kind)
     tensors = without_base_copies(gm, adapter, tensors, folder / WEIGHTS)
     check_supported(program_of(gm), kind, set(expected), set(tensors), folder / WEIGHTS)
     if not expected:  # PEFT, too, refuses a config that adapts nothing
         raise AdapterFileError(f"{source}: the adapter it describes matches no module of "
                                f"{program_of(gm).model_class}")
+    consistent()
     _check_tensors(expected, tensors, gm, folder / WEIGHTS)
     state = gm.state_dict()
     with torch.no_grad():
@@ -402,12 +449,13 @@ def _fill(gm: AdaptedModule, adapter: str, kind: AdapterKind, tensors: dict[str,
 
 
 def _fill_with_state(gm: AdaptedModule, adapter: str, kind: AdapterKind, config: dict[str, Any],
-                     tensors: dict[str, torch.Tensor], folder: Path, source: Path) -> None:
+                     tensors: dict[str, torch.Tensor], folder: Path, source: Path,
+                     consistent: Callable[[], None] = lambda: None) -> None:
     """The training state the files carry (AdaLoRA's ranks), then the weights."""
     if kind.peft.load_state is not None:
         with _located(folder / CONFIG):
             tensors = kind.peft.load_state(gm, adapter, config, tensors, str(folder / CONFIG))
-    _fill(gm, adapter, kind, tensors, folder, source)
+    _fill(gm, adapter, kind, tensors, folder, source, consistent)
 
 
 def _read_config(directory: Path) -> tuple[Path, dict[str, bytes], dict[str, Any], AdapterKind]:
@@ -452,12 +500,14 @@ def load(model: "torch.nn.Module | str | Path", directory: "str | Path | None" =
     keep = _modules_to_save(config, folder / CONFIG)
     rules, source = _rules(folder, files, config, kind, model)
     tensors = _parse_weights(files.get(WEIGHTS), folder / WEIGHTS)
+    _check_modules(model, kind, tensors, folder)  # another model's folder: said before building
     capture = {"example_inputs": example_inputs, "leaf_modules": leaf_modules}
     gm = _build(model, adapter, rules, keep, source, capture)
-    try:
+    def consistent() -> None:
         if source == folder / RULES:
             _check_rules_match_config(gm, adapter, kind, config, folder)
-        _fill_with_state(gm, adapter, kind, config, tensors, folder, source)
+    try:
+        _fill_with_state(gm, adapter, kind, config, tensors, folder, source, consistent)
     except FxpeftError:
         if grown:
             delete_adapter(gm, adapter)
@@ -538,6 +588,7 @@ def restore(gm: AdaptedModule, directory: "str | Path", adapter: str = "default"
     if ours is not kind:
         raise AdapterFileError(f"{folder / CONFIG}: describes a {kind.name} adapter, but adapter "
                                f"{adapter!r} of this graph is {ours.name}")
-    _check_rules_match_config(gm, adapter, kind, config, folder)
     tensors = _parse_weights(files.get(WEIGHTS), folder / WEIGHTS)
+    _check_modules(gm, kind, tensors, folder)  # another model's folder, before its fields
+    _check_rules_match_config(gm, adapter, kind, config, folder, from_rules=False)
     _fill_with_state(gm, adapter, kind, config, tensors, folder, folder / CONFIG)

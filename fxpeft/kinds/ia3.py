@@ -138,8 +138,23 @@ def _feedforward_regex(config: dict[str, Any], source: str) -> str | None:
     raise PeftFormatError(f"{source}: feedforward_modules must be names or a regex, got {feedforward!r}")
 
 
+def _check_feedforward_in_targets(config: dict[str, Any], source: str) -> None:
+    """PEFT's ``IA3Config`` raises ``ValueError`` when ``feedforward_modules`` (names) are not
+    all in ``target_modules`` (names): such a module would silently get no adapter."""
+    feedforward, target = config.get("feedforward_modules"), config.get("target_modules")
+    if not (isinstance(feedforward, (list, tuple)) and isinstance(target, (list, tuple))):
+        return  # a regex (or "all-linear") selects by pattern; PEFT checks only names too
+    outside = [name for name in feedforward if name not in target]
+    if outside:
+        raise PeftFormatError(f"{source}: feedforward_modules = {list(feedforward)}: "
+                              f"{outside[0]!r} is not in target_modules = {list(target)}; every "
+                              f"feed-forward module must be a target too (PEFT's IA3Config raises "
+                              f"ValueError for this)")
+
+
 def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str) -> RuleSet:
     """Feed-forward targets scale their input (first rule, first match wins); the rest outputs."""
+    _check_feedforward_in_targets(config, source)
     target = target_regex(config, model, source)
     exclude = exclude_regexes(config)
     rules = [Rule(name="peft ia3", optional=True, params=IA3Params(),

@@ -6,9 +6,9 @@ import difflib
 import re
 from dataclasses import dataclass, field
 
-from fxpeft.match.query import MatchResult
+from fxpeft.match.query import MatchResult, candidates
 from fxpeft.capture.program import Program
-from fxpeft.rules.schema import RuleSet
+from fxpeft.rules.schema import Rule, RuleSet
 
 _REGEX_SYNTAX = re.compile(r"\\.|[\^\$\(\)\[\]\{\}\|\*\+\?]")
 
@@ -34,6 +34,50 @@ def closest_names(patterns: tuple[str, ...], paths: list[str], limit: int = 5) -
     return (found + [leaf for leaf in leaves if leaf not in found])[:limit]
 
 
+def _module_types(program: Program) -> dict[str, str]:
+    """Every module path of the captured model -> its class name (``LlamaRMSNorm``).
+
+    Exported graphs name their modules in each node's ``nn_module_stack``; symbolic_trace graphs
+    keep the modules themselves.
+    """
+    found: dict[str, str] = {}
+    for node in program.graph.nodes:
+        for path, qualified in node.meta.get("nn_module_stack", {}).values():
+            name = getattr(qualified, "__name__", None) or str(qualified).rsplit(".", 1)[-1]
+            found.setdefault(path, name)  # a qualified name, or the class itself
+    for path, module in program.graph_module.named_modules():
+        found.setdefault(path, type(module).__name__)
+    return {path: kind for path, kind in found.items() if path and not path.startswith("_")}
+
+
+def _other_layers(program: Program, rule: Rule) -> list[tuple[str, str]]:
+    """Modules whose path the rule's ``path`` selects but which are no candidate of its match kind:
+    (path, class name), e.g. ``("model.layers.0.input_layernorm", "LlamaRMSNorm")``."""
+    if not rule.where.path:
+        return []
+    sites = {c.module_path for c in candidates(program, rule.match)}
+    return [(path, kind) for path, kind in _module_types(program).items()
+            if path not in sites and any(re.search(p, path) for p in rule.where.path)]
+
+
+def other_layers_note(program: Program, rule: Rule) -> str:
+    """``... input_layernorm exists (LlamaRMSNorm), but it is not a linear layer``, or "".
+
+    >>> import torch
+    >>> from fxpeft.capture.export import capture
+    >>> from fxpeft.rules import Rule, Where
+    >>> program = capture(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2)))
+    >>> other_layers_note(program, Rule(where=Where(path=["^1$"])))
+    '1 exists (LayerNorm), but it is not a linear layer'
+    """
+    found = _other_layers(program, rule)
+    if not found:
+        return ""
+    path, kind = found[0]
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return f"{path}{more} exists ({kind}), but it is not a {rule.match} layer"
+
+
 @dataclass
 class RuleReport:
     name: str
@@ -43,6 +87,7 @@ class RuleReport:
     closest: list[str] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
     bound: dict[str, str] = field(default_factory=dict)  # path -> what a pattern bound there
+    note: str = ""  # for a rule that matched nothing: a module it aims at that is another layer
 
 
 @dataclass
@@ -71,6 +116,7 @@ class Explanation:
             if not report.matched:
                 lines.append(f"    nothing matched{' (optional)' if report.optional else ''}; "
                              f"closest module names: {', '.join(report.closest) or 'none'}")
+                lines += [f"    {report.note}"] if report.note else []
         return "\n".join(lines)
 
 
@@ -83,6 +129,7 @@ def build_explanation(program: Program, rules: RuleSet, result: MatchResult) -> 
         closest = [] if matched else closest_names(rule.where.path or ("",), list(reasons))
         bound = {m.module_path: m.site.describe() for m in result.for_rule(index)
                  if hasattr(m.site, "describe")}
+        note = "" if matched else other_layers_note(program, rule)
         reports.append(RuleReport(rule.name, rule.rewrite, matched, rule.optional, closest, reasons,
-                                  bound))
+                                  bound, note))
     return Explanation(program.model_class, reports)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import re
 import tomllib
@@ -13,7 +14,7 @@ from fxpeft.rules.locate import KeyLocator
 from fxpeft.registry import rewrite_kinds
 from fxpeft.rules.schema import Rule, RuleSet, Where, did_you_mean, known_keys
 
-TOP_KEYS = ("version", "description", "allow_training_branches", "rule")
+TOP_KEYS = ("version", "description", "allow_training_branches", "allow_empty", "rule")
 RULE_KEYS = ("name", "match", "rewrite", "optional", "where", "params")
 SUPPORTED_VERSIONS = (1,)
 
@@ -40,9 +41,13 @@ def load_rules(rules: "str | Path | RuleSet | Rule | Iterable[Rule]") -> RuleSet
         return RuleSet((rules,))
     if isinstance(rules, (str, Path)):
         return _load_file(rules)
-    items = list(rules)
-    if not all(isinstance(r, Rule) for r in items):
-        raise RuleError("rules= takes a path, a bundled rule-file name, a RuleSet or Rule objects")
+    try:
+        items = list(rules)
+    except TypeError:  # None, a model, a number: not rules at all
+        items = None
+    if items is None or not all(isinstance(r, Rule) for r in items):
+        raise RuleError(f"rules= takes a path, a bundled rule-file name (e.g. \"lora_qv.toml\"), a "
+                        f"RuleSet or Rule objects, got {type(rules).__name__} {rules!r:.60}")
     return RuleSet(tuple(items))
 
 
@@ -74,7 +79,7 @@ def parse_rules(text: str, source: str = "<string>") -> RuleSet:
                         line=int(line.group(1)) if line else None) from None
     locator = KeyLocator(text)
     try:
-        return _build_rule_set(data, source)
+        return dataclasses.replace(_build_rule_set(data, source), locator=locator)
     except RuleError as err:
         if err.file is not None:
             raise
@@ -107,7 +112,8 @@ def _build_rule_set(data: dict, source: str) -> RuleSet:
         raise RuleError("expected at least one [[rule]] table", key="rule")
     built = tuple(_build_rule(_expect_table(r, f"rule[{i}]"), f"rule[{i}].") for i, r in enumerate(rules))
     return RuleSet(built, source=source, version=version,
-                   allow_training_branches=data.get("allow_training_branches", False))
+                   allow_training_branches=data.get("allow_training_branches", False),
+                   allow_empty=data.get("allow_empty", False))
 
 
 def _build_rule(table: dict, prefix: str) -> Rule:

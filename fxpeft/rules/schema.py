@@ -130,17 +130,30 @@ class RuleSet:
     source: str = "<python>"
     version: int = 1
     allow_training_branches: bool = False  # the model's train-only ops (besides dropout) are safe
+    allow_empty: bool = False  # selecting nothing (no match at all, an absent layer) is no error
+    locator: Any = field(default=None, compare=False, repr=False)  # KeyLocator of the file text
 
     def __post_init__(self) -> None:
-        problem = checks.boolean(self.allow_training_branches)
-        if problem:
-            raise RuleError(problem, key="allow_training_branches")
+        for key in ("allow_training_branches", "allow_empty"):
+            problem = checks.boolean(getattr(self, key))
+            if problem:
+                raise RuleError(problem, key=key)
         rules = tuple(self.rules)
         if not rules:
             raise RuleError("a rule set needs at least one rule", file=self.source, key="rule")
         named = tuple(r if r.name else dataclasses.replace(r, name=f"rule[{i}]")
                       for i, r in enumerate(rules))
         object.__setattr__(self, "rules", named)
+
+    def located(self, key: str) -> str:
+        """``file:line`` of a dotted key (``rule[0].where.layers``), or the source alone when the
+        rules were not read from a file.
+
+        >>> RuleSet([Rule(where=Where(path=["q"]))]).located("rule[0]")
+        '<python>'
+        """
+        line = self.locator.line_of(key) if self.locator is not None else None
+        return f"{self.source}:{line}" if line else self.source
 
     def with_params(self, **overrides: Any) -> "RuleSet":
         """A copy with ``overrides`` applied to every rule whose rewrite has those parameters.

@@ -14,8 +14,8 @@ import torch.fx
 
 from fxpeft.graph.records import AdapterRecord, adapter_records, set_trainable
 from fxpeft.graph.params import freeze_base
-from fxpeft.errors import FxpeftError, MatchError
-from fxpeft.match.explain import build_explanation
+from fxpeft.errors import FxpeftError
+from fxpeft.match.selection import check_selection
 from fxpeft.graph.gates import active_adapters, adapter_names, check_adapter_name, set_adapter
 from fxpeft import registry
 from fxpeft.match.query import MatchResult, match
@@ -34,15 +34,14 @@ def program_of(gm: torch.fx.GraphModule) -> Program:
     return Program(gm, gm.capture_info, find_linear_sites(gm))
 
 
-def require_matches(program: Program, ruleset: RuleSet, result: MatchResult) -> None:
-    """A rule that is not ``optional`` and matched nothing is a ``MatchError`` with hints."""
-    report = build_explanation(program, ruleset, result)
-    for index, rule in enumerate(ruleset.rules):
-        if not rule.optional and not result.for_rule(index):
-            raise MatchError(f"{ruleset.source}: rule {rule.name!r} matched nothing in "
-                             f"{program.model_class}; closest module names: "
-                             f"{', '.join(report.rules[index].closest) or 'none'} "
-                             f"(set optional = true to allow this; fxpeft.explain shows why)")
+def require_matches(program: Program, ruleset: RuleSet, result: MatchResult,
+                    modules_to_save: Sequence[str] = (), allow_empty: bool = False) -> None:
+    """Nothing selected is a ``MatchError`` with hints (``fxpeft.match.selection``): a rule that
+    is not ``optional``, a name in ``modules_to_save``, the rules as a whole."""
+    given = {MODULES_TO_SAVE: tuple(modules_to_save)}
+    keywords = {kind.name: (given[kind.name], kind.keyword_sites) for kind in registry.all_kinds()
+                if kind.keyword_sites is not None and kind.name in given}
+    check_selection(program, ruleset, result, keywords, allow_empty)
 
 
 def _work(gm: torch.nn.Module, result: MatchResult,
@@ -75,9 +74,12 @@ def apply_adapter(program: Program, ruleset: RuleSet, result: MatchResult, adapt
 
 
 def add_adapter(gm: torch.fx.GraphModule, adapter: str, rules: Any, *,
-                modules_to_save: Sequence[str] = (), **overrides: Any) -> torch.fx.GraphModule:
+                modules_to_save: Sequence[str] = (), allow_empty: bool = False,
+                **overrides: Any) -> torch.fx.GraphModule:
     """Splice a second (third, ...) named adapter into ``gm``, without re-tracing. It starts
     inactive and frozen; ``gm.set_adapter(adapter)`` switches to it and makes it trainable.
+    Rules and ``modules_to_save`` that select nothing are errors unless ``allow_empty``
+    (see ``fxpeft.rewrite``).
 
     >>> import torch, fxpeft
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
@@ -94,7 +96,7 @@ def add_adapter(gm: torch.fx.GraphModule, adapter: str, rules: Any, *,
     program = program_of(gm)
     ruleset = load_rules(rules).with_params(**overrides)
     result = match(program, ruleset)
-    require_matches(program, ruleset, result)
+    require_matches(program, ruleset, result, modules_to_save, allow_empty)
     active = active_adapters(gm)
     apply_adapter(program, ruleset, result, adapter, modules_to_save)
     set_adapter(gm, active)

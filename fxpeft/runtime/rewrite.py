@@ -49,6 +49,32 @@ def _from_config(model: torch.nn.Module, rules: Any,
     return found.rules, found.modules_to_save
 
 
+def check_model(model: Any, caller: str) -> None:
+    """A model that cannot be captured or trained is refused before any work: not a module, or
+    parameters on the ``meta`` device (shapes without values: its logits and saves would be
+    empty).
+
+    >>> check_model("llama", "rewrite")
+    Traceback (most recent call last):
+    ...
+    fxpeft.errors.FxpeftError: fxpeft.rewrite: the model must be a torch.nn.Module, got str 'llama'; load it first (e.g. AutoModelForCausalLM.from_pretrained(...))
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise FxpeftError(f"fxpeft.{caller}: the model must be a torch.nn.Module, got "
+                          f"{type(model).__name__} {model!r:.60}; load it first (e.g. "
+                          f"AutoModelForCausalLM.from_pretrained(...))")
+    meta = next((name for name, t in _tensors(model) if t.is_meta), None)
+    if meta is not None:
+        raise FxpeftError(f"fxpeft.{caller}: {type(model).__name__}.{meta} is on the meta device "
+                          f"(a shape without values); load the weights first (from_pretrained, or "
+                          f"to_empty() and load_state_dict)")
+
+
+def _tensors(model: torch.nn.Module) -> Any:
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+
+
 def _matched(model: torch.nn.Module, rules: Any, example_inputs: Any, leaf_modules: Sequence[type],
              overrides: dict[str, Any]) -> tuple[Program, RuleSet, MatchResult]:
     ruleset = load_rules(rules).with_params(**overrides)
@@ -69,6 +95,7 @@ def explain(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = N
     >>> fxpeft.explain(Attn(), "lora_qv.toml").rules[0].matched
     ['q_proj', 'v_proj']
     """
+    check_model(model, "explain")
     rules, _ = _from_config(model, rules, ())
     program, ruleset, result = _matched(model, rules, example_inputs, leaf_modules, overrides)
     return build_explanation(program, ruleset, result)
@@ -76,7 +103,8 @@ def explain(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = N
 
 def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = None,
             leaf_modules: Sequence[type] = (), adapter: str = "default",
-            modules_to_save: Sequence[str] = (), **overrides: Any) -> AdaptedModule:
+            modules_to_save: Sequence[str] = (), allow_empty: bool = False,
+            **overrides: Any) -> AdaptedModule:
     """Capture ``model``, match ``rules``, and splice adapters: an adapted ``GraphModule``.
 
     ``rules`` is a path, a bundled name (``"lora_qv.toml"``), rule objects, or a PEFT config
@@ -85,7 +113,10 @@ def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = N
     ``overrides`` (``r=16``) replace those parameters in every rule that has them. The base
     parameters are shared with ``model`` and frozen; only adapter parameters train. ``adapter``
     names the adapter (see ``add_adapter``); ``modules_to_save`` (PEFT's, e.g. ``["classifier"]``)
-    get fully trainable copies.
+    get fully trainable copies. Selecting nothing is an error (``fxpeft.MatchError``): a rule
+    that is not ``optional`` and matches nothing, rules that together adapt nothing, a
+    ``layers`` index or a ``modules_to_save`` name the model lacks; ``allow_empty=True`` (or
+    the rule file's ``allow_empty = true``) allows the last three.
 
     >>> import torch, fxpeft
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
@@ -93,11 +124,13 @@ def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = N
     >>> fxpeft.trainable_parameters(gm)
     (16, 36)
     """
+    check_model(model, "rewrite")
     _warn_hf_checkpointing(model)
     from_config = is_config(rules)
     rules, modules_to_save = _from_config(model, rules, modules_to_save)
     program, ruleset, result = _matched(model, rules, example_inputs, leaf_modules, overrides)
-    require_matches(program, ruleset, result)
+    # a PEFT config keeps PEFT's meaning: its modules_to_save may name absent heads ("score")
+    require_matches(program, ruleset, result, modules_to_save, allow_empty or from_config)
     if from_config and not result.matches:  # PEFT, too, refuses a config that adapts nothing
         raise PeftFormatError(f"{ruleset.source}: the adapter it describes matches no module "
                               f"of {program.model_class}")

@@ -130,7 +130,8 @@ def _convert(args: argparse.Namespace) -> int:
     _emit(text, args.out)
     if keep:  # a rule file has no place for them; say so rather than drop them silently
         print(f"note: modules_to_save = {list(keep)} is not part of a rule file; pass "
-              f"modules_to_save={list(keep)} to fxpeft.rewrite", file=sys.stderr)
+              f"modules_to_save={list(keep)} to fxpeft.rewrite (and allow_empty=True if a name "
+              f"is absent from the model, as PEFT's 'score' is on BERT)", file=sys.stderr)
     return 0
 
 

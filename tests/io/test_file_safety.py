@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import stat
 from pathlib import Path
@@ -375,3 +376,76 @@ def test_load_captures_with_example_inputs_and_leaf_modules(tmp_path, make, capt
         assert torch.equal(loaded(X), gm(X))
     with pytest.raises(fxpeft.FxpeftError, match="already an fxpeft graph"):
         fxpeft.load(loaded, folder, adapter="again", **capture)
+
+
+# --- a killed save never resurrects a partial folder (issue 24, item 7) ------------------------
+
+class Killed(BaseException):
+    """Stands for SIGKILL in-process: nothing after it runs, no handler catches it."""
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_save_killed_while_deleting_the_old_folder_never_brings_it_back(tmp_path, monkeypatch,
+                                                                           old, new):
+    folder = fxpeft.save(old, tmp_path / "a")
+    real, deleted = os.unlink, []
+
+    def dies_after_the_first_delete(path, *args, **kwargs):
+        if deleted:
+            raise Killed
+        deleted.append(path)
+        real(path, *args, **kwargs)
+    monkeypatch.setattr(os, "unlink", dies_after_the_first_delete)
+    with pytest.raises(Killed):
+        fxpeft.save(new, folder)  # killed in step 4, after the config of the old folder went
+    monkeypatch.undo()
+    assert Path(deleted[0]).name == "adapter_config.json"
+    assert _complete(folder, new)  # the save itself had succeeded
+    assert not aside_of(folder).exists()  # what is half-deleted is never the set-aside folder
+    shutil.rmtree(folder)  # the user removes the adapter folder
+    with pytest.raises(fxpeft.AdapterFileError):  # load reads no partial old adapter
+        fxpeft.load(Net(), folder)
+    fxpeft.save(old, folder)  # the tidy-up puts nothing partial into place, and removes it
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]
+    assert same_adapter(fxpeft.load(Net(), folder), old)
+
+
+@pytest.mark.parametrize("left", [["adapter_model.safetensors", "fxpeft_rules.toml"],
+                                  ["fxpeft_rules.toml"]])
+def test_a_half_deleted_set_aside_folder_is_removed_not_put_back(tmp_path, old, new, left):
+    """What an older fxpeft left when killed while deleting the set-aside folder in place (its
+    config first), after the user removed the adapter folder: never read, never put back."""
+    folder = fxpeft.save(old, tmp_path / "a")
+    os.rename(folder, aside_of(folder))
+    for name in set(FILES) - set(left):
+        (aside_of(folder) / name).unlink()
+    with pytest.raises(fxpeft.AdapterFileError):
+        fxpeft.load(Net(), folder)
+    fxpeft.save(new, folder)
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]
+    assert _complete(folder, new)
+
+
+def test_a_complete_set_aside_folder_is_still_put_back(tmp_path, old):
+    folder = fxpeft.save(old, tmp_path / "a")
+    on_disk = _tree(folder)
+    os.rename(folder, aside_of(folder))  # a save killed between its two renames
+    folders._tidy(folders._target(folder))
+    assert [p.name for p in tmp_path.iterdir()] == ["a"] and _tree(folder) == on_disk
+
+
+def test_saving_below_a_file_is_a_one_line_error(tmp_path, old):
+    (tmp_path / "a_file").write_text("mine")
+    before = _tree(tmp_path)
+    target = tmp_path / "a_file" / "sub"
+    with pytest.raises(fxpeft.AdapterFileError) as err:
+        fxpeft.save(old, target)
+    assert str(err.value) == (f"{target}: cannot be made, {tmp_path / 'a_file'} is a file, not a "
+                              f"folder; save to a path whose folders are folders")
+    assert _tree(tmp_path) == before
+    with pytest.raises(fxpeft.AdapterFileError, match="is a file, not a folder"):
+        fxpeft.save(old, tmp_path / "a_file" / "sub" / "deeper")
+    assert _tree(tmp_path) == before

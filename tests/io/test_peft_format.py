@@ -247,8 +247,9 @@ def test_an_edited_config_with_a_stale_rules_file_is_refused(saved, tmp_path):
     _edit_config(folder, lora_alpha=64)
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(fxpeft.AdapterFileError, match="lora_alpha = 64, but fxpeft_rules.toml builds "
-                                                     "lora_alpha = 16.*delete fxpeft_rules.toml"):
+    with pytest.raises(fxpeft.AdapterFileError, match="says lora_alpha = 64, but fxpeft_rules.toml, "
+                                                     "saved with it, builds lora_alpha = 16.*delete "
+                                                     "fxpeft_rules.toml"):
         fxpeft.load(model, folder)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     (folder / "fxpeft_rules.toml").unlink()

@@ -94,7 +94,9 @@ def test_convert_says_modules_to_save_are_not_rules(tmp_path, capsys):
     code, out, err = _run(["convert", tmp_path], capsys)
     assert code == 0 and "rewrite = 'lora'" in out
     assert err.strip() == ("note: modules_to_save = ['classifier'] is not part of a rule file; "
-                           "pass modules_to_save=['classifier'] to fxpeft.rewrite")
+                           "pass modules_to_save=['classifier'] to fxpeft.rewrite (and "
+                           "allow_empty=True if a name is absent from the model, as PEFT's "
+                           "'score' is on BERT)")
 
 
 # --- merge --------------------------------------------------------------------------------------
