@@ -35,6 +35,10 @@ def program_of(gm: torch.fx.GraphModule) -> Program:
 
 def require_matches(program: Program, ruleset: RuleSet, result: MatchResult) -> None:
     """A rule that is not ``optional`` and matched nothing is a ``MatchError`` with hints."""
+    matched = {m.rule_index for m in result.matches}
+    missing = [i for i, rule in enumerate(ruleset.rules) if not rule.optional and i not in matched]
+    if not missing:
+        return  # the report (closest names for every unmatched rule) only for an error
     report = build_explanation(program, ruleset, result)
     for index, rule in enumerate(ruleset.rules):
         if not rule.optional and not result.for_rule(index):
