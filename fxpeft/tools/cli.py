@@ -164,7 +164,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _graph(args: argparse.Namespace) -> int:
     gm = rewrite(_load_model(args.model), args.rules)
-    print(f"wrote {draw_layer(gm, args.layer, args.out)}")
+    print(f"wrote {draw_layer(gm, args.layer, args.out, detail=args.detail)}")
     return 0
 
 
@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--rules", required=True)
     graph.add_argument("--layer", type=int, default=0, help="layer index (negative: from the end)")
     graph.add_argument("--out", required=True, help="picture to write: .svg, .png or .pdf")
+    graph.add_argument("--detail", action="store_true",
+                       help="draw every aten node, before and after, instead of the modules")
     return parser
 
 
