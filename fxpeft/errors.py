@@ -37,5 +37,10 @@ class MatchError(FxpeftError, LookupError):
     """A rule matched nothing, or matched something it cannot rewrite."""
 
 
+class InputError(FxpeftError, ValueError):
+    """A call's input does not fit what the graph was captured for (dtype, shape, token ids);
+    the message names the argument."""
+
+
 class PassError(FxpeftError, RuntimeError):
     """A rewrite pass failed; the message names the pass and those that ran before it."""

@@ -9,8 +9,14 @@ layer's module path, a linear site like any other. Their backward is registered 
 backward (as bitsandbytes does), so no dequantized copy outlives one op.
 
 The forward calls bitsandbytes' own kernels, so outputs equal the layer's: 4-bit uses
-``bitsandbytes::gemm_4bit``; 8-bit computes ``x @ (CB * SCB / 127).T``, bitsandbytes' CPU
-training route (its eval route also quantizes the input to int8; fxpeft does not).
+``bitsandbytes::gemm_4bit``. 8-bit follows bitsandbytes' route per device and mode
+(``bnb.matmul``): training on a CPU (or XPU) computes ``x @ (CB * SCB / 127).T`` (its
+``MatMul8bitFp``); everywhere else (eval on a CPU, both modes on CUDA) LLM.int8()
+(``MatMul8bitLt``): the input is quantized to int8 per row too, columns past the layer's
+``threshold`` are computed apart in 16 bits, and ``int8_scaled_mm`` / ``int8_mixed_scaled_mm``
+multiply. The mode is data: the emit step feeds the op's ``training`` from a module that reads
+the graph's flag (``fxpeft.graph.dropout.TrainingFlag``), so ``gm.train()`` / ``gm.eval()``
+switch the route without regenerating code.
 
 >>> [k for k in QUANTIZED_OPS]
 ['linear_4bit', 'linear_8bit']
@@ -112,19 +118,49 @@ def _(weight, scales, dtype):
     return weight.new_empty(weight.shape, dtype=dtype)
 
 
+def dequantizes_8bit(device: torch.device, training: bool) -> bool:
+    """Whether bitsandbytes computes an 8-bit layer by dequantizing its weight (``MatMul8bitFp``:
+    training on a CPU or XPU) rather than with LLM.int8() (``MatMul8bitLt``: the rest).
+
+    >>> dequantizes_8bit(torch.device("cpu"), True), dequantizes_8bit(torch.device("cpu"), False)
+    (True, False)
+    """
+    return training and device.type in ("cpu", "xpu")
+
+
+def _int8_matmul(x: Tensor, weight: Tensor, scales: Tensor, bias: Optional[Tensor],
+                 threshold: float) -> Tensor:
+    """LLM.int8(), as bitsandbytes' ``MatMul8bitLt`` computes it: the input quantized per row
+    from fp16, outlier columns (past ``threshold``) apart, int8 matmul, rescaled."""
+    rows = x.reshape(-1, x.shape[-1])
+    quantized, row_scales, outliers = torch.ops.bitsandbytes.int8_vectorwise_quant.default(
+        rows.to(torch.float16), threshold)
+    if threshold > 0.0:
+        out, _ = torch.ops.bitsandbytes.int8_mixed_scaled_mm.default(
+            rows, quantized, weight, row_scales, scales, outliers, bias)
+    else:
+        out = torch.ops.bitsandbytes.int8_scaled_mm.default(quantized, weight, row_scales, scales,
+                                                             bias=bias, dtype=x.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
 @torch.library.custom_op("fxpeft::linear_8bit", mutates_args=())
-def linear_8bit(x: Tensor, weight: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``x @ W.T + bias`` with ``W`` dequantized from int8 for this call only."""
-    return torch.nn.functional.linear(x, dequantize_8bit(weight, scales, x.dtype), bias)
+def linear_8bit(x: Tensor, weight: Tensor, scales: Tensor, bias: Optional[Tensor],
+                training: bool = True, threshold: float = 0.0) -> Tensor:
+    """``x @ W.T + bias`` on bitsandbytes' route for ``x``'s device and the mode
+    (``dequantizes_8bit``): ``W`` dequantized from int8 for this call only, or LLM.int8()."""
+    if dequantizes_8bit(x.device, training):
+        return torch.nn.functional.linear(x, dequantize_8bit(weight, scales, x.dtype), bias)
+    return _int8_matmul(x, weight, scales, bias, threshold)
 
 
 @linear_8bit.register_fake
-def _(x, weight, scales, bias):
+def _(x, weight, scales, bias, training=True, threshold=0.0):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _setup_8bit(ctx, inputs, output) -> None:
-    x, weight, scales, bias = inputs
+    x, weight, scales, bias, *_ = inputs
     ctx.save_for_backward(weight, scales)
     ctx.has_bias = bias is not None
 
@@ -132,7 +168,8 @@ def _setup_8bit(ctx, inputs, output) -> None:
 def _backward_8bit(ctx, grad: Tensor):
     weight, scales = ctx.saved_tensors
     grad_bias = _bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[3] else None
-    return grad @ dequantize_8bit(weight, scales, grad.dtype), None, None, grad_bias
+    # both bitsandbytes routes take the input's gradient through the dequantized weight
+    return grad @ dequantize_8bit(weight, scales, grad.dtype), None, None, grad_bias, None, None
 
 
 def _bias_grad(grad: Tensor) -> Tensor:
@@ -191,10 +228,25 @@ class _StandIn8bit(_StandIn):
                                       "BitsAndBytesConfig(load_in_8bit=True)")
         self.weight = torch.nn.Parameter(layer.weight.data, requires_grad=False)
         self.register_buffer("weight_scales", scales)
+        self.threshold = float(layer.state.threshold)
 
     def forward(self, x: Tensor) -> Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return torch.ops.fxpeft.linear_8bit(x, self.weight, self.weight_scales, bias)
+        return torch.ops.fxpeft.linear_8bit(x, self.weight, self.weight_scales, bias,
+                                            training=self.training, threshold=self.threshold)
+
+
+def route_8bit_by_mode(graph: torch.fx.Graph, flag: str) -> int:
+    """Each 8-bit op of ``graph`` takes ``training`` from the module ``flag`` (a node per op,
+    which reads the graph's train/eval flag at call time) and its ``threshold`` as a keyword, so
+    its positional args stay ``(x, weight, scales, bias)``. Returns how many ops changed."""
+    nodes = list(graph.find_nodes(op="call_function", target=QUANTIZED_OPS["linear_8bit"]))
+    for node in nodes:
+        threshold = node.args[5] if len(node.args) > 5 else node.kwargs.get("threshold", 0.0)
+        with graph.inserting_before(node):
+            mode = graph.call_module(flag, ())
+        node.args, node.kwargs = node.args[:4], {"training": mode, "threshold": threshold}
+    return len(nodes)
 
 
 class QuantizedLayerError(ValueError):
@@ -378,6 +430,9 @@ def dequantize_layers(gm: torch.fx.GraphModule, graph: torch.fx.Graph,
         dense.meta = dict(node.meta)
         node.replace_all_uses_with(dense)
         graph.erase_node(node)
+        mode = node.kwargs.get("training")
+        if isinstance(mode, torch.fx.Node) and not mode.users:  # the 8-bit route's mode flag
+            graph.erase_node(mode)
         for storage in node.args[2:]:  # scales and codes no node reads any more
             if isinstance(storage, torch.fx.Node) and storage.op == "get_attr" and not storage.users:
                 graph.erase_node(storage)

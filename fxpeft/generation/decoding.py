@@ -24,6 +24,7 @@ from fxpeft.errors import FxpeftError
 from fxpeft.graph.gates import active_adapters
 from fxpeft.graph.state import graph_state
 from fxpeft.runtime.adapted_module import AdaptedModule
+from fxpeft.runtime import input_checks
 
 
 def _token_ids(value: "int | Sequence[int] | None", device: torch.device) -> "torch.Tensor | None":
@@ -48,6 +49,17 @@ def _check(input_ids: torch.Tensor, attention_mask: "torch.Tensor | None", max_n
         raise FxpeftError(f"fxpeft.generate: need temperature > 0, 0 < top_p <= 1 and top_k >= 0; "
                           f"got {temperature}, {top_p}, {top_k}")
     return torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+
+
+def _check_prompt(gm: AdaptedModule, input_ids: torch.Tensor, max_new_tokens: int) -> None:
+    """The prompt against the graph's capture (``fxpeft.runtime.input_checks``): not empty, ids
+    in the vocabulary, and room for the new tokens in learned positions (GPT-2)."""
+    spec = input_checks.input_spec(gm)
+    if spec is None:
+        return
+    input_checks.check_ids(gm, spec, "input_ids", input_ids)
+    total = input_ids.shape[1] + max_new_tokens + virtual_tokens(gm)
+    input_checks.check_length(spec, f"the prompt plus max_new_tokens={max_new_tokens}", total)
 
 
 def warp(scores: torch.Tensor, temperature: float = 1.0, top_k: "int | None" = 50,
@@ -131,6 +143,7 @@ def generate(gm: AdaptedModule, input_ids: torch.Tensor, max_new_tokens: int = 2
     torch.Size([2, 7])
     """
     mask = _check(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
+    _check_prompt(gm, input_ids, max_new_tokens)
     _check_one_device(gm)
     config = gm.capture_info.config if gm.capture_info is not None else None
     uncached = without_kv_cache(gm)

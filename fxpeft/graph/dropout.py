@@ -10,6 +10,7 @@ import torch
 from fxpeft.names import DROPOUT_MODULE
 
 ATTENTION_DROPOUT_MODULE = f"{DROPOUT_MODULE}_attention"
+TRAINING_FLAG_MODULE = "fxpeft_training"  # TrainingFlag: the mode, for mode-dependent ops
 
 
 class Dropout(torch.nn.Module):
@@ -33,6 +34,18 @@ class AttentionDropout(torch.nn.Module):
 
     def forward(self, p: float) -> float:
         return p if self.training else 0.0
+
+
+class TrainingFlag(torch.nn.Module):
+    """The graph's train/eval flag as a value, for ops whose computation depends on the mode
+    (bitsandbytes' 8-bit layers: ``fxpeft.capture.quantized.route_8bit_by_mode``).
+
+    >>> TrainingFlag().eval()()
+    False
+    """
+
+    def forward(self) -> bool:
+        return self.training
 
 
 def dropout_target(gm: torch.nn.Module) -> str:

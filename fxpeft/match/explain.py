@@ -120,14 +120,22 @@ class Explanation:
         return "\n".join(lines)
 
 
+def _by_rule(records: list) -> dict[int, list]:
+    grouped: dict[int, list] = {}
+    for record in records:
+        grouped.setdefault(record.rule_index, []).append(record)
+    return grouped
+
+
 def build_explanation(program: Program, rules: RuleSet, result: MatchResult) -> Explanation:
     """Assemble the report from a match result; no graph access beyond its candidates."""
     reports = []
+    hits, misses = _by_rule(result.matches), _by_rule(result.misses)  # one pass: linear in rules
     for index, rule in enumerate(rules.rules):
-        matched = result.paths(index)
-        reasons = {m.module_path: m.reason for m in result.misses if m.rule_index == index}
+        matched = [m.module_path for m in hits.get(index, ())]
+        reasons = {m.module_path: m.reason for m in misses.get(index, ())}
         closest = [] if matched else closest_names(rule.where.path or ("",), list(reasons))
-        bound = {m.module_path: m.site.describe() for m in result.for_rule(index)
+        bound = {m.module_path: m.site.describe() for m in hits.get(index, ())
                  if hasattr(m.site, "describe")}
         note = "" if matched else other_layers_note(program, rule)
         reports.append(RuleReport(rule.name, rule.rewrite, matched, rule.optional, closest, reasons,

@@ -16,6 +16,7 @@ from fxpeft.match.attention import find_attention_sites
 from fxpeft.match.input_embedding import find_input_embeddings
 from fxpeft.match.layer_sites import find_conv_sites, find_embedding_sites
 from fxpeft.capture.program import Program, layer_index
+from fxpeft.rules.checks import compiled_regex
 from fxpeft.rules.schema import Rule, RuleSet, Where
 
 
@@ -113,17 +114,19 @@ def _resolve_range(where: Where, layer_count: int) -> tuple[int, int] | None:
     return tuple(i + layer_count if i < 0 else i for i in where.layer_range)  # type: ignore[return-value]
 
 
-def why_not(where: Where, candidate: Candidate, layer_count: int) -> str | None:
+def why_not(where: Where, candidate: Candidate, layer_count: int,
+            regex: Callable[[str], "re.Pattern[str]"] = compiled_regex) -> str | None:
     """The first ``where`` constraint ``candidate`` fails, or None when it passes them all.
+    ``regex`` compiles a path pattern (by default the rules' own cache, which validation filled).
 
     >>> c = Candidate("model.layers.3.mlp.up_proj", "Linear", None, None)
     >>> why_not(Where(path=["q_proj"]), c, 4)
     "path matches none of ['q_proj']"
     """
     path = candidate.module_path
-    if where.path and not any(re.search(p, path) for p in where.path):
+    if where.path and not any(regex(p).search(path) for p in where.path):
         return f"path matches none of {list(where.path)}"
-    excluded = next((p for p in where.exclude if re.search(p, path)), None)
+    excluded = next((p for p in where.exclude if regex(p).search(path)), None)
     if excluded:
         return f"excluded by {excluded!r}"
     if where.module_type and not _type_matches(where.module_type, candidate.module_type):
@@ -155,8 +158,11 @@ def match(program: Program, rules: RuleSet) -> MatchResult:
     ['1']
     """
     result, claimed, layer_count = MatchResult(), {}, program.layer_count
+    found: dict[str, list[Candidate]] = {}  # per match kind, enumerated once for all rules
     for index, rule in enumerate(rules.rules):
-        for candidate in candidates(program, rule.match):
+        if rule.match not in found:
+            found[rule.match] = candidates(program, rule.match)
+        for candidate in found[rule.match]:
             reason = why_not(rule.where, candidate, layer_count)
             key = (rule.match, candidate.module_path)  # a module called twice is one target
             if reason is None and claimed.get(key, index) != index:

@@ -45,8 +45,11 @@ def _missing_rule(program: Program, ruleset: RuleSet, result: MatchResult, index
 
 
 def _absent_layer(program: Program, ruleset: RuleSet, index: int) -> str | None:
-    layers, count = ruleset.rules[index].where.layers, program.layer_count
-    absent = [i for i in layers or () if not -count <= i < count]
+    layers = ruleset.rules[index].where.layers
+    if not layers:
+        return None
+    count = program.layer_count
+    absent = [i for i in layers if not -count <= i < count]
     if not absent:
         return None
     have = f"layers 0-{count - 1}" if count else "no numbered layers"
@@ -96,9 +99,10 @@ def check_selection(program: Program, ruleset: RuleSet, result: MatchResult,
     """
     allow_empty = allow_empty or ruleset.allow_empty
     keywords = keywords or {}
+    matched = {m.rule_index for m in result.matches}  # once: a rule file may hold 100k rules
     for index in range(len(ruleset.rules)):
         problem = None if allow_empty else _absent_layer(program, ruleset, index)
-        if problem is None and not ruleset.rules[index].optional and not result.for_rule(index):
+        if problem is None and not ruleset.rules[index].optional and index not in matched:
             problem = _missing_rule(program, ruleset, result, index)
         if problem:
             raise MatchError(problem)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Callable
 
@@ -79,12 +80,17 @@ def int_pair(value: Any) -> str | None:
     return None
 
 
+# Rule patterns compiled once, for validation and matching alike: ``re``'s own cache holds 512,
+# so a file of more rules compiled each again for every candidate (superlinear in practice).
+compiled_regex = functools.lru_cache(maxsize=16384)(re.compile)
+
+
 def regex_list(value: Any) -> str | None:
     if not isinstance(value, (list, tuple)) or any(not isinstance(v, str) or not v for v in value):
         return f"expected a list of regular expressions (strings), got {_show(value)}"
     for pattern in value:
         try:
-            re.compile(pattern)
+            compiled_regex(pattern)
         except re.error as err:
             return f"bad regular expression {pattern!r}: {err}"
     return None

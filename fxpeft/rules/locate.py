@@ -69,3 +69,21 @@ class KeyLocator:
             else:
                 key = key.rsplit(".", 1)[0] if "." in key else ""
         return None
+
+
+class LazyKeyLocator:
+    """A ``KeyLocator`` built on first use: the lines of a file whose rules all apply are never
+    scanned (a rule set keeps one, for errors found after matching).
+
+    >>> LazyKeyLocator('version = 1\\n[[rule]]\\nname = "q"\\n').line_of("rule[0].name")
+    3
+    """
+
+    def __init__(self, text: str) -> None:
+        self._text: str | None = text
+        self._built: KeyLocator | None = None
+
+    def line_of(self, key: str) -> int | None:
+        if self._built is None:
+            self._built, self._text = KeyLocator(self._text or ""), None
+        return self._built.line_of(key)

@@ -8,12 +8,14 @@ regenerated, and under ``torch.compile`` each mode compiles once, later switches
 from __future__ import annotations
 
 import copy
+import sys
+import traceback
 from typing import Any, Iterator
 
 import torch
 import torch.fx
 
-from fxpeft.runtime import apply as adapt, compile_cache
+from fxpeft.runtime import apply as adapt, compile_cache, input_checks
 from fxpeft.runtime.hf_face import HfModelFace, checkpoint_switch
 from fxpeft.graph import records as adapter_set, gates
 from fxpeft.errors import FxpeftError
@@ -34,9 +36,14 @@ class AdaptedModule(HfModelFace, torch.fx.GraphModule):
     """
 
     capture_info: Any = None  # fxpeft.capture.program.CaptureInfo, set by the emit step
+    # Whether a call reads its token ids to check them against the vocabulary
+    # (fxpeft.runtime.input_checks): None on the CPU only (on a GPU it is a sync), True always.
+    check_token_values: "bool | None" = None
 
     def __init__(self, root: Any, graph: torch.fx.Graph, class_name: str = "GraphModule") -> None:
         super().__init__(root, graph, class_name)
+        # bad tensors are refused here, before the graph and outside torch.compile's frame
+        self.register_forward_pre_hook(input_checks.check_inputs, with_kwargs=True)
         # adapter_names= becomes an index tensor before torch.compile's frame (no recompiles)
         self.register_forward_pre_hook(gates.index_sample_names, with_kwargs=True)
         self.register_forward_pre_hook(gates.refuse_dropped_adapters)
@@ -47,6 +54,9 @@ class AdaptedModule(HfModelFace, torch.fx.GraphModule):
         while ``gradient_checkpointing_enable()`` is on (``hf_face.checkpoint_switch``)."""
         result = super().recompile()
         type(self).forward = checkpoint_switch(type(self).forward)
+        wrapped = vars(type(self)).get("_wrapped_call")
+        if wrapped is not None and not isinstance(wrapped, _WrappedCall):
+            type(self)._wrapped_call = _WrappedCall(wrapped.cls, wrapped.cls_call)
         return result
 
     def _deepcopy_init(self) -> Any:
@@ -185,6 +195,32 @@ class AdaptedModule(HfModelFace, torch.fx.GraphModule):
                               "optimizer steps (AdaLoRA's rank allocation does)")
         for kind, adapters in stateful.items():
             registry.get(kind).on_step(self, adapters, step)
+
+
+class _WrappedCall(torch.fx.graph_module._WrappedCall):
+    """fx's call wrapper, which prints the generated line an error came from, without a
+    generator: fx's walks the traceback with one, which ``torch.compile(fullgraph=True)``
+    cannot trace, so an error a pre-hook raises on purpose (a bad input,
+    ``fxpeft.runtime.input_checks``; unknown ``adapter_names``) surfaced as dynamo's
+    ``Attempt to trace generator``."""
+
+    # as fx's own frame, this one is not compiled; the frames it calls are (the forward)
+    @torch.compiler.disable(recursive=False)
+    def __call__(self, obj: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            if self.cls_call is not None:
+                return self.cls_call(obj, *args, **kwargs)
+            return super(self.cls, obj).__call__(*args, **kwargs)
+        except Exception as error:
+            innermost = error.__traceback__
+            while innermost is not None and innermost.tb_next is not None:  # no generator here
+                innermost = innermost.tb_next
+            code = innermost.tb_frame.f_code if innermost is not None else None
+            if code is None or "eval_with_key" not in code.co_filename:
+                raise
+            report = traceback.FrameSummary(code.co_filename, innermost.tb_lineno, code.co_name)
+            print(self._generate_error_message(report), file=sys.stderr)
+            raise error.with_traceback(None)  # noqa: B904 (as fx does)
 
 
 def _moved(value: Any, device: torch.device) -> Any:

@@ -14,7 +14,9 @@ import torch
 import torch.fx
 
 from fxpeft.runtime import hf_io
-from fxpeft.graph.dropout import ATTENTION_DROPOUT_MODULE, AttentionDropout, Dropout
+from fxpeft.graph.dropout import (ATTENTION_DROPOUT_MODULE, TRAINING_FLAG_MODULE, AttentionDropout,
+                                  Dropout, TrainingFlag)
+from fxpeft.capture.quantized import QUANTIZED_OPS, route_8bit_by_mode
 from fxpeft.runtime.adapted_module import AdaptedModule
 from fxpeft.names import DROPOUT_MODULE, INPUTS_MODULE, OUTPUT_MODULE
 from fxpeft.capture.program import CaptureInfo, Program
@@ -39,6 +41,7 @@ def emit(program: Program) -> AdaptedModule:
     if info.frontend == "export" and info.inputs:
         _wire_hf_signature(root, graph, info)
     _dropout_as_data(root, graph)
+    _quantized_routes_as_data(root, graph)
     gm = AdaptedModule(root, graph, class_name=f"Adapted{info.model_class}")
     gm.capture_info = info
     log.debug("emit: %s", type(gm).__name__)
@@ -79,6 +82,14 @@ def sdpa_dropout_p(node: torch.fx.Node) -> float:
     if "dropout_p" in node.kwargs:
         return node.kwargs["dropout_p"]
     return node.args[_SDPA_P_INDEX] if len(node.args) > _SDPA_P_INDEX else 0.0
+
+
+def _quantized_routes_as_data(root: torch.nn.Module, graph: torch.fx.Graph) -> None:
+    """bitsandbytes computes an 8-bit layer one way in training and another in eval on a CPU:
+    its ops read the mode from a ``TrainingFlag`` module, as dropout does."""
+    if graph.find_nodes(op="call_function", target=QUANTIZED_OPS["linear_8bit"]):
+        root.add_module(TRAINING_FLAG_MODULE, TrainingFlag())
+        route_8bit_by_mode(graph, TRAINING_FLAG_MODULE)
 
 
 def _dropout_as_data(root: torch.nn.Module, graph: torch.fx.Graph) -> None:

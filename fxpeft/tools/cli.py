@@ -18,6 +18,7 @@ is one line on stderr and a non-zero exit: 1 for bad input, 2 for a bad command 
 from __future__ import annotations
 
 import argparse
+import collections
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -80,9 +81,28 @@ def _check(paths: Sequence[str]) -> int:
             print(err, file=sys.stderr)
             failed += 1
             continue
-        summary = ", ".join(f"{r.name} ({r.match} -> {r.rewrite})" for r in rules.rules)
-        print(f"{path}: ok: {summary}")
+        print(f"{path}: ok: {rule_summary(rules)}")
     return 1 if failed else 0
+
+
+SHOWN_RULES = 8  # ``check`` names this many rules; a bigger file gets counts, not a listing
+
+
+def rule_summary(rules: Any) -> str:
+    """What ``fxpeft check`` says of a valid file: its rules by name, or for a big file the
+    count per ``match -> rewrite`` and the first few names (never the whole file on one line).
+
+    >>> from fxpeft.rules import Rule, RuleSet, Where
+    >>> rule_summary(RuleSet(tuple(Rule(name=f"r{i}", where=Where(path=["q"])) for i in range(10))))
+    '10 rules (10 linear -> lora); first: r0, r1, r2, r3, r4, r5, r6, r7, ... and 2 more'
+    """
+    if len(rules.rules) <= SHOWN_RULES:
+        return ", ".join(f"{r.name} ({r.match} -> {r.rewrite})" for r in rules.rules)
+    kinds = collections.Counter(f"{r.match} -> {r.rewrite}" for r in rules.rules)
+    counts = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
+    first = ", ".join(r.name for r in rules.rules[:SHOWN_RULES])
+    return (f"{len(rules.rules)} rules ({counts}); first: {first}, ... and "
+            f"{len(rules.rules) - SHOWN_RULES} more")
 
 
 def _list_rules() -> int:
@@ -145,7 +165,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _graph(args: argparse.Namespace) -> int:
     gm = rewrite(_load_model(args.model), args.rules)
-    print(f"wrote {draw_layer(gm, args.layer, args.out)}")
+    print(f"wrote {draw_layer(gm, args.layer, args.out, detail=args.detail)}")
     return 0
 
 
@@ -175,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--rules", required=True)
     graph.add_argument("--layer", type=int, default=0, help="layer index (negative: from the end)")
     graph.add_argument("--out", required=True, help="picture to write: .svg, .png or .pdf")
+    graph.add_argument("--detail", action="store_true",
+                       help="draw every aten node, before and after, instead of the modules")
     return parser
 
 

@@ -11,6 +11,7 @@ import torch
 
 import fxpeft
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
+from fxpeft.graph.records import adapter_records
 from fxpeft.formats.peft_format import PeftFormatError
 from fxpeft.tools.convert import config_to_toml
 
@@ -123,7 +124,7 @@ def test_a_layer_the_model_lacks_is_an_error(llama, tmp_path):
     assert message.startswith(f"{path}:6: rule 'rule[0]': layers = [0, 7], but LlamaForCausalLM "
                               f"has layers 0-1: no layer 7"), message
     gm = fxpeft.rewrite(llama, path, allow_empty=True)  # allowed: layer 0 only
-    assert [m.module_path for m in gm.meta["fxpeft"]["adapters"]["default"].matches] == \
+    assert [m.module_path for m in adapter_records(gm)["default"].matches] == \
         ["model.layers.0.self_attn.q_proj"]
 
 

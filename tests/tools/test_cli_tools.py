@@ -145,13 +145,18 @@ def test_graph_draws_a_layer_with_its_adapter_nodes(tmp_path, model_dir, capsys)
     svg = tmp_path / "layer1.svg"
     code, out, _ = _run(["graph", model_dir, "--rules", "lora_qv.toml", "--layer", "1", "--out", svg], capsys)
     assert code == 0 and f"wrote {svg}" in out
+    modules = svg.read_text()  # the module view: one box per adapted projection
+    assert modules.count('id="adapter-lora-') == 2 and ">lora · self_attn.q_proj · r=8<" in modules
+    code, out, _ = _run(["graph", model_dir, "--rules", "lora_qv.toml", "--layer", "1", "--out", svg,
+                         "--detail"], capsys)
+    assert code == 0 and f"wrote {svg}" in out
     gm = fxpeft.rewrite(tiny_llama(), "lora_qv")
     lora = [n for n in gm.graph.nodes if (r := n.meta.get("fxpeft_adapter")) and ".1." in f".{r.module_path}."]
     text = svg.read_text()
     assert len(lora) == 14  # q and v: dropout, A, B (their weights), gate mul, add
     assert text.count('id="adapter-lora-') == len(lora)
     assert all(f'id="adapter-lora-{n.name}"' in text for n in lora)
-    assert "lora: linear" in text and "lora: add" in text and "gate default" in text
+    assert "lora q_proj: linear" in text and "lora v_proj: add" in text and "gate default" in text
     assert "before (" in text and "14 adapter nodes: lora" in text
 
 
