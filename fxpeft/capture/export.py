@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -20,7 +21,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch.utils._sympy.numbers import int_oo
 
-from fxpeft.capture import cache as capture_cache, hf, quantized, replicate
+from fxpeft.capture import cache as capture_cache, hf, positions, quantized, replicate
 from fxpeft.errors import CaptureError
 from fxpeft.capture.linear_sites import find_linear_sites
 from fxpeft.graph.targets import owning_module
@@ -138,8 +139,12 @@ def _capture_hf(model: torch.nn.Module, example_inputs: Any, cacheable: bool = T
         log.debug("capture: %s from the capture cache", type(model).__name__)
         return cached
     # Replicated graphs are bound to the model's parameters by name: not for quantized layers.
+    default, packs = positions.probe(model, inputs) if "position_ids" in inputs else (None, False)
+    if default is None:  # the graph could not fill it as the model does: not an input
+        inputs.pop("position_ids", None)
     program = (_replicated(model, inputs) if cacheable and replication_enabled() else None) \
         or _exported(model, inputs)
+    program.info = replace(program.info, positions=default, packs=packs)
     if key is not None:
         capture_cache.store(key, model, program)
     return program
