@@ -26,6 +26,7 @@ from fxpeft.errors import CaptureError
 from fxpeft.capture.linear_sites import find_linear_sites
 from fxpeft.graph.targets import owning_module
 from fxpeft.capture.program import CaptureInfo, Program, shell_module
+from fxpeft.capture.versions import check_versions
 
 log = logging.getLogger("fxpeft")
 aten = torch.ops.aten
@@ -55,6 +56,7 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, leaf_modules: Se
     >>> program.frontend, [s.module_path for s in program.sites]
     ('symbolic_trace', ['0'])
     """
+    check_versions()
     if isinstance(getattr(model, "capture_info", None), CaptureInfo):  # an emitted graph
         raise CaptureError(f"{type(model).__name__} is already an fxpeft graph; rewrite the "
                            f"original model instead (or load several adapters into it)")
