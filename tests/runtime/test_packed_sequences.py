@@ -130,9 +130,11 @@ def test_a_model_that_does_not_pack_is_not_packed_by_the_graph():
 
 
 def test_an_encoder_takes_position_ids_and_packs_as_eager():
+    """BERT keeps packed sequences apart from transformers 5.25 on, not in 5.23: as eager, either way."""
     base = tiny_bert()
     gm = fxpeft.rewrite(base, Rule(where=Where(path=[r"\.query$", r"\.value$"]), params=LoraParams(r=4))).eval()
-    assert "position_ids" in gm.capture_info.inputs and gm.capture_info.packs
+    assert "position_ids" in gm.capture_info.inputs
+    assert bool([m for m in gm.modules() if isinstance(m, PackedMask)]) == gm.capture_info.packs
     batch = {k: v for k, v in packed_batch().items() if k != "labels"}
     hidden = base(**batch, output_hidden_states=True)
     torch.testing.assert_close(gm(**batch).logits, hidden.logits, rtol=0, atol=1e-5)
