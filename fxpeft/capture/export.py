@@ -146,10 +146,22 @@ def _capture_hf(model: torch.nn.Module, example_inputs: Any, cacheable: bool = T
         inputs.pop("position_ids", None)
     program = (_replicated(model, inputs) if cacheable and replication_enabled() else None) \
         or _exported(model, inputs)
-    program.info = replace(program.info, positions=default, packs=packs)
+    program.info = replace(program.info, positions=default, packs=packs,
+                           max_seq=program.info.max_seq or _learned_positions(model, inputs))
     if key is not None:
         capture_cache.store(key, model, program)
     return program
+
+
+def _learned_positions(model: torch.nn.Module, inputs: dict[str, Any]) -> int | None:
+    """The rows of a learned position table (BERT, OPT, GPT-2): with ``position_ids`` an input,
+    export no longer bounds the sequence by slicing it, so the input adapter checks the length."""
+    rows = getattr(model.config, "max_position_embeddings", None)
+    if "position_ids" not in inputs or not rows:
+        return None
+    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)
+              and m.num_embeddings - getattr(m, "offset", 0) == rows]
+    return rows if len(tables) > 0 and any(m is not model.get_input_embeddings() for m in tables) else None
 
 
 def replication_enabled() -> bool:
