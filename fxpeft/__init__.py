@@ -9,7 +9,8 @@ import importlib
 from typing import Any
 
 from fxpeft import rules
-from fxpeft.api import (AdaptedModule, AdapterFileError, CaptureError, FxpeftError, MatchError,
+from fxpeft.api import (AdaptedModule, AdapterFileError, AutoAdaptedModel, AutoAdaptedModelForCausalLM,
+                        AutoAdaptedModelForSequenceClassification, CaptureError, FxpeftError, MatchError,
                         PassError, RuleError, adapter_state_dict, add_adapter, explain, fuse,
                         generate, load, merge, merge_into, reference_model, rewrite, save,
                         trainable_parameters)

@@ -6,13 +6,15 @@ HF PEFT's layout; ``generate`` decodes with a KV cache.
 
 >>> from fxpeft import api
 >>> sorted(api.__all__)[:4]
-['AdaptedModule', 'AdapterFileError', 'CaptureError', 'FxpeftError']
+['AdaptedModule', 'AdapterFileError', 'AutoAdaptedModel', 'AutoAdaptedModelForCausalLM']
 """
 
 from fxpeft.errors import CaptureError, FxpeftError, MatchError, PassError, RuleError
 from fxpeft.generation.decoding import generate
 from fxpeft.generation import hf_generate  # noqa: F401  provides gm.generate
 from fxpeft.io import checkpoints  # noqa: F401  provides gm.save_pretrained
+from fxpeft.io.auto import (AutoAdaptedModel, AutoAdaptedModelForCausalLM,
+                            AutoAdaptedModelForSequenceClassification)
 from fxpeft.graph.params import adapter_state_dict
 from fxpeft.io.serialize import AdapterFileError, load, save
 from fxpeft.runtime.adapted_module import AdaptedModule
@@ -22,7 +24,8 @@ from fxpeft.transforms import backbone  # noqa: F401  provides gm.base_model
 from fxpeft.transforms.merge import merge, merge_into
 from fxpeft.transforms.reference import reference_model
 
-__all__ = ["AdaptedModule", "AdapterFileError", "CaptureError", "FxpeftError", "MatchError",
+__all__ = ["AdaptedModule", "AdapterFileError", "AutoAdaptedModel", "AutoAdaptedModelForCausalLM",
+           "AutoAdaptedModelForSequenceClassification", "CaptureError", "FxpeftError", "MatchError",
            "PassError", "RuleError", "adapter_state_dict", "add_adapter", "explain", "fuse",
            "generate", "load", "merge", "merge_into", "reference_model", "rewrite", "save",
            "trainable_parameters"]

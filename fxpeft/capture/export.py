@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -20,11 +21,12 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch.utils._sympy.numbers import int_oo
 
-from fxpeft.capture import cache as capture_cache, hf, quantized, replicate
+from fxpeft.capture import cache as capture_cache, hf, positions, quantized, replicate
 from fxpeft.errors import CaptureError
 from fxpeft.capture.linear_sites import find_linear_sites
 from fxpeft.graph.targets import owning_module
 from fxpeft.capture.program import CaptureInfo, Program, shell_module
+from fxpeft.capture.versions import check_versions
 
 log = logging.getLogger("fxpeft")
 aten = torch.ops.aten
@@ -54,6 +56,7 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, leaf_modules: Se
     >>> program.frontend, [s.module_path for s in program.sites]
     ('symbolic_trace', ['0'])
     """
+    check_versions()
     if isinstance(getattr(model, "capture_info", None), CaptureInfo):  # an emitted graph
         raise CaptureError(f"{type(model).__name__} is already an fxpeft graph; rewrite the "
                            f"original model instead (or load several adapters into it)")
@@ -138,11 +141,27 @@ def _capture_hf(model: torch.nn.Module, example_inputs: Any, cacheable: bool = T
         log.debug("capture: %s from the capture cache", type(model).__name__)
         return cached
     # Replicated graphs are bound to the model's parameters by name: not for quantized layers.
+    default, packs = positions.probe(model, inputs) if "position_ids" in inputs else (None, False)
+    if default is None:  # the graph could not fill it as the model does: not an input
+        inputs.pop("position_ids", None)
     program = (_replicated(model, inputs) if cacheable and replication_enabled() else None) \
         or _exported(model, inputs)
+    program.info = replace(program.info, positions=default, packs=packs,
+                           max_seq=program.info.max_seq or _learned_positions(model, inputs))
     if key is not None:
         capture_cache.store(key, model, program)
     return program
+
+
+def _learned_positions(model: torch.nn.Module, inputs: dict[str, Any]) -> int | None:
+    """The rows of a learned position table (BERT, OPT, GPT-2): with ``position_ids`` an input,
+    export no longer bounds the sequence by slicing it, so the input adapter checks the length."""
+    rows = getattr(model.config, "max_position_embeddings", None)
+    if "position_ids" not in inputs or not rows:
+        return None
+    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)
+              and m.num_embeddings - getattr(m, "offset", 0) == rows]
+    return rows if len(tables) > 0 and any(m is not model.get_input_embeddings() for m in tables) else None
 
 
 def replication_enabled() -> bool:

@@ -1,5 +1,5 @@
 """What capture knows about transformers models: whether a model is one, its example inputs
-and their dynamic shapes. (Call-time input and output adapters: ``fxpeft.runtime.hf_io``.)"""
+and their dynamic shapes. (``position_ids``: ``fxpeft.capture.positions``; call-time input and output adapters: ``fxpeft.runtime.hf_io``.)"""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from fxpeft.capture.positions import takes_positions
 from fxpeft.capture.program import HfFace
 
 
@@ -35,7 +36,7 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> dict
     >>> cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
     ...                   num_attention_heads=2, vocab_size=32)
     >>> sorted(example_inputs(LlamaForCausalLM(cfg)))
-    ['attention_mask', 'input_ids']
+    ['attention_mask', 'input_ids', 'position_ids']
     """
     config = model.config
     vocab = getattr(config, "vocab_size", None) or 2
@@ -46,6 +47,8 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> dict
         inputs["decoder_input_ids"] = ids.clone()
     if _takes_token_types(model):  # BERT-like: what its tokenizer returns, optional at call time
         inputs["token_type_ids"] = torch.zeros_like(ids)
+    if takes_positions(model):  # packed batches: capture keeps it if the model's default is known
+        inputs["position_ids"] = torch.arange(seq, device=ids.device).repeat(batch, 1)
     return inputs
 
 

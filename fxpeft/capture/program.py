@@ -95,7 +95,10 @@ class CaptureInfo:
     ``inputs``: the captured input names (HF graphs); ``config``: the model's config;
     ``out_spec``, ``max_seq``: the output tree and the longest sequence the export allows;
     ``training``: the model's mode when captured (the emitted graph starts in it); ``hf``: the
-    model's HF face (``HfFace``), None for a model that is not a transformers model.
+    model's HF face (``HfFace``), None for a model that is not a transformers model;
+    ``positions``: what the model computes for ``position_ids=None`` when ``position_ids`` is an
+    input (a name in ``fxpeft.capture.positions.DEFAULTS``); ``packs``: whether the model keeps
+    packed sequences apart when no attention mask is given (``fxpeft.capture.positions.probe``).
     """
 
     model_class: str
@@ -106,6 +109,8 @@ class CaptureInfo:
     max_seq: int | None = None
     training: bool = False
     hf: HfFace | None = None
+    positions: str | None = None
+    packs: bool = False
 
 
 @dataclass

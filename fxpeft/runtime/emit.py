@@ -13,7 +13,7 @@ import operator
 import torch
 import torch.fx
 
-from fxpeft.runtime import hf_io
+from fxpeft.runtime import hf_io, masks
 from fxpeft.graph.dropout import (ATTENTION_DROPOUT_MODULE, TRAINING_FLAG_MODULE, AttentionDropout,
                                   Dropout, TrainingFlag)
 from fxpeft.capture.quantized import QUANTIZED_OPS, route_8bit_by_mode
@@ -40,6 +40,8 @@ def emit(program: Program) -> AdaptedModule:
     root, graph, info = program.graph_module, program.graph, program.info
     if info.frontend == "export" and info.inputs:
         _wire_hf_signature(root, graph, info)
+        if info.packs:
+            masks.route_packed(root, info.config, info.model_class)
     _dropout_as_data(root, graph)
     _quantized_routes_as_data(root, graph)
     gm = AdaptedModule(root, graph, class_name=f"Adapted{info.model_class}")
@@ -50,7 +52,7 @@ def emit(program: Program) -> AdaptedModule:
 
 def _wire_hf_signature(root: torch.nn.Module, graph: torch.fx.Graph, info: CaptureInfo) -> None:
     root.add_module(INPUTS_MODULE, hf_io.InputAdapter(info.inputs, info.model_class, info.config,
-                                                   info.max_seq))
+                                                   info.max_seq, info.positions))
     root.add_module(OUTPUT_MODULE, hf_io.OutputAdapter(info.out_spec, info.config, info.model_class))
     _wire_signature(graph, list(graph.find_nodes(op="placeholder")))
     graph._codegen = torch.fx.graph.CodeGen()

@@ -9,9 +9,17 @@ from typing import Any, Callable
 import torch
 import torch.utils._pytree as pytree
 
+from fxpeft.capture.positions import default_positions
+
 
 # Keyword arguments callers (the HF Trainer, generate) may pass that a captured graph can ignore.
 IGNORED_KWARGS = frozenset({"num_items_in_batch", "return_dict", "use_cache", "return_loss"})
+
+
+# What padding-free collators (TRL's, transformers' DataCollatorWithFlattening) add beside
+# ``position_ids`` for varlen kernels: the same sequence boundaries, which the graph reads from
+# ``position_ids``; accepted only with them.
+PACKING_KWARGS = frozenset({"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"})
 
 
 # Flags whose True the captured graph cannot honour (it returns what capture returned): an error.
@@ -57,20 +65,26 @@ def check_sample_names(names: Any, batch: int, training: bool) -> "list[str] | t
 class InputAdapter(torch.nn.Module):
     """First node of an HF graph: fills optional inputs and rejects unknown keywords.
 
-    ``attention_mask=None`` becomes all ones, ``token_type_ids=None`` zeros; for
-    encoder-decoders, ``decoder_input_ids=None`` is ``labels`` shifted right, as transformers does. The last output is the checked
+    ``attention_mask=None`` becomes all ones, ``token_type_ids=None`` zeros, ``position_ids=None``
+    what the model computes itself (``fxpeft.capture.positions``; a batch of one row is expanded
+    to the batch); for encoder-decoders, ``decoder_input_ids=None`` is ``labels`` shifted right, as transformers does. The last output is the checked
     per-sample ``adapter_names`` (an index tensor, or None), for the graph's gates (``fxpeft.graph.gates``).
     """
 
-    def __init__(self, names: tuple[str, ...], model_class: str, config: Any, max_seq: int | None):
+    def __init__(self, names: tuple[str, ...], model_class: str, config: Any, max_seq: int | None,
+                 positions: str | None = None):
         super().__init__()
         self.names, self.model_class, self.max_seq = names, model_class, max_seq
+        self.positions, self.config = positions, config
         self.start = getattr(config, "decoder_start_token_id", None)
         self.pad = getattr(config, "pad_token_id", None)
         self.has_adapters = True  # a merged graph's copy says False: names would pick nothing
 
-    def _check_kwargs(self, kwargs: dict[str, Any]) -> None:
-        unknown = sorted(set(kwargs) - IGNORED_KWARGS - set(UNCAPTURED_FLAGS) - {"adapter_names"})
+    def _check_kwargs(self, kwargs: dict[str, Any], positions: Any) -> None:
+        accepted = IGNORED_KWARGS | set(UNCAPTURED_FLAGS) | {"adapter_names"}
+        if positions is not None:
+            accepted = accepted | PACKING_KWARGS
+        unknown = sorted(set(kwargs) - accepted)
         if unknown:
             raise TypeError(f"{self.model_class} graph got unexpected inputs {unknown}; it was "
                             f"captured with {list(self.names)} (pass example_inputs= with them to "
@@ -91,8 +105,13 @@ class InputAdapter(torch.nn.Module):
                              f", so decoder_input_ids cannot be built from labels; pass them")
         return _shift_right(labels, self.start, self.pad)
 
+    def _position_ids(self, given: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if given is None:
+            return default_positions(self.positions, ids, mask, self.config)
+        return given.expand(ids.shape[0], -1) if given.shape[0] == 1 else given
+
     def forward(self, inputs: dict[str, Any], labels: Any, kwargs: dict[str, Any]) -> tuple:
-        self._check_kwargs(kwargs)
+        self._check_kwargs(kwargs, inputs.get("position_ids"))
         ids = inputs["input_ids"]
         if self.max_seq is not None and ids.shape[-1] > self.max_seq:
             raise ValueError(f"sequence length {ids.shape[-1]} exceeds the {self.max_seq} "
@@ -100,6 +119,8 @@ class InputAdapter(torch.nn.Module):
         filled = dict(inputs)
         if filled.get("attention_mask") is None:
             filled["attention_mask"] = torch.ones_like(ids)
+        if "position_ids" in filled:
+            filled["position_ids"] = self._position_ids(filled["position_ids"], ids, filled["attention_mask"])
         if "token_type_ids" in filled and filled["token_type_ids"] is None:
             filled["token_type_ids"] = torch.zeros_like(ids)  # transformers' default: segment 0
         if "decoder_input_ids" in filled and filled["decoder_input_ids"] is None:

@@ -26,6 +26,8 @@ from fxpeft.capture.program import Program
 from fxpeft.capture.quantized import packed_4bit_weights
 from fxpeft.rules.loader import load_rules
 from fxpeft.rules.schema import RuleSet
+from fxpeft import registry
+from fxpeft.capture.hf import example_inputs as example_inputs_of, is_hf_model
 from fxpeft.registry import provide
 from fxpeft.runtime.passes import PassResult
 from fxpeft.graph.state import graph_state
@@ -78,8 +80,20 @@ def _tensors(model: torch.nn.Module) -> Any:
 def _matched(model: torch.nn.Module, rules: Any, example_inputs: Any, leaf_modules: Sequence[type],
              overrides: dict[str, Any]) -> tuple[Program, RuleSet, MatchResult]:
     ruleset = load_rules(rules).with_params(**overrides)
+    if example_inputs is None and _lengthens(ruleset) and is_hf_model(model):
+        example_inputs = _without_positions(example_inputs_of(model))
     program = capture(model, example_inputs, leaf_modules, ruleset.allow_training_branches)
     return program, ruleset, match(program, ruleset)
+
+
+def _lengthens(ruleset: RuleSet) -> bool:
+    """A kind that puts tokens in front of the input (``AdapterKind.lengthens``): as PEFT drops
+    a caller's ``position_ids`` for it, the graph is captured without that input."""
+    return any(registry.get(rule.rewrite).lengthens is not None for rule in ruleset.rules)
+
+
+def _without_positions(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in inputs.items() if name != "position_ids"}
 
 
 def explain(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = None,

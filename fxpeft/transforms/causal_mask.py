@@ -20,11 +20,11 @@ import torch
 import torch.fx
 
 from fxpeft.match.input_embedding import input_adapter, input_placeholder
+from fxpeft.runtime.masks import CHECK_LENGTHS, PackedMask, mask_builder, mask_node, windowed
 from fxpeft.transforms.checkpoint import region_of
 
 aten = torch.ops.aten
 _SDPA = aten.scaled_dot_product_attention.default
-_CHECK_LENGTHS = (5, 12)
 
 
 def masked_or_causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -43,26 +43,18 @@ def masked_or_causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.T
 
 
 class CausalMask(torch.nn.Module):
-    """The mask-building nodes of a graph, run only when the 2-D mask has a zero."""
+    """The mask-building nodes of a graph, run only when the 2-D mask has a zero, or when the
+    caller gave ``position_ids`` to a graph that packs sequences (``fxpeft.runtime.masks``)."""
 
     def __init__(self, body: torch.fx.GraphModule) -> None:
         super().__init__()
         self.body = body
 
-    def forward(self, given: Optional[torch.Tensor], *inputs: Any) -> Optional[torch.Tensor]:
-        if given is None or (not torch.compiler.is_compiling() and bool(given.all())):
+    def forward(self, given: Optional[torch.Tensor], positions: Optional[torch.Tensor],
+                *inputs: Any) -> Optional[torch.Tensor]:
+        if positions is None and (given is None or (not torch.compiler.is_compiling() and bool(given.all()))):
             return None
         return self.body(*inputs)[0]
-
-
-def _windowed(config: Any) -> bool:
-    types = set(getattr(config, "layer_types", None) or ())
-    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-    return bool(types - {"full_attention"} or sliding or getattr(config, "attention_chunk_size", None))
-
-
-def _mask_node(sdpa: torch.fx.Node) -> object:
-    return sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
 
 
 def _only_for(mask: torch.fx.Node) -> list[torch.fx.Node]:
@@ -74,32 +66,10 @@ def _only_for(mask: torch.fx.Node) -> list[torch.fx.Node]:
     return [n for n in mask.graph.nodes if n in inside]
 
 
-def _mask_builder(gm: torch.fx.GraphModule, mask: torch.fx.Node) -> torch.fx.GraphModule:
-    """A module that computes ``mask`` from the graph's inputs (``builder(input_ids)``)."""
-    sub, needed = torch.fx.Graph(), _ancestors(mask) | {mask}
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
-    for node in gm.graph.nodes:
-        if node in needed:
-            env[node] = sub.node_copy(node, env.__getitem__)
-    sub.output(env[mask])
-    sub._codegen = gm.graph._codegen
-    return torch.fx.GraphModule(gm, sub)
-
-
-def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
-    seen, todo = set(), list(node.all_input_nodes)
-    while todo:
-        current = todo.pop()
-        if current not in seen:
-            seen.add(current)
-            todo.extend(current.all_input_nodes)
-    return seen
-
-
 def _is_causal(gm: torch.fx.GraphModule, mask: torch.fx.Node) -> bool:
     """SDPA with ``mask`` built for all-ones inputs equals causal SDPA, at two lengths."""
-    generator, builder = torch.Generator().manual_seed(0), _mask_builder(gm, mask)
-    for length in _CHECK_LENGTHS:
+    generator, builder = torch.Generator().manual_seed(0), mask_builder(gm, mask)
+    for length in CHECK_LENGTHS:
         try:  # a batch of 2 sequences of ``length`` tokens and no attention mask
             built = builder(torch.ones(2, length, dtype=torch.long))
         except Exception:  # the mask needs inputs a plain call does not give: leave it
@@ -126,29 +96,36 @@ def causal_mask(gm: torch.fx.GraphModule) -> int:
     2
     """
     given, info = input_placeholder(gm.graph, "attention_mask"), getattr(gm, "capture_info", None)
-    if given is None or input_adapter(gm.graph) is None or info is None or _windowed(info.config):
+    if given is None or input_adapter(gm.graph) is None or info is None or windowed(info.config):
         return 0
     readers: dict[torch.fx.Node, list[torch.fx.Node]] = {}
     for sdpa in gm.graph.find_nodes(op="call_function", target=_SDPA):
-        mask = _mask_node(sdpa)
+        mask = mask_node(sdpa)
         if isinstance(mask, torch.fx.Node) and not sdpa.kwargs.get("is_causal", False):
             readers.setdefault(mask, []).append(sdpa)
     changed = 0
     for index, (mask, sdpas) in enumerate(readers.items()):
         if set(mask.users) == set(sdpas) and _is_causal(gm, mask):  # None must reach SDPA only
-            _outline(gm, mask, f"fxpeft_causal_mask_{index}", given)
+            _outline(gm, mask, f"fxpeft_causal_mask_{index}", given, _packs_positions(gm))
             for sdpa in sdpas:
                 sdpa.target = masked_or_causal_sdpa
             changed += len(sdpas)
     return changed
 
 
-def _outline(gm: torch.fx.GraphModule, mask: torch.fx.Node, target: str, given: torch.fx.Node) -> None:
+def _packs_positions(gm: torch.fx.GraphModule) -> Optional[torch.fx.Node]:
+    """The caller's ``position_ids`` where the graph packs sequences with them, else None."""
+    packs = any(isinstance(m, PackedMask) for m in gm.modules())
+    return input_placeholder(gm.graph, "position_ids") if packs else None
+
+
+def _outline(gm: torch.fx.GraphModule, mask: torch.fx.Node, target: str, given: torch.fx.Node,
+             positions: Optional[torch.fx.Node]) -> None:
     """Move the nodes that only build ``mask`` into a ``CausalMask`` submodule at ``target``."""
     region = region_of(_only_for(mask))
     gm.add_submodule(target, CausalMask(torch.fx.GraphModule(gm, region.graph)))
     with gm.graph.inserting_before(mask):
-        call = gm.graph.call_module(target, (given, *region.inputs))
+        call = gm.graph.call_module(target, (given, positions, *region.inputs))
     call.meta = {k: v for k, v in mask.meta.items() if k != "val"}
     mask.replace_all_uses_with(call)
     for node in reversed(region.nodes):

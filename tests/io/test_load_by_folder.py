@@ -69,3 +69,24 @@ def test_a_base_that_is_no_local_folder_and_mixed_up_calls_are_one_line_errors(b
     with pytest.raises(fxpeft.FxpeftError, match="the adapter folder is missing"):
         fxpeft.load(tiny_llama())
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_the_class_level_entry_point_is_load_by_folder_with_peft_keywords(base_folder, tmp_path):
+    gm, folder = _saved(base_folder, tmp_path)
+    loaded = fxpeft.AutoAdaptedModelForCausalLM.from_pretrained(folder, adapter_name="qv",
+                                                               is_trainable=True, dtype=torch.bfloat16)
+    assert loaded.adapter_names == ["qv"]
+    assert all(p.requires_grad for n, p in loaded.named_parameters() if "lora_" in n)
+    assert next(p for n, p in loaded.named_parameters() if "lora_" not in n).dtype == torch.bfloat16
+    ids = token_batch(2, 8)
+    torch.testing.assert_close(fxpeft.AutoAdaptedModel.from_pretrained(folder)(input_ids=ids).logits,
+                               gm(input_ids=ids).logits, rtol=0, atol=1e-6)
+
+
+def test_the_class_refuses_a_folder_of_another_task_type_in_one_line(base_folder, tmp_path):
+    _, folder = _saved(base_folder, tmp_path)
+    before = (folder / "adapter_config.json").read_bytes()
+    with pytest.raises(fxpeft.FxpeftError, match=r"adapter_config.json: task_type is 'CAUSAL_LM', but "
+                       r"AutoAdaptedModelForSequenceClassification loads 'SEQ_CLS' adapters") as err:
+        fxpeft.AutoAdaptedModelForSequenceClassification.from_pretrained(folder)
+    assert "\n" not in str(err.value) and (folder / "adapter_config.json").read_bytes() == before

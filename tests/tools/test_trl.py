@@ -1,5 +1,6 @@
-"""TRL's trainers on an fxpeft graph (trl pinned in the test extra): ``SFTTrainer`` and
-``DPOTrainer`` with ``fxpeft.with_adapter_checkpoints``, a tokenizer built offline, TRL's defaults
+"""TRL's trainers on an fxpeft graph (trl pinned in the test extra): ``SFTTrainer`` (padded,
+``packing=True``, ``padding_free=True``: the last two send packed rows with restarting
+``position_ids`` and no attention mask) and ``DPOTrainer`` with ``fxpeft.with_adapter_checkpoints``, a tokenizer built offline, TRL's defaults
 otherwise (gradient checkpointing on, its fused LM head calling ``gm.base_model``). Checkpoints
 hold only the adapter, in PEFT's layout; resuming continues the loss curve exactly."""
 
@@ -30,12 +31,17 @@ def _dpo_data():
     return datasets.Dataset.from_dict({"prompt": prompts * 4, "chosen": chosen * 4, "rejected": rejected * 4})
 
 
+# SFT variants: their SFTConfig options (padding-free without packing enforces no max_length)
+SFT = {"sft": dict(max_length=32), "sft_packed": dict(max_length=32, packing=True),
+       "sft_padding_free": dict(max_length=None, padding_free=True)}
+
+
 def _trainer(kind, out, **extra):
     gm = fxpeft.rewrite(tiny_llama(), "lora_qv.toml").train()
     common = dict(per_device_train_batch_size=4, max_steps=STEPS, learning_rate=1e-2, logging_steps=1,
                   save_steps=2, report_to=[], use_cpu=True, seed=0, data_seed=0)
-    if kind == "sft":
-        args = trl.SFTConfig(str(out), max_length=32, **common, **extra)
+    if kind in SFT:
+        args = trl.SFTConfig(str(out), **SFT[kind], **common, **extra)
         trainer = fxpeft.with_adapter_checkpoints(trl.SFTTrainer)(
             model=gm, args=args, train_dataset=_sft_data(), processing_class=word_tokenizer("right"))
     else:
@@ -50,7 +56,7 @@ def _losses(trainer):
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-@pytest.fixture(scope="module", params=["sft", "dpo"])
+@pytest.fixture(scope="module", params=[*SFT, "dpo"])
 def trained(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     gm, trainer = _trainer(request.param, out)
@@ -70,6 +76,15 @@ def test_the_adapters_move_and_the_losses_are_finite_and_fall(trained):
     assert losses[-1] < losses[0]
     if kind == "dpo":  # the reference is the base model: policy == reference at init
         assert losses[0] == pytest.approx(0.6931, abs=1e-4)
+
+
+def test_packed_variants_send_packed_rows(trained):
+    kind, _, _, trainer, _ = trained
+    if kind not in ("sft_packed", "sft_padding_free"):
+        pytest.skip("padded batches")
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    assert (batch["position_ids"][0, 1:] == 0).any()  # several sequences in the row
 
 
 def test_checkpoints_hold_only_the_adapter_that_peft_reads(trained):
