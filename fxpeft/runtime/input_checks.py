@@ -98,7 +98,7 @@ def build_spec(gm: torch.fx.GraphModule) -> InputSpec | None:
     positions, source = info.max_seq, "the captured graph"
     if learned is not None:
         limit = _config_positions(info.config) or learned[1]
-        if limit is not None and (positions is None or limit < positions):
+        if limit is not None and (positions is None or limit <= positions):  # name the table
             positions, source = limit, learned[0]
     return InputSpec(info.model_class, info.inputs, token[1] if token else None,
                      token[0] if token and token[0] else "the input embedding", positions, source,
