@@ -3,7 +3,7 @@
 naming it and the range, never a graph that may be silently wrong. pyproject.toml declares the
 same ranges (``tests/structure/test_versions.py`` holds them equal).
 
-Where the ranges come from: CI runs the suite at the top (pinned in ``.ci/run``) and a shorter
+Where the ranges come from: CI runs the suite at the top (pinned by the test extra) and a shorter
 leg at the bottom of the transformers range. transformers 5.17 (the GPU machine's) does not
 capture OPT (a data-dependent guard in its position embedding) and lacks the static cache's
 ``get_head_shapes``, so the bottom is 5.23 and GPU runs bring a transformers wheel. torch's bottom is the GPU machine's own 2.11 (its
