@@ -76,6 +76,19 @@ class Lengthens:
 
 
 @dataclass(frozen=True)
+class FillsCache:
+    """Capability ``fills_cache``: a kind whose adapter is keys and values in front of every
+    layer's attention (prefix tuning). ``tokens(params)`` is how many cache slots it fills;
+    ``entries(gm, adapter)`` gives, per layer index, the ``(keys, values)`` to write there, each
+    ``(kv_heads, tokens, head_dim)``, from ``gm``'s current parameters. ``fxpeft.generate`` writes
+    them into the decode graph's KV cache once, before the prefill, in front of the prompt (the
+    mask counts them, positions start after them); the decode graph does not splice the kind."""
+
+    tokens: Callable[[Any], int]
+    entries: "Callable[[torch.fx.GraphModule, str], dict[int, tuple[torch.Tensor, torch.Tensor]]]"
+
+
+@dataclass(frozen=True)
 class AdapterKind:
     """One adapter kind.
 
@@ -92,7 +105,8 @@ class AdapterKind:
     (``modules_to_save=[...]``) finds its sites; ``low_rank(record)``: a ``LowRankBranch`` for a
     removable node of a low-rank kind; ``lengthens``: a ``Lengthens``; ``on_step(gm, adapters,
     step)``: a kind with state across optimizer steps (AdaLoRA's rank allocation) advances it
-    for ``adapters`` of ``gm`` (``AdaptedModule.update_and_allocate``).
+    for ``adapters`` of ``gm`` (``AdaptedModule.update_and_allocate``); ``fills_cache``: a
+    ``FillsCache``.
     """
 
     name: str
@@ -106,6 +120,7 @@ class AdapterKind:
     low_rank: "Callable[[AdapterNode], LowRankBranch | None] | None" = None
     lengthens: Lengthens | None = None
     on_step: "Callable[[torch.fx.GraphModule, list[str], int], None] | None" = None
+    fills_cache: FillsCache | None = None
 
     @property
     def sites(self) -> tuple[str, ...]:

@@ -381,9 +381,43 @@ def virtual_tokens(gm: AdaptedModule) -> int:
                if (lengthens := registry.get(rule.rewrite).lengthens) is not None)
 
 
+def _cache_fillers(gm: AdaptedModule) -> Iterator[tuple[str, registry.FillsCache, int]]:
+    """The active adapters of ``gm`` whose kind fills the KV cache (prefix tuning,
+    ``AdapterKind.fills_cache``): name, capability and slots, in the order they were added."""
+    active = set(active_adapters(gm))
+    for adapter, record in adapter_records(gm).items():
+        fills = [(registry.get(rule.rewrite).fills_cache, rule.params) for rule in record.rules.rules]
+        fills = [(capability, params) for capability, params in fills if capability is not None]
+        if adapter in active and fills:
+            yield adapter, fills[0][0], fills[0][0].tokens(fills[0][1])
+
+
+def filled_tokens(gm: AdaptedModule) -> int:
+    """How many KV-cache slots the active adapters that fill the cache take in front of a
+    prompt (``fill_cache`` writes them)."""
+    return sum(tokens for _, _, tokens in _cache_fillers(gm))
+
+
+def fill_cache(decoder: AdaptedModule, gm: AdaptedModule) -> int:
+    """Write the keys and values of ``gm``'s active adapters that fill the KV cache into
+    ``decoder``'s cache, from slot 0, the same for every row (once per ``generate``, before
+    the prefill); returns the slots filled."""
+    start = 0
+    for adapter, fills, tokens in _cache_fillers(gm):
+        for layer, entries in fills.entries(gm, adapter).items():
+            for part, entry in zip(("keys", "values"), entries):
+                cache = fetch(decoder, f"{_CACHE_PREFIX}_{part}_{layer}")
+                cache[:, :, start:start + tokens] = entry.to(cache.device, cache.dtype)
+        start += tokens
+    return start
+
+
 def _splice_like(decoder: AdaptedModule, gm: AdaptedModule, adapter: str, record: Any) -> None:
     """Splice ``adapter`` into ``decoder`` by its rules, then share ``gm``'s parameters (a kind
-    that lengthens the input splices its own way, ``Lengthens.decode_splice``)."""
+    that lengthens the input splices its own way, ``Lengthens.decode_splice``; one that fills
+    the KV cache is not spliced: ``fill_cache`` writes its entries)."""
+    if any(registry.get(rule.rewrite).fills_cache is not None for rule in record.rules.rules):
+        return
     lengthen = {registry.get(rule.rewrite).lengthens for rule in record.rules.rules} - {None}
     if lengthen:
         for target in record.attached:

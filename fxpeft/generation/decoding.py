@@ -19,7 +19,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from fxpeft.generation.decode_graph import decoder_for, virtual_tokens, without_kv_cache
+from fxpeft.generation.decode_graph import (decoder_for, fill_cache, filled_tokens, virtual_tokens,
+                                            without_kv_cache)
 from fxpeft.errors import FxpeftError
 from fxpeft.graph.gates import active_adapters
 from fxpeft.graph.state import graph_state
@@ -58,7 +59,7 @@ def _check_prompt(gm: AdaptedModule, input_ids: torch.Tensor, max_new_tokens: in
     if spec is None:
         return
     input_checks.check_ids(gm, spec, "input_ids", input_ids)
-    total = input_ids.shape[1] + max_new_tokens + virtual_tokens(gm)
+    total = input_ids.shape[1] + max_new_tokens + virtual_tokens(gm) + filled_tokens(gm)
     input_checks.check_length(spec, f"the prompt plus max_new_tokens={max_new_tokens}", total)
 
 
@@ -148,7 +149,7 @@ def generate(gm: AdaptedModule, input_ids: torch.Tensor, max_new_tokens: int = 2
     config = gm.capture_info.config if gm.capture_info is not None else None
     uncached = without_kv_cache(gm)
     decoder = None if uncached else decoder_for(
-        gm, input_ids.shape[0], input_ids.shape[1] + max_new_tokens + virtual_tokens(gm))
+        gm, input_ids.shape[0], input_ids.shape[1] + max_new_tokens + virtual_tokens(gm) + filled_tokens(gm))
     virtual = _virtual_ids(gm, decoder)
     device = next((decoder or gm).parameters()).device
     ids, mask = input_ids.to(device), mask.to(device)
@@ -163,7 +164,7 @@ def generate(gm: AdaptedModule, input_ids: torch.Tensor, max_new_tokens: int = 2
             return _decode_without_cache(gm, ids, mask, max_new_tokens, ending, choose)
         prefix = torch.tensor(virtual, dtype=ids.dtype, device=device).expand(ids.shape[0], -1)
         out = _decode(decoder, torch.cat([prefix, ids], 1), torch.cat([torch.ones_like(prefix), mask], 1),
-                      max_new_tokens, ending, choose)
+                      max_new_tokens, ending, choose, fill_cache(decoder, gm))
         return out[:, len(virtual):]  # as PEFT's generate: the virtual tokens are not returned
     finally:
         ending.end()
@@ -237,13 +238,17 @@ def _decode_without_cache(gm: AdaptedModule, ids: torch.Tensor, mask: torch.Tens
 
 
 def _decode(decoder: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
-            ending: Ending, choose: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """The prefill, then one cached step per token; rows stop at ``eos`` and are padded."""
+            ending: Ending, choose: Callable[[torch.Tensor], torch.Tensor], filled: int = 0) -> torch.Tensor:
+    """The prefill, then one cached step per token; rows stop at ``eos`` and are padded.
+    ``filled``: cache slots already written (``fill_cache``), which every token attends to and
+    positions count, as transformers' ``generate`` with a filled cache does."""
     batch, prompt = ids.shape
     cache_mask = mask.new_zeros(batch, graph_state(decoder).cache_length)
-    cache_mask[:, :prompt] = mask
-    positions = _positions(mask)
-    logits = decoder(ids, cache_mask, positions, torch.arange(prompt, device=ids.device))
+    cache_mask[:, :filled] = 1
+    cache_mask[:, filled:filled + prompt] = mask
+    positions = _positions(cache_mask[:, :filled + prompt])[:, filled:]
+    end = filled + prompt  # the prompt's end in the cache
+    logits = decoder(ids, cache_mask, positions, torch.arange(filled, end, device=ids.device))
     running = torch.ones(batch, dtype=torch.bool, device=ids.device)
     new: list[torch.Tensor] = []
     for step in range(max_new_tokens):
@@ -252,9 +257,9 @@ def _decode(decoder: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, max
         new.append(token[:, None])
         if step == max_new_tokens - 1 or not running.any():
             break
-        cache_mask[:, prompt + step] = 1
+        cache_mask[:, end + step] = 1
         positions = positions[:, -1:] + 1
         logits = decoder(token[:, None], cache_mask, positions,
-                         torch.tensor([prompt + step], device=ids.device))
+                         torch.tensor([end + step], device=ids.device))
     return torch.cat([ids, *new], dim=1)
 

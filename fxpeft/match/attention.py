@@ -185,6 +185,34 @@ def _site(bound: dict[str, torch.fx.Node], form: str,
                          float(scale), int(heads), int(k.out_features // head_dim), int(head_dim))
 
 
+@dataclass(frozen=True)
+class SdpaSite:
+    """One attention op (``scaled_dot_product_attention``) and the module that owns it: the
+    ``attention_op`` match, for kinds that change only what the op reads (its keys, values and
+    mask), whatever projections feed it (GPT-2's fused ``c_attn`` too, which ``attention``,
+    needing separate q/k/v linears, does not bind)."""
+
+    module_path: str
+    module_type: str
+    node: torch.fx.Node
+
+    def describe(self) -> str:
+        return f"attention op {self.node.name}"
+
+
+def find_sdpa_sites(gm: torch.fx.GraphModule) -> list[SdpaSite]:
+    """Every SDPA node of ``gm`` inside a module, in graph order.
+
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> from fxpeft.capture.export import capture
+    >>> gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=32))
+    >>> [s.module_path for s in find_sdpa_sites(capture(gpt2).graph_module)]
+    ['transformer.h.0.attn', 'transformer.h.1.attn']
+    """
+    nodes = gm.graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default)
+    return [SdpaSite(*owner, node) for node in nodes if (owner := owning_module(node)) is not None]
+
+
 def find_attention_sites(program: Program) -> list[AttentionSite]:
     """Every attention block in ``program``, in graph order, one per attention op.
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch.fx
 
-from fxpeft.match.attention import find_attention_sites
+from fxpeft.match.attention import find_attention_sites, find_sdpa_sites
 from fxpeft.match.input_embedding import find_input_embeddings
 from fxpeft.match.layer_sites import find_conv_sites, find_embedding_sites
 from fxpeft.capture.program import Program, layer_index
@@ -98,6 +98,7 @@ CANDIDATE_FINDERS: dict[str, Callable[[Program], list[Candidate]]] = {
 CANDIDATE_FINDERS["embedding"] = _layer_candidates(find_embedding_sites)
 CANDIDATE_FINDERS["conv"] = _layer_candidates(find_conv_sites)
 CANDIDATE_FINDERS["input_embedding"] = _layer_candidates(find_input_embeddings)
+CANDIDATE_FINDERS["attention_op"] = _layer_candidates(find_sdpa_sites)
 
 
 def candidates(program: Program, kind: str) -> list[Candidate]:
