@@ -351,6 +351,16 @@ def _positive(config: dict[str, Any], key: str, source: str) -> int:
     return value
 
 
+def _check_sizes(config: dict[str, Any], dims: Dims, source: str) -> None:
+    """The file's sizes, where it gives them, must be the model's (its table is laid out by them)."""
+    model = {"token_dim": dims.width, "num_attention_heads": dims.kv_heads, "num_layers": dims.layers}
+    for key, value in model.items():
+        if config.get(key) is not None and config[key] != value:
+            raise PeftFormatError(f"{source}: {key} = {config[key]!r}, but the model's prefix needs "
+                                  f"{value} (token_dim {dims.width}, {dims.kv_heads} k/v heads, "
+                                  f"{dims.layers} layers)")
+
+
 def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str) -> RuleSet:
     """A prefix at every attention op, with PEFT's length, projection and init. The sizes
     (``token_dim``, heads, layers) are the model's: a file for other sizes fails the check that
@@ -363,6 +373,7 @@ def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str)
     init = config.get("init_weights")
     if init not in (None, "zero"):
         raise PeftFormatError(f"{source}: init_weights = {init!r}; PEFT's are None and 'zero'")
+    _check_sizes(config, config_dims(getattr(model, "config", None) or model.capture_info.config), source)
     projection = _positive(config, "encoder_hidden_size", source) if config.get("prefix_projection") else 0
     params = PrefixTuningParams(num_virtual_tokens=length, projection=projection,
                                 init="zero" if init == "zero" else "random")
