@@ -89,7 +89,7 @@ kind = registry.get("prompt_tuning")
 
 def test_every_capability_is_declared_by_a_kind():
     """Each capability field of ``AdapterKind`` has a kind that uses it (or it is dead)."""
-    capabilities = ("keyword_sites", "low_rank", "lengthens", "on_step")
+    capabilities = ("keyword_sites", "low_rank", "lengthens", "on_step", "fills_cache")
     for name in capabilities:
         assert any(getattr(kind, name) is not None for kind in registry.all_kinds()), name
     assert sum(kind.default_rule for kind in registry.all_kinds()) == 1
