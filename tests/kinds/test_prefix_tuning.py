@@ -10,7 +10,8 @@ import torch
 
 import fxpeft
 from conftest import (REPO_ROOT, adapter_nodes, assert_only_adapters_get_grads, emitted_base,
-                      tiny_gpt2, tiny_llama, tiny_qwen2, token_batch, train)
+                      tiny_gemma, tiny_gpt2, tiny_llama, tiny_mistral, tiny_opt, tiny_qwen2,
+                      tiny_qwen3, token_batch, train)
 from fxpeft.errors import FxpeftError, RuleError
 from fxpeft.generation.decode_graph import decoder_for
 from fxpeft.kinds.prefix_tuning import (PrefixTuningParams, prepend_columns, prepend_prefix,
@@ -106,6 +107,23 @@ def test_fxpeft_folder_loads_into_peft_with_equal_logits(family, projection, tmp
     peft_model = PeftModel.from_pretrained(BUILDERS[family](), tmp_path).eval()
     ids, mask = _batch()
     torch.testing.assert_close(_logits(peft_model, ids, mask), _logits(gm, ids, mask), rtol=0, atol=ATOL)
+
+
+# PEFT's decoder-model matrix (tests/test_decoder_models.py) has two prefix-tuning configs:
+# num_virtual_tokens=10, with and without init_weights="zero"; each on four more families here.
+@pytest.mark.parametrize("build, fields", [
+    (tiny_mistral, {}), (tiny_gemma, {"init_weights": "zero"}), (tiny_qwen3, {}),
+    (tiny_opt, {"init_weights": "zero"})], ids=["mistral", "gemma-zero", "qwen3", "opt-zero"])
+def test_peft_decoder_matrix_configs_load_with_equal_logits(build, fields, tmp_path):
+    from peft import PrefixTuningConfig, get_peft_model
+    peft_model = get_peft_model(build(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10,
+                                                            **fields)).eval()
+    peft_model.save_pretrained(tmp_path)
+    ids, mask = _batch()
+    ours, theirs = _logits(fxpeft.load(build(), tmp_path), ids, mask), _logits(peft_model, ids, mask)
+    if build is tiny_opt:  # OPT numbers padding -1 after PEFT's prefix too; ours shifts it: pads differ
+        ours, theirs = ours[mask.bool()], theirs[mask.bool()]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=ATOL)
 
 
 def test_positions_count_the_prefix_as_peft_on_this_transformers():
