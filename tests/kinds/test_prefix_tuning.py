@@ -238,6 +238,10 @@ def test_compiles_with_fullgraph_forward_and_backward():
     gm.zero_grad()
     gm(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
     torch.testing.assert_close(grad, gm.get_parameter("prefix_embeddings").grad, rtol=1e-4, atol=1e-5)
+    with torch._dynamo.config.patch(error_on_recompile=True), gm.disable_adapters():
+        off = compiled(input_ids=ids, attention_mask=mask, labels=ids).loss  # gates are data
+        torch.testing.assert_close(off, gm(input_ids=ids, attention_mask=mask, labels=ids).loss,
+                                   rtol=0, atol=1e-5)
     torch._dynamo.reset()
 
 

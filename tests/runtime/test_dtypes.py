@@ -88,7 +88,8 @@ def test_merge_on_a_bf16_base_keeps_bf16_weights():
 
 
 @pytest.mark.parametrize("rules", ["lora_qv", "dora_qv", "ia3.toml", "llama_adapter.toml",
-                                   str(REPO_ROOT / "passes" / "prompt_tuning.toml")])
+                                   str(REPO_ROOT / "passes" / "prompt_tuning.toml"),
+                                   str(REPO_ROOT / "passes" / "prefix_tuning.toml")])
 def test_gm_to_bfloat16_after_rewriting_works_for_each_kind(rules):
     """A graph captured in fp32 cannot tell its fp32 upcasts from casts that follow the data,
     so converted it computes in bf16 throughout: its logits agree with the fp32 graph's, and
