@@ -52,6 +52,12 @@ def _check(input_ids: torch.Tensor, attention_mask: "torch.Tensor | None", max_n
     return torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
 
 
+def _in_front(gm: AdaptedModule) -> int:
+    """Cache slots in front of the prompt: virtual tokens (prompt tuning) and filled entries
+    (prefix tuning)."""
+    return virtual_tokens(gm) + filled_tokens(gm)
+
+
 def _check_prompt(gm: AdaptedModule, input_ids: torch.Tensor, max_new_tokens: int) -> None:
     """The prompt against the graph's capture (``fxpeft.runtime.input_checks``): not empty, ids
     in the vocabulary, and room for the new tokens in learned positions (GPT-2)."""
@@ -59,7 +65,7 @@ def _check_prompt(gm: AdaptedModule, input_ids: torch.Tensor, max_new_tokens: in
     if spec is None:
         return
     input_checks.check_ids(gm, spec, "input_ids", input_ids)
-    total = input_ids.shape[1] + max_new_tokens + virtual_tokens(gm) + filled_tokens(gm)
+    total = input_ids.shape[1] + max_new_tokens + _in_front(gm)
     input_checks.check_length(spec, f"the prompt plus max_new_tokens={max_new_tokens}", total)
 
 
@@ -149,7 +155,7 @@ def generate(gm: AdaptedModule, input_ids: torch.Tensor, max_new_tokens: int = 2
     config = gm.capture_info.config if gm.capture_info is not None else None
     uncached = without_kv_cache(gm)
     decoder = None if uncached else decoder_for(
-        gm, input_ids.shape[0], input_ids.shape[1] + max_new_tokens + virtual_tokens(gm) + filled_tokens(gm))
+        gm, input_ids.shape[0], input_ids.shape[1] + max_new_tokens + _in_front(gm))
     virtual = _virtual_ids(gm, decoder)
     device = next((decoder or gm).parameters()).device
     ids, mask = input_ids.to(device), mask.to(device)
