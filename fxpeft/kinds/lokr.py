@@ -205,14 +205,15 @@ class LycorisDropout(torch.nn.Module):
     def forward(self, weight: torch.Tensor, rank_p: float, rescale: bool, module_p: float) -> torch.Tensor:
         if not self.training:
             return weight
+        # PEFT's draws, in its order: the module's keep, then the rows' (no branch on the
+        # first, so a dropped module still draws the second: compiled graphs stay whole)
+        keep = (torch.rand(1, device=weight.device) > module_p).to(weight.dtype)
         if rank_p > 0:
-            keep = (torch.rand(weight.shape[0], device=weight.device) > rank_p).to(weight.dtype)
+            rows = (torch.rand(weight.shape[0], device=weight.device) > rank_p).to(weight.dtype)
             if rescale:
-                keep = keep / keep.mean()
-            weight = weight * keep.reshape(-1, *[1] * (weight.dim() - 1))
-        if module_p > 0:
-            weight = weight * (torch.rand((), device=weight.device) > module_p).to(weight.dtype)
-        return weight
+                rows = rows / rows.mean()
+            weight = weight * rows.reshape(-1, *[1] * (weight.dim() - 1))
+        return weight * keep
 
 
 def _dropout_target(gm: torch.nn.Module) -> str:
