@@ -23,11 +23,12 @@ ATOL = 1e-5
 RULES = str(REPO_ROOT / "passes" / "lokr.toml")
 QV = Where(path=[r"(^|\.)q_proj$", r"(^|\.)v_proj$"])
 # Llama: the bundled file (whole w1 and w2); OPT (biases, learned positions): both factors
-# low-rank, a rank and an alpha pattern.
+# low-rank, a rank and an alpha pattern, one layer excluded.
 FAMILIES = {
     "llama": (tiny_llama, dict(target_modules=["q_proj", "v_proj"], r=8, alpha=16)),
     "opt": (tiny_opt, dict(target_modules=["q_proj", "v_proj"], r=2, alpha=4, decompose_both=True,
-                           rank_pattern={"v_proj": 1}, alpha_pattern={"layers.1.self_attn.q_proj": 3})),
+                           rank_pattern={"v_proj": 1}, alpha_pattern={"layers.1.self_attn.q_proj": 3},
+                           exclude_modules=["model.decoder.layers.0.self_attn.q_proj"])),
 }
 
 
@@ -331,6 +332,8 @@ def test_named_adapters_switch_delete_and_mix_per_sample(tmp_path):
     mixed = logits(gm, ids, adapter_names=names)
     for row, name in enumerate(names):
         torch.testing.assert_close(mixed[row], outputs[name][row], rtol=0, atol=ATOL)
+    fused = fxpeft.fuse(gm, mixed=True)  # keeps every adapter, for mixed-batch serving
+    torch.testing.assert_close(logits(fused, ids, adapter_names=names), mixed, rtol=0, atol=ATOL)
     alone = fxpeft.load(tiny_llama(), fxpeft.save(gm, tmp_path / "other", adapter="other"))
     torch.testing.assert_close(logits(alone, ids), outputs["other"], rtol=0, atol=ATOL)
     gm.set_adapter("default")
