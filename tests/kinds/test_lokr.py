@@ -285,6 +285,23 @@ def test_rank_and_module_dropout_act_in_train_mode_only():
     torch.testing.assert_close(logits(dropped.eval(), ids), logits(plain, ids), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("scale", [False, True])
+def test_train_mode_rank_dropout_draws_as_peft_does(tmp_path, scale):
+    """Same seed, same rows dropped: PEFT's draws in PEFT's order (each module's keep, then its
+    rows), so train-mode outputs equal PEFT's exactly."""
+    config = dict(FAMILIES["llama"][1], r=2, decompose_both=True, rank_dropout=0.5, rank_dropout_scale=scale)
+    peft_model = peft_lokr(tiny_llama, config)
+    peft_model.save_pretrained(tmp_path)
+    gm = fxpeft.load(tiny_llama(), tmp_path)
+    peft_model.train(), gm.train()
+    ids = token_batch()
+    torch.manual_seed(7)
+    theirs = logits(peft_model, ids)
+    torch.manual_seed(7)
+    torch.testing.assert_close(logits(gm, ids), theirs, rtol=0, atol=ATOL)
+    assert (logits(gm.eval(), ids) - theirs).abs().max() > 1e-3
+
+
 def test_rank_dropout_drops_whole_rows_of_the_delta():
     """Train mode, one linear: each output feature gets all of its delta or none of it (scaled
     by 1 / the kept fraction with ``rank_dropout_scale``)."""
