@@ -15,7 +15,7 @@ import fxpeft
 from conftest import (REPO_ROOT, adapter_nodes, assert_only_adapters_get_grads, emitted_base,
                       randomize_adapters, tiny_gpt2, tiny_llama, tiny_opt, token_batch)
 from fxpeft.kinds.lokr import LYCORIS_DROPOUT_MODULE, LokrParams, factorization, kron_delta, lokr_shape
-from fxpeft.names import ADAPTER_META
+from fxpeft.names import ADAPTER_META, GATE_META
 from fxpeft.rules import Rule, Where
 
 aten = torch.ops.aten
@@ -86,6 +86,11 @@ def test_identity_at_init_and_the_graph():
     torch.testing.assert_close(logits(gm, ids), logits(model, ids), rtol=0, atol=0)
     gm.graph.lint()
     added = adapter_nodes(gm, "lokr")
+    # per site: get_attr w1 and w2, kron_delta, linear, the gate's mul, the joining add; the gate
+    # itself (its buffer and per-sample choice) and, once per graph, the per-sample gates
+    gates = [n for n in gm.graph.nodes if GATE_META in n.meta]
+    assert len(added) == 6 * 4 and len(gates) == 2 * 4
+    assert len(gm.graph.nodes) == len(emitted_base(tiny_llama()).graph.nodes) + len(added) + len(gates) + 2
     joins = [n for n in added if n.meta[ADAPTER_META].removable]
     assert len(joins) == 4 and all(n.target == aten.add.Tensor for n in joins)
     assert [n.target for n in added].count(kron_delta) == 4
