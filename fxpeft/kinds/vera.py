@@ -135,9 +135,9 @@ def _vera_projections(gm: torch.nn.Module, skip: str) -> "tuple[Projection, Proj
     for node in gm.graph.nodes:
         record = adapter_node(node)
         if record is not None and record.kind == "vera" and record.adapter != skip:
-            detail = record.detail
-            if hasattr(gm, detail.vera_A.split(".")[0]):
-                return fetch(gm, detail.vera_A.rsplit(".", 1)[0]), fetch(gm, detail.vera_B.rsplit(".", 1)[0])
+            owners = [target.rsplit(".", 1)[0] for target in (record.detail.vera_A, record.detail.vera_B)]
+            if all(hasattr(gm, owner) for owner in owners):
+                return getattr(gm, owners[0]), getattr(gm, owners[1])
     return None
 
 
@@ -191,8 +191,10 @@ def _start_projections(job: SpliceInput, dtype: torch.dtype, device: torch.devic
 
 
 def _check_one_config(job: SpliceInput, proj_a: Projection) -> None:
-    if proj_a.grows and (proj_a.key != job.params.prng_key or proj_a.weight.shape[0] != job.params.r
-                         or proj_a.saved != job.params.save_projection):
+    """One adapter has one key, ``save_projection`` and (for a pair it drew) rank."""
+    params = job.params
+    if proj_a.key != params.prng_key or proj_a.saved != params.save_projection or (
+            proj_a.grows and proj_a.weight.shape[0] != params.r):
         raise FxpeftError(f"{job.site.module_path}: VeRA adapter {job.adapter!r}: its rules must "
                           f"share r, prng_key and save_projection (PEFT's VeraConfig has one of each)")
 
