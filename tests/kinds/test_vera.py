@@ -389,3 +389,33 @@ def test_peft_custom_case_vera_same_two_active_adapters(tmp_path):
     x = _inputs("MLP")
     with torch.no_grad():
         torch.testing.assert_close(gm.eval()(x), peft_model.eval()(x), rtol=0, atol=ATOL)
+
+
+class MLP2xSameShape(torch.nn.Module):
+    """lin1 and lin2 have the same shape, so two adapters on either share a projection pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0, self.lin3 = torch.nn.Linear(10, 20), torch.nn.Linear(20, 2)
+        self.lin1, self.lin2 = torch.nn.Linear(20, 20), torch.nn.Linear(20, 20)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.lin1(torch.relu(self.lin0(x))))
+        return torch.log_softmax(self.lin3(torch.relu(self.lin2(x))), dim=-1)
+
+
+@pytest.mark.parametrize("first, second", [(["lin1"], ["lin2"]), (["lin1", "lin2"], ["lin1", "lin2"])],
+                         ids=["different targets", "same targets"])
+def test_peft_custom_case_requires_grad_of_two_adapters(first, second):
+    """PEFT's ``test_requires_grad_vera_*``: only the active adapter's lambdas train, and the
+    projections never do."""
+    torch.manual_seed(0)
+    gm = fxpeft.rewrite(MLP2xSameShape(), Rule(where=Where(path=[f"^{n}$" for n in first]), params=VeraParams()))
+    fxpeft.add_adapter(gm, "adapter1", Rule(where=Where(path=[f"^{n}$" for n in second]), params=VeraParams()))
+    suffix = {"default": "", "adapter1": "_adapter1"}
+    targets = {"default": first, "adapter1": second}
+    for active in ("default", "adapter1"):
+        gm.set_adapter(active)
+        trainable = {n for n, p in gm.named_parameters() if p.requires_grad}
+        assert trainable == {f"{m}.vera_lambda_{v}{suffix[active]}" for m in targets[active] for v in "bd"}
+        assert not any(b.requires_grad for b in gm.buffers())
