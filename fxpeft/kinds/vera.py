@@ -130,7 +130,7 @@ def draw_projections(key: int, r: int, in_features: int, out_features: int) -> t
     return vera_a, _kaiming_uniform((out_features, r), generator)
 
 
-def _vera_projections(gm: torch.nn.Module, skip: str) -> "tuple[Projection, Projection] | None":
+def _first_pair(gm: torch.nn.Module, skip: str) -> "tuple[Projection, Projection] | None":
     """The pair of the first other VeRA adapter in ``gm`` (PEFT's ``next(iter(vera_A))``)."""
     for node in gm.graph.nodes:
         record = adapter_node(node)
@@ -169,25 +169,22 @@ def _check_fits(job: SpliceInput, vera_a: torch.Tensor, vera_b: torch.Tensor) ->
                           f"does); every VeRA adapter of a graph needs that rank")
 
 
-def _place(gm: torch.nn.Module, job: SpliceInput, base: str, weight: torch.Tensor,
-           grows: bool) -> Projection:
-    name = adapter_component(base, job.adapter)
-    gm.add_module(name, Projection(weight, job.params.prng_key, grows, job.params.save_projection))
-    return getattr(gm, name)
+def _place(job: SpliceInput, base: str, weight: torch.Tensor, grows: bool) -> None:
+    projection = Projection(weight, job.params.prng_key, grows, job.params.save_projection)
+    job.gm.add_module(adapter_component(base, job.adapter), projection)
 
 
-def _start_projections(job: SpliceInput, dtype: torch.dtype, device: torch.device) -> tuple[Projection, Projection]:
+def _start_projections(job: SpliceInput, dtype: torch.dtype, device: torch.device) -> None:
     """The adapter's first layer: a copy of another VeRA adapter's pair, or a fresh draw."""
-    gm, site = job.gm, job.site
-    other = _vera_projections(gm, job.adapter)
+    other = _first_pair(job.gm, job.adapter)
     if other is not None:
         _check_same_config(job, other[0])
-        return (_place(gm, job, PROJ_A, other[0].weight.clone(), False),
-                _place(gm, job, PROJ_B, other[1].weight.clone(), False))
-    vera_a, vera_b = draw_projections(job.params.prng_key, job.params.r, site.in_features,
-                                      site.out_features)
-    return (_place(gm, job, PROJ_A, vera_a.to(device, dtype), True),
-            _place(gm, job, PROJ_B, vera_b.to(device, dtype), True))
+        pair, grows = (other[0].weight, other[1].weight), False
+    else:
+        pair, grows = draw_projections(job.params.prng_key, job.params.r, job.site.in_features,
+                                       job.site.out_features), True
+    for base, weight in zip((PROJ_A, PROJ_B), pair):
+        _place(job, base, weight.to(device, dtype, copy=True), grows)
 
 
 def _check_one_config(job: SpliceInput, proj_a: Projection) -> None:
