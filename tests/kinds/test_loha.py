@@ -282,6 +282,30 @@ def test_peft_custom_model_cases_both_ways_and_merged(tmp_path, name, model_id, 
                                    rtol=0, atol=1e-6)
 
 
+MULTI_CASES = [("LoHa Same", ["lin0"], ["lin0"]), ("LoHa Different", ["lin0"], ["lin1"])]
+
+
+@pytest.mark.parametrize("name, first, second", MULTI_CASES, ids=[c[0] for c in MULTI_CASES])
+def test_peft_multiple_active_adapter_cases(tmp_path, name, first, second):
+    """PEFT's MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES for LoHa: two adapters (init_weights=False),
+    both active, add up; merging both gives the same outputs."""
+    x = custom_input("MLP")
+    peft_model = get_peft_model(custom_model("MLP"), LoHaConfig(target_modules=first, init_weights=False),
+                                adapter_name="adapter_1").eval()
+    peft_model.add_adapter("adapter_2", LoHaConfig(target_modules=second, init_weights=False))
+    peft_model.save_pretrained(tmp_path)  # non-default adapters go to subfolders
+    peft_model.base_model.set_adapter(["adapter_1", "adapter_2"])
+    combined = peft_model(x)
+    gm = fxpeft.load(custom_model("MLP"), tmp_path / "adapter_1", adapter="adapter_1")
+    fxpeft.load(gm, tmp_path / "adapter_2", adapter="adapter_2")
+    gm.set_adapter(["adapter_1", "adapter_2"])
+    torch.testing.assert_close(gm(x), combined, rtol=1e-5, atol=ATOL)
+    gm.set_adapter("adapter_1")
+    assert (gm(x) - combined).abs().max() > 1e-5
+    gm.set_adapter(["adapter_1", "adapter_2"])
+    torch.testing.assert_close(fxpeft.merge(gm)(x), combined, rtol=1e-5, atol=ATOL)
+
+
 def test_tucker_form_has_peft_shapes_and_1x1_kernels_stay_flat():
     gm = fxpeft.rewrite(custom_model("Conv2d"), Rule(match="conv", params=LohaParams(r=2, use_effective_conv2d=True)))
     shapes = {n.rsplit(".", 1)[1]: tuple(p.shape) for n, p in gm.named_parameters() if ".hada_" in n}
