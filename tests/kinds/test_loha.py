@@ -100,7 +100,8 @@ def test_fxpeft_to_peft(tmp_path, family):
     gm = loha_graph(make)
     folder = fxpeft.save(gm, tmp_path / "loha")
     tensors = load_file(str(folder / "adapter_model.safetensors"))
-    assert "base_model.model.model.layers.0.self_attn.q_proj.hada_w1_a" in tensors or family == "opt"
+    assert any(k.startswith("base_model.model.model.") and k.endswith("layers.0.self_attn.q_proj.hada_w1_a")
+               for k in tensors)
     assert len(tensors) == len(fxpeft.adapter_state_dict(gm)) == 16
     peft_model = PeftModel.from_pretrained(make(), str(folder)).eval()
     assert peft_model.peft_config["default"].peft_type == "LOHA"
