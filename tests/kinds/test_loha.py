@@ -122,7 +122,8 @@ def test_peft_to_fxpeft_with_patterns_and_dropouts(tmp_path, family):
     gm = fxpeft.load(make(), tmp_path)
     params = {n: tuple(p.shape) for n, p in gm.named_parameters() if n.endswith("hada_w1_a")}
     layer, v_out = ("model.layers.1", 32) if family == "llama" else ("model.decoder.layers.1", 64)
-    assert params == {f"{layer}.self_attn.q_proj.hada_w1_a": (64, 4), f"{layer}.self_attn.v_proj.hada_w1_a": (v_out, 2)}
+    assert params == {f"{layer}.self_attn.q_proj.hada_w1_a": (64, 4),
+                      f"{layer}.self_attn.v_proj.hada_w1_a": (v_out, 2)}
     scales = {n.meta[ADAPTER_META].module_path: n.args[-2] for n in adapter_nodes(gm, "loha")
               if n.target == hadamard}
     assert scales == {f"{layer}.self_attn.q_proj": 3 / 4, f"{layer}.self_attn.v_proj": 8 / 2}
@@ -203,7 +204,8 @@ class ConvNet(torch.nn.Module):
 
     def __init__(self, conv, view, features, copies=1, lead=None) -> None:
         super().__init__()
-        self.name, self.view, self.copies = "conv2d" if isinstance(conv, torch.nn.Conv2d) else "conv1d", view, copies
+        self.name = "conv2d" if isinstance(conv, torch.nn.Conv2d) else "conv1d"
+        self.view, self.copies = view, copies
         self.lead = lead
         setattr(self, self.name, conv)
         self.lin0 = torch.nn.Linear(features, 2)
@@ -308,13 +310,15 @@ def test_peft_multiple_active_adapter_cases(tmp_path, name, first, second):
 
 
 def test_tucker_form_has_peft_shapes_and_1x1_kernels_stay_flat():
-    gm = fxpeft.rewrite(custom_model("Conv2d"), Rule(match="conv", params=LohaParams(r=2, use_effective_conv2d=True)))
+    tucker = Rule(match="conv", params=LohaParams(r=2, use_effective_conv2d=True))
+    gm = fxpeft.rewrite(custom_model("Conv2d"), tucker)
     shapes = {n.rsplit(".", 1)[1]: tuple(p.shape) for n, p in gm.named_parameters() if ".hada_" in n}
     assert shapes == {"hada_t1": (2, 2, 3, 3), "hada_w1_a": (2, 10), "hada_w1_b": (2, 5),
                       "hada_t2": (2, 2, 3, 3), "hada_w2_a": (2, 10), "hada_w2_b": (2, 5)}
     assert [n.target for n in adapter_nodes(gm, "loha")].count(tucker_hadamard) == 1
-    flat = fxpeft.rewrite(custom_model("Conv2d1x1"), Rule(match="conv", params=LohaParams(r=2, use_effective_conv2d=True)))
-    assert flat.get_parameter("conv2d.hada_w1_b").shape == (2, 1) and not any("hada_t" in n for n, _ in flat.named_parameters())
+    flat = fxpeft.rewrite(custom_model("Conv2d1x1"), tucker)
+    assert flat.get_parameter("conv2d.hada_w1_b").shape == (2, 1)
+    assert not any("hada_t" in n for n, _ in flat.named_parameters())
     x = custom_input("Conv2d")
     torch.testing.assert_close(gm(x), custom_model("Conv2d")(x), rtol=0, atol=0)  # identity at init
 
@@ -328,7 +332,8 @@ def test_merge_has_the_base_ops_and_equals_peft_merge(tmp_path):
     assert len(merged.graph.nodes) == len(emitted_base(tiny_llama()).graph.nodes)
     assert not any(".hada_" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(logits(merged, ids), logits(gm, ids), rtol=0, atol=ATOL)
-    peft_merged = PeftModel.from_pretrained(tiny_llama(), str(fxpeft.save(gm, tmp_path / "a"))).merge_and_unload()
+    folder = fxpeft.save(gm, tmp_path / "a")
+    peft_merged = PeftModel.from_pretrained(tiny_llama(), str(folder)).merge_and_unload()
     name = "model.layers.1.self_attn.v_proj.weight"
     torch.testing.assert_close(merged.get_parameter(name), peft_merged.get_parameter(name), rtol=0, atol=1e-6)
 
