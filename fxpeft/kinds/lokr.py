@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx
@@ -30,20 +30,19 @@ import torch.fx
 from fxpeft.capture.program import Program
 from fxpeft.capture.quantized import weight_so_far
 from fxpeft.errors import FxpeftError, RuleError
-from fxpeft.formats.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, layers_prefix,
-                                        target_regex, targets_for)
+from fxpeft.formats.peft_format import PeftFormat, PeftFormatError, targets_for
 from fxpeft.graph.gates import gate_node, reroute
 from fxpeft.graph.params import attach_component
 from fxpeft.graph.targets import fetch
-from fxpeft.kinds.lora import (_common_and_exceptions, _conv_op, _key_lookahead, _number,
-                               adapter_dtype, adapter_input, adaptable_paths, casts, join,
+from fxpeft.kinds.lora import (_common_and_exceptions, _conv_op, _number, adapter_dtype,
+                               adapter_input, adaptable_paths, casts, join, pattern_rules,
                                record_nodes)
 from fxpeft.match.layer_sites import ConvSite
 from fxpeft.match.query import Match
 from fxpeft.names import DROPOUT_MODULE, AdapterNode
 from fxpeft.registry import AdapterKind, SpliceInput, Spliced
 from fxpeft.rules import checks
-from fxpeft.rules.schema import Params, Rule, RuleSet, Where, spec
+from fxpeft.rules.schema import Params, RuleSet, spec
 
 aten = torch.ops.aten
 W1, W1_A, W1_B, W2, W2_A, W2_B, T2 = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
@@ -205,11 +204,12 @@ class LycorisDropout(torch.nn.Module):
     def forward(self, weight: torch.Tensor, rank_p: float, rescale: bool, module_p: float) -> torch.Tensor:
         if not self.training:
             return weight
-        # PEFT's draws, in its order: the module's keep, then the rows' (no branch on the
-        # first, so a dropped module still draws the second: compiled graphs stay whole)
-        keep = (torch.rand(1, device=weight.device) > module_p).to(weight.dtype)
+        # PEFT's draws, from the CPU generator, in its order: the module's keep, then the rows'
+        # (no branch on the first, so a dropped module still draws the second: compiled graphs
+        # stay whole)
+        keep = (torch.rand(1) > module_p).to(weight.device, weight.dtype)
         if rank_p > 0:
-            rows = (torch.rand(weight.shape[0], device=weight.device) > rank_p).to(weight.dtype)
+            rows = (torch.rand(weight.shape[0]) > rank_p).to(weight.device, weight.dtype)
             if rescale:
                 rows = rows / rows.mean()
             weight = weight * rows.reshape(-1, *[1] * (weight.dim() - 1))
@@ -360,26 +360,6 @@ def _options(config: dict[str, Any], source: str) -> dict[str, Any]:
     return {**options, "init": _INITS[init]}
 
 
-def pattern_rules(config: dict[str, Any], model: torch.nn.Module, source: str,
-                  make_params: Callable[[int, float], Params], sites: tuple[str, ...],
-                  alpha_field: str = "alpha") -> RuleSet:
-    """A LyCORIS-style config's targets to rules: one rule per (``rank_pattern``,
-    ``alpha_pattern``) key pair, in PEFT's key order (first match wins, so each layer gets PEFT's
-    rank and alpha), times the site kinds. ``make_params(r, alpha)`` builds the params."""
-    target = "^" + layers_prefix(config) + "{keys}" + target_regex(config, model, source)
-    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    rules = []
-    for rank_key in [*ranks, None]:
-        for alpha_key in [*alphas, None]:
-            params = make_params(ranks.get(rank_key, config.get("r", 8)),
-                                 alphas.get(alpha_key, config.get(alpha_field, 8)))
-            where = Where(path=[target.format(keys=_key_lookahead(rank_key) + _key_lookahead(alpha_key))],
-                          exclude=exclude_regexes(config))
-            rules += [Rule(name=f"peft {rank_key or '*'}/{alpha_key or '*'} {site}", match=site,
-                           optional=True, params=params, where=where) for site in sites]
-    return RuleSet(tuple(rules), source=source)
-
-
 def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str) -> RuleSet:
     """PEFT ``LoKrConfig`` fields to rules on linears and convolutions.
 
@@ -389,8 +369,8 @@ def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str)
     [('linear', 4, 2.0, True), ('conv', 4, 2.0, True)]
     """
     options = _options(config, source)
-    return pattern_rules(config, model, source,
-                         lambda r, alpha: LokrParams(r=r, alpha=alpha, **options), LokrParams.match_kinds)
+    return pattern_rules(config, model, source, LokrParams.match_kinds,
+                         lambda r, alpha: LokrParams(r=r, alpha=alpha, **options), "alpha")
 
 
 def _one_value(params: list[LokrParams], name: str) -> Any:

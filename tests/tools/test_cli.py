@@ -41,6 +41,7 @@ BUILTIN_KINDS = [
     "adalora: sites linear; PEFT ADALORA; merges",
     "prompt_tuning: sites input_embedding; PEFT PROMPT_TUNING; cannot merge (prompt tuning adds",
     "vera: sites linear; PEFT VERA; merges",
+    "loha: sites linear, conv; PEFT LOHA; merges",
     "lokr: sites linear, conv; PEFT LOKR; merges",
 ]
 
