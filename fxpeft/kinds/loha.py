@@ -40,8 +40,8 @@ from fxpeft.formats.peft_format import PeftFormat, PeftFormatError, targets_for
 from fxpeft.graph.gates import GATE_META, gate_node, reroute
 from fxpeft.graph.params import attach_component
 from fxpeft.graph.targets import fetch
-from fxpeft.kinds.lora import (_common_and_exceptions, _conv_op, _flag, _number, adapter_dtype,
-                               adapter_input, casts, join, pattern_rules, record_nodes)
+from fxpeft.kinds.lora import (_common_and_exceptions, _flag, _number, adapter_dtype,
+                               adapter_input, casts, join, layer_op, pattern_rules, record_nodes)
 from fxpeft.match.layer_sites import ConvSite, find_conv_sites
 from fxpeft.match.query import Match
 from fxpeft.names import AdapterNode
@@ -208,15 +208,6 @@ def _attach(job: SpliceInput) -> LohaDetail:
     return LohaDetail(params.scale, site.weight_target, targets, shape, site.fan_in_fan_out)
 
 
-def _apply(graph: torch.fx.Graph, site: Any, x: torch.fx.Node, delta: torch.fx.Node) -> torch.fx.Node:
-    """``f_ΔW(x)``: the layer's own operation with ΔW as its weight, without a bias."""
-    if not isinstance(site, ConvSite):
-        return graph.call_function(aten.linear.default, (x, delta))
-    padding = site.padding if isinstance(site.padding, str) else list(site.padding)
-    return graph.call_function(_conv_op(site, padding), (x, delta, None, list(site.stride), padding,
-                                                         list(site.dilation), site.groups))
-
-
 def splice(job: SpliceInput) -> Spliced:
     """Insert ``y + gate * f_ΔW(x)`` after ``job.site.node`` and route its users through it."""
     detail, params = _attach(job), job.params
@@ -229,7 +220,7 @@ def splice(job: SpliceInput) -> Spliced:
         if params.rank_dropout > 0 or params.module_dropout > 0:
             delta = graph.call_module(_dropout_target(job.gm),
                                       (delta, params.rank_dropout, params.module_dropout))
-        branch = _apply(graph, job.site, x, delta)
+        branch = layer_op(graph, job.site, x, delta)
         gate = gate_node(job.gm, job.adapter, job.gm.get_parameter(detail.factors[0]), branch)
         gated = graph.call_function(aten.mul.Tensor, (branch, gate))
         total = join(graph, y, gated, casts(job))

@@ -34,9 +34,8 @@ from fxpeft.formats.peft_format import PeftFormat, PeftFormatError, targets_for
 from fxpeft.graph.gates import gate_node, reroute
 from fxpeft.graph.params import attach_component
 from fxpeft.graph.targets import fetch
-from fxpeft.kinds.lora import (_common_and_exceptions, _conv_op, _number, adapter_dtype,
-                               adapter_input, adaptable_paths, casts, join, pattern_rules,
-                               record_nodes)
+from fxpeft.kinds.lora import (_common_and_exceptions, _number, adapter_dtype, adapter_input,
+                               adaptable_paths, casts, join, layer_op, pattern_rules, record_nodes)
 from fxpeft.match.layer_sites import ConvSite
 from fxpeft.match.query import Match
 from fxpeft.names import DROPOUT_MODULE, AdapterNode
@@ -291,22 +290,13 @@ def _delta_node(job: SpliceInput, detail: LokrDetail) -> torch.fx.Node:
     return delta
 
 
-def _apply(graph: torch.fx.Graph, site: Any, x: torch.fx.Node, delta: torch.fx.Node) -> torch.fx.Node:
-    """The layer's own op with ``ΔW``: a linear, or the base's convolution (groups included)."""
-    if not isinstance(site, ConvSite):
-        return graph.call_function(aten.linear.default, (x, delta))
-    padding = site.padding if isinstance(site.padding, str) else list(site.padding)
-    return graph.call_function(_conv_op(site, padding), (x, delta, None, list(site.stride), padding,
-                                                         list(site.dilation), site.groups))
-
-
 def splice(job: SpliceInput) -> Spliced:
     """Insert the LoKr branch after ``job.site.node`` and route its users through the sum."""
     detail, attached = attach(job)
     graph, y = job.gm.graph, job.site.node
     with graph.inserting_before(y.next):  # keeps creation order
         x = adapter_input(job)
-        branch = _apply(graph, job.site, x, _delta_node(job, detail))
+        branch = layer_op(graph, job.site, x, _delta_node(job, detail))
         like = job.gm.get_parameter(attached[0])
         gate = gate_node(job.gm, job.adapter, like, branch)
         gated = graph.call_function(aten.mul.Tensor, (branch, gate))

@@ -18,6 +18,7 @@ from fxpeft.formats.peft_format import PeftFormatError
 from fxpeft.kinds.loha import LOHA_DROPOUT, LohaParams, hadamard, tucker_hadamard
 from fxpeft.names import ADAPTER_META
 from fxpeft.rules import Rule, Where
+from peft_models import custom_input, custom_model
 
 aten = torch.ops.aten
 ATOL = 1e-5
@@ -187,48 +188,6 @@ def test_gpt2_conv1d_works_in_fxpeft_though_peft_has_no_loha_for_it(tmp_path):
 
 # --- PEFT's custom-model cases (tests/test_custom_models.py, LoHa), rebuilt here ----------------
 
-class MLP(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0, self.lin1 = torch.nn.Linear(10, 20), torch.nn.Linear(20, 2)
-        self.drop = torch.nn.Dropout(0.5)
-
-    def forward(self, x):
-        return torch.log_softmax(self.lin1(self.drop(torch.relu(self.lin0(x)))), dim=-1)
-
-
-class ConvNet(torch.nn.Module):
-    """One convolution named ``conv1d`` / ``conv2d`` on the input reshaped to ``view`` (repeated
-    ``copies`` times along the channels), then ReLU, flatten and a linear ``lin0``. A ``lead``
-    linear first reads the flat input, as PEFT's grouped-Conv2d model has one."""
-
-    def __init__(self, conv, view, features, copies=1, lead=None) -> None:
-        super().__init__()
-        self.name = "conv2d" if isinstance(conv, torch.nn.Conv2d) else "conv1d"
-        self.view, self.copies = view, copies
-        self.lead = lead
-        setattr(self, self.name, conv)
-        self.lin0 = torch.nn.Linear(features, 2)
-
-    def forward(self, x):
-        x = self.lead(x.flatten()) if self.lead is not None else x
-        x = x.reshape(self.view)
-        x = torch.cat([x] * self.copies, dim=1) if self.copies > 1 else x
-        x = torch.relu(getattr(self, self.name)(x)).flatten(1)
-        return torch.log_softmax(self.lin0(x), dim=-1)
-
-
-MODELS = {
-    "MLP": MLP,
-    "Conv2d": lambda: ConvNet(torch.nn.Conv2d(5, 10, 3), (-1, 5, 3, 3), 10),
-    "Conv1d": lambda: ConvNet(torch.nn.Conv1d(1, 1, 2), (-1, 1, 10), 9),
-    "Conv1dBigger": lambda: ConvNet(torch.nn.Conv1d(64, 16, 2), (-1, 1, 10), 144, copies=64),
-    "Conv1dGroups": lambda: ConvNet(torch.nn.Conv1d(8, 8, 3, groups=2), (-1, 1, 10), 64, copies=8),
-    "Conv2d1x1": lambda: ConvNet(torch.nn.Conv2d(1, 10, 1), (-1, 1, 3, 3), 90),
-    "Conv2dGroups": lambda: ConvNet(torch.nn.Conv2d(16, 16, 3, groups=8), (2, 16, 3, 3), 16,
-                                    lead=torch.nn.Linear(90, 288)),
-    "Conv2dGroups2": lambda: ConvNet(torch.nn.Conv2d(16, 32, 3, padding=1, groups=2), (-1, 16, 3, 3), 288),
-}
 # PEFT's Conv2dGroups model names its first linear lin0 and its head lin1; ours are lead and lin0.
 CASES = [
     ("Vanilla MLP 1 LOHA", "MLP", {"target_modules": "lin0"}),
@@ -252,16 +211,6 @@ CASES = [
     ("Conv2d Groups LOHA", "Conv2dGroups", {"target_modules": ["conv2d"]}),
     ("Conv2d Groups2 LOHA", "Conv2dGroups2", {"target_modules": ["conv2d"]}),
 ]
-
-
-def custom_model(model_id):
-    torch.manual_seed(0)
-    return MODELS[model_id]().eval()
-
-
-def custom_input(model_id):
-    shape = (2, 144) if model_id == "Conv2dGroups2" else (9, 10)  # 144 = 16 channels x 3 x 3
-    return torch.arange(shape[0] * shape[1], dtype=torch.float32).view(shape) / 50
 
 
 @pytest.mark.parametrize("name, model_id, config", CASES, ids=[c[0] for c in CASES])

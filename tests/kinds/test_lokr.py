@@ -17,6 +17,7 @@ from conftest import (REPO_ROOT, adapter_nodes, assert_only_adapters_get_grads, 
 from fxpeft.kinds.lokr import LYCORIS_DROPOUT_MODULE, LokrParams, factorization, kron_delta, lokr_shape
 from fxpeft.names import ADAPTER_META, GATE_META
 from fxpeft.rules import Rule, Where
+from peft_models import MODELS, custom_input, custom_model
 
 aten = torch.ops.aten
 ATOL = 1e-5
@@ -163,42 +164,8 @@ def test_merge_equals_unmerged_and_peft_merge_and_unload(tmp_path):
 
 # --- PEFT's custom-model cases (tests/test_custom_models.py, LoKr), recreated --------------------
 
-class MLP(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0, self.drop, self.lin1 = torch.nn.Linear(10, 20), torch.nn.Dropout(0.5), torch.nn.Linear(20, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(self.lin1(self.drop(torch.relu(self.lin0(x.float())))), dim=-1)
-
-
-class ConvNet(torch.nn.Module):
-    """PEFT's Conv1d / Conv2d test models: reshape (and repeat) the input to ``shape``, one
-    convolution, relu, flatten, a linear head."""
-
-    def __init__(self, conv: torch.nn.Module, shape: tuple[int, ...], repeat: int, head: int) -> None:
-        super().__init__()
-        self.shape, self.repeat = shape, repeat
-        self.conv, self.lin0 = conv, torch.nn.Linear(head, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().reshape(self.shape)
-        x = torch.cat([x] * self.repeat, dim=1) if self.repeat > 1 else x
-        return torch.log_softmax(self.lin0(torch.relu(self.conv(x)).flatten(1)), dim=-1)
-
-
-MODELS = {
-    "MLP": MLP,
-    "Conv1d": lambda: ConvNet(torch.nn.Conv1d(1, 1, 2), (-1, 1, 10), 1, 9),
-    "Conv1dBigger": lambda: ConvNet(torch.nn.Conv1d(64, 16, 2), (-1, 1, 10), 64, 144),
-    "Conv1dGroups": lambda: ConvNet(torch.nn.Conv1d(8, 8, 3, groups=2), (-1, 1, 10), 8, 64),
-    "Conv2d": lambda: ConvNet(torch.nn.Conv2d(5, 10, 3), (-1, 5, 3, 3), 1, 10),
-    "Conv2d1x1": lambda: ConvNet(torch.nn.Conv2d(1, 10, 1), (-1, 1, 3, 3), 1, 90),
-    "Conv2dGroups": lambda: ConvNet(torch.nn.Conv2d(16, 16, 3, groups=8), (-1, 16, 3, 3), 1, 16),
-    "Conv2dGroups2": lambda: ConvNet(torch.nn.Conv2d(16, 32, 3, padding=1, groups=2), (-1, 16, 3, 3), 1, 288),
-}
-INPUTS = {"Conv2dGroups": (2, 144), "Conv2dGroups2": (3, 144)}  # whole [16, 3, 3] samples
-CASES = [  # (PEFT's case name, model, LoKrConfig fields); "conv" stands for PEFT's conv1d / conv2d
+# PEFT's Conv2dGroups model names its first linear lin0 and its head lin1; ours are lead and lin0.
+CASES = [  # (PEFT's case name, model, LoKrConfig fields)
     ("Vanilla MLP 1 LOKR", "MLP", {"target_modules": "lin0"}),
     ("Vanilla MLP 2 LOKR", "MLP", {"target_modules": ["lin0"]}),
     ("Vanilla MLP 3 LOKR", "MLP", {"target_modules": ["lin1"]}),
@@ -207,46 +174,40 @@ CASES = [  # (PEFT's case name, model, LoKrConfig fields); "conv" stands for PEF
     ("Vanilla MLP 6 LOKR", "MLP", {"target_modules": ["lin0"], "alpha": 4, "module_dropout": 0.1}),
     ("Vanilla MLP 7 LOKR", "MLP", {"target_modules": "lin0", "rank_dropout": 0.5}),
     ("Vanilla MLP 8 LOKR", "MLP", {"target_modules": "lin0", "decompose_both": True, "r": 1, "alpha": 1}),
-    ("Conv1d LOKR 1", "Conv1d", {"target_modules": ["conv"]}),
-    ("Conv1d LOKR 2", "Conv1d", {"target_modules": ["conv"], "r": 2}),
-    ("Conv1d Groups LOKR", "Conv1dGroups", {"target_modules": ["conv"], "r": 4}),
-    ("Conv1d LOKR 3", "Conv1dBigger", {"target_modules": ["conv"], "r": 2, "use_effective_conv2d": True}),
-    ("Conv1d LOKR 4", "Conv1dBigger", {"target_modules": ["conv"], "r": 2, "use_effective_conv2d": False}),
-    ("Conv2d 1 LOKR", "Conv2d", {"target_modules": ["conv"]}),
-    ("Conv2d 2 LOKR", "Conv2d", {"target_modules": ["conv", "lin0"]}),
-    ("Conv2d 3 LOKR", "Conv2d", {"target_modules": ["conv"], "use_effective_conv2d": True}),
-    ("Conv2d 4 LOKR", "Conv2d", {"target_modules": ["conv", "lin0"], "use_effective_conv2d": True}),
-    ("Conv2d 1x1 LOKR", "Conv2d1x1", {"target_modules": ["conv"]}),
-    ("Conv2d 5 LOKR", "Conv2d", {"target_modules": ["conv", "lin0"], "use_effective_conv2d": True,
+    ("Conv1d LOKR 1", "Conv1d", {"target_modules": ["conv1d"]}),
+    ("Conv1d LOKR 2", "Conv1d", {"target_modules": ["conv1d"], "r": 2}),
+    ("Conv1d Groups LOKR", "Conv1dGroups", {"target_modules": ["conv1d"], "r": 4}),
+    ("Conv1d LOKR 3", "Conv1dBigger", {"target_modules": ["conv1d"], "r": 2, "use_effective_conv2d": True}),
+    ("Conv1d LOKR 4", "Conv1dBigger", {"target_modules": ["conv1d"], "r": 2, "use_effective_conv2d": False}),
+    ("Conv2d 1 LOKR", "Conv2d", {"target_modules": ["conv2d"]}),
+    ("Conv2d 2 LOKR", "Conv2d", {"target_modules": ["conv2d", "lin0"]}),
+    ("Conv2d 3 LOKR", "Conv2d", {"target_modules": ["conv2d"], "use_effective_conv2d": True}),
+    ("Conv2d 4 LOKR", "Conv2d", {"target_modules": ["conv2d", "lin0"], "use_effective_conv2d": True}),
+    ("Conv2d 1x1 LOKR", "Conv2d1x1", {"target_modules": ["conv2d"]}),
+    ("Conv2d 5 LOKR", "Conv2d", {"target_modules": ["conv2d", "lin0"], "use_effective_conv2d": True,
                                  "decompose_both": True}),
-    ("Conv2d 6 LOKR", "Conv2d", {"target_modules": ["conv", "lin0"], "use_effective_conv2d": True,
+    ("Conv2d 6 LOKR", "Conv2d", {"target_modules": ["conv2d", "lin0"], "use_effective_conv2d": True,
                                  "decompose_factor": 4}),
-    ("Conv2d 7 LOKR", "Conv2d", {"target_modules": ["conv", "lin0"], "use_effective_conv2d": True,
+    ("Conv2d 7 LOKR", "Conv2d", {"target_modules": ["conv2d", "lin0"], "use_effective_conv2d": True,
                                  "decompose_both": True, "decompose_factor": 4}),
-    ("Conv2d Groups LOKR", "Conv2dGroups", {"target_modules": ["conv"]}),
-    ("Conv2d Groups2 LOKR", "Conv2dGroups2", {"target_modules": ["conv"]}),
+    ("Conv2d Groups LOKR", "Conv2dGroups", {"target_modules": ["conv2d"]}),
+    ("Conv2d Groups2 LOKR", "Conv2dGroups2", {"target_modules": ["conv2d"]}),
 ]
-
-
-def _model(name: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return MODELS[name]().eval()
 
 
 @pytest.mark.parametrize("name, model, config", CASES, ids=[c[0] for c in CASES])
 def test_peft_custom_model_cases(tmp_path, name, model, config):
     """Each case both ways through folders, and merged (fxpeft's merge equals its unmerged graph
     and PEFT's ``merge_and_unload``), with every factor random."""
-    shape = INPUTS.get(model, (9, 10))
-    x = torch.arange(shape[0] * shape[1]).view(shape)
-    peft_model = peft_lokr(lambda: _model(model), config)
+    x = custom_input(model)
+    peft_model = peft_lokr(lambda: custom_model(model), config)
     peft_model.save_pretrained(tmp_path / "peft")
     with torch.no_grad():
         expected = peft_model(x)
-        assert (expected - _model(model)(x)).abs().max() > 1e-6
-        gm = fxpeft.load(_model(model), tmp_path / "peft").eval()
+        assert (expected - custom_model(model)(x)).abs().max() > 1e-6
+        gm = fxpeft.load(custom_model(model), tmp_path / "peft").eval()
         torch.testing.assert_close(gm(x), expected, rtol=0, atol=ATOL)
-        back = PeftModel.from_pretrained(_model(model), str(fxpeft.save(gm, tmp_path / "ours"))).eval()
+        back = PeftModel.from_pretrained(custom_model(model), str(fxpeft.save(gm, tmp_path / "ours"))).eval()
         torch.testing.assert_close(back(x), expected, rtol=0, atol=ATOL)
         merged, peft_merged = fxpeft.merge(gm), peft_model.merge_and_unload()
         torch.testing.assert_close(merged(x), gm(x), rtol=0, atol=ATOL)
@@ -256,20 +217,28 @@ def test_peft_custom_model_cases(tmp_path, name, model, config):
                                        peft_merged.get_parameter(f"{layer}.weight"), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("same", [True, False], ids=["LoKr Same", "LoKr Different"])
-def test_peft_multi_adapter_cases(tmp_path, same):
-    """PEFT's two-adapter cases: a second adapter on lin0 (or lin1), each loaded by name."""
-    x = torch.arange(90).view(9, 10)
-    first = peft_lokr(lambda: _model("MLP"), {"target_modules": ["lin0"]}, seed=1)
-    first.add_adapter("other", LoKrConfig(target_modules=["lin0" if same else "lin1"], init_weights=False))
-    first.save_pretrained(tmp_path)
-    gm = fxpeft.load(_model("MLP"), tmp_path)
-    fxpeft.load(gm, tmp_path / "other", adapter="other")
+MULTI_CASES = [("LoKr Same", ["lin0"], ["lin0"]), ("LoKr Different", ["lin0"], ["lin1"])]
+
+
+@pytest.mark.parametrize("name, first, second", MULTI_CASES, ids=[c[0] for c in MULTI_CASES])
+def test_peft_multiple_active_adapter_cases(tmp_path, name, first, second):
+    """PEFT's two-adapter cases (``init_weights=False``): both active, they add up as in PEFT,
+    and merging both gives the same outputs."""
+    x = custom_input("MLP")
+    peft_model = peft_lokr(lambda: custom_model("MLP"), {"target_modules": first})
+    peft_model.add_adapter("other", LoKrConfig(target_modules=second, init_weights=False))
+    peft_model.save_pretrained(tmp_path)  # the second adapter goes to a subfolder
+    peft_model.base_model.set_adapter(["default", "other"])
     with torch.no_grad():
-        for adapter in ("default", "other"):
-            first.set_adapter(adapter)
-            gm.set_adapter(adapter)
-            torch.testing.assert_close(gm(x), first(x), rtol=0, atol=ATOL)
+        combined = peft_model(x)
+        gm = fxpeft.load(custom_model("MLP"), tmp_path)
+        fxpeft.load(gm, tmp_path / "other", adapter="other")
+        gm.set_adapter(["default", "other"])
+        torch.testing.assert_close(gm(x), combined, rtol=0, atol=ATOL)
+        gm.set_adapter("default")
+        assert (gm(x) - combined).abs().max() > 1e-5
+        gm.set_adapter(["default", "other"])
+        torch.testing.assert_close(fxpeft.merge(gm)(x), combined, rtol=0, atol=ATOL)
 
 
 # --- dropouts: training-time randomness ------------------------------------------------------------
