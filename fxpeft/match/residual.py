@@ -21,7 +21,7 @@ import torch.fx
 from fxpeft.capture.linear_sites import WeightedSite
 from fxpeft.capture.program import Program, layer_index
 from fxpeft.graph.targets import owning_module
-from fxpeft.names import DROPOUT_MODULE, is_fxpeft_node
+from fxpeft.names import DROPOUT_MODULE, adapter_node, is_fxpeft_node
 
 aten = torch.ops.aten
 # Ops between a projection and its residual add that keep the values (dropout in eval) and shape.
@@ -82,13 +82,29 @@ def _pass_through(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target in _PASS_THROUGH
 
 
+def _flow_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The base nodes reading ``node``, and the adapter joins that stand in for it (an adapter
+    already spliced there): the flow as the base model has it. Adapter branches reading it are
+    not the flow."""
+    found = []
+    for user in node.users:
+        record = adapter_node(user)
+        if not is_fxpeft_node(user) or (record is not None and record.removable
+                                         and user.args[record.bypass] is node):
+            found.append(user)
+    return found
+
+
 def _residual_add(gm: torch.fx.GraphModule,
                   start: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
-    """The add that ``start`` (through single-reader pass-through ops) flows into, and the node
-    it arrives from; None when it flows elsewhere first."""
+    """The add that ``start`` (through single-reader pass-through ops and adapter joins) flows
+    into, and the node it arrives from; None when it flows elsewhere first."""
     node = start
-    while len(node.users) == 1:
-        user = next(iter(node.users))
+    while len(users := _flow_users(node)) == 1:
+        user = users[0]
+        if is_fxpeft_node(user):  # an adapter's join on the projection (LoRA): follow it
+            node = user
+            continue
         if user.op == "call_function" and user.target in _ADDS:
             return user, node
         if not _pass_through(gm, user) or user.args[0] is not node:
@@ -121,7 +137,8 @@ def _post_norm(gm: torch.fx.GraphModule, add: torch.fx.Node, projection: str) ->
     """The norm that reads only the sum and belongs to the projection's own block (BERT's
     ``attention.output.LayerNorm``); a model's final norm (GPT-2's ``ln_f`` after its last
     layer) is not the block's."""
-    user = next(iter(add.users)) if len(add.users) == 1 else None
+    users = _flow_users(add)
+    user = users[0] if len(users) == 1 else None
     if user is None or not _is_norm(gm, user) or user.args[0] is not add:
         return None
     block, path = projection.rpartition(".")[0], _norm_path(user)
@@ -133,8 +150,7 @@ def _site(gm: torch.fx.GraphModule, linear: object) -> ResidualSite | None:
     if found is None:
         return None
     add, arrives = found
-    if len(add.args) != 2 or add.kwargs or any(is_fxpeft_node(a) for a in add.args
-                                               if isinstance(a, torch.fx.Node)):
+    if len(add.args) != 2 or add.kwargs:
         return None
     index = 0 if add.args[0] is arrives else 1
     other = add.args[1 - index]
