@@ -30,6 +30,8 @@ LOCATIONS = [(r"\.attention\.output\.adapters\.[^.]+\.", ".attention.output.dens
              (r"\.output\.adapters\.[^.]+\.", ".output.dense."),
              (r"\.attention_adapters\.adapters\.[^.]+\.", ".self_attn.o_proj."),
              (r"\.output_adapters\.adapters\.[^.]+\.", ".mlp.down_proj.")]
+GPT2_LOCATIONS = [(r"\.attention_adapters\.adapters\.[^.]+\.", ".attn.c_proj."),
+                  (r"\.output_adapters\.adapters\.[^.]+\.", ".mlp.c_proj.")]
 CONFIG_FIELDS = ("reduction_factor", "non_linearity", "is_parallel", "original_ln_before",
                  "original_ln_after", "residual_before_ln", "scaling", "dropout", "init_weights")
 SEQ = Rule(match="residual", where=Where(path=[r"(^|\.)(layer\.\d+\.output\.dense|down_proj)$"]),
@@ -45,8 +47,10 @@ def _base_model(family: str) -> torch.nn.Module:
     """The fixture's tiny model built by this transformers, with AdapterHub's run's weights."""
     import transformers
     spec = META["models"][family]
-    config_class = getattr(transformers, spec["class"].replace("ForMaskedLM", "Config")
-                           .replace("ForCausalLM", "Config"))
+    name = spec["class"]
+    for suffix in ("ForMaskedLM", "ForCausalLM", "LMHeadModel"):
+        name = name.replace(suffix, "Config")
+    config_class = getattr(transformers, name)
     model = getattr(transformers, spec["class"])(config_class(**spec["config"])).eval()
     state = _fixture(f"{family}/base/")
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -54,8 +58,8 @@ def _base_model(family: str) -> torch.nn.Module:
     return model
 
 
-def _fxpeft_key(adapterhub_key: str) -> str:
-    for pattern, projection in LOCATIONS:
+def _fxpeft_key(adapterhub_key: str, family: str) -> str:
+    for pattern, projection in GPT2_LOCATIONS if family == "gpt2" else LOCATIONS:
         key, found = re.subn(pattern, projection, adapterhub_key, count=1)
         if found:
             return "base_model.model." + key.replace("adapter_down.0.", "adapter_down.")
@@ -66,7 +70,7 @@ def _folder(family: str, variant: str, tmp_path: Path) -> Path:
     """An FXPEFT_BOTTLENECK folder holding AdapterHub's adapter: its config fields, its weights
     under fxpeft's keys."""
     weights = {k: v for k, v in _fixture(f"{family}/{variant}/").items() if k != "logits"}
-    tensors = {_fxpeft_key(k): v for k, v in weights.items()}
+    tensors = {_fxpeft_key(k, family): v for k, v in weights.items()}
     paths = sorted({k.removeprefix("base_model.model.").rsplit(".", 2)[0] for k in tensors})
     hub = META["variants"][f"{family}/{variant}"]
     config = {"peft_type": "FXPEFT_BOTTLENECK", "target_modules": "|".join(map(re.escape, paths)),

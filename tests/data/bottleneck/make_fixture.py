@@ -9,7 +9,7 @@ separate virtual environment outside the repository::
     /tmp/venv-adapters/bin/pip install adapters==1.3.0 "transformers==4.57.*" safetensors
     /tmp/venv-adapters/bin/python tests/data/bottleneck/make_fixture.py
 
-For a tiny BERT (masked LM) and a tiny Llama (causal LM), built from the configs in
+For a tiny BERT (masked LM), a tiny Llama and a tiny GPT-2 (causal LMs), built from the configs in
 ``MODELS``, it stores the base weights (before ``adapters.init``, so the keys are plain
 transformers keys), and for each variant in ``VARIANTS``: AdapterHub's adapter config, the
 adapter weights (seeded random values, so no weight is trivially zero), and the logits that
@@ -34,6 +34,8 @@ MODELS = {
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,
         tie_word_embeddings=False)},
+    "gpt2": {"class": "GPT2LMHeadModel", "config": dict(
+        n_embd=32, n_inner=64, n_layer=2, n_head=4, vocab_size=64, n_positions=16)},
 }
 # name -> (AdapterHub config class, its arguments), for each model.
 VARIANTS = {
@@ -45,15 +47,28 @@ VARIANTS = {
     "double_seq_bn_options": ("DoubleSeqBnConfig", dict(reduction_factor=2, non_linearity="tanh",
                                                         original_ln_after=False)),
 }
+MAIN = ("seq_bn", "double_seq_bn", "par_bn")  # all that GPT-2 (Conv1D layers) gets
 BERT_ONLY = {"seq_bn_post_add": ("SeqBnConfig", dict(reduction_factor=4, residual_before_ln="post_add",
                                                       non_linearity="sigmoid"))}
+
+
+def config_class_name(model_class: str) -> str:
+    """``BertForMaskedLM`` -> ``BertConfig``, ``GPT2LMHeadModel`` -> ``GPT2Config``."""
+    for suffix in ("ForMaskedLM", "ForCausalLM", "LMHeadModel"):
+        model_class = model_class.replace(suffix, "Config")
+    return model_class
+
+
+def variants_of(name: str) -> dict:
+    if name == "gpt2":
+        return {k: VARIANTS[k] for k in MAIN}
+    return {**VARIANTS, **(BERT_ONLY if name == "bert" else {})}
 
 
 def build(name: str) -> torch.nn.Module:
     import transformers
     spec = MODELS[name]
-    config_class = getattr(transformers, spec["class"].replace("ForMaskedLM", "Config")
-                           .replace("ForCausalLM", "Config"))
+    config_class = getattr(transformers, config_class_name(spec["class"]))
     torch.manual_seed(0)
     return getattr(transformers, spec["class"])(config_class(**spec["config"])).eval()
 
@@ -83,7 +98,7 @@ def main() -> None:
                             generator=torch.Generator().manual_seed(1))
         tensors[f"{name}/input_ids"] = ids
         tensors[f"{name}/base_logits"] = base(input_ids=ids).logits.detach()
-        variants = {**VARIANTS, **(BERT_ONLY if name == "bert" else {})}
+        variants = variants_of(name)
         for seed, (variant, (config_class, kwargs)) in enumerate(variants.items()):
             model = build(name)
             adapters.init(model)
