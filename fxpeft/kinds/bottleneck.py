@@ -31,7 +31,7 @@ import torch
 import torch.fx
 
 from fxpeft.capture.program import Program
-from fxpeft.errors import FxpeftError
+from fxpeft.errors import FxpeftError, RuleError
 from fxpeft.formats.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, target_regex,
                                         targets_for)
 from fxpeft.graph.dropout import dropout_target
@@ -61,17 +61,19 @@ CANNOT_MERGE = ("a bottleneck adapter puts a non-linearity (and, with original_l
 def _residual_choice(value: Any) -> str | None:
     """AdapterHub's ``residual_before_ln``: true, false or ``"post_add"``.
 
-    >>> _residual_choice("post_add") is None, _residual_choice("after")
-    (True, 'expected true, false or "post_add", got "after"')
+    >>> _residual_choice("post_add") is None
+    True
+    >>> print(_residual_choice("after"))
+    expected true, false or "post_add", got 'after'
     """
     if isinstance(value, bool) or value == "post_add":
         return None
-    return f'expected true, false or "post_add", got {checks._show(value)}'
+    return f'expected true, false or "post_add", got {value!r}'
 
 
 def _number(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return f"expected a number, got {checks._show(value)}"
+        return f"expected a number, got {value!r}"
     return None
 
 
@@ -224,12 +226,20 @@ def rules_to_config(matches: list[Match], program: Program) -> dict[str, Any]:
 
 
 def _params(config: dict[str, Any], source: str) -> BottleneckParams:
+    """The params the config's fields give; a bad value names its config field.
+
+    >>> _params({"reduction_factor": 0}, "c.json")
+    Traceback (most recent call last):
+    ...
+    fxpeft.formats.peft_format.PeftFormatError: c.json: reduction_factor = 0: expected a positive number, got 0
+    """
     values = {name: config[field] for field, name in CONFIG_FIELDS.items() if field in config}
     try:
         return BottleneckParams(**values)
-    except Exception as err:  # a located RuleError from the params' checks: name the config field
-        field = next((f for f, n in CONFIG_FIELDS.items() if n in str(err)), "a field")
-        raise PeftFormatError(f"{source}: {field}: {err}") from None
+    except RuleError as err:  # its key is the params field: say the config's name for it
+        name = (err.key or "").removeprefix("params.")
+        field = next((f for f, n in CONFIG_FIELDS.items() if n == name), name)
+        raise PeftFormatError(f"{source}: {field} = {config.get(field)!r}: {err.message}") from None
 
 
 def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str) -> RuleSet:

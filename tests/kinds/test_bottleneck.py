@@ -18,7 +18,7 @@ from conftest import (REPO_ROOT, assert_only_adapters_get_grads, emitted_base, r
 from fxpeft.capture.export import capture
 from fxpeft.kinds.bottleneck import BottleneckParams
 from fxpeft.match.query import match
-from fxpeft.rules.loader import load_rules
+from fxpeft.rules.loader import load_rules, parse_rules
 from fxpeft.names import ADAPTER_META
 from fxpeft.rules import Rule, Where
 
@@ -249,6 +249,31 @@ def test_bad_params_and_config_fields_are_one_line_errors(tmp_path):
         assert "\n" not in str(err.value)
     with pytest.raises(fxpeft.FxpeftError, match="post_add.*original_ln_before"):
         fxpeft.rewrite(tiny_llama(), [_rule(original_ln_before=False, residual_before_ln="post_add")])
+
+
+def test_rule_file_errors_are_located():
+    text = ('[[rule]]\nmatch = "residual"\nrewrite = "bottleneck"\n[rule.params]\n'
+            'non_linearity = "softplus"\n')
+    with pytest.raises(fxpeft.RuleError, match=r"^bn\.toml:5: rule\[0\]\.params\.non_linearity: "
+                                               r"expected one of 'relu'"):
+        parse_rules(text, source="bn.toml")
+    with pytest.raises(fxpeft.RuleError, match='applies to residual matches, not "linear"'):
+        Rule(match="linear", params=BottleneckParams())
+
+
+@pytest.mark.parametrize("init,check", [
+    ("bert", lambda w: 0.015 < w.std() < 0.025),
+    ("houlsby", lambda w: w.abs().max() <= 0.02 and 0.005 < w.std() < 0.01),
+    ("mam_adapter", lambda w: w.abs().max() <= 1 / 64 ** 0.5)])  # down: kaiming-uniform(a=sqrt(5))
+def test_init_weights_follow_adapterhub(init, check):
+    torch.manual_seed(0)
+    gm = fxpeft.rewrite(tiny_llama(), [_rule(init=init)])
+    state = fxpeft.adapter_state_dict(gm)
+    downs = [v for k, v in state.items() if k.endswith("adapter_down.weight")]
+    ups = [v for k, v in state.items() if k.endswith("adapter_up.weight")]
+    assert all(check(w) for w in downs) and all(v.abs().sum() == 0 for k, v in state.items()
+                                                 if k.endswith(".bias"))
+    assert all(check(w) for w in ups) if init != "mam_adapter" else all(w.abs().sum() == 0 for w in ups)
 
 
 def test_bf16_base_with_fp32_adapters():
