@@ -12,6 +12,7 @@ import importlib
 from fxpeft.registry import register
 
 BUILTIN = ("lora", "ia3", "adaption_prompt", "modules_to_save", "dora", "adalora", "prompt_tuning",
+           "vera", "loha",
            "bottleneck")
 
 for _name in BUILTIN:
