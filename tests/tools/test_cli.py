@@ -42,6 +42,7 @@ BUILTIN_KINDS = [
     "prompt_tuning: sites input_embedding; PEFT PROMPT_TUNING; cannot merge (prompt tuning adds",
     "vera: sites linear; PEFT VERA; merges",
     "loha: sites linear, conv; PEFT LOHA; merges",
+    "bottleneck: sites residual; PEFT FXPEFT_BOTTLENECK; cannot merge (a bottleneck adapter puts",
     "lokr: sites linear, conv; PEFT LOKR; merges",
 ]
 
