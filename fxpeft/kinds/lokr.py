@@ -14,8 +14,8 @@ mode factors. PEFT's default init zeroes ``w1`` (or ``w1_a``), so ``ΔW = 0`` at
 ``rank_dropout`` (rows of ``ΔW``, optionally rescaled to keep their mean) and
 ``module_dropout`` (the whole branch) are training-time randomness, as in PEFT: they act only
 while the graph is in train mode (``gm.train()``), through one shared ``LycorisDropout``
-submodule that reads its ``training`` flag. The ``add`` joining the branch is the removable
-node; merge adds ``ΔW`` to the weight. Saved keys are PEFT's (``...q_proj.lokr_w1``).
+submodule that reads its ``training`` flag (``fxpeft.kinds.lycoris``, LoHa's too). The ``add``
+joining the branch is the removable node; merge adds ``ΔW`` to the weight. Saved keys are PEFT's (``...q_proj.lokr_w1``).
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ from fxpeft.graph.params import attach_component
 from fxpeft.graph.targets import fetch
 from fxpeft.kinds.lora import (_common_and_exceptions, _number, adapter_dtype, adapter_input,
                                adaptable_paths, casts, join, layer_op, pattern_rules, record_nodes)
+from fxpeft.kinds.lycoris import dropout_target
 from fxpeft.match.layer_sites import ConvSite
 from fxpeft.match.query import Match
-from fxpeft.names import DROPOUT_MODULE, AdapterNode
+from fxpeft.names import AdapterNode
 from fxpeft.registry import AdapterKind, SpliceInput, Spliced
 from fxpeft.rules import checks
 from fxpeft.rules.schema import Params, RuleSet, spec
@@ -46,7 +47,6 @@ from fxpeft.rules.schema import Params, RuleSet, spec
 aten = torch.ops.aten
 W1, W1_A, W1_B, W2, W2_A, W2_B, T2 = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
                                       "lokr_w2_b", "lokr_t2")
-LYCORIS_DROPOUT_MODULE = f"{DROPOUT_MODULE}_lycoris"
 
 
 def _factor_check(value: Any) -> str | None:
@@ -189,39 +189,6 @@ def kron_delta(w1: torch.Tensor, w2: torch.Tensor, scale: float, shape: tuple[in
     return (torch.kron(w1, w2.contiguous()) * scale).reshape(shape)
 
 
-class LycorisDropout(torch.nn.Module):
-    """LyCORIS' training-time dropouts on a delta weight, in train mode only: each row (output
-    feature) is kept with probability ``1 - rank_p`` (kept rows rescaled by ``1 / mean`` with
-    ``rescale``), and the whole weight with probability ``1 - module_p``. One instance serves
-    every site of a graph; ``gm.train()`` / ``gm.eval()`` switch it.
-
-    >>> drop = LycorisDropout().eval(); w = torch.ones(4, 3)
-    >>> torch.equal(drop(w, 0.5, True, 0.5), w)
-    True
-    """
-
-    def forward(self, weight: torch.Tensor, rank_p: float, rescale: bool, module_p: float) -> torch.Tensor:
-        if not self.training:
-            return weight
-        # PEFT's draws, from the CPU generator, in its order: the module's keep, then the rows'
-        # (no branch on the first, so a dropped module still draws the second: compiled graphs
-        # stay whole)
-        keep = (torch.rand(1) > module_p).to(weight.device, weight.dtype)
-        if rank_p > 0:
-            rows = (torch.rand(weight.shape[0]) > rank_p).to(weight.device, weight.dtype)
-            if rescale:
-                rows = rows / rows.mean()
-            weight = weight * rows.reshape(-1, *[1] * (weight.dim() - 1))
-        return weight * keep
-
-
-def _dropout_target(gm: torch.nn.Module) -> str:
-    """The graph's shared ``LycorisDropout`` (added on first use, in the graph's mode)."""
-    if not hasattr(gm, LYCORIS_DROPOUT_MODULE):
-        gm.add_module(LYCORIS_DROPOUT_MODULE, LycorisDropout().train(gm.training))
-    return LYCORIS_DROPOUT_MODULE
-
-
 # --- splice ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -285,7 +252,7 @@ def _delta_node(job: SpliceInput, detail: LokrDetail) -> torch.fx.Node:
     delta = graph.call_function(kron_delta, (_factor_node(graph, detail.w1),
                                              _factor_node(graph, detail.w2), detail.scale, detail.shape))
     if params.rank_dropout > 0 or params.module_dropout > 0:
-        delta = graph.call_module(_dropout_target(job.gm), (delta, params.rank_dropout,
+        delta = graph.call_module(dropout_target(job.gm), (delta, params.rank_dropout,
                                                             params.rank_dropout_scale, params.module_dropout))
     return delta
 

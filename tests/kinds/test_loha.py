@@ -15,7 +15,8 @@ from conftest import (REPO_ROOT, adapter_nodes, assert_only_adapters_get_grads, 
                       randomize_adapters, tiny_gpt2, tiny_llama, tiny_opt, token_batch)
 from fxpeft.errors import RuleError
 from fxpeft.formats.peft_format import PeftFormatError
-from fxpeft.kinds.loha import LOHA_DROPOUT, LohaParams, hadamard, tucker_hadamard
+from fxpeft.kinds.loha import LohaParams, hadamard, tucker_hadamard
+from fxpeft.kinds.lycoris import LYCORIS_DROPOUT
 from fxpeft.names import ADAPTER_META
 from fxpeft.rules import Rule, Where
 from peft_models import custom_input, custom_model
@@ -73,7 +74,7 @@ def test_identity_at_init_peft_shapes_and_the_graph():
     assert [n.op for n in added].count("get_attr") == 16
     assert {n.meta[ADAPTER_META].module_path for n in added} == {
         f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in QV}
-    assert not hasattr(gm, LOHA_DROPOUT)  # no dropouts asked for, none spliced
+    assert not hasattr(gm, LYCORIS_DROPOUT)  # no dropouts asked for, none spliced
     base = emitted_base(tiny_llama())
     gate_reads = len(gm.graph.nodes) - len(base.graph.nodes) - len(added)
     assert gate_reads == 2 * 4 + 2  # per site the buffer and its per-sample read; once the
@@ -148,12 +149,12 @@ def test_train_mode_dropouts_draw_peft_masks_and_eval_has_none(tmp_path, rank_dr
     perturb(peft_model)
     peft_model.save_pretrained(tmp_path)
     gm = fxpeft.load(tiny_llama(), tmp_path)
-    assert len(gm.graph.find_nodes(op="call_module", target=LOHA_DROPOUT)) == 4
+    assert len(gm.graph.find_nodes(op="call_module", target=LYCORIS_DROPOUT)) == 4
     evaluated = logits(gm.eval(), ids)
     torch.testing.assert_close(evaluated, logits(peft_model.eval(), ids), rtol=0, atol=ATOL)
     torch.testing.assert_close(logits(gm, ids), evaluated, rtol=0, atol=0)  # no randomness in eval
     gm.train(), peft_model.train()
-    assert getattr(gm, LOHA_DROPOUT).training
+    assert getattr(gm, LYCORIS_DROPOUT).training
     for seed in range(3):
         torch.manual_seed(seed)
         ours = logits(gm, ids)

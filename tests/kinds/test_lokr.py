@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 import fxpeft
 from conftest import (REPO_ROOT, adapter_nodes, assert_only_adapters_get_grads, emitted_base,
                       randomize_adapters, tiny_gpt2, tiny_llama, tiny_opt, token_batch)
-from fxpeft.kinds.lokr import LYCORIS_DROPOUT_MODULE, LokrParams, factorization, kron_delta, lokr_shape
+from fxpeft.kinds.lokr import LokrParams, factorization, kron_delta, lokr_shape
+from fxpeft.kinds.lycoris import LYCORIS_DROPOUT
 from fxpeft.names import ADAPTER_META, GATE_META
 from fxpeft.rules import Rule, Where
 from peft_models import MODELS, custom_input, custom_model
@@ -98,7 +99,7 @@ def test_identity_at_init_and_the_graph():
     assert [n.target for n in added].count(aten.linear.default) == 4
     assert {n.meta[ADAPTER_META].module_path for n in added} == {
         f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")}
-    assert not hasattr(gm, LYCORIS_DROPOUT_MODULE)  # no dropout asked for: no module
+    assert not hasattr(gm, LYCORIS_DROPOUT)  # no dropout asked for: no module
     trainable = {n: tuple(p.shape) for n, p in gm.named_parameters() if p.requires_grad}
     assert trainable["model.layers.0.self_attn.q_proj.lokr_w1"] == (8, 8)  # 64 = 8*8 both ways
     assert trainable["model.layers.0.self_attn.v_proj.lokr_w2"] == (8, 8)  # v: 32 = 4*8 out
@@ -247,7 +248,7 @@ def test_rank_and_module_dropout_act_in_train_mode_only():
     ids = token_batch()
     plain = lokr_graph(r=2)
     dropped = lokr_graph(r=2, rank_dropout=0.5, rank_dropout_scale=True, module_dropout=0.3)
-    assert [n.target for n in dropped.graph.nodes].count(LYCORIS_DROPOUT_MODULE) == 4
+    assert [n.target for n in dropped.graph.nodes].count(LYCORIS_DROPOUT) == 4
     torch.testing.assert_close(logits(dropped, ids), logits(plain, ids), rtol=0, atol=0)
     dropped.train()
     torch.manual_seed(0)
