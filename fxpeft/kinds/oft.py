@@ -199,15 +199,15 @@ def rotate_blocks(x: torch.Tensor, rotation: torch.Tensor, blocks: int) -> torch
 
 def rotate_patches(x: torch.Tensor, rotation: torch.Tensor, blocks: int, kernel: int) -> torch.Tensor:
     """PEFT's convolution rotation: the ``kernel x kernel`` patches of ``x`` (stride 1, no
-    padding) as ``C*k*k`` vectors, rotated, then folded back to ``x``'s shape (overlaps add)."""
+    padding) as ``C*k*k`` vectors, rotated, then folded back to ``x``'s shape as PEFT 0.21.2 does
+    it: its ``[B, C, H', W', k, k]`` tensor read as ``fold``'s ``[B, C*k*k, H'*W']``, overlaps
+    added. That is the identity at ``R = I`` only for 1x1 kernels, or inputs of the kernel's
+    size (one patch), as in PEFT."""
     batch, channels, height, width = x.shape
     rows, cols = height - kernel + 1, width - kernel + 1
     patches = x.unfold(2, kernel, 1).unfold(3, kernel, 1).permute(0, 2, 3, 1, 4, 5)
     rotated = rotate_blocks(patches.reshape(batch * rows * cols, -1), rotation, blocks)
-    rotated = rotated.view(batch, rows * cols, channels * kernel * kernel).transpose(1, 2)
-    if kernel == 1:
-        return rotated.reshape(batch, channels, height, width)
-    rotated = rotated.view(batch, rows, cols, channels, kernel, kernel).permute(0, 3, 4, 5, 1, 2)
+    rotated = rotated.view(batch, rows, cols, channels, kernel, kernel).permute(0, 3, 1, 2, 4, 5)
     return torch.nn.functional.fold(rotated.reshape(batch, channels * kernel * kernel, rows * cols),
                                     (height, width), kernel)
 
