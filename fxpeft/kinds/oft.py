@@ -225,7 +225,7 @@ def adjusted(features: int, value: int) -> int:
     lower one on a tie; ``features`` itself above it).
 
     >>> adjusted(64, 12), adjusted(10, 3), adjusted(8, 20)
-    (16, 2, 8)
+    (8, 2, 8)
     """
     if value >= features:
         return features

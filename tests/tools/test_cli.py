@@ -40,6 +40,7 @@ BUILTIN_KINDS = [
     "dora: sites linear; PEFT LORA; merges",
     "adalora: sites linear; PEFT ADALORA; merges",
     "prompt_tuning: sites input_embedding; PEFT PROMPT_TUNING; cannot merge (prompt tuning adds",
+    "oft: sites linear, conv, embedding; PEFT OFT; merges",
 ]
 
 
