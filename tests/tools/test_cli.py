@@ -41,6 +41,7 @@ BUILTIN_KINDS = [
     "adalora: sites linear; PEFT ADALORA; merges",
     "prompt_tuning: sites input_embedding; PEFT PROMPT_TUNING; cannot merge (prompt tuning adds",
     "oft: sites linear, conv, embedding; PEFT OFT; merges",
+    "boft: sites linear; PEFT BOFT; merges",
 ]
 
 

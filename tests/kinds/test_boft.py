@@ -1,0 +1,258 @@
+"""BOFT (PEFT's BOFTConfig) on linears: identity at init, the graph, PEFT parity both ways (Llama,
+OPT, PEFT's custom-model cases; butterfly factors through PEFT's CUDA-extension path, run on the
+CPU here), merge, gradients, named adapters, mixed batches, bf16, fuse, torch.compile, generate,
+and the errors."""
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import BOFTConfig, PeftModel, get_peft_model
+from peft.tuners.boft import layer as peft_boft
+
+import fxpeft
+from conftest import (REPO_ROOT, VOCAB, adapter_nodes, assert_only_adapters_get_grads, emitted_base,
+                      nodes_with_target, tiny_gpt2, tiny_llama, tiny_opt, token_batch)
+from fxpeft.kinds.boft import BoftParams, rescale, rotate
+from fxpeft.kinds.oft import blend
+from fxpeft.names import ADAPTER_META
+from fxpeft.rules import Rule, Where
+
+aten = torch.ops.aten
+RULES = str(REPO_ROOT / "passes" / "boft.toml")
+ATOL = 1e-5
+QV = dict(target_modules=["q_proj", "v_proj"], boft_block_size=4)
+FAMILIES = {"llama": tiny_llama, "opt": tiny_opt}
+
+
+class _BlockDiagonal:
+    """PEFT's ``fbd_cuda`` extension, computed on the CPU: ``[N, D, H, H]`` -> ``[N, DH, DH]``."""
+
+    @staticmethod
+    def forward(blocks):
+        return [torch.stack([torch.block_diag(*factor) for factor in blocks])]
+
+
+@pytest.fixture(autouse=True)
+def butterfly_peft(monkeypatch):
+    """PEFT's butterfly factors > 1 need its CUDA extension (without it PEFT uses one factor, and
+    tries to build it again for every layer)."""
+    monkeypatch.setattr(peft_boft, "_FBD_CUDA", _BlockDiagonal())
+
+
+def logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+def perturb(model, seed=3, scale=0.1):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "boft_" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def boft_graph(make=tiny_llama, seed=3, **overrides):
+    gm = fxpeft.rewrite(make(), RULES, **overrides)
+    perturb(gm, seed)
+    return gm.eval()
+
+
+def peft_boft_model(make=tiny_llama, seed=5, **config):
+    model = get_peft_model(make(), BOFTConfig(**{**QV, **config}))
+    perturb(model, seed)
+    return model.eval()
+
+
+def test_identity_at_init_with_peft_names_and_the_graph():
+    model, ids = tiny_llama(), token_batch()
+    gm = fxpeft.rewrite(model, RULES)
+    torch.testing.assert_close(logits(gm, ids), logits(model, ids), rtol=0, atol=0)
+    trainable = {n: tuple(p.shape) for n, p in gm.named_parameters() if p.requires_grad}
+    expected = {f"model.layers.{i}.self_attn.{s}_proj.{c}": shape for i in (0, 1)
+                for s, out in (("q", 64), ("v", 32))
+                for c, shape in (("boft_R", (1, 16, 4, 4)), ("boft_s", (out, 1)))}
+    assert trainable == expected  # q: 4 heads x 16 outputs, v: 2 kv heads x 16
+    gm.graph.lint()
+    removable = [n for n in adapter_nodes(gm, "boft") if n.meta[ADAPTER_META].removable]
+    assert sorted(n.target.__name__ for n in removable) == ["blend"] * 4 + ["rescale"] * 4
+    for linear in nodes_with_target(gm, aten.linear.default):
+        adapted = any(p in str(linear.args[1]) for p in ("q_proj", "v_proj"))
+        assert (linear.args[0].target is blend) == adapted
+        assert (rescale in [u.target for u in linear.users]) == adapted  # and its per-sample gate
+    assert {n.target for n in adapter_nodes(gm, "boft")} >= {rotate, blend, rescale}
+
+
+def test_gradients_reach_only_boft_parameters():
+    gm = boft_graph().train()
+    ids = token_batch()
+    gm(ids, labels=ids).loss.backward()
+    assert_only_adapters_get_grads(gm)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parity_both_ways(tmp_path, family):
+    make, ids = FAMILIES[family], token_batch()
+    peft_model = peft_boft_model(make)
+    peft_model.save_pretrained(tmp_path / "peft")
+    gm = fxpeft.load(make(), tmp_path / "peft")
+    expected = logits(peft_model, ids)
+    torch.testing.assert_close(logits(gm, ids), expected, rtol=0, atol=ATOL)
+    assert (expected - logits(make(), ids)).abs().max() > 1e-3
+    ours = boft_graph(make, seed=9)
+    again = PeftModel.from_pretrained(make(), str(fxpeft.save(ours, tmp_path / "ours"))).eval()
+    torch.testing.assert_close(logits(again, ids), logits(ours, ids), rtol=0, atol=ATOL)
+
+
+def test_butterfly_factors_match_peft_extension_path(tmp_path, butterfly_peft):
+    ids = token_batch()
+    peft_model = peft_boft_model(boft_block_size=4, boft_n_butterfly_factor=3)
+    assert peft_model.base_model.model.model.layers[0].self_attn.q_proj.boft_R["default"].shape[0] == 3
+    peft_model.save_pretrained(tmp_path)
+    gm = fxpeft.load(tiny_llama(), tmp_path)
+    torch.testing.assert_close(logits(gm, ids), logits(peft_model, ids), rtol=0, atol=ATOL)
+    merged = fxpeft.merge(gm)
+    theirs = peft_model.merge_and_unload()
+    name = "model.layers.1.self_attn.v_proj.weight"
+    torch.testing.assert_close(merged.get_parameter(name), theirs.get_parameter(name), rtol=0, atol=1e-6)
+
+
+def test_merge_equals_unmerged_and_peft_merge_and_unload():
+    ids = token_batch()
+    gm = boft_graph()
+    merged = fxpeft.merge(gm)
+    merged.graph.lint()
+    assert len(merged.graph.nodes) == len(emitted_base(tiny_llama()).graph.nodes)
+    torch.testing.assert_close(logits(merged, ids), logits(gm, ids), rtol=0, atol=ATOL)
+    peft_model = get_peft_model(tiny_llama(), BOFTConfig(**QV))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "boft_" in name:
+                param.copy_(gm.get_parameter(name.replace("base_model.model.", "").replace(".default", "")))
+    theirs = peft_model.merge_and_unload()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
+        torch.testing.assert_close(merged.get_parameter(name), theirs.get_parameter(name), rtol=0, atol=1e-6)
+
+
+def test_named_adapters_switch_mix_fuse_and_delete(tmp_path):
+    gm = boft_graph()
+    gm.add_adapter("other", RULES, block_size=8)
+    perturb(gm, seed=11)
+    ids = token_batch()
+    outputs = {}
+    for name in ("default", "other"):
+        gm.set_adapter(name)
+        outputs[name] = logits(gm, ids)
+        torch.testing.assert_close(logits(fxpeft.fuse(gm), ids), outputs[name], rtol=0, atol=ATOL)
+    with gm.disable_adapters():
+        outputs["__base__"] = logits(gm, ids)
+    torch.testing.assert_close(outputs["__base__"], logits(tiny_llama(), ids), rtol=0, atol=0)
+    names = ["other", "__base__", "default"]
+    mixed = logits(gm, ids, adapter_names=names)
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], outputs[name][row], rtol=0, atol=ATOL)
+    alone = fxpeft.load(tiny_llama(), fxpeft.save(gm, tmp_path / "other", adapter="other"))
+    torch.testing.assert_close(logits(alone, ids), outputs["other"], rtol=0, atol=ATOL)
+    gm.delete_adapter("other")
+    gm.set_adapter("default")
+    assert not any("_other" in n for n, _ in gm.named_parameters())
+    torch.testing.assert_close(logits(gm, ids), outputs["default"], rtol=0, atol=ATOL)
+
+
+def test_bf16_base_parity_both_ways(tmp_path):
+    make = lambda: tiny_llama().to(torch.bfloat16)  # noqa: E731
+    peft_model = peft_boft_model(make)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ids = token_batch()
+    gm = fxpeft.load(make(), tmp_path / "peft")
+    assert {p.dtype for n, p in gm.named_parameters() if "boft_" in n} == {torch.float32}
+    out = logits(gm, ids)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, logits(peft_model, ids), rtol=0, atol=1e-2)
+    again = PeftModel.from_pretrained(make(), str(fxpeft.save(gm, tmp_path / "ours"))).eval()
+    torch.testing.assert_close(logits(again, ids), out, rtol=0, atol=1e-2)
+
+
+def test_greedy_generate_with_the_kv_cache_equals_peft(tmp_path):
+    gm = boft_graph(seed=4)
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2], ids[0, :2] = 0, 0
+    ours = fxpeft.generate(gm, ids, max_new_tokens=6, attention_mask=mask)
+    twin = PeftModel.from_pretrained(tiny_llama(), str(fxpeft.save(gm, tmp_path / "a"))).eval()
+    assert torch.equal(ours, twin.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
+                                           do_sample=False))
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, hidden: int = 20) -> None:
+        super().__init__()
+        self.lin0, self.drop, self.lin1 = torch.nn.Linear(10, hidden), torch.nn.Dropout(0.5), torch.nn.Linear(hidden, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.lin1(self.drop(torch.relu(self.lin0(x.float())))), dim=-1)
+
+
+def test_compiles_with_fullgraph_forward_and_backward():
+    torch.manual_seed(0)
+    gm = fxpeft.rewrite(MLP(32), Rule(where=Where(path=["^lin1$"]), params=BoftParams(block_size=2,
+                                                                                       butterfly_factor=3)))
+    perturb(gm)
+    gm.eval()
+    x = torch.randn(6, 10, generator=torch.Generator().manual_seed(2))
+    torch._dynamo.reset()
+    compiled = torch.compile(gm, fullgraph=True, dynamic=True, backend="aot_eager")
+    compiled(x).sum().backward()
+    grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
+    gm.zero_grad()
+    gm(x).sum().backward()
+    assert grads.keys() == {n for n, p in gm.named_parameters() if p.grad is not None} != set()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, gm.get_parameter(name).grad, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+LIN1 = dict(target_modules=["lin1"])
+CASES = {  # PEFT's tests/test_custom_models.py BOFT cases on linears
+    "Vanilla MLP 1 BOFT": (20, dict(LIN1, boft_block_size=2)),
+    "Vanilla MLP 2 BOFT": (20, dict(LIN1, modules_to_save=["lin0"], boft_block_size=2)),
+    "Vanilla MLP 4 BOFT": (20, dict(LIN1, boft_block_size=2, boft_block_num=0, boft_n_butterfly_factor=1)),
+    "Vanilla MLP 5 BOFT": (20, dict(LIN1, boft_block_size=0, boft_block_num=2, boft_n_butterfly_factor=1)),
+    "Vanilla MLP 6 BOFT": (20, dict(LIN1, boft_block_size=10, boft_block_num=0, boft_n_butterfly_factor=2)),
+    "MLP2 1 BOFT": (32, dict(LIN1, boft_block_size=2, boft_block_num=0, boft_n_butterfly_factor=3)),
+    "MLP2 2 BOFT": (32, dict(LIN1, boft_block_size=0, boft_block_num=8, boft_n_butterfly_factor=3)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_peft_custom_model_case(tmp_path, case, butterfly_peft):
+    hidden, config = CASES[case]
+    torch.manual_seed(0)
+    base, x = MLP(hidden).eval(), torch.randn(6, 10, generator=torch.Generator().manual_seed(2))
+    peft_model = get_peft_model(copy.deepcopy(base), BOFTConfig(**config)).eval()
+    perturb(peft_model, scale=0.3)
+    with torch.no_grad():
+        expected = peft_model(x)
+        peft_model.save_pretrained(tmp_path / "peft")
+        gm = fxpeft.load(copy.deepcopy(base), tmp_path / "peft").eval()
+        torch.testing.assert_close(gm(x), expected, rtol=0, atol=ATOL)
+        assert (expected - base(x)).abs().max() > 1e-4
+        again = PeftModel.from_pretrained(copy.deepcopy(base), str(fxpeft.save(gm, tmp_path / "ours")))
+        torch.testing.assert_close(again.eval()(x), expected, rtol=0, atol=ATOL)
+
+
+def test_errors_are_located_or_one_line(tmp_path):
+    with pytest.raises(fxpeft.RuleError, match=r"params.block_num: You can only specify either block_size"):
+        BoftParams(block_size=4, block_num=2)
+    with pytest.raises(fxpeft.FxpeftError, match=r"q_proj: in_features \(64\) must be divisible by block_size \(6\)"):
+        fxpeft.rewrite(tiny_llama(), RULES, block_size=6)
+    with pytest.raises(fxpeft.FxpeftError, match=r"not GPT-2's Conv1D"):
+        fxpeft.rewrite(tiny_gpt2(), Rule(where=Where(path=["c_attn"]), params=BoftParams()))
+    peft_boft_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "boft_dropout": 0.1}))
+    with pytest.raises(fxpeft.FxpeftError, match=r"boft_dropout = 0.1 is not supported") as caught:
+        fxpeft.load(tiny_llama(), tmp_path)
+    assert "\n" not in str(caught.value)
