@@ -43,7 +43,7 @@ from fxpeft.graph.gates import gate_node, reroute
 from fxpeft.graph.params import attach_component
 from fxpeft.graph.targets import fetch
 from fxpeft.kinds.lora import adapter_dtype, record_nodes
-from fxpeft.kinds.oft import blend
+from fxpeft.kinds.oft import blend, non_negative_int
 from fxpeft.match.query import Match
 from fxpeft.names import AdapterNode
 from fxpeft.registry import AdapterKind, SpliceInput, Spliced
@@ -51,12 +51,6 @@ from fxpeft.rules import checks
 from fxpeft.rules.schema import Params, Rule, RuleSet, Where, spec
 
 ROTATION, SCALE = "boft_R", "boft_s"
-
-
-def _non_negative_int(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        return f"expected a non-negative integer, got {value!r}"
-    return None
 
 
 @dataclass(frozen=True)
@@ -74,8 +68,8 @@ class BoftParams(Params):
 
     kind = "boft"
     match_kinds = ("linear",)
-    block_size: int = spec(4, _non_negative_int, "block size (0: derived from block_num)")
-    block_num: int = spec(0, _non_negative_int, "blocks per factor (0: derived from block_size)")
+    block_size: int = spec(4, non_negative_int, "block size (0: derived from block_num)")
+    block_num: int = spec(0, non_negative_int, "blocks per factor (0: derived from block_size)")
     butterfly_factor: int = spec(1, checks.positive_int, "butterfly factors")
     init: str = spec("default", checks.one_of("default", "random"),
                      "zeros and ones (identity), or PEFT's init_weights=False normals")

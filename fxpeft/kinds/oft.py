@@ -57,7 +57,12 @@ from fxpeft.rules.schema import Params, Rule, RuleSet, Where, spec
 ROTATION, EMBEDDING_ROTATION = "oft_R", "oft_embedding_R"
 
 
-def _non_negative_int(value: Any) -> str | None:
+def non_negative_int(value: Any) -> str | None:
+    """An error message unless ``value`` is an integer >= 0 (PEFT's "0: derive it").
+
+    >>> non_negative_int(0) is None and non_negative_int(-1) is not None
+    True
+    """
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return f"expected a non-negative integer, got {value!r}"
     return None
@@ -78,8 +83,8 @@ class OftParams(Params):
 
     kind = "oft"
     match_kinds = ("linear", "conv", "embedding")
-    r: int = spec(0, _non_negative_int, "number of blocks (0: derived from block_size)")
-    block_size: int = spec(32, _non_negative_int, "block size (0: derived from r)")
+    r: int = spec(0, non_negative_int, "number of blocks (0: derived from block_size)")
+    block_size: int = spec(32, non_negative_int, "block size (0: derived from r)")
     use_cayley_neumann: bool = spec(True, checks.boolean, "truncated Neumann series, not an inverse")
     num_cayley_neumann_terms: int = spec(5, checks.positive_int, "terms of that series")
     module_dropout: float = spec(0.0, checks.probability, "stored; PEFT 0.21.2 applies none")

@@ -12,8 +12,10 @@ from peft import BOFTConfig, PeftModel, get_peft_model
 from peft.tuners.boft import layer as peft_boft
 
 import fxpeft
-from conftest import (REPO_ROOT, VOCAB, adapter_nodes, assert_only_adapters_get_grads, emitted_base,
+import rotation_checks
+from conftest import (REPO_ROOT, adapter_nodes, assert_only_adapters_get_grads, emitted_base,
                       nodes_with_target, tiny_gpt2, tiny_llama, tiny_opt, token_batch)
+from rotation_checks import ATOL, MLP, check_both_ways, logits, mlp_input
 from fxpeft.kinds.boft import BoftParams, rescale, rotate
 from fxpeft.kinds.oft import blend
 from fxpeft.names import ADAPTER_META
@@ -21,7 +23,6 @@ from fxpeft.rules import Rule, Where
 
 aten = torch.ops.aten
 RULES = str(REPO_ROOT / "passes" / "boft.toml")
-ATOL = 1e-5
 QV = dict(target_modules=["q_proj", "v_proj"], boft_block_size=4)
 FAMILIES = {"llama": tiny_llama, "opt": tiny_opt}
 
@@ -41,17 +42,8 @@ def butterfly_peft(monkeypatch):
     monkeypatch.setattr(peft_boft, "_FBD_CUDA", _BlockDiagonal())
 
 
-def logits(model, ids, **kwargs):
-    with torch.no_grad():
-        return model(ids, **kwargs).logits
-
-
 def perturb(model, seed=3, scale=0.1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "boft_" in name:
-                param.add_(torch.randn(param.shape, generator=generator) * scale)
+    rotation_checks.perturb(model, "boft_", seed, scale)
 
 
 def boft_graph(make=tiny_llama, seed=3, **overrides):
@@ -136,29 +128,11 @@ def test_merge_equals_unmerged_and_peft_merge_and_unload():
         torch.testing.assert_close(merged.get_parameter(name), theirs.get_parameter(name), rtol=0, atol=1e-6)
 
 
-def test_named_adapters_switch_mix_fuse_and_delete(tmp_path):
+def test_named_adapters_switch_mix_fuse_save_alone_and_delete(tmp_path):
     gm = boft_graph()
     gm.add_adapter("other", RULES, block_size=8)
     perturb(gm, seed=11)
-    ids = token_batch()
-    outputs = {}
-    for name in ("default", "other"):
-        gm.set_adapter(name)
-        outputs[name] = logits(gm, ids)
-        torch.testing.assert_close(logits(fxpeft.fuse(gm), ids), outputs[name], rtol=0, atol=ATOL)
-    with gm.disable_adapters():
-        outputs["__base__"] = logits(gm, ids)
-    torch.testing.assert_close(outputs["__base__"], logits(tiny_llama(), ids), rtol=0, atol=0)
-    names = ["other", "__base__", "default"]
-    mixed = logits(gm, ids, adapter_names=names)
-    for row, name in enumerate(names):
-        torch.testing.assert_close(mixed[row], outputs[name][row], rtol=0, atol=ATOL)
-    alone = fxpeft.load(tiny_llama(), fxpeft.save(gm, tmp_path / "other", adapter="other"))
-    torch.testing.assert_close(logits(alone, ids), outputs["other"], rtol=0, atol=ATOL)
-    gm.delete_adapter("other")
-    gm.set_adapter("default")
-    assert not any("_other" in n for n, _ in gm.named_parameters())
-    torch.testing.assert_close(logits(gm, ids), outputs["default"], rtol=0, atol=ATOL)
+    rotation_checks.check_named_adapters(gm, tmp_path)
 
 
 def test_bf16_base_parity_both_ways(tmp_path):
@@ -176,42 +150,15 @@ def test_bf16_base_parity_both_ways(tmp_path):
 
 
 def test_greedy_generate_with_the_kv_cache_equals_peft(tmp_path):
-    gm = boft_graph(seed=4)
-    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[0, :2], ids[0, :2] = 0, 0
-    ours = fxpeft.generate(gm, ids, max_new_tokens=6, attention_mask=mask)
-    twin = PeftModel.from_pretrained(tiny_llama(), str(fxpeft.save(gm, tmp_path / "a"))).eval()
-    assert torch.equal(ours, twin.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
-                                           do_sample=False))
-
-
-class MLP(torch.nn.Module):
-    def __init__(self, hidden: int = 20) -> None:
-        super().__init__()
-        self.lin0, self.drop, self.lin1 = torch.nn.Linear(10, hidden), torch.nn.Dropout(0.5), torch.nn.Linear(hidden, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(self.lin1(self.drop(torch.relu(self.lin0(x.float())))), dim=-1)
+    rotation_checks.check_generate(boft_graph(seed=4), tmp_path)
 
 
 def test_compiles_with_fullgraph_forward_and_backward():
     torch.manual_seed(0)
-    gm = fxpeft.rewrite(MLP(32), Rule(where=Where(path=["^lin1$"]), params=BoftParams(block_size=2,
-                                                                                       butterfly_factor=3)))
+    gm = fxpeft.rewrite(MLP(32), Rule(where=Where(path=["^lin1$"]),
+                                      params=BoftParams(block_size=2, butterfly_factor=3)))
     perturb(gm)
-    gm.eval()
-    x = torch.randn(6, 10, generator=torch.Generator().manual_seed(2))
-    torch._dynamo.reset()
-    compiled = torch.compile(gm, fullgraph=True, dynamic=True, backend="aot_eager")
-    compiled(x).sum().backward()
-    grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
-    gm.zero_grad()
-    gm(x).sum().backward()
-    assert grads.keys() == {n for n, p in gm.named_parameters() if p.grad is not None} != set()
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, gm.get_parameter(name).grad, rtol=1e-4, atol=1e-5)
-    torch._dynamo.reset()
+    rotation_checks.check_compiles(gm.eval(), mlp_input())
 
 
 LIN1 = dict(target_modules=["lin1"])
@@ -230,17 +177,10 @@ CASES = {  # PEFT's tests/test_custom_models.py BOFT cases on linears
 def test_peft_custom_model_case(tmp_path, case, butterfly_peft):
     hidden, config = CASES[case]
     torch.manual_seed(0)
-    base, x = MLP(hidden).eval(), torch.randn(6, 10, generator=torch.Generator().manual_seed(2))
+    base, x = MLP(hidden).eval(), mlp_input()
     peft_model = get_peft_model(copy.deepcopy(base), BOFTConfig(**config)).eval()
     perturb(peft_model, scale=0.3)
-    with torch.no_grad():
-        expected = peft_model(x)
-        peft_model.save_pretrained(tmp_path / "peft")
-        gm = fxpeft.load(copy.deepcopy(base), tmp_path / "peft").eval()
-        torch.testing.assert_close(gm(x), expected, rtol=0, atol=ATOL)
-        assert (expected - base(x)).abs().max() > 1e-4
-        again = PeftModel.from_pretrained(copy.deepcopy(base), str(fxpeft.save(gm, tmp_path / "ours")))
-        torch.testing.assert_close(again.eval()(x), expected, rtol=0, atol=ATOL)
+    check_both_ways(base, peft_model, x, tmp_path)
 
 
 def test_errors_are_located_or_one_line(tmp_path):
