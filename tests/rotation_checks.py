@@ -108,3 +108,44 @@ def check_compiles(gm, x: torch.Tensor) -> None:
     for name, grad in grads.items():
         torch.testing.assert_close(grad, gm.get_parameter(name).grad, rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
+
+
+def bf16_llama() -> torch.nn.Module:
+    return tiny_llama().to(torch.bfloat16)
+
+
+def check_bf16_both_ways(peft_model, prefix: str, tmp_path) -> None:
+    """PEFT's adapter of a bf16 ``tiny_llama`` (fp32 adapter tensors, its autocast) loads into
+    fxpeft, fp32 too, with PEFT's bf16 logits, and fxpeft's folder back into PEFT."""
+    from peft import PeftModel
+    assert {p.dtype for n, p in peft_model.named_parameters() if prefix in n} == {torch.float32}
+    peft_model.save_pretrained(tmp_path / "peft")
+    ids = torch.randint(2, VOCAB, (3, 11), generator=torch.Generator().manual_seed(1))
+    gm = fxpeft.load(bf16_llama(), tmp_path / "peft")
+    assert {p.dtype for n, p in gm.named_parameters() if prefix in n} == {torch.float32}
+    out = logits(gm, ids)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, logits(peft_model, ids), rtol=0, atol=1e-2)
+    again = PeftModel.from_pretrained(bf16_llama(), str(fxpeft.save(gm, tmp_path / "ours"))).eval()
+    torch.testing.assert_close(logits(again, ids), out, rtol=0, atol=1e-2)
+
+
+def check_merge(gm, peft_config, prefix: str) -> None:
+    """``fxpeft.merge`` of ``gm`` (a ``tiny_llama``'s) has the base's nodes and ``gm``'s logits,
+    and the weights PEFT's ``merge_and_unload`` writes with the same adapter tensors."""
+    from peft import get_peft_model
+    from conftest import emitted_base
+    ids = torch.randint(2, VOCAB, (3, 11), generator=torch.Generator().manual_seed(1))
+    merged = fxpeft.merge(gm)
+    merged.graph.lint()
+    assert len(merged.graph.nodes) == len(emitted_base(tiny_llama()).graph.nodes)
+    assert not any(prefix in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(logits(merged, ids), logits(gm, ids), rtol=0, atol=ATOL)
+    peft_model = get_peft_model(tiny_llama(), peft_config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if prefix in name:
+                param.copy_(gm.get_parameter(name.replace("base_model.model.", "").replace(".default", "")))
+    theirs = peft_model.merge_and_unload()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
+        torch.testing.assert_close(merged.get_parameter(name), theirs.get_parameter(name), rtol=0, atol=1e-6)

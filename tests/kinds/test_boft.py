@@ -13,7 +13,7 @@ from peft.tuners.boft import layer as peft_boft
 
 import fxpeft
 import rotation_checks
-from conftest import (REPO_ROOT, adapter_nodes, assert_only_adapters_get_grads, emitted_base,
+from conftest import (REPO_ROOT, adapter_nodes, assert_only_adapters_get_grads,
                       nodes_with_target, tiny_gpt2, tiny_llama, tiny_opt, token_batch)
 from rotation_checks import ATOL, MLP, check_both_ways, logits, mlp_input
 from fxpeft.kinds.boft import BoftParams, rescale, rotate
@@ -112,20 +112,7 @@ def test_butterfly_factors_match_peft_extension_path(tmp_path, butterfly_peft):
 
 
 def test_merge_equals_unmerged_and_peft_merge_and_unload():
-    ids = token_batch()
-    gm = boft_graph()
-    merged = fxpeft.merge(gm)
-    merged.graph.lint()
-    assert len(merged.graph.nodes) == len(emitted_base(tiny_llama()).graph.nodes)
-    torch.testing.assert_close(logits(merged, ids), logits(gm, ids), rtol=0, atol=ATOL)
-    peft_model = get_peft_model(tiny_llama(), BOFTConfig(**QV))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "boft_" in name:
-                param.copy_(gm.get_parameter(name.replace("base_model.model.", "").replace(".default", "")))
-    theirs = peft_model.merge_and_unload()
-    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
-        torch.testing.assert_close(merged.get_parameter(name), theirs.get_parameter(name), rtol=0, atol=1e-6)
+    rotation_checks.check_merge(boft_graph(), BOFTConfig(**QV), "boft_")
 
 
 def test_named_adapters_switch_mix_fuse_save_alone_and_delete(tmp_path):
@@ -136,17 +123,7 @@ def test_named_adapters_switch_mix_fuse_save_alone_and_delete(tmp_path):
 
 
 def test_bf16_base_parity_both_ways(tmp_path):
-    make = lambda: tiny_llama().to(torch.bfloat16)  # noqa: E731
-    peft_model = peft_boft_model(make)
-    peft_model.save_pretrained(tmp_path / "peft")
-    ids = token_batch()
-    gm = fxpeft.load(make(), tmp_path / "peft")
-    assert {p.dtype for n, p in gm.named_parameters() if "boft_" in n} == {torch.float32}
-    out = logits(gm, ids)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, logits(peft_model, ids), rtol=0, atol=1e-2)
-    again = PeftModel.from_pretrained(make(), str(fxpeft.save(gm, tmp_path / "ours"))).eval()
-    torch.testing.assert_close(logits(again, ids), out, rtol=0, atol=1e-2)
+    rotation_checks.check_bf16_both_ways(peft_boft_model(rotation_checks.bf16_llama), "boft_", tmp_path)
 
 
 def test_greedy_generate_with_the_kv_cache_equals_peft(tmp_path):

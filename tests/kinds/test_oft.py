@@ -135,38 +135,13 @@ def test_peft_options_load_with_parity(tmp_path, options):
 
 
 def test_an_adapter_for_a_bf16_base_loads_with_parity_both_ways(tmp_path):
-    make = lambda: tiny_llama().to(torch.bfloat16)  # noqa: E731
-    peft_model = peft_oft(make)
-    assert {p.dtype for n, p in peft_model.named_parameters() if "oft_" in n} == {torch.float32}
-    peft_model.save_pretrained(tmp_path / "peft")
-    ids = token_batch()
-    gm = fxpeft.load(make(), tmp_path / "peft")
-    assert {p.dtype for n, p in gm.named_parameters() if "oft_" in n} == {torch.float32}
-    out = logits(gm, ids)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, logits(peft_model, ids), rtol=0, atol=1e-2)
-    again = PeftModel.from_pretrained(make(), str(fxpeft.save(gm, tmp_path / "ours"))).eval()
-    torch.testing.assert_close(logits(again, ids), out, rtol=0, atol=1e-2)
+    rotation_checks.check_bf16_both_ways(peft_oft(rotation_checks.bf16_llama), "oft_", tmp_path)
 
 
 # --- merge, fuse, compile ----------------------------------------------------------------------
 
 def test_merge_equals_unmerged_and_peft_merge_and_unload():
-    ids = token_batch()
-    gm = oft_graph()
-    merged = fxpeft.merge(gm)
-    merged.graph.lint()
-    assert len(merged.graph.nodes) == len(emitted_base(tiny_llama()).graph.nodes)
-    assert not any("oft_" in n for n, _ in merged.named_parameters())
-    torch.testing.assert_close(logits(merged, ids), logits(gm, ids), rtol=0, atol=ATOL)
-    peft_model = get_peft_model(tiny_llama(), OFTConfig(**QV))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "oft_" in name:
-                param.copy_(gm.get_parameter(name.replace("base_model.model.", "").replace(".default", "")))
-    theirs = peft_model.merge_and_unload()
-    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
-        torch.testing.assert_close(merged.get_parameter(name), theirs.get_parameter(name), rtol=0, atol=1e-6)
+    rotation_checks.check_merge(oft_graph(), OFTConfig(**QV), "oft_")
 
 
 def test_compiles_with_fullgraph_forward_and_backward():
