@@ -173,3 +173,12 @@ def test_errors_are_located_or_one_line(tmp_path):
     with pytest.raises(fxpeft.FxpeftError, match=r"boft_dropout = 0.1 is not supported") as caught:
         fxpeft.load(tiny_llama(), tmp_path)
     assert "\n" not in str(caught.value)
+
+
+def test_peft_conv2d_cases_are_refused_naming_the_layer(tmp_path):
+    """PEFT's "Conv2d 1 BOFT" case: BOFT on a convolution is not implemented here, and says so."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Conv2d(5, 10, 3))
+    get_peft_model(copy.deepcopy(base), BOFTConfig(target_modules=["0"], boft_block_size=45)).save_pretrained(tmp_path)
+    with pytest.raises(fxpeft.FxpeftError, match=r"needs BOFT \(boft\) on Conv2d at 0, which fxpeft does not support"):
+        fxpeft.load(copy.deepcopy(base), tmp_path)
