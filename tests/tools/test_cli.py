@@ -43,6 +43,8 @@ BUILTIN_KINDS = [
     "vera: sites linear; PEFT VERA; merges",
     "loha: sites linear, conv; PEFT LOHA; merges",
     "bottleneck: sites residual; PEFT FXPEFT_BOTTLENECK; cannot merge (a bottleneck adapter puts",
+    "oft: sites linear, conv, embedding; PEFT OFT; merges",
+    "boft: sites linear; PEFT BOFT; merges",
     "lokr: sites linear, conv; PEFT LOKR; merges",
 ]
 
