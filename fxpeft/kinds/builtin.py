@@ -11,7 +11,8 @@ import importlib
 
 from fxpeft.registry import register
 
-BUILTIN = ("lora", "ia3", "adaption_prompt", "modules_to_save", "dora", "adalora", "prompt_tuning")
+BUILTIN = ("lora", "ia3", "adaption_prompt", "modules_to_save", "dora", "adalora", "prompt_tuning",
+           "p_tuning")
 
 for _name in BUILTIN:
     register(importlib.import_module(f"fxpeft.kinds.{_name}").KIND)
