@@ -40,6 +40,7 @@ BUILTIN_KINDS = [
     "dora: sites linear; PEFT LORA; merges",
     "adalora: sites linear; PEFT ADALORA; merges",
     "prompt_tuning: sites input_embedding; PEFT PROMPT_TUNING; cannot merge (prompt tuning adds",
+    "p_tuning: sites input_embedding; PEFT P_TUNING; cannot merge (p-tuning adds",
 ]
 
 
