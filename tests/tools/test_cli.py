@@ -45,6 +45,7 @@ BUILTIN_KINDS = [
     "bottleneck: sites residual; PEFT FXPEFT_BOTTLENECK; cannot merge (a bottleneck adapter puts",
     "oft: sites linear, conv, embedding; PEFT OFT; merges",
     "boft: sites linear; PEFT BOFT; merges",
+    "p_tuning: sites input_embedding; PEFT P_TUNING; cannot merge (p-tuning adds",
     "lokr: sites linear, conv; PEFT LOKR; merges",
 ]
 
