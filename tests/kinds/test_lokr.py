@@ -4,6 +4,7 @@ merge, rank/module dropout in train mode only, named adapters, mixed batches, gr
 fuse, generate with the KV cache, and torch.compile(fullgraph=True) forward and backward."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from conftest import (REPO_ROOT, adapter_nodes, assert_only_adapters_get_grads, 
                       randomize_adapters, tiny_gpt2, tiny_llama, tiny_opt, token_batch)
 from fxpeft.kinds.lokr import LokrParams, factorization, kron_delta, lokr_shape
 from fxpeft.kinds.lycoris import LYCORIS_DROPOUT
+from fxpeft.formats.peft_format import PeftFormatError
 from fxpeft.names import ADAPTER_META, GATE_META
 from fxpeft.rules import Rule, Where
 from peft_models import MODELS, custom_input, custom_model
@@ -421,16 +423,13 @@ def test_errors_are_located_and_name_the_field(tmp_path):
     with pytest.raises(fxpeft.FxpeftError, match=r"bad.toml:6: rule\[0\]\.params\.decompose_factor: "
                                                   r"expected -1 or a positive integer, got -2"):
         fxpeft.rewrite(tiny_llama(), str(bad))
-    config = LoKrConfig(target_modules=["q_proj"]).to_dict()
     for field, value, message in [("init_weights", "gaussian", "init_weights = 'gaussian' is not supported"),
                                   ("rank_dropout", 1.5, r"rank_dropout: expected a number in \[0, 1\)")]:
         folder = tmp_path / field
         peft_lokr(tiny_llama, {"target_modules": ["q_proj"]}).save_pretrained(folder)
-        text = (folder / "adapter_config.json").read_text()
-        import json
-        saved = json.loads(text)
+        saved = json.loads((folder / "adapter_config.json").read_text())
         saved[field] = value
         (folder / "adapter_config.json").write_text(json.dumps(saved))
-        with pytest.raises(fxpeft.FxpeftError, match=message):
+        with pytest.raises(PeftFormatError, match=message) as error:
             fxpeft.load(tiny_llama(), folder)
-    assert config["peft_type"] == "LOKR"
+        assert "\n" not in str(error.value)
