@@ -12,7 +12,7 @@ import importlib
 from fxpeft.registry import register
 
 BUILTIN = ("lora", "ia3", "adaption_prompt", "modules_to_save", "dora", "adalora", "prompt_tuning",
-           "vera", "loha", "bottleneck", "oft", "boft", "p_tuning")
+           "vera", "loha", "bottleneck", "oft", "boft", "p_tuning", "lokr")
 
 for _name in BUILTIN:
     register(importlib.import_module(f"fxpeft.kinds.{_name}").KIND)

@@ -18,9 +18,9 @@ for an adapter not named ``"default"``), initialised as PEFT does: kaiming-unifo
 
 PEFT's training-time randomness follows ``gm.train()`` / ``gm.eval()``: ``module_dropout`` skips
 the whole update with that probability, ``rank_dropout`` zeroes rows of ΔW and rescales the
-kept ones by the kept fraction. Both are one ``LohaDropout`` submodule that reads its own
-``training`` flag (dropout as data, ``fxpeft.graph.dropout``), drawing its masks from the same
-CPU generator calls as PEFT. In eval mode ΔW is used as it is. The closing ``add`` is the
+kept ones by the kept fraction. Both are one ``LycorisDropout`` submodule (shared with LoKr,
+``fxpeft.kinds.lycoris``) that reads its own ``training`` flag (dropout as data,
+``fxpeft.graph.dropout``), drawing its masks from the same CPU generator calls as PEFT. In eval mode ΔW is used as it is. The closing ``add`` is the
 removable node; merge folds ΔW into the weight.
 """
 
@@ -40,8 +40,9 @@ from fxpeft.formats.peft_format import PeftFormat, PeftFormatError, targets_for
 from fxpeft.graph.gates import GATE_META, gate_node, reroute
 from fxpeft.graph.params import attach_component
 from fxpeft.graph.targets import fetch
-from fxpeft.kinds.lora import (_common_and_exceptions, _conv_op, _flag, _number, adapter_dtype,
-                               adapter_input, casts, join, pattern_rules, record_nodes)
+from fxpeft.kinds.lora import (_common_and_exceptions, _flag, _number, adapter_dtype,
+                               adapter_input, casts, join, layer_op, pattern_rules, record_nodes)
+from fxpeft.kinds.lycoris import dropout_target
 from fxpeft.match.layer_sites import ConvSite, find_conv_sites
 from fxpeft.match.query import Match
 from fxpeft.names import AdapterNode
@@ -53,7 +54,6 @@ aten = torch.ops.aten
 FLAT = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 TUCKER = ("hada_t1", "hada_w1_a", "hada_w1_b", "hada_t2", "hada_w2_a", "hada_w2_b")
 COMPONENTS = (*FLAT, "hada_t1", "hada_t2")
-LOHA_DROPOUT = "fxpeft_loha_dropout"  # the shared LohaDropout submodule of a graph
 
 
 @dataclass(frozen=True)
@@ -128,35 +128,6 @@ def tucker_hadamard(t1: torch.Tensor, w1_a: torch.Tensor, w1_b: torch.Tensor, t2
     return (first * second * scale).reshape(shape)
 
 
-class LohaDropout(torch.nn.Module):
-    """PEFT's LyCORIS randomness on an update ``ΔW``, in train mode only: ``module_dropout``
-    (keep ΔW when a uniform draw exceeds it, else zeros), then ``rank_dropout`` (keep each output
-    row when its draw exceeds it, divided by the kept fraction). The draws come from the CPU
-    generator in PEFT's order, so a seeded step draws PEFT's masks. A skipped update is
-    multiplied by zero rather than branched around, so the graph has no data-dependent
-    control flow (``torch.compile(fullgraph=True)``).
-
-    >>> torch.equal(LohaDropout().eval()(torch.ones(2, 3), 0.5, 0.5), torch.ones(2, 3))
-    True
-    """
-
-    def forward(self, delta: torch.Tensor, rank_dropout: float, module_dropout: float) -> torch.Tensor:
-        if not self.training:
-            return delta
-        keep = (torch.rand(1) > module_dropout).to(delta.dtype)
-        if rank_dropout > 0:
-            rows = (torch.rand(delta.size(0)) > rank_dropout).to(delta.dtype)
-            rows = (rows / rows.mean()).view(-1, *[1] * (delta.dim() - 1))
-            delta = delta * rows.to(delta.device)
-        return delta * keep.to(delta.device)
-
-
-def _dropout_target(gm: torch.nn.Module) -> str:
-    if not hasattr(gm, LOHA_DROPOUT):
-        gm.add_module(LOHA_DROPOUT, LohaDropout().train(gm.training))
-    return LOHA_DROPOUT
-
-
 # --- the splice ---------------------------------------------------------------------------------
 
 def _uses_tucker(site: Any, params: LohaParams) -> bool:
@@ -208,15 +179,6 @@ def _attach(job: SpliceInput) -> LohaDetail:
     return LohaDetail(params.scale, site.weight_target, targets, shape, site.fan_in_fan_out)
 
 
-def _apply(graph: torch.fx.Graph, site: Any, x: torch.fx.Node, delta: torch.fx.Node) -> torch.fx.Node:
-    """``f_ΔW(x)``: the layer's own operation with ΔW as its weight, without a bias."""
-    if not isinstance(site, ConvSite):
-        return graph.call_function(aten.linear.default, (x, delta))
-    padding = site.padding if isinstance(site.padding, str) else list(site.padding)
-    return graph.call_function(_conv_op(site, padding), (x, delta, None, list(site.stride), padding,
-                                                         list(site.dilation), site.groups))
-
-
 def splice(job: SpliceInput) -> Spliced:
     """Insert ``y + gate * f_ΔW(x)`` after ``job.site.node`` and route its users through it."""
     detail, params = _attach(job), job.params
@@ -227,9 +189,9 @@ def splice(job: SpliceInput) -> Spliced:
         delta = graph.call_function(tucker_hadamard if detail.tucker else hadamard,
                                     (*factors, detail.scale, list(detail.shape)))
         if params.rank_dropout > 0 or params.module_dropout > 0:
-            delta = graph.call_module(_dropout_target(job.gm),
-                                      (delta, params.rank_dropout, params.module_dropout))
-        branch = _apply(graph, job.site, x, delta)
+            delta = graph.call_module(dropout_target(job.gm),  # PEFT's LoHa always rescales rows
+                                      (delta, params.rank_dropout, True, params.module_dropout))
+        branch = layer_op(graph, job.site, x, delta)
         gate = gate_node(job.gm, job.adapter, job.gm.get_parameter(detail.factors[0]), branch)
         gated = graph.call_function(aten.mul.Tensor, (branch, gate))
         total = join(graph, y, gated, casts(job))

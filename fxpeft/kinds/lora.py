@@ -181,6 +181,17 @@ def _conv_up(graph: torch.fx.Graph, site: ConvSite, x: torch.fx.Node, weight: to
                                                        site.groups))
 
 
+def layer_op(graph: torch.fx.Graph, site: Any, x: torch.fx.Node, weight: torch.fx.Node) -> torch.fx.Node:
+    """The site's own operation with ``weight`` in place of its weight and no bias: a linear, or
+    the base's convolution (stride, padding, dilation, groups). For kinds whose branch is a
+    whole update weight ``ΔW`` (LoHa, LoKr)."""
+    if not isinstance(site, ConvSite):
+        return graph.call_function(aten.linear.default, (x, weight))
+    padding = site.padding if isinstance(site.padding, str) else list(site.padding)
+    return graph.call_function(_conv_op(site, padding), (x, weight, None, list(site.stride), padding,
+                                                         list(site.dilation), site.groups))
+
+
 @dataclass(frozen=True)
 class Layout:
     """How LoRA sits on one kind of layer: the names of A and B, how to make them (identity at

@@ -15,9 +15,11 @@ from conftest import (REPO_ROOT, adapter_nodes, assert_only_adapters_get_grads, 
                       randomize_adapters, tiny_gpt2, tiny_llama, tiny_opt, token_batch)
 from fxpeft.errors import RuleError
 from fxpeft.formats.peft_format import PeftFormatError
-from fxpeft.kinds.loha import LOHA_DROPOUT, LohaParams, hadamard, tucker_hadamard
+from fxpeft.kinds.loha import LohaParams, hadamard, tucker_hadamard
+from fxpeft.kinds.lycoris import LYCORIS_DROPOUT
 from fxpeft.names import ADAPTER_META
 from fxpeft.rules import Rule, Where
+from peft_models import custom_input, custom_model
 
 aten = torch.ops.aten
 ATOL = 1e-5
@@ -72,7 +74,7 @@ def test_identity_at_init_peft_shapes_and_the_graph():
     assert [n.op for n in added].count("get_attr") == 16
     assert {n.meta[ADAPTER_META].module_path for n in added} == {
         f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in QV}
-    assert not hasattr(gm, LOHA_DROPOUT)  # no dropouts asked for, none spliced
+    assert not hasattr(gm, LYCORIS_DROPOUT)  # no dropouts asked for, none spliced
     base = emitted_base(tiny_llama())
     gate_reads = len(gm.graph.nodes) - len(base.graph.nodes) - len(added)
     assert gate_reads == 2 * 4 + 2  # per site the buffer and its per-sample read; once the
@@ -147,12 +149,12 @@ def test_train_mode_dropouts_draw_peft_masks_and_eval_has_none(tmp_path, rank_dr
     perturb(peft_model)
     peft_model.save_pretrained(tmp_path)
     gm = fxpeft.load(tiny_llama(), tmp_path)
-    assert len(gm.graph.find_nodes(op="call_module", target=LOHA_DROPOUT)) == 4
+    assert len(gm.graph.find_nodes(op="call_module", target=LYCORIS_DROPOUT)) == 4
     evaluated = logits(gm.eval(), ids)
     torch.testing.assert_close(evaluated, logits(peft_model.eval(), ids), rtol=0, atol=ATOL)
     torch.testing.assert_close(logits(gm, ids), evaluated, rtol=0, atol=0)  # no randomness in eval
     gm.train(), peft_model.train()
-    assert getattr(gm, LOHA_DROPOUT).training
+    assert getattr(gm, LYCORIS_DROPOUT).training
     for seed in range(3):
         torch.manual_seed(seed)
         ours = logits(gm, ids)
@@ -187,48 +189,6 @@ def test_gpt2_conv1d_works_in_fxpeft_though_peft_has_no_loha_for_it(tmp_path):
 
 # --- PEFT's custom-model cases (tests/test_custom_models.py, LoHa), rebuilt here ----------------
 
-class MLP(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0, self.lin1 = torch.nn.Linear(10, 20), torch.nn.Linear(20, 2)
-        self.drop = torch.nn.Dropout(0.5)
-
-    def forward(self, x):
-        return torch.log_softmax(self.lin1(self.drop(torch.relu(self.lin0(x)))), dim=-1)
-
-
-class ConvNet(torch.nn.Module):
-    """One convolution named ``conv1d`` / ``conv2d`` on the input reshaped to ``view`` (repeated
-    ``copies`` times along the channels), then ReLU, flatten and a linear ``lin0``. A ``lead``
-    linear first reads the flat input, as PEFT's grouped-Conv2d model has one."""
-
-    def __init__(self, conv, view, features, copies=1, lead=None) -> None:
-        super().__init__()
-        self.name = "conv2d" if isinstance(conv, torch.nn.Conv2d) else "conv1d"
-        self.view, self.copies = view, copies
-        self.lead = lead
-        setattr(self, self.name, conv)
-        self.lin0 = torch.nn.Linear(features, 2)
-
-    def forward(self, x):
-        x = self.lead(x.flatten()) if self.lead is not None else x
-        x = x.reshape(self.view)
-        x = torch.cat([x] * self.copies, dim=1) if self.copies > 1 else x
-        x = torch.relu(getattr(self, self.name)(x)).flatten(1)
-        return torch.log_softmax(self.lin0(x), dim=-1)
-
-
-MODELS = {
-    "MLP": MLP,
-    "Conv2d": lambda: ConvNet(torch.nn.Conv2d(5, 10, 3), (-1, 5, 3, 3), 10),
-    "Conv1d": lambda: ConvNet(torch.nn.Conv1d(1, 1, 2), (-1, 1, 10), 9),
-    "Conv1dBigger": lambda: ConvNet(torch.nn.Conv1d(64, 16, 2), (-1, 1, 10), 144, copies=64),
-    "Conv1dGroups": lambda: ConvNet(torch.nn.Conv1d(8, 8, 3, groups=2), (-1, 1, 10), 64, copies=8),
-    "Conv2d1x1": lambda: ConvNet(torch.nn.Conv2d(1, 10, 1), (-1, 1, 3, 3), 90),
-    "Conv2dGroups": lambda: ConvNet(torch.nn.Conv2d(16, 16, 3, groups=8), (2, 16, 3, 3), 16,
-                                    lead=torch.nn.Linear(90, 288)),
-    "Conv2dGroups2": lambda: ConvNet(torch.nn.Conv2d(16, 32, 3, padding=1, groups=2), (-1, 16, 3, 3), 288),
-}
 # PEFT's Conv2dGroups model names its first linear lin0 and its head lin1; ours are lead and lin0.
 CASES = [
     ("Vanilla MLP 1 LOHA", "MLP", {"target_modules": "lin0"}),
@@ -252,16 +212,6 @@ CASES = [
     ("Conv2d Groups LOHA", "Conv2dGroups", {"target_modules": ["conv2d"]}),
     ("Conv2d Groups2 LOHA", "Conv2dGroups2", {"target_modules": ["conv2d"]}),
 ]
-
-
-def custom_model(model_id):
-    torch.manual_seed(0)
-    return MODELS[model_id]().eval()
-
-
-def custom_input(model_id):
-    shape = (2, 144) if model_id == "Conv2dGroups2" else (9, 10)  # 144 = 16 channels x 3 x 3
-    return torch.arange(shape[0] * shape[1], dtype=torch.float32).view(shape) / 50
 
 
 @pytest.mark.parametrize("name, model_id, config", CASES, ids=[c[0] for c in CASES])

@@ -46,6 +46,7 @@ BUILTIN_KINDS = [
     "oft: sites linear, conv, embedding; PEFT OFT; merges",
     "boft: sites linear; PEFT BOFT; merges",
     "p_tuning: sites input_embedding; PEFT P_TUNING; cannot merge (p-tuning adds",
+    "lokr: sites linear, conv; PEFT LOKR; merges",
 ]
 
 
