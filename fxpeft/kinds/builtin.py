@@ -12,6 +12,7 @@ import importlib
 from fxpeft.registry import register
 
 BUILTIN = ("lora", "ia3", "adaption_prompt", "modules_to_save", "dora", "adalora", "prompt_tuning",
+           "vera", "loha", "bottleneck", "oft", "boft", "p_tuning", "lokr",
            "prefix_tuning")
 
 for _name in BUILTIN:

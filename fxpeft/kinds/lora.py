@@ -181,6 +181,17 @@ def _conv_up(graph: torch.fx.Graph, site: ConvSite, x: torch.fx.Node, weight: to
                                                        site.groups))
 
 
+def layer_op(graph: torch.fx.Graph, site: Any, x: torch.fx.Node, weight: torch.fx.Node) -> torch.fx.Node:
+    """The site's own operation with ``weight`` in place of its weight and no bias: a linear, or
+    the base's convolution (stride, padding, dilation, groups). For kinds whose branch is a
+    whole update weight ``ΔW`` (LoHa, LoKr)."""
+    if not isinstance(site, ConvSite):
+        return graph.call_function(aten.linear.default, (x, weight))
+    padding = site.padding if isinstance(site.padding, str) else list(site.padding)
+    return graph.call_function(_conv_op(site, padding), (x, weight, None, list(site.stride), padding,
+                                                         list(site.dilation), site.groups))
+
+
 @dataclass(frozen=True)
 class Layout:
     """How LoRA sits on one kind of layer: the names of A and B, how to make them (identity at
@@ -333,28 +344,39 @@ def _key_lookahead(key: str | None) -> str:
     return "" if key is None else rf"(?=(?:.*\.)?(?:{key})$)"
 
 
-def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str,
-                    params_class: type = LoraParams) -> RuleSet:
-    """PEFT ``LoraConfig`` fields to rules. ``rank_pattern`` x ``alpha_pattern`` keys become one
-    rule per pair, in PEFT's key order, so first-match-wins picks PEFT's rank and alpha; each
-    pair has a rule per site kind the params apply to (linears, embeddings, convolutions)."""
-    _check_config(config, source)
+def pattern_rules(config: dict[str, Any], model: torch.nn.Module, source: str, sites: tuple[str, ...],
+                  params_for: Callable[[int, float], Params], alpha_field: str) -> RuleSet:
+    """PEFT's ``target_modules`` (with ``layers_to_transform``, ``exclude_modules`` and
+    ``modules_to_save``) as rules: one rule per ``rank_pattern`` x ``alpha_pattern`` key pair,
+    in PEFT's key order, so first-match-wins picks PEFT's rank and alpha; each pair has a rule
+    per site kind in ``sites``. ``params_for(r, alpha)`` makes a rule's params; ``alpha_field``
+    is the config's default alpha (``lora_alpha``, LoHa's ``alpha``)."""
     target = "^" + layers_prefix(config) + "{keys}" + target_regex(config, model, source)
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     rules = []
     for rank_key in [*ranks, None]:
         for alpha_key in [*alphas, None]:
-            params = params_class(r=ranks.get(rank_key, config.get("r", 8)),
-                                  alpha=alphas.get(alpha_key, config.get("lora_alpha", 8)),
-                                  dropout=config.get("lora_dropout", 0.0),
-                                  use_rslora=_flag(config.get("use_rslora")))
+            params = params_for(ranks.get(rank_key, config.get("r", 8)),
+                                alphas.get(alpha_key, config.get(alpha_field, 8)))
             path = target.format(keys=_key_lookahead(rank_key) + _key_lookahead(alpha_key))
             name = f"peft {rank_key or '*'}/{alpha_key or '*'}"
             rules += [Rule(name=name if site == "linear" else f"{name} {site}", match=site,
                            optional=True, params=params,
                            where=Where(path=[path], exclude=exclude_regexes(config)))
-                      for site in params_class.match_kinds]
+                      for site in sites]
     return RuleSet(tuple(rules), source=source)
+
+
+def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str,
+                    params_class: type = LoraParams) -> RuleSet:
+    """PEFT ``LoraConfig`` fields to rules (``pattern_rules``), for linears, embeddings and
+    convolutions (the site kinds the params apply to)."""
+    _check_config(config, source)
+
+    def params_for(r: int, alpha: float) -> Params:
+        return params_class(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0),
+                            use_rslora=_flag(config.get("use_rslora")))
+    return pattern_rules(config, model, source, params_class.match_kinds, params_for, "lora_alpha")
 
 
 def _common_and_exceptions(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

@@ -1,7 +1,7 @@
 """Prefix tuning (PEFT's ``PrefixTuningConfig``): learned keys and values in front of every
 layer's attention.
 
-With ``P`` the learned table ``(prefix_length, num_layers * 2 * kv_heads * head_dim)``
+With ``P`` the learned table ``(num_virtual_tokens, num_layers * 2 * kv_heads * head_dim)``
 (PEFT's ``prompt_embeddings``), layer ``l`` reads its keys from block ``2l`` and its values from
 block ``2l + 1``, each split into ``kv_heads`` heads of ``head_dim``, as PEFT's ``get_prompt``
 lays out its past key values. At each attention op (``match = "attention_op"``: the SDPA node,
@@ -23,7 +23,7 @@ graph's ``enable_gqa``) gets it unrepeated.
 
 With ``projection = n`` (PEFT's ``prefix_projection`` with ``encoder_hidden_size = n``) the table
 is computed once per forward by PEFT's reparametrisation MLP ``Linear(d, n), Tanh, Linear(n,
-L*2*d)`` from ``prefix_length`` learned rows of width ``d = kv_heads * head_dim``; both
+L*2*d)`` from ``num_virtual_tokens`` learned rows of width ``d = kv_heads * head_dim``; both
 train. PEFT saves only the table this gives (``prompt_embeddings``) and loads it as a plain table
 (in inference mode), so ``fxpeft.load`` builds the plain table for such a folder too (the rules
 keep ``projection``, so the config round-trips) and ``fxpeft.save`` writes the MLP's output.
@@ -76,16 +76,16 @@ def _non_negative(value: Any) -> str | None:
 
 @dataclass(frozen=True)
 class PrefixTuningParams(Params):
-    """Prefix tuning (PEFT's ``PrefixTuningConfig``): ``prefix_length`` learned keys and
+    """Prefix tuning (PEFT's ``PrefixTuningConfig``): ``num_virtual_tokens`` learned keys and
     values in front of every layer's attention.
 
-    >>> PrefixTuningParams().prefix_length, PrefixTuningParams().projection
+    >>> PrefixTuningParams().num_virtual_tokens, PrefixTuningParams().projection
     (20, 0)
     """
 
     kind = NAME
     match_kinds = ("attention_op",)
-    prefix_length: int = spec(20, checks.positive_int, "prefix length (cache entries per layer)")
+    num_virtual_tokens: int = spec(20, checks.positive_int, "prefix length (cache entries per layer)")
     projection: int = spec(0, _non_negative, "hidden size of PEFT's reparametrisation MLP "
                            "(prefix_projection with encoder_hidden_size); 0: none")
     init: str = spec("random", checks.one_of("random", "zero"),
@@ -191,7 +191,7 @@ def _new_parameters(params: PrefixTuningParams, dims: Dims, device: torch.device
                     ) -> dict[str, "torch.nn.Parameter | torch.nn.Module"]:
     """The plain table (PEFT's ``embedding``), or rows and the MLP with a projection. While
     ``fxpeft.load`` builds the adapter, always the plain table: the file holds only that."""
-    rows, total = params.prefix_length, 2 * dims.layers * dims.width
+    rows, total = params.num_virtual_tokens, 2 * dims.layers * dims.width
     if not params.projection or not initialising():
         table = torch.empty(rows, total, device=device)
         table.zero_() if params.init == "zero" else table.normal_()  # nn.Embedding's init
@@ -221,9 +221,9 @@ def _table(gm: torch.fx.GraphModule, params: PrefixTuningParams, dims: Dims, ada
     found = _found(gm, adapter, TABLE_DETAIL)
     if found is not None:
         rows = _table_tensor(gm, found).shape[0]
-        if rows != params.prefix_length:
+        if rows != params.num_virtual_tokens:
             raise PassError(f"adapter {adapter!r}: one prefix of {rows} tokens serves every layer; "
-                            f"a rule asks for {params.prefix_length}")
+                            f"a rule asks for {params.num_virtual_tokens}")
         return found, [], []
     targets = {base: attach_component(gm, "", base, adapter, value)
                for base, value in _new_parameters(params, dims, device).items()}
@@ -284,13 +284,13 @@ def splice(job: SpliceInput) -> Spliced:
     device = key.meta["val"].device if "val" in key.meta else torch.device("cpu")
     table, added, attached = _table(gm, params, dims, adapter, device)
     like = _table_tensor(gm, table)
-    added += _shift(gm, site, params.prefix_length, adapter, like)
+    added += _shift(gm, site, params.num_virtual_tokens, adapter, like)
     graph, node = gm.graph, site.node
     with graph.inserting_before(node):
         keys = graph.call_function(prepend_prefix, (key, table, 2 * layer, dims.kv_heads))
         values = graph.call_function(prepend_prefix, (value, table, 2 * layer + 1, dims.kv_heads))
         on = gate_node(gm, adapter, like, key)
-        columns = graph.call_function(prepend_columns, (mask, params.prefix_length, on))
+        columns = graph.call_function(prepend_columns, (mask, params.num_virtual_tokens, on))
     node.update_arg(1, keys)
     node.update_arg(2, values)
     _set_mask(node, columns)
@@ -342,7 +342,7 @@ def rules_to_config(matches: list[Match], program: Program) -> dict[str, Any]:
         raise PeftFormatError(f"PEFT's prefix tuning has one prefix in each of the {dims.layers} "
                               f"layers; these rules put {len(params)} kinds in layers {layers}")
     (param,) = params
-    return {"num_virtual_tokens": param.prefix_length, "token_dim": dims.width,
+    return {"num_virtual_tokens": param.num_virtual_tokens, "token_dim": dims.width,
             "num_transformer_submodules": 1, "num_attention_heads": dims.kv_heads,
             "num_layers": dims.layers, "prefix_projection": bool(param.projection),
             "encoder_hidden_size": param.projection or dims.width,
@@ -380,7 +380,7 @@ def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str)
         raise PeftFormatError(f"{source}: init_weights = {init!r}; PEFT's are None and 'zero'")
     _check_sizes(config, config_dims(getattr(model, "config", None) or model.capture_info.config), source)
     projection = _positive(config, "encoder_hidden_size", source) if config.get("prefix_projection") else 0
-    params = PrefixTuningParams(prefix_length=length, projection=projection,
+    params = PrefixTuningParams(num_virtual_tokens=length, projection=projection,
                                 init="zero" if init == "zero" else "random")
     return RuleSet((Rule(name="peft prefix tuning", match="attention_op", params=params),), source=source)
 
@@ -407,4 +407,4 @@ KIND = AdapterKind(
     components=(TABLE, TOKENS, ENCODER),
     peft=PeftFormat("PREFIX_TUNING", rules_to_config, config_to_rules, PREFIX_FIELDS,
                     save_state=save_state, load_state=load_state, key_prefix=""),
-    fills_cache=FillsCache(tokens=lambda params: params.prefix_length, entries=cache_entries))
+    fills_cache=FillsCache(tokens=lambda params: params.num_virtual_tokens, entries=cache_entries))

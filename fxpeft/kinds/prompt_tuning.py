@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx
@@ -73,7 +73,7 @@ def _token_ids(value: Any) -> str | None:
     return f"expected a list of token ids (non-negative integers), got {value!r}"
 
 
-def _one_or_two(value: Any) -> str | None:
+def one_or_two(value: Any) -> str | None:
     return None if value in (1, 2) and not isinstance(value, bool) else f"expected 1 or 2, got {value!r}"
 
 
@@ -106,7 +106,7 @@ class PromptTuningParams(Params):
     init_text: str = spec("", _optional_text, "text whose tokens initialise the prompt")
     tokenizer: str = spec("", _optional_text, "local tokenizer folder for init_text")
     init_ids: tuple[int, ...] = spec((), _token_ids, "token ids that initialise the prompt")
-    transformer_submodules: int = spec(1, _one_or_two, "PEFT's num_transformer_submodules")
+    transformer_submodules: int = spec(1, one_or_two, "PEFT's num_transformer_submodules")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -184,7 +184,7 @@ def place_prompt(embeds: torch.Tensor, prompt: torch.Tensor, ids: torch.Tensor, 
     if not on:
         return embeds
     if sample_names is not None:
-        raise ValueError("a prompt-tuning adapter is active: its virtual tokens lengthen every "
+        raise ValueError("a prompt-tuning or p-tuning adapter is active: its virtual tokens lengthen every "
                          "sample, so adapters cannot be mixed per sample; call without adapter_names=")
     start = embeds.shape[1] - ids.shape[1]  # rows other prompt adapters put in front of ours
     rows = prompt[:length].to(embeds.dtype).expand(embeds.shape[0], -1, -1)
@@ -271,24 +271,25 @@ def _output_node(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
     return next(iter(gm.graph.find_nodes(op="call_module", target=OUTPUT_MODULE)), None)
 
 
-def _pads_labels(gm: torch.fx.GraphModule, site: InputEmbeddingSite) -> bool:
+def _pads_labels(gm: torch.fx.GraphModule, site: InputEmbeddingSite, what: str) -> bool:
     """Whether labels get ``-100`` in front (causal LMs) or not (seq2seq); other heads are
     refused: their labels or pooling do not follow the longer sequence."""
     output = _output_node(gm)
     name = gm.get_submodule(OUTPUT_MODULE).output_class if output is not None else "a plain graph"
     if input_adapter(gm.graph) is None or not name.startswith(PADDED_LABELS + PLAIN_LABELS):
-        raise PassError(f"{site.module_path}: prompt tuning supports causal and seq2seq LMs "
+        raise PassError(f"{site.module_path}: {what} supports causal and seq2seq LMs "
                         f"captured from transformers models, not {name}")
     return name.startswith(PADDED_LABELS)
 
 
-def _check_inputs(gm: torch.fx.GraphModule, site: InputEmbeddingSite, ids: torch.fx.Node) -> None:
+def _check_inputs(gm: torch.fx.GraphModule, site: InputEmbeddingSite, ids: torch.fx.Node,
+                  what: str) -> None:
     """Every input must be one the splice lengthens (or a decoder input), and ``input_ids``
     may feed only sizes and the lookup (the placeholder ids must never count as tokens)."""
     known = (INPUT_IDS, MASK, *DECODER_INPUTS)
     extra = [n for n in gm.get_submodule(INPUTS_MODULE).names if n not in known]
     if extra:
-        raise PassError(f"{site.module_path}: prompt tuning cannot lengthen the input {extra[0]} "
+        raise PassError(f"{site.module_path}: {what} cannot lengthen the input {extra[0]} "
                         f"(PEFT drops it); capture the model without it")
     for user in id_readers(ids):
         if user is not site.node and user.target != aten.sym_size.int and not is_fxpeft_node(user):
@@ -318,29 +319,32 @@ def _labels(gm: torch.fx.GraphModule, length: int, on: torch.fx.Node) -> torch.f
     return padded
 
 
-def _embeddings(gm: torch.fx.GraphModule, site: InputEmbeddingSite, target: str, ids: torch.fx.Node,
-                length: int, on: torch.fx.Node) -> list[torch.fx.Node]:
-    """The per-sample adapter names (to refuse them), the prompt read and its placement."""
+def _embeddings(gm: torch.fx.GraphModule, site: InputEmbeddingSite, prompt: list[torch.fx.Node],
+                ids: torch.fx.Node, length: int, on: torch.fx.Node) -> list[torch.fx.Node]:
+    """The per-sample adapter names (to refuse them) and the prompt's placement, with the
+    ``prompt`` nodes (the last one gives the prompt) moved in right before it."""
     adapter = input_adapter(gm.graph)
     with gm.graph.inserting_after(adapter):
         names = gm.graph.call_function(operator.getitem, (adapter, -1))
-    with gm.graph.inserting_after(site.output):
-        prompt = gm.graph.get_attr(target)
-    placed = _lengthen(gm, site.output, place_prompt, (prompt, ids, length, on, names))
-    placed.prepend(prompt)  # _lengthen put the placement first; the prompt read comes before it
-    return [names, prompt, placed]
+    placed = _lengthen(gm, site.output, place_prompt, (prompt[-1], ids, length, on, names))
+    for node in prompt:
+        placed.prepend(node)  # in order, after the lookup and before the placement
+    return [names, *prompt, placed]
 
 
-def splice(job: SpliceInput) -> Spliced:
-    """Attach the prompt at the graph's root; lengthen ids, mask and (causal) labels and put
-    the prompt in the embeddings wherever the adapter's gate is on."""
+def prepend_prompt(job: SpliceInput, kind: str, what: str, attach: Callable[[], str],
+                   read: Callable[[torch.fx.Graph, str], list[torch.fx.Node]]) -> Spliced:
+    """The splice of a kind whose prompt goes in front of the input embeddings: the checks,
+    then ``attach()`` (the adapter's parameters; returns their target), then ids, mask and
+    (causal) labels lengthened and the prompt placed wherever the adapter's gate is on.
+    ``read(graph, target)`` adds the nodes that compute the ``(rows, dim)`` prompt, the last
+    one giving it (p-tuning computes it through its encoder); ``what`` names the kind in errors."""
     gm, site, params, adapter = job.gm, job.site, job.params, job.adapter
-    pads = _pads_labels(gm, site)
+    pads = _pads_labels(gm, site, what)
     ids = model_input(gm, INPUT_IDS)
-    _check_inputs(gm, site, ids)
+    _check_inputs(gm, site, ids, what)
     weight = gm.get_parameter(site.weight_target)
-    target = attach_component(gm, "", PROMPT, adapter,
-                              torch.nn.Parameter(_initial_prompt(gm, site, params)))
+    target = attach()
     with gm.graph.inserting_after(input_adapter(gm.graph)):
         gate = gate_node(gm, adapter, weight)  # no branch: the adapter refuses mixed batches
     with gm.graph.inserting_after(gate):
@@ -349,14 +353,25 @@ def splice(job: SpliceInput) -> Spliced:
     length = params.num_virtual_tokens
     limit = gm.capture_info.max_seq if gm.capture_info is not None else None
     longer = _lengthen(gm, ids, prepend_ids, (length, on, limit))
-    added = [longer, *_mask(gm, length, on), *_embeddings(gm, site, target, longer, length, on)]
+    with gm.graph.inserting_after(site.output):
+        prompt = read(gm.graph, target)
+    added = [longer, *_mask(gm, length, on), *_embeddings(gm, site, prompt, longer, length, on)]
     if pads:
         added.append(_labels(gm, length, on))
     for node in added:
-        interior = node.op == "get_attr" or node.target is operator.getitem
-        node.meta[ADAPTER_META] = AdapterNode("prompt_tuning", adapter, site.module_path,
-                                              None if interior else 0)
+        interior = node in prompt or node.target is operator.getitem
+        node.meta[ADAPTER_META] = AdapterNode(kind, adapter, site.module_path, None if interior else 0)
     return Spliced(added, [target])
+
+
+def splice(job: SpliceInput) -> Spliced:
+    """Attach the prompt at the graph's root; lengthen ids, mask and (causal) labels and put
+    the prompt in the embeddings wherever the adapter's gate is on."""
+    def attach() -> str:
+        prompt = torch.nn.Parameter(_initial_prompt(job.gm, job.site, job.params))
+        return attach_component(job.gm, "", PROMPT, job.adapter, prompt)
+    return prepend_prompt(job, "prompt_tuning", "prompt tuning", attach,
+                          lambda graph, target: [graph.get_attr(target)])
 
 
 # --- the decode graph: virtual tokens as ids past the vocabulary, prefilled once ----------------
@@ -372,13 +387,14 @@ def place_virtual(rows: torch.Tensor, ids: torch.Tensor, vocab: int, prompt: tor
     return torch.where((ids >= vocab)[..., None], row, rows)
 
 
-def decode_splice(decoder: torch.fx.GraphModule, adapter: str, record: Any) -> range:
-    """The prompt of ``record`` (an ``AdapterRecord``; its parameter already shared into
+def splice_virtual(decoder: torch.fx.GraphModule, adapter: str, record: Any, kind: str,
+                   place: Callable[..., torch.Tensor] = place_virtual) -> range:
+    """The prompt of ``record`` (an ``AdapterRecord``; its attached target already shared into
     ``decoder``) into a decode graph: ``fxpeft.generate`` prefills the virtual tokens
     as ids ``vocab .. vocab + length - 1`` in front of the prompt (once: the KV cache keeps them);
-    the lookup reads them clamped and ``place_virtual`` puts the prompt rows in their place at
-    the embedding module's output (after Gemma's scale, as in the training graph). Returns the
-    virtual token ids."""
+    the lookup reads them clamped and ``place(rows, ids, vocab, attached)`` (``place_virtual``)
+    puts the prompt rows in their place at the embedding module's output (after Gemma's scale,
+    as in the training graph). Returns the virtual token ids."""
     site = find_input_embeddings(decoder)[0]
     ids, vocab = site.node.args[1], site.num_embeddings
     (target,), length = record.attached, record.rules.rules[0].params.num_virtual_tokens
@@ -387,35 +403,48 @@ def decode_splice(decoder: torch.fx.GraphModule, adapter: str, record: Any) -> r
     site.node.update_arg(1, clamped)
     with decoder.graph.inserting_after(site.output):
         prompt = decoder.graph.get_attr(target)
-    placed = _lengthen(decoder, site.output, place_virtual, (ids, vocab, prompt))
+    placed = _lengthen(decoder, site.output, place, (ids, vocab, prompt))
     placed.prepend(prompt)
     for node in (clamped, prompt, placed):
-        node.meta[ADAPTER_META] = AdapterNode("prompt_tuning", adapter, site.module_path, None)
+        node.meta[ADAPTER_META] = AdapterNode(kind, adapter, site.module_path, None)
     return range(vocab, vocab + length)
+
+
+def decode_splice(decoder: torch.fx.GraphModule, adapter: str, record: Any) -> range:
+    """Prompt tuning's prompt into a decode graph (``splice_virtual``)."""
+    return splice_virtual(decoder, adapter, record, "prompt_tuning")
 
 
 # --- PEFT's PromptTuningConfig ----------------------------------------------------------------
 
-PROMPT_FIELDS = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules",
-                           "num_attention_heads", "num_layers", "prompt_tuning_init",
-                           "prompt_tuning_init_text", "tokenizer_name_or_path"})
+# What every PEFT prompt-learning config says about the prompt's shape (``prompt_shape``).
+SHAPE_FIELDS = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules",
+                          "num_attention_heads", "num_layers"})
+PROMPT_FIELDS = SHAPE_FIELDS | {"prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path"}
 _INITS = {"RANDOM": "random", "SAMPLE_VOCAB": "sample_vocab", "TEXT": "text"}
 
 
-def rules_to_config(matches: list[Match], program: Program) -> dict[str, Any]:
-    """``PromptTuningConfig`` fields. PEFT fills heads and layers from the model config (it
-    uses them for prefix tuning only). Text init from ``init_ids`` alone has no PEFT form
-    (PEFT's TEXT needs a tokenizer), so it is written as ``RANDOM``: the saved prompt, not the
-    init, is what loading uses."""
+def shape_config(matches: list[Match], program: Program, what: str) -> dict[str, Any]:
+    """The ``SHAPE_FIELDS`` of the one prompt ``matches`` add. PEFT fills heads and layers from
+    the model config (it uses them for prefix tuning only)."""
     if len(matches) != 1:
-        raise PeftFormatError(f"PEFT's prompt tuning has one prompt; these rules add {len(matches)}")
+        raise PeftFormatError(f"PEFT's {what} has one prompt; these rules add {len(matches)}")
     params, site, config = matches[0].rule.params, matches[0].site, program.info.config
-    text = params.init == "text" and bool(params.init_text and params.tokenizer)
-    init = "TEXT" if text else "RANDOM" if params.init == "text" else params.init.upper()
     return {"num_virtual_tokens": params.num_virtual_tokens, "token_dim": site.embedding_dim,
             "num_transformer_submodules": params.transformer_submodules,
             "num_attention_heads": getattr(config, "num_attention_heads", None),
-            "num_layers": getattr(config, "num_hidden_layers", None), "prompt_tuning_init": init,
+            "num_layers": getattr(config, "num_hidden_layers", None)}
+
+
+def rules_to_config(matches: list[Match], program: Program) -> dict[str, Any]:
+    """``PromptTuningConfig`` fields. Text init from ``init_ids`` alone has no PEFT form
+    (PEFT's TEXT needs a tokenizer), so it is written as ``RANDOM``: the saved prompt, not the
+    init, is what loading uses."""
+    config = shape_config(matches, program, "prompt tuning")
+    params = matches[0].rule.params
+    text = params.init == "text" and bool(params.init_text and params.tokenizer)
+    init = "TEXT" if text else "RANDOM" if params.init == "text" else params.init.upper()
+    return {**config, "prompt_tuning_init": init,
             "prompt_tuning_init_text": params.init_text if text else None,
             "tokenizer_name_or_path": params.tokenizer if text else None}
 
@@ -436,17 +465,24 @@ def _check_token_dim(config: dict[str, Any], model: torch.nn.Module, source: str
                               f"embeddings are {width} wide")
 
 
-def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str) -> RuleSet:
-    """The prompt at the model's input embedding, with PEFT's length, rows and init."""
+def prompt_shape(config: dict[str, Any], model: torch.nn.Module, source: str) -> tuple[int, int]:
+    """A prompt-learning config's ``num_virtual_tokens`` and ``num_transformer_submodules``,
+    checked (``token_dim`` too, against the model's embeddings)."""
     length = _positive(config, "num_virtual_tokens", source)
-    init = config.get("prompt_tuning_init") or "RANDOM"
-    if init not in _INITS:
-        raise PeftFormatError(f"{source}: prompt_tuning_init = {init!r}; PEFT's are {', '.join(_INITS)}")
     submodules = config.get("num_transformer_submodules") or (
         2 if config.get("task_type") == "SEQ_2_SEQ_LM" else 1)  # PEFT's default
     if submodules not in (1, 2):
         raise PeftFormatError(f"{source}: num_transformer_submodules = {submodules!r}, expected 1 or 2")
     _check_token_dim(config, model, source)
+    return length, submodules
+
+
+def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str) -> RuleSet:
+    """The prompt at the model's input embedding, with PEFT's length, rows and init."""
+    init = config.get("prompt_tuning_init") or "RANDOM"
+    if init not in _INITS:
+        raise PeftFormatError(f"{source}: prompt_tuning_init = {init!r}; PEFT's are {', '.join(_INITS)}")
+    length, submodules = prompt_shape(config, model, source)
     text = {"init_text": config.get("prompt_tuning_init_text") or "",
             "tokenizer": config.get("tokenizer_name_or_path") or ""} if init == "TEXT" else {}
     params = PromptTuningParams(num_virtual_tokens=length, init=_INITS[init],

@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from peft import AdaptionPromptConfig, IA3Config, LoHaConfig, LoraConfig, get_peft_model
+from peft import AdaptionPromptConfig, FourierFTConfig, IA3Config, LoraConfig, get_peft_model
 
 import fxpeft
 from conftest import assert_only_adapters_get_grads, randomize_adapters, tiny_llama, token_batch
@@ -89,7 +89,7 @@ def test_overrides_and_explain_take_configs_too():
 
 
 UNSUPPORTED = {
-    "loha": lambda: LoHaConfig(target_modules=["q_proj"]),
+    "fourierft": lambda: FourierFTConfig(target_modules=["q_proj"]),
     "lora_bias": lambda: LoraConfig(target_modules=["q_proj"], lora_bias=True),
     "trainable tokens": lambda: LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1, 2]),
     "bias": lambda: LoraConfig(target_modules=["q_proj"], bias="all"),

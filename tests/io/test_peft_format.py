@@ -191,7 +191,7 @@ BAD = {
                                                        "self_attn.q_proj.lora_magnitude_vector"),
     "qalora": (lambda f: _edit_config(f, use_qalora=True), "use_qalora = True is not supported"),
     "bias": (lambda f: _edit_config(f, bias="all"), "bias = 'all' is not supported"),
-    "peft type": (lambda f: _edit_config(f, peft_type="BOFT"), "peft_type 'BOFT' is not supported"),
+    "peft type": (lambda f: _edit_config(f, peft_type="HRA"), "peft_type 'HRA' is not supported"),
     "pissa": (lambda f: _edit_config(f, init_lora_weights="pissa"), "changes the base weights"),
 }
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from peft import LoHaConfig, LoraConfig, get_peft_model
+from peft import FourierFTConfig, LoraConfig, get_peft_model
 
 import fxpeft
 from conftest import tiny_llama
@@ -50,7 +50,7 @@ def test_dora_on_an_embedding_names_dora_and_the_layer(tmp_path):
 
 
 @pytest.mark.parametrize("config, feature", [
-    (LoHaConfig(target_modules=["q_proj"]), r"adapter_config.json: peft_type 'LOHA' is not supported"),
+    (FourierFTConfig(target_modules=["q_proj"]), r"adapter_config.json: peft_type 'FOURIERFT' is not supported"),
     (LoraConfig(target_modules=["q_proj"], lora_bias=True), r"adapter_config.json: lora_bias = True is not supported"),
     (LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1, 2]),
      r"adapter_config.json: trainable_token_indices = \[1, 2\] is not supported"),

@@ -26,7 +26,7 @@ ATOL = 1e-5
 
 def _rule(projection=0, length=LENGTH, **params):
     return Rule(match="attention_op", params=PrefixTuningParams(
-        prefix_length=length, projection=projection, **params))
+        num_virtual_tokens=length, projection=projection, **params))
 
 
 def _batch(seed=1):
@@ -53,7 +53,7 @@ def _logits(model, ids, mask):
 # --- the graph -------------------------------------------------------------------------------
 
 def test_llama_graph_prepends_per_layer_and_shifts_positions_once():
-    gm = fxpeft.rewrite(tiny_llama(), RULES, prefix_length=LENGTH)
+    gm = fxpeft.rewrite(tiny_llama(), RULES, num_virtual_tokens=LENGTH)
     gm.graph.lint()
     nodes = adapter_nodes(gm, "prefix_tuning")
     targets = [n.target for n in nodes]
@@ -323,7 +323,7 @@ def test_configs_it_cannot_honour_are_located_errors(fields, message, tmp_path):
 
 
 def test_rule_errors_are_located():
-    with pytest.raises(RuleError, match="params.prefix_length: expected a positive integer"):
-        PrefixTuningParams(prefix_length=0)
+    with pytest.raises(RuleError, match="params.num_virtual_tokens: expected a positive integer"):
+        PrefixTuningParams(num_virtual_tokens=0)
     with pytest.raises(RuleError, match="projection: expected a non-negative integer"):
         PrefixTuningParams(projection=-1)

@@ -21,7 +21,7 @@ def _kind_names() -> set[str]:
 
 def _kind_own_attributes() -> set[str]:
     """A kind's component names (``lora_A``) and the params fields only one kind has
-    (``num_virtual_tokens``): reading them as attributes is reaching into that kind."""
+    (``init_text``): reading them as attributes is reaching into that kind."""
     shared = {f.name for f in dataclasses.fields(Params)} if dataclasses.is_dataclass(Params) else set()
     counts: dict[str, int] = {}
     for kind in registry.all_kinds():
@@ -76,14 +76,14 @@ from fxpeft.kinds.lora import LoraParams
 from fxpeft.kinds import adalora
 if record.kind == "lora" or record.kind in ("dora", "ia3"):
     target = record.detail.lora_A
-    count = rule.params.num_virtual_tokens
+    text = rule.params.init_text
 kind = registry.get("prompt_tuning")
 '''
     leaks = kind_leaks(ast.parse(source), "fxpeft.transforms.example")
     assert [leak.split(" ", 1)[1] for leak in leaks] == [
         "imports fxpeft.kinds.lora", "imports fxpeft.kinds.adalora",
         "compares with kind 'lora'", "compares with kind 'dora'", "compares with kind 'ia3'",
-        "reads .lora_A", "reads .num_virtual_tokens", "looks up kind 'prompt_tuning'"]
+        "reads .lora_A", "reads .init_text", "looks up kind 'prompt_tuning'"]
     assert kind_leaks(ast.parse('"""Docstrings may say lora."""\nx = f(modules_to_save=[])'), "m") == []
 
 

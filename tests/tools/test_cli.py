@@ -40,6 +40,13 @@ BUILTIN_KINDS = [
     "dora: sites linear; PEFT LORA; merges",
     "adalora: sites linear; PEFT ADALORA; merges",
     "prompt_tuning: sites input_embedding; PEFT PROMPT_TUNING; cannot merge (prompt tuning adds",
+    "vera: sites linear; PEFT VERA; merges",
+    "loha: sites linear, conv; PEFT LOHA; merges",
+    "bottleneck: sites residual; PEFT FXPEFT_BOTTLENECK; cannot merge (a bottleneck adapter puts",
+    "oft: sites linear, conv, embedding; PEFT OFT; merges",
+    "boft: sites linear; PEFT BOFT; merges",
+    "p_tuning: sites input_embedding; PEFT P_TUNING; cannot merge (p-tuning adds",
+    "lokr: sites linear, conv; PEFT LOKR; merges",
     "prefix_tuning: sites attention_op; PEFT PREFIX_TUNING; cannot merge (prefix tuning adds",
 ]
 

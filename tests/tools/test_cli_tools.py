@@ -175,8 +175,8 @@ def _bad_inputs(tmp: Path, model: Path, adapter: Path) -> dict:
     (tmp / "broken" / "adapter_config.json").write_text("{not json")
     (tmp / "odd-model").mkdir(exist_ok=True)
     (tmp / "odd-model" / "config.json").write_text('{"model_type": "no-such-family"}')
-    (tmp / "loha").mkdir(exist_ok=True)
-    (tmp / "loha" / "adapter_config.json").write_text('{"peft_type": "LOHA"}')
+    (tmp / "fourierft").mkdir(exist_ok=True)
+    (tmp / "fourierft" / "adapter_config.json").write_text('{"peft_type": "FOURIERFT"}')
     return {
         "no command": ([], 2, "fxpeft: the following arguments are required: command"),
         "unknown command": (["frobnicate"], 2, "invalid choice"),
@@ -190,7 +190,7 @@ def _bad_inputs(tmp: Path, model: Path, adapter: Path) -> dict:
         "explain rules": (["explain", model, "--rules", "lora_vq"], 1, "no rule file 'lora_vq'"),
         "explain no rules": (["explain", model], 2, "the following arguments are required: --rules"),
         "convert json": (["convert", tmp / "broken"], 1, "not valid JSON"),
-        "convert loha": (["convert", tmp / "loha"], 1, "peft_type 'LOHA' is not supported"),
+        "convert fourierft": (["convert", tmp / "fourierft"], 1, "peft_type 'FOURIERFT' is not supported"),
         "convert missing": (["convert", tmp / "missing.json"], 1, "no such file or adapter folder"),
         "convert no model": (["convert", "lora_qv.toml"], 1, "give --model smollm2|FOLDER"),
         "convert all-linear": (["convert", tmp / "all-linear"], 1, "give a model to resolve it"),
@@ -209,7 +209,7 @@ def _bad_inputs(tmp: Path, model: Path, adapter: Path) -> dict:
 
 BAD_NAMES = ["no command", "unknown command", "check", "rules extra", "kinds extra", "explain model",
              "explain foreign error",
-             "explain rules", "explain no rules", "convert json", "convert loha", "convert missing",
+             "explain rules", "explain no rules", "convert json", "convert fourierft", "convert missing",
              "convert no model", "convert all-linear", "convert bad rules", "merge adapter",
              "merge model", "merge args", "graph layer", "graph format", "graph layer type"]
 

@@ -1,0 +1,151 @@
+"""Checks shared by the tests of the rotation kinds (OFT, BOFT): perturbing their parameters, PEFT
+round trips, mixed batches, generate and compile, PEFT's MLP (tests only)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import fxpeft
+from conftest import VOCAB, tiny_llama
+
+ATOL = 1e-5
+
+
+def logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+def perturb(model: torch.nn.Module, prefix: str, seed: int = 3, scale: float = 0.1) -> None:
+    """Move every parameter whose name holds ``prefix`` (``oft_``) off its init."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if prefix in name:
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+class MLP(torch.nn.Module):
+    """PEFT's custom-model ``MLP`` (``hidden`` 32: its ``MLP2``)."""
+
+    def __init__(self, hidden: int = 20) -> None:
+        super().__init__()
+        self.lin0, self.drop = torch.nn.Linear(10, hidden), torch.nn.Dropout(0.5)
+        self.lin1 = torch.nn.Linear(hidden, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.lin1(self.drop(torch.relu(self.lin0(x.float())))), dim=-1)
+
+
+def mlp_input() -> torch.Tensor:
+    return torch.randn(6, 10, generator=torch.Generator().manual_seed(2))
+
+
+def check_both_ways(base: torch.nn.Module, peft_model: torch.nn.Module, x: torch.Tensor, tmp_path,
+                    moves: bool = True) -> None:
+    """PEFT's folder loads into fxpeft with PEFT's outputs, and fxpeft's folder back into PEFT."""
+    from peft import PeftModel
+    with torch.no_grad():
+        expected = peft_model(x)  # COFT projects PEFT's parameters in place here
+        peft_model.save_pretrained(tmp_path / "peft")
+        gm = fxpeft.load(copy.deepcopy(base), tmp_path / "peft").eval()
+        torch.testing.assert_close(gm(x), expected, rtol=0, atol=ATOL)
+        if moves:
+            assert (expected - base(x)).abs().max() > 1e-4
+        again = PeftModel.from_pretrained(copy.deepcopy(base), str(fxpeft.save(gm, tmp_path / "ours")))
+        torch.testing.assert_close(again.eval()(x), expected, rtol=0, atol=ATOL)
+
+
+def check_named_adapters(gm, tmp_path) -> None:
+    """``gm`` holds ``default`` and ``other``: switching, the base under ``disable_adapters``,
+    mixed rows, the fused copy, ``other`` saved alone, and deleting it."""
+    ids = torch.randint(2, VOCAB, (3, 11), generator=torch.Generator().manual_seed(1))
+    outputs = {}
+    for name in ("default", "other"):
+        gm.set_adapter(name)
+        outputs[name] = logits(gm, ids)
+        torch.testing.assert_close(logits(fxpeft.fuse(gm), ids), outputs[name], rtol=0, atol=ATOL)
+    with gm.disable_adapters():
+        outputs["__base__"] = logits(gm, ids)
+    torch.testing.assert_close(outputs["__base__"], logits(tiny_llama(), ids), rtol=0, atol=0)
+    assert (outputs["default"] - outputs["other"]).abs().max() > 1e-3
+    names = ["other", "__base__", "default"]
+    mixed = logits(gm, ids, adapter_names=names)
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], outputs[name][row], rtol=0, atol=ATOL)
+    alone = fxpeft.load(tiny_llama(), fxpeft.save(gm, tmp_path / "other", adapter="other"))
+    torch.testing.assert_close(logits(alone, ids), outputs["other"], rtol=0, atol=ATOL)
+    gm.delete_adapter("other")
+    gm.set_adapter("default")
+    assert not any("_other" in n for n, _ in gm.named_parameters())
+    torch.testing.assert_close(logits(gm, ids), outputs["default"], rtol=0, atol=ATOL)
+
+
+def check_generate(gm, tmp_path) -> None:
+    """Greedy ``fxpeft.generate`` with the KV cache gives PEFT's tokens (left padding)."""
+    from peft import PeftModel
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2], ids[0, :2] = 0, 0
+    ours = fxpeft.generate(gm, ids, max_new_tokens=6, attention_mask=mask)
+    twin = PeftModel.from_pretrained(tiny_llama(), str(fxpeft.save(gm, tmp_path / "a"))).eval()
+    assert torch.equal(ours, twin.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
+                                           do_sample=False))
+
+
+def check_compiles(gm, x: torch.Tensor) -> None:
+    """``torch.compile(fullgraph=True, dynamic=True)``: forward and backward, with the eager
+    gradients (aot_eager: dynamo's whole graph and AOT autograd's backward, no kernel build)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(gm, fullgraph=True, dynamic=True, backend="aot_eager")
+    compiled(x).sum().backward()
+    grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
+    gm.zero_grad()
+    gm(x).sum().backward()
+    assert grads.keys() == {n for n, p in gm.named_parameters() if p.grad is not None} != set()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, gm.get_parameter(name).grad, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def bf16_llama() -> torch.nn.Module:
+    return tiny_llama().to(torch.bfloat16)
+
+
+def check_bf16_both_ways(peft_model, prefix: str, tmp_path) -> None:
+    """PEFT's adapter of a bf16 ``tiny_llama`` (fp32 adapter tensors, its autocast) loads into
+    fxpeft, fp32 too, with PEFT's bf16 logits, and fxpeft's folder back into PEFT."""
+    from peft import PeftModel
+    assert {p.dtype for n, p in peft_model.named_parameters() if prefix in n} == {torch.float32}
+    peft_model.save_pretrained(tmp_path / "peft")
+    ids = torch.randint(2, VOCAB, (3, 11), generator=torch.Generator().manual_seed(1))
+    gm = fxpeft.load(bf16_llama(), tmp_path / "peft")
+    assert {p.dtype for n, p in gm.named_parameters() if prefix in n} == {torch.float32}
+    out = logits(gm, ids)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, logits(peft_model, ids), rtol=0, atol=1e-2)
+    again = PeftModel.from_pretrained(bf16_llama(), str(fxpeft.save(gm, tmp_path / "ours"))).eval()
+    torch.testing.assert_close(logits(again, ids), out, rtol=0, atol=1e-2)
+
+
+def check_merge(gm, peft_config, prefix: str) -> None:
+    """``fxpeft.merge`` of ``gm`` (a ``tiny_llama``'s) has the base's nodes and ``gm``'s logits,
+    and the weights PEFT's ``merge_and_unload`` writes with the same adapter tensors."""
+    from peft import get_peft_model
+    from conftest import emitted_base
+    ids = torch.randint(2, VOCAB, (3, 11), generator=torch.Generator().manual_seed(1))
+    merged = fxpeft.merge(gm)
+    merged.graph.lint()
+    assert len(merged.graph.nodes) == len(emitted_base(tiny_llama()).graph.nodes)
+    assert not any(prefix in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(logits(merged, ids), logits(gm, ids), rtol=0, atol=ATOL)
+    peft_model = get_peft_model(tiny_llama(), peft_config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if prefix in name:
+                param.copy_(gm.get_parameter(name.replace("base_model.model.", "").replace(".default", "")))
+    theirs = peft_model.merge_and_unload()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
+        torch.testing.assert_close(merged.get_parameter(name), theirs.get_parameter(name), rtol=0, atol=1e-6)
