@@ -12,10 +12,10 @@ from peft import BOFTConfig, PeftModel, get_peft_model
 from peft.tuners.boft import layer as peft_boft
 
 import fxpeft
-import rotation_checks
+import kind_checks
 from conftest import (REPO_ROOT, adapter_nodes, assert_only_adapters_get_grads,
                       nodes_with_target, tiny_gpt2, tiny_llama, tiny_opt, token_batch)
-from rotation_checks import ATOL, MLP, check_both_ways, logits, mlp_input
+from kind_checks import ATOL, MLP, check_both_ways, logits, mlp_input
 from fxpeft.kinds.boft import BoftParams, rescale, rotate
 from fxpeft.kinds.oft import blend
 from fxpeft.names import ADAPTER_META
@@ -43,7 +43,7 @@ def butterfly_peft(monkeypatch):
 
 
 def perturb(model, seed=3, scale=0.1):
-    rotation_checks.perturb(model, "boft_", seed, scale)
+    kind_checks.perturb(model, "boft_", seed, scale)
 
 
 def boft_graph(make=tiny_llama, seed=3, **overrides):
@@ -112,22 +112,22 @@ def test_butterfly_factors_match_peft_extension_path(tmp_path, butterfly_peft):
 
 
 def test_merge_equals_unmerged_and_peft_merge_and_unload():
-    rotation_checks.check_merge(boft_graph(), BOFTConfig(**QV), "boft_")
+    kind_checks.check_merge(boft_graph(), BOFTConfig(**QV), "boft_")
 
 
 def test_named_adapters_switch_mix_fuse_save_alone_and_delete(tmp_path):
     gm = boft_graph()
     gm.add_adapter("other", RULES, block_size=8)
     perturb(gm, seed=11)
-    rotation_checks.check_named_adapters(gm, tmp_path)
+    kind_checks.check_named_adapters(gm, tmp_path)
 
 
 def test_bf16_base_parity_both_ways(tmp_path):
-    rotation_checks.check_bf16_both_ways(peft_boft_model(rotation_checks.bf16_llama), "boft_", tmp_path)
+    kind_checks.check_bf16_both_ways(peft_boft_model(kind_checks.bf16_llama), "boft_", tmp_path)
 
 
 def test_greedy_generate_with_the_kv_cache_equals_peft(tmp_path):
-    rotation_checks.check_generate(boft_graph(seed=4), tmp_path)
+    kind_checks.check_generate(boft_graph(seed=4), tmp_path)
 
 
 def test_compiles_with_fullgraph_forward_and_backward():
@@ -135,7 +135,7 @@ def test_compiles_with_fullgraph_forward_and_backward():
     gm = fxpeft.rewrite(MLP(32), Rule(where=Where(path=["^lin1$"]),
                                       params=BoftParams(block_size=2, butterfly_factor=3)))
     perturb(gm)
-    rotation_checks.check_compiles(gm.eval(), mlp_input())
+    kind_checks.check_compiles(gm.eval(), mlp_input())
 
 
 LIN1 = dict(target_modules=["lin1"])

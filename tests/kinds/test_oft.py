@@ -11,10 +11,10 @@ from peft import OFTConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import fxpeft
-import rotation_checks
+import kind_checks
 from conftest import (REPO_ROOT, adapter_nodes, assert_only_adapters_get_grads, emitted_base,
                       nodes_with_target, tiny_gpt2, tiny_llama, tiny_opt, token_batch)
-from rotation_checks import ATOL, MLP, check_both_ways, logits, mlp_input
+from kind_checks import ATOL, MLP, check_both_ways, logits, mlp_input
 from fxpeft.graph.gates import GATE_META
 from fxpeft.kinds.oft import OftParams, blend, oft_rotation, rotate_blocks
 from fxpeft.names import ADAPTER_META
@@ -28,7 +28,7 @@ FAMILIES = {"llama": tiny_llama, "opt": tiny_opt}
 
 def perturb(model, seed=3, scale=0.1):
     """Every OFT parameter off zero (a rotation away from the identity)."""
-    rotation_checks.perturb(model, "oft_", seed, scale)
+    kind_checks.perturb(model, "oft_", seed, scale)
 
 
 def oft_graph(make=tiny_llama, seed=3, **overrides):
@@ -135,13 +135,13 @@ def test_peft_options_load_with_parity(tmp_path, options):
 
 
 def test_an_adapter_for_a_bf16_base_loads_with_parity_both_ways(tmp_path):
-    rotation_checks.check_bf16_both_ways(peft_oft(rotation_checks.bf16_llama), "oft_", tmp_path)
+    kind_checks.check_bf16_both_ways(peft_oft(kind_checks.bf16_llama), "oft_", tmp_path)
 
 
 # --- merge, fuse, compile ----------------------------------------------------------------------
 
 def test_merge_equals_unmerged_and_peft_merge_and_unload():
-    rotation_checks.check_merge(oft_graph(), OFTConfig(**QV), "oft_")
+    kind_checks.check_merge(oft_graph(), OFTConfig(**QV), "oft_")
 
 
 def test_compiles_with_fullgraph_forward_and_backward():
@@ -152,7 +152,7 @@ def test_compiles_with_fullgraph_forward_and_backward():
         Rule(where=Where(path=["^lin0$"]), params=OftParams(r=2, block_size=0, coft=True, eps=0.05)),
         Rule(where=Where(path=["^lin1$"]), params=OftParams(block_size=4, use_cayley_neumann=False))])
     perturb(gm)
-    rotation_checks.check_compiles(gm.eval(), mlp_input())  # eval: PEFT's MLP has a dropout
+    kind_checks.check_compiles(gm.eval(), mlp_input())  # eval: PEFT's MLP has a dropout
 
 
 # --- named adapters, mixed batches, generate -----------------------------------------------------
@@ -161,7 +161,7 @@ def test_named_adapters_switch_mix_fuse_save_alone_and_delete(tmp_path):
     gm = oft_graph()
     gm.add_adapter("other", RULES, block_size=16)
     perturb(gm, seed=11)
-    rotation_checks.check_named_adapters(gm, tmp_path)
+    kind_checks.check_named_adapters(gm, tmp_path)
     assert not any(n.meta[ADAPTER_META].adapter == "other" for n in adapter_nodes(gm, "oft"))
 
 
@@ -174,7 +174,7 @@ def test_fuse_keeps_two_active_adapters_stacked():
 
 
 def test_greedy_generate_with_the_kv_cache_equals_peft(tmp_path):
-    rotation_checks.check_generate(oft_graph(seed=4), tmp_path)
+    kind_checks.check_generate(oft_graph(seed=4), tmp_path)
 
 
 # --- GPT-2 Conv1D: fxpeft only (PEFT's OFT refuses Conv1D) -------------------------------------------

@@ -1,5 +1,5 @@
-"""Checks shared by the tests of the rotation kinds (OFT, BOFT): perturbing their parameters, PEFT
-round trips, mixed batches, generate and compile, PEFT's MLP (tests only)."""
+"""Checks shared by the tests of adapter kinds (OFT, BOFT, LoHa): perturbing their parameters, PEFT
+round trips, named adapters and mixed batches, generate and compile, PEFT's MLP (tests only)."""
 
 from __future__ import annotations
 
