@@ -6,6 +6,12 @@ disabling adapters only fills buffers: no re-tracing, and no recompile under ``t
 An off adapter adds exact zeros, so each adapter's outputs equal a graph holding it alone.
 Passes of other kinds (IA3, prompts) use the same gate: tag nothing, just call ``gate_node``.
 
+A kind whose graph changes shape with its adapter (virtual tokens that are there or not) needs
+the state as a Python bool, not a tensor: ``gate_flag`` reads ``Gates.opened``, a frozenset of
+the adapters that are on, kept by every switch (``fill_gates``, ``gate_node``, ``drop_gate``).
+Under ``torch.compile`` it is a Python value that Dynamo guards on: no graph break; the first
+switch to the other state compiles once, later switches hit the cache.
+
 Mixed batches (PEFT's ``adapter_names=``, HF graphs only): before the graph runs, a forward
 pre-hook (``index_sample_names``) turns the per-sample names into a LongTensor of indices into
 ``adapter_names(gm)`` (-1: ``"__base__"``). Hooks run outside ``torch.compile``'s frame, so the
@@ -68,6 +74,7 @@ class Gates(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.unmixable: set[str] = set()  # adapters whose gates are read without a branch
+        self.opened: frozenset[str] = frozenset()  # the adapters that are on, mirrored (gate_flag)
 
     def index(self, names: list[str]) -> torch.Tensor:
         """Each name's position among the adapters, -1 for ``"__base__"``, checked."""
@@ -154,6 +161,7 @@ def fill_gates(gates: torch.nn.Module, on: set[str]) -> None:
             gate.fill_(1.0 if adapter in on else 0.0)
         for _, adapter, gate in _copies(gates):
             gate.fill_(1.0 if adapter in on else 0.0)
+    gates.opened = frozenset(adapter for adapter, _ in gate_buffers(gates) if adapter in on)
 
 
 def drop_gate(gates: torch.nn.Module, adapter: str) -> None:
@@ -163,6 +171,25 @@ def drop_gate(gates: torch.nn.Module, adapter: str) -> None:
             delattr(getattr(gates, DEVICE_COPIES), path.split(".", 1)[1])
     if hasattr(gates, adapter):
         delattr(gates, adapter)
+    gates.opened = _opened(gates) - {adapter}
+
+
+def _opened(gates: torch.nn.Module) -> frozenset[str]:
+    """The mirror of the open gates (a plain module, as a fused copy's, starts without one)."""
+    return getattr(gates, "opened", frozenset())
+
+
+def gate_open(gates: torch.nn.Module, adapter: str) -> bool:
+    """Whether ``adapter`` is on, as a Python bool read from the gates' mirror (no tensor read:
+    ``torch.compile`` guards on it instead of breaking the graph).
+
+    >>> gates = Gates(); gates.register_buffer("sql", torch.ones(()))
+    >>> fill_gates(gates, {"sql"}); gate_open(gates, "sql")
+    True
+    >>> fill_gates(gates, set()); gate_open(gates, "sql")
+    False
+    """
+    return adapter in _opened(gates)
 
 
 @torch.compiler.disable  # reads the gates' values: kept out of compiled frames, as below
@@ -270,20 +297,49 @@ def gate_node(gm: torch.fx.GraphModule, adapter: str, like: "torch.Tensor | torc
     (``sample_gate``) shaped like ``branch``, a batch-leading tensor. Without a branch (a
     parameter choice, as ``modules_to_save``) it is the buffer, and the adapter refuses mixed
     batches."""
-    gates = _gates(gm)
-    if isinstance(like, torch.nn.Module):
-        like = next(iter([*like.parameters(), *like.buffers()]), torch.zeros(()))
-    if not hasattr(gates, check_adapter_name(adapter)):
-        gates.register_buffer(adapter, torch.ones((), device=like.device), persistent=False)
+    like = _new_gate(gm, adapter, like)
     node = gate_attr(gm, adapter, like.device)
     if branch is None:
-        gates.unmixable.add(adapter)
+        _gates(gm).unmixable.add(adapter)
     per_sample = _per_sample_node(gm.graph) if branch is not None else None
     if per_sample is None:
         return node
     node = gm.graph.call_function(sample_gate, (node, per_sample, adapter, branch))
     node.meta[GATE_META] = adapter
     return node
+
+
+def _new_gate(gm: torch.fx.GraphModule, adapter: str,
+              like: "torch.Tensor | torch.nn.Module") -> torch.Tensor:
+    """Create ``adapter``'s gate, on, on ``like``'s device the first time; returns a tensor
+    on that device (``like``, or a module's first tensor)."""
+    gates = _gates(gm)
+    if isinstance(like, torch.nn.Module):
+        like = next(iter([*like.parameters(), *like.buffers()]), torch.zeros(()))
+    if not hasattr(gates, check_adapter_name(adapter)):
+        gates.register_buffer(adapter, torch.ones((), device=like.device), persistent=False)
+        gates.opened = _opened(gates) | {adapter}
+    return like
+
+
+def gate_flag(gm: torch.fx.GraphModule, adapter: str, like: "torch.Tensor | torch.nn.Module") -> torch.fx.Node:
+    """``adapter``'s on/off state (its gate created on, the first time) as a Python bool, for a
+    kind whose graph changes shape with it: the ``Gates`` module itself (``get_attr``, so copies
+    of the graph share it, and with it the mirror) and ``gate_open`` of it. Such an adapter
+    refuses mixed batches.
+
+    >>> gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    >>> flag = gate_flag(gm, "sql", torch.zeros(1)); _ = gm.graph.output(flag); _ = gm.recompile()
+    >>> gm(), (set_adapter(gm, []), gm())[1]
+    (True, False)
+    """
+    _new_gate(gm, adapter, like)
+    _gates(gm).unmixable.add(adapter)
+    gates = gm.graph.get_attr(GATES)
+    with gm.graph.inserting_after(gates):
+        flag = gm.graph.call_function(gate_open, (gates, adapter))
+    gates.meta[GATE_META] = flag.meta[GATE_META] = adapter
+    return flag
 
 
 def gate_attr(gm: torch.fx.GraphModule, adapter: str, device: torch.device) -> torch.fx.Node:

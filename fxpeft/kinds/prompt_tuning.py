@@ -20,13 +20,14 @@ embeddings' length and that of its own lengthened ids, so several active prompt 
 stack, in the order they were added; PEFT has one active prompt.
 
 Switching the adapter off removes the tokens, so its gate is not multiplied in: one node
-turns the gate into a Python bool (``prompt_on``), and each of the four nodes (ids, mask,
-embeddings, labels) acts only while it is True and passes its input through unchanged when it
-is False, so an off adapter runs exactly the base graph. These four are the removable nodes
-(each bypasses to its input), so strip and ``delete_adapter`` remove the tokens too. As the
-sequence length depends on the gate, mixed batches (``adapter_names=``) are refused, and
-under ``torch.compile`` the ``prompt_on`` test is a graph break after which the bool is a
-guarded constant: the first switch to the other state compiles once, later ones hit the
+reads the adapter's on/off state as a Python bool (``gate_flag``: the gates module's mirror of
+the open gates, not the gate tensor), and each of the four nodes (ids, mask, embeddings,
+labels) acts only while it is True and passes its input through unchanged when it is False,
+so an off adapter runs exactly the base graph. These four are the removable nodes (each
+bypasses to its input), so strip and ``delete_adapter`` remove the tokens too. As the sequence
+length depends on the state, mixed batches (``adapter_names=``) are refused; under
+``torch.compile`` the bool is a guarded Python value, so the graph compiles whole
+(``fullgraph=True``) and the first switch to the other state compiles once, later ones hit the
 cache. Merge is impossible: a prompt is no change of a weight.
 
 Adapter ``"default"`` adds the root parameter ``prompt_embeddings`` (others
@@ -49,7 +50,7 @@ from fxpeft.graph.targets import fetch
 from fxpeft.match.input_embedding import (INPUT_IDS, InputEmbeddingSite, find_input_embeddings,
                                           id_readers, input_adapter, model_input)
 from fxpeft.errors import PassError, RuleError
-from fxpeft.graph.gates import GATE_META, gate_node
+from fxpeft.graph.gates import gate_flag
 from fxpeft.registry import AdapterKind, Lengthens, SpliceInput, Spliced, initialising
 from fxpeft.match.query import Match
 from fxpeft.names import ADAPTER_META, INPUTS_MODULE, OUTPUT_MODULE, AdapterNode, is_fxpeft_node
@@ -123,19 +124,6 @@ class PromptTuningParams(Params):
 
 
 # --- the nodes: each prepends while the adapter is on, and passes through when it is off -----
-
-def prompt_on(gate: torch.Tensor) -> bool:
-    """The adapter's gate as a bool: its virtual tokens are there (1) or not (0).
-
-    >>> prompt_on(torch.ones(())), prompt_on(torch.zeros(()))
-    (True, False)
-    """
-    value = float(gate)
-    if value not in (0.0, 1.0):
-        raise ValueError(f"a prompt-tuning adapter is on (1) or off (0), not {value}: its "
-                         f"virtual tokens are there or not")
-    return value == 1.0
-
 
 def prepend_ids(ids: torch.Tensor, length: int, on: bool, limit: int | None) -> torch.Tensor:
     """``length`` placeholder ids (0) before ``ids`` while the adapter is on, for every reader of
@@ -346,10 +334,7 @@ def prepend_prompt(job: SpliceInput, kind: str, what: str, attach: Callable[[], 
     weight = gm.get_parameter(site.weight_target)
     target = attach()
     with gm.graph.inserting_after(input_adapter(gm.graph)):
-        gate = gate_node(gm, adapter, weight)  # no branch: the adapter refuses mixed batches
-    with gm.graph.inserting_after(gate):
-        on = gm.graph.call_function(prompt_on, (gate,))
-    on.meta[GATE_META] = adapter
+        on = gate_flag(gm, adapter, weight)  # a Python bool: the adapter refuses mixed batches
     length = params.num_virtual_tokens
     limit = gm.capture_info.max_seq if gm.capture_info is not None else None
     longer = _lengthen(gm, ids, prepend_ids, (length, on, limit))

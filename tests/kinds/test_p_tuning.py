@@ -81,7 +81,7 @@ def test_llama_graph_calls_the_encoder_once_and_places_its_prompt_as_prompt_tuni
                      "place_prompt", "prepend_labels"]
     assert [n for n in added if adapter_node(n).removable] == [added[i] for i in (1, 2, 5, 6)]
     assert all(adapter_node(n).detail is None for n in added) and len(gm.graph.nodes) == len(
-        emitted_base(model).graph.nodes) + len(added) + 2  # + the gate read and prompt_on
+        emitted_base(model).graph.nodes) + len(added) + 2  # + the gates module and gate_open
     assert added[5].args[1] is added[4]  # the encoder's one output feeds the placement
     trainable = {n: tuple(p.shape) for n, p in gm.named_parameters() if p.requires_grad}
     assert trainable == {"prompt_encoder.embedding.weight": (20, 64),
@@ -127,20 +127,38 @@ def test_lstm_dropout_follows_the_graphs_mode():
     torch.testing.assert_close(gm(ids).logits, gm(ids).logits, rtol=0, atol=0)
 
 
-def test_compiles_forward_and_backward_with_one_break_at_the_switch():
+def test_compiles_whole_forward_and_backward():
     """``torch.compile`` cannot trace ``nn.LSTM``; the encoder runs ``torch.lstm`` on its own
-    parameters and compiles whole, inside the frame after the graph's one break, prompt tuning's
-    on/off switch (``prompt_on``; a LoRA graph compiles as one frame)."""
+    parameters, and the on/off switch is a guarded Python bool (the gates' mirror), so the
+    graph compiles as one frame (``fullgraph=True``), as a LoRA graph does."""
     from torch._dynamo.testing import CompileCounterWithBackend
     gm = fxpeft.rewrite(tiny_llama(num_hidden_layers=1), _rule("LSTM"))
     ids = token_batch()
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
-    loss = torch.compile(gm.train(), backend=counter)(ids, labels=ids).loss
-    assert counter.frame_count == 2
+    loss = torch.compile(gm.train(), backend=counter, fullgraph=True)(ids, labels=ids).loss
+    assert counter.frame_count == 1
     torch.testing.assert_close(loss, gm(ids, labels=ids).loss, rtol=0, atol=1e-5)
     loss.backward()
     assert_only_adapters_get_grads(gm)
+
+
+def test_switching_under_fullgraph_compiles_once_per_state():
+    from torch._dynamo.testing import CompileCounterWithBackend
+    model = tiny_llama(num_hidden_layers=1)
+    base = emitted_base(model).eval()
+    gm = fxpeft.rewrite(model, _rule("MLP")).eval()
+    ids = token_batch()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(gm, backend=counter, fullgraph=True)
+    adapted = compiled(ids).logits
+    torch.testing.assert_close(adapted, gm(ids).logits, rtol=0, atol=1e-5)
+    for _ in range(2):
+        with gm.disable_adapters():
+            torch.testing.assert_close(compiled(ids).logits, base(ids).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(compiled(ids).logits, adapted, rtol=0, atol=0)
+    assert counter.frame_count == 2  # once per state
 
 
 # --- PEFT's files, both ways --------------------------------------------------------------------

@@ -12,7 +12,7 @@ from conftest import (REPO_ROOT, VOCAB, adapter_nodes, assert_only_adapters_get_
 from fxpeft.errors import FxpeftError, PassError, RuleError
 from fxpeft.graph.gates import GATE_META
 from fxpeft.kinds.prompt_tuning import (PromptTuningParams, place_prompt, prepend_ids,
-                                        prepend_labels, prepend_mask, prompt_on)
+                                        prepend_labels, prepend_mask)
 from fxpeft.names import adapter_node
 from fxpeft.rules import Rule
 
@@ -84,8 +84,9 @@ def test_llama_graph_lengthens_ids_mask_embeddings_and_labels():
                        "prepend_labels"]  # getitem: the per-sample names, which the prompt refuses
     removable = [n for n in added if adapter_node(n).removable]
     assert [n.target.__name__ for n in removable] == targets[1:3] + targets[4:]
-    gates = [n for n in gm.graph.nodes if GATE_META in n.meta]  # the buffer read, prompt_on
+    gates = [n for n in gm.graph.nodes if GATE_META in n.meta]  # the gates module, gate_open
     assert [n.op for n in gates] == ["get_attr", "call_function"]
+    assert gates[0].target == "fxpeft_gates" and gates[1].args == (gates[0], "default")
     assert all(gates[1] in n.args for n in removable)
     assert len(gm.graph.nodes) == len(base.graph.nodes) + len(added) + len(gates)
     embedding = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.embedding.default)
@@ -420,24 +421,42 @@ def test_nodes_pass_through_when_off():
     assert prepend_labels(ids, 3, False) is ids and prepend_labels(None, 3, True) is None
     embeds = torch.zeros(1, 2, 4)
     assert place_prompt(embeds, torch.ones(3, 4), ids, 3, False) is embeds
-    with pytest.raises(ValueError, match="on \\(1\\) or off \\(0\\)"):
-        prompt_on(torch.tensor(0.5))
 
 
-def test_compiles_with_one_break_for_the_switch_and_stays_exact():
-    from torch._dynamo.testing import CompileCounter
-    gm = fxpeft.rewrite(tiny_llama(), RULES)
+def test_compiles_whole_forward_and_backward_and_stays_exact():
+    """The on/off state is a guarded Python bool (the gates' mirror): no graph break."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    gm = fxpeft.rewrite(tiny_llama(num_hidden_layers=1), RULES)
     ids = token_batch()
     torch._dynamo.reset()
-    assert torch._dynamo.explain(gm)(ids).graph_break_count == 1  # prompt_on; a LoRA graph has 0
-    counter = CompileCounter()
-    compiled = torch.compile(gm, backend=counter)
-    torch.testing.assert_close(compiled(ids).logits, gm(ids).logits, rtol=0, atol=0)
-    frames = counter.frame_count
+    assert torch._dynamo.explain(gm)(ids).graph_break_count == 0
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(gm.train(), backend=counter, fullgraph=True)
+    loss = compiled(ids, labels=ids).loss
+    assert counter.frame_count == 1
+    torch.testing.assert_close(loss, gm(ids, labels=ids).loss, rtol=0, atol=1e-5)
+    loss.backward()
+    assert_only_adapters_get_grads(gm)
+
+
+def test_switching_under_fullgraph_compiles_once_per_state():
+    from torch._dynamo.testing import CompileCounterWithBackend
+    model = tiny_llama(num_hidden_layers=1)
+    base = emitted_base(model).eval()
+    gm = fxpeft.rewrite(model, RULES).eval()
+    _randomize(gm)
+    ids = token_batch()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(gm, backend=counter, fullgraph=True)
+    adapted = compiled(ids).logits
+    torch.testing.assert_close(adapted, gm(ids).logits, rtol=0, atol=1e-5)
+    assert adapted.shape[1] == ids.shape[1] + gm.get_parameter("prompt_embeddings").shape[0]
     with gm.disable_adapters():
-        torch.testing.assert_close(compiled(ids).logits, gm(ids).logits, rtol=0, atol=0)
-    assert counter.frame_count == frames + 1  # the part after the switch, for "off"
-    compiled(ids)
-    with gm.disable_adapters():
-        compiled(ids)
-    assert counter.frame_count == frames + 1  # both states cached
+        torch.testing.assert_close(compiled(ids).logits, base(ids).logits, rtol=0, atol=1e-5)
+    assert counter.frame_count == 2  # "off" compiled once
+    for _ in range(2):  # (gm.set_adapter([]) would also freeze the prompt: a guard of its own)
+        torch.testing.assert_close(compiled(ids).logits, adapted, rtol=0, atol=0)
+        with gm.disable_adapters():
+            torch.testing.assert_close(compiled(ids).logits, base(ids).logits, rtol=0, atol=1e-5)
+    assert counter.frame_count == 2  # both states cached
