@@ -460,3 +460,27 @@ def test_switching_under_fullgraph_compiles_once_per_state():
         with gm.disable_adapters():
             torch.testing.assert_close(compiled(ids).logits, base(ids).logits, rtol=0, atol=1e-5)
     assert counter.frame_count == 2  # both states cached
+
+
+def test_copies_share_or_copy_the_on_off_mirror_with_the_gates():
+    """The bool the nodes read (``Gates.opened``) follows the gates everywhere: a deep copy has
+    its own, a fused copy shares the graph's, a pickled gates module keeps it, and adding,
+    switching and deleting adapters keep it equal to the gate buffers."""
+    import copy
+    import pickle
+    gm = fxpeft.rewrite(tiny_llama(num_hidden_layers=1), RULES).eval()
+    ids = token_batch()
+    lengths = lambda m: m(ids).logits.shape[1]  # noqa: E731
+    longer, plain = lengths(gm), ids.shape[1]
+    twin, fused = copy.deepcopy(gm), fxpeft.fuse(gm)
+    assert fused.fxpeft_gates is gm.fxpeft_gates and twin.fxpeft_gates is not gm.fxpeft_gates
+    with gm.disable_adapters():
+        assert (lengths(gm), lengths(fused), lengths(twin)) == (plain, plain, longer)
+    assert pickle.loads(pickle.dumps(gm.fxpeft_gates)).opened == {"default"}
+    gm.add_adapter("other", RULES)
+    assert gm.fxpeft_gates.opened == {"default"} == set(gm.active_adapters)
+    gm.set_adapter(["default", "other"])
+    assert gm.fxpeft_gates.opened == {"default", "other"} == set(gm.active_adapters)
+    assert lengths(gm) == plain + 2 * (longer - plain)  # both prompts stack
+    gm.delete_adapter("other")
+    assert gm.fxpeft_gates.opened == {"default"} and lengths(gm) == longer
