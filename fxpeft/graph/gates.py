@@ -322,7 +322,8 @@ def _new_gate(gm: torch.fx.GraphModule, adapter: str,
     return like
 
 
-def gate_flag(gm: torch.fx.GraphModule, adapter: str, like: "torch.Tensor | torch.nn.Module") -> torch.fx.Node:
+def gate_flag(gm: torch.fx.GraphModule, adapter: str,
+              like: "torch.Tensor | torch.nn.Module") -> torch.fx.Node:
     """``adapter``'s on/off state (its gate created on, the first time) as a Python bool, for a
     kind whose graph changes shape with it: the ``Gates`` module itself (``get_attr``, so copies
     of the graph share it, and with it the mirror) and ``gate_open`` of it. Such an adapter
