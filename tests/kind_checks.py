@@ -149,3 +149,24 @@ def check_merge(gm, peft_config, prefix: str) -> None:
     theirs = peft_model.merge_and_unload()
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
         torch.testing.assert_close(merged.get_parameter(name), theirs.get_parameter(name), rtol=0, atol=1e-6)
+
+
+def check_switching_compiles_once_per_state(model, gm, ids) -> torch.Tensor:
+    """``gm`` (adapted from ``model``) compiled with ``fullgraph=True``: adapted outputs, the base
+    model's under ``disable_adapters``, and one compile per state however often it switches.
+    Returns the adapted logits. (``gm.set_adapter([])`` would also freeze the adapter's
+    parameters: a guard of its own, so this switches with ``disable_adapters``.)"""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from conftest import emitted_base
+    base = emitted_base(model).eval()
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(gm.eval(), backend=counter, fullgraph=True)
+    adapted = compiled(ids).logits
+    torch.testing.assert_close(adapted, gm(ids).logits, rtol=0, atol=1e-5)
+    for _ in range(2):
+        with gm.disable_adapters():
+            torch.testing.assert_close(compiled(ids).logits, base(ids).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(compiled(ids).logits, adapted, rtol=0, atol=0)
+    assert counter.frame_count == 2  # once per state
+    return adapted

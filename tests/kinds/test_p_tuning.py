@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fxpeft
+from kind_checks import check_switching_compiles_once_per_state
 from conftest import (REPO_ROOT, VOCAB, adapter_nodes, assert_only_adapters_get_grads, emitted_base,
                       tiny_gpt2, tiny_llama, tiny_qwen2, token_batch, train)
 from fxpeft.errors import FxpeftError, RuleError
@@ -144,21 +145,8 @@ def test_compiles_whole_forward_and_backward():
 
 
 def test_switching_under_fullgraph_compiles_once_per_state():
-    from torch._dynamo.testing import CompileCounterWithBackend
     model = tiny_llama(num_hidden_layers=1)
-    base = emitted_base(model).eval()
-    gm = fxpeft.rewrite(model, _rule("MLP")).eval()
-    ids = token_batch()
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(gm, backend=counter, fullgraph=True)
-    adapted = compiled(ids).logits
-    torch.testing.assert_close(adapted, gm(ids).logits, rtol=0, atol=1e-5)
-    for _ in range(2):
-        with gm.disable_adapters():
-            torch.testing.assert_close(compiled(ids).logits, base(ids).logits, rtol=0, atol=1e-5)
-        torch.testing.assert_close(compiled(ids).logits, adapted, rtol=0, atol=0)
-    assert counter.frame_count == 2  # once per state
+    check_switching_compiles_once_per_state(model, fxpeft.rewrite(model, _rule("MLP")), token_batch())
 
 
 # --- PEFT's files, both ways --------------------------------------------------------------------

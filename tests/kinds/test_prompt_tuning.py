@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fxpeft
+from kind_checks import check_switching_compiles_once_per_state
 from conftest import (REPO_ROOT, VOCAB, adapter_nodes, assert_only_adapters_get_grads, emitted_base, tiny_bert,
                       tiny_gemma, tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2, tiny_t5, token_batch,
                       train)
@@ -440,26 +441,12 @@ def test_compiles_whole_forward_and_backward_and_stays_exact():
 
 
 def test_switching_under_fullgraph_compiles_once_per_state():
-    from torch._dynamo.testing import CompileCounterWithBackend
     model = tiny_llama(num_hidden_layers=1)
-    base = emitted_base(model).eval()
-    gm = fxpeft.rewrite(model, RULES).eval()
+    gm = fxpeft.rewrite(model, RULES)
     _randomize(gm)
     ids = token_batch()
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(gm, backend=counter, fullgraph=True)
-    adapted = compiled(ids).logits
-    torch.testing.assert_close(adapted, gm(ids).logits, rtol=0, atol=1e-5)
+    adapted = check_switching_compiles_once_per_state(model, gm, ids)
     assert adapted.shape[1] == ids.shape[1] + gm.get_parameter("prompt_embeddings").shape[0]
-    with gm.disable_adapters():
-        torch.testing.assert_close(compiled(ids).logits, base(ids).logits, rtol=0, atol=1e-5)
-    assert counter.frame_count == 2  # "off" compiled once
-    for _ in range(2):  # (gm.set_adapter([]) would also freeze the prompt: a guard of its own)
-        torch.testing.assert_close(compiled(ids).logits, adapted, rtol=0, atol=0)
-        with gm.disable_adapters():
-            torch.testing.assert_close(compiled(ids).logits, base(ids).logits, rtol=0, atol=1e-5)
-    assert counter.frame_count == 2  # both states cached
 
 
 def test_copies_share_or_copy_the_on_off_mirror_with_the_gates():
