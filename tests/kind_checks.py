@@ -170,3 +170,17 @@ def check_switching_compiles_once_per_state(model, gm, ids) -> torch.Tensor:
         torch.testing.assert_close(compiled(ids).logits, adapted, rtol=0, atol=0)
     assert counter.frame_count == 2  # once per state
     return adapted
+
+
+def check_compiles_whole(gm, ids) -> None:
+    """``gm`` compiles as one frame with ``fullgraph=True`` (no graph break), its training loss
+    equals eager's, and backward reaches only adapter parameters."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from conftest import assert_only_adapters_get_grads
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    loss = torch.compile(gm.train(), backend=counter, fullgraph=True)(ids, labels=ids).loss
+    assert counter.frame_count == 1
+    torch.testing.assert_close(loss, gm(ids, labels=ids).loss, rtol=0, atol=1e-5)
+    loss.backward()
+    assert_only_adapters_get_grads(gm)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fxpeft
-from kind_checks import check_switching_compiles_once_per_state
+from kind_checks import check_compiles_whole, check_switching_compiles_once_per_state
 from conftest import (REPO_ROOT, VOCAB, adapter_nodes, assert_only_adapters_get_grads, emitted_base,
                       tiny_gpt2, tiny_llama, tiny_qwen2, token_batch, train)
 from fxpeft.errors import FxpeftError, RuleError
@@ -132,16 +132,7 @@ def test_compiles_whole_forward_and_backward():
     """``torch.compile`` cannot trace ``nn.LSTM``; the encoder runs ``torch.lstm`` on its own
     parameters, and the on/off switch is a guarded Python bool (the gates' mirror), so the
     graph compiles as one frame (``fullgraph=True``), as a LoRA graph does."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-    gm = fxpeft.rewrite(tiny_llama(num_hidden_layers=1), _rule("LSTM"))
-    ids = token_batch()
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    loss = torch.compile(gm.train(), backend=counter, fullgraph=True)(ids, labels=ids).loss
-    assert counter.frame_count == 1
-    torch.testing.assert_close(loss, gm(ids, labels=ids).loss, rtol=0, atol=1e-5)
-    loss.backward()
-    assert_only_adapters_get_grads(gm)
+    check_compiles_whole(fxpeft.rewrite(tiny_llama(num_hidden_layers=1), _rule("LSTM")), token_batch())
 
 
 def test_switching_under_fullgraph_compiles_once_per_state():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fxpeft
-from kind_checks import check_switching_compiles_once_per_state
+from kind_checks import check_compiles_whole, check_switching_compiles_once_per_state
 from conftest import (REPO_ROOT, VOCAB, adapter_nodes, assert_only_adapters_get_grads, emitted_base, tiny_bert,
                       tiny_gemma, tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2, tiny_t5, token_batch,
                       train)
@@ -426,18 +426,11 @@ def test_nodes_pass_through_when_off():
 
 def test_compiles_whole_forward_and_backward_and_stays_exact():
     """The on/off state is a guarded Python bool (the gates' mirror): no graph break."""
-    from torch._dynamo.testing import CompileCounterWithBackend
     gm = fxpeft.rewrite(tiny_llama(num_hidden_layers=1), RULES)
     ids = token_batch()
     torch._dynamo.reset()
     assert torch._dynamo.explain(gm)(ids).graph_break_count == 0
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(gm.train(), backend=counter, fullgraph=True)
-    loss = compiled(ids, labels=ids).loss
-    assert counter.frame_count == 1
-    torch.testing.assert_close(loss, gm(ids, labels=ids).loss, rtol=0, atol=1e-5)
-    loss.backward()
-    assert_only_adapters_get_grads(gm)
+    check_compiles_whole(gm, ids)
 
 
 def test_switching_under_fullgraph_compiles_once_per_state():
