@@ -297,7 +297,7 @@ def splice(job: SpliceInput) -> Spliced:
         job = dataclasses.replace(job, site=_linear_site_of(job.gm, job.site.node))
     elif isinstance(job.site, ParameterSite):
         return lora_parameters.splice(job, _factory(job.params, job.site.weight_like(job.gm))["dtype"],
-                                      record_nodes)
+                                      LINEAR.names, record_nodes)
     detail, attached = attach_lora(job)
     graph, y = job.gm.graph, job.site.node
     with graph.inserting_before(y.next):  # keeps creation order

@@ -32,7 +32,6 @@ from fxpeft.names import ADAPTER_META, AdapterNode, adapter_component
 from fxpeft.registry import SpliceInput, Spliced
 
 aten = torch.ops.aten
-NAMES = ("lora_A", "lora_B")
 NEST = "base_layer"
 
 
@@ -81,7 +80,7 @@ def _records_at(gm: torch.fx.GraphModule, adapter: str, owner: str) -> list[tupl
             and n.meta[ADAPTER_META].detail.weight.rpartition(".")[0] == owner]
 
 
-def _nest(gm: torch.fx.GraphModule, adapter: str, owner: str) -> list[str]:
+def _nest(gm: torch.fx.GraphModule, adapter: str, owner: str, names: tuple[str, str]) -> list[str]:
     """Move ``adapter``'s A and B of every adapted parameter of ``owner`` to PEFT's nesting: the
     k-th of n (registration order) under ``n - 1 - k`` ``base_layer`` prefixes; the graph's
     reads and the records follow. Returns the new deepest A and B paths (the slots the set of
@@ -92,7 +91,7 @@ def _nest(gm: torch.fx.GraphModule, adapter: str, owner: str) -> list[str]:
                      key=lambda d: order.index(d.weight.rpartition(".")[2]))
     moved: dict[str, str] = {}  # old module path -> new
     for depth, detail in zip(range(len(details) - 1, -1, -1), details):
-        for target, base in ((detail.lora_A, NAMES[0]), (detail.lora_B, NAMES[1])):
+        for target, base in ((detail.lora_A, names[0]), (detail.lora_B, names[1])):
             new = f"{_ensure_path(gm, owner, depth)}.{adapter_component(base, adapter)}"
             moved[target.rpartition(".")[0]] = new
     modules = {old: gm.get_submodule(old) for old in moved}
@@ -104,7 +103,7 @@ def _nest(gm: torch.fx.GraphModule, adapter: str, owner: str) -> list[str]:
         gm.get_submodule(parent).add_module(name, modules[old])
     _retarget(gm, records, {f"{old}.weight": f"{new}.weight" for old, new in moved.items()})
     deepest = _depth_path(owner, len(details) - 1)
-    return [f"{deepest}.{adapter_component(base, adapter)}" for base in NAMES]
+    return [f"{deepest}.{adapter_component(base, adapter)}" for base in names]
 
 
 def _retarget(gm: torch.fx.GraphModule, records: list, moved: dict[str, str]) -> None:
@@ -117,10 +116,10 @@ def _retarget(gm: torch.fx.GraphModule, records: list, moved: dict[str, str]) ->
         node.meta[ADAPTER_META] = dataclasses.replace(record, detail=detail)
 
 
-def _free_depth(gm: torch.nn.Module, adapter: str, owner: str) -> int:
-    """The first depth under ``owner`` where ``adapter`` has no A yet."""
+def _free_depth(gm: torch.nn.Module, adapter: str, owner: str, name: str) -> int:
+    """The first depth under ``owner`` where ``adapter`` has no ``name`` (A) yet."""
     depth = 0
-    while adapter_component(NAMES[0], adapter) in _submodules(gm, _depth_path(owner, depth)):
+    while adapter_component(name, adapter) in _submodules(gm, _depth_path(owner, depth)):
         depth += 1
     return depth
 
@@ -132,13 +131,13 @@ def _submodules(gm: torch.nn.Module, path: str) -> dict[str, Any]:
         return {}
 
 
-def _attach(job: SpliceInput, dtype: torch.dtype) -> ParameterDetail:
+def _attach(job: SpliceInput, dtype: torch.dtype, names: tuple[str, str]) -> ParameterDetail:
     site = job.site
     weight = fetch(job.gm, site.weight_target)
     lora_a, lora_b = _pair(site, job.params.r, job.params.init, {"dtype": dtype, "device": weight.device})
-    path = _ensure_path(job.gm, site.owner, _free_depth(job.gm, job.adapter, site.owner))
-    a_path = attach_component(job.gm, path, NAMES[0], job.adapter, lora_a)
-    b_path = attach_component(job.gm, path, NAMES[1], job.adapter, lora_b)
+    path = _ensure_path(job.gm, site.owner, _free_depth(job.gm, job.adapter, site.owner, names[0]))
+    a_path = attach_component(job.gm, path, names[0], job.adapter, lora_a)
+    b_path = attach_component(job.gm, path, names[1], job.adapter, lora_b)
     return ParameterDetail(job.params.scale, site.weight_target, f"{a_path}.weight", f"{b_path}.weight",
                            site.shape[0] if len(site.shape) == 3 else 0)
 
@@ -155,14 +154,14 @@ def _delta_nodes(graph: torch.fx.Graph, detail: ParameterDetail, lora_a: torch.f
     return graph.call_function(aten.bmm.default, (per_b, per_a))
 
 
-def splice(job: SpliceInput, dtype: torch.dtype,
+def splice(job: SpliceInput, dtype: torch.dtype, names: tuple[str, str],
            record: Callable[..., list[torch.fx.Node]]) -> Spliced:
     """Make the parameter's reads yield ``W + scale * gate * ΔW`` (``ΔW`` cast to W's dtype, as
-    PEFT adds it); ``record`` is LoRA's ``record_nodes``."""
+    PEFT adds it); ``names`` are LoRA's A and B names, ``record`` its ``record_nodes``."""
     if job.params.dropout > 0:  # PEFT: dropout cannot act on x through a weight update
         raise FxpeftError(f"{job.site.module_path}: LoRA on a parameter cannot have dropout "
                           f"(got {job.params.dropout}), as in PEFT")
-    detail, graph, read = _attach(job, dtype), job.gm.graph, job.site.node
+    detail, graph, read = _attach(job, dtype, names), job.gm.graph, job.site.node
     weight = fetch(job.gm, detail.weight)
     with graph.inserting_before(read.next):
         lora_a = graph.get_attr(detail.lora_A)
@@ -177,7 +176,7 @@ def splice(job: SpliceInput, dtype: torch.dtype,
     for other in job.site.reads:
         other.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
     added = record(job, read, total, "lora", detail)
-    return Spliced(added, _nest(job.gm, job.adapter, job.site.owner))
+    return Spliced(added, _nest(job.gm, job.adapter, job.site.owner, names))
 
 
 def parameter_delta(gm: torch.nn.Module, detail: ParameterDetail) -> torch.Tensor:
