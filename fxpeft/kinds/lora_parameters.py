@@ -24,7 +24,7 @@ import torch
 import torch.fx
 
 from fxpeft.errors import FxpeftError
-from fxpeft.graph.gates import GATE_META, gate_node
+from fxpeft.graph.gates import GATE_META, check_sample_names, gate_node
 from fxpeft.graph.params import attach_component
 from fxpeft.graph.targets import fetch
 from fxpeft.match.parameter_sites import ParameterSite
@@ -166,6 +166,8 @@ def splice(job: SpliceInput, dtype: torch.dtype, names: tuple[str, str],
     with graph.inserting_before(read.next):
         lora_a = graph.get_attr(detail.lora_A)
         gate = gate_node(job.gm, job.adapter, weight)
+    check_sample_names(job.gm)  # names are refused, not ignored: one weight for the whole batch
+    with graph.inserting_before(gate.next):
         gated = graph.call_function(aten.mul.Tensor, (lora_a, gate))
         gated.meta[GATE_META] = job.adapter
         delta = _delta_nodes(graph, detail, gated, graph.get_attr(detail.lora_B), job.params.r)

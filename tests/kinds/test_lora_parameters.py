@@ -205,7 +205,7 @@ def test_moe_compiles_fullgraph(family):
 
 def test_moe_named_adapters(tmp_path):
     """Two adapters on the experts: switching, the base under ``disable_adapters``, one saved
-    alone, deleting one."""
+    alone, deleting one; mixed batches refused (one weight per step), as in PEFT."""
     gm = fxpeft.rewrite(tiny_qwen3_moe(), expert_rules())
     gm.add_adapter("other", expert_rules(init="random"))
     randomize_adapters(gm)
@@ -218,6 +218,8 @@ def test_moe_named_adapters(tmp_path):
         torch.testing.assert_close(logits(gm, x), logits(tiny_qwen3_moe(), x), rtol=0, atol=0)
     alone = fxpeft.load(tiny_qwen3_moe(), fxpeft.save(gm, tmp_path / "other", adapter="other"))
     torch.testing.assert_close(logits(alone, x), outputs["other"], rtol=0, atol=ATOL)
+    with pytest.raises(ValueError, match="adapt whole weights.*cannot be mixed per sample"):
+        gm(input_ids=x, adapter_names=["default", "other", "__base__"])
     gm.delete_adapter("other")
     gm.set_adapter("default")
     assert not any("_other" in n for n, _ in gm.named_parameters())
