@@ -2,7 +2,8 @@
 PEFT's two custom-model rows and tiny Qwen3-MoE and Mixtral (experts as 3-d parameters, the
 ``batched_mm`` experts implementation) both ways through folders, merge (equal to unmerged and
 to PEFT's ``merge_and_unload``), the graph, identity at init, gradients only on adapters,
-torch.compile(fullgraph=True) forward and backward, named adapters, a bf16 base, refusals."""
+torch.compile(fullgraph=True) forward and backward, named adapters, a bf16 base, refusals (the
+``eager`` experts implementation, which export cannot capture)."""
 
 import copy
 
@@ -256,6 +257,16 @@ def test_transposed_experts_are_refused():
     model.lin0.weight = torch.nn.Parameter(torch.randn(2, 10, 20))
     with pytest.raises(PeftFormatError, match="lin0: experts stored transposed"):
         config_to_rules({"target_parameters": ["lin0.weight"], "r": 2}, model, "cfg")
+
+
+def test_eager_experts_are_refused_with_the_implementations_that_export():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from fxpeft.errors import CaptureError
+    config = Qwen3MoeConfig(vocab_size=MOE_VOCAB, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                            num_experts=4, num_experts_per_tok=2, experts_implementation="eager")
+    with pytest.raises(CaptureError, match="experts_implementation='batched_mm'"):
+        fxpeft.rewrite(Qwen3MoeForCausalLM(config), expert_rules())
 
 
 def test_target_parameters_with_dora_is_refused():
