@@ -205,7 +205,7 @@ def test_moe_compiles_fullgraph(family):
 
 
 def test_moe_named_adapters(tmp_path):
-    """Two adapters on the experts: switching, the base under ``disable_adapters``, one saved
+    """Two adapters on the experts: switching (and the fused copy), the base under ``disable_adapters``, one saved
     alone, deleting one; mixed batches refused (one weight per step), as in PEFT."""
     gm = fxpeft.rewrite(tiny_qwen3_moe(), expert_rules())
     gm.add_adapter("other", expert_rules(init="random"))
@@ -214,6 +214,7 @@ def test_moe_named_adapters(tmp_path):
     for name in ("default", "other"):
         gm.set_adapter(name)
         outputs[name] = logits(gm.eval(), x)
+        torch.testing.assert_close(logits(fxpeft.fuse(gm), x), outputs[name], rtol=0, atol=ATOL)
     assert (outputs["default"] - outputs["other"]).abs().max() > 1e-3
     with gm.disable_adapters():
         torch.testing.assert_close(logits(gm, x), logits(tiny_qwen3_moe(), x), rtol=0, atol=0)
