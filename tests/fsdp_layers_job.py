@@ -1,0 +1,137 @@
+"""Run by tests/integration/test_fsdp_layers.py under ``torchrun --nproc_per_node=2`` (gloo, CPU),
+and by the test itself in one process (``reference``). Three setups in one spawn:
+
+- ``layers``: ``shard_layers`` (``fxpeft.layer_units``, ``fully_shard`` per layer and on the
+  graph) on a 4-layer tiny Llama with LoRA, AdamW on this rank's half of each global batch,
+  gathered bytes counted at FSDP's gathers and frees; then ``fxpeft.save`` (gathers) and
+  ``restore`` of that folder into a fresh sharded graph (scatters);
+- ``whole``: ``fully_shard`` on the whole graph, the same count over one step;
+- ``bf16``: the base in bf16, the adapters in fp32, sharded per layer;
+- ``trainer``: ``fxpeft.Trainer`` with FSDP2 arguments (which accelerate ignores on the CPU)
+  on the flat graph and on a sharded one: what each refusal says.
+
+Writes ``<output>/rank<r>.json``.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import fxpeft
+from conftest import tiny_llama
+from fsdp_job import train
+from fxpeft.helpers.sharding import GatheredBytes, shard_layers
+from fxpeft.transforms.units import layer_modules
+from fxpeft.io.serialize import restore
+
+LAYERS = 4
+
+
+def adapted(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return fxpeft.rewrite(tiny_llama(num_hidden_layers=LAYERS).to(dtype), "lora_qv.toml",
+                          dropout=0.0).train()
+
+
+def reference(output: Path) -> dict:
+    """The flat graph in one process, the whole global batch per step."""
+    gm = adapted()
+    facts = {"losses": train(gm, 0, 1)}
+    fxpeft.save(gm, output / "adapter")
+    return facts
+
+
+def _local_fraction(module: torch.nn.Module, frozen: bool) -> float:
+    """This rank's share of ``module``'s own (frozen or trainable) parameter numbers."""
+    params = [p for p in module.parameters() if p.requires_grad != frozen]
+    return sum(p.to_local().numel() for p in params) / sum(p.numel() for p in params)
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.dtype.itemsize for p in module.parameters())
+
+
+def _optimizer_facts(optimizer: torch.optim.Optimizer, gm: torch.nn.Module) -> dict:
+    states = [s for s in optimizer.state.values() if "exp_avg" in s]
+    adapters = [p for p in gm.parameters() if p.requires_grad]
+    return {"state_tensors": len(states), "adapter_tensors": len(adapters),
+            "state_local_numel": sum(s["exp_avg"].to_local().numel() for s in states),
+            "adapter_numel": sum(p.numel() for p in adapters),
+            "state_sharded": all(type(s["exp_avg"]).__name__ == "DTensor" for s in states)}
+
+
+def per_layer(output: Path, rank: int, world: int) -> dict:
+    gm = shard_layers(adapted())
+    layers = layer_modules(gm)
+    facts = {"units": len(layers),
+             "base_fraction": [_local_fraction(m, frozen=True) for m in layers],
+             "adapter_fraction": [_local_fraction(m, frozen=False) for m in layers],
+             "layer_bytes": [_bytes(m) for m in layers],
+             "trainable": sorted(n for n, p in gm.named_parameters() if p.requires_grad)}
+    facts["root_bytes"] = _bytes(gm) - sum(facts["layer_bytes"])
+    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
+    counter = GatheredBytes(gm)
+    with counter.counting():
+        facts["losses"] = train(gm, rank, world, optimizer=optimizer)
+    facts.update(peak=counter.peak, total=counter.total, optimizer=_optimizer_facts(optimizer, gm))
+    fxpeft.save(gm, output / "adapter")
+    fresh = shard_layers(adapted())
+    restore(fresh, output / "adapter")
+    trained, restored = fxpeft.adapter_state_dict(gm), fxpeft.adapter_state_dict(fresh)
+    facts["restored_equal"] = all(torch.equal(trained[k].full_tensor(), restored[k].full_tensor())
+                                  for k in trained)
+    return facts
+
+
+def whole_graph(rank: int, world: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+    gm = adapted()
+    fully_shard(gm)
+    counter = GatheredBytes(gm)
+    with counter.counting():
+        train(gm, rank, world, steps=1)
+    return {"peak": counter.peak, "total": counter.total}
+
+
+def bf16_base(rank: int, world: int) -> dict:
+    gm = adapted(torch.bfloat16)
+    dtypes = {n: str(p.dtype) for n, p in gm.named_parameters()}
+    gm = shard_layers(gm)
+    counter = GatheredBytes(gm)
+    with counter.counting():
+        losses = train(gm, rank, world, steps=2)
+    return {"dtypes": dtypes, "losses": losses, "peak": counter.peak, "total": counter.total,
+            "after": {n: str(p.dtype) for n, p in gm.named_parameters()}}
+
+
+def trainer_routes(output: Path) -> dict:
+    from transformers import TrainingArguments
+    args = TrainingArguments(output_dir=str(output / "trainer"), max_steps=1, report_to=[],
+                             use_cpu=True, fsdp="full_shard", fsdp_config={"fsdp_version": 2})
+    refusals = {}
+    for name, graph in (("flat", adapted()), ("sharded", shard_layers(adapted()))):
+        try:
+            fxpeft.Trainer(model=graph, args=args, train_dataset=[])
+        except fxpeft.FxpeftError as err:
+            refusals[name] = str(err)
+    return refusals
+
+
+def main(output: Path) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo")
+    try:
+        facts = {"layers": per_layer(output, rank, world), "whole": whole_graph(rank, world),
+                 "bf16": bf16_base(rank, world), "trainer": trainer_routes(output)}
+        (output / f"rank{rank}.json").write_text(json.dumps(facts))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

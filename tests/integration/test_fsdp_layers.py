@@ -1,0 +1,84 @@
+"""FSDP2 layer by layer: ``shard_layers`` (``fxpeft.layer_units`` + ``fully_shard`` per layer and
+on the graph), 2 gloo processes on a 4-layer tiny Llama (tests/fsdp_layers_job.py, one spawn
+for every setup), against the flat graph in one process with the same global batches."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fsdp_layers_job
+from test_ddp import ROOT, torchrun
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(rank 0's facts, rank 1's, the one-process facts, the two saved adapters)."""
+    out = tmp_path_factory.mktemp("fsdp_layers")
+    torchrun(ROOT / "tests" / "fsdp_layers_job.py", str(out / "two"), cwd=out)
+    one = fsdp_layers_job.reference(out / "one")
+    ranks = [json.loads((out / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    weights = [load_file(out / run / "adapter" / "adapter_model.safetensors") for run in ("two", "one")]
+    return ranks[0], ranks[1], one, weights
+
+
+def test_losses_and_adapters_equal_one_process_with_the_global_batch(runs):
+    rank0, rank1, one, (two_weights, one_weights) = runs
+    layers = rank0["layers"]
+    assert layers["losses"] == rank1["layers"]["losses"]  # all-reduced: the same on both ranks
+    # two half-batch means vs one mean: only float summation order differs (measured 7e-7 on
+    # weights up to 0.17)
+    torch.testing.assert_close(torch.tensor(layers["losses"]), torch.tensor(one["losses"]),
+                               rtol=1e-5, atol=0)
+    assert sorted(two_weights) == sorted(one_weights) and len(one_weights) == 16
+    for key, tensor in one_weights.items():  # whole tensors (gathered), not shards
+        torch.testing.assert_close(two_weights[key], tensor, rtol=1e-5, atol=2e-6, msg=key)
+    assert max(t.abs().max() for t in one_weights.values()) > 1e-2  # trained
+
+
+def test_each_rank_holds_half_of_every_layer_and_only_adapters_train(runs):
+    layers = runs[0]["layers"]
+    assert layers["units"] == fsdp_layers_job.LAYERS
+    assert layers["base_fraction"] == [0.5] * 4 and layers["adapter_fraction"] == [0.5] * 4
+    assert all(".lora_" in name for name in layers["trainable"]) and len(layers["trainable"]) == 16
+    # AdamW state exists only for the 16 adapter tensors, each a DTensor holding this rank's half
+    assert layers["optimizer"] == {"state_tensors": 16, "adapter_tensors": 16, "state_sharded": True,
+                                   "state_local_numel": 3584, "adapter_numel": 7168}
+
+
+def test_the_step_gathers_one_layer_at_a_time_and_whole_graph_fsdp_gathers_all(runs):
+    layers, whole = runs[0]["layers"], runs[0]["whole"]
+    one_layer, root = layers["layer_bytes"][0], layers["root_bytes"]
+    assert layers["total"] == whole["total"] == root + 4 * one_layer
+    # per layer: the root's own tensors (embeddings, final norm, head: the graph reads them
+    # directly) stay gathered through the step, plus one layer at a time, forward and backward
+    assert layers["peak"] == root + one_layer
+    assert layers["peak"] < 0.35 * layers["total"]
+    # whole-graph FSDP (one unit) holds every parameter at once: the check above fails there
+    assert whole["peak"] == whole["total"] and not whole["peak"] <= root + one_layer
+
+
+def test_saved_adapter_restores_into_a_fresh_sharded_graph(runs):
+    assert runs[0]["layers"]["restored_equal"] and runs[1]["layers"]["restored_equal"]
+
+
+def test_bf16_base_with_fp32_adapters_shards_per_layer_and_trains(runs):
+    bf16 = runs[0]["bf16"]
+    base = {name: dtype for name, dtype in bf16["dtypes"].items() if ".lora_" not in name}
+    adapters = {name: dtype for name, dtype in bf16["dtypes"].items() if ".lora_" in name}
+    assert set(base.values()) == {"torch.bfloat16"} and set(adapters.values()) == {"torch.float32"}
+    assert bf16["after"] == bf16["dtypes"]  # FSDP kept each tensor's dtype (one unit, two dtypes)
+    assert bf16["total"] < 0.55 * runs[0]["layers"]["total"]  # the base is gathered in bf16
+    assert bf16["losses"][1] < bf16["losses"][0]
+    # the first loss: bf16 base vs fp32 base, on the same weights (rounded)
+    assert bf16["losses"][0] == pytest.approx(runs[0]["layers"]["losses"][0], rel=1e-2)
+
+
+def test_the_trainer_refuses_fsdp_arguments_on_the_cpu_naming_the_routes_that_work(runs):
+    refusals = runs[0]["trainer"]
+    assert set(refusals) == {"flat", "sharded"}  # neither graph is trained, nor wrapped in DDP
+    for said in refusals.values():
+        assert "`fsdp` arguments on cpu: accelerate turns FSDP on only with accelerators" in said
+        assert "shard_layers in your own loop (examples/fsdp_smollm2.py)" in said
+        assert "fxpeft.Trainer with DDP" in said
