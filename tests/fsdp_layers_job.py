@@ -7,12 +7,18 @@ and by the test itself in one process (``reference``). Three setups in one spawn
   ``restore`` of that folder into a fresh sharded graph (scatters);
 - ``whole``: ``fully_shard`` on the whole graph, the same count over one step;
 - ``bf16``: the base in bf16, the adapters in fp32, sharded per layer;
+- ``qlora``: an nf4 base (``bnb_4bit_quant_storage=bfloat16``, bitsandbytes' FSDP recipe: the
+  packed weight is a bf16 parameter FSDP can shard and gather byte for byte; its ``absmax`` is a
+  buffer, which FSDP keeps whole on every rank) with LoRA, sharded per layer;
+- ``examples/fsdp_smollm2.py --tiny`` last (it leaves the process group), its report in
+  ``<output>/example.json``;
 - ``trainer``: ``fxpeft.Trainer`` with FSDP2 arguments (which accelerate ignores on the CPU)
   on the flat graph and on a sharded one: what each refusal says.
 
-Writes ``<output>/rank<r>.json``.
+Writes ``<output>/rank<r>.json``. Arguments: the output folder, a saved tiny Llama (for QLoRA).
 """
 
+import importlib.util
 import json
 import os
 import sys
@@ -29,6 +35,8 @@ from fxpeft.transforms.units import layer_modules
 from fxpeft.io.serialize import restore
 
 LAYERS = 4
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fsdp_smollm2.py"
+QLORA_STEPS = 3
 
 
 def adapted(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -108,6 +116,32 @@ def bf16_base(rank: int, world: int) -> dict:
             "after": {n: str(p.dtype) for n, p in gm.named_parameters()}}
 
 
+def qlora_graph(checkpoint: Path) -> torch.nn.Module:
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_compute_dtype=torch.float32,
+                                bnb_4bit_quant_storage=torch.bfloat16)
+    model = LlamaForCausalLM.from_pretrained(checkpoint, quantization_config=config, device_map="cpu")
+    torch.manual_seed(0)
+    return fxpeft.rewrite(model, "lora_qv.toml", dropout=0.0).train()
+
+
+def qlora_reference(checkpoint: Path) -> dict:
+    """The unsharded QLoRA graph in one process, the whole global batch per step."""
+    gm = qlora_graph(checkpoint)
+    return {"losses": train(gm, 0, 1, steps=QLORA_STEPS),
+            "adapter": {k: v.tolist() for k, v in fxpeft.adapter_state_dict(gm).items()}}
+
+
+def qlora(checkpoint: Path, rank: int, world: int) -> dict:
+    gm = shard_layers(qlora_graph(checkpoint))
+    packed = gm.get_parameter("model.layers.0.self_attn.q_proj.weight")
+    facts = {"packed": [type(packed).__name__, str(packed.dtype), packed.to_local().numel(), packed.numel()],
+             "losses": train(gm, rank, world, steps=QLORA_STEPS)}
+    facts["adapter"] = {k: v.full_tensor().tolist() for k, v in fxpeft.adapter_state_dict(gm).items()}
+    return facts
+
+
 def trainer_routes(output: Path) -> dict:
     from transformers import TrainingArguments
     args = TrainingArguments(output_dir=str(output / "trainer"), max_steps=1, report_to=[],
@@ -121,17 +155,28 @@ def trainer_routes(output: Path) -> dict:
     return refusals
 
 
-def main(output: Path) -> None:
+def main(output: Path, checkpoint: Path) -> None:
     output.mkdir(parents=True, exist_ok=True)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo")
     try:
         facts = {"layers": per_layer(output, rank, world), "whole": whole_graph(rank, world),
-                 "bf16": bf16_base(rank, world), "trainer": trainer_routes(output)}
+                 "bf16": bf16_base(rank, world), "trainer": trainer_routes(output),
+                 "qlora": qlora(checkpoint, rank, world)}
         (output / f"rank{rank}.json").write_text(json.dumps(facts))
+        run_example(output)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_example(output: Path) -> None:
+    spec = importlib.util.spec_from_file_location("fsdp_smollm2", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--tiny", "--steps", "3", "--seq-len", "16", "--output", str(output / "example"),
+                  "--report", str(output / "example.json")])
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

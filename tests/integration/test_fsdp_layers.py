@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import fsdp_layers_job
+from conftest import tiny_llama
 from test_ddp import ROOT, torchrun
 
 
@@ -16,15 +17,17 @@ from test_ddp import ROOT, torchrun
 def runs(tmp_path_factory):
     """(rank 0's facts, rank 1's, the one-process facts, the two saved adapters)."""
     out = tmp_path_factory.mktemp("fsdp_layers")
-    torchrun(ROOT / "tests" / "fsdp_layers_job.py", str(out / "two"), cwd=out)
-    one = fsdp_layers_job.reference(out / "one")
+    tiny_llama().save_pretrained(out / "tiny")  # for QLoRA: quantized on load, as users do
+    torchrun(ROOT / "tests" / "fsdp_layers_job.py", str(out / "two"), str(out / "tiny"), cwd=out)
+    one = {**fsdp_layers_job.reference(out / "one"), "qlora": fsdp_layers_job.qlora_reference(out / "tiny")}
     ranks = [json.loads((out / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
     weights = [load_file(out / run / "adapter" / "adapter_model.safetensors") for run in ("two", "one")]
-    return ranks[0], ranks[1], one, weights
+    example = json.loads((out / "two" / "example.json").read_text())
+    return ranks[0], ranks[1], one, weights, example
 
 
 def test_losses_and_adapters_equal_one_process_with_the_global_batch(runs):
-    rank0, rank1, one, (two_weights, one_weights) = runs
+    rank0, rank1, one, (two_weights, one_weights), _ = runs
     layers = rank0["layers"]
     assert layers["losses"] == rank1["layers"]["losses"]  # all-reduced: the same on both ranks
     # two half-batch means vs one mean: only float summation order differs (measured 7e-7 on
@@ -82,3 +85,32 @@ def test_the_trainer_refuses_fsdp_arguments_on_the_cpu_naming_the_routes_that_wo
         assert "`fsdp` arguments on cpu: accelerate turns FSDP on only with accelerators" in said
         assert "shard_layers in your own loop (examples/fsdp_smollm2.py)" in said
         assert "fxpeft.Trainer with DDP" in said
+
+
+def test_qlora_nf4_base_shards_per_layer_and_equals_the_unsharded_qlora_graph(runs):
+    rank0, rank1, one = runs[0]["qlora"], runs[1]["qlora"], runs[2]["qlora"]
+    # q_proj's packed nf4 weight (64 x 64 values, 2 a byte: 1024 bf16 elements) is a DTensor
+    # holding half per rank; the 4-bit op reads it gathered, byte for byte (measured: losses
+    # equal to 2e-7, weights to 1e-6)
+    assert rank0["packed"] == ["DTensor", "torch.bfloat16", 512, 1024]
+    assert rank0["losses"] == rank1["losses"]
+    torch.testing.assert_close(torch.tensor(rank0["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=0)
+    assert rank0["adapter"].keys() == one["adapter"].keys() and len(one["adapter"]) == 8
+    for key, value in one["adapter"].items():
+        torch.testing.assert_close(torch.tensor(rank0["adapter"][key]), torch.tensor(value),
+                                   rtol=1e-5, atol=2e-6, msg=key)
+    assert max(abs(x) for key, rows in one["adapter"].items() if "lora_B" in key
+               for row in rows for x in row) > 1e-2  # trained: B moved away from zero
+
+
+def test_the_example_prints_per_rank_memory_of_ddp_whole_graph_and_per_layer_fsdp(runs):
+    example = runs[4]
+    assert example["world_size"] == 2 and len(example["ranks"]) == 2
+    for rows in example["ranks"]:
+        ddp, whole, layers = rows
+        assert [r["mode"] for r in rows] == ["ddp", "whole", "layers"]
+        assert ddp["losses"] == pytest.approx(layers["losses"], rel=1e-5)  # same batches, same math
+        assert whole["losses"] == pytest.approx(layers["losses"], rel=1e-5)
+        assert whole["resident_mib"] == layers["resident_mib"] == pytest.approx(ddp["resident_mib"] / 2, rel=0.01)
+        assert whole["gathered_peak_mib"] == ddp["resident_mib"]  # every parameter at once
+        assert layers["params_peak_mib"] < ddp["params_peak_mib"] < whole["params_peak_mib"]
