@@ -12,8 +12,9 @@ and by the test itself in one process (``reference``). Three setups in one spawn
   buffer, which FSDP keeps whole on every rank) with LoRA, sharded per layer;
 - ``examples/fsdp_smollm2.py --tiny`` last (it leaves the process group), its report in
   ``<output>/example.json``;
-- ``trainer``: ``fxpeft.Trainer`` with FSDP2 arguments (which accelerate ignores on the CPU)
-  on the flat graph and on a sharded one: what each refusal says.
+- ``trainer``: ``fxpeft.Trainer`` (flat and sharded graph) and TRL's ``SFTTrainer`` with
+  fxpeft's checkpoints, given FSDP2 arguments (which accelerate ignores on the CPU): what each
+  refusal says.
 
 Writes ``<output>/rank<r>.json``. Arguments: the output folder, a saved tiny Llama (for QLoRA).
 """
@@ -23,16 +24,18 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
 import fxpeft
-from conftest import tiny_llama
+from conftest import tiny_llama, token_batch
 from fsdp_job import train
 from fxpeft.helpers.sharding import GatheredBytes, shard_layers
 from fxpeft.transforms.units import layer_modules
 from fxpeft.io.serialize import restore
+from fxpeft.tools.trainer import AdapterCheckpoints
 
 LAYERS = 4
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fsdp_smollm2.py"
@@ -142,14 +145,72 @@ def qlora(checkpoint: Path, rank: int, world: int) -> dict:
     return facts
 
 
+class Checkpointer(AdapterCheckpoints):
+    """fxpeft.Trainer's checkpoint methods on a sharded graph, without the Trainer around them:
+    accelerate runs FSDP only with accelerators, so on the CPU the methods the Trainer calls
+    (``save_model``, ``_save_optimizer_and_scheduler``, ``_load_from_checkpoint``,
+    ``_load_optimizer_and_scheduler``) are called here directly."""
+
+    def __init__(self, model: torch.nn.Module, output: Path, rank: int) -> None:
+        self.model = model
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1 / (1 + step))
+        self.args = SimpleNamespace(should_save=rank == 0, output_dir=str(output))
+        self.processing_class = None
+
+
+def _steps(trainer: Checkpointer, blocks: torch.Tensor, rank: int, world: int) -> None:
+    for batch in blocks:
+        rows = batch.chunk(world)[rank]
+        trainer.model(input_ids=rows, labels=rows).loss.backward()
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+
+def checkpoint_resume(output: Path, rank: int, world: int) -> dict:
+    """4 steps with a checkpoint after 2, against a fresh sharded graph resumed from it."""
+    blocks = token_batch(4 * 4, 16, seed=5).view(4, 4, 16)
+    folder = output / "checkpoint-2"
+    run = Checkpointer(shard_layers(adapted()), output, rank)
+    _steps(run, blocks[:2], rank, world)
+    run.save_model(str(folder))
+    run._save_optimizer_and_scheduler(str(folder))
+    _steps(run, blocks[2:], rank, world)
+    resumed = Checkpointer(shard_layers(adapted()), output, rank)
+    resumed._load_from_checkpoint(str(folder))
+    resumed._load_optimizer_and_scheduler(str(folder))
+    _steps(resumed, blocks[2:], rank, world)
+    whole = lambda gm: {k: v.full_tensor() for k, v in fxpeft.adapter_state_dict(gm).items()}  # noqa: E731
+    trained, again = whole(run.model), whole(resumed.model)
+    saved = torch.load(folder / "optimizer.pt", weights_only=True)["state"] if rank == 0 else {}
+    shapes = {n: list(p.shape) for n, p in run.model.named_parameters() if p.requires_grad}
+    return {"files": sorted(p.name for p in folder.iterdir()),
+            "equal": all(torch.equal(trained[k], again[k]) for k in trained),
+            "optimizer": {k: [type(v["exp_avg"]).__name__, list(v["exp_avg"].shape)] for k, v in saved.items()},
+            "adapter_shapes": shapes}
+
+
 def trainer_routes(output: Path) -> dict:
+    """What fxpeft.Trainer (flat and sharded graph) and TRL's SFTTrainer with fxpeft's
+    checkpoints (flat graph) say to FSDP2 arguments on the CPU."""
+    import datasets
+    import trl
     from transformers import TrainingArguments
-    args = TrainingArguments(output_dir=str(output / "trainer"), max_steps=1, report_to=[],
-                             use_cpu=True, fsdp="full_shard", fsdp_config={"fsdp_version": 2})
+    from conftest import word_texts, word_tokenizer
+    fsdp = {"use_cpu": True, "report_to": [], "max_steps": 1, "fsdp": "full_shard",
+            "fsdp_config": {"fsdp_version": 2}}
+    args = TrainingArguments(output_dir=str(output / "trainer"), **fsdp)
+    sft = fxpeft.with_adapter_checkpoints(trl.SFTTrainer)
+    texts = datasets.Dataset.from_dict({"text": word_texts(4, words=12, seed=1)})
+    makers = {"flat": lambda: fxpeft.Trainer(model=adapted(), args=args, train_dataset=[]),
+              "sharded": lambda: fxpeft.Trainer(model=shard_layers(adapted()), args=args, train_dataset=[]),
+              "sft": lambda: sft(model=adapted(), args=trl.SFTConfig(str(output / "sft"), **fsdp),
+                                 train_dataset=texts, processing_class=word_tokenizer("right"))}
     refusals = {}
-    for name, graph in (("flat", adapted()), ("sharded", shard_layers(adapted()))):
+    for name, make in makers.items():
         try:
-            fxpeft.Trainer(model=graph, args=args, train_dataset=[])
+            make()
         except fxpeft.FxpeftError as err:
             refusals[name] = str(err)
     return refusals
@@ -162,7 +223,8 @@ def main(output: Path, checkpoint: Path) -> None:
     try:
         facts = {"layers": per_layer(output, rank, world), "whole": whole_graph(rank, world),
                  "bf16": bf16_base(rank, world), "trainer": trainer_routes(output),
-                 "qlora": qlora(checkpoint, rank, world)}
+                 "qlora": qlora(checkpoint, rank, world),
+                 "resume": checkpoint_resume(output, rank, world)}
         (output / f"rank{rank}.json").write_text(json.dumps(facts))
         run_example(output)
     finally:

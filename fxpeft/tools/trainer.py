@@ -56,7 +56,7 @@ def check_sharding_route(trainer: Any) -> None:
     asked, on = bool(trainer.args.fsdp), getattr(trainer, "is_fsdp_enabled", False)
     sharded = has_sharded_adapters(model)
     if (asked or sharded) and not on:
-        raise FxpeftError(f"fxpeft.Trainer: {'`fsdp` arguments' if asked else 'a graph sharded by FSDP2'}"
+        raise FxpeftError(f"{type(trainer).__name__}: {'`fsdp` arguments' if asked else 'a graph sharded by FSDP2'}"
                           f" on {trainer.args.device.type}: {_ON_CPU}")
     version = getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 2) if on else 2
     if version != 2:

@@ -80,7 +80,9 @@ def test_bf16_base_with_fp32_adapters_shards_per_layer_and_trains(runs):
 
 def test_the_trainer_refuses_fsdp_arguments_on_the_cpu_naming_the_routes_that_work(runs):
     refusals = runs[0]["trainer"]
-    assert set(refusals) == {"flat", "sharded"}  # neither graph is trained, nor wrapped in DDP
+    # fxpeft.Trainer on either graph, TRL's SFTTrainer with fxpeft's checkpoints: none trains
+    # (accelerate would wrap the graph in DDP)
+    assert set(refusals) == {"flat", "sharded", "sft"}
     for said in refusals.values():
         assert "`fsdp` arguments on cpu: accelerate turns FSDP on only with accelerators" in said
         assert "shard_layers in your own loop (examples/fsdp_smollm2.py)" in said
@@ -114,3 +116,14 @@ def test_the_example_prints_per_rank_memory_of_ddp_whole_graph_and_per_layer_fsd
         assert whole["resident_mib"] == layers["resident_mib"] == pytest.approx(ddp["resident_mib"] / 2, rel=0.01)
         assert whole["gathered_peak_mib"] == ddp["resident_mib"]  # every parameter at once
         assert layers["params_peak_mib"] < ddp["params_peak_mib"] < whole["params_peak_mib"]
+
+
+def test_trainer_checkpoints_of_a_sharded_graph_hold_the_adapter_and_resume_exactly(runs):
+    """fxpeft.Trainer's checkpoint methods, called directly (on the CPU accelerate runs no FSDP)."""
+    resume, other = runs[0]["resume"], runs[1]["resume"]
+    assert resume["files"] == ["adapter_config.json", "adapter_model.safetensors", "fxpeft_rules.toml",
+                               "optimizer.pt", "scheduler.pt", "training_args.bin"]  # no base weights
+    # AdamW's state gathered whole (rank 0 writes it): plain tensors, one per adapter tensor
+    assert resume["optimizer"] == {k: ["Tensor", shape] for k, shape in resume["adapter_shapes"].items()}
+    # a fresh sharded graph resumed at step 2 ends at the uninterrupted run's step-4 adapter
+    assert resume["equal"] and other["equal"]
