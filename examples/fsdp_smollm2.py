@@ -15,7 +15,10 @@ Each mode trains a fresh adapted graph on the same global batches (each rank its
 Per rank and mode it prints the parameter bytes held at rest, the peak of gathered parameters
 during a step (counted at FSDP's gathers and frees: ``GatheredBytes``), their sum, the peak
 allocated memory where the device keeps statistics (CUDA) or the peak resident set (CPU), and
-the mean step time. Rank 0 saves the per-layer run's adapter (PEFT format). ``--tiny``: a small
+the mean step time. ``--bf16-base``: a bf16 base with fp32 adapters (one FSDP unit holds both:
+FSDP2 needs one dtype only among the parameters that train). On one GPU,
+``torchrun --nproc_per_node=1 examples/fsdp_smollm2.py --tiny --bf16-base`` checks device
+placement and mixed precision on nccl with world size 1. Rank 0 saves the per-layer run's adapter (PEFT format). ``--tiny``: a small
 random Llama and random tokens (tests); ``--config``: a model of that shape, random weights
 (the benchmark, bench/fsdp_memory.py); ``--report``: the numbers as JSON.
 """
@@ -55,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="a small random Llama, random tokens")
     parser.add_argument("--config", default=None, help="a model config (JSON): that shape, random weights")
+    parser.add_argument("--bf16-base", action="store_true",
+                        help="the base in bf16, the adapters in fp32 (PEFT's mixed precision)")
     parser.add_argument("--report", default=None, help="write the numbers here (JSON)")
     return parser.parse_args(argv)
 
@@ -112,7 +117,8 @@ def resident_bytes(model: torch.nn.Module) -> int:
 def run_mode(mode: str, make: Callable[[], torch.nn.Module], blocks: torch.Tensor,
              args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(args.seed)  # the same adapter initialisation on every rank and mode
-    gm = fxpeft.rewrite(make(), args.rules, dropout=0.0).to(device).train()
+    base = make().to(torch.bfloat16) if args.bf16_base else make()
+    gm = fxpeft.rewrite(base, args.rules, dropout=0.0).to(device).train()
     model, holder = wrap(mode, gm, device)
     optimizer = torch.optim.AdamW([p for p in holder.parameters() if p.requires_grad], lr=args.lr)
     counter = GatheredBytes(holder)

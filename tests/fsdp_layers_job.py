@@ -1,5 +1,6 @@
 """Run by tests/integration/test_fsdp_layers.py under ``torchrun --nproc_per_node=2`` (gloo, CPU),
-and by the test itself in one process (``reference``). Three setups in one spawn:
+and by the test itself in one process (``reference``, ``qlora_reference``). Every 2-process
+setup runs in this one spawn (each spawn costs tens of seconds on 2 cores):
 
 - ``layers``: ``shard_layers`` (``fxpeft.layer_units``, ``fully_shard`` per layer and on the
   graph) on a 4-layer tiny Llama with LoRA, AdamW on this rank's half of each global batch,
@@ -10,11 +11,12 @@ and by the test itself in one process (``reference``). Three setups in one spawn
 - ``qlora``: an nf4 base (``bnb_4bit_quant_storage=bfloat16``, bitsandbytes' FSDP recipe: the
   packed weight is a bf16 parameter FSDP can shard and gather byte for byte; its ``absmax`` is a
   buffer, which FSDP keeps whole on every rank) with LoRA, sharded per layer;
-- ``examples/fsdp_smollm2.py --tiny`` last (it leaves the process group), its report in
-  ``<output>/example.json``;
 - ``trainer``: ``fxpeft.Trainer`` (flat and sharded graph) and TRL's ``SFTTrainer`` with
   fxpeft's checkpoints, given FSDP2 arguments (which accelerate ignores on the CPU): what each
-  refusal says.
+  refusal says;
+- ``resume``: fxpeft.Trainer's checkpoint methods on a sharded graph, resumed from step 2;
+- ``examples/fsdp_smollm2.py --tiny`` last (it leaves the process group), its report in
+  ``<output>/example.json``.
 
 Writes ``<output>/rank<r>.json``. Arguments: the output folder, a saved tiny Llama (for QLoRA).
 """
