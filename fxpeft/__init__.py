@@ -12,7 +12,7 @@ from fxpeft import rules
 from fxpeft.api import (AdaptedModule, AdapterFileError, AutoAdaptedModel, AutoAdaptedModelForCausalLM,
                         AutoAdaptedModelForSequenceClassification, CaptureError, FxpeftError, MatchError,
                         PassError, RuleError, adapter_state_dict, add_adapter, explain, fuse,
-                        generate, load, merge, merge_into, reference_model, rewrite, save,
+                        generate, layer_units, load, merge, merge_into, reference_model, rewrite, save,
                         trainable_parameters)
 from fxpeft.api import __all__ as _public
 from fxpeft.kinds import builtin  # noqa: F401  registers the adapter kinds

@@ -19,9 +19,12 @@ from conftest import tiny_llama, token_batch
 STEPS, BATCH, SEQ = 6, 4, 16
 
 
-def train(gm: torch.nn.Module, rank: int, world: int) -> list[float]:
-    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
-    blocks = token_batch(STEPS * BATCH, SEQ, seed=3).view(STEPS, BATCH, SEQ)
+def train(gm: torch.nn.Module, rank: int, world: int, steps: int = STEPS,
+          optimizer: "torch.optim.Optimizer | None" = None) -> list[float]:
+    """``steps`` AdamW steps; each rank takes its half of every global batch."""
+    if optimizer is None:
+        optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
+    blocks = token_batch(steps * BATCH, SEQ, seed=3).view(steps, BATCH, SEQ)
     losses = []
     for batch in blocks:
         rows = batch.chunk(world)[rank]  # equal halves: the averaged gradient is the global one

@@ -120,7 +120,12 @@ def peft_state_dict(gm: torch.nn.Module, adapter: str, kind: AdapterKind) -> dic
     return tensors
 
 
-def _sharded(gm: torch.nn.Module) -> bool:
+def has_sharded_adapters(gm: torch.nn.Module) -> bool:
+    """Whether FSDP2 shards ``gm``'s adapters (its parameters are ``DTensor``s).
+
+    >>> has_sharded_adapters(torch.nn.Linear(2, 2))
+    False
+    """
     return any(is_sharded(p) for name, p in gm.named_parameters() if is_adapter_parameter(name))
 
 
@@ -210,13 +215,20 @@ def save(gm: AdaptedModule, directory: "str | Path", adapter: str = "default") -
     A graph sharded by FSDP2 (``fully_shard``): call ``save`` on every rank. Each gathers the
     adapter (a collective), rank 0 writes, and all return once the folder is complete.
     """
-    sharded = _sharded(gm)
-    writers = _writers(gm, adapter, Path(directory))
+    _on_rank_zero(gm, adapter, Path(directory), replace_folder)
+    return Path(directory)
+
+
+def _on_rank_zero(gm: AdaptedModule, adapter: str, directory: Path,
+                  write: Callable[[Path, dict[str, Callable[[Path], None]]], None]) -> None:
+    """``write(directory, writers)``; for a sharded graph (FSDP2) every rank gathers the adapter
+    (a collective), rank 0 writes, and all return once the files are complete."""
+    sharded = has_sharded_adapters(gm)
+    writers = _writers(gm, adapter, directory)
     if not sharded or torch.distributed.get_rank() == 0:
-        replace_folder(Path(directory), writers)
+        write(directory, writers)
     if sharded:
         torch.distributed.barrier()  # no rank reads the folder before rank 0 has written it
-    return Path(directory)
 
 
 
@@ -445,7 +457,21 @@ def _fill(gm: AdaptedModule, adapter: str, kind: AdapterKind, tensors: dict[str,
     state = gm.state_dict()
     with torch.no_grad():
         for key, name in expected.items():
-            state[name].copy_(tensors[key])
+            copy_whole_into(state[name], tensors[key])
+
+
+def copy_whole_into(target: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copy the whole tensor ``whole`` into ``target``; a sharded ``target`` (FSDP2) takes only
+    its own shard (every rank holds ``whole``, so no rank sends anything).
+
+    >>> target = torch.zeros(2); copy_whole_into(target, torch.ones(2)); target
+    tensor([1., 1.])
+    """
+    if is_sharded(target):
+        from torch.distributed.tensor import distribute_tensor
+        whole = distribute_tensor(whole.to(target.device), target.device_mesh, target.placements,
+                                  src_data_rank=None)
+    target.copy_(whole)
 
 
 def _fill_with_state(gm: AdaptedModule, adapter: str, kind: AdapterKind, config: dict[str, Any],
@@ -546,6 +572,7 @@ def write_into(gm: AdaptedModule, directory: "str | Path", adapter: str = "defau
     """Write ``adapter``'s files (as ``save`` does) into ``directory``, keeping the other files
     there: a Trainer checkpoint also holds the optimizer's state. Each file is replaced
     atomically and the config comes last, but unlike ``save`` the set is not swapped in as one.
+    A sharded graph (FSDP2): call on every rank, as ``save``.
 
     >>> import tempfile, torch, fxpeft
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -556,13 +583,15 @@ def write_into(gm: AdaptedModule, directory: "str | Path", adapter: str = "defau
     >>> sorted(p.name for p in write_into(fxpeft.rewrite(model, "lora_qv"), folder).iterdir())
     ['adapter_config.json', 'adapter_model.safetensors', 'fxpeft_rules.toml', 'optimizer.pt']
     """
-    directory = Path(directory)
-    writers = _writers(gm, adapter, directory)
+    _on_rank_zero(gm, adapter, Path(directory), _write_files)
+    return Path(directory)
+
+
+def _write_files(directory: Path, writers: dict[str, Callable[[Path], None]]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for name in sorted(writers, key=lambda name: name == CONFIG):  # a config means complete
         replace_file(directory / name, writers[name])
     _fsync(directory)
-    return directory
 
 
 def restore(gm: AdaptedModule, directory: "str | Path", adapter: str = "default") -> None:

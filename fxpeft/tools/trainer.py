@@ -13,7 +13,12 @@ adapters. So this subclass changes exactly those three places for an ``AdaptedMo
 - ``_load_from_checkpoint`` (``train(resume_from_checkpoint=...)``) and ``_load_best_model``
   (``load_best_model_at_end``) copy those weights back into the graph's adapters.
 
-Optimizer, scheduler, RNG and trainer state are the stock Trainer's, untouched.
+Optimizer, scheduler, RNG and trainer state are the stock Trainer's, untouched, except under
+FSDP2: a graph sharded per layer (``fxpeft.helpers.sharding.shard_layers``, called before the
+Trainer, with ``fsdp`` arguments naming version 2) keeps its sharding (accelerate leaves an
+``FSDPModule`` as it is); checkpoints then gather the adapter (rank 0 writes the PEFT folder,
+no base weights) and the optimizer state, whole, into ``optimizer.pt``; resuming scatters both
+back. Routes that cannot work are refused when the Trainer is made, naming the one that does.
 """
 
 from __future__ import annotations
@@ -24,11 +29,43 @@ from typing import Any
 
 import torch
 import transformers
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINING_ARGS_NAME
 
 from fxpeft.errors import FxpeftError
 from fxpeft.runtime.adapted_module import AdaptedModule
 from fxpeft.io.checkpoints import restore_adapters, save_adapters
+from fxpeft.io.serialize import has_sharded_adapters
+
+_SHARD_FIRST = ("shard the graph first, on every rank, with "
+                "fxpeft.helpers.sharding.shard_layers(gm), and pass TrainingArguments(fsdp="
+                "'full_shard', fsdp_config={'fsdp_version': 2})")
+_ON_CPU = ("accelerate turns FSDP on only with accelerators (CUDA, XPU, ...): on the CPU (gloo) "
+           "it ignores `fsdp` arguments and would wrap the graph in DDP. On the CPU, train a graph "
+           "sharded by fxpeft.helpers.sharding.shard_layers in your own loop "
+           "(examples/fsdp_smollm2.py), or use fxpeft.Trainer with DDP (no `fsdp` arguments)")
+
+
+def check_sharding_route(trainer: Any) -> None:
+    """Refuse the FSDP setups that cannot train an fxpeft graph, naming the one that does.
+
+    >>> check_sharding_route(object())  # not an fxpeft graph: nothing to check
+    """
+    model = getattr(trainer, "model", None)
+    if not isinstance(model, AdaptedModule):
+        return
+    asked, on = bool(trainer.args.fsdp), getattr(trainer, "is_fsdp_enabled", False)
+    sharded = has_sharded_adapters(model)
+    if (asked or sharded) and not on:
+        raise FxpeftError(f"{type(trainer).__name__}: {'`fsdp` arguments' if asked else 'a graph sharded by FSDP2'}"
+                          f" on {trainer.args.device.type}: {_ON_CPU}")
+    version = getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 2) if on else 2
+    if version != 2:
+        raise FxpeftError(f"fxpeft.Trainer: FSDP version {version} wraps modules the flat fxpeft "
+                          f"graph never calls; {_SHARD_FIRST}")
+    if on and not sharded:
+        raise FxpeftError("fxpeft.Trainer: `fsdp` arguments on an unsharded fxpeft graph: "
+                          "accelerate's wrapping finds no layer modules in it (the graph reads "
+                          f"every weight directly); {_SHARD_FIRST}")
 
 
 class AdapterCheckpoints:
@@ -43,19 +80,60 @@ class AdapterCheckpoints:
     'FxpeftTrainer'
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        check_sharding_route(self)
+
+    def _sharded(self) -> bool:
+        return isinstance(self.model, AdaptedModule) and has_sharded_adapters(self.model)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self._sharded():
+            return super().save_model(output_dir, _internal_call)
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        save_adapters(self.model, folder)  # every rank gathers; rank 0 writes
+        if self.args.should_save:
+            self._save_extras(folder)
+        return None
+
+    def _save_extras(self, folder: str) -> None:
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(folder)
+        torch.save(self.args, os.path.join(folder, TRAINING_ARGS_NAME))  # as the stock Trainer
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._sharded():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0
+        state = get_optimizer_state_dict(self.model, self.optimizer, options=whole)
+        if self.args.should_save:
+            torch.save(state, os.path.join(output_dir, OPTIMIZER_NAME))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+        return None
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self._sharded():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        state = torch.load(os.path.join(checkpoint, OPTIMIZER_NAME), map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(self.model, self.optimizer, state,  # each rank keeps its shard
+                                 options=StateDictOptions(full_state_dict=True))
+        self.lr_scheduler.load_state_dict(
+            torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+        return None
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not isinstance(self.model, AdaptedModule):
             return super()._save(output_dir, state_dict)
         if state_dict is not None:  # only FSDP, DeepSpeed and SageMaker gather one
-            raise FxpeftError("fxpeft.Trainer saves adapters from the graph's own tensors; a "
-                              "sharded setup (FSDP, DeepSpeed) is not supported: use DDP")
+            raise FxpeftError("fxpeft.Trainer saves adapters from the graph's own tensors; "
+                              f"DeepSpeed is not supported: use DDP, or FSDP2: {_SHARD_FIRST}")
         if not self.args.should_save:  # not the main process
             return None
         folder = output_dir if output_dir is not None else self.args.output_dir
         save_adapters(self.model, folder)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(folder)
-        torch.save(self.args, os.path.join(folder, TRAINING_ARGS_NAME))  # as the stock Trainer
+        self._save_extras(folder)
         return None
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:

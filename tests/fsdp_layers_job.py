@@ -1,0 +1,246 @@
+"""Run by tests/integration/test_fsdp_layers.py under ``torchrun --nproc_per_node=2`` (gloo, CPU),
+and by the test itself in one process (``reference``, ``qlora_reference``). Every 2-process
+setup runs in this one spawn (each spawn costs tens of seconds on 2 cores):
+
+- ``layers``: ``shard_layers`` (``fxpeft.layer_units``, ``fully_shard`` per layer and on the
+  graph) on a 4-layer tiny Llama with LoRA, AdamW on this rank's half of each global batch,
+  gathered bytes counted at FSDP's gathers and frees; then ``fxpeft.save`` (gathers) and
+  ``restore`` of that folder into a fresh sharded graph (scatters);
+- ``whole``: ``fully_shard`` on the whole graph, the same count over one step;
+- ``bf16``: the base in bf16, the adapters in fp32, sharded per layer;
+- ``qlora``: an nf4 base (``bnb_4bit_quant_storage=bfloat16``, bitsandbytes' FSDP recipe: the
+  packed weight is a bf16 parameter FSDP can shard and gather byte for byte; its ``absmax`` is a
+  buffer, which FSDP keeps whole on every rank) with LoRA, sharded per layer;
+- ``trainer``: ``fxpeft.Trainer`` (flat and sharded graph) and TRL's ``SFTTrainer`` with
+  fxpeft's checkpoints, given FSDP2 arguments (which accelerate ignores on the CPU): what each
+  refusal says;
+- ``resume``: fxpeft.Trainer's checkpoint methods on a sharded graph, resumed from step 2;
+- ``examples/fsdp_smollm2.py --tiny`` last (it leaves the process group), its report in
+  ``<output>/example.json``.
+
+Writes ``<output>/rank<r>.json``. Arguments: the output folder, a saved tiny Llama (for QLoRA).
+"""
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+import fxpeft
+from conftest import tiny_llama, token_batch
+from fsdp_job import train
+from fxpeft.helpers.sharding import GatheredBytes, shard_layers
+from fxpeft.transforms.units import layer_modules
+from fxpeft.io.serialize import restore
+from fxpeft.tools.trainer import AdapterCheckpoints
+
+LAYERS = 4
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fsdp_smollm2.py"
+QLORA_STEPS = 3
+
+
+def adapted(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return fxpeft.rewrite(tiny_llama(num_hidden_layers=LAYERS).to(dtype), "lora_qv.toml",
+                          dropout=0.0).train()
+
+
+def reference(output: Path) -> dict:
+    """The flat graph in one process, the whole global batch per step."""
+    gm = adapted()
+    facts = {"losses": train(gm, 0, 1)}
+    fxpeft.save(gm, output / "adapter")
+    return facts
+
+
+def _local_fraction(module: torch.nn.Module, frozen: bool) -> float:
+    """This rank's share of ``module``'s own (frozen or trainable) parameter numbers."""
+    params = [p for p in module.parameters() if p.requires_grad != frozen]
+    return sum(p.to_local().numel() for p in params) / sum(p.numel() for p in params)
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.dtype.itemsize for p in module.parameters())
+
+
+def _optimizer_facts(optimizer: torch.optim.Optimizer, gm: torch.nn.Module) -> dict:
+    states = [s for s in optimizer.state.values() if "exp_avg" in s]
+    adapters = [p for p in gm.parameters() if p.requires_grad]
+    return {"state_tensors": len(states), "adapter_tensors": len(adapters),
+            "state_local_numel": sum(s["exp_avg"].to_local().numel() for s in states),
+            "adapter_numel": sum(p.numel() for p in adapters),
+            "state_sharded": all(type(s["exp_avg"]).__name__ == "DTensor" for s in states)}
+
+
+def per_layer(output: Path, rank: int, world: int) -> dict:
+    gm = shard_layers(adapted())
+    layers = layer_modules(gm)
+    facts = {"units": len(layers),
+             "base_fraction": [_local_fraction(m, frozen=True) for m in layers],
+             "adapter_fraction": [_local_fraction(m, frozen=False) for m in layers],
+             "layer_bytes": [_bytes(m) for m in layers],
+             "trainable": sorted(n for n, p in gm.named_parameters() if p.requires_grad)}
+    facts["root_bytes"] = _bytes(gm) - sum(facts["layer_bytes"])
+    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
+    counter = GatheredBytes(gm)
+    with counter.counting():
+        facts["losses"] = train(gm, rank, world, optimizer=optimizer)
+    facts.update(peak=counter.peak, total=counter.total, optimizer=_optimizer_facts(optimizer, gm))
+    fxpeft.save(gm, output / "adapter")
+    fresh = shard_layers(adapted())
+    restore(fresh, output / "adapter")
+    trained, restored = fxpeft.adapter_state_dict(gm), fxpeft.adapter_state_dict(fresh)
+    facts["restored_equal"] = all(torch.equal(trained[k].full_tensor(), restored[k].full_tensor())
+                                  for k in trained)
+    return facts
+
+
+def whole_graph(rank: int, world: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+    gm = adapted()
+    fully_shard(gm)
+    counter = GatheredBytes(gm)
+    with counter.counting():
+        train(gm, rank, world, steps=1)
+    return {"peak": counter.peak, "total": counter.total}
+
+
+def bf16_base(rank: int, world: int) -> dict:
+    gm = adapted(torch.bfloat16)
+    dtypes = {n: str(p.dtype) for n, p in gm.named_parameters()}
+    gm = shard_layers(gm)
+    counter = GatheredBytes(gm)
+    with counter.counting():
+        losses = train(gm, rank, world, steps=2)
+    return {"dtypes": dtypes, "losses": losses, "peak": counter.peak, "total": counter.total,
+            "after": {n: str(p.dtype) for n, p in gm.named_parameters()}}
+
+
+def qlora_graph(checkpoint: Path) -> torch.nn.Module:
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_compute_dtype=torch.float32,
+                                bnb_4bit_quant_storage=torch.bfloat16)
+    model = LlamaForCausalLM.from_pretrained(checkpoint, quantization_config=config, device_map="cpu")
+    torch.manual_seed(0)
+    return fxpeft.rewrite(model, "lora_qv.toml", dropout=0.0).train()
+
+
+def qlora_reference(checkpoint: Path) -> dict:
+    """The unsharded QLoRA graph in one process, the whole global batch per step."""
+    gm = qlora_graph(checkpoint)
+    return {"losses": train(gm, 0, 1, steps=QLORA_STEPS),
+            "adapter": {k: v.tolist() for k, v in fxpeft.adapter_state_dict(gm).items()}}
+
+
+def qlora(checkpoint: Path, rank: int, world: int) -> dict:
+    gm = shard_layers(qlora_graph(checkpoint))
+    packed = gm.get_parameter("model.layers.0.self_attn.q_proj.weight")
+    facts = {"packed": [type(packed).__name__, str(packed.dtype), packed.to_local().numel(), packed.numel()],
+             "losses": train(gm, rank, world, steps=QLORA_STEPS)}
+    facts["adapter"] = {k: v.full_tensor().tolist() for k, v in fxpeft.adapter_state_dict(gm).items()}
+    return facts
+
+
+class Checkpointer(AdapterCheckpoints):
+    """fxpeft.Trainer's checkpoint methods on a sharded graph, without the Trainer around them:
+    accelerate runs FSDP only with accelerators, so on the CPU the methods the Trainer calls
+    (``save_model``, ``_save_optimizer_and_scheduler``, ``_load_from_checkpoint``,
+    ``_load_optimizer_and_scheduler``) are called here directly."""
+
+    def __init__(self, model: torch.nn.Module, output: Path, rank: int) -> None:
+        self.model = model
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1 / (1 + step))
+        self.args = SimpleNamespace(should_save=rank == 0, output_dir=str(output))
+        self.processing_class = None
+
+
+def _steps(trainer: Checkpointer, blocks: torch.Tensor, rank: int, world: int) -> None:
+    for batch in blocks:
+        rows = batch.chunk(world)[rank]
+        trainer.model(input_ids=rows, labels=rows).loss.backward()
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+
+def checkpoint_resume(output: Path, rank: int, world: int) -> dict:
+    """4 steps with a checkpoint after 2, against a fresh sharded graph resumed from it."""
+    blocks = token_batch(4 * 4, 16, seed=5).view(4, 4, 16)
+    folder = output / "checkpoint-2"
+    run = Checkpointer(shard_layers(adapted()), output, rank)
+    _steps(run, blocks[:2], rank, world)
+    run.save_model(str(folder))
+    run._save_optimizer_and_scheduler(str(folder))
+    _steps(run, blocks[2:], rank, world)
+    resumed = Checkpointer(shard_layers(adapted()), output, rank)
+    resumed._load_from_checkpoint(str(folder))
+    resumed._load_optimizer_and_scheduler(str(folder))
+    _steps(resumed, blocks[2:], rank, world)
+    whole = lambda gm: {k: v.full_tensor() for k, v in fxpeft.adapter_state_dict(gm).items()}  # noqa: E731
+    trained, again = whole(run.model), whole(resumed.model)
+    saved = torch.load(folder / "optimizer.pt", weights_only=True)["state"] if rank == 0 else {}
+    shapes = {n: list(p.shape) for n, p in run.model.named_parameters() if p.requires_grad}
+    return {"files": sorted(p.name for p in folder.iterdir()),
+            "equal": all(torch.equal(trained[k], again[k]) for k in trained),
+            "optimizer": {k: [type(v["exp_avg"]).__name__, list(v["exp_avg"].shape)] for k, v in saved.items()},
+            "adapter_shapes": shapes}
+
+
+def trainer_routes(output: Path) -> dict:
+    """What fxpeft.Trainer (flat and sharded graph) and TRL's SFTTrainer with fxpeft's
+    checkpoints (flat graph) say to FSDP2 arguments on the CPU."""
+    import datasets
+    import trl
+    from transformers import TrainingArguments
+    from conftest import word_texts, word_tokenizer
+    fsdp = {"use_cpu": True, "report_to": [], "max_steps": 1, "fsdp": "full_shard",
+            "fsdp_config": {"fsdp_version": 2}}
+    args = TrainingArguments(output_dir=str(output / "trainer"), **fsdp)
+    sft = fxpeft.with_adapter_checkpoints(trl.SFTTrainer)
+    texts = datasets.Dataset.from_dict({"text": word_texts(4, words=12, seed=1)})
+    makers = {"flat": lambda: fxpeft.Trainer(model=adapted(), args=args, train_dataset=[]),
+              "sharded": lambda: fxpeft.Trainer(model=shard_layers(adapted()), args=args, train_dataset=[]),
+              "sft": lambda: sft(model=adapted(), args=trl.SFTConfig(str(output / "sft"), **fsdp),
+                                 train_dataset=texts, processing_class=word_tokenizer("right"))}
+    refusals = {}
+    for name, make in makers.items():
+        try:
+            make()
+        except fxpeft.FxpeftError as err:
+            refusals[name] = str(err)
+    return refusals
+
+
+def main(output: Path, checkpoint: Path) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo")
+    try:
+        facts = {"layers": per_layer(output, rank, world), "whole": whole_graph(rank, world),
+                 "bf16": bf16_base(rank, world), "trainer": trainer_routes(output),
+                 "qlora": qlora(checkpoint, rank, world),
+                 "resume": checkpoint_resume(output, rank, world)}
+        (output / f"rank{rank}.json").write_text(json.dumps(facts))
+        run_example(output)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_example(output: Path) -> None:
+    spec = importlib.util.spec_from_file_location("fsdp_smollm2", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--tiny", "--steps", "3", "--seq-len", "16", "--output", str(output / "example"),
+                  "--report", str(output / "example.json")])
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -1,0 +1,129 @@
+"""FSDP2 layer by layer: ``shard_layers`` (``fxpeft.layer_units`` + ``fully_shard`` per layer and
+on the graph), 2 gloo processes on a 4-layer tiny Llama (tests/fsdp_layers_job.py, one spawn
+for every setup), against the flat graph in one process with the same global batches."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fsdp_layers_job
+from conftest import tiny_llama
+from test_ddp import ROOT, torchrun
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(rank 0's facts, rank 1's, the one-process facts, the two saved adapters)."""
+    out = tmp_path_factory.mktemp("fsdp_layers")
+    tiny_llama().save_pretrained(out / "tiny")  # for QLoRA: quantized on load, as users do
+    torchrun(ROOT / "tests" / "fsdp_layers_job.py", str(out / "two"), str(out / "tiny"), cwd=out)
+    one = {**fsdp_layers_job.reference(out / "one"), "qlora": fsdp_layers_job.qlora_reference(out / "tiny")}
+    ranks = [json.loads((out / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    weights = [load_file(out / run / "adapter" / "adapter_model.safetensors") for run in ("two", "one")]
+    example = json.loads((out / "two" / "example.json").read_text())
+    return ranks[0], ranks[1], one, weights, example
+
+
+def test_losses_and_adapters_equal_one_process_with_the_global_batch(runs):
+    rank0, rank1, one, (two_weights, one_weights), _ = runs
+    layers = rank0["layers"]
+    assert layers["losses"] == rank1["layers"]["losses"]  # all-reduced: the same on both ranks
+    # two half-batch means vs one mean: only float summation order differs (measured 7e-7 on
+    # weights up to 0.17)
+    torch.testing.assert_close(torch.tensor(layers["losses"]), torch.tensor(one["losses"]),
+                               rtol=1e-5, atol=0)
+    assert sorted(two_weights) == sorted(one_weights) and len(one_weights) == 16
+    for key, tensor in one_weights.items():  # whole tensors (gathered), not shards
+        torch.testing.assert_close(two_weights[key], tensor, rtol=1e-5, atol=2e-6, msg=key)
+    assert max(t.abs().max() for t in one_weights.values()) > 1e-2  # trained
+
+
+def test_each_rank_holds_half_of_every_layer_and_only_adapters_train(runs):
+    layers = runs[0]["layers"]
+    assert layers["units"] == fsdp_layers_job.LAYERS
+    assert layers["base_fraction"] == [0.5] * 4 and layers["adapter_fraction"] == [0.5] * 4
+    assert all(".lora_" in name for name in layers["trainable"]) and len(layers["trainable"]) == 16
+    # AdamW state exists only for the 16 adapter tensors, each a DTensor holding this rank's half
+    assert layers["optimizer"] == {"state_tensors": 16, "adapter_tensors": 16, "state_sharded": True,
+                                   "state_local_numel": 3584, "adapter_numel": 7168}
+
+
+def test_the_step_gathers_one_layer_at_a_time_and_whole_graph_fsdp_gathers_all(runs):
+    layers, whole = runs[0]["layers"], runs[0]["whole"]
+    one_layer, root = layers["layer_bytes"][0], layers["root_bytes"]
+    assert layers["total"] == whole["total"] == root + 4 * one_layer
+    # per layer: the root's own tensors (embeddings, final norm, head: the graph reads them
+    # directly) stay gathered through the step, plus one layer at a time, forward and backward
+    assert layers["peak"] == root + one_layer
+    assert layers["peak"] < 0.35 * layers["total"]
+    # whole-graph FSDP (one unit) holds every parameter at once: the check above fails there
+    assert whole["peak"] == whole["total"] and not whole["peak"] <= root + one_layer
+
+
+def test_saved_adapter_restores_into_a_fresh_sharded_graph(runs):
+    assert runs[0]["layers"]["restored_equal"] and runs[1]["layers"]["restored_equal"]
+
+
+def test_bf16_base_with_fp32_adapters_shards_per_layer_and_trains(runs):
+    bf16 = runs[0]["bf16"]
+    base = {name: dtype for name, dtype in bf16["dtypes"].items() if ".lora_" not in name}
+    adapters = {name: dtype for name, dtype in bf16["dtypes"].items() if ".lora_" in name}
+    assert set(base.values()) == {"torch.bfloat16"} and set(adapters.values()) == {"torch.float32"}
+    assert bf16["after"] == bf16["dtypes"]  # FSDP kept each tensor's dtype (one unit, two dtypes)
+    assert bf16["total"] < 0.55 * runs[0]["layers"]["total"]  # the base is gathered in bf16
+    assert bf16["losses"][1] < bf16["losses"][0]
+    # the first loss: bf16 base vs fp32 base, on the same weights (rounded)
+    assert bf16["losses"][0] == pytest.approx(runs[0]["layers"]["losses"][0], rel=1e-2)
+
+
+def test_the_trainer_refuses_fsdp_arguments_on_the_cpu_naming_the_routes_that_work(runs):
+    refusals = runs[0]["trainer"]
+    # fxpeft.Trainer on either graph, TRL's SFTTrainer with fxpeft's checkpoints: none trains
+    # (accelerate would wrap the graph in DDP)
+    assert set(refusals) == {"flat", "sharded", "sft"}
+    for said in refusals.values():
+        assert "`fsdp` arguments on cpu: accelerate turns FSDP on only with accelerators" in said
+        assert "shard_layers in your own loop (examples/fsdp_smollm2.py)" in said
+        assert "fxpeft.Trainer with DDP" in said
+
+
+def test_qlora_nf4_base_shards_per_layer_and_equals_the_unsharded_qlora_graph(runs):
+    rank0, rank1, one = runs[0]["qlora"], runs[1]["qlora"], runs[2]["qlora"]
+    # q_proj's packed nf4 weight (64 x 64 values, 2 a byte: 1024 bf16 elements) is a DTensor
+    # holding half per rank; the 4-bit op reads it gathered, byte for byte (measured: losses
+    # equal to 2e-7, weights to 1e-6)
+    assert rank0["packed"] == ["DTensor", "torch.bfloat16", 512, 1024]
+    assert rank0["losses"] == rank1["losses"]
+    torch.testing.assert_close(torch.tensor(rank0["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=0)
+    assert rank0["adapter"].keys() == one["adapter"].keys() and len(one["adapter"]) == 8
+    for key, value in one["adapter"].items():
+        torch.testing.assert_close(torch.tensor(rank0["adapter"][key]), torch.tensor(value),
+                                   rtol=1e-5, atol=2e-6, msg=key)
+    assert max(abs(x) for key, rows in one["adapter"].items() if "lora_B" in key
+               for row in rows for x in row) > 1e-2  # trained: B moved away from zero
+
+
+def test_the_example_prints_per_rank_memory_of_ddp_whole_graph_and_per_layer_fsdp(runs):
+    example = runs[4]
+    assert example["world_size"] == 2 and len(example["ranks"]) == 2
+    for rows in example["ranks"]:
+        ddp, whole, layers = rows
+        assert [r["mode"] for r in rows] == ["ddp", "whole", "layers"]
+        assert ddp["losses"] == pytest.approx(layers["losses"], rel=1e-5)  # same batches, same math
+        assert whole["losses"] == pytest.approx(layers["losses"], rel=1e-5)
+        assert whole["resident_mib"] == layers["resident_mib"] == pytest.approx(ddp["resident_mib"] / 2, rel=0.01)
+        assert whole["gathered_peak_mib"] == ddp["resident_mib"]  # every parameter at once
+        assert layers["params_peak_mib"] < ddp["params_peak_mib"] < whole["params_peak_mib"]
+
+
+def test_trainer_checkpoints_of_a_sharded_graph_hold_the_adapter_and_resume_exactly(runs):
+    """fxpeft.Trainer's checkpoint methods, called directly (on the CPU accelerate runs no FSDP)."""
+    resume, other = runs[0]["resume"], runs[1]["resume"]
+    assert resume["files"] == ["adapter_config.json", "adapter_model.safetensors", "fxpeft_rules.toml",
+                               "optimizer.pt", "scheduler.pt", "training_args.bin"]  # no base weights
+    # AdamW's state gathered whole (rank 0 writes it): plain tensors, one per adapter tensor
+    assert resume["optimizer"] == {k: ["Tensor", shape] for k, shape in resume["adapter_shapes"].items()}
+    # a fresh sharded graph resumed at step 2 ends at the uninterrupted run's step-4 adapter
+    assert resume["equal"] and other["equal"]
