@@ -38,10 +38,14 @@ def _check_gates(gm: torch.nn.Module) -> None:
                               f"only on (1) or off (0) adapters can be folded")
 
 
-def merged_weights(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
-    """Base parameter target -> its value with every active adapter folded in (new tensors)."""
-    _check_gates(gm)
-    active = set(active_adapters(gm)) if adapter_names(gm) else {DEFAULT_ADAPTER}
+def merged_weights(gm: torch.fx.GraphModule, adapters: "set[str] | None" = None
+                   ) -> dict[str, torch.Tensor]:
+    """Base parameter target -> its value with every active adapter folded in (new tensors);
+    with ``adapters``, those adapters whatever their gates (``fxpeft.export_lora``)."""
+    if adapters is None:
+        _check_gates(gm)
+    active = set(adapters) if adapters is not None else \
+        set(active_adapters(gm)) if adapter_names(gm) else {DEFAULT_ADAPTER}
     weights: dict[str, torch.Tensor] = {}
     owners: dict[str, str] = {}  # changed target -> the module whose adapter changed it
     folded = set()
