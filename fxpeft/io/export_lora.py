@@ -140,11 +140,12 @@ def _rank(delta: torch.Tensor, singular: torch.Tensor, base: torch.Tensor) -> in
     return int((singular > max(delta.shape) * _EPS * scale).sum())
 
 
-def _factors(delta: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lora_A [r, in], lora_B [out, r])`` in fp32: the top ``r`` singular triplets of
-    ``dW``, singular values in B, zero rows and columns past ``dW``'s size."""
+def _factors(delta: torch.Tensor, r: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lora_A [r, in], lora_B [out, r])`` in fp32: the top ``min(r, rank)`` singular
+    triplets of ``dW``, singular values in B; zero rows and columns past ``dW``'s rank (the
+    rest is rounding noise)."""
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    kept = min(r, s.numel())
+    kept = min(r, rank)
     lora_a = torch.zeros(r, delta.shape[1], dtype=torch.float64)
     lora_b = torch.zeros(delta.shape[0], r, dtype=torch.float64)
     lora_a[:kept], lora_b[:, :kept] = vh[:kept], u[:, :kept] * s[:kept]
@@ -201,7 +202,7 @@ def export_lora(gm: torch.fx.GraphModule, folder: "str | Path", max_rank: int = 
     r = vllm_rank(max(ranks.values(), default=1), max_rank)
     tensors, errors = {}, {}
     for path, (_, delta) in deltas.items():
-        lora_a, lora_b = _factors(delta, r)
+        lora_a, lora_b = _factors(delta, r, ranks[path])
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = lora_a
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = lora_b
         errors[path] = _error(delta, lora_a, lora_b, ranks[path])
