@@ -49,7 +49,7 @@ log = logging.getLogger("fxpeft")
 
 # vLLM's ``MaxLoRARanks`` (vllm/config/lora.py): the only ranks a server may be started with.
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-_EPS = torch.finfo(torch.float32).eps  # the merged weights are fp32 (or narrower)
+_FP32_ROUNDING = 2.0 ** -23  # fp32 machine epsilon: the merged weights are fp32 (or narrower)
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def _rank(delta: torch.Tensor, singular: torch.Tensor, base: torch.Tensor) -> in
     if singular.numel() == 0:
         return 0
     scale = max(float(singular[0]), float(base.double().norm()) / min(delta.shape) ** 0.5)
-    return int((singular > max(delta.shape) * _EPS * scale).sum())
+    return int((singular > max(delta.shape) * _FP32_ROUNDING * scale).sum())
 
 
 def _factors(delta: torch.Tensor, r: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -168,3 +168,18 @@ def test_named_adapters_and_bad_arguments(tmp_path):
     with pytest.raises(fxpeft.FxpeftError, match="max_rank = 0; vLLM's ranks are 1, 8"):
         fxpeft.export_lora(gm, tmp_path / "zero", max_rank=0)
     assert [p.name for p in tmp_path.iterdir()] == ["other"]
+
+
+def test_peft_convert_to_lora_drops_doras_magnitudes_where_export_lora_keeps_them(tmp_path):
+    """PEFT 0.21.2's ``convert_to_lora`` takes DoRA's ``get_delta_weight`` (``scale B A``) and
+    leaves the magnitudes out, at any rank; ``export_lora`` converts the whole change."""
+    from peft import PeftModel, convert_to_lora, get_peft_model, set_peft_model_state_dict
+    ids = token_batch()
+    dora = PeftModel.from_pretrained(tiny_llama(), str(fxpeft.save(adapted("dora"), tmp_path / "d")))
+    source = logits(dora.eval(), ids)
+    config, state = convert_to_lora(dora, 1.0)  # each module at its full rank (all energy)
+    converted = get_peft_model(tiny_llama(), config).eval()
+    set_peft_model_state_dict(converted, state)
+    assert (logits(converted, ids) - source).abs().max() > 1e-2
+    torch.testing.assert_close(_peft_logits(exported("dora").folder, tiny_llama(), ids), source,
+                               rtol=0, atol=1e-4)
