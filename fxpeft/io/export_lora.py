@@ -6,7 +6,8 @@ of linear layers only, one global ``r`` and ``lora_alpha`` (no ``rank_pattern``)
 1, 8, 16, 32, 64, 128, 256, 320, 512 and at most the server's ``max_lora_rank``, no DoRA, no
 ``modules_to_save``, no bias. So whatever the kind, the export works on the dense change of each
 adapted weight, ``dW = merged - base`` (the kind's own merger computes it, so AdaLoRA's E vectors,
-DoRA's magnitudes at this base weight, IA3's vectors and LoRA's scale are all in it), and writes
+DoRA's magnitudes at this base weight, IA3's vectors and LoRA's scale are all in it; it merges
+into fp32 copies of the base weights, so a bf16 base does not round ``dW``), and writes
 its SVD: ``lora_B = U S``, ``lora_A = V^T``, ``lora_alpha = r`` (scale 1, every module's own
 scale folded into its ``lora_B``), truncated to ``r`` singular values where ``dW`` has more, and
 padded with zeros where it has fewer. ``r`` is the smallest allowed value that holds every
@@ -115,7 +116,9 @@ def site_deltas(gm: torch.fx.GraphModule, adapter: str) -> dict[str, tuple[Linea
     """
     _check_kinds(_records(gm, adapter))
     try:
-        weights = merged_weights(gm, {adapter})
+        targets = merged_weights(gm, {adapter})
+        # again, into fp32 copies: a half-precision merge would round dW to the base's precision
+        weights = merged_weights(gm, {adapter}, {t: base_weight(gm, t).float() for t in targets})
     except FxpeftError as err:
         raise FxpeftError(f"export_lora: {err}") from err
     sites = {site.weight_target: site for site in program_of(gm).sites}

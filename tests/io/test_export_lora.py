@@ -183,3 +183,16 @@ def test_peft_convert_to_lora_drops_doras_magnitudes_where_export_lora_keeps_the
     assert (logits(converted, ids) - source).abs().max() > 1e-2
     torch.testing.assert_close(_peft_logits(exported("dora").folder, tiny_llama(), ids), source,
                                rtol=0, atol=1e-4)
+
+
+def test_a_bf16_base_exports_its_lora_at_its_rank_exactly(tmp_path):
+    """dW comes from a merge into fp32 copies: a bf16 merge would round it to the base's
+    precision (full rank, errors of 1e-3)."""
+    rule = Rule(where=Where(path=[r"q_proj$"]), params=LoraParams(r=8, alpha=16, init="random"))
+    gm = fxpeft.rewrite(tiny_llama().to(torch.bfloat16), rule)
+    done = fxpeft.export_lora(gm, tmp_path / "bf16", max_rank=64)
+    assert done.r == 8 and done.worst < 1e-6
+    detail = next(n.meta["fxpeft_adapter"].detail for n in gm.graph.nodes if "fxpeft_adapter" in n.meta)
+    product = _factors(done.folder)["model.layers.0.self_attn.q_proj"]
+    expected = 2.0 * gm.get_parameter(detail.lora_B).double() @ gm.get_parameter(detail.lora_A).double()
+    torch.testing.assert_close(product, expected.detach(), rtol=0, atol=1e-6)
