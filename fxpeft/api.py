@@ -13,6 +13,7 @@ from fxpeft.errors import CaptureError, FxpeftError, MatchError, PassError, Rule
 from fxpeft.generation.decoding import generate
 from fxpeft.generation import hf_generate  # noqa: F401  provides gm.generate
 from fxpeft.io import checkpoints  # noqa: F401  provides gm.save_pretrained
+from fxpeft.io.export_lora import export_lora
 from fxpeft.io.auto import (AutoAdaptedModel, AutoAdaptedModelForCausalLM,
                             AutoAdaptedModelForSequenceClassification)
 from fxpeft.graph.params import adapter_state_dict
@@ -27,6 +28,6 @@ from fxpeft.transforms.units import layer_units
 
 __all__ = ["AdaptedModule", "AdapterFileError", "AutoAdaptedModel", "AutoAdaptedModelForCausalLM",
            "AutoAdaptedModelForSequenceClassification", "CaptureError", "FxpeftError", "MatchError",
-           "PassError", "RuleError", "adapter_state_dict", "add_adapter", "explain", "fuse",
-           "generate", "layer_units", "load", "merge", "merge_into", "reference_model", "rewrite", "save",
-           "trainable_parameters"]
+           "PassError", "RuleError", "adapter_state_dict", "add_adapter", "explain", "export_lora",
+           "fuse", "generate", "layer_units", "load", "merge", "merge_into", "reference_model",
+           "rewrite", "save", "trainable_parameters"]

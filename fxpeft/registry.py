@@ -106,7 +106,9 @@ class AdapterKind:
     removable node of a low-rank kind; ``lengthens``: a ``Lengthens``; ``on_step(gm, adapters,
     step)``: a kind with state across optimizer steps (AdaLoRA's rank allocation) advances it
     for ``adapters`` of ``gm`` (``AdaptedModule.update_and_allocate``); ``fills_cache``: a
-    ``FillsCache``.
+    ``FillsCache``; ``no_weight_delta``: why the weights its merger writes are not a change of the
+    adapted layers' own weights (``modules_to_save`` swaps in trained copies of whole modules),
+    so ``fxpeft.export_lora`` refuses it; None: merged minus base weights is the adapter.
     """
 
     name: str
@@ -121,6 +123,7 @@ class AdapterKind:
     lengthens: Lengthens | None = None
     on_step: "Callable[[torch.fx.GraphModule, list[str], int], None] | None" = None
     fills_cache: FillsCache | None = None
+    no_weight_delta: str | None = None
 
     @property
     def sites(self) -> tuple[str, ...]:

@@ -83,12 +83,17 @@ def _task_type(model_class: str) -> str | None:
     return next((t for suffix, t in _TASK_TYPES.items() if model_class.endswith(suffix)), None)
 
 
+def config_header(program: Program, peft_type: str) -> dict[str, Any]:
+    """The fields every ``adapter_config.json`` starts with: type, task and base model."""
+    model_config = program.info.config
+    return {"peft_type": peft_type, "task_type": _task_type(program.model_class),
+            "base_model_name_or_path": local_name(getattr(model_config, "_name_or_path", None)),
+            "revision": None, "inference_mode": True}
+
+
 def peft_config(program: Program, rec: AdapterRecord, kind: AdapterKind) -> dict[str, Any]:
     """The ``adapter_config.json`` content for one adapter."""
-    model_config = program.info.config
-    config = {"peft_type": kind.peft.peft_type, "task_type": _task_type(program.model_class),
-              "base_model_name_or_path": local_name(getattr(model_config, "_name_or_path", None)),
-              "revision": None, "inference_mode": True}
+    config = config_header(program, kind.peft.peft_type)
     if rec.modules_to_save:  # only PEFT configs that know the field (not ADAPTION_PROMPT) get it
         config["modules_to_save"] = list(rec.modules_to_save)
     mine = [m for m in rec.matches if m.rule.rewrite == kind.name]

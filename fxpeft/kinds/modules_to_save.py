@@ -112,4 +112,6 @@ def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,
 
 
 KIND = AdapterKind(name=MODULES_TO_SAVE, params=None, splice=splice, merge=merge,
-                   components=(MODULES_TO_SAVE,), keyword_sites=module_sites)
+                   components=(MODULES_TO_SAVE,), keyword_sites=module_sites,
+                   no_weight_delta="modules_to_save trains whole copies of modules, which "
+                                   "vLLM-style servers refuse (modules_to_save must be None)")

@@ -10,6 +10,7 @@ layer.
     fxpeft convert rules.toml --model smollm2 --out adapter_config.json  # rules -> PEFT config
     fxpeft merge smollm2 ADAPTER_FOLDER OUT      # a plain merged transformers checkpoint
     fxpeft graph smollm2 --rules lora_qv.toml --layer 0 --out layer0.svg
+    fxpeft export smollm2 ADAPTER_FOLDER OUT --for vllm --max-rank 64  # a plain LoRA for servers
 
 MODEL is ``smollm2`` (the packaged SmolLM2) or a transformers checkpoint folder. Every failure
 is one line on stderr and a non-zero exit: 1 for bad input, 2 for a bad command line.
@@ -29,6 +30,8 @@ from fxpeft import registry
 from fxpeft.helpers.models import load_smollm2
 from fxpeft.tools.plots import draw_layer
 from fxpeft.rules.loader import bundled_rule_files, load_rules
+from fxpeft.io.export_lora import export_lora
+from fxpeft.io.serialize import load
 from fxpeft.tools.convert import config_to_toml, rules_to_config, save_merged, write_text
 
 _MESSAGE_LIMIT = 400  # characters of a foreign error message (transformers', torch's) shown
@@ -169,6 +172,15 @@ def _graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    gm = load(_load_model(args.model), args.adapter)
+    done = export_lora(gm, args.out, max_rank=args.max_rank)
+    print(done.table())
+    print(f"wrote {done.folder} (plain LoRA for {args.target}: r = lora_alpha = {done.r}; worst "
+          f"relative Frobenius error of dW {done.worst:.3g})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fxpeft", description="PEFT as a compiler pass.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -197,12 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--out", required=True, help="picture to write: .svg, .png or .pdf")
     graph.add_argument("--detail", action="store_true",
                        help="draw every aten node, before and after, instead of the modules")
+    export = commands.add_parser("export", help="write an adapter as a plain LoRA folder that "
+                                                "vLLM-style servers load")
+    export.add_argument("model", help=model_help)
+    export.add_argument("adapter", help="a PEFT or fxpeft adapter folder")
+    export.add_argument("out", help="the folder to write")
+    export.add_argument("--for", dest="target", choices=["vllm"], default="vllm",
+                        help="the server whose rules the folder follows")
+    export.add_argument("--max-rank", type=int, default=64,
+                        help="the server's max_lora_rank (1, 8, 16, 32, 64, 128, 256, 320, 512)")
     return parser
 
 
 _COMMANDS = {"check": lambda a: _check(a.paths), "rules": lambda a: _list_rules(),
              "kinds": lambda a: _list_kinds(), "explain": _explain, "convert": _convert,
-             "merge": _merge, "graph": _graph}
+             "merge": _merge, "graph": _graph, "export": _export}
 
 
 def _one_line(err: BaseException) -> str:

@@ -38,11 +38,16 @@ def _check_gates(gm: torch.nn.Module) -> None:
                               f"only on (1) or off (0) adapters can be folded")
 
 
-def merged_weights(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
-    """Base parameter target -> its value with every active adapter folded in (new tensors)."""
-    _check_gates(gm)
-    active = set(active_adapters(gm)) if adapter_names(gm) else {DEFAULT_ADAPTER}
-    weights: dict[str, torch.Tensor] = {}
+def merged_weights(gm: torch.fx.GraphModule, adapters: "set[str] | None" = None,
+                   start: "dict[str, torch.Tensor] | None" = None) -> dict[str, torch.Tensor]:
+    """Base parameter target -> its value with every active adapter folded in (new tensors);
+    with ``adapters``, those adapters whatever their gates, and with ``start``, folded into
+    these values of the base weights instead (fp32 copies: ``fxpeft.export_lora``)."""
+    if adapters is None:
+        _check_gates(gm)
+    active = set(adapters) if adapters is not None else \
+        set(active_adapters(gm)) if adapter_names(gm) else {DEFAULT_ADAPTER}
+    weights: dict[str, torch.Tensor] = dict(start or {})
     owners: dict[str, str] = {}  # changed target -> the module whose adapter changed it
     folded = set()
     for node in gm.graph.nodes:

@@ -57,3 +57,25 @@ def test_kinds_lists_every_kind_with_its_sites_peft_type_and_merge(capsys):
     assert len(lines) == len(BUILTIN_KINDS)
     for line, expected in zip(lines, BUILTIN_KINDS):
         assert line.startswith(expected), line
+
+
+def test_export_for_vllm_writes_the_folder_and_prints_each_modules_error(tmp_path, capsys):
+    import fxpeft
+    from conftest import tiny_llama
+    from export_cases import adapted
+    tiny_llama().save_pretrained(tmp_path / "model")
+    fxpeft.save(adapted("dora"), tmp_path / "dora")
+    assert main(["export", str(tmp_path / "model"), str(tmp_path / "dora"), str(tmp_path / "out"),
+                 "--for", "vllm", "--max-rank", "8"]) == 0
+    out = capsys.readouterr().out
+    v_proj = next(line for line in out.splitlines() if line.startswith("model.layers.1.self_attn.v_proj"))
+    assert v_proj.split()[1] == "32" and float(v_proj.split()[3]) > 0.1  # full rank, truncated to 8
+    assert "plain LoRA for vllm: r = lora_alpha = 8" in out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json",
+                                                                     "adapter_model.safetensors"]
+    fxpeft.save(adapted("modules_to_save"), tmp_path / "keep")
+    assert main(["export", str(tmp_path / "model"), str(tmp_path / "keep"), str(tmp_path / "no")]) == 1
+    assert "fxpeft export: export_lora: the modules_to_save adapter 'default' at lm_head" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+    assert main(["export", "x", "y", "z", "--for", "tgi"]) == 2
