@@ -23,9 +23,10 @@ from fxpeft.transforms.fuse import fuse
 from fxpeft.transforms import backbone  # noqa: F401  provides gm.base_model
 from fxpeft.transforms.merge import merge, merge_into
 from fxpeft.transforms.reference import reference_model
+from fxpeft.transforms.slots import load_into_slot, unload_slot
 
 __all__ = ["AdaptedModule", "AdapterFileError", "AutoAdaptedModel", "AutoAdaptedModelForCausalLM",
            "AutoAdaptedModelForSequenceClassification", "CaptureError", "FxpeftError", "MatchError",
            "PassError", "RuleError", "adapter_state_dict", "add_adapter", "explain", "fuse",
            "generate", "load", "merge", "merge_into", "reference_model", "rewrite", "save",
-           "trainable_parameters"]
+           "trainable_parameters", "load_into_slot", "unload_slot"]

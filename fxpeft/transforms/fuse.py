@@ -246,11 +246,23 @@ def mixed_lora(x: torch.Tensor, weights_a: list[torch.Tensor], weights_b: list[t
     chosen, used = rows.argmax(1), rows.sum(1)  # one adapter per sample, or none (__base__)
     a_all, b_all = _stacked_ranks(weights_a, weights_b)
     scale = torch.tensor(scales, dtype=x.dtype, device=x.device)[chosen] * used  # 0: __base__
-    xs = x.reshape(rows.shape[0], -1, x.shape[-1])
-    down = torch.bmm(xs, a_all[chosen].transpose(1, 2))
     # the per-sample scale goes on the gathered [batch, out, rank] B, not on the [batch, tokens,
     # out] result: no full-size multiply
-    up = torch.bmm(down, (b_all[chosen] * scale[:, None, None]).transpose(1, 2))
+    return per_sample_low_rank(x, a_all[chosen].transpose(1, 2),
+                               (b_all[chosen] * scale[:, None, None]).transpose(1, 2))
+
+
+def per_sample_low_rank(x: torch.Tensor, downs: torch.Tensor, ups: torch.Tensor) -> torch.Tensor:
+    """``x @ down @ up`` with each sample's own ``down`` (``[batch, in, rank]``) and ``up``
+    (``[batch, rank, out]``): two batched matmuls, whatever the number of adapters. ``x`` is
+    batch-major (``[batch, ..., in]``, or GPT-2's flattened ``[batch * tokens, in]``).
+
+    >>> x = torch.ones(2, 3, 4)
+    >>> per_sample_low_rank(x, torch.ones(2, 4, 1), torch.tensor([[[1.]], [[0.]]])).sum((1, 2))
+    tensor([12.,  0.])
+    """
+    xs = x.reshape(downs.shape[0], -1, x.shape[-1])
+    up = torch.bmm(torch.bmm(xs, downs), ups)
     return up.reshape(*x.shape[:-1], up.shape[-1])
 
 
@@ -265,8 +277,9 @@ def _stacked_ranks(weights_a: list[torch.Tensor],
             torch.stack([torch.nn.functional.pad(b, (0, rank - b.shape[1])) for b in weights_b]))
 
 
-def _gatherable_joins(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
-    """Per site, the plain LoRA joins (no dropout, no cast), when every branch reads one input."""
+def _gatherable_joins(gm: torch.fx.GraphModule, least: int = 2) -> dict[str, list[torch.fx.Node]]:
+    """Per site with at least ``least`` adapters, the plain LoRA joins (no dropout, no cast),
+    when every branch reads one input."""
     joins: dict[str, list[torch.fx.Node]] = {}
     for node in gm.graph.nodes:
         record = adapter_node(node)
@@ -275,7 +288,7 @@ def _gatherable_joins(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]
     plain = {}
     for path, found in joins.items():
         inputs = {_branch_input(j) for j in found}
-        if len(found) > 1 and None not in inputs and len(inputs) == 1 and \
+        if len(found) >= least and None not in inputs and len(inputs) == 1 and \
                 all(j.target == aten.add.Tensor for j in found):
             plain[path] = found
     return plain
@@ -381,14 +394,17 @@ def _check_layer_options(checkpoint: str | None, regions: str | None) -> None:
 
 
 def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout: bool = False,
-         mixed: bool = False, checkpoint: str | None = None,
-         regions: str | None = None) -> torch.fx.GraphModule:
+         mixed: bool = False, checkpoint: str | None = None, regions: str | None = None,
+         slots: int | None = None, slot_rank: int = 16) -> torch.fx.GraphModule:
     """A fused copy of ``gm``, specialised to its active adapters, sharing its parameters.
     ``mixed=True`` instead keeps every adapter and gathers each site's LoRA branches, for
     mixed-batch serving (``adapter_names=``). ``checkpoint="layers"`` adds gradient
     checkpointing: backward recomputes each layer's activations instead of keeping them.
     ``regions="layers"`` is regional compilation: identical layers call one shared region,
     which ``torch.compile`` compiles once however deep the model (cold compile time).
+    ``mixed=True, slots=N`` makes a serving copy instead (a new one each call, eval only): N
+    preallocated adapter slots of rank up to ``slot_rank``, that ``fxpeft.load_into_slot`` and
+    ``fxpeft.unload_slot`` fill and free in place, without recompiling (``fxpeft.transforms.slots``).
 
     The same copy comes back while nothing it depends on has changed (the active adapters, for
     a specialised copy; the options; the graph's adapters and tensors), up to ``MAX_COPIES``
@@ -412,6 +428,11 @@ def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout
         raise ValueError(f"fuse: no pass {unknown}; passes: {', '.join(sorted(known))}")
     _check_layer_options(checkpoint, regions)
     compile_cache.activate()
+    if slots is not None:
+        if not mixed:
+            raise ValueError("fuse: slots= holds adapters for mixed batches; pass mixed=True too")
+        from fxpeft.transforms.slots import serving_copy  # it builds on this module's passes
+        return serving_copy(gm, slots, slot_rank, tuple(skip))
     return _fused(gm, fuse_passes(shared_dropout, mixed, checkpoint, regions, tuple(skip)))
 
 
