@@ -32,8 +32,6 @@ torch.Size([2, 2, 32])
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.fx
 
@@ -42,9 +40,7 @@ from fxpeft.graph.gates import adapter_names, check_adapter_name
 from fxpeft.graph.patterns import match
 from fxpeft.names import BASE_ADAPTER, GATES, SLOTS, adapter_node
 from fxpeft.registry import LowRankBranch, low_rank_branch
-from fxpeft.runtime.passes import ADAPTED, GraphPass, run_pipeline, select
-from fxpeft.transforms.fuse import (_TRAINING, GRAPH_PASSES, SCALED_BRANCH, _branch_input, _copy,
-                                    _gatherable_joins, per_sample_low_rank)
+from fxpeft.transforms.branches import SCALED_BRANCH, branch_input, gatherable_joins, per_sample_low_rank
 
 aten = torch.ops.aten
 Plain = tuple[torch.Tensor, torch.Tensor, float]  # one site's (A [r, in], B [out, r], scale)
@@ -252,26 +248,29 @@ def _replace_site(gm: torch.fx.GraphModule, slots: Slots, path: str, joins: list
     key = slots.add_site(path, lora_a.shape[1], lora_b.shape[0], lora_a.detach())
     with graph.inserting_before(joins[0]):
         downs, ups = graph.get_attr(f"{SLOTS}.{key}_down"), graph.get_attr(f"{SLOTS}.{key}_up")
-        lora = graph.call_function(slotted_lora, (_branch_input(joins[0]), downs, ups, index))
+        lora = graph.call_function(slotted_lora, (branch_input(joins[0]), downs, ups, index))
         total = graph.call_function(aten.add.Tensor, (joins[0].args[0], lora))
     joins[-1].replace_all_uses_with(total)
 
 
-def slot_lora(gm: torch.fx.GraphModule, capacity: int, rank: int) -> int:
-    """Every site's LoRA branches read the slots' stacks instead; ``gm``'s own adapters fill the
-    first slots. Refuses adapters that are not plain LoRA, and graphs without per-sample names."""
+def slot_lora(gm: torch.fx.GraphModule) -> int:
+    """Every site's LoRA branches read the stacks of ``gm``'s slots instead (its ``SLOTS``
+    module, added empty by ``serving_copy``; without one, nothing changes); ``gm``'s own
+    adapters fill the first slots. Refuses adapters that are not plain LoRA, and graphs without
+    per-sample names."""
+    slots = getattr(gm, SLOTS, None)
+    if not isinstance(slots, Slots):
+        return 0
     per_sample = next(iter(gm.graph.find_nodes(op="call_module", target=GATES)), None)
     if per_sample is None:
         raise FxpeftError("slots serve per-sample adapters (adapter_names=), which only graphs "
                           "captured from transformers models take")
     loaded = {name: plain_branches(gm, name) for name in adapter_names(gm)}
-    if len(loaded) > capacity:
-        raise FxpeftError(f"{len(loaded)} adapters do not fit {capacity} slots")
-    slots = Slots(capacity, rank)
-    gm.add_module(SLOTS, slots)
+    if len(loaded) > slots.capacity:
+        raise FxpeftError(f"{len(loaded)} adapters do not fit {slots.capacity} slots")
     with gm.graph.inserting_after(per_sample):
         index = gm.graph.call_module(SLOTS, (per_sample.args[0],))
-    sites = _gatherable_joins(gm, least=1)
+    sites = gatherable_joins(gm, least=1)
     for path, joins in sites.items():
         _replace_site(gm, slots, path, joins, index)
     gm.graph.eliminate_dead_code()
@@ -281,33 +280,3 @@ def slot_lora(gm: torch.fx.GraphModule, capacity: int, rank: int) -> int:
         _write(slots, slot, branches)
         slots.names[slot] = name
     return len(sites)
-
-
-def serving_passes(capacity: int, rank: int, skip: tuple[str, ...] = ()) -> list[GraphPass]:
-    """``fuse``'s mixed-batch passes for an eval-only copy, with ``slot_lora`` in place of
-    ``gather_lora`` (after ``drop_dropout``: every branch then reads the site's own input).
-
-    >>> [p.name for p in serving_passes(8, 16)][:3]
-    ['drop_dropout', 'slot_lora', 'sdpa_gqa']
-    """
-    slot = GraphPass("slot_lora", functools.partial(slot_lora, capacity=capacity, rank=rank),
-                     frozenset({"mixes"}), requires={"every_adapter", "lora_branches"},
-                     invalidates={"lora_branches", "explicit_lora_scale"}, after=("drop_dropout",))
-    catalog = [p for p in GRAPH_PASSES if p.name != "gather_lora"]
-    after = next(i for i, p in enumerate(catalog) if p.name == "drop_dropout") + 1
-    return select([*catalog[:after], slot, *catalog[after:]], _TRAINING | {"mixes"},
-                  ADAPTED | {"eval_only"}, skip)
-
-
-def serving_copy(gm: torch.fx.GraphModule, capacity: int, rank: int,
-                 skip: tuple[str, ...] = ()) -> torch.fx.GraphModule:
-    """What ``fxpeft.fuse(gm, mixed=True, slots=capacity, slot_rank=rank)`` returns: a new copy
-    each call (its slots are its own state), in eval mode (it only serves)."""
-    for option, value in (("slots", capacity), ("slot_rank", rank)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"fuse: {option}={value!r}; expected a positive integer")
-    served = _copy(gm)
-    run_pipeline(served, serving_passes(capacity, rank, skip), ADAPTED | {"eval_only"},
-                 recompile=False)
-    served.recompile()
-    return served.eval()

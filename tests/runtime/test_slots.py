@@ -8,6 +8,7 @@ import torch
 
 import fxpeft
 from conftest import tiny_llama, token_batch
+from test_mixed_batch import CountingBackend, alone, batch, check_rows
 from fxpeft.names import SLOTS, adapter_node
 from fxpeft.transforms.slots import slotted_lora
 
@@ -21,13 +22,6 @@ def randomize(gm, seed, adapter=""):
         for name, param in gm.named_parameters():
             if "lora_" in name and name.split(".")[-2].endswith(adapter):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-
-
-def batch():
-    ids = token_batch(batch=len(NAMES), seq=9)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding on one row
-    return ids, mask
 
 
 def adapted():
@@ -44,33 +38,11 @@ def gm():
     return adapted()
 
 
-def alone(gm, ids, mask, name):
-    """Rows run by themselves on the unfused graph, ``name`` the only active adapter (or none)."""
-    active = gm.active_adapters
-    try:
-        if name == "__base__":
-            with gm.disable_adapters():
-                return gm(ids, attention_mask=mask).logits
-        gm.set_adapter(name)
-        return gm(ids, attention_mask=mask).logits
-    finally:
-        gm.set_adapter(active)
-
-
-def check_rows(served, gm, names):
-    ids, mask = batch()
-    with torch.no_grad():
-        mixed = served(ids, attention_mask=mask, adapter_names=names).logits
-        for row, name in enumerate(names):
-            expected = alone(gm, ids[row:row + 1], mask[row:row + 1], name)
-            torch.testing.assert_close(mixed[row:row + 1], expected, rtol=0, atol=1e-5)
-
-
 def test_mixed_batch_of_ranks_and_alphas_equals_each_adapter_alone(gm):
     served = fxpeft.fuse(gm, mixed=True, slots=8, slot_rank=8)
     assert served.get_submodule(SLOTS).names == ["default", "sql", "rs", *[None] * 5]
-    check_rows(served, gm, NAMES)
-    check_rows(served, gm, ["rs", "__base__", "default", "sql"])
+    check_rows(gm, NAMES, served)
+    check_rows(gm, ["rs", "__base__", "default", "sql"], served)
 
 
 def test_the_graph_has_one_slotted_call_per_site_and_no_adapter_nodes(gm):
@@ -90,17 +62,6 @@ def test_each_call_builds_a_new_serving_copy(gm):
     assert first is not second
     fxpeft.unload_slot(first, "sql")
     assert second.get_submodule(SLOTS).names[1] == "sql"
-
-
-class CountingBackend:
-    """A ``torch.compile`` backend that runs the graph as traced, counting compiles."""
-
-    def __init__(self) -> None:
-        self.compiles = 0
-
-    def __call__(self, graph_module, example_inputs):
-        self.compiles += 1
-        return graph_module.forward
 
 
 def snapshot(slots):
