@@ -13,6 +13,9 @@ the order and reports what each changed, with its time:
 - ``drop_inactive``: an adapter whose gate is off contributes exact zeros; its nodes go, so idle
   adapters cost nothing (the copy is specialised to the active set, and refuses to run while
   an adapter it dropped is active: ``gates.refuse_dropped_adapters``).
+- ``slot_lora`` (only with ``slots=``, in an eval-only serving copy): each site's LoRA branches
+  read preallocated adapter slots instead, which ``load_into_slot`` fills in place
+  (``fxpeft.transforms.slots``).
 - ``fold_lora_scale``: ``B(g * A x) * s`` becomes ``B((g * s) * A x)``: the scale moves onto the
   0-d gate, which removes a full ``[tokens, out]`` multiply forward and backward per site.
 - ``fuse_lora_a``: the LoRA ``A`` projections that read the same tensor (q/k/v, gate/up, or
