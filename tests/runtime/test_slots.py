@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fxpeft
-from conftest import tiny_llama, token_batch
+from conftest import tiny_gpt2, tiny_llama, token_batch
+from test_mixed_batch import NAMES as GPT2_NAMES
 from test_mixed_batch import CountingBackend, alone, batch, check_rows
 from fxpeft.names import SLOTS, adapter_node
 from fxpeft.transforms.slots import slotted_lora
@@ -43,6 +44,15 @@ def test_mixed_batch_of_ranks_and_alphas_equals_each_adapter_alone(gm):
     assert served.get_submodule(SLOTS).names == ["default", "sql", "rs", *[None] * 5]
     check_rows(gm, NAMES, served)
     check_rows(gm, ["rs", "__base__", "default", "sql"], served)
+
+
+def test_gpt2_conv1d_sites_take_slots_too():
+    gm = fxpeft.rewrite(tiny_gpt2(), "lora_all_linear", dropout=0.0)
+    gm.add_adapter("sql", "lora_all_linear", dropout=0.0, r=4)
+    randomize(gm, 1)
+    served = fxpeft.fuse(gm.eval(), mixed=True, slots=4)
+    assert len([n for n in served.graph.nodes if n.target is slotted_lora]) == 8  # 4 per block
+    check_rows(gm, GPT2_NAMES, served)
 
 
 def test_the_graph_has_one_slotted_call_per_site_and_no_adapter_nodes(gm):
