@@ -24,10 +24,11 @@ from fxpeft.transforms.fuse import fuse
 from fxpeft.transforms import backbone  # noqa: F401  provides gm.base_model
 from fxpeft.transforms.merge import merge, merge_into
 from fxpeft.transforms.reference import reference_model
+from fxpeft.transforms.slots import load_into_slot, unload_slot
 from fxpeft.transforms.units import layer_units
 
 __all__ = ["AdaptedModule", "AdapterFileError", "AutoAdaptedModel", "AutoAdaptedModelForCausalLM",
            "AutoAdaptedModelForSequenceClassification", "CaptureError", "FxpeftError", "MatchError",
            "PassError", "RuleError", "adapter_state_dict", "add_adapter", "explain", "export_lora",
-           "fuse", "generate", "layer_units", "load", "merge", "merge_into", "reference_model",
-           "rewrite", "save", "trainable_parameters"]
+           "fuse", "generate", "layer_units", "load", "load_into_slot", "merge", "merge_into",
+           "reference_model", "rewrite", "save", "trainable_parameters", "unload_slot"]

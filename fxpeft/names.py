@@ -22,6 +22,7 @@ ADAPTER_META = "fxpeft_adapter"        # node.meta key: an AdapterNode
 GATE_META = "fxpeft_gate"              # node.meta key: the adapter whose gate the node reads
 PER_SAMPLE_META = "fxpeft_per_sample"  # node.meta key: the shared per-sample gate call
 GATES = "fxpeft_gates"                 # submodule holding one gate buffer per adapter
+SLOTS = "fxpeft_slots"                 # a serving copy's preallocated adapter slots
 INPUTS_MODULE = "fxpeft_inputs"        # first node of an HF graph
 OUTPUT_MODULE = "fxpeft_output"        # last node of an HF graph
 DROPOUT_MODULE = "fxpeft_dropout"      # every dropout in an emitted graph calls it

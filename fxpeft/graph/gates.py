@@ -44,7 +44,7 @@ import torch.fx
 from fxpeft.errors import FxpeftError
 from fxpeft.graph.state import graph_state
 from fxpeft.names import BASE_ADAPTER as BASE
-from fxpeft.names import GATE_META, GATES, INPUTS_MODULE, PER_SAMPLE_META
+from fxpeft.names import GATE_META, GATES, INPUTS_MODULE, PER_SAMPLE_META, SLOTS
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
@@ -241,16 +241,27 @@ def index_sample_names(module: torch.nn.Module, args: tuple, kwargs: dict) -> "t
     {'adapter_names': tensor([-1,  0])}
     """
     names = kwargs.get("adapter_names")
-    graph = getattr(module, "graph", None)
-    if names is None or graph is None or not graph.find_nodes(op="call_module", target=GATES):
+    gates = _sample_indexer(module)
+    if gates is None or (names is None and not getattr(gates, "needs_names", None)):
         return args, kwargs
-    gates = getattr(module, GATES)
+    if names is None:  # a serving copy's slots: which adapter runs is only ever per sample
+        raise ValueError(gates.needs_names)
     if isinstance(names, torch.Tensor):
         gates.check_index(names)
         return args, kwargs
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         return args, kwargs  # the input adapter refuses it, saying why
     return args, {**kwargs, "adapter_names": gates.index(list(names))}
+
+
+def _sample_indexer(module: torch.nn.Module) -> "torch.nn.Module | None":
+    """What turns the per-sample names into indices: a serving copy's slots (``SLOTS``, see
+    ``fxpeft.transforms.slots``), else the gates, when the graph reads it; None otherwise."""
+    graph = getattr(module, "graph", None)
+    for target in (SLOTS, GATES):
+        if graph is not None and graph.find_nodes(op="call_module", target=target):
+            return getattr(module, target)
+    return None
 
 
 def sample_gate(gate: torch.Tensor, per_sample: "dict[str, torch.Tensor] | None", adapter: str,

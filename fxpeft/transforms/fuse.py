@@ -13,6 +13,9 @@ the order and reports what each changed, with its time:
 - ``drop_inactive``: an adapter whose gate is off contributes exact zeros; its nodes go, so idle
   adapters cost nothing (the copy is specialised to the active set, and refuses to run while
   an adapter it dropped is active: ``gates.refuse_dropped_adapters``).
+- ``slot_lora`` (only with ``slots=``, in an eval-only serving copy): each site's LoRA branches
+  read preallocated adapter slots instead, which ``load_into_slot`` fills in place
+  (``fxpeft.transforms.slots``).
 - ``fold_lora_scale``: ``B(g * A x) * s`` becomes ``B((g * s) * A x)``: the scale moves onto the
   0-d gate, which removes a full ``[tokens, out]`` multiply forward and backward per site.
 - ``fuse_lora_a``: the LoRA ``A`` projections that read the same tensor (q/k/v, gate/up, or
@@ -58,12 +61,14 @@ from fxpeft.graph.records import adapter_records, strip_adapters
 from fxpeft.graph.gates import active_adapters, adapter_names, gate_attr
 from fxpeft.graph.state import graph_state, set_graph_state
 from fxpeft.runtime.adapted_module import AdaptedModule
-from fxpeft.names import (DROPOUT_MODULE, GATE_META, GATES, LM_LOSS_MODULE, OUTPUT_MODULE,
+from fxpeft.names import (DROPOUT_MODULE, GATE_META, GATES, LM_LOSS_MODULE, OUTPUT_MODULE, SLOTS,
                           adapter_node)
 from fxpeft.capture.program import copy_graph
 from fxpeft.registry import provide
-from fxpeft.graph.patterns import Op, Var, copy_node, match, replace_matches
+from fxpeft.graph.patterns import copy_node, replace_matches
 from fxpeft.runtime.passes import ADAPTED, GraphPass, run_pipeline, select
+from fxpeft.transforms.branches import SCALED_BRANCH, branch_input, gatherable_joins, per_sample_low_rank
+from fxpeft.transforms.slots import Slots, slot_lora
 from fxpeft.transforms.norms import fuse_rms_norm
 from fxpeft.transforms.activations import gated_activation
 from fxpeft.transforms.causal_mask import causal_mask
@@ -83,19 +88,6 @@ def drop_inactive(gm: torch.fx.GraphModule) -> int:
     if idle:
         strip_adapters(gm.graph, idle)
     return len(idle)
-
-
-def _low_rank_join(node: torch.fx.Node) -> bool:
-    record = adapter_node(node)
-    return low_rank_branch(record) is not None and record.removable
-
-
-# y + B(A x * g) * s, the branch of a low-rank kind (its join is the removable node)
-SCALED_BRANCH = Op(None, (Var("y"), Op(aten.mul.Tensor, (
-    Op(aten.linear.default, (Op(aten.mul.Tensor, (Var("down"), Var("gate")), name="gated",
-                                single_user=True, where=lambda n: GATE_META in n.meta),
-                             Var("B")), name="up", single_user=True),
-    Var("scale")), single_user=True)), name="join", where=_low_rank_join)
 
 
 def _scale_on_gate(graph: torch.fx.Graph, found: dict) -> torch.fx.Node:
@@ -246,12 +238,10 @@ def mixed_lora(x: torch.Tensor, weights_a: list[torch.Tensor], weights_b: list[t
     chosen, used = rows.argmax(1), rows.sum(1)  # one adapter per sample, or none (__base__)
     a_all, b_all = _stacked_ranks(weights_a, weights_b)
     scale = torch.tensor(scales, dtype=x.dtype, device=x.device)[chosen] * used  # 0: __base__
-    xs = x.reshape(rows.shape[0], -1, x.shape[-1])
-    down = torch.bmm(xs, a_all[chosen].transpose(1, 2))
     # the per-sample scale goes on the gathered [batch, out, rank] B, not on the [batch, tokens,
     # out] result: no full-size multiply
-    up = torch.bmm(down, (b_all[chosen] * scale[:, None, None]).transpose(1, 2))
-    return up.reshape(*x.shape[:-1], up.shape[-1])
+    return per_sample_low_rank(x, a_all[chosen].transpose(1, 2),
+                               (b_all[chosen] * scale[:, None, None]).transpose(1, 2))
 
 
 def _stacked_ranks(weights_a: list[torch.Tensor],
@@ -265,39 +255,16 @@ def _stacked_ranks(weights_a: list[torch.Tensor],
             torch.stack([torch.nn.functional.pad(b, (0, rank - b.shape[1])) for b in weights_b]))
 
 
-def _gatherable_joins(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
-    """Per site, the plain LoRA joins (no dropout, no cast), when every branch reads one input."""
-    joins: dict[str, list[torch.fx.Node]] = {}
-    for node in gm.graph.nodes:
-        record = adapter_node(node)
-        if low_rank_branch(record) is not None and record.removable:
-            joins.setdefault(record.module_path, []).append(node)
-    plain = {}
-    for path, found in joins.items():
-        inputs = {_branch_input(j) for j in found}
-        if len(found) > 1 and None not in inputs and len(inputs) == 1 and \
-                all(j.target == aten.add.Tensor for j in found):
-            plain[path] = found
-    return plain
-
-
-def _branch_input(join: torch.fx.Node) -> torch.fx.Node | None:
-    """What the down-projection of a ``SCALED_BRANCH`` reads, or None for another shape."""
-    found = match(SCALED_BRANCH, join)
-    down = found["down"] if found is not None else None
-    return down.args[0] if isinstance(down, torch.fx.Node) and down.args else None
-
-
 def gather_lora(gm: torch.fx.GraphModule) -> int:
     """Each site's LoRA branches of several adapters become one ``mixed_lora`` call."""
     per_sample = next(iter(gm.graph.find_nodes(op="call_module", target=GATES)), None)
     if per_sample is None:
         return 0
-    sites = _gatherable_joins(gm)
+    sites = gatherable_joins(gm)
     for joins in sites.values():
         records = [adapter_node(j) for j in joins]
         branches = [low_rank_branch(r) for r in records]
-        x = _branch_input(joins[0])
+        x = branch_input(joins[0])
         graph = gm.graph
         with graph.inserting_before(joins[0]):
             branch = graph.call_function(mixed_lora, (
@@ -327,6 +294,9 @@ GRAPH_PASSES = (
     _graph_pass("gather_lora", gather_lora, "mixes", requires={"every_adapter", "lora_branches"},
                 invalidates={"lora_branches", "explicit_lora_scale"}),
     _graph_pass("drop_dropout", drop_dropout, "slims", requires={"eval_only"}),
+    # a serving copy's: after drop_dropout, every branch of a site reads the site's own input
+    _graph_pass("slot_lora", slot_lora, "slots", requires={"every_adapter", "lora_branches", "eval_only"},
+                invalidates={"lora_branches", "explicit_lora_scale"}, after=("drop_dropout",)),
     _graph_pass("fold_lora_scale", fold_lora_scale, "slims",
                 requires={"explicit_lora_scale", "aten_linear"}, invalidates={"explicit_lora_scale"}),
     _graph_pass("share_dropout", share_dropout, "shares_dropout"),
@@ -371,6 +341,30 @@ def _copy(gm: torch.fx.GraphModule, role: str = "fused") -> torch.fx.GraphModule
     return fused.train(gm.training)
 
 
+def serving_copy(gm: torch.fx.GraphModule, capacity: int, rank: int,
+                 skip: tuple[str, ...] = ()) -> torch.fx.GraphModule:
+    """What ``fxpeft.fuse(gm, mixed=True, slots=capacity, slot_rank=rank)`` returns: a new copy
+    each call (its slots are its own state), in eval mode (it only serves): ``fuse``'s passes
+    for an eval-only graph, with ``slot_lora`` for ``gather_lora``.
+
+    >>> import fxpeft
+    >>> gm = fxpeft.rewrite(torch.nn.Sequential(torch.nn.Linear(2, 2)), fxpeft.rules.Rule(where=fxpeft.rules.Where(path=["0"])))
+    >>> serving_copy(gm, 2, 8)
+    Traceback (most recent call last):
+    ...
+    fxpeft.errors.PassError: pass 'slot_lora' failed: slots serve per-sample adapters (adapter_names=), which only graphs captured from transformers models take (passes run before it: drop_dropout)
+    """
+    for option, value in (("slots", capacity), ("slot_rank", rank)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"fuse: {option}={value!r}; expected a positive integer")
+    served = _copy(gm)
+    served.add_module(SLOTS, Slots(capacity, rank))  # slot_lora fills it
+    passes = select(GRAPH_PASSES, _TRAINING | {"slots"}, ADAPTED | {"eval_only"}, skip)
+    run_pipeline(served, passes, ADAPTED | {"eval_only"}, recompile=False)
+    served.recompile()
+    return served.eval()
+
+
 def _check_layer_options(checkpoint: str | None, regions: str | None) -> None:
     for name, value in (("checkpoint", checkpoint), ("regions", regions)):
         if value not in LAYER_CHOICES:
@@ -381,14 +375,17 @@ def _check_layer_options(checkpoint: str | None, regions: str | None) -> None:
 
 
 def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout: bool = False,
-         mixed: bool = False, checkpoint: str | None = None,
-         regions: str | None = None) -> torch.fx.GraphModule:
+         mixed: bool = False, checkpoint: str | None = None, regions: str | None = None,
+         slots: int | None = None, slot_rank: int = 16) -> torch.fx.GraphModule:
     """A fused copy of ``gm``, specialised to its active adapters, sharing its parameters.
     ``mixed=True`` instead keeps every adapter and gathers each site's LoRA branches, for
     mixed-batch serving (``adapter_names=``). ``checkpoint="layers"`` adds gradient
     checkpointing: backward recomputes each layer's activations instead of keeping them.
     ``regions="layers"`` is regional compilation: identical layers call one shared region,
     which ``torch.compile`` compiles once however deep the model (cold compile time).
+    ``mixed=True, slots=N`` makes a serving copy instead (a new one each call, eval only): N
+    preallocated adapter slots of rank up to ``slot_rank``, that ``fxpeft.load_into_slot`` and
+    ``fxpeft.unload_slot`` fill and free in place, without recompiling (``fxpeft.transforms.slots``).
 
     The same copy comes back while nothing it depends on has changed (the active adapters, for
     a specialised copy; the options; the graph's adapters and tensors), up to ``MAX_COPIES``
@@ -412,6 +409,10 @@ def fuse(gm: torch.fx.GraphModule, *, skip: tuple[str, ...] = (), shared_dropout
         raise ValueError(f"fuse: no pass {unknown}; passes: {', '.join(sorted(known))}")
     _check_layer_options(checkpoint, regions)
     compile_cache.activate()
+    if slots is not None:
+        if not mixed:
+            raise ValueError("fuse: slots= holds adapters for mixed batches; pass mixed=True too")
+        return serving_copy(gm, slots, slot_rank, tuple(skip))
     return _fused(gm, fuse_passes(shared_dropout, mixed, checkpoint, regions, tuple(skip)))
 
 

@@ -58,10 +58,11 @@ def alone(gm, ids, mask, name):
         gm.set_adapter(active)
 
 
-def check_rows(gm, names):
+def check_rows(gm, names, served=None):
+    """Each row of a mixed batch (run on ``served``, default ``gm``) equals it alone on ``gm``."""
     ids, mask = batch()
     with torch.no_grad():
-        mixed = gm(ids, attention_mask=mask, adapter_names=names).logits
+        mixed = (served or gm)(ids, attention_mask=mask, adapter_names=names).logits
         for row, name in enumerate(names):
             expected = alone(gm, ids[row:row + 1], mask[row:row + 1], name)
             torch.testing.assert_close(mixed[row:row + 1], expected, rtol=0, atol=1e-5)

@@ -92,7 +92,7 @@ def test_fused_copy_reports_each_pass_and_names_the_failing_one(caplog):
     with pytest.raises(PassError, match=r"pass 'breaks' failed: ZeroDivisionError.*passes run "
                                         r"before it: fold_lora_scale\)"):
         run_pipeline(fxpeft.fuse(gm, skip=tuple(FUSE_DEFAULT)),
-                     [GRAPH_PASSES[3], broken], ADAPTED)
+                     [next(p for p in GRAPH_PASSES if p.name == "fold_lora_scale"), broken], ADAPTED)
 
 
 def test_fold_lora_scale_is_a_pattern_and_a_replacement():
