@@ -12,6 +12,7 @@ HF PEFT's layout; ``generate`` decodes with a KV cache.
 from fxpeft.errors import CaptureError, FxpeftError, MatchError, PassError, RuleError
 from fxpeft.generation.decoding import generate
 from fxpeft.generation import hf_generate  # noqa: F401  provides gm.generate
+from fxpeft.generation.package import package
 from fxpeft.io import checkpoints  # noqa: F401  provides gm.save_pretrained
 from fxpeft.io.auto import (AutoAdaptedModel, AutoAdaptedModelForCausalLM,
                             AutoAdaptedModelForSequenceClassification)
@@ -28,4 +29,4 @@ __all__ = ["AdaptedModule", "AdapterFileError", "AutoAdaptedModel", "AutoAdapted
            "AutoAdaptedModelForSequenceClassification", "CaptureError", "FxpeftError", "MatchError",
            "PassError", "RuleError", "adapter_state_dict", "add_adapter", "explain", "fuse",
            "generate", "load", "merge", "merge_into", "reference_model", "rewrite", "save",
-           "trainable_parameters"]
+           "trainable_parameters", "package"]
