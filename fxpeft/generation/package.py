@@ -145,7 +145,7 @@ def _lowered_copy(gm: AdaptedModule) -> AdaptedModule:
         return gm
     lowered = AdaptedModule(gm, copy_graph(gm.graph), class_name=type(gm).__name__)
     lowered.capture_info = gm.capture_info
-    set_graph_state(lowered, graph_state(gm).derived(role="packaged"))
+    set_graph_state(lowered, graph_state(gm).derived(role=graph_state(gm).role))
     lower_fxpeft_ops(lowered)
     return lowered.eval()
 
@@ -327,7 +327,7 @@ def package(gm: AdaptedModule, path: "str | Path",
     if not path.parent.is_dir():
         raise FxpeftError(f"fxpeft.package: {path}: no folder {path.parent}")
     program, info = packaged_program(gm, example_inputs, merged=merged, decode_length=decode_length)
-    partial = path.with_name(f".{path.name}.partial")  # nothing half-written under the real name
+    partial = path.with_name(f".partial-{path.name}")  # nothing half-written under the real name
     try:
         torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
         partial.replace(path)
