@@ -179,28 +179,28 @@ def foreign_ops(graph: torch.fx.Graph) -> list[str]:
     return list(found)
 
 
+def _refuse(adapters: list[str], why: str) -> None:
+    if adapters:
+        raise FxpeftError(f"fxpeft.package: adapters {sorted(adapters)} {why}")
+
+
 def _check_switchable(gm: AdaptedModule) -> None:
     """Refuse adapters whose on/off state changes the graph's shape (``gate_flag``): export bakes
     that Python bool in, so the ``adapter`` input could not switch them."""
-    flags = sorted({n.args[1] for n in gm.graph.find_nodes(op="call_function", target=gate_open)})
-    if flags:
-        raise FxpeftError(f"fxpeft.package: adapters {flags} change the graph's shape when "
-                          f"switched (their kinds lengthen the input), which an input tensor "
-                          f"cannot switch; package a graph holding one of them, merged=False, "
-                          f"after set_adapter, or delete them")
+    _refuse(list({n.args[1] for n in gm.graph.find_nodes(op="call_function", target=gate_open)}),
+            "change the graph's shape when switched (their kinds lengthen the input): an input "
+            "tensor cannot switch them, so an unmerged package cannot hold them")
 
 
 def _check_decodable(gm: AdaptedModule) -> None:
     """Refuse, by adapter and kind, adapters the packaged decode graph cannot hold: kinds that
     put tokens in front of the prompt or fill the KV cache need ``fxpeft.generate``'s loop."""
-    needs_loop = sorted(f"{adapter} ({rule.rewrite})" for adapter, record in adapter_records(gm).items()
-                        for rule in record.rules.rules
-                        if registry.get(rule.rewrite).lengthens or registry.get(rule.rewrite).fills_cache)
-    if needs_loop:
-        raise FxpeftError(f"fxpeft.package: adapters {needs_loop} put tokens or cache entries in "
-                          f"front of the prompt, which fxpeft.generate writes outside the decode "
-                          f"graph; a packaged decode graph cannot hold them (package the forward "
-                          f"graph: decode_length=None)")
+    _refuse([f"{adapter} ({rule.rewrite})" for adapter, record in adapter_records(gm).items()
+             for rule in record.rules.rules
+             if registry.get(rule.rewrite).lengthens or registry.get(rule.rewrite).fills_cache],
+            "put tokens or cache entries in front of the prompt, which fxpeft.generate writes "
+            "outside the decode graph; a packaged decode graph cannot hold them (package the "
+            "forward graph: decode_length=None)")
 
 
 def _check_dense(gm: AdaptedModule) -> None:
