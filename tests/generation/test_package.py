@@ -17,7 +17,7 @@ from conftest import randomize_adapters, tiny_llama, token_batch
 from fxpeft.errors import FxpeftError
 from fxpeft.generation.decode_graph import decoder_for
 from fxpeft.generation.package import foreign_ops, packaged_program
-from fxpeft.graph.gates import disable_adapters, set_adapter
+from fxpeft.graph.gates import disable_adapters, gate_buffers, set_adapter
 from fxpeft.transforms.cpu_gemm import _onednn
 
 NEW_TOKENS = 6
@@ -119,7 +119,9 @@ def _aten_only(program):
 def test_the_unmerged_forward_program_switches_adapters_by_input(two_adapters):
     ids = token_batch(2, 5)
     mask = torch.ones_like(ids)
+    before = [float(g) for _, g in gate_buffers(two_adapters.fxpeft_gates)]
     program, info = packaged_program(two_adapters, {"input_ids": ids, "attention_mask": mask})
+    assert [float(g) for _, g in gate_buffers(two_adapters.fxpeft_gates)] == before  # export ran on fakes
     assert info.inputs == ("input_ids", "attention_mask", "adapter")
     _aten_only(program)
     run = program.module()
