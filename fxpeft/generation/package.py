@@ -204,7 +204,7 @@ def _check_decodable(gm: AdaptedModule) -> None:
 
 
 def _check_dense(gm: AdaptedModule) -> None:
-    quantized = [site.path for site in find_linear_sites(gm) if site.kind == "quantized"]
+    quantized = [site.module_path for site in find_linear_sites(gm) if site.kind == "quantized"]
     if quantized:
         raise FxpeftError(f"fxpeft.package: {len(quantized)} quantized (bitsandbytes) layers, "
                           f"{quantized[0]} first: their kernels are bitsandbytes', not torch's; "

@@ -171,3 +171,20 @@ def test_what_cannot_be_packaged_is_refused_by_name():
     x = g.placeholder("x")
     g.output(g.call_function(torch.ops.fxpeft.frozen_linear.default, (x, x, None)))
     assert foreign_ops(g) == ["fxpeft::frozen_linear"]
+
+
+def test_a_4bit_graph_is_refused_unmerged_and_packages_dense_merged(tmp_path):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+    tiny_llama(num_hidden_layers=1).save_pretrained(tmp_path)
+    model = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+    gm = fxpeft.rewrite(model, "lora_qv.toml").eval()
+    randomize_adapters(gm)
+    ids = token_batch(2, 5)
+    with pytest.raises(FxpeftError, match=r"7 quantized \(bitsandbytes\) layers, model\.layers\.0\.self_attn\.q_proj first"):
+        packaged_program(gm, {"input_ids": ids})
+    program, _ = packaged_program(gm, {"input_ids": ids}, merged=True)
+    _aten_only(program)  # no fxpeft::linear_4bit, no bitsandbytes op
+    dense = fxpeft.merge(gm, dequantize=True)
+    assert (program.module()(ids) - dense(ids).logits).abs().max() < 1e-5
