@@ -12,6 +12,7 @@ HF PEFT's layout; ``generate`` decodes with a KV cache.
 from fxpeft.errors import CaptureError, FxpeftError, MatchError, PassError, RuleError
 from fxpeft.generation.decoding import generate
 from fxpeft.generation import hf_generate  # noqa: F401  provides gm.generate
+from fxpeft.generation.package import package
 from fxpeft.io import checkpoints  # noqa: F401  provides gm.save_pretrained
 from fxpeft.io.export_lora import export_lora
 from fxpeft.io.auto import (AutoAdaptedModel, AutoAdaptedModelForCausalLM,
@@ -31,4 +32,4 @@ __all__ = ["AdaptedModule", "AdapterFileError", "AutoAdaptedModel", "AutoAdapted
            "AutoAdaptedModelForSequenceClassification", "CaptureError", "FxpeftError", "MatchError",
            "PassError", "RuleError", "adapter_state_dict", "add_adapter", "explain", "export_lora",
            "fuse", "generate", "layer_units", "load", "load_into_slot", "merge", "merge_into",
-           "reference_model", "rewrite", "save", "trainable_parameters", "unload_slot"]
+           "package", "reference_model", "rewrite", "save", "trainable_parameters", "unload_slot"]
