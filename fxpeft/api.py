@@ -20,6 +20,7 @@ from fxpeft.io.serialize import AdapterFileError, load, save
 from fxpeft.runtime.adapted_module import AdaptedModule
 from fxpeft.runtime.rewrite import add_adapter, explain, rewrite, trainable_parameters
 from fxpeft.transforms.fuse import fuse
+from fxpeft.transforms.combine import combine
 from fxpeft.transforms import backbone  # noqa: F401  provides gm.base_model
 from fxpeft.transforms.merge import merge, merge_into
 from fxpeft.transforms.reference import reference_model
@@ -28,4 +29,4 @@ __all__ = ["AdaptedModule", "AdapterFileError", "AutoAdaptedModel", "AutoAdapted
            "AutoAdaptedModelForSequenceClassification", "CaptureError", "FxpeftError", "MatchError",
            "PassError", "RuleError", "adapter_state_dict", "add_adapter", "explain", "fuse",
            "generate", "load", "merge", "merge_into", "reference_model", "rewrite", "save",
-           "trainable_parameters"]
+           "trainable_parameters", "combine"]

@@ -61,6 +61,7 @@ class LowRankBranch:
     down: str
     up: str
     scale: float
+    transposed: bool = False  # the base weight is stored ``[in, out]`` (Conv1D, an embedding)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,9 @@ class AdapterKind:
     removable node of a low-rank kind; ``lengthens``: a ``Lengthens``; ``on_step(gm, adapters,
     step)``: a kind with state across optimizer steps (AdaLoRA's rank allocation) advances it
     for ``adapters`` of ``gm`` (``AdaptedModule.update_and_allocate``); ``fills_cache``: a
-    ``FillsCache``.
+    ``FillsCache``; ``combine_params(params, r)``: a low-rank kind whose adapters
+    ``fxpeft.combine`` mixes gives the rule params, like ``params``, of a branch of rank ``r``
+    and scale 1.
     """
 
     name: str
@@ -121,6 +124,7 @@ class AdapterKind:
     lengthens: Lengthens | None = None
     on_step: "Callable[[torch.fx.GraphModule, list[str], int], None] | None" = None
     fills_cache: FillsCache | None = None
+    combine_params: "Callable[[Any, int], Any] | None" = None
 
     @property
     def sites(self) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ folds ``scale * B @ A`` into the weight there.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -425,7 +426,17 @@ def rules_to_config(matches: list[Match], program: Program, use_dora: bool = Fal
 def branch_of(record: AdapterNode) -> LowRankBranch:
     """The branch's A and B weights and scale, for the fuse passes (``AdapterKind.low_rank``)."""
     detail = record.detail
-    return LowRankBranch(detail.lora_A, detail.lora_B, detail.scale)
+    return LowRankBranch(detail.lora_A, detail.lora_B, detail.scale, detail.fan_in_fan_out)
+
+
+def unit_scale_params(params: LoraParams, r: int) -> LoraParams:
+    """``params`` for a branch of rank ``r`` and scale 1 (``alpha = r``, no rsLoRA): what
+    ``fxpeft.combine`` writes a mix into (``AdapterKind.combine_params``).
+
+    >>> unit_scale_params(LoraParams(r=4, alpha=16, use_rslora=True), 8).scale
+    1.0
+    """
+    return dataclasses.replace(params, r=r, alpha=r, use_rslora=False, init="default")
 
 
 KIND = AdapterKind(
@@ -433,4 +444,4 @@ KIND = AdapterKind(
     components=(*LINEAR.names, *EMBEDDING.names),
     peft=PeftFormat("LORA", rules_to_config, config_to_rules, LORA_FIELDS,
                     selector={"use_dora": False}),
-    default_rule=True, low_rank=branch_of)
+    default_rule=True, low_rank=branch_of, combine_params=unit_scale_params)
