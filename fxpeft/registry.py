@@ -65,6 +65,23 @@ class LowRankBranch:
 
 
 @dataclass(frozen=True)
+class Combines:
+    """Capability ``combines``: a low-rank kind whose adapters ``fxpeft.combine`` mixes.
+    ``branch(record)``: the ``LowRankBranch`` of a removable node; ``params(params, r)``: rule
+    params like ``params`` for a branch of rank ``r`` and scale 1. A kind whose adapted weight
+    rescales the rows of ``W + s·BA`` (DoRA's ``diag(g)(W + s·BA)``) also gives ``row_gain(gm,
+    record)``, the ``g`` per output row, ``base_rows(gm, record)``, ``W`` as ``(out, in)`` in
+    fp32, and ``set_row_gain(gm, record, g)``, which makes the gain ``g`` for the branch's
+    current ``W + s·BA``."""
+
+    branch: "Callable[[AdapterNode], LowRankBranch]"
+    params: Callable[[Any, int], Any]
+    row_gain: "Callable[[torch.nn.Module, AdapterNode], torch.Tensor] | None" = None
+    base_rows: "Callable[[torch.nn.Module, AdapterNode], torch.Tensor] | None" = None
+    set_row_gain: "Callable[[torch.nn.Module, AdapterNode, torch.Tensor], None] | None" = None
+
+
+@dataclass(frozen=True)
 class Lengthens:
     """Capability ``lengthens``: a kind that puts tokens in front of the input (prompt tuning).
     ``tokens(params)`` is how many (they size the KV cache); ``decode_splice(decoder, adapter,
@@ -107,9 +124,7 @@ class AdapterKind:
     removable node of a low-rank kind; ``lengthens``: a ``Lengthens``; ``on_step(gm, adapters,
     step)``: a kind with state across optimizer steps (AdaLoRA's rank allocation) advances it
     for ``adapters`` of ``gm`` (``AdaptedModule.update_and_allocate``); ``fills_cache``: a
-    ``FillsCache``; ``combine_params(params, r)``: a low-rank kind whose adapters
-    ``fxpeft.combine`` mixes gives the rule params, like ``params``, of a branch of rank ``r``
-    and scale 1.
+    ``FillsCache``; ``combines``: a ``Combines``.
     """
 
     name: str
@@ -124,7 +139,7 @@ class AdapterKind:
     lengthens: Lengthens | None = None
     on_step: "Callable[[torch.fx.GraphModule, list[str], int], None] | None" = None
     fills_cache: FillsCache | None = None
-    combine_params: "Callable[[Any, int], Any] | None" = None
+    combines: Combines | None = None
 
     @property
     def sites(self) -> tuple[str, ...]:

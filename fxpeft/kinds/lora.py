@@ -31,7 +31,7 @@ from fxpeft.graph.targets import fetch, nodes_between
 from fxpeft.errors import FxpeftError
 from fxpeft.graph.gates import GATE_META, gate_node, reroute
 from fxpeft.graph.dropout import dropout_target
-from fxpeft.registry import AdapterKind, LowRankBranch, SpliceInput, Spliced
+from fxpeft.registry import AdapterKind, Combines, LowRankBranch, SpliceInput, Spliced
 from fxpeft.match.layer_sites import ConvSite, EmbeddingSite, find_conv_sites, find_embedding_sites
 from fxpeft.match.query import Match
 from fxpeft.names import ADAPTER_META, AdapterNode
@@ -431,7 +431,7 @@ def branch_of(record: AdapterNode) -> LowRankBranch:
 
 def unit_scale_params(params: LoraParams, r: int) -> LoraParams:
     """``params`` for a branch of rank ``r`` and scale 1 (``alpha = r``, no rsLoRA): what
-    ``fxpeft.combine`` writes a mix into (``AdapterKind.combine_params``).
+    ``fxpeft.combine`` writes a mix into (``Combines.params``).
 
     >>> unit_scale_params(LoraParams(r=4, alpha=16, use_rslora=True), 8).scale
     1.0
@@ -444,4 +444,5 @@ KIND = AdapterKind(
     components=(*LINEAR.names, *EMBEDDING.names),
     peft=PeftFormat("LORA", rules_to_config, config_to_rules, LORA_FIELDS,
                     selector={"use_dora": False}),
-    default_rule=True, low_rank=branch_of, combine_params=unit_scale_params)
+    default_rule=True, low_rank=branch_of,
+    combines=Combines(branch_of, unit_scale_params))

@@ -35,7 +35,7 @@ from fxpeft.graph.gates import adapter_names
 from fxpeft.graph.records import adapter_records, record
 from fxpeft.graph.targets import fetch
 from fxpeft.names import adapter_node
-from fxpeft.registry import LowRankBranch, low_rank_branch
+from fxpeft.registry import LowRankBranch
 from fxpeft.rules.schema import Rule, RuleSet, Where, did_you_mean
 from fxpeft.runtime.apply import add_adapter
 
@@ -47,22 +47,34 @@ SIGN_METHODS = ("total", "frequency")
 
 @dataclass(frozen=True)
 class Source:
-    """One source adapter's branch at one layer: its A and B (detached, fp32), scale and the
-    weight it applies to (``weight`` factor already signed as PEFT does)."""
+    """One source adapter's branch at one layer: its A and B (detached, fp32), its branch (scale
+    and layout) and its weight in the mix. A kind that rescales rows (DoRA) adds its gain ``g``
+    and the base weight ``W`` (``(out, in)``): its adapted weight is ``diag(g)(W + s·BA)``."""
 
     adapter: str
     weight: float
     down: torch.Tensor
     up: torch.Tensor
     branch: LowRankBranch
+    gain: "torch.Tensor | None" = None
+    base: "torch.Tensor | None" = None
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
 
     def delta(self) -> torch.Tensor:
-        """``s·B@A`` as a matrix in the ``B@A`` orientation (``[out, in·k·k]``)."""
-        return self.branch.scale * (self.up.flatten(1) @ self.down.flatten(1))
+        """The adapter's whole ``ΔW`` as a matrix in the ``B@A`` orientation (``[out, in·k·k]``):
+        ``s·BA``, or with a gain ``diag(g)(W + s·BA) - W``."""
+        low_rank = self.branch.scale * (self.up.flatten(1) @ self.down.flatten(1))
+        return low_rank if self.gain is None else self.gain[:, None] * (self.base + low_rank) - self.base
+
+    def gained_up(self) -> torch.Tensor:
+        """B with its rows scaled by the gain (B itself without one)."""
+        return self.up if self.gain is None else self.up * self.gain.view(-1, *[1] * (self.up.dim() - 1))
+
+
+Factors = "tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]"  # A, B, gain (or None)
 
 
 @dataclass(frozen=True)
@@ -127,7 +139,7 @@ def _generator(seed: Any, generator: Any) -> "torch.Generator | None":
 
 
 def _combinable_kinds() -> list[str]:
-    return [k.name for k in registry.all_kinds() if k.low_rank is not None and k.combine_params]
+    return [k.name for k in registry.all_kinds() if k.combines is not None]
 
 
 def _kind_of(gm: torch.nn.Module, adapter: str) -> str:
@@ -157,19 +169,33 @@ def _tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
     return fetch(gm, target).detach().float()
 
 
+def _combines(entry: Any) -> "registry.Combines | None":
+    """The ``Combines`` capability of a removable adapter node's kind, else None."""
+    if entry is None or not entry.removable or entry.kind not in _combinable_kinds():
+        return None
+    return registry.get(entry.kind).combines
+
+
+def _source(gm: torch.fx.GraphModule, entry: Any, weight: float) -> Source:
+    combines = _combines(entry)
+    branch = combines.branch(entry)
+    rescales = combines.row_gain is not None
+    return Source(entry.adapter, weight, _tensor(gm, branch.down), _tensor(gm, branch.up), branch,
+                  combines.row_gain(gm, entry) if rescales else None,
+                  combines.base_rows(gm, entry) if rescales else None)
+
+
 def _layers(gm: torch.fx.GraphModule, weights: dict[str, float]) -> list[Layer]:
     """Every layer at least one source adapter adapts, in graph order."""
     matches = {(name, m.module_path): m for name in weights for m in record(gm, name).matches}
     found: dict[str, dict[str, Source]] = {}
     for node in gm.graph.nodes:
         entry = adapter_node(node)
-        branch = low_rank_branch(entry) if entry is not None and entry.removable else None
-        if branch is None or entry.adapter not in weights:
+        if _combines(entry) is None or entry.adapter not in weights:
             continue
         sources = found.setdefault(entry.module_path, {})
-        sources.setdefault(entry.adapter, Source(entry.adapter, weights[entry.adapter],
-                                                 _tensor(gm, branch.down), _tensor(gm, branch.up),
-                                                 branch))
+        if entry.adapter not in sources:
+            sources[entry.adapter] = _source(gm, entry, weights[entry.adapter])
     layers = []
     for path, sources in found.items():
         ordered = tuple(sources[name] for name in weights if name in sources)
@@ -235,21 +261,35 @@ def _factor_weights(source: Source) -> tuple[float, float]:
 
 
 def _factor_mix(layer: Layer, method: str, density: "float | None", sign_method: str,
-                generator: "torch.Generator | None") -> tuple[torch.Tensor, torch.Tensor]:
+                generator: "torch.Generator | None") -> Factors:
     ranks = {s.adapter: s.rank for s in layer.sources}
     if len(set(ranks.values())) > 1:
         raise _fail(f"{layer.module_path}: method {method!r} mixes the A and B factors entry by "
                     f"entry and needs equal ranks, got {ranks}; use 'cat' or an svd method")
     split = [_factor_weights(s) for s in layer.sources]
     down = mix(method, [s.down for s in layer.sources], [a for a, _ in split], density, sign_method, generator)
-    up = mix(method, [s.up for s in layer.sources], [b for _, b in split], density, sign_method, generator)
-    return down, up
+    up = mix(method, [s.gained_up() for s in layer.sources], [b for _, b in split], density,
+             sign_method, generator)
+    return _with_gain(layer, down, up)
 
 
-def _cat(layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact: ``[w₁s₁A₁; w₂s₂A₂]`` and ``[B₁ B₂]``."""
+def _cat(layer: Layer) -> Factors:
+    """Exact: ``[w₁s₁A₁; w₂s₂A₂]`` and ``[B₁ B₂]`` (with gains: ``[g₁B₁ g₂B₂] / (1 + d)``)."""
     down = torch.cat([s.weight * s.branch.scale * s.down for s in layer.sources])
-    return down, torch.cat([s.up for s in layer.sources], dim=1)
+    return _with_gain(layer, down, torch.cat([s.gained_up() for s in layer.sources], dim=1))
+
+
+def _with_gain(layer: Layer, down: torch.Tensor, up: torch.Tensor) -> Factors:
+    """Rows rescaled by gains: ``Σ wᵢ ΔWᵢ = (I + D)W + C`` with ``d = Σ wᵢ(gᵢ - 1)`` and ``C``
+    the mixed ``gᵢ``-scaled branches, which is ``diag(1 + d)(W + C / (1 + d))``: the new
+    branch is ``C / (1 + d)`` and its gain ``1 + d`` (exact for ``cat``)."""
+    if layer.sources[0].gain is None:
+        return down, up, None
+    gain = 1 + sum(s.weight * (s.gain - 1) for s in layer.sources)
+    if bool((gain.abs() < 1e-6).any()):
+        raise _fail(f"{layer.module_path}: the weighted magnitudes cancel (1 + Σ wᵢ(gᵢ - 1) = 0 "
+                    f"on a row); no adapter of this kind gives that mix")
+    return down, up / gain.view(-1, *[1] * (up.dim() - 1)), gain
 
 
 def _weight_layout(delta: torch.Tensor, source: Source) -> torch.Tensor:
@@ -258,8 +298,9 @@ def _weight_layout(delta: torch.Tensor, source: Source) -> torch.Tensor:
     return delta.T if source.branch.transposed else delta
 
 
-def _svd_mix(layer: Layer, method: str, rank: int, options: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mix the full ``ΔWᵢ``, then keep the top ``rank`` singular directions (``U·S`` as B)."""
+def _svd_mix(layer: Layer, method: str, rank: int, options: dict) -> Factors:
+    """Mix the full ``ΔWᵢ``, then keep the top ``rank`` singular directions (``U·S`` as B); a
+    kind with gains gets gain 1, so it adds exactly that ``BA``."""
     first = layer.sources[0]
     deltas = [_weight_layout(s.delta(), first) for s in layer.sources]
     total = _weight_layout(mix(method, deltas, [s.weight for s in layer.sources], options["density"],
@@ -272,37 +313,41 @@ def _svd_mix(layer: Layer, method: str, rank: int, options: dict) -> tuple[torch
         high = torch.quantile(torch.cat([up.flatten(), down.flatten()]), options["clamp"])
         up, down = up.clamp(-high, high), down.clamp(-high, high)
     up = torch.nn.functional.pad(up, (0, rank - keep))
-    return torch.nn.functional.pad(down, (0, 0, 0, rank - keep)), up
+    gain = None if first.gain is None else torch.ones_like(first.gain)
+    return torch.nn.functional.pad(down, (0, 0, 0, rank - keep)), up, gain
 
 
 # --- writing the new adapter ------------------------------------------------------------------
 
-def _rules(layers: list[Layer], factors: dict[str, tuple], kind: str) -> RuleSet:
+def _rules(layers: list[Layer], factors: dict[str, Factors], kind: str) -> RuleSet:
     """One rule per layer: that exact module, the kind's params of the mix's rank, scale 1."""
-    make = registry.get(kind).combine_params
+    make = registry.get(kind).combines.params
     return RuleSet(tuple(Rule(match=layer.match, name=f"combine {layer.module_path}",
                               where=Where(path=[f"^{re.escape(layer.module_path)}$"]),
                               params=make(layer.params, factors[layer.module_path][0].shape[0]))
                          for layer in layers), source="<fxpeft.combine>")
 
 
-def _write(gm: torch.fx.GraphModule, adapter: str, factors: dict[str, tuple]) -> None:
+def _write(gm: torch.fx.GraphModule, adapter: str, factors: dict[str, Factors]) -> None:
     """Copy each layer's mixed A and B into the new adapter's parameters (in their shape and
-    dtype)."""
-    with torch.no_grad():
-        for node in gm.graph.nodes:
-            entry = adapter_node(node)
-            branch = low_rank_branch(entry) if entry is not None and entry.removable else None
-            if branch is None or entry.adapter != adapter:
-                continue
-            down, up = factors[entry.module_path]
+    dtype), then its gain, where the kind has one."""
+    for node in gm.graph.nodes:
+        entry = adapter_node(node)
+        combines = _combines(entry)
+        if combines is None or entry.adapter != adapter:
+            continue
+        down, up, gain = factors[entry.module_path]
+        branch = combines.branch(entry)
+        with torch.no_grad():
             for target, value in ((branch.down, down), (branch.up, up)):
                 param = fetch(gm, target)
                 param.copy_(value.reshape(param.shape))
+        if gain is not None:
+            combines.set_row_gain(gm, entry, gain)
 
 
-def _mixed_factors(layers: list[Layer], method: str, options: dict) -> dict[str, tuple]:
-    """Per layer, the new adapter's ``(A, B)`` (B@A orientation, flattened)."""
+def _mixed_factors(layers: list[Layer], method: str, options: dict) -> dict[str, Factors]:
+    """Per layer, the new adapter's ``(A, B, gain)`` (B@A orientation, flattened)."""
     ranks = [s.rank for layer in layers for s in layer.sources]
     svd_rank = options["svd_rank"] or max(ranks)  # PEFT: the largest source rank
     factors = {}

@@ -14,7 +14,7 @@ import torch
 
 import fxpeft
 from conftest import randomize_adapters, tiny_llama, token_batch
-from fxpeft.rules import LoraParams, Rule, Where
+from fxpeft.rules import Rule, Where
 from fxpeft.transforms.combine import METHODS
 
 Q, V, K = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
@@ -27,19 +27,24 @@ def _density(method: str) -> "float | None":
     return DENSITY if any(w in method for w in ("ties", "dare", "magnitude_prune")) else None
 
 
-def _rule(path: str, **params) -> Rule:
-    return Rule(where=Where(path=[path]), params=LoraParams(**params))
+def _rule(path: str, kind: str = "lora", **params) -> Rule:
+    return Rule(where=Where(path=[path]), params=fxpeft.registry.get(kind).params(**params))
 
 
-def _sources(rslora: bool = False):
+def _sources(rslora: bool = False, kind: str = "lora"):
     """A one-layer Llama with adapters a (q, v; r 4, alpha 8), b (q, v; r 4, alpha 16) and
-    c (q, k; r 2, alpha 3), random, in fxpeft."""
+    c (q, k; r 2, alpha 3), random (DoRA magnitudes: the norms at init times 1 ± 0.2), in fxpeft."""
     base = tiny_llama(num_hidden_layers=1)
-    gm = fxpeft.rewrite(copy.deepcopy(base), _rule(r"(q|v)_proj$", r=4, alpha=8, use_rslora=rslora))
+    gm = fxpeft.rewrite(copy.deepcopy(base), _rule(r"(q|v)_proj$", kind, r=4, alpha=8, use_rslora=rslora))
     gm.eval()
-    fxpeft.add_adapter(gm, "b", _rule(r"(q|v)_proj$", r=4, alpha=16, use_rslora=rslora))
-    fxpeft.add_adapter(gm, "c", _rule(r"(q|k)_proj$", r=2, alpha=3, use_rslora=rslora))
+    fxpeft.add_adapter(gm, "b", _rule(r"(q|v)_proj$", kind, r=4, alpha=16, use_rslora=rslora))
+    fxpeft.add_adapter(gm, "c", _rule(r"(q|k)_proj$", kind, r=2, alpha=3, use_rslora=rslora))
+    magnitudes = {n: p.detach().clone() for n, p in gm.named_parameters() if "magnitude" in n}
     randomize_adapters(gm, seed=1)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, norm in magnitudes.items():
+            gm.get_parameter(name).copy_(norm * (1 + 0.2 * torch.randn(norm.shape, generator=generator)))
     return base, gm
 
 
@@ -255,11 +260,10 @@ def test_other_kinds_and_mixed_kinds_are_refused_by_name():
     gm = fxpeft.rewrite(tiny_llama(num_hidden_layers=1), "ia3")
     fxpeft.add_adapter(gm, "lora", _rule(r"q_proj$"))
     with pytest.raises(fxpeft.FxpeftError, match=r"adapter 'default' is a ia3 adapter; combine "
-                                                 r"mixes adapters of one low-rank kind \(lora\)"):
+                                                 r"mixes adapters of one low-rank kind \(lora, dora\)"):
         fxpeft.combine(gm, {"default": 0.5, "lora": 0.5}, "cat")
-    dora = Rule(where=Where(path=[r"q_proj$"]), params=fxpeft.registry.get("dora").params())
-    fxpeft.add_adapter(gm, "dora", dora)
-    with pytest.raises(fxpeft.FxpeftError, match="'dora' is a dora adapter"):
+    fxpeft.add_adapter(gm, "dora", _rule(r"q_proj$", kind="dora"))
+    with pytest.raises(fxpeft.FxpeftError, match=r"different kinds \({'lora': 'lora', 'dora': 'dora'}\)"):
         fxpeft.combine(gm, {"lora": 0.5, "dora": 0.5}, "svd")
 
 
@@ -313,3 +317,80 @@ def test_mix_merges_switches_trains_and_deletes(mixed):
     gm.graph.lint()
     assert "mix" not in gm.adapter_names and len(gm.graph.nodes) < nodes
     assert not [n for n, _ in gm.named_parameters() if "_mix" in n]
+
+
+# --- where PEFT 0.21.2 is wrong: DoRA magnitudes ------------------------------------------------
+
+def _dora_delta(gm, adapter, path, scale):
+    """A DoRA adapter's whole ΔW = m / ||W + sBA|| (W + sBA) - W, by rows, from its definition."""
+    module = gm.get_submodule(path)
+    suffix = "" if adapter == "default" else f"_{adapter}"
+    weight = module.weight.detach().double().numpy()
+    lora_a, lora_b, _ = _factors(gm, adapter, path, scale)
+    magnitude = getattr(module, f"lora_magnitude_vector{suffix}").detach().double().numpy()
+    updated = weight + scale * lora_b @ lora_a
+    gain = magnitude / np.linalg.norm(updated, axis=1)
+    return gain[:, None] * updated - weight, gain
+
+
+def dora_reference(gm, weights, method, path, scales):
+    """cat: Σ wᵢ ΔWᵢ; svd: its truncated SVD (rank 32). linear: PEFT's factor mix of the
+    gain-scaled branches gᵢBᵢ, plus the magnitude changes mixed linearly: D W + C with
+    d = Σ wᵢ(gᵢ - 1)."""
+    parts = {n: _dora_delta(gm, n, path, scales[n]) for n in weights}
+    total = sum(w * parts[n][0] for n, w in weights.items())
+    if method in ("cat", "svd"):
+        u, sv, vt = np.linalg.svd(total)
+        return total if method == "cat" else (u[:, :32] * sv[:32]) @ vt[:32]
+    weight = gm.get_submodule(path).weight.detach().double().numpy()
+    roots = {n: w * scales[n] for n, w in weights.items()}
+    lora_a = sum(np.sign(x) * np.sqrt(abs(x)) * _factors(gm, n, path, 0)[0] for n, x in roots.items())
+    lora_b = sum(np.sqrt(abs(x)) * parts[n][1][:, None] * _factors(gm, n, path, 0)[1]
+                 for n, x in roots.items())
+    shift = sum(w * (parts[n][1] - 1) for n, w in weights.items())
+    return shift[:, None] * weight + lora_b @ lora_a
+
+
+def peft_effective_delta(peft_model, name, path):
+    """What PEFT's adapter ``name`` really adds to the weight (merged, then unmerged)."""
+    layer = peft_model.base_model.model.get_submodule(path)
+    before = layer.base_layer.weight.detach().clone()
+    layer.merge(adapter_names=[name])
+    after = layer.base_layer.weight.detach().clone()
+    layer.unmerge()
+    return (after - before).double().numpy()
+
+
+@pytest.fixture(scope="module")
+def dora(tmp_path_factory):
+    base, gm = _sources(kind="dora")
+    return base, gm, _into_peft(base, gm, tmp_path_factory.mktemp("dora"))
+
+
+@pytest.mark.parametrize("method", ["cat", "svd", "linear"])
+def test_dora_mix_is_right_where_peft_drops_the_magnitudes(dora, method):
+    base, gm, peft_model = dora
+    weights, scales = {"default": 0.7, "b": 0.3}, {"default": 2.0, "b": 4.0}
+    name = f"dora_{method}"
+    fxpeft.combine(gm, weights, method, adapter=name, svd_rank=32 if method == "svd" else None)
+    peft_mix(peft_model, weights, method, name, svd_rank=32 if method == "svd" else None)
+    ours = fx_deltas(gm, name)
+    for path in (Q, V):
+        expected = dora_reference(gm, weights, method, path, scales)
+        np.testing.assert_allclose(ours[path].double().numpy(), expected, rtol=0, atol=1e-5)
+        theirs = peft_effective_delta(peft_model, name, path)  # magnitudes from init, not mixed
+        assert np.abs(theirs - expected).max() > 0.05 * np.abs(expected).max()
+    gm.delete_adapter(name)
+
+
+def test_dora_mix_saves_and_loads_in_peft_with_equal_outputs(dora, tmp_path):
+    from peft import PeftModel
+    base, gm, _ = dora
+    fxpeft.combine(gm, {"default": 0.5, "b": 0.5, "c": -0.4}, "cat", adapter="dmix")
+    gm.set_adapter("dmix")
+    ids = token_batch()
+    ours = _logits(gm, ids)
+    gm.set_adapter("default")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), fxpeft.save(gm, tmp_path / "d", "dmix"))
+    torch.testing.assert_close(_logits(peft_model.eval(), ids), ours, rtol=0, atol=1e-5)
+    gm.delete_adapter("dmix")
