@@ -210,22 +210,20 @@ def test_combine_matches_the_definitions(both, method):
 
 # --- where PEFT 0.21.2 is wrong: rsLoRA ---------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["cat", "svd", "linear"])
-def test_rslora_mix_is_right_where_peft_scales_it_by_sqrt_r(tmp_path, method):
+def test_rslora_mix_is_right_where_peft_scales_it_by_sqrt_r(tmp_path):
     base, gm = _sources(rslora=True)
     peft_model = _into_peft(base, gm, tmp_path)
     weights = {"default": 0.7, "b": 0.3}
-    fxpeft.combine(gm, weights, method, adapter="mix")
-    peft_mix(peft_model, weights, method, "mix")
     scales = {"default": 8 / 2.0, "b": 16 / 2.0}  # alpha / sqrt(r), r = 4
-    expected = reference_delta(gm, weights, method, Q, None, scales)
-    ours = fx_deltas(gm, "mix")[Q].double().numpy()
-    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5)
-    # PEFT gives the mix the first source's use_rslora with lora_alpha = r: scale sqrt(r), not 1
-    new_rank = 8 if method == "cat" else 4
-    theirs = peft_delta(peft_model, "mix", Q).double().numpy()
-    np.testing.assert_allclose(theirs, expected * new_rank ** 0.5, rtol=1e-5, atol=1e-5)
-    assert np.abs(theirs - expected).max() > 0.1 * np.abs(expected).max()
+    for method, new_rank in (("cat", 8), ("svd", 4), ("linear", 4)):
+        fxpeft.combine(gm, weights, method, adapter=method)
+        peft_mix(peft_model, weights, method, method)
+        expected = reference_delta(gm, weights, method, Q, None, scales)
+        ours = fx_deltas(gm, method)[Q].double().numpy()
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5)
+        # PEFT gives the mix the first source's use_rslora with lora_alpha = r: scale sqrt(r), not 1
+        theirs = peft_delta(peft_model, method, Q).double().numpy()
+        np.testing.assert_allclose(theirs, expected * new_rank ** 0.5, rtol=1e-5, atol=1e-5)
 
 
 # --- refusals ------------------------------------------------------------------------------------
@@ -394,3 +392,18 @@ def test_dora_mix_saves_and_loads_in_peft_with_equal_outputs(dora, tmp_path):
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), fxpeft.save(gm, tmp_path / "d", "dmix"))
     torch.testing.assert_close(_logits(peft_model.eval(), ids), ours, rtol=0, atol=1e-5)
     gm.delete_adapter("dmix")
+
+
+def test_svd_rank_above_a_layers_size_pads_where_peft_mismatches_the_factors(both):
+    _, gm, peft_model = both
+    weights = {"default": 0.7, "b": 0.3}
+    fxpeft.combine(gm, weights, "svd", adapter="wide", svd_rank=40)  # v_proj is 32 x 64
+    fxpeft.combine(gm, weights, "cat", adapter="exact")
+    wide, exact = fx_deltas(gm, "wide"), fx_deltas(gm, "exact")
+    for path in (Q, V):
+        torch.testing.assert_close(wide[path], exact[path], rtol=0, atol=1e-5)
+    peft_mix(peft_model, weights, "svd", "wide", svd_rank=40)
+    layer = peft_model.base_model.model.get_submodule(V)
+    assert layer.lora_A["wide"].weight.shape[0] != layer.lora_B["wide"].weight.shape[1]  # 64 vs 32
+    gm.delete_adapter("wide")
+    gm.delete_adapter("exact")
