@@ -13,9 +13,9 @@ the weighted entries that agree with it; DARE (Yu et al. 2023) keeps each entry 
 The new adapter has scale 1 at every layer (``alpha = r``, no rsLoRA), so the numbers written
 are its ``ΔW`` whatever the sources' ranks, alphas and ``use_rslora`` were; PEFT 0.21.2 gives the
 mix the first source's ``use_rslora`` and so scales it by ``√r`` (``docs/combining-adapters.md``).
-DARE's random draws follow PEFT's order: layer by layer in graph order, each layer's tensors in
-the adapters' order (A factors before B factors), from ``generator`` (or ``seed``, or torch's
-global generator).
+DARE's random draws follow PEFT's order: layer by layer in the model's module order
+(``_module_order``), each layer's tensors in the adapters' order (A factors before B factors),
+from ``generator`` (or ``seed``, or torch's global generator).
 """
 
 from __future__ import annotations
@@ -185,8 +185,18 @@ def _source(gm: torch.fx.GraphModule, entry: Any, weight: float) -> Source:
                   combines.base_rows(gm, entry) if rescales else None)
 
 
+def _module_order(gm: torch.nn.Module) -> dict[str, int]:
+    """Each module's place in the order of the graph module's parameters: the model's own
+    (definition) order for ``torch.export`` captures, the graph's for ``symbolic_trace`` ones."""
+    order: dict[str, int] = {}
+    for name, _ in gm.named_parameters(remove_duplicate=False):
+        order.setdefault(name.rpartition(".")[0], len(order))
+    return order
+
+
 def _layers(gm: torch.fx.GraphModule, weights: dict[str, float]) -> list[Layer]:
-    """Every layer at least one source adapter adapts, in graph order."""
+    """Every layer at least one source adapter adapts, in module order (``_module_order``),
+    which is where PEFT draws DARE's masks."""
     matches = {(name, m.module_path): m for name in weights for m in record(gm, name).matches}
     found: dict[str, dict[str, Source]] = {}
     for node in gm.graph.nodes:
@@ -196,8 +206,8 @@ def _layers(gm: torch.fx.GraphModule, weights: dict[str, float]) -> list[Layer]:
         sources = found.setdefault(entry.module_path, {})
         if entry.adapter not in sources:
             sources[entry.adapter] = _source(gm, entry, weights[entry.adapter])
-    layers = []
-    for path, sources in found.items():
+    layers, order = [], _module_order(gm)
+    for path, sources in sorted(found.items(), key=lambda item: order.get(item[0], -1)):
         ordered = tuple(sources[name] for name in weights if name in sources)
         first = matches[ordered[0].adapter, path]
         layers.append(Layer(path, first.rule.match, first.rule.params, ordered))

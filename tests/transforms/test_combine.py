@@ -14,7 +14,7 @@ import torch
 
 import fxpeft
 from conftest import randomize_adapters, tiny_llama, token_batch
-from fxpeft.rules import Rule, Where
+from fxpeft.rules import LoraParams, Rule, Where
 from fxpeft.transforms.combine import METHODS
 
 Q, V, K = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
@@ -96,14 +96,14 @@ def peft_delta(peft_model, name: str, path: str) -> torch.Tensor:
     return peft_model.base_model.model.get_submodule(path).get_delta_weight(name).detach()
 
 
-def fx_deltas(gm, adapter: str) -> dict[str, torch.Tensor]:
+def fx_deltas(gm, adapter: str, paths=(Q, V, K)) -> dict[str, torch.Tensor]:
     """ΔW of ``adapter`` at each layer, read from ``fxpeft.merge`` (not from the factors)."""
     active = gm.active_adapters
     gm.set_adapter(adapter)
     merged = fxpeft.merge(gm)
     gm.set_adapter(active)
     return {p: (merged.get_parameter(f"{p}.weight") - gm.get_parameter(f"{p}.weight")).detach()
-            for p in (Q, V, K)}
+            for p in paths}
 
 
 # --- parity with PEFT, every type ---------------------------------------------------------------
@@ -407,3 +407,45 @@ def test_svd_rank_above_a_layers_size_pads_where_peft_mismatches_the_factors(bot
     assert layer.lora_A["wide"].weight.shape[0] != layer.lora_B["wide"].weight.shape[1]  # 64 vs 32
     gm.delete_adapter("wide")
     gm.delete_adapter("exact")
+
+
+class Layers(torch.nn.Module):
+    """An embedding (stored [in, out]: PEFT draws DARE's masks on its ΔW transposed), a 3x3
+    convolution and a linear, defined in another order than they run (PEFT draws in definition
+    order); control flow on the input makes fxpeft capture it with torch.export, which keeps
+    that order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 12)
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.head = torch.nn.Linear(12, 5)
+
+    def forward(self, ids: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        if ids.dim() == 1:
+            ids = ids[None]
+        return self.head(self.emb(ids)).sum() + self.conv(image).sum()
+
+
+@pytest.mark.parametrize("method", ["cat", "svd", "linear", "dare_linear_svd", "dare_ties"])
+def test_embeddings_and_convolutions_combine_as_in_peft(tmp_path, method):
+    from peft import PeftModel
+    torch.manual_seed(0)
+    net, paths = Layers().eval(), ("emb", "conv", "head")
+    rules = [Rule(match=match, where=Where(path=[f"^{path}$"]), params=LoraParams(r=4, alpha=8))
+             for match, path in zip(("embedding", "conv", "linear"), paths)]
+    inputs = (torch.arange(6).view(2, 3), torch.randn(2, 3, 5, 5))
+    gm = fxpeft.rewrite(copy.deepcopy(net), rules, example_inputs=inputs)
+    assert gm.capture_info.frontend == "export"
+    fxpeft.add_adapter(gm, "b", rules, alpha=6)
+    randomize_adapters(gm, seed=4)
+    fxpeft.save(gm, tmp_path / "a")
+    fxpeft.save(gm, tmp_path / "b", adapter="b")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(net), tmp_path / "a", adapter_name="a")
+    peft_model.load_adapter(tmp_path / "b", adapter_name="b")
+    weights = {"default": 0.8, "b": -0.5}
+    fxpeft.combine(gm, weights, method, adapter="mix", density=_density(method), seed=3)
+    peft_mix(peft_model, weights, method, "mix")
+    ours = fx_deltas(gm, "mix", paths)
+    for path in paths:
+        torch.testing.assert_close(ours[path], peft_delta(peft_model, "mix", path), rtol=0, atol=1e-5)
