@@ -13,6 +13,9 @@ the weighted entries that agree with it; DARE (Yu et al. 2023) keeps each entry 
 The new adapter has scale 1 at every layer (``alpha = r``, no rsLoRA), so the numbers written
 are its ``ΔW`` whatever the sources' ranks, alphas and ``use_rslora`` were; PEFT 0.21.2 gives the
 mix the first source's ``use_rslora`` and so scales it by ``√r`` (``docs/combining-adapters.md``).
+A kind whose weight rescales rows (DoRA: ``diag(gᵢ)(W + sᵢBᵢAᵢ)``) mixes exactly through its
+``Combines`` gains: ``Σ wᵢΔWᵢ = diag(1 + d)(W + C / (1 + d))`` with ``d = Σ wᵢ(gᵢ - 1)`` and
+``C`` the mix of the ``gᵢ``-scaled branches; PEFT keeps the mix's initial magnitudes instead.
 DARE's random draws follow PEFT's order: layer by layer in the model's module order
 (``_module_order``), each layer's tensors in the adapters' order (A factors before B factors),
 from ``generator`` (or ``seed``, or torch's global generator).
@@ -277,7 +280,8 @@ def _factor_mix(layer: Layer, method: str, density: "float | None", sign_method:
         raise _fail(f"{layer.module_path}: method {method!r} mixes the A and B factors entry by "
                     f"entry and needs equal ranks, got {ranks}; use 'cat' or an svd method")
     split = [_factor_weights(s) for s in layer.sources]
-    down = mix(method, [s.down for s in layer.sources], [a for a, _ in split], density, sign_method, generator)
+    down = mix(method, [s.down for s in layer.sources], [a for a, _ in split], density,
+               sign_method, generator)
     up = mix(method, [s.gained_up() for s in layer.sources], [b for _, b in split], density,
              sign_method, generator)
     return _with_gain(layer, down, up)
