@@ -9,7 +9,7 @@ loader, the command line) asks this registry; nothing else lists kinds by hand. 
 >>> [k.name for k in all_kinds()][:3]
 ['lora', 'ia3', 'adaption_prompt']
 >>> get("lora").sites, get("ia3").components
-(('linear', 'embedding', 'conv'), ('ia3_l',))
+(('linear', 'embedding', 'conv', 'parameter'), ('ia3_l',))
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ class LowRankBranch:
 @dataclass(frozen=True)
 class Combines:
     """Capability ``combines``: a low-rank kind whose adapters ``fxpeft.combine`` mixes.
-    ``branch(record)``: the ``LowRankBranch`` of a removable node; ``params(params, r)``: rule
+    ``branch(record)``: the ``LowRankBranch`` of a removable node (None where the node is
+    not one: refused); ``params(params, r)``: rule
     params like ``params`` for a branch of rank ``r`` and scale 1. A kind whose adapted weight
     rescales the rows of ``W + s·BA`` (DoRA's ``diag(g)(W + s·BA)``) also gives ``row_gain(gm,
     record)``, the ``g`` per output row, ``base_rows(gm, record)``, ``W`` as ``(out, in)`` in

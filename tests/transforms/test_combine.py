@@ -449,3 +449,25 @@ def test_embeddings_and_convolutions_combine_as_in_peft(tmp_path, method):
     ours = fx_deltas(gm, "mix", paths)
     for path in paths:
         torch.testing.assert_close(ours[path], peft_delta(peft_model, "mix", path), rtol=0, atol=1e-5)
+
+
+class UsesParameter(torch.nn.Module):
+    """``x @ W`` on a bare parameter of a submodule (PEFT's target_parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = torch.nn.Module()
+        self.inner.weight = torch.nn.Parameter(torch.randn(6, 4))
+
+    def forward(self, x):
+        return x @ self.inner.weight
+
+
+def test_lora_on_a_bare_parameter_is_refused_as_peft_refuses_it():
+    rule = Rule(match="parameter", where=Where(path=[r"inner\.weight$"]), params=LoraParams(r=2))
+    gm = fxpeft.rewrite(UsesParameter(), rule)
+    fxpeft.add_adapter(gm, "b", rule)
+    with pytest.raises(fxpeft.FxpeftError, match=r"combine: adapter '\w+' at inner.weight: .*not a low-rank "
+                                                 r"branch .*target_parameters"):
+        fxpeft.combine(gm, {"default": 0.5, "b": 0.5}, "cat")
+    assert gm.adapter_names == ["default", "b"]
