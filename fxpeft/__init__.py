@@ -14,7 +14,7 @@ from fxpeft.api import (AdaptedModule, AdapterFileError, AutoAdaptedModel, AutoA
                         PassError, RuleError, adapter_state_dict, add_adapter, explain, fuse,
                         generate, layer_units, load, merge, merge_into, reference_model, rewrite, save,
                         trainable_parameters)
-from fxpeft.api import export_lora, load_into_slot, package, unload_slot
+from fxpeft.api import combine, export_lora, load_into_slot, package, unload_slot
 from fxpeft.api import __all__ as _public
 from fxpeft.kinds import builtin  # noqa: F401  registers the adapter kinds
 

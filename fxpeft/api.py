@@ -22,6 +22,7 @@ from fxpeft.io.serialize import AdapterFileError, load, save
 from fxpeft.runtime.adapted_module import AdaptedModule
 from fxpeft.runtime.rewrite import add_adapter, explain, rewrite, trainable_parameters
 from fxpeft.transforms.fuse import fuse
+from fxpeft.transforms.combine import combine
 from fxpeft.transforms import backbone  # noqa: F401  provides gm.base_model
 from fxpeft.transforms.merge import merge, merge_into
 from fxpeft.transforms.reference import reference_model
@@ -30,6 +31,7 @@ from fxpeft.transforms.units import layer_units
 
 __all__ = ["AdaptedModule", "AdapterFileError", "AutoAdaptedModel", "AutoAdaptedModelForCausalLM",
            "AutoAdaptedModelForSequenceClassification", "CaptureError", "FxpeftError", "MatchError",
-           "PassError", "RuleError", "adapter_state_dict", "add_adapter", "explain", "export_lora",
-           "fuse", "generate", "layer_units", "load", "load_into_slot", "merge", "merge_into",
-           "package", "reference_model", "rewrite", "save", "trainable_parameters", "unload_slot"]
+           "PassError", "RuleError", "adapter_state_dict", "add_adapter", "combine", "explain",
+           "export_lora", "fuse", "generate", "layer_units", "load", "load_into_slot", "merge",
+           "merge_into", "package", "reference_model", "rewrite", "save", "trainable_parameters",
+           "unload_slot"]

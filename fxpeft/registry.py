@@ -61,6 +61,25 @@ class LowRankBranch:
     down: str
     up: str
     scale: float
+    transposed: bool = False  # the base weight is stored ``[in, out]`` (Conv1D, an embedding)
+
+
+@dataclass(frozen=True)
+class Combines:
+    """Capability ``combines``: a low-rank kind whose adapters ``fxpeft.combine`` mixes.
+    ``branch(record)``: the ``LowRankBranch`` of a removable node (None where the node is
+    not one: refused); ``params(params, r)``: rule
+    params like ``params`` for a branch of rank ``r`` and scale 1. A kind whose adapted weight
+    rescales the rows of ``W + s·BA`` (DoRA's ``diag(g)(W + s·BA)``) also gives ``row_gain(gm,
+    record)``, the ``g`` per output row, ``base_rows(gm, record)``, ``W`` as ``(out, in)`` in
+    fp32, and ``set_row_gain(gm, record, g)``, which makes the gain ``g`` for the branch's
+    current ``W + s·BA``."""
+
+    branch: "Callable[[AdapterNode], LowRankBranch]"
+    params: Callable[[Any, int], Any]
+    row_gain: "Callable[[torch.nn.Module, AdapterNode], torch.Tensor] | None" = None
+    base_rows: "Callable[[torch.nn.Module, AdapterNode], torch.Tensor] | None" = None
+    set_row_gain: "Callable[[torch.nn.Module, AdapterNode, torch.Tensor], None] | None" = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +128,7 @@ class AdapterKind:
     ``FillsCache``; ``no_weight_delta``: why the weights its merger writes are not a change of the
     adapted layers' own weights (``modules_to_save`` swaps in trained copies of whole modules),
     so ``fxpeft.export_lora`` refuses it; None: merged minus base weights is the adapter.
+    ``combines``: a ``Combines`` (how ``fxpeft.combine`` mixes the kind's adapters).
     """
 
     name: str
@@ -124,6 +144,7 @@ class AdapterKind:
     on_step: "Callable[[torch.fx.GraphModule, list[str], int], None] | None" = None
     fills_cache: FillsCache | None = None
     no_weight_delta: str | None = None
+    combines: Combines | None = None
 
     @property
     def sites(self) -> tuple[str, ...]:

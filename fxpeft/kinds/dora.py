@@ -27,9 +27,9 @@ from fxpeft.graph.params import attach_component
 from fxpeft.graph.targets import fetch
 from fxpeft.graph.gates import gate_node, reroute
 from fxpeft.kinds.lora import (LORA_FIELDS, LoraDetail, LoraParams, adapter_dtype, adapter_input,
-                               attach_lora, casts, config_to_rules, join, lora_delta, low_rank,
-                               record_nodes, rules_to_config)
-from fxpeft.registry import AdapterKind, SpliceInput, Spliced
+                               attach_lora, branch_of, casts, config_to_rules, join, lora_delta,
+                               low_rank, record_nodes, rules_to_config, unit_scale_params)
+from fxpeft.registry import AdapterKind, Combines, SpliceInput, Spliced
 from fxpeft.names import AdapterNode
 from fxpeft.formats.peft_format import PeftFormat
 from fxpeft.capture.quantized import base_weight, weight_node, weight_so_far
@@ -141,9 +141,32 @@ def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,
     weights[detail.weight] = _oriented(factor[:, None] * updated, detail.fan_in_fan_out).to(base.dtype)
 
 
+def row_gain(gm: torch.nn.Module, record: AdapterNode) -> torch.Tensor:
+    """``g = m / ||W + s·BA||`` per output row (fp32): the adapted weight is ``diag(g)(W + s·BA)``."""
+    detail: DoraDetail = record.detail
+    norm = torch.linalg.vector_norm(_updated_weight(gm, detail), dim=1)
+    return fetch(gm, detail.magnitude).detach().float() / norm
+
+
+def base_rows(gm: torch.nn.Module, record: AdapterNode) -> torch.Tensor:
+    """``W`` as ``(out, in)``, fp32."""
+    detail: DoraDetail = record.detail
+    return _oriented(base_weight(gm, detail.weight).float(), detail.fan_in_fan_out)
+
+
+def set_row_gain(gm: torch.nn.Module, record: AdapterNode, gain: torch.Tensor) -> None:
+    """Write the magnitude ``m = g·||W + s·BA||`` that gives the gain ``g`` for the current A, B."""
+    detail: DoraDetail = record.detail
+    magnitude = fetch(gm, detail.magnitude)
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(_updated_weight(gm, detail), dim=1)
+        magnitude.copy_((gain * norm).to(magnitude.dtype))
+
+
 KIND = AdapterKind(
     name="dora", params=DoraParams, splice=splice, merge=merge,
     components=("lora_A", "lora_B", MAGNITUDE),
     peft=PeftFormat("LORA", functools.partial(rules_to_config, use_dora=True),
                     functools.partial(config_to_rules, params_class=DoraParams),
-                    LORA_FIELDS, selector={"use_dora": True}))
+                    LORA_FIELDS, selector={"use_dora": True}),
+    combines=Combines(branch_of, unit_scale_params, row_gain, base_rows, set_row_gain))

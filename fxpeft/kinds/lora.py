@@ -31,7 +31,7 @@ from fxpeft.graph.targets import fetch, nodes_between
 from fxpeft.errors import FxpeftError
 from fxpeft.graph.gates import GATE_META, gate_node, reroute
 from fxpeft.graph.dropout import dropout_target
-from fxpeft.registry import AdapterKind, LowRankBranch, SpliceInput, Spliced
+from fxpeft.registry import AdapterKind, Combines, LowRankBranch, SpliceInput, Spliced
 from fxpeft.match.layer_sites import ConvSite, EmbeddingSite, find_conv_sites, find_embedding_sites
 from fxpeft.match.parameter_sites import ParameterSite, find_parameter_sites
 from fxpeft.kinds import lora_parameters
@@ -478,7 +478,17 @@ def branch_of(record: AdapterNode) -> LowRankBranch | None:
     detail = record.detail
     if isinstance(detail, lora_parameters.ParameterDetail):
         return None
-    return LowRankBranch(detail.lora_A, detail.lora_B, detail.scale)
+    return LowRankBranch(detail.lora_A, detail.lora_B, detail.scale, detail.fan_in_fan_out)
+
+
+def unit_scale_params(params: LoraParams, r: int) -> LoraParams:
+    """``params`` for a branch of rank ``r`` and scale 1 (``alpha = r``, no rsLoRA): what
+    ``fxpeft.combine`` writes a mix into (``Combines.params``).
+
+    >>> unit_scale_params(LoraParams(r=4, alpha=16, use_rslora=True), 8).scale
+    1.0
+    """
+    return dataclasses.replace(params, r=r, alpha=r, use_rslora=False, init="default")
 
 
 KIND = AdapterKind(
@@ -486,4 +496,5 @@ KIND = AdapterKind(
     components=(*LINEAR.names, *EMBEDDING.names),
     peft=PeftFormat("LORA", rules_to_config, config_to_rules, LORA_FIELDS,
                     selector={"use_dora": False}),
-    default_rule=True, low_rank=branch_of)
+    default_rule=True, low_rank=branch_of,
+    combines=Combines(branch_of, unit_scale_params))
