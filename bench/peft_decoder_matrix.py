@@ -6,7 +6,7 @@ Llama, Qwen2, Gemma-3 and Mistral built from configs, plus PEFT's layer-replicat
 ``generate`` against PEFT's. Prints each case, then reproduced / refused (with reasons) per
 method and the generate matches.
 
-    python bench/peft_decoder_matrix.py [method ...]
+    python bench/peft_decoder_matrix.py [method ...]   (those methods only, in that order)
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def main(methods: list[str]) -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     print(machine_line())
     cases = [c for c in all_cases() if not methods or c.method in methods]
+    cases.sort(key=lambda c: methods.index(c.method) if methods else 0)  # the methods' order
     for case in cases:
         print(_line(run_case(case)), flush=True)
     _summary(cases)

@@ -22,7 +22,6 @@ def _row(model, config, **match):
 
 @pytest.mark.parametrize("case", [
     _row("GPT2", "PromptTuningConfig"),
-    _row("Llama", "LoraConfig"),
     _row("OPT", "IA3Config"),
 ], ids=lambda c: c.label)
 def test_rows_reproduce_both_ways_merge_and_generate(case):
