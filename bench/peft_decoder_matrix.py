@@ -12,6 +12,7 @@ method and the generate matches.
 from __future__ import annotations
 
 import collections
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -47,7 +48,7 @@ def _summary(cases) -> None:
         by_method[case.method].append(case)
     for method, group in by_method.items():
         done = [c for c in group if not c.refused and max(c.errors.values()) <= EXACT]
-        reasons = collections.Counter(c.refused for c in group if c.refused)
+        reasons = collections.Counter(re.sub(r"/\S+: ", "", c.refused) for c in group if c.refused)
         same = sum(1 for c in done if c.generate)
         print(f"{method:<14} reproduced {len(done)}/{len(group)}, generate = PEFT {same}/{len(done)}")
         for reason, count in reasons.items():
