@@ -141,9 +141,7 @@ def _capture_hf(model: torch.nn.Module, example_inputs: Any, cacheable: bool = T
         log.debug("capture: %s from the capture cache", type(model).__name__)
         return cached
     # Replicated graphs are bound to the model's parameters by name: not for quantized layers.
-    default, packs = positions.probe(model, inputs) if "position_ids" in inputs else (None, False)
-    if default is None:  # the graph could not fill it as the model does: not an input
-        inputs.pop("position_ids", None)
+    default, packs = _positions(model, inputs)
     program = (_replicated(model, inputs) if cacheable and replication_enabled() else None) \
         or _exported(model, inputs)
     program.info = replace(program.info, positions=default, packs=packs,
@@ -151,6 +149,18 @@ def _capture_hf(model: torch.nn.Module, example_inputs: Any, cacheable: bool = T
     if key is not None:
         capture_cache.store(key, model, program)
     return program
+
+
+def _positions(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[str | None, bool]:
+    """``positions.probe``'s answers; ``position_ids`` leaves ``inputs`` when the graph could
+    not fill it as the model does. A graph captured without it computes the default inside,
+    and ``fxpeft.generate`` numbers a lengthened prefill as it does (``probe_default``)."""
+    if "position_ids" in inputs:
+        default, packs = positions.probe(model, inputs)
+        if default is None:
+            inputs.pop("position_ids")
+        return default, packs
+    return (positions.probe_default(model, inputs) if positions.takes_positions(model) else None), False
 
 
 def _learned_positions(model: torch.nn.Module, inputs: dict[str, Any]) -> int | None:

@@ -10,8 +10,9 @@ model both questions on a tiny example, so the graph does what the model does, n
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -119,11 +120,32 @@ def probe(model: torch.nn.Module, example: dict[str, Any]) -> tuple[Optional[str
     >>> probe(model, {"input_ids": torch.randint(0, 32, (2, 8))})
     ('counting', True)
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with _evaluating(model):
         inputs = _probe_inputs(model, example)
         default = _which_default(model, inputs)
         return default, default is not None and _keeps_packed_apart(model, inputs)
+
+
+def probe_default(model: torch.nn.Module, example: dict[str, Any]) -> Optional[str]:
+    """``probe``'s first answer alone (what ``model`` computes for ``position_ids=None``), for a
+    graph captured without ``position_ids``: it computes that default inside, and
+    ``fxpeft.generate`` numbers a prefill's positions as it does when tokens are put in front.
+
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32))
+    >>> probe_default(model, {"input_ids": torch.randint(0, 32, (2, 8))})
+    'counting'
+    """
+    with _evaluating(model):
+        return _which_default(model, _probe_inputs(model, example))
+
+
+@contextlib.contextmanager
+def _evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside; its mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
     finally:
         model.train(was_training)

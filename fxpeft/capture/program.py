@@ -96,8 +96,9 @@ class CaptureInfo:
     ``out_spec``, ``max_seq``: the output tree and the longest sequence the export allows;
     ``training``: the model's mode when captured (the emitted graph starts in it); ``hf``: the
     model's HF face (``HfFace``), None for a model that is not a transformers model;
-    ``positions``: what the model computes for ``position_ids=None`` when ``position_ids`` is an
-    input (a name in ``fxpeft.capture.positions.DEFAULTS``); ``packs``: whether the model keeps
+    ``positions``: what the model computes for ``position_ids=None`` (a name in
+    ``fxpeft.capture.positions.DEFAULTS``), whether the graph takes ``position_ids`` (it fills
+    them so) or computes them inside (``fxpeft.generate`` then numbers as it does); ``packs``: whether the model keeps
     packed sequences apart when no attention mask is given (``fxpeft.capture.positions.probe``).
     """
 

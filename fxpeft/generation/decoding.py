@@ -21,6 +21,7 @@ import torch
 
 from fxpeft.generation.decode_graph import (decoder_for, fill_cache, filled_tokens, virtual_tokens,
                                             without_kv_cache)
+from fxpeft.capture.positions import default_positions
 from fxpeft.errors import FxpeftError
 from fxpeft.graph.gates import active_adapters
 from fxpeft.graph.state import graph_state
@@ -102,8 +103,33 @@ def _next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Each token's position among its row's real tokens (padding gets 1), as transformers."""
+    """Each token's position among its row's real tokens (padding gets 1), as transformers.
+
+    >>> _positions(torch.tensor([[0, 1, 1]])).tolist()
+    [[1, 0, 1]]
+    """
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+Numbering = Callable[[torch.Tensor], torch.Tensor]
+
+
+def numbering(gm: AdaptedModule, lengthened: bool) -> Numbering:
+    """How the prefill numbers the positions of a ``[batch, slots]`` cache mask: as
+    transformers' ``generate`` does (``_positions``: real tokens counted), unless virtual tokens
+    are in front (``lengthened``, a kind with the ``lengthens`` capability): PEFT's ``generate``
+    then drops ``position_ids``, so the model numbers them itself, as the graph's forward does
+    for ``position_ids=None`` (``capture_info.positions``; GPT-2 and Llama count every slot,
+    padding included). Forward and generate then agree on left-padded rows of models with
+    absolute positions.
+
+    >>> numbering(None, False)(torch.tensor([[0, 1, 1]])).tolist()
+    [[1, 0, 1]]
+    """
+    info = getattr(gm, "capture_info", None)
+    if not lengthened or info is None or info.positions is None:
+        return _positions
+    return lambda mask: default_positions(info.positions, mask, mask, info.config)
 
 
 def _check_one_device(gm: torch.nn.Module) -> None:
@@ -170,7 +196,7 @@ def generate(gm: AdaptedModule, input_ids: torch.Tensor, max_new_tokens: int = 2
             return _decode_without_cache(gm, ids, mask, max_new_tokens, ending, choose)
         prefix = torch.tensor(virtual, dtype=ids.dtype, device=device).expand(ids.shape[0], -1)
         out = _decode(decoder, torch.cat([prefix, ids], 1), torch.cat([torch.ones_like(prefix), mask], 1),
-                      max_new_tokens, ending, choose, fill_cache(decoder, gm))
+                      max_new_tokens, ending, choose, fill_cache(decoder, gm), numbering(gm, bool(virtual)))
         return out[:, len(virtual):]  # as PEFT's generate: the virtual tokens are not returned
     finally:
         ending.end()
@@ -244,15 +270,17 @@ def _decode_without_cache(gm: AdaptedModule, ids: torch.Tensor, mask: torch.Tens
 
 
 def _decode(decoder: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
-            ending: Ending, choose: Callable[[torch.Tensor], torch.Tensor], filled: int = 0) -> torch.Tensor:
+            ending: Ending, choose: Callable[[torch.Tensor], torch.Tensor], filled: int = 0,
+            number: Numbering = _positions) -> torch.Tensor:
     """The prefill, then one cached step per token; rows stop at ``eos`` and are padded.
     ``filled``: cache slots already written (``fill_cache``), which every token attends to and
-    positions count, as transformers' ``generate`` with a filled cache does."""
+    positions count, as transformers' ``generate`` with a filled cache does. ``number``: the
+    prefill's positions from the cache mask (``numbering``); each step adds one."""
     batch, prompt = ids.shape
     cache_mask = mask.new_zeros(batch, graph_state(decoder).cache_length)
     cache_mask[:, :filled] = 1
     cache_mask[:, filled:filled + prompt] = mask
-    positions = _positions(cache_mask[:, :filled + prompt])[:, filled:]
+    positions = number(cache_mask[:, :filled + prompt])[:, filled:]
     end = filled + prompt  # the prompt's end in the cache
     logits = decoder(ids, cache_mask, positions, torch.arange(filled, end, device=ids.device))
     running = torch.ones(batch, dtype=torch.bool, device=ids.device)

@@ -464,3 +464,51 @@ def test_copies_share_or_copy_the_on_off_mirror_with_the_gates():
     assert lengths(gm) == plain + 2 * (longer - plain)  # both prompts stack
     gm.delete_adapter("other")
     assert gm.fxpeft_gates.opened == {"default"} and lengths(gm) == longer
+
+
+# --- generate numbers positions as the forward does (PEFT drops position_ids) ----------------
+
+def _peft_greedy(peft_model, ids, mask, steps):
+    """PEFT's greedy tokens from its forward, step by step (what its cached generate computes
+    on transformers 5.23; 5.25's generate re-feeds the prompt embeddings each step)."""
+    for _ in range(steps):
+        with torch.no_grad():
+            token = peft_model(input_ids=ids, attention_mask=mask).logits[:, -1].argmax(-1)
+        ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return ids
+
+
+def _peft_generate_is_cached_correctly() -> bool:
+    import transformers
+    from packaging.version import Version
+    return Version(transformers.__version__) < Version("5.25")
+
+
+@pytest.mark.parametrize("build", [lambda: tiny_gpt2(initializer_range=0.3), tiny_opt], ids=["gpt2", "opt"])
+def test_generate_numbers_positions_as_the_forward_on_left_padded_rows(build, tmp_path):
+    """GPT-2 has absolute positions: a left-padded row's tokens depend on how the padding is
+    counted. PEFT drops position_ids for prompt tuning, so the model counts every slot (OPT:
+    its mask); fxpeft's generate does the same, and equals PEFT's on every row."""
+    from peft import PromptTuningConfig, get_peft_model
+    peft_model = get_peft_model(build(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    peft_model.save_pretrained(tmp_path)
+    gm = fxpeft.load(build(), tmp_path)
+    ids = torch.tensor([[1, 1, 1, 5, 6, 7], [9, 10, 11, 12, 13, 14]])
+    mask = (torch.arange(6) >= torch.tensor([[3], [0]])).long()
+    ours = fxpeft.generate(gm, ids, max_new_tokens=8, attention_mask=mask, eos_token_id=[])
+    assert ours.tolist() == _peft_greedy(peft_model, ids, mask, 8).tolist()
+    if _peft_generate_is_cached_correctly():
+        theirs = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8,
+                                     do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert ours.tolist() == theirs.tolist()
+
+
+def test_generate_counts_padding_slots_where_the_forward_does():
+    """The decoding loop's numbering: transformers' (padding skipped) without virtual tokens,
+    the model's own default (GPT-2: every slot) with them."""
+    from fxpeft.generation.decoding import numbering
+    gm = fxpeft.rewrite(tiny_gpt2(), RULES)
+    mask = torch.tensor([[1, 1, 0, 1]])
+    assert gm.capture_info.positions == "counting"
+    assert numbering(gm, True)(mask).tolist() == [[0, 1, 2, 3]]
+    assert numbering(gm, False)(mask).tolist() == [[0, 1, 1, 2]]

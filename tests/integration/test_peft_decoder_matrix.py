@@ -1,0 +1,42 @@
+"""A slice of PEFT 0.21.2's decoder-model matrix (``tests/decoder_matrix.py``; the whole matrix is
+``bench/peft_decoder_matrix.py``): rows fxpeft reproduces, logits both ways through the folders,
+merge and greedy generate equal to PEFT's, prompt tuning on GPT-2 with a left-padded row among
+them; and rows it refuses, each with a one-line fxpeft error naming the option."""
+
+import pytest
+
+from decoder_matrix import CONFIGS, EXTRA, Case, run_case
+
+EXACT = 1e-5
+
+
+def _row(model, config, **match):
+    """The matrix's case for ``model`` and the ``CONFIGS`` row of class ``config`` whose kwargs
+    hold ``match``."""
+    for method, name, kwargs in CONFIGS:
+        if name == config and all(kwargs.get(k) == v for k, v in match.items()) and \
+                all(k in match for k in ("alora_invocation_tokens", "trainable_token_indices") if k in kwargs):
+            return Case(model, method, name, kwargs)
+    raise LookupError(config)
+
+
+@pytest.mark.parametrize("case", [
+    _row("GPT2", "PromptTuningConfig"),
+    _row("OPT", "IA3Config"),
+], ids=lambda c: c.label)
+def test_rows_reproduce_both_ways_merge_and_generate(case):
+    run_case(case)
+    assert case.refused is None
+    assert max(case.errors.values()) <= EXACT, case.errors
+    assert case.generate is True or (case.generate is None and "forward" in case.generate_note), case.generate_note
+
+
+@pytest.mark.parametrize("case", [
+    _row("Llama", "LoraConfig", alora_invocation_tokens=[1]),
+    _row("Llama", "LoraConfig", trainable_token_indices=[0, 1, 3]),
+    Case(EXTRA[0][0], EXTRA[0][1], EXTRA[0][2], EXTRA[0][3]),
+], ids=lambda c: c.label)
+def test_rows_not_supported_are_refused_in_one_line_naming_the_option(case):
+    run_case(case)
+    assert case.refused is not None and "MatchError" not in case.refused
+    assert any(word in case.refused for word in ("alora", "trainable_token", "layer_replication")), case.refused
