@@ -1,0 +1,98 @@
+"""PEFT's custom-model matrix, whole: every LoRA (DoRA, rsLoRA and the LoRA variants), IA3 and
+AdaLoRA row of PEFT 0.21.2's ``tests/test_custom_models.py`` ``TEST_CASES``, on the recreated
+models of ``tests/peft_models.py``. Each case: PEFT builds the adapter (every adapter tensor moved
+off its init), saves it; fxpeft loads it (outputs against PEFT's), saves it back;
+``PeftModel.from_pretrained`` loads that (outputs again); ``fxpeft.merge`` (outputs again, where
+PEFT merges). Prints one line per case and the reproduced / refused counts per method.
+
+    python bench/peft_custom_matrix.py [--only SUBSTRING]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+from peft_models import custom_model, matrix_input, peft_custom_cases  # noqa: E402
+
+import fxpeft  # noqa: E402
+from fxpeft.errors import FxpeftError  # noqa: E402
+
+ATOL, RTOL = 1e-5, 1e-5
+ADAPTER_MARKS = ("lora_", "ia3_l")
+
+
+def perturb(model: torch.nn.Module, seed: int = 1, scale: float = 0.1) -> None:
+    """Move every adapter tensor off its init (IA3 vectors around 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(mark in name for mark in ADAPTER_MARKS) and param.dtype.is_floating_point:
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / (1 + b.abs().max()))
+
+
+def method_of(config_class: type, kwargs: dict) -> str:
+    name = config_class.__name__.removesuffix("Config")
+    return "DoRA" if kwargs.get("use_dora") else name
+
+
+def run_case(model_id: str, config_class: type, kwargs: dict, folder: Path) -> tuple[str, str]:
+    """``("reproduced", errors)`` or ``("refused", reason)`` or ``("wrong", what)``."""
+    from peft import PeftModel, get_peft_model
+    x = matrix_input(model_id)
+    peft_model = get_peft_model(custom_model(model_id), config_class(**kwargs)).eval()
+    perturb(peft_model)
+    with torch.no_grad():
+        expected = peft_model(x)
+    peft_model.save_pretrained(folder / "peft")
+    try:
+        gm = fxpeft.load(custom_model(model_id), folder / "peft").eval()
+    except FxpeftError as refusal:
+        return "refused", str(refusal).splitlines()[0].replace(str(folder), "<folder>")
+    with torch.no_grad():
+        errors = {"load": error(gm(x), expected)}
+        back = PeftModel.from_pretrained(custom_model(model_id), str(fxpeft.save(gm, folder / "ours")))
+        errors["back"] = error(back.eval()(x), expected)
+        try:
+            errors["merge"] = error(fxpeft.merge(gm)(x), expected)
+        except FxpeftError as refusal:
+            errors["merge"] = f"refused ({str(refusal).splitlines()[0]})"
+    numbers = [v for v in errors.values() if isinstance(v, float)]
+    verdict = "reproduced" if max(numbers) <= ATOL else "wrong"
+    return verdict, ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in errors.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="run the cases whose name holds this")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")  # PEFT's notes on merging grouped convolutions and the like
+    counts: dict[str, Counter] = {}
+    for name, model_id, config_class, kwargs in peft_custom_cases():
+        if args.only not in name:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            verdict, detail = run_case(model_id, config_class, copy.deepcopy(kwargs), Path(tmp))
+        counts.setdefault(method_of(config_class, kwargs), Counter())[verdict] += 1
+        print(f"{verdict:10s} {name}: {detail}", flush=True)
+    total = sum(counts.values(), Counter())
+    for method, count in [*counts.items(), ("all", total)]:
+        print(f"{method:8s} reproduced {count['reproduced']} / refused {count['refused']} / "
+              f"wrong {count['wrong']} of {sum(count.values())}")
+
+
+if __name__ == "__main__":
+    main()
