@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+REPO = Path(__file__).parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's fxpeft and test models
 from peft_models import custom_model, matrix_input, peft_custom_cases  # noqa: E402
 
 import fxpeft  # noqa: E402

@@ -4,7 +4,7 @@ The same on embeddings and convolutions (match kinds ``embedding`` and ``conv``)
 layout. An embedding gets raw parameters ``lora_embedding_A`` ``[r, num_embeddings]`` (zeros at
 init) and ``lora_embedding_B`` ``[embedding_dim, r]`` (normal): ``E[x] + scale * A.T[x] @ B.T``,
 the lookup repeating the base's ``padding_idx``; PEFT applies no dropout there, nor does fxpeft.
-A 1-d/2-d convolution gets ``lora_A``, a convolution with the base's kernel, stride, padding
+A 1-d, 2-d or 3-d convolution gets ``lora_A``, a convolution with the base's kernel, stride, padding
 and dilation producing ``r`` channels, and ``lora_B``, a 1x1 convolution to the output channels
 with the base's ``groups``.
 
@@ -133,7 +133,7 @@ def _embedding_pair(site: EmbeddingSite, params: LoraParams,
     return torch.nn.Parameter(lora_a), torch.nn.Parameter(lora_b)
 
 
-_CONV_MODULES = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d}
+_CONV_MODULES = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}
 
 
 def _conv_pair(site: ConvSite, params: LoraParams,
@@ -165,7 +165,7 @@ def _lookup(graph: torch.fx.Graph, site: EmbeddingSite, ids: torch.fx.Node,
 
 
 def _conv_op(site: ConvSite, padding: "tuple[int, ...] | str") -> Any:
-    op = {1: aten.conv1d, 2: aten.conv2d}[site.dims]
+    op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[site.dims]
     return op.padding if isinstance(padding, str) else op.default
 
 
