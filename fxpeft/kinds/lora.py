@@ -302,13 +302,19 @@ def lora_delta(gm: torch.nn.Module, detail: LoraDetail) -> torch.Tensor:
     return delta.reshape(fetch(gm, detail.weight).shape) if lora_a.dim() > 2 else delta
 
 
+def check_mergeable(record: AdapterNode) -> None:
+    """A branch on a grouped convolution cannot merge: B mixes channels across groups, so W
+    would have to become dense (PEFT does not merge it either)."""
+    if record.detail.groups > 1:
+        raise FxpeftError(f"merge: the {record.kind} adapter {record.adapter!r} at {record.module_path} "
+                          f"cannot be merged: its convolution has groups = {record.detail.groups}")
+
+
 def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,
           weights: dict[str, torch.Tensor]) -> None:
     """``W + scale * B @ A`` (computed in fp32, cast once)."""
     detail = record.detail
-    if detail.groups > 1:  # B mixes channels across groups: W would have to become dense
-        raise FxpeftError(f"merge: the LoRA adapter {record.adapter!r} at {record.module_path} "
-                          f"cannot be merged: its convolution has groups = {detail.groups}")
+    check_mergeable(record)
     base = weight_so_far(gm, weights, detail.weight)
     weights[detail.weight] = (base.float() + lora_delta(gm, detail)).to(base.dtype)
 
