@@ -37,6 +37,7 @@ from fxpeft.kinds.lora import (LORA_FIELDS, LoraDetail, LoraParams, adapter_dtyp
                                attach_lora, casts, check_mergeable, config_to_rules, join,
                                layer_op, layout_of, lora_delta, low_rank, record_nodes,
                                rules_to_config)
+from fxpeft.errors import FxpeftError
 from fxpeft.match.layer_sites import ConvSite
 from fxpeft.registry import AdapterKind, SpliceInput, Spliced
 from fxpeft.names import AdapterNode
@@ -100,6 +101,9 @@ def _magnitude_shape(detail: DoraDetail) -> list[int]:
 
 
 def _attach(job: SpliceInput) -> tuple[DoraDetail, list[str]]:
+    for refused, wanted in (("lora_bias", job.params.lora_bias), ("init = \"mica\"", job.params.init == "mica")):
+        if wanted:  # PEFT's LoraConfig refuses both with use_dora
+            raise FxpeftError(f"{job.site.module_path}: DoRA does not take {refused} (as in PEFT)")
     lora, attached = attach_lora(job)
     weight = job.site.weight_like(job.gm)
     detail = DoraDetail(**dataclasses.asdict(lora), bias=job.site.bias_target(job.gm),
