@@ -331,7 +331,12 @@ def splice(job: SpliceInput) -> Spliced:
         up = low_rank(job, detail, adapter_input(job))
         total = join(graph, y, graph.call_function(aten.mul.Tensor, (up, detail.scale)), casts(job))
     reroute(y, total)
-    return Spliced(record_nodes(job, y, total, "lora", detail), attached)
+    return Spliced(record_nodes(job, y, total, "lora", detail), attached, frozen_of(job, detail))
+
+
+def frozen_of(job: SpliceInput, detail: LoraDetail) -> list[str]:
+    """MiCA trains A only: its B is frozen for good."""
+    return [detail.lora_B] if job.params.init == "mica" else []
 
 
 def lora_delta(gm: torch.nn.Module, detail: LoraDetail) -> torch.Tensor:
