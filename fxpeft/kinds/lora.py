@@ -300,16 +300,23 @@ def adapter_input(job: SpliceInput) -> torch.fx.Node:
 
 def low_rank(job: SpliceInput, detail: LoraDetail, x: torch.fx.Node,
              gated: bool = True) -> torch.fx.Node:
-    """``B(gate * A(x))`` (unscaled), the gate on the rank-r tensor where it is cheapest; with
+    """``B(gate * A(x))`` (unscaled), the gate on the rank-r tensor where it is cheapest, or on
+    ``B(A(x)) + bias`` when B has a bias (``lora_bias``), which an off adapter must not add; with
     ``gated=False`` plain ``B(A(x))``, for a caller that gates the whole branch."""
     graph, layout = job.gm.graph, layout_of(job.site)
     down = layout.down(graph, job.site, x, graph.get_attr(detail.lora_A))
-    if gated:
-        gate = gate_node(job.gm, job.adapter, job.gm.get_parameter(detail.weight), down)
-        down = graph.call_function(aten.mul.Tensor, (down, gate))
-        down.meta[GATE_META] = job.adapter
+    if gated and not detail.lora_bias:
+        down = _gated(job, detail, down)
     bias = graph.get_attr(detail.lora_bias) if detail.lora_bias else None
-    return layout.up(graph, job.site, down, graph.get_attr(detail.lora_B), bias)
+    up = layout.up(graph, job.site, down, graph.get_attr(detail.lora_B), bias)
+    return _gated(job, detail, up) if gated and detail.lora_bias else up
+
+
+def _gated(job: SpliceInput, detail: LoraDetail, value: torch.fx.Node) -> torch.fx.Node:
+    gate = gate_node(job.gm, job.adapter, job.gm.get_parameter(detail.weight), value)
+    gated = job.gm.graph.call_function(aten.mul.Tensor, (value, gate))
+    gated.meta[GATE_META] = job.adapter
+    return gated
 
 
 def record_nodes(job: SpliceInput, first: torch.fx.Node, last: torch.fx.Node, kind: str,
