@@ -9,7 +9,7 @@ loader, the command line) asks this registry; nothing else lists kinds by hand. 
 >>> [k.name for k in all_kinds()][:3]
 ['lora', 'ia3', 'adaption_prompt']
 >>> get("lora").sites, get("ia3").components
-(('linear', 'embedding', 'conv'), ('ia3_l',))
+(('linear', 'embedding', 'conv', 'parameter'), ('ia3_l',))
 """
 
 from __future__ import annotations

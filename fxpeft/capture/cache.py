@@ -2,7 +2,8 @@
 same class, configuration, structure and input signature skips ``torch.export`` (the seconds a
 rewrite costs) and rebinds the cached graph to the new model's own parameters by name.
 
-The key holds the model class, its config (``to_json_string``) and attention implementation,
+The key holds the model class, its config (``to_json_string``), attention and experts
+implementations,
 every module's path and type, every parameter's and buffer's name, shape, dtype and device, the
 captured inputs' names, dtypes and ranks, and the torch and transformers versions. A changed
 forward that none of these reveal (a monkeypatched method) is not seen: set
@@ -54,7 +55,8 @@ def cache_key(model: torch.nn.Module, inputs: dict[str, Any]) -> Hashable:
     signature = tuple((name, getattr(t, "dtype", type(t)), getattr(t, "ndim", None))
                       for name, t in inputs.items())
     return (type(model).__module__, type(model).__qualname__, config.to_json_string(),
-            getattr(config, "_attn_implementation", None), structure, tensors, signature, _versions())
+            getattr(config, "_attn_implementation", None),
+            getattr(config, "_experts_implementation", None), structure, tensors, signature, _versions())
 
 
 def store(key: Hashable, model: torch.nn.Module, program: Program) -> None:

@@ -175,8 +175,17 @@ def _export(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.export.Expo
             return torch.export.export(model, (), inputs, dynamic_shapes=hf.dynamic_shapes(inputs),
                                        strict=False)
         except Exception as err:  # torch.export raises many types; all mean "could not capture"
-            raise _fail(model, "torch.export", err, "pass example_inputs= that the model's forward "
-                        "accepts, or load it with attn_implementation='sdpa' or 'eager'") from err
+            raise _fail(model, "torch.export", err, _export_advice(model)) from err
+
+
+def _export_advice(model: torch.nn.Module) -> str:
+    """What to try; for a mixture-of-experts model on transformers' ``eager`` experts, whose
+    loop over the experts hit has a data-dependent length, an implementation export captures."""
+    if getattr(getattr(model, "config", None), "_experts_implementation", None) == "eager":
+        return ("load it with experts_implementation='batched_mm' (or 'grouped_mm'): the 'eager' "
+                "experts loop over the experts a batch routes to, a data-dependent length")
+    return ("pass example_inputs= that the model's forward accepts, or load it with "
+            "attn_implementation='sdpa' or 'eager'")
 
 
 def _exported(model: torch.nn.Module, inputs: dict[str, Any]) -> Program:

@@ -85,8 +85,9 @@ class Gates(torch.nn.Module):
                              f"{adapters} (and {BASE!r})")
         unmixable = sorted(self.unmixable & set(adapters))
         if unmixable:
-            raise ValueError(f"adapters {unmixable} have modules_to_save copies or prompts, which "
-                             f"cannot be mixed per sample; call without adapter_names=")
+            raise ValueError(f"adapters {unmixable} have modules_to_save copies or prompts (or "
+                             f"adapt whole weights), which cannot be mixed per sample; call "
+                             f"without adapter_names=")
         device = next(self.buffers(), torch.zeros(())).device
         return torch.tensor([adapters.index(n) if n != BASE else -1 for n in names], device=device)
 
@@ -307,6 +308,17 @@ def gate_node(gm: torch.fx.GraphModule, adapter: str, like: "torch.Tensor | torc
     node = gm.graph.call_function(sample_gate, (node, per_sample, adapter, branch))
     node.meta[GATE_META] = adapter
     return node
+
+
+def check_sample_names(gm: torch.fx.GraphModule) -> None:
+    """Make the graph read ``adapter_names=`` (its per-sample gates) even where no branch is
+    gated per sample, so ``Gates.index`` refuses names for adapters that cannot mix (an
+    adapter that changes a whole weight) instead of the names going unread.
+
+    >>> gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    >>> check_sample_names(gm)  # a plain graph takes no adapter_names=: nothing to add
+    """
+    _per_sample_node(gm.graph)
 
 
 def _new_gate(gm: torch.fx.GraphModule, adapter: str,

@@ -17,6 +17,7 @@ folds ``scale * B @ A`` into the weight there.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -32,12 +33,15 @@ from fxpeft.graph.gates import GATE_META, gate_node, reroute
 from fxpeft.graph.dropout import dropout_target
 from fxpeft.registry import AdapterKind, LowRankBranch, SpliceInput, Spliced
 from fxpeft.match.layer_sites import ConvSite, EmbeddingSite, find_conv_sites, find_embedding_sites
+from fxpeft.match.parameter_sites import ParameterSite, find_parameter_sites
+from fxpeft.kinds import lora_parameters
 from fxpeft.match.query import Match
 from fxpeft.names import ADAPTER_META, AdapterNode
-from fxpeft.formats.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, target_regex,
+from fxpeft.formats.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, names_regex,
+                                        target_regex,
                                         targets_for, layers_prefix)
 from fxpeft.capture.quantized import base_weight, weight_so_far
-from fxpeft.capture.linear_sites import LinearSite
+from fxpeft.capture.linear_sites import LinearSite, find_linear_sites
 from fxpeft.capture.program import Program
 from fxpeft.rules import checks
 from fxpeft.rules.schema import Params, Rule, RuleSet, Where, spec
@@ -56,7 +60,7 @@ class LoraParams(Params):
     """
 
     kind = "lora"
-    match_kinds = ("linear", "embedding", "conv")
+    match_kinds = ("linear", "embedding", "conv", "parameter")
     r: int = spec(8, checks.positive_int, "rank")
     alpha: float = spec(8, checks.positive_number, "scaling numerator")
     dropout: float = spec(0.0, checks.probability, "dropout on the adapter input")
@@ -330,8 +334,21 @@ def record_nodes(job: SpliceInput, first: torch.fx.Node, last: torch.fx.Node, ki
     return added
 
 
+def _linear_site_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearSite:
+    return next(site for site in find_linear_sites(gm) if site.node is node)
+
+
 def splice(job: SpliceInput) -> Spliced:
-    """Insert the LoRA branch after ``job.site.node`` and route its users through the sum."""
+    """Insert the LoRA branch after ``job.site.node`` and route its users through the sum; at a
+    parameter read, adapt the weight it yields (``lora_parameters``)."""
+    if isinstance(job.site, ParameterSite) and job.site.module_call:  # W of a whole nn.Linear
+        job = dataclasses.replace(job, site=_linear_site_of(job.gm, job.site.node))
+    elif isinstance(job.site, ParameterSite):
+        if job.params.lora_bias or job.params.init == "mica":  # PEFT's parameter wrapper takes neither
+            raise FxpeftError(f"{job.site.module_path}: LoRA on a parameter takes no lora_bias or "
+                              f"MiCA (as in PEFT)")
+        return lora_parameters.splice(job, _factory(job.params, job.site.weight_like(job.gm))["dtype"],
+                                      LINEAR.names, record_nodes)
     detail, attached = attach_lora(job)
     graph, y = job.gm.graph, job.site.node
     with graph.inserting_before(y.next):  # keeps creation order
@@ -348,7 +365,10 @@ def frozen_of(job: SpliceInput, detail: LoraDetail) -> list[str]:
 
 def lora_delta(gm: torch.nn.Module, detail: LoraDetail) -> torch.Tensor:
     """``scale * B @ A`` in fp32, laid out like the stored weight. A convolution's A and B
-    flatten to matrices (B is 1x1), and the product takes the kernel's shape back."""
+    flatten to matrices (B is 1x1), and the product takes the kernel's shape back. A
+    parameter's (``lora_parameters``) is PEFT's per-expert product."""
+    if isinstance(detail, lora_parameters.ParameterDetail):
+        return lora_parameters.parameter_delta(gm, detail)
     lora_b, lora_a = fetch(gm, detail.lora_B).detach(), fetch(gm, detail.lora_A).detach()
     delta = (lora_b.float().flatten(1) @ lora_a.float().flatten(1)) * detail.scale
     delta = delta.T if detail.fan_in_fan_out else delta
@@ -408,7 +428,9 @@ _REFUSED_VARIANTS = {
 LORA_FIELDS = frozenset({"target_modules", "exclude_modules", "layers_to_transform",
                          "layers_pattern", "r", "lora_alpha", "rank_pattern", "alpha_pattern",
                          "use_rslora", "fan_in_fan_out", "bias", "lora_dropout",
-                         "init_lora_weights", "lora_bias", *_REFUSED_VARIANTS})
+                         "init_lora_weights", "lora_bias", "target_parameters", *_REFUSED_VARIANTS})
+
+
 def _check_init(config: dict[str, Any], source: str) -> None:
     init = config.get("init_lora_weights", True)
     if init in _PLAIN_INITS:
@@ -443,13 +465,16 @@ def _key_lookahead(key: str | None) -> str:
 
 
 def pattern_rules(config: dict[str, Any], model: torch.nn.Module, source: str, sites: tuple[str, ...],
-                  params_for: Callable[[int, float], Params], alpha_field: str) -> RuleSet:
+                  params_for: Callable[[int, float], Params], alpha_field: str,
+                  names: str | None = None) -> RuleSet:
     """PEFT's ``target_modules`` (with ``layers_to_transform``, ``exclude_modules`` and
     ``modules_to_save``) as rules: one rule per ``rank_pattern`` x ``alpha_pattern`` key pair,
     in PEFT's key order, so first-match-wins picks PEFT's rank and alpha; each pair has a rule
     per site kind in ``sites``. ``params_for(r, alpha)`` makes a rule's params; ``alpha_field``
-    is the config's default alpha (``lora_alpha``, LoHa's ``alpha``)."""
-    target = "^" + layers_prefix(config) + "{keys}" + target_regex(config, model, source)
+    is the config's default alpha (``lora_alpha``, LoHa's ``alpha``); ``names``, a regex of the
+    targeted names in place of ``target_modules``' (``target_parameters``)."""
+    names = target_regex(config, model, source) if names is None else names
+    target = "^" + layers_prefix(config) + "{keys}" + names
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     rules = []
     for rank_key in [*ranks, None]:
@@ -476,7 +501,33 @@ def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str,
                             use_rslora=_flag(config.get("use_rslora")),
                             init="mica" if config.get("init_lora_weights") == "mica" else "default",
                             lora_bias=_flag(config.get("lora_bias")))
-    return pattern_rules(config, model, source, params_class.match_kinds, params_for, "lora_alpha")
+    modules = tuple(site for site in params_class.match_kinds if site != "parameter")
+    rules: tuple[Rule, ...] = ()
+    if config.get("target_modules") or not config.get("target_parameters"):
+        rules = pattern_rules(config, model, source, modules, params_for, "lora_alpha").rules
+    parameters = config.get("target_parameters")
+    if parameters:
+        regex = _parameters_regex(parameters, model, params_class, source)
+        rules += pattern_rules(config, model, source, ("parameter",), params_for, "lora_alpha",
+                               regex).rules
+    return RuleSet(rules, source=source)
+
+
+def _parameters_regex(names: Any, model: torch.nn.Module, params_class: type, source: str) -> str:
+    """PEFT's ``target_parameters``: a parameter whose full name is a name or ends with
+    ``.name``; refused where PEFT's meaning is not ours (a variant, experts stored transposed)."""
+    if "parameter" not in params_class.match_kinds:
+        raise PeftFormatError(f"{source}: target_parameters is not supported with "
+                              f"{params_class.kind} (PEFT allows it for plain LoRA only)")
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise PeftFormatError(f"{source}: target_parameters must be a list of names, got {names!r}")
+    regex = names_regex(list(names))
+    for path, module in model.named_modules():
+        if getattr(module, "is_transposed", False) and any(
+                re.match(regex, f"{path}.{name}") for name, p in module.named_parameters(recurse=False) if p.dim() == 3):
+            raise PeftFormatError(f"{source}: target_parameters at {path}: experts stored transposed "
+                                  f"([experts, in, out], is_transposed) are not supported")
+    return regex
 
 
 def _common_and_exceptions(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -513,14 +564,18 @@ def _one_value(params: dict[str, LoraParams], field: str) -> Any:
 
 
 def rules_to_config(matches: list[Match], program: Program, use_dora: bool = False) -> dict[str, Any]:
-    """The ``LoraConfig`` fields that select ``matches``' modules with their rank and scale."""
+    """The ``LoraConfig`` fields that select ``matches``' modules (and parameters:
+    ``target_parameters``, their full names) with their rank and scale."""
     params = {m.module_path: m.rule.params for m in matches}
+    modules = sorted(m.module_path for m in matches if not isinstance(m.site, ParameterSite))
+    parameters = sorted(m.module_path for m in matches if isinstance(m.site, ParameterSite))
     rslora = all(p.use_rslora for p in params.values())
     r, rank_pattern = _common_and_exceptions({k: p.r for k, p in params.items()})
     alpha, alpha_pattern = _common_and_exceptions(
         {k: _number(p.scale * (p.r ** 0.5 if rslora else p.r)) for k, p in params.items()})
     dropout, lora_bias, mica = (_one_value(params, field) for field in ("dropout", "lora_bias", "mica"))
-    return {"target_modules": targets_for(sorted(params), program, adaptable_paths(program)),
+    targets = targets_for(modules, program, adaptable_paths(program)) if modules or not parameters else None
+    return {"target_modules": targets, "target_parameters": parameters or None,
             "r": r, "lora_alpha": alpha,
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": rslora,
             "lora_dropout": dropout, "bias": "none", "init_lora_weights": "mica" if mica else True,
@@ -529,9 +584,11 @@ def rules_to_config(matches: list[Match], program: Program, use_dora: bool = Fal
 
 
 def branch_of(record: AdapterNode) -> LowRankBranch | None:
-    """The branch's A and B weights and scale, for the fuse passes (``AdapterKind.low_rank``)."""
+    """The branch's A and B weights and scale, for the fuse passes (``AdapterKind.low_rank``);
+    None for a weight update at a parameter read (no branch on an activation to fuse), or for a
+    branch whose B has a bias (``lora_bias``: not the plain branch the fuse passes rewrite)."""
     detail = record.detail
-    if detail.lora_bias:  # B(.) + bias is not the plain branch the fuse passes rewrite
+    if isinstance(detail, lora_parameters.ParameterDetail) or detail.lora_bias is not None:
         return None
     return LowRankBranch(detail.lora_A, detail.lora_B, detail.scale)
 

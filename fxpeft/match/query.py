@@ -15,6 +15,7 @@ import torch.fx
 from fxpeft.match.attention import find_attention_sites, find_sdpa_sites
 from fxpeft.match.input_embedding import find_input_embeddings
 from fxpeft.match.layer_sites import find_conv_sites, find_embedding_sites
+from fxpeft.match.parameter_sites import find_parameter_sites
 from fxpeft.match.residual import find_residual_sites
 from fxpeft.capture.program import Program, layer_index
 from fxpeft.rules.checks import compiled_regex
@@ -102,6 +103,7 @@ CANDIDATE_FINDERS["input_embedding"] = _layer_candidates(find_input_embeddings)
 CANDIDATE_FINDERS["residual"] = lambda program: [
     Candidate(s.module_path, s.module_type, s.node, s) for s in find_residual_sites(program)]
 CANDIDATE_FINDERS["attention_op"] = _layer_candidates(find_sdpa_sites)
+CANDIDATE_FINDERS["parameter"] = _layer_candidates(find_parameter_sites)
 
 
 def candidates(program: Program, kind: str) -> list[Candidate]:

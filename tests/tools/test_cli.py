@@ -33,7 +33,7 @@ def test_unknown_rule_file_is_an_error_not_a_traceback(capsys):
 # What ``fxpeft kinds`` says of each built-in kind, written out (not read from the registry the
 # command prints): a kind that changes its sites, PEFT type or merge must change this too.
 BUILTIN_KINDS = [
-    "lora: sites linear, embedding, conv; PEFT LORA; merges",
+    "lora: sites linear, embedding, conv, parameter; PEFT LORA; merges",
     "ia3: sites linear; PEFT IA3; merges",
     "adaption_prompt: sites attention; PEFT ADAPTION_PROMPT; cannot merge (adaption prompts are",
     "modules_to_save: sites by keyword; PEFT -; merges",
