@@ -61,8 +61,8 @@ def _other_layers(program: Program, rule: Rule) -> list[tuple[str, str]]:
 
 
 def unadapted_targets(program: Program, ruleset: RuleSet, result: MatchResult) -> list[tuple[str, str]]:
-    """Modules some rule's ``path`` selects that are no candidate of its match kind and that no
-    match adapted: ``(path, class name)``. For rules made from a PEFT config, each is a layer
+    """Modules some rule's ``path`` selects (and its ``exclude`` does not) that are no candidate
+    of its match kind and that no match adapted: ``(path, class name)``. For rules made from a PEFT config, each is a layer
     PEFT would adapt that this kind cannot (AdaLoRA on a ``Conv2d``).
 
     >>> import torch
@@ -76,7 +76,7 @@ def unadapted_targets(program: Program, ruleset: RuleSet, result: MatchResult) -
     """
     adapted = {m.module_path for m in result.matches}
     found = {path: kind for rule in ruleset.rules for path, kind in _other_layers(program, rule)
-             if path not in adapted}
+             if path not in adapted and not any(re.search(p, path) for p in rule.where.exclude or ())}
     return sorted(found.items())
 
 
