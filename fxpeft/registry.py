@@ -40,10 +40,12 @@ class SpliceInput:
 @dataclass
 class Spliced:
     """What a splice returns: the nodes it added (each carrying its record) and the targets of
-    the parameters or submodules it attached."""
+    the parameters or submodules it attached; ``frozen``: those of its parameters that never
+    train (MiCA's B), which switching adapters leaves frozen."""
 
     nodes: list[torch.fx.Node] = field(default_factory=list)
     attached: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
 
 
 # A merger folds one removable node's adapter into ``weights`` (base target -> merged tensor).

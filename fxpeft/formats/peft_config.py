@@ -19,6 +19,7 @@ import enum
 import json
 import re
 import reprlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +108,21 @@ def module_names(config: dict[str, Any], source: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def optional_rules(rules: RuleSet) -> RuleSet:
+    """Rules made from a PEFT config, each optional: its ``target_modules`` may name layers the
+    kind has no site for (AdaLoRA's ``Conv2d``), and then the caller names the missing feature
+    (``fxpeft.load``: from the file's keys; ``fxpeft.rewrite``: from the targeted layer), never
+    a ``MatchError`` about a rule the user did not write. An adapter that adapts nothing is
+    still refused by both.
+
+    >>> from fxpeft.rules import Rule
+    >>> optional_rules(RuleSet((Rule(),))).rules[0].optional
+    True
+    """
+    return dataclasses.replace(rules, rules=tuple(dataclasses.replace(rule, optional=True)
+                                                  for rule in rules.rules))
+
+
 def rules_from_config(config: dict[str, Any], model: "torch.nn.Module | None",
                       source: str) -> ConfigRules:
     """Translate a PEFT config dict as ``fxpeft.load`` translates ``adapter_config.json``.
@@ -117,4 +133,4 @@ def rules_from_config(config: dict[str, Any], model: "torch.nn.Module | None",
     if model is None and str(config.get("target_modules")).lower() == "all-linear":
         raise FxpeftError(f"{source}: target_modules = \"all-linear\" depends on the model's "
                           f"layers; give a model to resolve it")
-    return ConfigRules(kind, kind.peft.to_rules(config, model, source), keep)
+    return ConfigRules(kind, optional_rules(kind.peft.to_rules(config, model, source)), keep)

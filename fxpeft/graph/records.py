@@ -28,6 +28,7 @@ class AdapterRecord:
     matches: list = field(default_factory=list)
     modules_to_save: tuple[str, ...] = ()
     attached: list[str] = field(default_factory=list)  # targets its splices added
+    frozen: list[str] = field(default_factory=list)  # parameters among them that never train
 
 
 def adapter_records(gm: torch.nn.Module) -> dict[str, AdapterRecord]:
@@ -65,10 +66,11 @@ def adapter_parameters(gm: torch.nn.Module, adapter: str) -> list[torch.nn.Param
 
 
 def set_trainable(gm: torch.nn.Module, adapters: "list[str] | set[str]", trainable: bool) -> None:
-    """``requires_grad`` of every parameter of ``adapters``."""
+    """``requires_grad`` of every parameter of ``adapters`` (those a kind keeps frozen stay so)."""
     for adapter in adapters:
+        frozen = {id(fetch(gm, target)) for target in record(gm, adapter).frozen}
         for param in adapter_parameters(gm, adapter):
-            param.requires_grad_(trainable)
+            param.requires_grad_(trainable and id(param) not in frozen)
 
 
 def _check_names(gm: torch.nn.Module, names: Any) -> None:

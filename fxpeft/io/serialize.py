@@ -52,7 +52,7 @@ from fxpeft.registry import AdapterKind, values_from_file
 from fxpeft.names import PEFT_PREFIX
 from fxpeft.formats.peft_format import (INERT_FIELDS, PeftFormatError, neutral, check_fields,
                                         kind_for_config, kind_for_rewrite, to_peft_key)
-from fxpeft.formats.peft_config import module_names
+from fxpeft.formats.peft_config import module_names, optional_rules
 from fxpeft.io.file_contents import check_supported, without_base_copies
 from fxpeft.capture.program import Program
 from fxpeft.rules.dump import dump_rules
@@ -329,7 +329,7 @@ def _rules(folder: Path, files: dict[str, bytes], config: dict[str, Any], kind: 
             raise AdapterFileError(f"{folder / CONFIG}: target_modules = \"all-linear\" needs the "
                                    f"original model; fxpeft.load it there, not into a graph")
         with _located(folder / CONFIG):
-            return kind.peft.to_rules(config, model, str(folder / CONFIG)), folder / CONFIG
+            return optional_rules(kind.peft.to_rules(config, model, str(folder / CONFIG))), folder / CONFIG
     with _located(folder / RULES):
         rules = parse_rules(files[RULES].decode("utf-8"), source=str(folder / RULES))
     written = sorted({rule.rewrite for rule in rules.rules})
@@ -447,16 +447,25 @@ def _check_tensors(expected: dict[str, str], tensors: dict[str, torch.Tensor],
                                    f"got {got.dtype} {list(got.shape)}")
 
 
+def _covered(gm: AdaptedModule, adapter: str, kind: AdapterKind, tensors: dict[str, torch.Tensor],
+             folder: Path, source: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The keys the graph expects and the file's adapter tensors, once every layer the file
+    adapts has a site here (``check_supported``: the feature it needs, named) and the adapter
+    adapts something (PEFT, too, refuses a config that adapts nothing)."""
+    expected = _expected(gm, adapter, kind)
+    tensors = without_base_copies(gm, adapter, tensors, folder / WEIGHTS)
+    check_supported(program_of(gm), kind, set(expected), set(tensors), folder / WEIGHTS)
+    if not expected:
+        raise AdapterFileError(f"{source}: the adapter it describes matches no module of "
+                               f"{program_of(gm).model_class}")
+    return expected, tensors
+
+
 def _fill(gm: AdaptedModule, adapter: str, kind: AdapterKind, tensors: dict[str, torch.Tensor],
           folder: Path, source: Path, consistent: Callable[[], None]) -> None:
     """Check, in the order that blames the right thing, then copy: the config
     (``consistent``) before keys and shapes (the caller has checked the modules)."""
-    expected = _expected(gm, adapter, kind)
-    tensors = without_base_copies(gm, adapter, tensors, folder / WEIGHTS)
-    check_supported(program_of(gm), kind, set(expected), set(tensors), folder / WEIGHTS)
-    if not expected:  # PEFT, too, refuses a config that adapts nothing
-        raise AdapterFileError(f"{source}: the adapter it describes matches no module of "
-                               f"{program_of(gm).model_class}")
+    expected, tensors = _covered(gm, adapter, kind, tensors, folder, source)
     consistent()
     _check_tensors(expected, tensors, gm, folder / WEIGHTS)
     state = gm.state_dict()
@@ -482,8 +491,10 @@ def copy_whole_into(target: torch.Tensor, whole: torch.Tensor) -> None:
 def _fill_with_state(gm: AdaptedModule, adapter: str, kind: AdapterKind, config: dict[str, Any],
                      tensors: dict[str, torch.Tensor], folder: Path, source: Path,
                      consistent: Callable[[], None] = lambda: None) -> None:
-    """The training state the files carry (AdaLoRA's ranks), then the weights."""
+    """The training state the files carry (AdaLoRA's ranks), then the weights; a file this
+    graph cannot hold is refused before its state is read."""
     if kind.peft.load_state is not None:
+        _covered(gm, adapter, kind, tensors, folder, source)
         with _located(folder / CONFIG):
             tensors = kind.peft.load_state(gm, adapter, config, tensors, str(folder / CONFIG))
     _fill(gm, adapter, kind, tensors, folder, source, consistent)

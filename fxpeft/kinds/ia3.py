@@ -2,6 +2,10 @@
 feed-forward sites, its input. Shapes are PEFT's: ``(out, 1)`` for outputs, ``(1, in)`` for
 inputs, so the saved tensors need no reshaping. Merge folds the vector into the weight.
 
+On a 2-d or 3-d convolution (PEFT's ``Conv2d`` / ``Conv3d``; PEFT's IA3 has no ``Conv1d``) the
+vector is ``(1, channels, 1, 1[, 1])`` and scales the output's (or input's) channels; merge folds
+it into the kernel, per group for a grouped convolution's input channels, as PEFT does.
+
 Adapter ``"default"`` adds ``ia3_l``, any other ``ia3_l_<name>``. The scale is
 ``lerp(1, l, gate)`` with the adapter's gate (``fxpeft.graph.gates``): exactly ``l`` when on and
 exactly ``1`` when off. The ``mul`` that applies it is the removable node.
@@ -20,6 +24,8 @@ from fxpeft.graph.targets import fetch
 from fxpeft.graph.gates import gate_node, reroute
 from fxpeft.kinds.lora import adapter_dtype
 from fxpeft.registry import AdapterKind, SpliceInput, Spliced
+from fxpeft.errors import FxpeftError
+from fxpeft.match.layer_sites import ConvSite, find_conv_sites
 from fxpeft.match.query import Match
 from fxpeft.names import ADAPTER_META, AdapterNode
 from fxpeft.formats.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, full_regex,
@@ -43,7 +49,7 @@ class IA3Params(Params):
     """
 
     kind = "ia3"
-    match_kinds = ("linear",)
+    match_kinds = ("linear", "conv")
     feedforward: bool = spec(False, checks.boolean, "scale the input instead of the output")
     autocast: bool = spec(True, checks.boolean, "fp32 vectors on fp16/bf16 bases")
 
@@ -57,25 +63,37 @@ class IA3Detail:
     weight: str
     bias: str | None
     fan_in_fan_out: bool
+    groups: int = 1
+
+
+def _shape(site: Any, feedforward: bool) -> tuple[int, ...]:
+    """PEFT's vector shape: ``(1, in)`` / ``(out, 1)`` on a linear, ``(1, channels, 1, ..)`` on
+    a convolution."""
+    if not isinstance(site, ConvSite):
+        return (1, site.in_features) if feedforward else (site.out_features, 1)
+    if site.dims == 1:
+        raise FxpeftError(f"{site.module_path}: PEFT's IA3 supports Conv2d and Conv3d, not conv1d")
+    return (1, site.in_channels if feedforward else site.out_channels) + (1,) * site.dims
 
 
 def _attach(job: SpliceInput) -> IA3Detail:
     site, params = job.site, job.params
     weight = site.weight_like(job.gm)
-    shape = (1, site.in_features) if params.feedforward else (site.out_features, 1)
+    shape = _shape(site, params.feedforward)
     dtype = adapter_dtype(params, weight.dtype)
     vector = torch.nn.Parameter(torch.ones(shape, dtype=dtype, device=weight.device))
     target = attach_component(job.gm, site.module_path, IA3, job.adapter, vector)
     return IA3Detail(target, params.feedforward, site.weight_target, site.bias_target(job.gm),
-                     site.fan_in_fan_out)
+                     site.fan_in_fan_out, getattr(site, "groups", 1))
 
 
 def _gated_vector(job: SpliceInput, target: str) -> list[torch.fx.Node]:
-    """Nodes computing ``lerp(1, l, gate)`` flat (per sample of the site's input in mixed
-    batches); the last is the scale. lerp, not ``1 + gate * (l - 1)``: its two-sided formula is
-    bit-exact at both gate 0 and gate 1."""
+    """Nodes computing ``lerp(1, l, gate)`` flat, or ``(channels, 1, ..)`` on a convolution (per
+    sample of the site's input in mixed batches); the last is the scale. lerp, not
+    ``1 + gate * (l - 1)``: its two-sided formula is bit-exact at both gate 0 and gate 1."""
     graph = job.gm.graph
-    vector = graph.call_function(aten.view.default, (graph.get_attr(target), [-1]))
+    shape = [-1] + [1] * job.site.dims if isinstance(job.site, ConvSite) else [-1]
+    vector = graph.call_function(aten.view.default, (graph.get_attr(target), shape))
     ones = graph.call_function(aten.ones_like.default, (vector,))
     gate = gate_node(job.gm, job.adapter, job.gm.get_parameter(target), job.site.input)
     return [vector.args[0], vector, ones, graph.call_function(aten.lerp.Tensor, (ones, vector, gate))]
@@ -106,16 +124,32 @@ def splice(job: SpliceInput) -> Spliced:
     return Spliced([*added, scaled], [detail.parameter])
 
 
+def _factor(vector: torch.Tensor, weight: torch.Tensor, detail: IA3Detail) -> torch.Tensor:
+    """The vector shaped to multiply the stored weight: along its rows (outputs) or columns
+    (inputs; a fan-in-fan-out weight is ``(in, out)``); a convolution's kernel ``(out, in /
+    groups, *k)`` takes each group's own slice of the input channels.
+
+    >>> detail = IA3Detail("l", True, "w", None, False, groups=2)
+    >>> _factor(torch.arange(4.), torch.ones(4, 2, 3, 3), detail)[:, :, 0, 0].tolist()
+    [[0.0, 1.0], [0.0, 1.0], [2.0, 3.0], [2.0, 3.0]]
+    """
+    flat, trailing = vector.float().flatten(), [1] * (weight.dim() - 2)
+    if detail.feedforward == detail.fan_in_fan_out:  # along the rows
+        return flat.reshape(-1, 1, *trailing)
+    if weight.dim() == 2:
+        return flat.reshape(1, -1)
+    out, per_group = weight.shape[0], weight.shape[1]
+    grouped = flat.reshape(detail.groups, 1, per_group).expand(detail.groups, out // detail.groups, per_group)
+    return grouped.reshape(out, per_group, *trailing)
+
+
 def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,
           weights: dict[str, torch.Tensor]) -> None:
     """Fold the vector into the weight (and, for output scaling, the bias)."""
     detail: IA3Detail = record.detail
     vector = fetch(gm, detail.parameter).detach()
-    # Weights are (out, in), or (in, out) for fan-in-fan-out: which axis does the vector scale?
-    along_columns = detail.feedforward != detail.fan_in_fan_out
     weight = weight_so_far(gm, weights, detail.weight)
-    factor = vector.float().reshape(1, -1) if along_columns else vector.float().reshape(-1, 1)
-    weights[detail.weight] = (weight.float() * factor).to(weight.dtype)  # fp32, cast once
+    weights[detail.weight] = (weight.float() * _factor(vector, weight, detail)).to(weight.dtype)  # fp32, cast once
     if detail.bias and not detail.feedforward:
         bias = weights.get(detail.bias, fetch(gm, detail.bias).detach())
         weights[detail.bias] = (bias.float() * vector.float().flatten()).to(bias.dtype)
@@ -157,21 +191,25 @@ def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str)
     _check_feedforward_in_targets(config, source)
     target = target_regex(config, model, source)
     exclude = exclude_regexes(config)
-    rules = [Rule(name="peft ia3", optional=True, params=IA3Params(),
-                  where=Where(path=["^" + target], exclude=exclude))]
     feedforward = _feedforward_regex(config, source)
-    if feedforward:
-        rules.insert(0, Rule(name="peft ia3 feedforward", optional=True,
-                             params=IA3Params(feedforward=True),
-                             where=Where(path=[f"^(?={feedforward})" + target], exclude=exclude)))
+    rules = []
+    for site in IA3Params.match_kinds:  # a rule per site kind, feed-forward first (first match wins)
+        suffix = "" if site == "linear" else f" {site}"
+        if feedforward:
+            rules.append(Rule(name=f"peft ia3 feedforward{suffix}", match=site, optional=True,
+                              params=IA3Params(feedforward=True),
+                              where=Where(path=[f"^(?={feedforward})" + target], exclude=exclude)))
+        rules.append(Rule(name=f"peft ia3{suffix}", match=site, optional=True, params=IA3Params(),
+                          where=Where(path=["^" + target], exclude=exclude)))
     return RuleSet(tuple(rules), source=source)
 
 
 def rules_to_config(matches: list[Match], program: Program) -> dict[str, Any]:
-    """``IA3Config`` fields selecting the matched linears, and which of them are feed-forward."""
+    """``IA3Config`` fields selecting the matched layers, and which of them are feed-forward."""
     feedforward = sorted(m.module_path for m in matches if m.rule.params.feedforward)
-    return {"target_modules": targets_for(sorted(m.module_path for m in matches), program),
-            "feedforward_modules": targets_for(feedforward, program) if feedforward else [],
+    known = [s.module_path for s in (*program.sites, *find_conv_sites(program.graph_module))]
+    return {"target_modules": targets_for(sorted(m.module_path for m in matches), program, known),
+            "feedforward_modules": targets_for(feedforward, program, known) if feedforward else [],
             "fan_in_fan_out": any(m.site.fan_in_fan_out for m in matches),
             "init_ia3_weights": True}
 

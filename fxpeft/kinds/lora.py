@@ -4,7 +4,7 @@ The same on embeddings and convolutions (match kinds ``embedding`` and ``conv``)
 layout. An embedding gets raw parameters ``lora_embedding_A`` ``[r, num_embeddings]`` (zeros at
 init) and ``lora_embedding_B`` ``[embedding_dim, r]`` (normal): ``E[x] + scale * A.T[x] @ B.T``,
 the lookup repeating the base's ``padding_idx``; PEFT applies no dropout there, nor does fxpeft.
-A 1-d/2-d convolution gets ``lora_A``, a convolution with the base's kernel, stride, padding
+A 1-d, 2-d or 3-d convolution gets ``lora_A``, a convolution with the base's kernel, stride, padding
 and dilation producing ``r`` channels, and ``lora_B``, a 1x1 convolution to the output channels
 with the base's ``groups``.
 
@@ -40,7 +40,7 @@ from fxpeft.names import ADAPTER_META, AdapterNode
 from fxpeft.formats.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, names_regex,
                                         target_regex,
                                         targets_for, layers_prefix)
-from fxpeft.capture.quantized import weight_so_far
+from fxpeft.capture.quantized import base_weight, weight_so_far
 from fxpeft.capture.linear_sites import LinearSite, find_linear_sites
 from fxpeft.capture.program import Program
 from fxpeft.rules import checks
@@ -65,8 +65,9 @@ class LoraParams(Params):
     alpha: float = spec(8, checks.positive_number, "scaling numerator")
     dropout: float = spec(0.0, checks.probability, "dropout on the adapter input")
     use_rslora: bool = spec(False, checks.boolean, "scale by alpha/sqrt(r)")
-    init: str = spec("default", checks.one_of("default", "random"), "initialisation")
+    init: str = spec("default", checks.one_of("default", "random", "mica"), "initialisation")
     autocast: bool = spec(True, checks.boolean, "fp32 adapters on fp16/bf16 bases")
+    lora_bias: bool = spec(False, checks.boolean, "a bias on B (PEFT's lora_bias; zeros at init)")
 
     @property
     def scale(self) -> float:
@@ -77,7 +78,8 @@ class LoraParams(Params):
 class LoraDetail:
     """What merge needs of one LoRA branch: the targets of W, A and B, and the scale.
     ``fan_in_fan_out``: W is stored ``[in, out]`` (GPT-2's Conv1D, an embedding table);
-    ``groups``: a grouped convolution's, which no merge can fold."""
+    ``groups``: a grouped convolution's, which no merge can fold; ``lora_bias``: the target of
+    B's bias (PEFT's ``lora_bias``), merged into the layer's bias ``base_bias``."""
 
     scale: float
     weight: str
@@ -85,6 +87,8 @@ class LoraDetail:
     lora_B: str
     fan_in_fan_out: bool
     groups: int = 1
+    lora_bias: str | None = None
+    base_bias: str | None = None
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -120,15 +124,24 @@ def make_lora_modules(site: LinearSite, params: LoraParams,
     in the adapter dtype (``adapter_dtype``)."""
     factory = _factory(params, like)
     lora_a = torch.nn.Linear(site.in_features, params.r, bias=False, **factory)
-    lora_b = torch.nn.Linear(params.r, site.out_features, bias=False, **factory)
+    lora_b = torch.nn.Linear(params.r, site.out_features, bias=params.lora_bias, **factory)
+    _zero_b(lora_b, params)
+    return lora_a, lora_b
+
+
+def _zero_b(lora_b: torch.nn.Module, params: LoraParams) -> None:
+    """``init = "default"``: B and its bias (``lora_bias``) start at zeros."""
     if params.init == "default":
         torch.nn.init.zeros_(lora_b.weight)
-    return lora_a, lora_b
+        if lora_b.bias is not None:
+            torch.nn.init.zeros_(lora_b.bias)
 
 
 def _embedding_pair(site: EmbeddingSite, params: LoraParams,
                     like: torch.Tensor) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
     """PEFT's: A ``[r, num]`` zeros and B ``[dim, r]`` normal (both normal with ``random``)."""
+    if params.lora_bias:
+        raise FxpeftError(f"{site.module_path}: lora_bias is not supported on embeddings (as in PEFT)")
     factory = _factory(params, like)
     lora_a = torch.randn(params.r, site.num_embeddings, **factory)
     lora_b = torch.randn(site.embedding_dim, params.r, **factory)
@@ -137,7 +150,7 @@ def _embedding_pair(site: EmbeddingSite, params: LoraParams,
     return torch.nn.Parameter(lora_a), torch.nn.Parameter(lora_b)
 
 
-_CONV_MODULES = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d}
+_CONV_MODULES = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}
 
 
 def _conv_pair(site: ConvSite, params: LoraParams,
@@ -150,14 +163,14 @@ def _conv_pair(site: ConvSite, params: LoraParams,
     conv, factory = _CONV_MODULES[site.dims], _factory(params, like)
     lora_a = conv(site.in_channels, params.r, site.kernel_size, site.stride, site.padding,
                   site.dilation, bias=False, **factory)
-    lora_b = conv(params.r, site.out_channels, 1, groups=site.groups, bias=False, **factory)
-    if params.init == "default":
-        torch.nn.init.zeros_(lora_b.weight)
+    lora_b = conv(params.r, site.out_channels, 1, groups=site.groups, bias=params.lora_bias, **factory)
+    _zero_b(lora_b, params)
     return lora_a, lora_b
 
 
-def _linear_op(graph: torch.fx.Graph, site: Any, x: torch.fx.Node, weight: torch.fx.Node) -> torch.fx.Node:
-    return graph.call_function(aten.linear.default, (x, weight))
+def _linear_op(graph: torch.fx.Graph, site: Any, x: torch.fx.Node, weight: torch.fx.Node,
+               bias: torch.fx.Node | None = None) -> torch.fx.Node:
+    return graph.call_function(aten.linear.default, (x, weight) if bias is None else (x, weight, bias))
 
 
 def _lookup(graph: torch.fx.Graph, site: EmbeddingSite, ids: torch.fx.Node,
@@ -169,7 +182,7 @@ def _lookup(graph: torch.fx.Graph, site: EmbeddingSite, ids: torch.fx.Node,
 
 
 def _conv_op(site: ConvSite, padding: "tuple[int, ...] | str") -> Any:
-    op = {1: aten.conv1d, 2: aten.conv2d}[site.dims]
+    op = {1: aten.conv1d, 2: aten.conv2d, 3: aten.conv3d}[site.dims]
     return op.padding if isinstance(padding, str) else op.default
 
 
@@ -179,9 +192,10 @@ def _conv_down(graph: torch.fx.Graph, site: ConvSite, x: torch.fx.Node, weight: 
                                                          padding, list(site.dilation), 1))
 
 
-def _conv_up(graph: torch.fx.Graph, site: ConvSite, x: torch.fx.Node, weight: torch.fx.Node) -> torch.fx.Node:
+def _conv_up(graph: torch.fx.Graph, site: ConvSite, x: torch.fx.Node, weight: torch.fx.Node,
+             bias: torch.fx.Node | None = None) -> torch.fx.Node:
     ones, zeros = [1] * site.dims, [0] * site.dims
-    return graph.call_function(_conv_op(site, zeros), (x, weight, None, ones, zeros, ones,
+    return graph.call_function(_conv_op(site, zeros), (x, weight, bias, ones, zeros, ones,
                                                        site.groups))
 
 
@@ -199,14 +213,14 @@ def layer_op(graph: torch.fx.Graph, site: Any, x: torch.fx.Node, weight: torch.f
 @dataclass(frozen=True)
 class Layout:
     """How LoRA sits on one kind of layer: the names of A and B, how to make them (identity at
-    init), the down and up projections in the graph, whether the layer stores its weight
+    init), the down and up projections in the graph (the up one takes B's bias, if any), whether the layer stores its weight
     transposed (``[in, out]``: an embedding table), and whether its input takes dropout and the
     adapter dtype (an embedding's input is indices)."""
 
     names: tuple[str, str]
     make: Callable[[Any, LoraParams, torch.Tensor], tuple[Any, Any]]
     down: Callable[[torch.fx.Graph, Any, torch.fx.Node, torch.fx.Node], torch.fx.Node]
-    up: Callable[[torch.fx.Graph, Any, torch.fx.Node, torch.fx.Node], torch.fx.Node]
+    up: Callable[..., torch.fx.Node]
     transposed: bool = False
     features_in: bool = True
 
@@ -235,12 +249,38 @@ def attach_lora(job: SpliceInput) -> tuple[LoraDetail, list[str]]:
     and targets."""
     site, params, layout = job.site, job.params, layout_of(job.site)
     lora_a, lora_b = layout.make(site, params, site.weight_like(job.gm))
+    transposed = site.fan_in_fan_out or layout.transposed
+    if params.init == "mica":
+        _mica(job, _weight_of(lora_a), _weight_of(lora_b), transposed)
     a_path = attach_component(job.gm, site.module_path, layout.names[0], job.adapter, lora_a)
     b_path = attach_component(job.gm, site.module_path, layout.names[1], job.adapter, lora_b)
+    b_bias = getattr(lora_b, "bias", None)
     detail = LoraDetail(params.scale, site.weight_target, _tensor_target(a_path, lora_a),
-                        _tensor_target(b_path, lora_b), site.fan_in_fan_out or layout.transposed,
-                        getattr(site, "groups", 1))
+                        _tensor_target(b_path, lora_b), transposed, getattr(site, "groups", 1),
+                        f"{b_path}.bias" if b_bias is not None else None, site.bias_target(job.gm))
     return detail, [a_path, b_path]
+
+
+def _weight_of(value: Any) -> torch.Tensor:
+    return value.weight if isinstance(value, torch.nn.Module) else value
+
+
+def _mica(job: SpliceInput, lora_a: torch.Tensor, lora_b: torch.Tensor, transposed: bool) -> None:
+    """PEFT's MiCA (``init_lora_weights = "mica"``): B the left singular vectors of the ``r``
+    smallest singular values of ``W`` as ``(out, in)`` (an embedding's ``W.T``), frozen; A zeros.
+    B @ A is zero, so the base weight stays as it is."""
+    if isinstance(job.site, ConvSite):
+        raise FxpeftError(f"{job.site.module_path}: MiCA (init = \"mica\") applies to linears and "
+                          f"embeddings, as in PEFT, not to convolutions")
+    weight = base_weight(job.gm, job.site.weight_target).float()
+    weight = weight.T if transposed else weight
+    if job.params.r > min(weight.shape):
+        raise FxpeftError(f"{job.site.module_path}: MiCA needs r <= {min(weight.shape)} here, got "
+                          f"r = {job.params.r}")
+    with torch.no_grad():
+        lora_b.copy_(torch.linalg.svd(weight, full_matrices=False)[0][:, -job.params.r:])
+        lora_a.zero_()
+    lora_b.requires_grad_(False)  # MiCA trains A only
 
 
 def casts(job: SpliceInput) -> bool:
@@ -264,15 +304,23 @@ def adapter_input(job: SpliceInput) -> torch.fx.Node:
 
 def low_rank(job: SpliceInput, detail: LoraDetail, x: torch.fx.Node,
              gated: bool = True) -> torch.fx.Node:
-    """``B(gate * A(x))`` (unscaled), the gate on the rank-r tensor where it is cheapest; with
+    """``B(gate * A(x))`` (unscaled), the gate on the rank-r tensor where it is cheapest, or on
+    ``B(A(x)) + bias`` when B has a bias (``lora_bias``), which an off adapter must not add; with
     ``gated=False`` plain ``B(A(x))``, for a caller that gates the whole branch."""
     graph, layout = job.gm.graph, layout_of(job.site)
     down = layout.down(graph, job.site, x, graph.get_attr(detail.lora_A))
-    if gated:
-        gate = gate_node(job.gm, job.adapter, job.gm.get_parameter(detail.weight), down)
-        down = graph.call_function(aten.mul.Tensor, (down, gate))
-        down.meta[GATE_META] = job.adapter
-    return layout.up(graph, job.site, down, graph.get_attr(detail.lora_B))
+    if gated and not detail.lora_bias:
+        down = _gated(job, detail, down)
+    bias = graph.get_attr(detail.lora_bias) if detail.lora_bias else None
+    up = layout.up(graph, job.site, down, graph.get_attr(detail.lora_B), bias)
+    return _gated(job, detail, up) if gated and detail.lora_bias else up
+
+
+def _gated(job: SpliceInput, detail: LoraDetail, value: torch.fx.Node) -> torch.fx.Node:
+    gate = gate_node(job.gm, job.adapter, job.gm.get_parameter(detail.weight), value)
+    gated = job.gm.graph.call_function(aten.mul.Tensor, (value, gate))
+    gated.meta[GATE_META] = job.adapter
+    return gated
 
 
 def record_nodes(job: SpliceInput, first: torch.fx.Node, last: torch.fx.Node, kind: str,
@@ -296,6 +344,9 @@ def splice(job: SpliceInput) -> Spliced:
     if isinstance(job.site, ParameterSite) and job.site.module_call:  # W of a whole nn.Linear
         job = dataclasses.replace(job, site=_linear_site_of(job.gm, job.site.node))
     elif isinstance(job.site, ParameterSite):
+        if job.params.lora_bias or job.params.init == "mica":  # PEFT's parameter wrapper takes neither
+            raise FxpeftError(f"{job.site.module_path}: LoRA on a parameter takes no lora_bias or "
+                              f"MiCA (as in PEFT)")
         return lora_parameters.splice(job, _factory(job.params, job.site.weight_like(job.gm))["dtype"],
                                       LINEAR.names, record_nodes)
     detail, attached = attach_lora(job)
@@ -304,7 +355,12 @@ def splice(job: SpliceInput) -> Spliced:
         up = low_rank(job, detail, adapter_input(job))
         total = join(graph, y, graph.call_function(aten.mul.Tensor, (up, detail.scale)), casts(job))
     reroute(y, total)
-    return Spliced(record_nodes(job, y, total, "lora", detail), attached)
+    return Spliced(record_nodes(job, y, total, "lora", detail), attached, frozen_of(job, detail))
+
+
+def frozen_of(job: SpliceInput, detail: LoraDetail) -> list[str]:
+    """MiCA trains A only: its B is frozen for good."""
+    return [detail.lora_B] if job.params.init == "mica" else []
 
 
 def lora_delta(gm: torch.nn.Module, detail: LoraDetail) -> torch.Tensor:
@@ -319,33 +375,80 @@ def lora_delta(gm: torch.nn.Module, detail: LoraDetail) -> torch.Tensor:
     return delta.reshape(fetch(gm, detail.weight).shape) if lora_a.dim() > 2 else delta
 
 
+def check_mergeable(record: AdapterNode) -> None:
+    """A branch on a grouped convolution cannot merge: B mixes channels across groups, so W
+    would have to become dense (PEFT does not merge it either)."""
+    if record.detail.groups > 1:
+        raise FxpeftError(f"merge: the {record.kind} adapter {record.adapter!r} at {record.module_path} "
+                          f"cannot be merged: its convolution has groups = {record.detail.groups}")
+
+
 def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,
           weights: dict[str, torch.Tensor]) -> None:
     """``W + scale * B @ A`` (computed in fp32, cast once)."""
     detail = record.detail
-    if detail.groups > 1:  # B mixes channels across groups: W would have to become dense
-        raise FxpeftError(f"merge: the LoRA adapter {record.adapter!r} at {record.module_path} "
-                          f"cannot be merged: its convolution has groups = {detail.groups}")
+    check_mergeable(record)
     base = weight_so_far(gm, weights, detail.weight)
     weights[detail.weight] = (base.float() + lora_delta(gm, detail)).to(base.dtype)
+    if detail.lora_bias:
+        _merge_bias(gm, record, weights)
+
+
+def _merge_bias(gm: torch.fx.GraphModule, record: AdapterNode, weights: dict[str, torch.Tensor]) -> None:
+    """``lora_bias``: the layer's bias gains ``scale * B.bias``, as PEFT merges it."""
+    detail = record.detail
+    if detail.base_bias is None:
+        raise FxpeftError(f"merge: the {record.kind} adapter {record.adapter!r} at {record.module_path} "
+                          f"has lora_bias but its layer has no bias to merge it into (as in PEFT)")
+    bias = weights.get(detail.base_bias, fetch(gm, detail.base_bias).detach())
+    lora_bias = fetch(gm, detail.lora_bias).detach().float()
+    weights[detail.base_bias] = (bias.float() + detail.scale * lora_bias).to(bias.dtype)
 
 
 # --- PEFT's LoraConfig ------------------------------------------------------------------------
 
-# init_lora_weights values that leave the base weights as they were (others rewrite them).
-_PLAIN_INITS = (True, False, "gaussian", "orthogonal")
+# init_lora_weights values that leave the base weights as they were and whose forward is plain
+# LoRA's ("mica": B from the base weight's minor singular vectors, frozen; PEFT's MiCA variant).
+_PLAIN_INITS = (True, False, "gaussian", "orthogonal", "mica")
+# Those that rewrite the base weights (PiSSA, OLoRA, CorDA and LoftQ subtract their init from W).
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+# PEFT 0.21.2's LoRA variants that fxpeft refuses, with why (their config field -> reason).
+_REFUSED_VARIANTS = {
+    "kasa_config": "KaSA truncates the base weight's r smallest singular values when it is added "
+                   "(it changes the base weights)",
+    "monteclora_config": "MonteCLoRA samples a random perturbation of A in every training forward "
+                         "(its forward is not a fixed function of its parameters)",
+    "velora_config": "VeLoRA trains with its own approximate backward of A (compressed "
+                     "activations), which fxpeft's graph does not reproduce",
+    "use_bdlora": "BD-LoRA's block-diagonal A or B have their own shapes and forward, which "
+                  "fxpeft does not implement",
+}
+
+
 LORA_FIELDS = frozenset({"target_modules", "exclude_modules", "layers_to_transform",
                          "layers_pattern", "r", "lora_alpha", "rank_pattern", "alpha_pattern",
                          "use_rslora", "fan_in_fan_out", "bias", "lora_dropout",
-                         "init_lora_weights", "target_parameters"})
+                         "init_lora_weights", "lora_bias", "target_parameters", *_REFUSED_VARIANTS})
+
+
+def _check_init(config: dict[str, Any], source: str) -> None:
+    init = config.get("init_lora_weights", True)
+    if init in _PLAIN_INITS:
+        return
+    if isinstance(init, str) and init.startswith(_BASE_REWRITING_INITS):
+        raise PeftFormatError(f"{source}: init_lora_weights = {init!r} changes the base weights; "
+                              f"fxpeft cannot load such an adapter")
+    raise PeftFormatError(f"{source}: init_lora_weights = {init!r} is an initialisation fxpeft "
+                          f"does not implement")
 
 
 def _check_config(config: dict[str, Any], source: str) -> None:
     if config.get("bias", "none") != "none":
         raise PeftFormatError(f"{source}: bias = {config['bias']!r} is not supported (only \"none\")")
-    if config.get("init_lora_weights", True) not in _PLAIN_INITS:
-        raise PeftFormatError(f"{source}: init_lora_weights = {config['init_lora_weights']!r} "
-                              f"changes the base weights; fxpeft cannot load such an adapter")
+    for key, reason in _REFUSED_VARIANTS.items():
+        if config.get(key):
+            raise PeftFormatError(f"{source}: {key} is set: the LoRA variant is not supported: {reason}")
+    _check_init(config, source)
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(key) or {}, dict):
             raise PeftFormatError(f"{source}: {key} must be a mapping, got {config[key]!r}")
@@ -395,7 +498,9 @@ def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str,
 
     def params_for(r: int, alpha: float) -> Params:
         return params_class(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0),
-                            use_rslora=_flag(config.get("use_rslora")))
+                            use_rslora=_flag(config.get("use_rslora")),
+                            init="mica" if config.get("init_lora_weights") == "mica" else "default",
+                            lora_bias=_flag(config.get("lora_bias")))
     modules = tuple(site for site in params_class.match_kinds if site != "parameter")
     rules: tuple[Rule, ...] = ()
     if config.get("target_modules") or not config.get("target_parameters"):
@@ -450,6 +555,14 @@ def adaptable_paths(program: Program) -> list[str]:
     return [site.module_path for site in found]
 
 
+def _one_value(params: dict[str, LoraParams], field: str) -> Any:
+    """The one value PEFT's LoraConfig has for ``field`` (``mica``: whether ``init`` is MiCA)."""
+    values = {(p.init == "mica") if field == "mica" else getattr(p, field) for p in params.values()}
+    if len(values) > 1:
+        raise PeftFormatError(f"PEFT's LoraConfig has one {field}; these rules use {sorted(values)}")
+    return values.pop()
+
+
 def rules_to_config(matches: list[Match], program: Program, use_dora: bool = False) -> dict[str, Any]:
     """The ``LoraConfig`` fields that select ``matches``' modules (and parameters:
     ``target_parameters``, their full names) with their rank and scale."""
@@ -460,23 +573,22 @@ def rules_to_config(matches: list[Match], program: Program, use_dora: bool = Fal
     r, rank_pattern = _common_and_exceptions({k: p.r for k, p in params.items()})
     alpha, alpha_pattern = _common_and_exceptions(
         {k: _number(p.scale * (p.r ** 0.5 if rslora else p.r)) for k, p in params.items()})
-    dropouts = {p.dropout for p in params.values()}
-    if len(dropouts) > 1:  # PEFT's config has one lora_dropout
-        raise PeftFormatError(f"PEFT's LoraConfig has one lora_dropout; these rules use "
-                              f"{sorted(dropouts)}")
+    dropout, lora_bias, mica = (_one_value(params, field) for field in ("dropout", "lora_bias", "mica"))
     targets = targets_for(modules, program, adaptable_paths(program)) if modules or not parameters else None
     return {"target_modules": targets, "target_parameters": parameters or None,
             "r": r, "lora_alpha": alpha,
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": rslora,
-            "lora_dropout": dropouts.pop(), "bias": "none", "init_lora_weights": True,
+            "lora_dropout": dropout, "bias": "none", "init_lora_weights": "mica" if mica else True,
+            "lora_bias": lora_bias,
             "use_dora": use_dora, "fan_in_fan_out": any(m.site.fan_in_fan_out for m in matches)}
 
 
 def branch_of(record: AdapterNode) -> LowRankBranch | None:
     """The branch's A and B weights and scale, for the fuse passes (``AdapterKind.low_rank``);
-    None for a weight update at a parameter read (no branch on an activation to fuse)."""
+    None for a weight update at a parameter read (no branch on an activation to fuse), or for a
+    branch whose B has a bias (``lora_bias``: not the plain branch the fuse passes rewrite)."""
     detail = record.detail
-    if isinstance(detail, lora_parameters.ParameterDetail):
+    if isinstance(detail, lora_parameters.ParameterDetail) or detail.lora_bias is not None:
         return None
     return LowRankBranch(detail.lora_A, detail.lora_B, detail.scale, detail.fan_in_fan_out)
 

@@ -47,6 +47,7 @@ class ParameterDetail:
     experts: int = 0
     groups = 1
     fan_in_fan_out = False
+    lora_bias = None  # LoRA's lora_bias: never on a parameter
 
 
 def _pair(site: ParameterSite, rank: int, init: str,

@@ -60,6 +60,26 @@ def _other_layers(program: Program, rule: Rule) -> list[tuple[str, str]]:
             if path not in sites and any(re.search(p, path) for p in rule.where.path)]
 
 
+def unadapted_targets(program: Program, ruleset: RuleSet, result: MatchResult) -> list[tuple[str, str]]:
+    """Modules some rule's ``path`` selects (and its ``exclude`` does not) that are no candidate
+    of its match kind and that no match adapted: ``(path, class name)``. For rules made from a PEFT config, each is a layer
+    PEFT would adapt that this kind cannot (AdaLoRA on a ``Conv2d``).
+
+    >>> import torch
+    >>> from fxpeft.capture.export import capture
+    >>> from fxpeft.match.query import match
+    >>> from fxpeft.rules import Rule, RuleSet, Where
+    >>> program = capture(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2)))
+    >>> rules = RuleSet((Rule(where=Where(path=["^(0|1)$"])),))
+    >>> unadapted_targets(program, rules, match(program, rules))
+    [('1', 'LayerNorm')]
+    """
+    adapted = {m.module_path for m in result.matches}
+    found = {path: kind for rule in ruleset.rules for path, kind in _other_layers(program, rule)
+             if path not in adapted and not any(re.search(p, path) for p in rule.where.exclude or ())}
+    return sorted(found.items())
+
+
 def other_layers_note(program: Program, rule: Rule) -> str:
     """``... input_layernorm exists (LlamaRMSNorm), but it is not a linear layer``, or "".
 

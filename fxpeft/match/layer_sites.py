@@ -3,8 +3,8 @@
 module path, its module type and the features a rewrite needs (sizes, stride, padding, ...).
 
 Recognised: ``aten.embedding`` (export) and ``call_module`` to an ``nn.Embedding``
-(symbolic_trace); ``aten.conv1d`` / ``aten.conv2d`` / ``aten.convolution`` (not transposed)
-and ``call_module`` to an ``nn.Conv1d`` / ``nn.Conv2d``.
+(symbolic_trace); ``aten.conv1d`` / ``conv2d`` / ``conv3d`` / ``aten.convolution`` (not
+transposed) and ``call_module`` to an ``nn.Conv1d`` / ``Conv2d`` / ``Conv3d``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from fxpeft.capture.program import layer_index
 aten = torch.ops.aten
 _EMBEDDINGS = (aten.embedding.default,)
 # op -> the index of its groups argument (the others: input, weight, bias, stride, padding, dilation)
-_CONVS = {aten.conv1d.default: 6, aten.conv2d.default: 6, aten.conv1d.padding: 6,
-          aten.conv2d.padding: 6, aten.convolution.default: 8}
-_CONV_MODULES = (torch.nn.Conv1d, torch.nn.Conv2d)
+_CONVS = {aten.conv1d.default: 6, aten.conv2d.default: 6, aten.conv3d.default: 6,
+          aten.conv1d.padding: 6, aten.conv2d.padding: 6, aten.conv3d.padding: 6,
+          aten.convolution.default: 8}
+_CONV_MODULES = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
 
 def _type_name(module: torch.nn.Module) -> str:
@@ -69,7 +70,7 @@ class EmbeddingSite(WeightedSite):
 
 @dataclass(frozen=True)
 class ConvSite(WeightedSite):
-    """A node that computes a (not transposed) 1-d or 2-d convolution; its weight is
+    """A node that computes a (not transposed) 1-d, 2-d or 3-d convolution; its weight is
     ``[out_channels, in_channels / groups, *kernel_size]``. ``padding`` is a tuple or a string
     (``"same"``, ``"valid"``). ``kind`` is ``conv`` (aten) or ``module``."""
 
@@ -96,7 +97,14 @@ class ConvSite(WeightedSite):
         return len(self.kernel_size)
 
     @property
+    def consumer(self) -> torch.fx.Node:
+        """The node that reads the layer's input (the convolution itself), as a linear site's
+        ``consumer``: a kind that scales the input splices before it."""
+        return self.node
+
+    @property
     def input(self) -> torch.fx.Node:
+        """The input as the graph has it now (an earlier splice may have routed it)."""
         return self.node.args[0]
 
     def bias_target(self, gm: torch.nn.Module) -> str | None:
@@ -149,7 +157,7 @@ def _conv_from_aten(gm: torch.fx.GraphModule, node: torch.fx.Node) -> ConvSite |
     if node.op != "call_function" or node.target not in _CONVS:
         return None
     found = weight_of(gm, node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
-    if found is None or found[1].dim() not in (3, 4):
+    if found is None or found[1].dim() not in (3, 4, 5):
         return None
     if node.target == aten.convolution.default and (node.args[6] or any(node.args[7])):
         return None  # a transposed convolution
@@ -199,7 +207,7 @@ def find_embedding_sites(gm: torch.fx.GraphModule) -> list[EmbeddingSite]:
 
 
 def find_conv_sites(gm: torch.fx.GraphModule) -> list[ConvSite]:
-    """Every 1-d or 2-d convolution of the model (not of an adapter), in graph order.
+    """Every 1-d, 2-d or 3-d convolution of the model (not of an adapter), in graph order.
 
     >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1)))
     >>> [(s.module_path, s.in_channels, s.out_channels, s.kernel_size) for s in find_conv_sites(gm)]

@@ -67,8 +67,9 @@ def apply_adapter(program: Program, ruleset: RuleSet, result: MatchResult, adapt
                                       check_adapter_name(adapter), default_passes())
     freeze_base(gm)
     attached = [target for added in spliced for target in added.attached]
+    frozen = [target for added in spliced for target in added.frozen]
     adapter_records(gm)[adapter] = AdapterRecord(ruleset, result.matches, tuple(modules_to_save),
-                                                 attached)
+                                                 attached, frozen)
     graph_state(gm).passes.extend(reports)
     return reports
 

@@ -17,7 +17,7 @@ from fxpeft.runtime.apply import add_adapter, apply_adapter, require_matches
 from fxpeft.capture.export import capture
 from fxpeft.runtime.emit import emit
 from fxpeft.errors import FxpeftError
-from fxpeft.match.explain import Explanation, build_explanation
+from fxpeft.match.explain import Explanation, build_explanation, unadapted_targets
 from fxpeft.runtime.adapted_module import CHECKPOINTING_ADVICE, AdaptedModule
 from fxpeft.match.query import MatchResult, match
 from fxpeft.formats.peft_config import as_config, config_source, is_config, rules_from_config
@@ -145,13 +145,34 @@ def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = N
     program, ruleset, result = _matched(model, rules, example_inputs, leaf_modules, overrides)
     # a PEFT config keeps PEFT's meaning: its modules_to_save may name absent heads ("score")
     require_matches(program, ruleset, result, modules_to_save, allow_empty or from_config)
-    if from_config and not result.matches:  # PEFT, too, refuses a config that adapts nothing
-        raise PeftFormatError(f"{ruleset.source}: the adapter it describes matches no module "
-                              f"of {program.model_class}")
+    if from_config:
+        _check_config_targets(model, program, ruleset, result)
     gm = emit(program)
     apply_adapter(dataclasses.replace(program, graph_module=gm), ruleset, result, adapter,
                   modules_to_save)
     return gm
+
+
+def _check_config_targets(model: torch.nn.Module, program: Program, ruleset: RuleSet,
+                          result: MatchResult) -> None:
+    """A PEFT config's targets, refused as PEFT would not refuse them only where fxpeft cannot
+    follow: a targeted layer with a weight that the kind has no site for (AdaLoRA on a
+    ``Conv2d``) names the feature, never the rule the config became; a config that adapts
+    nothing is refused as PEFT refuses it."""
+    for path, kind in unadapted_targets(program, ruleset, result):
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:  # a path only the graph's module stacks name
+            continue
+        if isinstance(getattr(module, "weight", None), torch.Tensor):
+            rewrite_kind = ruleset.rules[0].rewrite
+            sites = "/".join(registry.get(rewrite_kind).sites)
+            raise PeftFormatError(f"{ruleset.source}: target_modules selects {path} ({kind}): "
+                                  f"{rewrite_kind} on {kind} is not supported by fxpeft (its "
+                                  f"{rewrite_kind} adapters apply to {sites} layers)")
+    if not result.matches:  # PEFT, too, refuses a config that adapts nothing
+        raise PeftFormatError(f"{ruleset.source}: the adapter it describes matches no module "
+                              f"of {program.model_class}")
 
 
 def _warn_hf_checkpointing(model: torch.nn.Module) -> None:

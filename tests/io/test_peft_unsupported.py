@@ -6,17 +6,19 @@ import re
 
 import pytest
 import torch
-from peft import FourierFTConfig, LoraConfig, get_peft_model
+from peft import AdaLoraConfig, FourierFTConfig, LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.config import KasaConfig
 
 import fxpeft
 from conftest import tiny_llama
 from fxpeft.formats.peft_format import PeftFormatError
+from peft_models import custom_model
 
 
 class Volume(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.vol = torch.nn.Conv3d(2, 4, 3)  # PEFT adapts Conv3d; fxpeft's conv sites are 1-d/2-d
+        self.vol = torch.nn.Conv3d(2, 4, 3)  # PEFT adapts Conv3d, and so does fxpeft
         self.proj = torch.nn.Linear(4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -30,28 +32,29 @@ def saved(tmp_path, base, config):
 
 
 @pytest.mark.parametrize("targets", [["vol", "proj"], ["vol"]])
-def test_lora_on_a_conv3d_names_the_layer_type(tmp_path, targets):
+def test_lora_on_a_conv3d_loads(tmp_path, targets):
     torch.manual_seed(0)
-    base = Volume()
-    folder = saved(tmp_path, base, LoraConfig(target_modules=targets))
-    expected = (f"{folder / 'adapter_model.safetensors'}: base_model.model.vol.lora_A.weight: the "
-                f"adapter needs LORA (lora) on Conv3d at vol, which fxpeft does not support")
-    with pytest.raises(PeftFormatError, match=re.escape(expected)):
-        fxpeft.load(base, folder)
+    base, x = Volume(), torch.randn(2, 2, 5, 5, 5)
+    folder = saved(tmp_path, base, LoraConfig(target_modules=targets, init_lora_weights=False))
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fxpeft.load(base, folder)(x), peft_model(x), rtol=0, atol=1e-6)
 
 
-def test_dora_on_an_embedding_names_dora_and_the_layer(tmp_path):
-    folder = saved(tmp_path, tiny_llama(), LoraConfig(target_modules=["embed_tokens", "q_proj"], use_dora=True))
-    graph = fxpeft.rewrite(tiny_llama(), "lora_qv")
-    with pytest.raises(PeftFormatError, match=r"needs LORA \(dora\) on Embedding at model.embed_tokens.*"
-                                              r"its dora adapters apply to linear layers"):
+def test_adalora_on_a_conv2d_names_the_layer_and_leaves_the_graph(tmp_path):
+    folder = saved(tmp_path, custom_model("Conv2d"),
+                   AdaLoraConfig(target_modules=["conv2d", "lin0"], total_step=1))
+    graph = fxpeft.rewrite(custom_model("Conv2d"), LoraConfig(target_modules=["lin0"]))
+    with pytest.raises(PeftFormatError, match=r"needs ADALORA \(adalora\) on Conv2d at conv2d.*"
+                                              r"its adalora adapters apply to linear layers"):
         fxpeft.load(graph, folder, adapter="other")
     assert graph.adapter_names == ["default"]  # the graph is left as it was
 
 
 @pytest.mark.parametrize("config, feature", [
     (FourierFTConfig(target_modules=["q_proj"]), r"adapter_config.json: peft_type 'FOURIERFT' is not supported"),
-    (LoraConfig(target_modules=["q_proj"], lora_bias=True), r"adapter_config.json: lora_bias = True is not supported"),
+    (LoraConfig(target_modules=["q_proj"], kasa_config=KasaConfig()),
+     r"adapter_config.json: kasa_config is set: the LoRA variant is not supported: KaSA"),
     (LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1, 2]),
      r"adapter_config.json: trainable_token_indices = \[1, 2\] is not supported"),
 ])

@@ -34,10 +34,10 @@ def test_unknown_rule_file_is_an_error_not_a_traceback(capsys):
 # command prints): a kind that changes its sites, PEFT type or merge must change this too.
 BUILTIN_KINDS = [
     "lora: sites linear, embedding, conv, parameter; PEFT LORA; merges",
-    "ia3: sites linear; PEFT IA3; merges",
+    "ia3: sites linear, conv; PEFT IA3; merges",
     "adaption_prompt: sites attention; PEFT ADAPTION_PROMPT; cannot merge (adaption prompts are",
     "modules_to_save: sites by keyword; PEFT -; merges",
-    "dora: sites linear; PEFT LORA; merges",
+    "dora: sites linear, embedding, conv; PEFT LORA; merges",
     "adalora: sites linear; PEFT ADALORA; merges",
     "prompt_tuning: sites input_embedding; PEFT PROMPT_TUNING; cannot merge (prompt tuning adds",
     "vera: sites linear; PEFT VERA; merges",
