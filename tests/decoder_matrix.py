@@ -124,8 +124,13 @@ def _logits(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _greedy_by_forward(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Greedy decoding by full forwards, with the ``position_ids`` transformers' ``generate``
+    gives (real tokens counted, padding 1): PEFT's prefix tuning adds its length to them, its
+    prompt kinds drop them."""
     for _ in range(GENERATE_TOKENS):
-        token = _logits(model, ids, mask)[:, -1].argmax(-1)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        with torch.no_grad():
+            token = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].argmax(-1)
         ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     return ids
 

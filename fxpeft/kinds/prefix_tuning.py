@@ -11,7 +11,9 @@ PEFT's forward, where the prefix is a KV cache the prompt starts after::
     keys      = cat(prefix_keys(l),   keys)      # after RoPE: cache entries get none
     values    = cat(prefix_values(l), values)
     attn_mask = cat(ones(..., L), attn_mask)     # every query, padding rows too, sees the prefix
-    positions = positions + L                    # (once per graph) transformers counts the cache
+                                                 # (a sliding layer: while L + i - j < window)
+    positions = positions + L                    # (once per graph) transformers counts the cache;
+                                                 # a negative one (OPT's padding, -1) stays
 
 The positions do count the prefix: on transformers 5.25, PEFT's forward hands the model a cache
 of ``L`` entries and no ``position_ids``, so the model numbers the tokens ``L .. L + seq - 1``
@@ -157,19 +159,26 @@ def prepend_prefix(states: torch.Tensor, table: torch.Tensor, slot: int, kv_head
     return torch.cat([entries.expand(states.shape[0], -1, -1, -1), states], dim=2)
 
 
-def prepend_columns(mask: torch.Tensor, tokens: int, on: torch.Tensor) -> torch.Tensor:
+def prepend_columns(mask: torch.Tensor, tokens: int, on: torch.Tensor,
+                    window: int | None = None) -> torch.Tensor:
     """The SDPA mask with ``tokens`` prefix columns in front: attended to (True, or 0 for an
-    additive mask) by every query where the gate ``on`` (0-d, or per sample) is on, masked out
-    where it is off.
+    additive mask) where the gate ``on`` (0-d, or per sample) is on, masked out where it is off.
+    With a sliding ``window``, query row ``i`` (cache position ``tokens + i``) sees prefix entry
+    ``j`` only while ``tokens + i - j < window``, as transformers' window over the cache.
 
     >>> prepend_columns(torch.tensor([[[[True, False]]]]), 1, torch.tensor(1.)).tolist()
     [[[[True, True, False]]]]
     >>> prepend_columns(torch.zeros(2, 1, 1, 1), 1, torch.tensor([1., 0.]).reshape(2, 1, 1, 1))[:, 0, 0, 0].tolist()
     [0.0, -3.4028234663852886e+38]
+    >>> prepend_columns(torch.ones(1, 1, 2, 2, dtype=torch.bool), 2, torch.tensor(1.), 3)[0, 0].tolist()
+    [[True, True, True, True], [False, True, True, True]]
     """
     batch = max(mask.shape[0], on.shape[0] if on.dim() else 1)
     mask = mask.expand(batch, *mask.shape[1:])
     seen = (on != 0).reshape(-1, *[1] * (mask.dim() - 1)).expand(batch, *mask.shape[1:-1], tokens)
+    if window is not None:
+        rows = torch.arange(mask.shape[-2], device=mask.device)[:, None]
+        seen = seen & (tokens + rows - torch.arange(tokens, device=mask.device) < window)
     if mask.dtype != torch.bool:
         seen = torch.zeros((), dtype=mask.dtype, device=mask.device).masked_fill(
             ~seen, torch.finfo(mask.dtype).min)
@@ -177,12 +186,33 @@ def prepend_columns(mask: torch.Tensor, tokens: int, on: torch.Tensor) -> torch.
 
 
 def shift_positions(positions: torch.Tensor, tokens: int, on: torch.Tensor) -> torch.Tensor:
-    """``positions + tokens`` where the gate ``on`` is on (transformers counts the cache).
+    """``positions + tokens`` where the gate ``on`` is on (transformers counts the cache), except
+    negative ones: padding that a model numbers from the attention mask (OPT's ``-1``) stays
+    ``-1`` behind the cache, since transformers counts only the mask's ones.
 
+    >>> shift_positions(torch.tensor([[0, 1], [-1, 0]]), 3, torch.tensor([[1.], [1.]])).tolist()
+    [[3, 4], [-1, 3]]
     >>> shift_positions(torch.tensor([[0, 1], [0, 1]]), 3, torch.tensor([[1.], [0.]])).tolist()
     [[3, 4], [0, 1]]
     """
-    return positions + (on != 0).to(positions.dtype) * tokens
+    return positions + ((on != 0) & (positions >= 0)).to(positions.dtype) * tokens
+
+
+def layer_window(config: Any, layer: int) -> int | None:
+    """The sliding window of ``layer``'s attention (``config.layer_types`` where it names them,
+    else the model's ``sliding_window``); None for full attention.
+
+    >>> from transformers import Gemma3TextConfig, LlamaConfig
+    >>> config = Gemma3TextConfig(num_hidden_layers=2, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+    >>> layer_window(config, 0), layer_window(config, 1), layer_window(LlamaConfig(), 0)
+    (16, None, None)
+    """
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return window if types[layer] == "sliding_attention" else None
+    return window if window and getattr(config, "use_sliding_window", True) else None
 
 
 # --- the splice ------------------------------------------------------------------------------
@@ -290,7 +320,8 @@ def splice(job: SpliceInput) -> Spliced:
         keys = graph.call_function(prepend_prefix, (key, table, 2 * layer, dims.kv_heads))
         values = graph.call_function(prepend_prefix, (value, table, 2 * layer + 1, dims.kv_heads))
         on = gate_node(gm, adapter, like, key)
-        columns = graph.call_function(prepend_columns, (mask, params.num_virtual_tokens, on))
+        window = layer_window(gm.capture_info.config, layer)
+        columns = graph.call_function(prepend_columns, (mask, params.num_virtual_tokens, on, window))
     node.update_arg(1, keys)
     node.update_arg(2, values)
     _set_mask(node, columns)

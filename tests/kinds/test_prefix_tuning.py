@@ -1,7 +1,8 @@
 """Prefix tuning: the graph it builds (keys, values and mask columns at every attention op,
 positions counting the prefix), PEFT parity both ways through folders on Llama (GQA), GPT-2 and
 Qwen2, with and without PEFT's projection MLP, switching, mixed batches, training, bf16, compile,
-fuse, and greedy generate with the prefix written into the KV cache once."""
+fuse, greedy generate with the prefix written into the KV cache once, and every row of a
+left-padded batch on OPT (positions from the mask) and Gemma-3 (a sliding window over the prefix)."""
 
 import json
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import fxpeft
-from conftest import (REPO_ROOT, adapter_nodes, assert_only_adapters_get_grads, emitted_base,
+from conftest import (REPO_ROOT, VOCAB, adapter_nodes, assert_only_adapters_get_grads, emitted_base,
                       tiny_gemma, tiny_gpt2, tiny_llama, tiny_mistral, tiny_opt, tiny_qwen2,
                       tiny_qwen3, token_batch, train)
 from fxpeft.errors import FxpeftError, RuleError
@@ -121,9 +122,58 @@ def test_peft_decoder_matrix_configs_load_with_equal_logits(build, fields, tmp_p
     peft_model.save_pretrained(tmp_path)
     ids, mask = _batch()
     ours, theirs = _logits(fxpeft.load(build(), tmp_path), ids, mask), _logits(peft_model, ids, mask)
-    if build is tiny_opt:  # OPT numbers padding -1 after PEFT's prefix too; ours shifts it: pads differ
-        ours, theirs = ours[mask.bool()], theirs[mask.bool()]
     torch.testing.assert_close(ours, theirs, rtol=0, atol=ATOL)
+
+
+def _windowed_gemma3():
+    """Gemma-3 with a sliding layer (window 16) and a full one: 10 prefix entries and 7 tokens
+    reach past the window."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, vocab_size=VOCAB, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"])).eval()
+
+
+def _randomized_peft(build, fields):
+    from peft import PrefixTuningConfig, get_peft_model
+    peft_model = get_peft_model(build(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10,
+                                                            **fields)).eval()
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.copy_(
+            torch.randn(peft_model.prompt_encoder["default"].embedding.weight.shape,
+                        generator=torch.Generator().manual_seed(4)))
+    return peft_model
+
+
+@pytest.mark.parametrize("fields", [{}, {"init_weights": "zero"}], ids=["random", "zero"])
+@pytest.mark.parametrize("build", [tiny_opt, _windowed_gemma3], ids=["opt", "gemma3"])
+def test_left_padding_and_sliding_windows_match_peft_in_every_row(build, fields, tmp_path):
+    """OPT numbers padding -1 from the mask, behind PEFT's cache too (the shift leaves it);
+    Gemma-3's sliding layer lets query ``i`` see prefix entry ``j`` only while ``10 + i - j < 16``
+    (the window runs over the cache), its full layer every entry. Every row, padding included."""
+    peft_model = _randomized_peft(build, fields)
+    peft_model.save_pretrained(tmp_path)
+    gm = fxpeft.load(build(), tmp_path)
+    ids, mask = _batch()
+    torch.testing.assert_close(_logits(gm, ids, mask), _logits(peft_model, ids, mask), rtol=0, atol=ATOL)
+    windows = [n.args[3] for n in gm.graph.nodes if n.target is prepend_columns]
+    assert windows == ([16, None] if build is _windowed_gemma3 else [None, None])
+
+
+def test_greedy_generate_past_the_window_equals_peft(tmp_path):
+    """The decode graph's cache holds the prefix at positions 0..9: its window drops them as
+    transformers' does, 10 + 7 + 8 tokens being past the window of 16."""
+    model = _windowed_gemma3()
+    with torch.no_grad():  # decisive logits, so the comparison is of tokens, not of ties
+        model.get_output_embeddings().weight.mul_(8)
+    peft_model = _randomized_peft(lambda: model, {})
+    peft_model.save_pretrained(tmp_path)
+    gm = fxpeft.load(model, tmp_path)
+    ids, mask = _batch()
+    ours = fxpeft.generate(gm, ids, max_new_tokens=8, attention_mask=mask, eos_token_id=[])
+    assert torch.equal(ours, _greedy_over_peft_forward(peft_model, ids, mask, 8))
 
 
 def test_positions_count_the_prefix_as_peft_on_this_transformers():
