@@ -151,10 +151,10 @@ def qlora(checkpoint: Path, rank: int, world: int) -> dict:
 
 
 class Checkpointer(AdapterCheckpoints):
-    """fxpeft.Trainer's checkpoint methods on a sharded graph, without the Trainer around them:
-    accelerate runs FSDP only with accelerators, so on the CPU the methods the Trainer calls
+    """fxpeft.Trainer's checkpoint methods on a sharded graph, without the Trainer around them
     (``save_model``, ``_save_optimizer_and_scheduler``, ``_load_from_checkpoint``,
-    ``_load_optimizer_and_scheduler``) are called here directly."""
+    ``_load_optimizer_and_scheduler``, called directly), so the saved optimizer state can be
+    read step by step; ``trainer_train`` runs them through ``train()``."""
 
     def __init__(self, model: torch.nn.Module, output: Path, rank: int) -> None:
         self.model = model

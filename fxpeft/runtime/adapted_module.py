@@ -310,18 +310,3 @@ def retarget_dtype_constants(module: torch.nn.Module, old: torch.dtype, new: tor
         graph_module.recompile()
     return changed
 
-
-def keep_call_wrapper(graph_module: torch.fx.GraphModule) -> None:
-    """Before ``recompile``: a subclass made after the first compile (FSDP2's ``fully_shard``
-    makes one) takes its base's call wrapper, as fx would otherwise give it a new one whose
-    ``super().__call__`` is the base's ``call_wrapped`` again, a loop.
-
-    >>> gm = torch.fx.symbolic_trace(torch.nn.ReLU())
-    >>> gm.__class__ = type("Sub", (type(gm),), {})
-    >>> keep_call_wrapper(gm); _ = gm.recompile(); gm(torch.ones(1))
-    tensor([1.])
-    """
-    cls = type(graph_module)
-    inherited = next((vars(c)["_wrapped_call"] for c in cls.__mro__[1:] if "_wrapped_call" in vars(c)), None)
-    if "_wrapped_call" not in vars(cls) and inherited is not None:
-        cls._wrapped_call = inherited
