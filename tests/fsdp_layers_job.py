@@ -16,7 +16,8 @@ setup runs in this one spawn (each spawn costs tens of seconds on 2 cores):
   refusal says (the sharded graph is accepted);
 - ``resume``: fxpeft.Trainer's checkpoint methods on a sharded graph, resumed from step 2;
 - ``trained``: ``fxpeft.Trainer.train()`` on a sharded graph (no DDP: FSDP2 syncs), 4 steps
-  with checkpoints, then resumed from its step-2 checkpoint; TRL's SFTTrainer the same way;
+  with checkpoints, then resumed from its step-2 checkpoint; TRL's SFTTrainer the same way,
+  and on the flat graph under DDP;
 - ``examples/fsdp_smollm2.py --tiny`` last (it leaves the process group), its report in
   ``<output>/example.json``.
 
@@ -269,12 +270,13 @@ def trainer_train(output: Path, world: int) -> dict:
     return facts
 
 
-def sft_train(output: Path, world: int) -> dict:
-    """TRL's SFTTrainer with fxpeft's checkpoints on a sharded graph (no `fsdp` arguments)."""
+def sft_train(output: Path, world: int, sharded: bool = True) -> dict:
+    """TRL's SFTTrainer with fxpeft's checkpoints on a sharded graph (no `fsdp` arguments), or on
+    the flat graph (which the Trainer wraps in DDP)."""
     import datasets
     import trl
     from conftest import word_texts, word_tokenizer
-    gm = shard_layers(adapted())
+    gm = shard_layers(adapted()) if sharded else adapted()
     texts = datasets.Dataset.from_dict({"text": word_texts(8, words=12, seed=1)})
     args = trl.SFTConfig(str(output), max_length=32, per_device_train_batch_size=4 // world, max_steps=2,
                          save_steps=2, logging_steps=1, learning_rate=1e-2, seed=0, report_to=[],
@@ -296,7 +298,8 @@ def main(output: Path, checkpoint: Path) -> None:
                  "qlora": qlora(checkpoint, rank, world),
                  "resume": checkpoint_resume(output, rank, world),
                  "trained": trainer_train(output / "trained", world),
-                 "sft": sft_train(output / "sft_trained", world)}
+                 "sft": sft_train(output / "sft_trained", world),
+                 "sft_ddp": sft_train(output / "sft_ddp", world, sharded=False)}
         (output / f"rank{rank}.json").write_text(json.dumps(facts))
         run_example(output)
     finally:
