@@ -13,8 +13,11 @@ setup runs in this one spawn (each spawn costs tens of seconds on 2 cores):
   buffer, which FSDP keeps whole on every rank) with LoRA, sharded per layer;
 - ``trainer``: ``fxpeft.Trainer`` (flat and sharded graph) and TRL's ``SFTTrainer`` with
   fxpeft's checkpoints, given FSDP2 arguments (which accelerate ignores on the CPU): what each
-  refusal says;
+  refusal says (the sharded graph is accepted);
 - ``resume``: fxpeft.Trainer's checkpoint methods on a sharded graph, resumed from step 2;
+- ``trained``: ``fxpeft.Trainer.train()`` on a sharded graph (no DDP: FSDP2 syncs), 4 steps
+  with checkpoints, then resumed from its step-2 checkpoint; TRL's SFTTrainer the same way,
+  and on the flat graph under DDP;
 - ``examples/fsdp_smollm2.py --tiny`` last (it leaves the process group), its report in
   ``<output>/example.json``.
 
@@ -27,6 +30,7 @@ import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -148,10 +152,10 @@ def qlora(checkpoint: Path, rank: int, world: int) -> dict:
 
 
 class Checkpointer(AdapterCheckpoints):
-    """fxpeft.Trainer's checkpoint methods on a sharded graph, without the Trainer around them:
-    accelerate runs FSDP only with accelerators, so on the CPU the methods the Trainer calls
+    """fxpeft.Trainer's checkpoint methods on a sharded graph, without the Trainer around them
     (``save_model``, ``_save_optimizer_and_scheduler``, ``_load_from_checkpoint``,
-    ``_load_optimizer_and_scheduler``) are called here directly."""
+    ``_load_optimizer_and_scheduler``, called directly), so the saved optimizer state can be
+    read step by step; ``trainer_train`` runs them through ``train()``."""
 
     def __init__(self, model: torch.nn.Module, output: Path, rank: int) -> None:
         self.model = model
@@ -218,6 +222,72 @@ def trainer_routes(output: Path) -> dict:
     return refusals
 
 
+TRAINER_STEPS = 4
+
+
+def trainer_data() -> list[dict]:
+    """16 rows: 4 global batches of 4, read in order (each rank its own half of each)."""
+    return [{"input_ids": row, "labels": row} for row in token_batch(4 * TRAINER_STEPS, 16, seed=7)]
+
+
+def trainer_args(output: Path, world: int, **extra: Any) -> Any:
+    from transformers import TrainingArguments
+    return TrainingArguments(output_dir=str(output), per_device_train_batch_size=4 // world,
+                             max_steps=TRAINER_STEPS, save_steps=2, logging_steps=1, learning_rate=1e-2,
+                             max_grad_norm=0.5, train_sampling_strategy="sequential", seed=0,
+                             report_to=[], use_cpu=True, disable_tqdm=True, **extra)
+
+
+def trainer_facts(trainer: Any, gm: torch.nn.Module) -> dict:
+    """Logged losses (all ranks' mean), the whole adapter, and what wraps the graph."""
+    whole = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).tolist()
+             for k, v in fxpeft.adapter_state_dict(gm).items()}
+    return {"losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+            "adapter": whole, "wrapped": type(trainer.model_wrapped).__name__,
+            "model_is_graph": trainer.model is gm}
+
+
+def trainer_reference(output: Path) -> dict:
+    """fxpeft.Trainer on the flat graph in one process, the whole global batch per step."""
+    gm = adapted()
+    trainer = fxpeft.Trainer(model=gm, args=trainer_args(output, 1), train_dataset=trainer_data())
+    trainer.train()
+    return trainer_facts(trainer, gm)
+
+
+def trainer_train(output: Path, world: int) -> dict:
+    """fxpeft.Trainer.train() on a sharded graph, then a fresh one resumed from checkpoint-2."""
+    gm = shard_layers(adapted())
+    trainer = fxpeft.Trainer(model=gm, args=trainer_args(output / "run", world), train_dataset=trainer_data())
+    trainer.train()
+    facts = trainer_facts(trainer, gm)
+    facts["files"] = sorted(p.name for p in (output / "run" / "checkpoint-2").iterdir())
+    again = shard_layers(adapted())
+    resumed = fxpeft.Trainer(model=again, args=trainer_args(output / "resumed", world),
+                             train_dataset=trainer_data())
+    resumed.train(resume_from_checkpoint=str(output / "run" / "checkpoint-2"))
+    facts["resumed"] = trainer_facts(resumed, again)
+    return facts
+
+
+def sft_train(output: Path, world: int, sharded: bool = True) -> dict:
+    """TRL's SFTTrainer with fxpeft's checkpoints on a sharded graph (no `fsdp` arguments), or on
+    the flat graph (which the Trainer wraps in DDP)."""
+    import datasets
+    import trl
+    from conftest import word_texts, word_tokenizer
+    gm = shard_layers(adapted()) if sharded else adapted()
+    texts = datasets.Dataset.from_dict({"text": word_texts(8, words=12, seed=1)})
+    args = trl.SFTConfig(str(output), max_length=32, per_device_train_batch_size=4 // world, max_steps=2,
+                         save_steps=2, logging_steps=1, learning_rate=1e-2, seed=0, report_to=[],
+                         use_cpu=True, disable_tqdm=True, train_sampling_strategy="sequential")
+    trainer = fxpeft.with_adapter_checkpoints(trl.SFTTrainer)(
+        model=gm, args=args, train_dataset=texts, processing_class=word_tokenizer("right"))
+    trainer.train()
+    return {**trainer_facts(trainer, gm),
+            "files": sorted(p.name for p in (output / "checkpoint-2").iterdir())}
+
+
 def main(output: Path, checkpoint: Path) -> None:
     output.mkdir(parents=True, exist_ok=True)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -226,7 +296,10 @@ def main(output: Path, checkpoint: Path) -> None:
         facts = {"layers": per_layer(output, rank, world), "whole": whole_graph(rank, world),
                  "bf16": bf16_base(rank, world), "trainer": trainer_routes(output),
                  "qlora": qlora(checkpoint, rank, world),
-                 "resume": checkpoint_resume(output, rank, world)}
+                 "resume": checkpoint_resume(output, rank, world),
+                 "trained": trainer_train(output / "trained", world),
+                 "sft": sft_train(output / "sft_trained", world),
+                 "sft_ddp": sft_train(output / "sft_ddp", world, sharded=False)}
         (output / f"rank{rank}.json").write_text(json.dumps(facts))
         run_example(output)
     finally:

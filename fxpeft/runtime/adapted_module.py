@@ -51,7 +51,11 @@ class AdaptedModule(HfModelFace, torch.fx.GraphModule):
 
     def recompile(self) -> Any:
         """``GraphModule.recompile``; the generated ``forward`` then runs the checkpointed copy
-        while ``gradient_checkpointing_enable()`` is on (``hf_face.checkpoint_switch``)."""
+        while ``gradient_checkpointing_enable()`` is on (``hf_face.checkpoint_switch``).
+        A subclass made after the first compile (FSDP2's ``fully_shard`` makes one) keeps its
+        base's call wrapper: fx would give it a new one whose ``super().__call__`` is the
+        base's ``call_wrapped`` again, a loop."""
+        keep_call_wrapper(self)
         result = super().recompile()
         type(self).forward = checkpoint_switch(type(self).forward)
         wrapped = vars(type(self)).get("_wrapped_call")
@@ -248,8 +252,25 @@ def move_device_constants(module: torch.nn.Module, device: "torch.device | str")
             if args != node.args or kwargs != node.kwargs:
                 node.args, node.kwargs = args, kwargs
                 changed += 1
+        keep_call_wrapper(graph_module)
         graph_module.recompile()
     return changed
+
+
+def keep_call_wrapper(graph_module: torch.fx.GraphModule) -> None:
+    """Before ``recompile``: a subclass made after the first compile (FSDP2's ``fully_shard``
+    makes one) takes its base's call wrapper, as fx would otherwise give it a new one whose
+    ``super().__call__`` is the base's ``call_wrapped`` again, a loop.
+
+    >>> gm = torch.fx.symbolic_trace(torch.nn.ReLU())
+    >>> gm.__class__ = type("Sub", (type(gm),), {})
+    >>> keep_call_wrapper(gm); _ = gm.recompile(); gm(torch.ones(1))
+    tensor([1.])
+    """
+    cls = type(graph_module)
+    inherited = next((vars(c)["_wrapped_call"] for c in cls.__mro__[1:] if "_wrapped_call" in vars(c)), None)
+    if "_wrapped_call" not in vars(cls) and inherited is not None:
+        cls._wrapped_call = inherited
 
 
 def _retargeted(value: Any, old: torch.dtype, new: torch.dtype, adapter_cast: bool) -> Any:
@@ -285,5 +306,7 @@ def retarget_dtype_constants(module: torch.nn.Module, old: torch.dtype, new: tor
             if args != node.args or kwargs != node.kwargs:
                 node.args, node.kwargs = args, kwargs
                 changed += 1
+        keep_call_wrapper(graph_module)
         graph_module.recompile()
     return changed
+

@@ -14,18 +14,24 @@ adapters. So this subclass changes exactly those three places for an ``AdaptedMo
   (``load_best_model_at_end``) copy those weights back into the graph's adapters.
 
 Optimizer, scheduler, RNG and trainer state are the stock Trainer's, untouched, except under
-FSDP2: a graph sharded per layer (``fxpeft.helpers.sharding.shard_layers``, called before the
-Trainer, with ``fsdp`` arguments naming version 2) keeps its sharding (accelerate leaves an
-``FSDPModule`` as it is); checkpoints then gather the adapter (rank 0 writes the PEFT folder,
-no base weights) and the optimizer state, whole, into ``optimizer.pt``; resuming scatters both
-back. Routes that cannot work are refused when the Trainer is made, naming the one that does.
+FSDP2: a graph sharded per layer (``fxpeft.helpers.sharding.shard_layers``, called on every rank
+before the Trainer) keeps its sharding. With accelerators, pass ``fsdp`` arguments naming
+version 2 (accelerate leaves an ``FSDPModule`` as it is). On the CPU (gloo) pass no ``fsdp``
+arguments: accelerate has no FSDP there and would wrap the graph in DDP, so
+``_prepare_for_training`` prepares the sharded graph as the Trainer prepares a model sharded at
+load time: autocast only, no DDP (FSDP2's own reduce-scatter averages the gradients), the data
+loader still split per rank. Checkpoints then gather the adapter (rank 0 writes the PEFT
+folder, no base weights) and the optimizer state, whole, into ``optimizer.pt``; resuming
+scatters both back. Routes that cannot work are refused when the Trainer is made, naming the
+one that does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import transformers
@@ -38,34 +44,69 @@ from fxpeft.io.serialize import has_sharded_adapters
 
 _SHARD_FIRST = ("shard the graph first, on every rank, with "
                 "fxpeft.helpers.sharding.shard_layers(gm), and pass TrainingArguments(fsdp="
-                "'full_shard', fsdp_config={'fsdp_version': 2})")
+                "True, fsdp_config={'version': 2}) with accelerators, no `fsdp` arguments on the CPU")
 _ON_CPU = ("accelerate turns FSDP on only with accelerators (CUDA, XPU, ...): on the CPU (gloo) "
-           "it ignores `fsdp` arguments and would wrap the graph in DDP. On the CPU, train a graph "
-           "sharded by fxpeft.helpers.sharding.shard_layers in your own loop "
-           "(examples/fsdp_smollm2.py), or use fxpeft.Trainer with DDP (no `fsdp` arguments)")
+           "it ignores `fsdp` arguments and would wrap this unsharded graph in DDP. On the CPU, "
+           "pass fxpeft.Trainer a graph sharded by fxpeft.helpers.sharding.shard_layers (called on "
+           "every rank), or use fxpeft.Trainer with DDP (no `fsdp` arguments)")
+
+
+def _fsdp_version(trainer: Any) -> int:
+    """The FSDP version asked for: accelerate's plugin where it is on, else the arguments'."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is not None:
+        return int(getattr(plugin, "fsdp_version", 2))
+    return int(trainer.args.fsdp_config.get("version", 2)) if trainer.args.fsdp else 2
 
 
 def check_sharding_route(trainer: Any) -> None:
-    """Refuse the FSDP setups that cannot train an fxpeft graph, naming the one that does.
+    """Refuse the sharded setups that cannot train an fxpeft graph, naming the one that does:
+    DeepSpeed, FSDP1, ``fsdp`` arguments on an unsharded graph (accelerate finds no layer
+    modules to wrap with accelerators, and wraps it in DDP on the CPU).
 
     >>> check_sharding_route(object())  # not an fxpeft graph: nothing to check
     """
     model = getattr(trainer, "model", None)
     if not isinstance(model, AdaptedModule):
         return
+    name = type(trainer).__name__
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        raise FxpeftError(f"{name}: DeepSpeed partitions parameters the fxpeft graph reads directly; "
+                          f"use DDP, or FSDP2: {_SHARD_FIRST}")
     asked, on = bool(trainer.args.fsdp), getattr(trainer, "is_fsdp_enabled", False)
-    sharded = has_sharded_adapters(model)
-    if (asked or sharded) and not on:
-        raise FxpeftError(f"{type(trainer).__name__}: {'`fsdp` arguments' if asked else 'a graph sharded by FSDP2'}"
-                          f" on {trainer.args.device.type}: {_ON_CPU}")
-    version = getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 2) if on else 2
+    if not (asked or on):
+        return
+    version = _fsdp_version(trainer)
     if version != 2:
-        raise FxpeftError(f"fxpeft.Trainer: FSDP version {version} wraps modules the flat fxpeft "
+        raise FxpeftError(f"{name}: FSDP version {version} wraps modules the flat fxpeft "
                           f"graph never calls; {_SHARD_FIRST}")
-    if on and not sharded:
-        raise FxpeftError("fxpeft.Trainer: `fsdp` arguments on an unsharded fxpeft graph: "
-                          "accelerate's wrapping finds no layer modules in it (the graph reads "
-                          f"every weight directly); {_SHARD_FIRST}")
+    if has_sharded_adapters(model):
+        return
+    if not on:
+        raise FxpeftError(f"{name}: `fsdp` arguments on {trainer.args.device.type}: {_ON_CPU}")
+    raise FxpeftError(f"{name}: `fsdp` arguments on an unsharded fxpeft graph: "
+                      "accelerate's wrapping finds no layer modules in it (the graph reads "
+                      f"every weight directly); {_SHARD_FIRST}")
+
+
+@contextlib.contextmanager
+def _without_ddp(accelerator: Any) -> Iterator[None]:
+    """``accelerator.prepare`` keeps an already sharded graph as it is (its autocast still
+    applied) instead of wrapping it in DDP, which refuses DTensor parameters: the path
+    ``Trainer._prepare_for_training`` takes for a model sharded at load time."""
+    from torch.distributed.fsdp import FSDPModule
+    prepare_model = accelerator.prepare_model
+
+    def prepare_sharded(model: torch.nn.Module, device_placement: bool | None = None,
+                        evaluation_mode: bool = False) -> torch.nn.Module:
+        evaluation_mode = evaluation_mode or isinstance(model, FSDPModule)  # no DDP, no placement
+        return prepare_model(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
+
+    accelerator.prepare_model = prepare_sharded
+    try:
+        yield
+    finally:
+        del accelerator.prepare_model  # the class's method again
 
 
 class AdapterCheckpoints:
@@ -86,6 +127,12 @@ class AdapterCheckpoints:
 
     def _sharded(self) -> bool:
         return isinstance(self.model, AdaptedModule) and has_sharded_adapters(self.model)
+
+    def _prepare_for_training(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._sharded() or self.is_fsdp_enabled:  # accelerate's FSDP2 keeps an FSDPModule
+            return super()._prepare_for_training(*args, **kwargs)
+        with _without_ddp(self.accelerator):  # no FSDP in accelerate here (the CPU)
+            return super()._prepare_for_training(*args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if not self._sharded():
