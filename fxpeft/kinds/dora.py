@@ -33,13 +33,13 @@ import torch.fx
 from fxpeft.graph.params import attach_component
 from fxpeft.graph.targets import fetch
 from fxpeft.graph.gates import gate_node, reroute
-from fxpeft.kinds.lora import (LORA_FIELDS, LoraDetail, LoraParams, adapter_dtype, adapter_input,
-                               attach_lora, branch_of, casts, check_mergeable, config_to_rules,
-                               join, layer_op, layout_of, lora_delta, low_rank, record_nodes,
-                               rules_to_config, unit_scale_params)
+from fxpeft.kinds.lora import (EMBEDDING, LORA_FIELDS, LoraDetail, LoraParams, adapter_dtype,
+                               adapter_input, attach_lora, branch_of, casts, check_mergeable,
+                               config_to_rules, join, layer_op, layout_of, lora_delta, low_rank,
+                               record_nodes, rules_to_config, unit_scale_params)
 from fxpeft.errors import FxpeftError
 from fxpeft.match.layer_sites import ConvSite
-from fxpeft.registry import AdapterKind, Combines, SpliceInput, Spliced
+from fxpeft.registry import AdapterKind, Combines, LowRankBranch, SpliceInput, Spliced
 from fxpeft.names import AdapterNode
 from fxpeft.formats.peft_format import PeftFormat
 from fxpeft.capture.quantized import base_weight, weight_node, weight_so_far
@@ -194,6 +194,15 @@ def merge(gm: torch.fx.GraphModule, node: torch.fx.Node, record: AdapterNode,
     weights[detail.weight] = _oriented(factor * merged, detail.fan_in_fan_out).to(base.dtype)
 
 
+def linear_branch(record: AdapterNode) -> LowRankBranch | None:
+    """LoRA's branch of a DoRA node on a linear layer, for ``fxpeft.combine``; None on an
+    embedding or a convolution, whose magnitudes combine's row gains do not describe."""
+    detail: DoraDetail = record.detail
+    if detail.conv_dims or EMBEDDING.names[0] in detail.lora_A:
+        return None
+    return branch_of(record)
+
+
 def row_gain(gm: torch.nn.Module, record: AdapterNode) -> torch.Tensor:
     """``g = m / ||W + s·BA||`` per output row (fp32): the adapted weight is ``diag(g)(W + s·BA)``."""
     detail: DoraDetail = record.detail
@@ -222,4 +231,4 @@ KIND = AdapterKind(
     peft=PeftFormat("LORA", functools.partial(rules_to_config, use_dora=True),
                     functools.partial(config_to_rules, params_class=DoraParams),
                     LORA_FIELDS, selector={"use_dora": True}),
-    combines=Combines(branch_of, unit_scale_params, row_gain, base_rows, set_row_gain))
+    combines=Combines(linear_branch, unit_scale_params, row_gain, base_rows, set_row_gain))

@@ -467,7 +467,26 @@ def test_lora_on_a_bare_parameter_is_refused_as_peft_refuses_it():
     rule = Rule(match="parameter", where=Where(path=[r"inner\.weight$"]), params=LoraParams(r=2))
     gm = fxpeft.rewrite(UsesParameter(), rule)
     fxpeft.add_adapter(gm, "b", rule)
-    with pytest.raises(fxpeft.FxpeftError, match=r"combine: adapter '\w+' at inner.weight: .*not a low-rank "
-                                                 r"branch .*target_parameters"):
+    with pytest.raises(fxpeft.FxpeftError, match=r"combine: adapter '\w+' at inner.weight: .*not a plain "
+                                                 r"low-rank branch .*parameter read"):
         fxpeft.combine(gm, {"default": 0.5, "b": 0.5}, "cat")
     assert gm.adapter_names == ["default", "b"]
+
+
+@pytest.mark.parametrize("kind, match, path, params", [
+    ("lora", "linear", "head", {"lora_bias": True}),  # PEFT mixes no biases: silently wrong
+    ("dora", "conv", "conv", {}),
+    ("dora", "embedding", "emb", {}),
+], ids=["lora_bias", "dora-conv", "dora-embedding"])
+def test_what_no_row_gain_or_factor_mix_describes_is_refused_by_site(kind, match, path, params):
+    rule = Rule(match=match, where=Where(path=[f"^{path}$"]),
+                params=fxpeft.registry.get(kind).params(r=2, alpha=4, **params))
+    inputs = (torch.arange(6).view(2, 3), torch.randn(2, 3, 5, 5))
+    gm = fxpeft.rewrite(Layers().eval(), rule, example_inputs=inputs)
+    fxpeft.add_adapter(gm, "b", rule)
+    before = {n: p.detach().clone() for n, p in gm.named_parameters()}
+    with pytest.raises(fxpeft.FxpeftError, match=rf"^combine: adapter '\w+' at {path}: its {kind} "
+                                                 r"update there is not a plain low-rank branch"):
+        fxpeft.combine(gm, {"default": 0.5, "b": 0.5}, "cat")
+    assert gm.adapter_names == ["default", "b"]
+    assert all(torch.equal(p, before[n]) for n, p in gm.named_parameters())
