@@ -17,36 +17,12 @@ from fxpeft.errors import FxpeftError
 from fxpeft.formats.peft_format import PeftFormatError
 from fxpeft.kinds.lora import LoraParams
 from fxpeft.rules import Rule, RuleSet, Where
-from peft_models import MLP
+from peft_models import MLP, MlpUsingParameters
 
 aten = torch.ops.aten
 ATOL = 1e-5
 MOE_VOCAB = 64
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
-
-
-class LinearUsingParameter(torch.nn.Module):
-    """PEFT's ``_LinearUsingParameter``: ``x @ W + b`` with ``W`` stored ``[in, out]``."""
-
-    def __init__(self, inputs: int, outputs: int) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.randn(inputs, outputs))
-        self.bias = torch.nn.Parameter(torch.ones(outputs))
-
-    def forward(self, x):
-        return x @ self.weight + self.bias
-
-
-class MlpUsingParameters(torch.nn.Module):
-    """PEFT's ``MlpUsingParameters``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0, self.lin1 = LinearUsingParameter(10, 20), LinearUsingParameter(20, 2)
-        self.drop = torch.nn.Dropout(0.5)
-
-    def forward(self, x):
-        return torch.log_softmax(self.lin1(self.drop(torch.relu(self.lin0(x)))), dim=-1)
 
 
 # PEFT 0.21.2's tests/test_custom_models.py TEST_CASES rows for target_parameters.
