@@ -555,11 +555,15 @@ def adaptable_paths(program: Program) -> list[str]:
     return [site.module_path for site in found]
 
 
+_CONFIG_FIELDS = {"dropout": "lora_dropout", "lora_bias": "lora_bias", "mica": "init_lora_weights"}
+
+
 def _one_value(params: dict[str, LoraParams], field: str) -> Any:
     """The one value PEFT's LoraConfig has for ``field`` (``mica``: whether ``init`` is MiCA)."""
     values = {(p.init == "mica") if field == "mica" else getattr(p, field) for p in params.values()}
     if len(values) > 1:
-        raise PeftFormatError(f"PEFT's LoraConfig has one {field}; these rules use {sorted(values)}")
+        raise PeftFormatError(f"PEFT's LoraConfig has one {_CONFIG_FIELDS[field]}; these rules use "
+                              f"{sorted(values)}")
     return values.pop()
 
 
