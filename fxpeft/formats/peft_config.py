@@ -110,7 +110,7 @@ def module_names(config: dict[str, Any], source: str) -> tuple[str, ...]:
 
 def optional_rules(rules: RuleSet) -> RuleSet:
     """Rules made from a PEFT config, each optional: its ``target_modules`` may name layers the
-    kind has no site for (AdaLoRA's ``Conv2d``), and then the caller names the missing feature
+    kind has no site for (BOFT's ``Conv2d``), and then the caller names the missing feature
     (``fxpeft.load``: from the file's keys; ``fxpeft.rewrite``: from the targeted layer), never
     a ``MatchError`` about a rule the user did not write. An adapter that adapts nothing is
     still refused by both.

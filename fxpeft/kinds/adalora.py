@@ -2,7 +2,10 @@
 to a budget during training.
 
 Each matched linear gets ``lora_A`` (r, in), ``lora_E`` (r, 1) and ``lora_B`` (out, r): raw
-parameters, as PEFT keeps them (saved keys have no ``.weight``). E starts at zero (identity at
+parameters, as PEFT keeps them (saved keys have no ``.weight``). A ``Conv2d`` (PEFT's
+``SVDConv2d``) gets ``lora_A`` (r, in * kh * kw): its branch is the base's convolution with
+``ΔW = B·diag(E)·A`` reshaped to the kernel; PEFT has no other convolution (1-d, 3-d or grouped:
+refused by name). E starts at zero (identity at
 init), A and B at normal(0, 0.02), as PEFT does. The branch is
 ``y + alpha / (r + 1e-5) * B(gate * (A·E)(dropout(x)))``: PEFT's ``ranknum`` always holds ``r``
 and is not saved, so it is part of the constant scale. The closing ``add`` is the removable node;
@@ -38,7 +41,8 @@ from fxpeft.graph.params import attach_component
 from fxpeft.graph.targets import fetch
 from fxpeft.errors import FxpeftError, RuleError
 from fxpeft.graph.gates import gate_attr, gate_node, reroute
-from fxpeft.kinds.lora import adapter_dtype, adapter_input, casts, join, record_nodes
+from fxpeft.kinds.lora import adapter_dtype, adapter_input, casts, join, layer_op, record_nodes
+from fxpeft.match.layer_sites import ConvSite
 from fxpeft.kinds.rank_allocator import RankAllocator, Schedule, Triplet
 from fxpeft.registry import AdapterKind, SpliceInput, Spliced
 from fxpeft.match.query import Match
@@ -98,7 +102,7 @@ class AdaLoraParams(Params):
     """
 
     kind = KIND_NAME
-    match_kinds = ("linear",)
+    match_kinds = ("linear", "conv")
     init_r: int = spec(12, checks.positive_int, "initial rank of every site")
     target_r: int = spec(8, checks.positive_int, "average rank the budget shrinks to")
     alpha: float = spec(8, checks.positive_number, "scale = alpha / init_r")
@@ -142,6 +146,7 @@ class AdaLoraDetail:
     lora_B: str
     fan_in_fan_out: bool
     params: AdaLoraParams
+    kernel: tuple[int, ...] | None = None  # a Conv2d's weight shape: ΔW is reshaped to it
 
 
 @dataclass(frozen=True)
@@ -153,13 +158,25 @@ class OrthDetail:
 
 # --- splice -------------------------------------------------------------------------------------
 
+def _conv_kernel(site: ConvSite, weight: torch.Tensor) -> tuple[int, ...]:
+    """The kernel shape ``ΔW`` takes: PEFT's ``SVDConv2d`` knows only plain 2-d convolutions."""
+    if site.dims != 2 or site.groups != 1:
+        what = f"a {site.dims}-d convolution" if site.dims != 2 else f"a convolution with groups = {site.groups}"
+        raise FxpeftError(f"{site.module_path}: AdaLoRA on {what} is not supported (PEFT's "
+                          f"AdaLoRA has Linear, Conv1D and plain Conv2d layers only)")
+    return tuple(weight.shape)
+
+
 def _attach(job: SpliceInput) -> AdaLoraDetail:
     """A, E (zeros) and B, PEFT's shapes and initialisation, in the adapter dtype."""
     site, params = job.site, job.params
     weight = job.gm.get_parameter(site.weight_target)
     factory = {"dtype": adapter_dtype(params, weight.dtype), "device": weight.device}
-    shapes = {"lora_A": (params.init_r, site.in_features), "lora_E": (params.init_r, 1),
-              "lora_B": (site.out_features, params.init_r)}
+    kernel = _conv_kernel(site, weight) if isinstance(site, ConvSite) else None
+    fan_in = weight[0].numel() if kernel else site.in_features
+    out = kernel[0] if kernel else site.out_features
+    shapes = {"lora_A": (params.init_r, fan_in), "lora_E": (params.init_r, 1),
+              "lora_B": (out, params.init_r)}
     targets = {}
     for name, shape in shapes.items():
         value = torch.zeros(shape, **factory) if name == "lora_E" else \
@@ -167,7 +184,7 @@ def _attach(job: SpliceInput) -> AdaLoraDetail:
         targets[name] = attach_component(job.gm, site.module_path, name, job.adapter,
                                          torch.nn.Parameter(value))
     return AdaLoraDetail(params.scale, site.weight_target, targets["lora_A"], targets["lora_E"],
-                         targets["lora_B"], site.fan_in_fan_out, params)
+                         targets["lora_B"], site.fan_in_fan_out, params, kernel)
 
 
 def _check_same_params(gm: torch.fx.GraphModule, adapter: str, params: AdaLoraParams) -> None:
@@ -181,11 +198,24 @@ def _check_same_params(gm: torch.fx.GraphModule, adapter: str, params: AdaLoraPa
                             f"{getattr(params, differ)!r} for another", key=f"params.{differ}")
 
 
+def _conv_branch(job: SpliceInput, detail: AdaLoraDetail, scaled_a: torch.fx.Node) -> torch.fx.Node:
+    """``y + scale * gate * conv(x, reshape(B @ (A·E)))``, as PEFT's ``SVDConv2d``."""
+    graph, y = job.gm.graph, job.site.node
+    delta = graph.call_function(aten.mm.default, (graph.get_attr(detail.lora_B), scaled_a))
+    delta = graph.call_function(aten.reshape.default, (delta, list(detail.kernel)))
+    branch = layer_op(graph, job.site, adapter_input(job), delta)
+    gate = gate_node(job.gm, job.adapter, job.gm.get_parameter(detail.lora_E), branch)
+    branch = graph.call_function(aten.mul.Tensor, (branch, gate))
+    return join(graph, y, graph.call_function(aten.mul.Tensor, (branch, detail.scale)), casts(job))
+
+
 def _branch(job: SpliceInput, detail: AdaLoraDetail) -> torch.fx.Node:
     """``y + scale * B(gate * (A·E)(x))``, the ``add`` last."""
     graph, y = job.gm.graph, job.site.node
     scaled_a = graph.call_function(aten.mul.Tensor, (graph.get_attr(detail.lora_A),
                                                      graph.get_attr(detail.lora_E)))
+    if detail.kernel is not None:
+        return _conv_branch(job, detail, scaled_a)
     down = graph.call_function(aten.linear.default, (adapter_input(job), scaled_a))
     gate = gate_node(job.gm, job.adapter, job.gm.get_parameter(detail.lora_E), down)
     down = graph.call_function(aten.mul.Tensor, (down, gate))
@@ -289,6 +319,8 @@ def delta(gm: torch.nn.Module, detail: AdaLoraDetail) -> torch.Tensor:
     """``scale * B @ (A * E)`` in fp32, laid out like the stored weight."""
     a, e, b = (fetch(gm, t).detach().float() for t in (detail.lora_A, detail.lora_E, detail.lora_B))
     update = (b @ (a * e)) * detail.scale
+    if detail.kernel is not None:
+        return update.reshape(detail.kernel)
     return update.T if detail.fan_in_fan_out else update
 
 
@@ -470,7 +502,7 @@ ADALORA_FIELDS = frozenset({*_KNOBS, "r", "use_rslora", "alpha_pattern", "target
 
 
 def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str) -> RuleSet:
-    """``AdaLoraConfig`` fields to one rule (the knobs hold for the whole adapter); loaded
+    """``AdaLoraConfig`` fields to a rule per site kind (the knobs hold for the whole adapter); loaded
     adapters allocate only when told (``auto_allocate = false``)."""
     if config.get("bias", "none") != "none":
         raise PeftFormatError(f"{source}: bias = {config['bias']!r} is not supported (only \"none\")")
@@ -482,8 +514,10 @@ def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str)
         theirs = next((k for k, v in _KNOBS.items() if v == ours), ours)
         raise PeftFormatError(f"{source}: {theirs}: {err.message}") from None
     target = "^" + layers_prefix(config) + target_regex(config, model, source)
-    return RuleSet((Rule(name="peft adalora", params=params,
-                         where=Where(path=[target], exclude=exclude_regexes(config))),), source=source)
+    return RuleSet(tuple(Rule(name="peft adalora" if site == "linear" else f"peft adalora {site}",
+                              match=site, optional=True, params=params,
+                              where=Where(path=[target], exclude=exclude_regexes(config)))
+                         for site in AdaLoraParams.match_kinds), source=source)
 
 
 def rules_to_config(matches: list[Match], program: Program) -> dict[str, Any]:

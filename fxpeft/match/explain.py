@@ -63,7 +63,7 @@ def _other_layers(program: Program, rule: Rule) -> list[tuple[str, str]]:
 def unadapted_targets(program: Program, ruleset: RuleSet, result: MatchResult) -> list[tuple[str, str]]:
     """Modules some rule's ``path`` selects (and its ``exclude`` does not) that are no candidate
     of its match kind and that no match adapted: ``(path, class name)``. For rules made from a PEFT config, each is a layer
-    PEFT would adapt that this kind cannot (AdaLoRA on a ``Conv2d``).
+    PEFT would adapt that this kind cannot (BOFT on a ``Conv2d``).
 
     >>> import torch
     >>> from fxpeft.capture.export import capture

@@ -156,7 +156,7 @@ def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = N
 def _check_config_targets(model: torch.nn.Module, program: Program, ruleset: RuleSet,
                           result: MatchResult) -> None:
     """A PEFT config's targets, refused as PEFT would not refuse them only where fxpeft cannot
-    follow: a targeted layer with a weight that the kind has no site for (AdaLoRA on a
+    follow: a targeted layer with a weight that the kind has no site for (BOFT on a
     ``Conv2d``) names the feature, never the rule the config became; a config that adapts
     nothing is refused as PEFT refuses it."""
     for path, kind in unadapted_targets(program, ruleset, result):

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftModel, get_peft_model
+from peft import BOFTConfig, IA3Config, LoraConfig, PeftModel, get_peft_model
 
 import fxpeft
 from conftest import adapter_nodes, assert_only_adapters_get_grads, tiny_llama
@@ -30,13 +30,12 @@ NEW_ROWS = {
     "Conv3d 1 IA3", "Conv3d 2 IA3", "Conv3d 3 IA3", "Conv3d 4 IA3", "Conv3d 5 IA3",
     "Vanilla MLP 1 LoRA with lora_b bias", "Conv2d 1 LoRA with lora_b bias",
     "Conv3d 1 LoRA with lora_b bias", "Vanilla MLP 1 LoRA with MiCA",
+    "Conv2d 1 AdaLoRA", "Conv2d 2 AdaLoRA",
 }
 CASES = [case for case in peft_custom_cases() if case[0] in NEW_ROWS]
 # Rows fxpeft refuses, and what the refusal must name.
 REFUSED = {"Vanilla MLP 1 LoRA with KaSA": "KaSA", "Vanilla MLP 1 LoRA with Monteclora": "MonteCLoRA",
-           "Vanilla MLP 10 LoRA with VeLoRA random": "VeLoRA", "BD-LoRA both A and B": "BD-LoRA",
-           "Conv2d 1 AdaLoRA": "ADALORA \\(adalora\\) on Conv2d at conv2d",
-           "Conv2d 2 AdaLoRA": "ADALORA \\(adalora\\) on Conv2d at conv2d"}
+           "Vanilla MLP 10 LoRA with VeLoRA random": "VeLoRA", "BD-LoRA both A and B": "BD-LoRA"}
 REFUSED_CASES = [case for case in peft_custom_cases() if case[0] in REFUSED]
 
 
@@ -65,11 +64,12 @@ def test_refused_rows_name_the_feature(tmp_path, name, model_id, config_class, k
 
 @pytest.mark.parametrize("targets", [["conv2d"], ["conv2d", "lin0"]])
 def test_a_config_for_a_site_the_kind_lacks_names_it_not_a_rule(targets):
-    """Not a MatchError about the rule 'peft adalora', which the user never wrote; and a config
-    that also targets a linear is refused, not applied to the linear alone."""
-    with pytest.raises(PeftFormatError, match=r"target_modules selects conv2d \(Conv2d\): adalora "
+    """Not a MatchError about the rule 'peft', which the user never wrote; and a config that
+    also targets a linear is refused, not applied to the linear alone (BOFT: PEFT has it on
+    Conv2d, fxpeft on linears only)."""
+    with pytest.raises(PeftFormatError, match=r"target_modules selects conv2d \(Conv2d\): boft "
                                               r"on Conv2d is not supported"):
-        fxpeft.rewrite(custom_model("Conv2d"), AdaLoraConfig(target_modules=targets, total_step=1))
+        fxpeft.rewrite(custom_model("Conv2d"), BOFTConfig(target_modules=targets, boft_block_size=5))
 
 
 def test_mica_and_kasa_messages_say_what_each_does(tmp_path):
