@@ -184,3 +184,24 @@ def check_compiles_whole(gm, ids) -> None:
     torch.testing.assert_close(loss, gm(ids, labels=ids).loss, rtol=0, atol=1e-5)
     loss.backward()
     assert_only_adapters_get_grads(gm)
+
+
+def allocation_steps(peft_model, gm, steps, loss_of, lr: float) -> None:
+    """AdaLoRA steps taken alike by both sides: PEFT's gradients (of ``loss_of(peft_model)``)
+    copied to fxpeft's parameters, the same SGD update, then each side's
+    ``update_and_allocate(step)``."""
+    peft_model.train(), gm.train()
+    ours = dict(gm.named_parameters())
+    for step in steps:
+        loss_of(peft_model).backward()
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if param.grad is not None:  # the adapter's: the base is frozen
+                    mine = ours[name.removeprefix("base_model.model.").replace(".default", "")]
+                    mine.grad = param.grad.clone()
+                    param -= lr * param.grad
+                    mine -= lr * mine.grad
+        peft_model.base_model.update_and_allocate(step)
+        gm.update_and_allocate(step)
+        for param in [*ours.values(), *peft_model.parameters()]:
+            param.grad = None

@@ -34,7 +34,7 @@ from fxpeft.graph.dropout import dropout_target
 from fxpeft.registry import AdapterKind, Combines, LowRankBranch, SpliceInput, Spliced
 from fxpeft.match.layer_sites import ConvSite, EmbeddingSite, find_conv_sites, find_embedding_sites
 from fxpeft.match.parameter_sites import ParameterSite, find_parameter_sites
-from fxpeft.kinds import lora_parameters
+from fxpeft.kinds import bd_lora, lora_parameters
 from fxpeft.match.query import Match
 from fxpeft.names import ADAPTER_META, AdapterNode
 from fxpeft.formats.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, names_regex,
@@ -68,6 +68,9 @@ class LoraParams(Params):
     init: str = spec("default", checks.one_of("default", "random", "mica"), "initialisation")
     autocast: bool = spec(True, checks.boolean, "fp32 adapters on fp16/bf16 bases")
     lora_bias: bool = spec(False, checks.boolean, "a bias on B (PEFT's lora_bias; zeros at init)")
+    block_diagonal: str = spec("none", checks.one_of("none", "A", "B"),
+                               "BD-LoRA: the factor that is block-diagonal (linears only)")
+    blocks: int = spec(1, checks.positive_int, "BD-LoRA: the number of diagonal blocks")
 
     @property
     def scale(self) -> float:
@@ -89,6 +92,7 @@ class LoraDetail:
     groups: int = 1
     lora_bias: str | None = None
     base_bias: str | None = None
+    blocks: tuple[int, int] = (1, 1)  # BD-LoRA: diagonal blocks of A and of B
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -123,6 +127,8 @@ def make_lora_modules(site: LinearSite, params: LoraParams,
     """A (kaiming-uniform, as PEFT and ``nn.Linear`` do) and B (zeros unless ``init="random"``),
     in the adapter dtype (``adapter_dtype``)."""
     factory = _factory(params, like)
+    if params.block_diagonal != "none":
+        return bd_lora.make_pair(site, params, factory)
     lora_a = torch.nn.Linear(site.in_features, params.r, bias=False, **factory)
     lora_b = torch.nn.Linear(params.r, site.out_features, bias=params.lora_bias, **factory)
     _zero_b(lora_b, params)
@@ -248,6 +254,8 @@ def attach_lora(job: SpliceInput) -> tuple[LoraDetail, list[str]]:
     """Create and attach ``job.adapter``'s A and B at the site's module; returns their record
     and targets."""
     site, params, layout = job.site, job.params, layout_of(job.site)
+    if params.block_diagonal != "none":
+        bd_lora.check_site(site, params, layout is LINEAR)
     lora_a, lora_b = layout.make(site, params, site.weight_like(job.gm))
     transposed = site.fan_in_fan_out or layout.transposed
     if params.init == "mica":
@@ -257,7 +265,8 @@ def attach_lora(job: SpliceInput) -> tuple[LoraDetail, list[str]]:
     b_bias = getattr(lora_b, "bias", None)
     detail = LoraDetail(params.scale, site.weight_target, _tensor_target(a_path, lora_a),
                         _tensor_target(b_path, lora_b), transposed, getattr(site, "groups", 1),
-                        f"{b_path}.bias" if b_bias is not None else None, site.bias_target(job.gm))
+                        f"{b_path}.bias" if b_bias is not None else None, site.bias_target(job.gm),
+                        bd_lora.blocks_of(params))
     return detail, [a_path, b_path]
 
 
@@ -308,12 +317,18 @@ def low_rank(job: SpliceInput, detail: LoraDetail, x: torch.fx.Node,
     ``B(A(x)) + bias`` when B has a bias (``lora_bias``), which an off adapter must not add; with
     ``gated=False`` plain ``B(A(x))``, for a caller that gates the whole branch."""
     graph, layout = job.gm.graph, layout_of(job.site)
-    down = layout.down(graph, job.site, x, graph.get_attr(detail.lora_A))
+    down = layout.down(graph, job.site, x, _factor(graph, detail.lora_A, detail.blocks[0]))
     if gated and not detail.lora_bias:
         down = _gated(job, detail, down)
     bias = graph.get_attr(detail.lora_bias) if detail.lora_bias else None
-    up = layout.up(graph, job.site, down, graph.get_attr(detail.lora_B), bias)
+    up = layout.up(graph, job.site, down, _factor(graph, detail.lora_B, detail.blocks[1]), bias)
     return _gated(job, detail, up) if gated and detail.lora_bias else up
+
+
+def _factor(graph: torch.fx.Graph, target: str, blocks: int) -> torch.fx.Node:
+    """A or B's weight as the projection needs it (BD-LoRA's stacked blocks made dense)."""
+    weight = graph.get_attr(target)
+    return weight if blocks == 1 else graph.call_function(bd_lora.block_diagonal, (weight, blocks))
 
 
 def _gated(job: SpliceInput, detail: LoraDetail, value: torch.fx.Node) -> torch.fx.Node:
@@ -370,6 +385,8 @@ def lora_delta(gm: torch.nn.Module, detail: LoraDetail) -> torch.Tensor:
     if isinstance(detail, lora_parameters.ParameterDetail):
         return lora_parameters.parameter_delta(gm, detail)
     lora_b, lora_a = fetch(gm, detail.lora_B).detach(), fetch(gm, detail.lora_A).detach()
+    if detail.blocks != (1, 1):
+        lora_a, lora_b = (bd_lora.block_diagonal(t, n) for t, n in zip((lora_a, lora_b), detail.blocks))
     delta = (lora_b.float().flatten(1) @ lora_a.float().flatten(1)) * detail.scale
     delta = delta.T if detail.fan_in_fan_out else delta
     return delta.reshape(fetch(gm, detail.weight).shape) if lora_a.dim() > 2 else delta
@@ -420,15 +437,14 @@ _REFUSED_VARIANTS = {
                          "(its forward is not a fixed function of its parameters)",
     "velora_config": "VeLoRA trains with its own approximate backward of A (compressed "
                      "activations), which fxpeft's graph does not reproduce",
-    "use_bdlora": "BD-LoRA's block-diagonal A or B have their own shapes and forward, which "
-                  "fxpeft does not implement",
 }
 
 
 LORA_FIELDS = frozenset({"target_modules", "exclude_modules", "layers_to_transform",
                          "layers_pattern", "r", "lora_alpha", "rank_pattern", "alpha_pattern",
                          "use_rslora", "fan_in_fan_out", "bias", "lora_dropout",
-                         "init_lora_weights", "lora_bias", "target_parameters", *_REFUSED_VARIANTS})
+                         "init_lora_weights", "lora_bias", "target_parameters", bd_lora.CONFIG_FIELD,
+                         *_REFUSED_VARIANTS})
 
 
 def _check_init(config: dict[str, Any], source: str) -> None:
@@ -504,7 +520,9 @@ def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str,
     modules = tuple(site for site in params_class.match_kinds if site != "parameter")
     rules: tuple[Rule, ...] = ()
     if config.get("target_modules") or not config.get("target_parameters"):
-        rules = pattern_rules(config, model, source, modules, params_for, "lora_alpha").rules
+        rules = bd_lora.with_block_diagonal(
+            pattern_rules(config, model, source, modules, params_for, "lora_alpha"), config, source,
+            params_class is LoraParams).rules
     parameters = config.get("target_parameters")
     if parameters:
         regex = _parameters_regex(parameters, model, params_class, source)
@@ -583,16 +601,18 @@ def rules_to_config(matches: list[Match], program: Program, use_dora: bool = Fal
             "r": r, "lora_alpha": alpha,
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": rslora,
             "lora_dropout": dropout, "bias": "none", "init_lora_weights": "mica" if mica else True,
-            "lora_bias": lora_bias,
+            "lora_bias": lora_bias, **bd_lora.config_fields(params),
             "use_dora": use_dora, "fan_in_fan_out": any(m.site.fan_in_fan_out for m in matches)}
 
 
 def branch_of(record: AdapterNode) -> LowRankBranch | None:
     """The branch's A and B weights and scale, for the fuse passes (``AdapterKind.low_rank``);
     None for a weight update at a parameter read (no branch on an activation to fuse), or for a
-    branch whose B has a bias (``lora_bias``: not the plain branch the fuse passes rewrite)."""
+    branch whose B has a bias (``lora_bias``) or a block-diagonal factor (BD-LoRA): not the plain
+    branch the fuse passes rewrite."""
     detail = record.detail
-    if isinstance(detail, lora_parameters.ParameterDetail) or detail.lora_bias is not None:
+    if isinstance(detail, lora_parameters.ParameterDetail) or detail.lora_bias is not None or \
+            detail.blocks != (1, 1):
         return None
     return LowRankBranch(detail.lora_A, detail.lora_B, detail.scale, detail.fan_in_fan_out)
 

@@ -185,8 +185,8 @@ def _source(gm: torch.fx.GraphModule, entry: Any, weight: float) -> Source:
     if branch is None:
         raise _fail(f"adapter {entry.adapter!r} at {entry.module_path}: its {entry.kind} update "
                     f"there is not a plain low-rank branch W + s·BA on a linear weight (a bias on "
-                    f"B, an embedding's or a convolution's DoRA magnitudes, or a weight update at "
-                    f"a parameter read); combine cannot mix it")
+                    f"B, a block-diagonal factor, an embedding's or a convolution's DoRA "
+                    f"magnitudes, or a weight update at a parameter read); combine cannot mix it")
     rescales = combines.row_gain is not None
     return Source(entry.adapter, weight, _tensor(gm, branch.down), _tensor(gm, branch.up), branch,
                   combines.row_gain(gm, entry) if rescales else None,

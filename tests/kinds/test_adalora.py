@@ -12,6 +12,7 @@ from conftest import (REPO_ROOT, adapter_nodes, assert_only_adapters_get_grads, 
 from fxpeft.kinds.adalora import AdaLoraParams, allocator
 from fxpeft.formats.peft_format import PeftFormatError
 from fxpeft.rules import Rule, Where
+from kind_checks import allocation_steps
 
 RULES = REPO_ROOT / "passes" / "adalora_qv.toml"  # bundled as "adalora_qv.toml"
 SITES = [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv"]
@@ -107,19 +108,7 @@ def test_outputs_losses_and_gradients_equal_peft():
 def _allocation_steps(peft_model, gm, steps, ids):
     """Both sides take the same steps: PEFT's gradients, the same SGD update, then each side's
     ``update_and_allocate(step)``."""
-    peft_model.train(), gm.train()
-    ours = dict(gm.named_parameters())
-    for step in steps:
-        peft_model(input_ids=ids, labels=ids).loss.backward()
-        with torch.no_grad():
-            for name, param in _adapter_params(peft_model).items():
-                ours[name].grad = param.grad.clone()
-                param -= 0.05 * param.grad
-                ours[name] -= 0.05 * ours[name].grad
-        peft_model.base_model.update_and_allocate(step)
-        gm.update_and_allocate(step)
-        for param in [*ours.values(), *peft_model.parameters()]:
-            param.grad = None
+    allocation_steps(peft_model, gm, steps, lambda model: model(input_ids=ids, labels=ids).loss, 0.05)
 
 
 def _peft_pattern(peft_model):

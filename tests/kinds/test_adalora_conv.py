@@ -12,6 +12,7 @@ import fxpeft
 from conftest import adapter_nodes, assert_only_adapters_get_grads
 from fxpeft.kinds.adalora import allocator
 from fxpeft.names import ADAPTER_META
+from kind_checks import allocation_steps
 from peft_models import custom_model, matrix_input
 
 COMPONENTS = ("lora_A", "lora_E", "lora_B")
@@ -75,27 +76,10 @@ def test_outputs_and_gradients_equal_peft():
         torch.testing.assert_close(ours[name].grad, param.grad, rtol=1e-5, atol=1e-6)
 
 
-def _steps(peft_model, gm, steps, x):
-    """Both sides take PEFT's gradients, the same SGD update, then ``update_and_allocate``."""
-    peft_model.train(), gm.train()
-    ours = dict(gm.named_parameters())
-    for step in steps:
-        peft_model(x).pow(2).mean().backward()
-        with torch.no_grad():
-            for name, param in _adapter_params(peft_model).items():
-                ours[name].grad = param.grad.clone()
-                param -= 0.1 * param.grad
-                ours[name] -= 0.1 * ours[name].grad
-        peft_model.base_model.update_and_allocate(step)
-        gm.update_and_allocate(step)
-        for param in [*ours.values(), *peft_model.parameters()]:
-            param.grad = None
-
-
 def test_rank_allocation_and_folders_equal_peft(tmp_path):
     x = matrix_input("Conv2d")
     peft_model, gm = _twin()  # from a PEFT config: allocates when told, as PEFT
-    _steps(peft_model, gm, range(4), x)
+    allocation_steps(peft_model, gm, range(4), lambda model: model(x).pow(2).mean(), 0.1)
     pattern = {k.removeprefix("base_model.model.").removesuffix(".default").removesuffix(".lora_E"): v
                for k, v in peft_model.peft_config["default"].rank_pattern.items()}
     assert {k: v.tolist() for k, v in allocator(gm, "default").rank_pattern.items()} == pattern
