@@ -147,7 +147,7 @@ def _matrix(model, tokens):
     return next(Case(model, m, c, k) for m, c, k in CONFIGS if k.get("alora_invocation_tokens") == tokens)
 
 
-@pytest.mark.parametrize("case", [_matrix("GPT2", [1]), _matrix("Qwen2", [1000])], ids=lambda c: c.label)
+@pytest.mark.parametrize("case", [_matrix("GPT2", [1])], ids=lambda c: c.label)  # Conv1D sites
 def test_decoder_matrix_rows(case):
     """PEFT's aLoRA rows: logits both ways, no merge (as PEFT), greedy generate = PEFT's."""
     run_case(case)
