@@ -131,6 +131,10 @@ class AdapterKind:
     adapted layers' own weights (``modules_to_save`` swaps in trained copies of whole modules),
     so ``fxpeft.export_lora`` refuses it; None: merged minus base weights is the adapter.
     ``combines``: a ``Combines`` (how ``fxpeft.combine`` mixes the kind's adapters).
+    ``prompt_state(decoder, adapter, params, ids, filled)``: a kind whose adapter depends on
+    the prompt's token ids (aLoRA's invocation) writes its per-row state into a decode graph
+    before the prefill of ``ids`` (at cache slots ``filled`` on), since the decode steps no
+    longer see the prompt.
     """
 
     name: str
@@ -147,6 +151,7 @@ class AdapterKind:
     fills_cache: FillsCache | None = None
     no_weight_delta: str | None = None
     combines: Combines | None = None
+    prompt_state: "Callable[[torch.nn.Module, str, Any, torch.Tensor, int], None] | None" = None
 
     @property
     def sites(self) -> tuple[str, ...]:

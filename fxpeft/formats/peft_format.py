@@ -71,7 +71,17 @@ class PeftFormat:
     def selects(self, config: dict[str, Any]) -> bool:
         """Whether ``config`` is this format's: its ``peft_type`` and every selector field."""
         return config.get("peft_type") == self.peft_type and all(
-            (config.get(key) or False) == value for key, value in self.selector.items())
+            selected(config.get(key), value) for key, value in self.selector.items())
+
+
+def selected(value: Any, wanted: Any) -> bool:
+    """Whether a config field's ``value`` is a selector's ``wanted``: ``True`` / ``False`` mean
+    set / not set (aLoRA's token list is "set"), anything else must be equal.
+
+    >>> selected([5], True), selected(None, False), selected("x", "y")
+    (True, True, False)
+    """
+    return bool(value) == wanted if isinstance(wanted, bool) else (value or False) == wanted
 
 
 def _peft_kinds() -> list[AdapterKind]:
@@ -83,11 +93,15 @@ def kind_for_config(config: dict[str, Any], source: str = "<config>") -> Adapter
     for kind in _peft_kinds():
         if kind.peft.selects(config):
             return kind
-    for kind in _peft_kinds():
-        if kind.peft.peft_type == config.get("peft_type"):  # a flag no kind of that type reads
-            key = next(k for k, v in kind.peft.selector.items() if (config.get(k) or False) != v)
-            raise PeftFormatError(f"{source}: {key} = {config[key]!r} is not supported by fxpeft's "
-                                  f"{kind.peft.peft_type} loader (it cannot be honoured exactly)")
+    same_type = [k.peft for k in _peft_kinds() if k.peft.peft_type == config.get("peft_type")]
+    if same_type:  # flags no kind of that type reads, alone or together (DoRA with aLoRA)
+        keys = dict.fromkeys(k for fmt in same_type for k, v in fmt.selector.items()
+                             if not selected(config.get(k), v) and config.get(k)) or dict.fromkeys(
+            k for k, v in same_type[0].selector.items() if not selected(config.get(k), v))
+        shown = ", ".join(f"{k} = {config.get(k)!r}" for k in keys)
+        raise PeftFormatError(f"{source}: {shown} {'together are' if len(keys) > 1 else 'is'} not "
+                              f"supported by fxpeft's {same_type[0].peft_type} loader (it cannot be "
+                              f"honoured exactly)")
     known = sorted({k.peft.peft_type for k in _peft_kinds()})
     raise PeftFormatError(f"{source}: peft_type {config.get('peft_type')!r} is not supported; "
                           f"fxpeft reads {', '.join(known)}")

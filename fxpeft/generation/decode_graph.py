@@ -412,6 +412,17 @@ def fill_cache(decoder: AdaptedModule, gm: AdaptedModule) -> int:
     return start
 
 
+def set_prompt_state(decoder: AdaptedModule, gm: AdaptedModule, ids: torch.Tensor, filled: int) -> None:
+    """Before the prefill of ``ids`` (at cache slots ``filled`` on): the per-row state of the
+    adapters whose kind reads the prompt's tokens (``AdapterKind.prompt_state``: aLoRA's
+    invocation start), which the decode steps, seeing one token, cannot find themselves."""
+    for adapter, record in adapter_records(gm).items():
+        for rule in record.rules.rules:  # an adapter's rules share their state (written again)
+            prompt_state = registry.get(rule.rewrite).prompt_state
+            if prompt_state is not None:
+                prompt_state(decoder, adapter, rule.params, ids, filled)
+
+
 def _splice_like(decoder: AdaptedModule, gm: AdaptedModule, adapter: str, record: Any) -> None:
     """Splice ``adapter`` into ``decoder`` by its rules, then share ``gm``'s parameters (a kind
     that lengthens the input splices its own way, ``Lengthens.decode_splice``; one that fills

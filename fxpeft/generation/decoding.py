@@ -19,8 +19,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from fxpeft.generation.decode_graph import (decoder_for, fill_cache, filled_tokens, virtual_tokens,
-                                            without_kv_cache)
+from fxpeft.generation.decode_graph import (decoder_for, fill_cache, filled_tokens, set_prompt_state,
+                                            virtual_tokens, without_kv_cache)
 from fxpeft.capture.positions import default_positions
 from fxpeft.errors import FxpeftError
 from fxpeft.graph.gates import active_adapters
@@ -195,8 +195,10 @@ def generate(gm: AdaptedModule, input_ids: torch.Tensor, max_new_tokens: int = 2
         if decoder is None:
             return _decode_without_cache(gm, ids, mask, max_new_tokens, ending, choose)
         prefix = torch.tensor(virtual, dtype=ids.dtype, device=device).expand(ids.shape[0], -1)
-        out = _decode(decoder, torch.cat([prefix, ids], 1), torch.cat([torch.ones_like(prefix), mask], 1),
-                      max_new_tokens, ending, choose, fill_cache(decoder, gm), numbering(gm, bool(virtual)))
+        prompt, filled = torch.cat([prefix, ids], 1), fill_cache(decoder, gm)
+        set_prompt_state(decoder, gm, prompt, filled)
+        out = _decode(decoder, prompt, torch.cat([torch.ones_like(prefix), mask], 1),
+                      max_new_tokens, ending, choose, filled, numbering(gm, bool(virtual)))
         return out[:, len(virtual):]  # as PEFT's generate: the virtual tokens are not returned
     finally:
         ending.end()

@@ -631,6 +631,6 @@ KIND = AdapterKind(
     name="lora", params=LoraParams, splice=splice, merge=merge,
     components=(*LINEAR.names, *EMBEDDING.names),
     peft=PeftFormat("LORA", rules_to_config, config_to_rules, LORA_FIELDS,
-                    selector={"use_dora": False}),
+                    selector={"use_dora": False, "alora_invocation_tokens": False}),
     default_rule=True, low_rank=branch_of,
     combines=Combines(branch_of, unit_scale_params))

@@ -32,7 +32,6 @@ def test_rows_reproduce_both_ways_merge_and_generate(case):
 
 
 @pytest.mark.parametrize("case", [
-    _row("Llama", "LoraConfig", alora_invocation_tokens=[1]),
     _row("Llama", "LoraConfig", trainable_token_indices=[0, 1, 3]),
     Case(EXTRA[0][0], EXTRA[0][1], EXTRA[0][2], EXTRA[0][3]),
 ], ids=lambda c: c.label)
