@@ -333,7 +333,7 @@ def fresh_accelerate(**environment: str) -> Iterator[None]:
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
-def _accelerate_steps(accelerator: Any, model: Any, optimizer: Any, batches: list) -> list[float]:
+def accelerate_steps(accelerator: Any, model: Any, optimizer: Any, batches: list) -> list[float]:
     losses = []
     for rows in batches:
         loss = model(input_ids=rows, labels=rows).loss
@@ -365,9 +365,9 @@ def accelerate_route(output: Path, world: int) -> dict:
         accelerator = Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
         model, optimizer, loader = _accelerate_prepared(accelerator, world)
         batches = list(loader)
-        losses = _accelerate_steps(accelerator, model, optimizer, batches[:2])
+        losses = accelerate_steps(accelerator, model, optimizer, batches[:2])
         accelerator.save_state(str(folder))
-        losses += _accelerate_steps(accelerator, model, optimizer, batches[2:])
+        losses += accelerate_steps(accelerator, model, optimizer, batches[2:])
         facts = {"wrapped": type(model).__name__, "losses": losses,
                  "adapter": {k: v.full_tensor().tolist() for k, v in fxpeft.adapter_state_dict(model).items()}}
         saved = fxpeft.save(model, output / "accelerate_adapter")  # PEFT's keys, as the reference's
@@ -376,7 +376,7 @@ def accelerate_route(output: Path, world: int) -> dict:
         accelerator = Accelerator(cpu=True)
         model, optimizer, loader = _accelerate_prepared(accelerator, world)
         accelerator.load_state(str(folder))
-        resumed = _accelerate_steps(accelerator, model, optimizer, list(loader)[2:])
+        resumed = accelerate_steps(accelerator, model, optimizer, list(loader)[2:])
         facts["resumed"] = {"losses": resumed, "adapter": {
             k: v.full_tensor().tolist() for k, v in fxpeft.adapter_state_dict(model).items()}}
     facts["files"] = sorted(p.name for p in folder.iterdir())

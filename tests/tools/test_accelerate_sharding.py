@@ -5,6 +5,7 @@ One gloo process here (world size 1); 2 processes against one with the same glob
 the FSDP2 plugin and with accelerate's FSDP environment, in tests/integration/test_fsdp_layers.py.
 The setups that cannot work are refused before accelerate sees the graph."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +16,7 @@ from accelerate.state import AcceleratorState
 
 import fxpeft
 from conftest import tiny_llama, token_batch
+from fsdp_layers_job import accelerate_steps
 from fxpeft.helpers.sharding import accelerate_prepare, shard_layers
 
 ROWS = token_batch(8, 8, seed=4)
@@ -43,17 +45,6 @@ def _prepared():
     return (accelerator, *accelerate_prepare(accelerator, gm, optimizer, loader))
 
 
-def _steps(accelerator, model, optimizer, batches) -> list[float]:
-    losses = []
-    for rows in batches:
-        loss = model(input_ids=rows, labels=rows).loss
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
-
-
 def _whole(gm) -> dict:
     return {k: v.full_tensor() for k, v in fxpeft.adapter_state_dict(gm).items()}
 
@@ -66,9 +57,9 @@ def test_accelerate_prepares_a_graph_sharded_per_layer_and_checkpoints_only_the_
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert held == {id(p) for p in model.parameters() if p.requires_grad} and len(held) == 8
     batches = list(loader)
-    losses = _steps(accelerator, model, optimizer, batches[:2])
+    losses = accelerate_steps(accelerator, model, optimizer, batches[:2])
     accelerator.save_state(str(tmp_path / "state"))
-    losses += _steps(accelerator, model, optimizer, batches[2:])
+    losses += accelerate_steps(accelerator, model, optimizer, batches[2:])
     files = sorted(p.name for p in (tmp_path / "state").iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors", "fxpeft_rules.toml",
                      "optimizer.bin", "random_states_0.pkl"]  # no model.safetensors
@@ -79,7 +70,7 @@ def test_accelerate_prepares_a_graph_sharded_per_layer_and_checkpoints_only_the_
     AcceleratorState._reset_state(True)
     again, resumed, resumed_optimizer, _ = _prepared()
     again.load_state(str(tmp_path / "state"))
-    tail = _steps(again, resumed, resumed_optimizer, batches[2:])
+    tail = accelerate_steps(again, resumed, resumed_optimizer, batches[2:])
     assert tail == losses[2:]  # the uninterrupted run's losses, bit for bit
     trained, restored = _whole(model), _whole(resumed)
     assert all(torch.equal(trained[k], restored[k]) for k in trained)
@@ -91,7 +82,7 @@ def test_the_prepared_graph_equals_the_flat_graph_step_for_step(one_process_grou
     flat = _adapted()
     flat_optimizer = torch.optim.AdamW([p for p in flat.parameters() if p.requires_grad], lr=1e-2)
     batches = list(loader)[:2]
-    assert _steps(accelerator, model, optimizer, batches) == _steps(accelerator, flat, flat_optimizer, batches)
+    assert accelerate_steps(accelerator, model, optimizer, batches) == accelerate_steps(accelerator, flat, flat_optimizer, batches)
 
 
 def _accelerator(kind="MULTI_CPU", processes=1, version=2):
@@ -142,3 +133,6 @@ def test_load_onto_a_sharded_graph_fills_its_adapter_and_refuses_a_new_one(tmp_p
         fxpeft.load(sharded, folder, adapter="second")
     assert "\n" not in str(caught.value) and sharded.adapter_names == ["default"]
     assert all(torch.equal(before[k], v) for k, v in _whole(sharded).items())
+    # saved from the sharded graph (its linears inside the layer modules): the flat graph's config
+    config = json.loads((fxpeft.save(sharded, tmp_path / "b") / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
