@@ -68,9 +68,6 @@ def without_ddp(accelerator: Any) -> Iterator[None]:
         del accelerator.prepare_model  # the class's method again
 
 
-_ROUTE = "fxpeft.helpers.sharding.accelerate_prepare(accelerator, gm, optimizer, ...)"
-
-
 def _plugin_options(accelerator: Any) -> dict[str, Any]:
     """``shard_layers``' options from accelerate's FSDP plugin where accelerate turned FSDP on
     (with accelerators); refuses the setups that cannot shard an fxpeft graph."""
