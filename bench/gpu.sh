@@ -3,13 +3,13 @@
 # `cuda` tests, then the benchmarks with --device cuda. Each section has its own time limit and
 # writes its log to $OUT, so a slow one costs only itself.
 #
-#   bench/gpu.sh [tests,memory,run,profile,int8,compile_time]   # default: all but compile_time
+#   bench/gpu.sh [tests,memory,run,profile,int8,fsdp,compile_time]   # default: all but compile_time
 #
 # Wheels for what the machine lacks (bitsandbytes, and the transformers and peft versions the
 # project is tested with) can travel in .whl/ and are installed first.
 set -u
 OUT=${OUT:-out/gpu}
-SECTIONS=${1:-tests,memory,run,profile,int8}
+SECTIONS=${1:-tests,memory,run,profile,int8,fsdp}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -59,5 +59,10 @@ ours, theirs = gm(ids).logits, peft_model(input_ids=ids).logits
 print("int8 on CUDA: max |fxpeft - PEFT| =", (ours - theirs).abs().max().item(),
       "; logits max-abs", theirs.abs().max().item())
 PY
+# FSDP2 layer by layer, world size 1 on nccl: bf16 base, fp32 adapters, MixedPrecisionPolicy;
+# prints every parameter's device and dtype and one step's loss against the unsharded graph's,
+# also through accelerate's FSDP2 plugin (torchrun: accelerate sees MULTI_GPU, so FSDP is on).
+section fsdp 90 python3 -m torch.distributed.run --standalone --nproc_per_node=1 bench/fsdp_check.py \
+    --device cuda --backend nccl
 section compile_time 300 python3 bench/run.py --device cuda --rows compile_time --compile-repeats 1
 exit 0

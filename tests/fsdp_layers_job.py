@@ -5,7 +5,8 @@ setup runs in this one spawn (each spawn costs tens of seconds on 2 cores):
 - ``layers``: ``shard_layers`` (``fxpeft.layer_units``, ``fully_shard`` per layer and on the
   graph) on a 4-layer tiny Llama with LoRA, AdamW on this rank's half of each global batch,
   gathered bytes counted at FSDP's gathers and frees; then ``fxpeft.save`` (gathers) and
-  ``restore`` of that folder into a fresh sharded graph (scatters);
+  ``restore`` of that folder into a fresh sharded graph (scatters), and ``fxpeft.load`` of it
+  onto another (against ``fxpeft.load`` onto the unsharded base; a second adapter refused);
 - ``whole``: ``fully_shard`` on the whole graph, the same count over one step;
 - ``bf16``: the base in bf16, the adapters in fp32, sharded per layer;
 - ``qlora``: an nf4 base (``bnb_4bit_quant_storage=bfloat16``, bitsandbytes' FSDP recipe: the
@@ -18,27 +19,32 @@ setup runs in this one spawn (each spawn costs tens of seconds on 2 cores):
 - ``trained``: ``fxpeft.Trainer.train()`` on a sharded graph (no DDP: FSDP2 syncs), 4 steps
   with checkpoints, then resumed from its step-2 checkpoint; TRL's SFTTrainer the same way,
   and on the flat graph under DDP;
+- ``accelerate``: ``Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))``
+  through ``fxpeft.helpers.sharding.accelerate_prepare``, ``save_state`` after step 2, resumed by
+  ``load_state`` under accelerate's FSDP environment variables instead of the plugin;
 - ``examples/fsdp_smollm2.py --tiny`` last (it leaves the process group), its report in
   ``<output>/example.json``.
 
 Writes ``<output>/rank<r>.json``. Arguments: the output folder, a saved tiny Llama (for QLoRA).
 """
 
+import contextlib
 import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
 import fxpeft
 from conftest import tiny_llama, token_batch
 from fsdp_job import train
-from fxpeft.helpers.sharding import GatheredBytes, shard_layers
+from fxpeft.helpers.sharding import GatheredBytes, accelerate_prepare, shard_layers
 from fxpeft.transforms.units import layer_modules
 from fxpeft.io.serialize import restore
 from fxpeft.tools.trainer import AdapterCheckpoints
@@ -101,6 +107,26 @@ def per_layer(output: Path, rank: int, world: int) -> dict:
     trained, restored = fxpeft.adapter_state_dict(gm), fxpeft.adapter_state_dict(fresh)
     facts["restored_equal"] = all(torch.equal(trained[k].full_tensor(), restored[k].full_tensor())
                                   for k in trained)
+    facts["load"] = load_onto_sharded(output / "adapter")
+    return facts
+
+
+def load_onto_sharded(folder: Path) -> dict:
+    """``fxpeft.load`` of the saved folder onto a fresh sharded graph (each rank keeps its shard)
+    against ``fxpeft.load`` onto the unsharded base; then a second adapter, refused."""
+    rows = token_batch(2, 16, seed=9)
+    torch.manual_seed(0)
+    flat = fxpeft.load(tiny_llama(num_hidden_layers=LAYERS), folder)
+    sharded = shard_layers(adapted())
+    loaded = fxpeft.load(sharded, folder)
+    shard = loaded.get_parameter("model.layers.0.self_attn.q_proj.lora_B.weight")
+    facts = {"same_graph": loaded is sharded, "shard": [type(shard).__name__, shard.to_local().shape[0], shard.shape[0]],
+             "frozen": not any(p.requires_grad for p in sharded.parameters()),
+             "logits_equal": torch.equal(sharded.eval()(rows).logits, flat(rows).logits)}
+    try:
+        fxpeft.load(sharded, folder, adapter="second")
+    except fxpeft.FxpeftError as err:
+        facts["second"] = str(err)
     return facts
 
 
@@ -256,14 +282,16 @@ def trainer_reference(output: Path) -> dict:
 
 
 def trainer_train(output: Path, world: int) -> dict:
-    """fxpeft.Trainer.train() on a sharded graph, then a fresh one resumed from checkpoint-2."""
+    """fxpeft.Trainer.train() on a sharded graph, then a fresh one resumed from checkpoint-2 with
+    FSDP2 ``fsdp`` arguments (the route with accelerators; accelerate ignores them on the CPU)."""
     gm = shard_layers(adapted())
     trainer = fxpeft.Trainer(model=gm, args=trainer_args(output / "run", world), train_dataset=trainer_data())
     trainer.train()
     facts = trainer_facts(trainer, gm)
     facts["files"] = sorted(p.name for p in (output / "run" / "checkpoint-2").iterdir())
     again = shard_layers(adapted())
-    resumed = fxpeft.Trainer(model=again, args=trainer_args(output / "resumed", world),
+    fsdp = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}}  # accepted, ignored on the CPU
+    resumed = fxpeft.Trainer(model=again, args=trainer_args(output / "resumed", world, **fsdp),
                              train_dataset=trainer_data())
     resumed.train(resume_from_checkpoint=str(output / "run" / "checkpoint-2"))
     facts["resumed"] = trainer_facts(resumed, again)
@@ -271,8 +299,8 @@ def trainer_train(output: Path, world: int) -> dict:
 
 
 def sft_train(output: Path, world: int, sharded: bool = True) -> dict:
-    """TRL's SFTTrainer with fxpeft's checkpoints on a sharded graph (no `fsdp` arguments), or on
-    the flat graph (which the Trainer wraps in DDP)."""
+    """TRL's SFTTrainer with fxpeft's checkpoints on a sharded graph (with FSDP2 `fsdp`
+    arguments), or on the flat graph (no `fsdp` arguments: the Trainer wraps it in DDP)."""
     import datasets
     import trl
     from conftest import word_texts, word_tokenizer
@@ -280,12 +308,79 @@ def sft_train(output: Path, world: int, sharded: bool = True) -> dict:
     texts = datasets.Dataset.from_dict({"text": word_texts(8, words=12, seed=1)})
     args = trl.SFTConfig(str(output), max_length=32, per_device_train_batch_size=4 // world, max_steps=2,
                          save_steps=2, logging_steps=1, learning_rate=1e-2, seed=0, report_to=[],
-                         use_cpu=True, disable_tqdm=True, train_sampling_strategy="sequential")
+                         use_cpu=True, disable_tqdm=True, train_sampling_strategy="sequential",
+                         **({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}} if sharded else {}))
     trainer = fxpeft.with_adapter_checkpoints(trl.SFTTrainer)(
         model=gm, args=args, train_dataset=texts, processing_class=word_tokenizer("right"))
     trainer.train()
     return {**trainer_facts(trainer, gm),
             "files": sorted(p.name for p in (output / "checkpoint-2").iterdir())}
+
+
+@contextlib.contextmanager
+def fresh_accelerate(**environment: str) -> Iterator[None]:
+    """accelerate's process-wide state made anew (the Trainers above made theirs), and its
+    FSDP environment (``accelerate launch`` with an FSDP2 config file sets it) for the block."""
+    from accelerate.state import AcceleratorState
+    saved = {k: os.environ.get(k) for k in ("ACCELERATE_USE_FSDP", "FSDP_VERSION")}
+    AcceleratorState._reset_state(True)
+    os.environ.update(environment)
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(True)
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+def accelerate_steps(accelerator: Any, model: Any, optimizer: Any, batches: list) -> list[float]:
+    losses = []
+    for rows in batches:
+        loss = model(input_ids=rows, labels=rows).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(accelerator.reduce(loss.detach(), "mean").item())
+    return losses
+
+
+def _accelerate_prepared(accelerator: Any, world: int) -> tuple:
+    """A fresh flat graph, AdamW over it, the global batches of ``train`` (accelerate splits each)."""
+    from fsdp_job import BATCH, SEQ, STEPS
+    gm = adapted()
+    optimizer = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
+    rows = token_batch(STEPS * BATCH, SEQ, seed=3)
+    loader = torch.utils.data.DataLoader(rows, batch_size=BATCH // world)
+    return accelerate_prepare(accelerator, gm, optimizer, loader)
+
+
+def accelerate_route(output: Path, world: int) -> dict:
+    """``Accelerator(cpu=True, fsdp_plugin=...(fsdp_version=2))`` and
+    ``fxpeft.helpers.sharding.accelerate_prepare``: 6 steps with ``save_state`` after 2; then,
+    under accelerate's FSDP environment (ACCELERATE_USE_FSDP, FSDP_VERSION=2) instead of the
+    plugin, a fresh graph ``load_state``-d from it for the last 4."""
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    folder = output / "accelerate_state"
+    with fresh_accelerate():
+        accelerator = Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
+        model, optimizer, loader = _accelerate_prepared(accelerator, world)
+        batches = list(loader)
+        losses = accelerate_steps(accelerator, model, optimizer, batches[:2])
+        accelerator.save_state(str(folder))
+        losses += accelerate_steps(accelerator, model, optimizer, batches[2:])
+        facts = {"wrapped": type(model).__name__, "losses": losses,
+                 "adapter": {k: v.full_tensor().tolist() for k, v in fxpeft.adapter_state_dict(model).items()}}
+        saved = fxpeft.save(model, output / "accelerate_adapter")  # PEFT's keys, as the reference's
+        facts["saved"] = {k: v.tolist() for k, v in load_file(saved / "adapter_model.safetensors").items()}
+    with fresh_accelerate(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2"):
+        accelerator = Accelerator(cpu=True)
+        model, optimizer, loader = _accelerate_prepared(accelerator, world)
+        accelerator.load_state(str(folder))
+        resumed = accelerate_steps(accelerator, model, optimizer, list(loader)[2:])
+        facts["resumed"] = {"losses": resumed, "adapter": {
+            k: v.full_tensor().tolist() for k, v in fxpeft.adapter_state_dict(model).items()}}
+    facts["files"] = sorted(p.name for p in folder.iterdir())
+    return facts
 
 
 def main(output: Path, checkpoint: Path) -> None:
@@ -299,7 +394,8 @@ def main(output: Path, checkpoint: Path) -> None:
                  "resume": checkpoint_resume(output, rank, world),
                  "trained": trainer_train(output / "trained", world),
                  "sft": sft_train(output / "sft_trained", world),
-                 "sft_ddp": sft_train(output / "sft_ddp", world, sharded=False)}
+                 "sft_ddp": sft_train(output / "sft_ddp", world, sharded=False),
+                 "accelerate": accelerate_route(output, world)}
         (output / f"rank{rank}.json").write_text(json.dumps(facts))
         run_example(output)
     finally:

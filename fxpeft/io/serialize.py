@@ -39,7 +39,8 @@ import safetensors.torch
 import torch
 from safetensors.torch import save_file
 
-from fxpeft.runtime.apply import program_of
+from fxpeft.runtime.apply import program_of as _flat_program_of
+from fxpeft.transforms.units import layer_modules, unit_sites
 from fxpeft.graph.records import AdapterRecord, delete_adapter, record, set_trainable
 from fxpeft.graph.params import is_adapter_parameter
 from fxpeft.runtime.rewrite import add_adapter, rewrite
@@ -89,6 +90,14 @@ def config_header(program: Program, peft_type: str) -> dict[str, Any]:
     return {"peft_type": peft_type, "task_type": _task_type(program.model_class),
             "base_model_name_or_path": local_name(getattr(model_config, "_name_or_path", None)),
             "revision": None, "inference_mode": True}
+
+
+def program_of(gm: torch.nn.Module) -> Program:
+    """``gm``'s ``Program``, with every linear layer indexed: a ``layer_units`` copy (FSDP2 per
+    layer) keeps its layers' linears inside the layer modules."""
+    if not layer_modules(gm):
+        return _flat_program_of(gm)
+    return Program(gm, gm.capture_info, unit_sites(gm))
 
 
 def peft_config(program: Program, rec: AdapterRecord, kind: AdapterKind) -> dict[str, Any]:
@@ -538,6 +547,8 @@ def load(model: "torch.nn.Module | str | Path", directory: "str | Path | None" =
     if grown and (example_inputs is not None or leaf_modules):
         raise FxpeftError("example_inputs and leaf_modules apply to capturing a base model; "
                           "this model is already an fxpeft graph, which is not captured again")
+    if grown and has_sharded_adapters(model):
+        return _load_onto_sharded(model, directory, adapter, trainable)
     folder, files, config, kind = read or _read_config(directory)
     keep = _modules_to_save(config, folder / CONFIG)
     rules, source = _rules(folder, files, config, kind, model)
@@ -558,6 +569,22 @@ def load(model: "torch.nn.Module | str | Path", directory: "str | Path | None" =
         set_trainable(gm, [adapter], False)
         if not grown:  # a graph the caller already holds keeps its mode
             gm.eval()
+    return gm
+
+
+def _load_onto_sharded(gm: AdaptedModule, directory: Path, adapter: str, trainable: bool) -> AdaptedModule:
+    """``load`` onto a graph FSDP2 shards (``shard_layers``, or ``fully_shard`` on the graph):
+    its adapters are fixed (FSDP2 grouped and sharded every parameter when it wrapped them), so
+    the folder fills the adapter ``adapter`` it already has, each rank keeping its shard of every
+    tensor, as ``restore`` does; with ``trainable=False`` that adapter is frozen."""
+    if adapter not in gm.adapter_names:
+        raise FxpeftError(f"fxpeft.load: this graph is sharded by FSDP2, which fixed its adapters "
+                          f"({', '.join(gm.adapter_names)}) when it sharded them, so {adapter!r} cannot "
+                          f"be added; load it onto the unsharded graph (fxpeft.load(gm, folder, "
+                          f"adapter={adapter!r})), then shard that graph (shard_layers)")
+    restore(gm, directory, adapter)  # every rank reads the folder and keeps its own shard
+    if not trainable:
+        set_trainable(gm, [adapter], False)
     return gm
 
 

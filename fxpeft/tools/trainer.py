@@ -28,10 +28,9 @@ one that does.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import transformers
@@ -41,6 +40,7 @@ from fxpeft.errors import FxpeftError
 from fxpeft.runtime.adapted_module import AdaptedModule
 from fxpeft.io.checkpoints import restore_adapters, save_adapters
 from fxpeft.io.serialize import has_sharded_adapters
+from fxpeft.helpers.sharding import without_ddp
 
 _SHARD_FIRST = ("shard the graph first, on every rank, with "
                 "fxpeft.helpers.sharding.shard_layers(gm), and pass TrainingArguments(fsdp="
@@ -89,26 +89,6 @@ def check_sharding_route(trainer: Any) -> None:
                       f"every weight directly); {_SHARD_FIRST}")
 
 
-@contextlib.contextmanager
-def _without_ddp(accelerator: Any) -> Iterator[None]:
-    """``accelerator.prepare`` keeps an already sharded graph as it is (its autocast still
-    applied) instead of wrapping it in DDP, which refuses DTensor parameters: the path
-    ``Trainer._prepare_for_training`` takes for a model sharded at load time."""
-    from torch.distributed.fsdp import FSDPModule
-    prepare_model = accelerator.prepare_model
-
-    def prepare_sharded(model: torch.nn.Module, device_placement: bool | None = None,
-                        evaluation_mode: bool = False) -> torch.nn.Module:
-        evaluation_mode = evaluation_mode or isinstance(model, FSDPModule)  # no DDP, no placement
-        return prepare_model(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
-
-    accelerator.prepare_model = prepare_sharded
-    try:
-        yield
-    finally:
-        del accelerator.prepare_model  # the class's method again
-
-
 class AdapterCheckpoints:
     """Mix into any ``transformers.Trainer`` subclass (``trl.SFTTrainer``, ``trl.DPOTrainer``,
     your own) so an fxpeft graph's checkpoints hold only its adapters, in PEFT's layout, and
@@ -131,7 +111,7 @@ class AdapterCheckpoints:
     def _prepare_for_training(self, *args: Any, **kwargs: Any) -> Any:
         if not self._sharded() or self.is_fsdp_enabled:  # accelerate's FSDP2 keeps an FSDPModule
             return super()._prepare_for_training(*args, **kwargs)
-        with _without_ddp(self.accelerator):  # no FSDP in accelerate here (the CPU)
+        with without_ddp(self.accelerator):  # no FSDP in accelerate here (the CPU)
             return super()._prepare_for_training(*args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -22,11 +22,13 @@ it); the copy shares every parameter and buffer with the original.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
 import torch.fx
 
+from fxpeft.capture.linear_sites import LinearSite, find_linear_sites
 from fxpeft.errors import PassError
 from fxpeft.transforms.checkpoint import call_region, layer_spans, region_of
 from fxpeft.transforms.fuse import _copy
@@ -78,6 +80,22 @@ def layer_modules(gm: torch.nn.Module) -> list[torch.nn.Module]:
     []
     """
     return [m for m in gm.modules() if LAYER_UNIT in getattr(m, "meta", {})]
+
+
+def unit_sites(gm: torch.nn.Module) -> list[LinearSite]:
+    """The linear layers of a ``layer_units`` copy (sharded or not) as the flat graph indexes
+    them: each layer's (weights named from the graph's root), then the root's own. Saving
+    reads them: PEFT's ``target_modules`` is written from every layer there is.
+
+    >>> unit_sites(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)))[0].module_path
+    ''
+    """
+    sites = []
+    for layer in layer_modules(gm):
+        prefix = layer.meta[LAYER_UNIT] + "."
+        sites += [dataclasses.replace(site, weight_target=prefix + site.weight_target)
+                  for site in find_linear_sites(layer)]
+    return sites + find_linear_sites(gm)
 
 
 def unit_layers(gm: torch.fx.GraphModule) -> int:

@@ -67,6 +67,43 @@ def test_saved_adapter_restores_into_a_fresh_sharded_graph(runs):
     assert runs[0]["layers"]["restored_equal"] and runs[1]["layers"]["restored_equal"]
 
 
+def test_load_onto_a_sharded_graph_scatters_the_adapter_and_equals_load_onto_the_base(runs):
+    for rank in runs[:2]:
+        load = rank["layers"]["load"]
+        # the same graph, its q_proj lora_B (64 x 8) a DTensor holding half; frozen, as load's
+        # trainable=False; logits equal fxpeft.load onto the unsharded base bit for bit
+        assert load["same_graph"] and load["shard"] == ["DTensor", 32, 64] and load["frozen"]
+        assert load["logits_equal"]
+        assert "sharded by FSDP2" in load["second"] and "so 'second' cannot be added" in load["second"]
+        assert "fxpeft.load(gm, folder, adapter='second')), then shard that graph" in load["second"]
+
+
+def test_accelerate_with_an_fsdp2_plugin_trains_the_graph_per_layer_as_one_process(runs):
+    """``Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))`` and
+    ``accelerate_prepare``: no DDP around the sharded graph, accelerate's loader gives each rank
+    its half of each global batch; losses and adapter equal one process with the whole batch."""
+    acc, other, one = runs[0]["accelerate"], runs[1]["accelerate"], runs[2]
+    assert acc["wrapped"] == "FSDPFusedAdaptedLlamaForCausalLM"
+    assert acc["losses"] == other["losses"] and acc["adapter"] == other["adapter"]
+    torch.testing.assert_close(torch.tensor(acc["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=0)
+    one_weights = runs[3][1]
+    assert sorted(acc["saved"]) == sorted(one_weights)
+    for key, tensor in one_weights.items():
+        torch.testing.assert_close(torch.tensor(acc["saved"][key]), tensor, rtol=1e-5, atol=2e-6, msg=key)
+
+
+def test_accelerate_save_state_holds_the_adapter_and_load_state_resumes_exactly(runs):
+    """``save_state`` after step 2: the adapter folder, the whole optimizer state, RNG states; no
+    model weights. A fresh graph prepared under accelerate's FSDP environment
+    (ACCELERATE_USE_FSDP, FSDP_VERSION=2, as an FSDP2 config file sets) and ``load_state``-d
+    ends at the uninterrupted run's adapter, with its losses."""
+    acc = runs[0]["accelerate"]
+    assert acc["files"] == ["adapter_config.json", "adapter_model.safetensors", "fxpeft_rules.toml",
+                            "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl"]
+    assert acc["resumed"]["losses"] == acc["losses"][2:]
+    assert acc["resumed"]["adapter"] == acc["adapter"]
+
+
 def test_bf16_base_with_fp32_adapters_shards_per_layer_and_trains(runs):
     bf16 = runs[0]["bf16"]
     base = {name: dtype for name, dtype in bf16["dtypes"].items() if ".lora_" not in name}
@@ -111,6 +148,8 @@ def test_the_trainer_trains_a_sharded_graph_as_one_process_with_the_global_batch
 
 
 def test_the_trainer_checkpoint_of_a_sharded_graph_holds_the_adapter_and_resumes_exactly(runs):
+    """The resumed Trainer is given FSDP2 ``fsdp`` arguments (the route with accelerators;
+    accelerate ignores them on the CPU): it trains the sharded graph all the same."""
     trained = runs[0]["trained"]
     assert trained["files"] == ["adapter_config.json", "adapter_model.safetensors", "fxpeft_rules.toml",
                                 "optimizer.pt", "rng_state_0.pth", "rng_state_1.pth", "scheduler.pt",
@@ -121,8 +160,8 @@ def test_the_trainer_checkpoint_of_a_sharded_graph_holds_the_adapter_and_resumes
 
 
 def test_trl_sft_trainer_trains_a_sharded_graph_as_under_ddp_with_adapter_checkpoints(runs):
-    """TRL's SFTTrainer (fxpeft's checkpoints) on the sharded graph ends where it ends on the flat
-    graph wrapped in DDP, the route that already worked (measured: bit for bit). Both differ
+    """TRL's SFTTrainer (fxpeft's checkpoints) on the sharded graph, with FSDP2 ``fsdp``
+    arguments, ends where it ends on the flat graph wrapped in DDP, the route that already worked (measured: bit for bit). Both differ
     from one process with the global batch after the first step (adapter by 1e-2, measured):
     TRL's batching, not the sharding, so no one-process comparison here."""
     sft, other, ddp = runs[0]["sft"], runs[1]["sft"], runs[0]["sft_ddp"]
