@@ -5,13 +5,21 @@
 #
 #   bench/gpu.sh [tests,memory,run,profile,int8,compile_time]   # default: all but compile_time
 #
+# Realistic shapes (bench/gpu_shapes.py; issue 29), planned as two runs of at most 10 minutes:
+#   run 1: bench/gpu.sh shapes_lora,shapes_context   # Llama-3.2-1B shape, all sides; longest context
+#   run 2: bench/gpu.sh shapes_more,memory,tests     # QLoRA nf4, DoRA, the SmolLM2 shape; memory.py
+# The shapes sections add to one JSON file, out/gpu_shapes.json (copied to $OUT after each):
+# carry it to the second run (or run it on the still-warm machine) for the DoRA / LoRA ratio.
+# Wheels in .whl/ for run 1: liger-kernel (and triton if the machine lacks it), peft.
 # Wheels for what the machine lacks (bitsandbytes, and the transformers and peft versions the
 # project is tested with) can travel in .whl/ and are installed first.
 set -u
 OUT=${OUT:-out/gpu}
 SECTIONS=${1:-tests,memory,run,profile,int8}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+# No network: a Hub look-up fails at once instead of waiting on connection timeouts (importing
+# bitsandbytes asks the Hub for a CPU kernel where the `kernels` package is installed).
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site
@@ -28,7 +36,7 @@ section() {  # name, seconds, command...
     [[ ",$SECTIONS," == *",$name,"* ]] || return 0
     echo "=== $name (limit ${seconds}s)"
     local start=$SECONDS
-    timeout "$seconds" "$@" >"$OUT/$name.log" 2>&1
+    timeout -k 10 "$seconds" "$@" >"$OUT/$name.log" 2>&1
     echo "=== $name: rc $? in $((SECONDS - start))s"
     tail -n 40 "$OUT/$name.log"
 }
@@ -59,5 +67,12 @@ ours, theirs = gm(ids).logits, peft_model(input_ids=ids).logits
 print("int8 on CUDA: max |fxpeft - PEFT| =", (ours - theirs).abs().max().item(),
       "; logits max-abs", theirs.abs().max().item())
 PY
+SHAPES=(python3 bench/gpu_shapes.py --json out/gpu_shapes.json)
+mkdir -p out
+# Each side is a process of its own with its own limit (the section's limit is the backstop).
+section shapes_lora 300 "${SHAPES[@]}" --sections lora --steps 10 --warmup 3 --side-timeout 110
+section shapes_context 220 "${SHAPES[@]}" --sections context --budget-gib 40 --context-seconds 30 --side-timeout 42
+section shapes_more 420 "${SHAPES[@]}" --sections qlora,dora,smollm2 --steps 8 --warmup 3 --side-timeout 80
+cp out/gpu_shapes.json "$OUT/" 2>/dev/null
 section compile_time 300 python3 bench/run.py --device cuda --rows compile_time --compile-repeats 1
 exit 0
