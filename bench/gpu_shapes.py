@@ -159,7 +159,7 @@ def token_ids(vocab: int, batch: int, seq: int, device: str) -> torch.Tensor:
 
 def measure_side(spec: dict) -> dict:
     """One side of one row: median step time over ``steps`` after ``warmup`` (compiles there),
-    and the process's peak allocated GPU memory (weights included)."""
+    and the peak allocated GPU memory during the steps (the resident weights included)."""
     shape, device, dtype = Shape(**spec["shape"]), spec["device"], getattr(torch, spec["dtype"])
     started = time.perf_counter()
     model = build_model(shape, spec["row"], device, dtype)
@@ -167,6 +167,8 @@ def measure_side(spec: dict) -> dict:
     step = train_step(module, [p for p in module.parameters() if p.requires_grad])
     ids = token_ids(shape.config["vocab_size"], shape.batch, shape.seq, device)
     set_up = time.perf_counter() - started
+    if device == "cuda":  # from here: the weights as they stay, plus training (not the fp32 init)
+        torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for index in range(spec["warmup"] + spec["steps"]):
         synchronize()

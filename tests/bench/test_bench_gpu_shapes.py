@@ -14,23 +14,25 @@ from common import run_child  # noqa: E402
 
 def test_every_section_runs_tiny_on_the_cpu_with_its_table_and_targets(tmp_path, capsys):
     """All sides that can run here do (the compiled ones with the aot_eager backend, no C++
-    build); Liger and nf4 skip saying why; the JSON accumulates over two calls."""
+    build); Liger and nf4 skip saying why; the JSON accumulates over two calls (the second with
+    the eager sides only, to stay fast)."""
     out = tmp_path / "shapes.json"
     common = ["--tiny", "--in-process", "--steps", "1", "--warmup", "1", "--compile-backend", "aot_eager",
               "--dtype", "float32", "--json", str(out)]
     gpu_shapes.main(["--sections", "lora,qlora", *common])
     report = gpu_shapes.main(["--sections", "context,dora,smollm2", "--context-limit", "128",
-                              "--sides", "PEFT eager,fxpeft fused + compiled", *common])
+                              "--sides", "PEFT eager,fxpeft", *common])
     assert json.loads(out.read_text()).keys() >= {"lora", "qlora", "context", "dora", "smollm2"}
     lora = report["lora"]["sides"]
     for side in ("PEFT eager", "PEFT + compile", "fxpeft", "fxpeft fused + compiled"):
         assert lora[side]["step_s"] > 0 and 0 < lora[side]["mfu"] < 1, (side, lora[side])
         assert lora[side]["last_loss"] == pytest.approx(lora[side]["first_loss"], abs=1.0)
     assert "CUDA only" in lora["PEFT + Liger"]["skipped"]
-    assert all("GPU row" in r["skipped"] for r in report["qlora"]["sides"].values())
+    qlora = report["qlora"]["sides"]
+    assert all("GPU row" in qlora[side]["skipped"] for side in ("PEFT eager", "fxpeft", "fxpeft fused + compiled"))
     assert report["dora"]["step_flops"] > report["lora"]["step_flops"]
     context = report["context"]["sides"]
-    assert context["PEFT eager"]["longest"] == context["fxpeft fused + compiled"]["longest"] == 128  # no cap here
+    assert context["PEFT eager"]["longest"] == context["fxpeft"]["longest"] == 128  # no cap on the CPU
     printed = capsys.readouterr().out
     assert "x PEFT eager" in printed and "x best PEFT+" in printed
     assert "fused + compiled step / PEFT eager: " in printed and "(target <= 0.75): m" in printed
