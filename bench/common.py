@@ -71,7 +71,7 @@ def run_child(command: list[str], env: dict[str, str] | None = None,
 
     >>> import sys
     >>> run_child([sys.executable, "-c", "print(2)"])[:2]
-    (0, '2\n')
+    (0, '2\\n')
     """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         process = subprocess.Popen(command, stdout=out, stderr=err, text=True, start_new_session=True,

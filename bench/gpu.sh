@@ -7,7 +7,8 @@
 #
 # Realistic shapes (bench/gpu_shapes.py; issue 29), planned as two runs of at most 10 minutes:
 #   run 1: bench/gpu.sh shapes_lora,shapes_context   # Llama-3.2-1B shape, all sides; longest context
-#   run 2: bench/gpu.sh shapes_more,memory,tests     # QLoRA nf4, DoRA, the SmolLM2 shape; memory.py
+#   run 2: bench/gpu.sh shapes_more,memory           # QLoRA nf4, DoRA, the SmolLM2 shape; memory.py
+#          (then, with time left: shapes_context_rest, tests)
 # The shapes sections add to one JSON file, out/gpu_shapes.json (copied to $OUT after each):
 # carry it to the second run (or run it on the still-warm machine) for the DoRA / LoRA ratio.
 # Wheels in .whl/ for run 1: liger-kernel (and triton if the machine lacks it), peft.
@@ -70,9 +71,13 @@ PY
 SHAPES=(python3 bench/gpu_shapes.py --json out/gpu_shapes.json)
 mkdir -p out
 # Each side is a process of its own with its own limit (the section's limit is the backstop).
-section shapes_lora 300 "${SHAPES[@]}" --sections lora --steps 10 --warmup 3 --side-timeout 110
-section shapes_context 220 "${SHAPES[@]}" --sections context --budget-gib 40 --context-seconds 30 --side-timeout 42
+section shapes_lora 290 "${SHAPES[@]}" --sections lora --steps 10 --warmup 3 --side-timeout 110
+# the context search: the target side and the two it is compared with first (recompiles cost)
+section shapes_context 240 "${SHAPES[@]}" --sections context --budget-gib 40 --context-seconds 50 \
+    --side-timeout 110 --sides "PEFT eager,fxpeft fused + compiled,PEFT + Liger"
 section shapes_more 420 "${SHAPES[@]}" --sections qlora,dora,smollm2 --steps 8 --warmup 3 --side-timeout 80
+section shapes_context_rest 200 "${SHAPES[@]}" --sections context --budget-gib 40 --context-seconds 50 \
+    --side-timeout 95 --sides "PEFT + compile,fxpeft"
 cp out/gpu_shapes.json "$OUT/" 2>/dev/null
 section compile_time 300 python3 bench/run.py --device cuda --rows compile_time --compile-repeats 1
 exit 0

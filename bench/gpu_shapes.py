@@ -224,13 +224,14 @@ def measure_context(spec: dict) -> dict:
         try:
             step(token_ids(vocab, 1, length, device))
             synchronize()
-            return True
+            fitted = True
         except torch.OutOfMemoryError:
-            return False
-        finally:  # an OOM leaves the failed step's tensors to the collector
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
+            fitted = False
+        gc.collect()  # an OOM leaves the failed step's tensors to the collector
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        print(json.dumps({"tried": length, "fits": fitted}), flush=True)  # the parent's, if it kills us
+        return fitted
     deadline = time.monotonic() + spec["seconds"]
     fit, fail = longest_fitting(fits, spec["start"], spec["limit"], spec["granularity"], deadline)
     return {"longest": fit, "first_failing": fail, "deadline_hit": time.monotonic() >= deadline,
@@ -256,11 +257,25 @@ def run_side(spec: dict, in_process: bool) -> dict:
     command = [sys.executable, __file__, "--child", json.dumps(spec)]
     code, stdout, stderr = run_child(command, timeout=spec["timeout"])
     if code is None:
-        return {"error": f"no result after {spec['timeout']} s", "stderr": stderr[-3000:]}
+        return {**_tried_so_far(stdout), "error": f"no result after {spec['timeout']} s", "stderr": stderr[-3000:]}
     if code:
         return {"error": f"exit {code}: {stderr.strip().splitlines()[-1][:300] if stderr.strip() else ''}",
                 "stderr": stderr[-3000:]}
     return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _tried_so_far(stdout: str) -> dict:
+    """A killed context search's result from the lengths it printed, if it printed any.
+
+    >>> _tried_so_far('{"tried": 4096, "fits": true}\\n{"tried": 8192, "fits": false}\\n')
+    {'longest': 4096, 'first_failing': 8192, 'deadline_hit': True}
+    """
+    tried = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"tried"')]
+    if not tried:
+        return {}
+    fitting = [t["tried"] for t in tried if t["fits"]]
+    failing = [t["tried"] for t in tried if not t["fits"]]
+    return {"longest": max(fitting, default=0), "first_failing": min(failing, default=None), "deadline_hit": True}
 
 
 def section_rows(section: str, tiny: bool) -> tuple[str, Shape]:
