@@ -131,6 +131,9 @@ class AdapterKind:
     adapted layers' own weights (``modules_to_save`` swaps in trained copies of whole modules),
     so ``fxpeft.export_lora`` refuses it; None: merged minus base weights is the adapter.
     ``combines``: a ``Combines`` (how ``fxpeft.combine`` mixes the kind's adapters).
+    ``carries``: kinds whose rules this kind's PEFT config holds in a field of its own (LoRA's
+    ``trainable_token_indices``): an adapter of this kind may mix in their rules, its
+    ``to_config`` gets their matches too, and their parameters join its saved keys.
     """
 
     name: str
@@ -147,6 +150,7 @@ class AdapterKind:
     fills_cache: FillsCache | None = None
     no_weight_delta: str | None = None
     combines: Combines | None = None
+    carries: tuple[str, ...] = ()
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -209,6 +213,15 @@ def rewrite_kinds() -> dict[str, type]:
 def match_kinds() -> list[str]:
     """What rules may match: the union of every kind's sites."""
     return sorted({site for k in _KINDS.values() for site in k.sites})
+
+
+def saved_components(kind: AdapterKind) -> tuple[str, ...]:
+    """The components of ``kind``'s saved keys: its own and those of the kinds it carries.
+
+    >>> "trainable_tokens_delta" in saved_components(get("lora"))
+    True
+    """
+    return tuple(kind.components) + tuple(c for name in kind.carries for c in get(name).components)
 
 
 def components() -> list[str]:
