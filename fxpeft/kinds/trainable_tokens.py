@@ -37,7 +37,7 @@ from fxpeft.rules.schema import Params, Rule, RuleSet, Where, spec
 
 aten = torch.ops.aten
 DELTA = "trainable_tokens_delta"
-INDEX = "trainable_tokens_index"  # the rows' ids: a buffer, never saved (the config holds them)
+INDEX = "trainable_tokens_index"  # holds the rows' ids: a buffer, never saved (the config holds them)
 WRAPPER = "token_adapter"  # PEFT's module between the embedding and the rows in a LoRA adapter
 CARRIED_FIELD = "trainable_token_indices"
 
@@ -114,11 +114,13 @@ def _attach(job: SpliceInput) -> tuple[TokensDetail, list[str]]:
     for path in (home, *params.tied):
         _owner(job.gm, path).register_parameter(name, delta)
         targets.append(f"{path}.{name}" if path else name)
+    holder = torch.nn.Module()  # a module, so the adapter's attached targets hold no integer parameter
+    holder.register_buffer("ids", torch.tensor(params.token_indices, dtype=torch.long,
+                                               device=weight.device), persistent=False)
     index = adapter_component(INDEX, adapter)
-    indices = torch.tensor(params.token_indices, dtype=torch.long, device=weight.device)
-    _owner(job.gm, home).register_buffer(index, indices, persistent=False)
+    _owner(job.gm, home).add_module(index, holder)
     index_target = f"{home}.{index}" if home else index
-    return TokensDetail(site.weight_target, targets[0], index_target, params.token_indices), \
+    return TokensDetail(site.weight_target, targets[0], f"{index_target}.ids", params.token_indices), \
         [*targets, index_target]
 
 
