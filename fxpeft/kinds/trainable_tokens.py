@@ -28,7 +28,7 @@ from fxpeft.capture.quantized import weight_so_far
 from fxpeft.errors import FxpeftError
 from fxpeft.formats.peft_format import PeftFormat, PeftFormatError, full_regex, names_regex
 from fxpeft.graph.gates import check_sample_names, gate_node
-from fxpeft.graph.targets import fetch
+from fxpeft.graph.targets import fetch, place
 from fxpeft.match.query import Match
 from fxpeft.names import ADAPTER_META, GATE_META, AdapterNode, adapter_component, is_fxpeft_node
 from fxpeft.registry import AdapterKind, SpliceInput, Spliced, initialising
@@ -82,17 +82,6 @@ class TokensDetail:
     indices: tuple[int, ...]
 
 
-def _owner(gm: torch.nn.Module, path: str) -> torch.nn.Module:
-    """The module at ``path``, created empty where the graph has none (a tied head whose
-    weight export keeps under the embedding's name)."""
-    module = gm
-    for part in [p for p in path.split(".") if p]:
-        if part not in module._modules:
-            module.add_module(part, torch.nn.Module())
-        module = module._modules[part]
-    return module
-
-
 def _rows(job: SpliceInput, weight: torch.Tensor) -> torch.Tensor:
     indices = list(job.params.token_indices)
     if len(set(indices)) != len(indices) or not all(0 <= i < weight.shape[0] for i in indices):
@@ -111,15 +100,15 @@ def _attach(job: SpliceInput) -> tuple[TokensDetail, list[str]]:
     name = adapter_component(DELTA, adapter)
     home = ".".join(p for p in (site.module_path, params.wrapper) if p)
     targets = []
-    for path in (home, *params.tied):
-        _owner(job.gm, path).register_parameter(name, delta)
+    for path in (home, *params.tied):  # a tied head export kept no module of gets a plain one
         targets.append(f"{path}.{name}" if path else name)
+        place(job.gm, targets[-1], delta)
     holder = torch.nn.Module()  # a module, so the adapter's attached targets hold no integer parameter
     holder.register_buffer("ids", torch.tensor(params.token_indices, dtype=torch.long,
                                                device=weight.device), persistent=False)
     index = adapter_component(INDEX, adapter)
-    _owner(job.gm, home).add_module(index, holder)
     index_target = f"{home}.{index}" if home else index
+    place(job.gm, index_target, holder)
     return TokensDetail(site.weight_target, targets[0], f"{index_target}.ids", params.token_indices), \
         [*targets, index_target]
 
