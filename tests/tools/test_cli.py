@@ -48,6 +48,7 @@ BUILTIN_KINDS = [
     "p_tuning: sites input_embedding; PEFT P_TUNING; cannot merge (p-tuning adds",
     "lokr: sites linear, conv; PEFT LOKR; merges",
     "prefix_tuning: sites attention_op; PEFT PREFIX_TUNING; cannot merge (prefix tuning adds",
+    "trainable_tokens: sites embedding; PEFT TRAINABLE_TOKENS; merges",
 ]
 
 
