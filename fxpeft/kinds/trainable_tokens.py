@@ -303,4 +303,6 @@ KIND = AdapterKind(
     name="trainable_tokens", params=TrainableTokensParams, splice=splice, merge=merge,
     components=(DELTA, INDEX),
     peft=PeftFormat("TRAINABLE_TOKENS", rules_to_config, config_to_rules,
-                    frozenset({"token_indices", "target_modules", "init_weights"})))
+                    frozenset({"token_indices", "target_modules", "init_weights"})),
+    no_weight_delta="trainable tokens replace whole rows of the embedding table (new token "
+                    "embeddings), which vLLM-style LoRA servers do not load")
