@@ -40,6 +40,7 @@ DELTA = "trainable_tokens_delta"
 INDEX = "trainable_tokens_index"  # holds the rows' ids: a buffer, never saved (the config holds them)
 WRAPPER = "token_adapter"  # PEFT's module between the embedding and the rows in a LoRA adapter
 CARRIED_FIELD = "trainable_token_indices"
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # tables whose rows train in fp32 (lora.py imports us)
 
 
 def _string(value: Any) -> str | None:
@@ -87,9 +88,10 @@ def _rows(job: SpliceInput, weight: torch.Tensor) -> torch.Tensor:
     if len(set(indices)) != len(indices) or not all(0 <= i < weight.shape[0] for i in indices):
         raise FxpeftError(f"{job.site.module_path}: token_indices {indices} must be distinct rows "
                           f"of its {weight.shape[0]} embeddings")
+    dtype = torch.float32 if weight.dtype in HALF_DTYPES else weight.dtype  # PEFT's autocast
     if job.params.init or not initialising():
-        return weight.detach()[indices].clone()
-    return torch.randn(len(indices), weight.shape[1], dtype=weight.dtype, device=weight.device)
+        return weight.detach()[indices].to(dtype)
+    return torch.randn(len(indices), weight.shape[1], dtype=dtype, device=weight.device)
 
 
 def _attach(job: SpliceInput) -> tuple[TokensDetail, list[str]]:
@@ -129,12 +131,16 @@ def _new_table(job: SpliceInput, table: torch.fx.Node, detail: TokensDetail) -> 
     with graph.inserting_before(table.next):
         index, delta = graph.get_attr(detail.index), graph.get_attr(detail.delta)
         gate = gate_node(job.gm, job.adapter, weight)
+    casts = []
+    if fetch(job.gm, detail.delta).dtype != weight.dtype:  # fp32 rows on a half table, as PEFT
+        with graph.inserting_after(delta):
+            casts = [graph.call_function(aten._to_copy.default, (delta,), {"dtype": weight.dtype})]
     with graph.inserting_before(gate.next):
         old = graph.call_function(aten.index_select.default, (table, 0, index))
         on = graph.call_function(aten.gt.Scalar, (gate, 0))
-        rows = graph.call_function(aten.where.self, (on, delta, old))
+        rows = graph.call_function(aten.where.self, (on, casts[0] if casts else delta, old))
         new = graph.call_function(aten.index_copy.default, (table, 0, index, rows))
-    return [index, delta, old, on, rows, new]
+    return [index, delta, *casts, old, on, rows, new]
 
 
 def _lookup(job: SpliceInput, call: torch.fx.Node, detail: TokensDetail) -> list[torch.fx.Node]:

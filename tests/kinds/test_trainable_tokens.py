@@ -81,6 +81,18 @@ def test_peft_folders_load_both_ways_and_merge(tmp_path, form, tied):
                                rtol=0, atol=ATOL)
 
 
+def test_a_bf16_table_gets_fp32_rows_and_peft_s_logits(tmp_path):
+    """PEFT's autocast_adapter_dtype: the rows train in fp32, the graph casts them to the table's."""
+    base = tiny_llama().to(torch.bfloat16)
+    gm = fxpeft.rewrite(base, TrainableTokensConfig(token_indices=ROWS))
+    assert gm.get_parameter("model.embed_tokens.trainable_tokens_delta").dtype == torch.float32
+    torch.testing.assert_close(logits(gm, IDS), logits(base, IDS), rtol=0, atol=0)
+    peft_model = get_peft_model(tiny_llama().to(torch.bfloat16), TrainableTokensConfig(token_indices=ROWS)).eval()
+    _moved(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    torch.testing.assert_close(logits(fxpeft.load(base, tmp_path), IDS), logits(peft_model, IDS), rtol=0, atol=0)
+
+
 def test_saved_keys_are_peft_s(tmp_path):
     from safetensors.torch import load_file
     alone = fxpeft.save(fxpeft.rewrite(tiny_llama(tie_word_embeddings=True), _configs()["alone"]), tmp_path / "a")
