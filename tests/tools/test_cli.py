@@ -49,6 +49,7 @@ BUILTIN_KINDS = [
     "lokr: sites linear, conv; PEFT LOKR; merges",
     "prefix_tuning: sites attention_op; PEFT PREFIX_TUNING; cannot merge (prefix tuning adds",
     "alora: sites linear; PEFT LORA; cannot merge (aLoRA applies only from the invocation",
+    "trainable_tokens: sites embedding; PEFT TRAINABLE_TOKENS; merges",
 ]
 
 
