@@ -126,7 +126,10 @@ def test_layers_of_a_few_kinds_are_replicated_one_per_kind(family, monkeypatch, 
     assert len(plan.held) == held and len(set(plan.kinds)) == kinds
     assert program.layer_count == count
     ids = token_batch()
-    torch.testing.assert_close(program.graph_module(ids)[0], model(ids).logits, rtol=0, atol=1e-5)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "position_ids": torch.arange(ids.shape[1]).expand(ids.shape[0], -1)}
+    logits = program.graph_module(*(inputs[name] for name in program.info.inputs))[0]
+    torch.testing.assert_close(logits, model(ids).logits, rtol=0, atol=1e-5)
 
 
 def test_gemma3_layers_read_their_kinds_rotary_table_and_mask(monkeypatch, caplog):
