@@ -104,6 +104,7 @@ class Plan:
         return {self.kinds[index]: position for position, index in enumerate(self.held)}
 
     def kind_at(self, position: int) -> int:
+        """The kind of the layer at shallow ``position``."""
         return self.kinds[self.held[position]]
 
     def source(self, index: int) -> int:

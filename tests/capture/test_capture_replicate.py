@@ -47,7 +47,7 @@ def _one_gelu_layer():
 
 # Models whose layers come in kinds: (builder, layers the shallow export holds, kinds).
 PER_KIND = {
-    "gemma3_sliding_full": (tiny_gemma3, 4, 2),  # S S S S S F S: layers 0, 5, 6 and the last
+    "gemma3_sliding_full": (tiny_gemma3, 3, 2),  # S S S S S F S: layers 0, 5 and 6
     "qwen2_mixed": (lambda: tiny_qwen2(num_hidden_layers=6, use_sliding_window=True, sliding_window=4,
                                        max_window_layers=3), 4, 2),  # F F F S S S: 0, 2, 3, 5
     "llama_one_gelu_layer": (_one_gelu_layer, 3, 2),  # a module of another class: 0, 1, 3
