@@ -2,8 +2,8 @@
 the emit step (``fxpeft.runtime.emit``) builds the ``AdaptedModule`` from it.
 
 HF transformers models go through non-strict ``torch.export`` with dynamic batch and sequence
-dimensions (a model of identical layers exports its first and last layers only, and
-``fxpeft.capture.replicate`` copies the layer's subgraph for the rest); plain modules through
+dimensions (a model exports the first and last layer of each kind of layer only, and
+``fxpeft.capture.replicate`` copies each kind's subgraph for the rest); plain modules through
 ``torch.fx.symbolic_trace`` (with user leaf modules), falling back to ``torch.export`` when
 example inputs are given.
 """
@@ -203,17 +203,19 @@ def _exported(model: torch.nn.Module, inputs: dict[str, Any]) -> Program:
 
 
 def _replicated(model: torch.nn.Module, inputs: dict[str, Any]) -> Program | None:
-    """The full graph built from an export of the first and last layers, or None (with the
-    reason in the debug log) where ``fxpeft.capture.replicate`` cannot show it is the same graph."""
+    """The full graph built from an export of the first and last layer of each kind, or None
+    (with the reason in the debug log) where ``fxpeft.capture.replicate`` cannot show it is the
+    same graph."""
     try:
         stack = replicate.find_layer_stack(model)
+        plan = replicate.plan_layers(model, stack)
         program = replicate.captured_once(
-            model, lambda shallow: _hf_program(model, _export(shallow, inputs), tuple(inputs)), stack)
+            model, lambda shallow: _hf_program(model, _export(shallow, inputs), tuple(inputs)), stack, plan)
     except (replicate.NotReplicable, CaptureError) as why:
         log.debug("capture: %s exported whole, not replicated: %s", type(model).__name__, why)
         return None
-    log.debug("capture: %s replicated from 2 of its %d layers", type(model).__name__,
-              len(stack.layers))
+    log.debug("capture: %s replicated from %d of its %d layers (%d kinds)", type(model).__name__,
+              len(plan.held), len(stack.layers), len(set(plan.kinds)))
     return program
 
 
