@@ -136,7 +136,7 @@ def _capture_hf(model: torch.nn.Module, example_inputs: Any, cacheable: bool = T
     inputs = {"input_ids": inputs.pop("input_ids"), **inputs}
     # Quantized layers are not the model's parameters: the cache could not rebind them.
     key = capture_cache.cache_key(model, inputs) if cacheable and capture_cache.enabled() else None
-    cached = capture_cache.lookup(key, model) if key is not None else None
+    cached = capture_cache.lookup(key, model, disk=True) if key is not None else None
     if cached is not None:
         log.debug("capture: %s from the capture cache", type(model).__name__)
         return cached
@@ -147,7 +147,7 @@ def _capture_hf(model: torch.nn.Module, example_inputs: Any, cacheable: bool = T
     program.info = replace(program.info, positions=default, packs=packs,
                            max_seq=program.info.max_seq or _learned_positions(model, inputs))
     if key is not None:
-        capture_cache.store(key, model, program)
+        capture_cache.store(key, model, program, disk=True)
     return program
 
 
