@@ -17,6 +17,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -24,7 +25,7 @@ from common import machine_line  # noqa: E402
 
 _LOAD = """
 import json, time, torch
-from fxpeft.models import load_smollm2
+from fxpeft.helpers.models import load_smollm2
 model, _ = load_smollm2()
 layers = {layers}
 model.model.layers = model.model.layers[:layers]  # the first layers, as a shallower SmolLM2
@@ -57,10 +58,18 @@ print(json.dumps([first, float("nan"), generate_first, generate_second]))
 MEASURES = ("first call", "second call", "first generate", "second generate")
 
 
-def child_seconds(layers: int, side: str) -> list[float]:
+def child_seconds(layers: int, side: str, capture_cache: str | None = None) -> list[float]:
     """The seconds of ``MEASURES`` in a fresh process: ``side`` is "fxpeft" (replication on),
-    "fxpeft whole" (``FXPEFT_REPLICATE=0``) or "PEFT" (its first call is ``get_peft_model``)."""
-    env = {**os.environ, "FXPEFT_REPLICATE": "0" if side == "fxpeft whole" else "1"}
+    "fxpeft whole" (``FXPEFT_REPLICATE=0``) or "PEFT" (its first call is ``get_peft_model``).
+    ``capture_cache`` is the on-disk capture cache folder the process uses (``fxpeft.capture.
+    disk_cache``); by default an empty one of its own, so the first call captures cold."""
+    with tempfile.TemporaryDirectory() as empty:
+        env = {**os.environ, "FXPEFT_REPLICATE": "0" if side == "fxpeft whole" else "1",
+               "FXPEFT_CAPTURE_CACHE_DIR": capture_cache or empty}
+        return _run_child(layers, side, env)
+
+
+def _run_child(layers: int, side: str, env: dict[str, str]) -> list[float]:
     code = (_PEFT if side == "PEFT" else _FXPEFT).format(layers=layers)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=Path(__file__).parent.parent)
@@ -73,6 +82,19 @@ def rewrite_seconds(layers: int, replicate: bool) -> tuple[float, float]:
     """(first call, second call) seconds of ``fxpeft.rewrite`` in a fresh process."""
     first, second, *_ = child_seconds(layers, "fxpeft" if replicate else "fxpeft whole")
     return first, second
+
+
+def new_process_seconds(layers: int, repeat: int = 3) -> tuple[float, float, float]:
+    """Medians over ``repeat`` rounds of (cold: the first ``rewrite`` in a new process with an
+    empty capture cache; warm: the first ``rewrite`` in another new process that finds the
+    first one's capture on disk; the second call in the warm process)."""
+    rounds = []
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory() as folder:
+            cold = child_seconds(layers, "fxpeft", folder)[0]
+            warm, second, *_ = child_seconds(layers, "fxpeft", folder)
+        rounds.append((cold, warm, second))
+    return tuple(statistics.median(r[i] for r in rounds) for i in range(3))
 
 
 def main() -> None:

@@ -259,7 +259,8 @@ def _note_symbols(expr: Any, shape_env: Any, symbols: dict[str, list[Any]]) -> N
     for symbol in expr.free_symbols:
         name = str(symbol)
         if name not in symbols:
-            hint = shape_env.var_to_val.get(symbol)
+            hints = getattr(shape_env, "backed_var_to_val", None)  # torch 2.13; var_to_val before
+            hint = (hints if hints is not None else shape_env.var_to_val).get(symbol)
             bounds = shape_env.var_to_range.get(symbol)
             if hint is None or bounds is None:
                 raise Unstorable(f"size symbol {name} without a hint")

@@ -29,6 +29,20 @@ def cache_folder(tmp_path, monkeypatch):
     capture_cache.clear()
 
 
+@pytest.fixture(scope="module")
+def llama_file(tmp_path_factory):
+    """(file name, text, graph signature) of tiny_llama's capture: captured once for the module."""
+    folder = tmp_path_factory.mktemp("capture")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FXPEFT_CAPTURE_CACHE_DIR", str(folder))
+        patch.delenv("FXPEFT_CAPTURE_CACHE", raising=False)
+        capture_cache.clear()
+        program = capture(tiny_llama())
+        capture_cache.clear()
+    (path,) = folder.iterdir()
+    return path.name, path.read_text(), graph_signature(program.graph)
+
+
 def files(folder) -> list:
     return sorted(p.name for p in folder.iterdir())
 
@@ -93,8 +107,9 @@ def _renamed():
 
 
 @pytest.mark.parametrize("change", ["config", "class", "transformers", "torch"])
-def test_a_changed_config_class_or_version_misses(change, cache_folder, caplog, monkeypatch):
-    captured(tiny_llama(), caplog)
+def test_a_changed_config_class_or_version_misses(change, cache_folder, caplog, monkeypatch, llama_file):
+    name, text, _ = llama_file
+    (cache_folder / name).write_text(text)
     assert captured(tiny_llama(), caplog)[1]
     torch_version, transformers_version = capture_cache._versions()
     model = tiny_llama()
@@ -138,23 +153,23 @@ def _tamper(text: str, how: str) -> bytes:
 
 @pytest.mark.parametrize("how", ["garbage", "truncated", "another key", "os.system", "a builtin",
                                  "code in a size", "a later node", "a strange tag"])
-def test_a_corrupt_or_tampered_file_is_ignored_and_rewritten(how, cache_folder, caplog, monkeypatch):
-    model = tiny_llama()
-    fresh = captured(model, caplog)[0]
-    (path,) = cache_folder.iterdir()
-    good = path.read_text()
+def test_a_corrupt_or_tampered_file_is_ignored_and_rewritten(how, cache_folder, caplog, monkeypatch,
+                                                            llama_file):
+    name, good, fresh = llama_file
+    path = cache_folder / name
     path.write_bytes(_tamper(good, how))
+    model = tiny_llama()
     monkeypatch.setattr(os, "system", lambda *a: pytest.fail("a file ran code"))
     program, hit, ignored = captured(model, caplog)
     assert not hit and len(ignored) == 1
-    assert graph_signature(program.graph) == graph_signature(fresh.graph)
+    assert graph_signature(program.graph) == fresh
     assert path.read_text() == good  # the fresh capture wrote it again
     assert captured(model, caplog)[1]
 
 
-def test_reading_a_file_never_unpickles(cache_folder, caplog, monkeypatch):
+def test_reading_a_file_never_unpickles(cache_folder, caplog, monkeypatch, llama_file):
     model = tiny_llama()
-    captured(model, caplog)
+    (cache_folder / llama_file[0]).write_text(llama_file[1])
 
     def refuse(*args, **kwargs):
         raise AssertionError("unpickled")
@@ -174,7 +189,7 @@ def test_writes_are_atomic_and_a_failed_write_leaves_nothing(cache_folder, caplo
         program, hit, _ = captured(model, caplog)  # the capture itself goes on
     assert not hit and program.graph_module is not None
     assert files(cache_folder) == []
-    captured(model, caplog)
+    assert disk_cache.save(("a key",), program.graph, program.info)
     assert [name.startswith(".tmp") for name in files(cache_folder)] == [False]
 
 
@@ -197,10 +212,26 @@ capture(tiny_llama())
 """
 
 
-def test_a_new_process_reads_the_file(cache_folder, caplog):
-    captured(tiny_llama(), caplog)
+def test_a_new_process_reads_the_file(cache_folder, llama_file):
+    (cache_folder / llama_file[0]).write_text(llama_file[1])
     code = _CHILD.format(root=str(REPO_ROOT), tests=str(REPO_ROOT / "tests"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "FXPEFT_CAPTURE_CACHE_DIR": str(cache_folder)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "read from the capture cache file" in out.stdout
+
+
+@pytest.mark.parametrize("build", [lambda: tiny_llama(num_hidden_layers=4),
+                                   lambda: tiny_gpt2(n_layer=4)], ids=["llama", "gpt2"])
+def test_the_position_probe_answers_on_the_shallow_copy_as_on_the_whole_model(build):
+    """Cold ``rewrite`` probes positions on the first and last layers only (``probe_model``)."""
+    from fxpeft.capture import positions
+    from fxpeft.capture.export import probe_model
+    from fxpeft.capture.hf import example_inputs
+    model = build()
+    shallow = probe_model(model)
+    assert shallow is not model and len(list(shallow.modules())) < len(list(model.modules()))
+    inputs = example_inputs(model)
+    assert positions.probe(shallow, dict(inputs)) == positions.probe(model, dict(inputs))
+    unpadded = {"input_ids": inputs["input_ids"]}
+    assert positions.probe(shallow, dict(unpadded)) == positions.probe(model, dict(unpadded))
