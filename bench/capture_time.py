@@ -22,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -29,7 +30,7 @@ from common import machine_line  # noqa: E402
 
 _LOAD = """
 import json, time, torch
-from fxpeft.models import load_smollm2
+from fxpeft.helpers.models import load_smollm2
 model, _ = load_smollm2()
 layers = {layers}
 model.model.layers = model.model.layers[:layers]  # the first layers, as a shallower SmolLM2
@@ -81,11 +82,20 @@ print(json.dumps([first, float("nan"), generate_first, generate_second]))
 MEASURES = ("first call", "second call", "first generate", "second generate")
 
 
-def child_seconds(layers: int, side: str, model: str = "smollm2") -> list[float]:
+def child_seconds(layers: int, side: str, capture_cache: str | None = None,
+                  model: str = "smollm2") -> list[float]:
     """The seconds of ``MEASURES`` in a fresh process: ``side`` is "fxpeft" (replication on),
     "fxpeft whole" (``FXPEFT_REPLICATE=0``) or "PEFT" (its first call is ``get_peft_model``);
-    ``model`` "gemma3" measures the two rewrites only (the generate measures are nan)."""
-    env = {**os.environ, "FXPEFT_REPLICATE": "0" if side == "fxpeft whole" else "1"}
+    ``model`` "gemma3" measures the two rewrites only (the generate measures are nan).
+    ``capture_cache`` is the on-disk capture cache folder the process uses (``fxpeft.capture.
+    disk_cache``); by default an empty one of its own, so the first call captures cold."""
+    with tempfile.TemporaryDirectory() as empty:
+        env = {**os.environ, "FXPEFT_REPLICATE": "0" if side == "fxpeft whole" else "1",
+               "FXPEFT_CAPTURE_CACHE_DIR": capture_cache or empty}
+        return _run_child(layers, side, env, model)
+
+
+def _run_child(layers: int, side: str, env: dict[str, str], model: str) -> list[float]:
     if model == "gemma3":
         code = (_LOAD_GEMMA3 + _REWRITE_ONLY).format(layers=layers)
     else:
@@ -103,6 +113,19 @@ def rewrite_seconds(layers: int, replicate: bool) -> tuple[float, float]:
     return first, second
 
 
+def new_process_seconds(layers: int, repeat: int = 3) -> tuple[float, float, float]:
+    """Medians over ``repeat`` rounds of (cold: the first ``rewrite`` in a new process with an
+    empty capture cache; warm: the first ``rewrite`` in another new process that finds the
+    first one's capture on disk; the second call in the warm process)."""
+    rounds = []
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory() as folder:
+            cold = child_seconds(layers, "fxpeft", folder)[0]
+            warm, second, *_ = child_seconds(layers, "fxpeft", folder)
+        rounds.append((cold, warm, second))
+    return tuple(statistics.median(r[i] for r in rounds) for i in range(3))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 30])
@@ -116,7 +139,7 @@ def main() -> None:
     for _ in range(args.repeat):  # interleaved, so load changes hit every measure alike
         for layers in args.layers:
             for side in sides:
-                runs.setdefault(f"{layers} layers, {side}", []).append(child_seconds(layers, side, args.model))
+                runs.setdefault(f"{layers} layers, {side}", []).append(child_seconds(layers, side, model=args.model))
     results = {}
     for label, times in runs.items():
         medians = {name: statistics.median(t[i] for t in times) for i, name in enumerate(MEASURES)}
