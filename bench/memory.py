@@ -18,6 +18,12 @@ weights, for machines without the real checkpoint.
     python bench/memory.py [--model smollm2|smollm2-shape|llama] [--batch 4 --seq 128 --steps 2]
                            [--variants A,B] [--device cuda]
     python bench/memory.py --step-time 7    # step time only: PEFT, fxpeft, fused, interleaved
+    python bench/memory.py --model llama --max-context 192   # longest batch-1 context in 192 MiB
+
+``--max-context MIB`` finds, per variant (by default PEFT + HF checkpointing and the fused copy
+with checkpointing), the longest sequence at batch 1 whose ``training`` peak (the same measure,
+one step) stays within MIB: it doubles the length from ``--seq`` until a step no longer fits,
+then bisects between the last length that fitted and the first that did not, to 1/8 of it.
 
 Step times from the memory children are each from a separate process and only a few steps, so
 ``--step-time N`` measures them properly instead: the three sides on one model in one process,
@@ -32,6 +38,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import exit_on_sigterm, interleaved_medians, machine_line, run_child, synchronize  # noqa: E402
@@ -173,12 +180,16 @@ def main() -> None:
                         help="seconds a variant's process may take before it is reported and skipped")
     parser.add_argument("--step-time", type=int, default=0, metavar="N",
                         help="instead: step times of PEFT, fxpeft and fused, interleaved, N steps")
+    parser.add_argument("--max-context", type=float, default=0, metavar="MIB",
+                        help="instead: the longest batch-1 sequence whose training peak fits in MIB")
     args = parser.parse_args()
     if args.variant:
         return child(args)
     if args.step_time:
         return step_times(args)
     exit_on_sigterm()
+    if args.max_context:
+        return max_context(args)
     print(f"{args.model} on {args.device}, batch {args.batch} x {args.seq}, LoRA q,v, {args.steps} AdamW steps\n"
           f"{machine_line()}")
     results = {}
@@ -201,6 +212,64 @@ def main() -> None:
         results[variant] = json.loads(stdout.strip().splitlines()[-1])
     if "PEFT" in results:
         print_table(results)
+
+
+CONTEXT_VARIANTS = ("PEFT + HF checkpointing", "fxpeft fused + checkpoint")
+
+
+def _training_peak(args: argparse.Namespace, variant: str, seq: int) -> float | None:
+    """One variant's ``training`` peak (MiB) for one step at batch 1 x ``seq``, in a fresh
+    process; None if it ran past the timeout."""
+    command = [sys.executable, __file__, "--variant", variant, "--model", args.model, "--device",
+               args.device, "--batch", "1", "--seq", str(seq), "--steps", "1"]
+    steady = STEADY_MALLOC_ENV if args.device == "cpu" else {}
+    code, stdout, stderr = run_child(command, {**os.environ, **steady}, args.timeout)
+    if code:
+        raise SystemExit(f"{variant} at {seq} tokens failed:\n{stderr[-2000:]}")
+    if code is None:
+        return None
+    result = json.loads(stdout.strip().splitlines()[-1])
+    return result["peak"] - result["loaded"]
+
+
+def longest_fitting(fits: "Callable[[int], bool]", start: int, resolution: int = 8) -> tuple[int, int]:
+    """``(longest length that fits, first that did not)``: doubling from ``start`` until
+    ``fits`` fails, then bisecting to 1/``resolution`` of the last doubling (0 if even
+    ``start`` does not fit).
+
+    >>> longest_fitting(lambda n: n <= 1000, 128)
+    (960, 1024)
+    >>> longest_fitting(lambda n: False, 128)
+    (0, 128)
+    """
+    good, bad = 0, start
+    while fits(bad):
+        good, bad = bad, bad * 2
+    step = max(1, (bad - good) // resolution) if good else 1
+    while bad - good > step and good:
+        middle = (good + bad) // 2 // step * step
+        good, bad = (middle, bad) if fits(middle) else (good, middle)
+    return good, bad
+
+
+def max_context(args: argparse.Namespace) -> None:
+    """Per variant, the longest batch-1 sequence whose training peak fits in the budget."""
+    chosen = [v.strip() for v in args.variants.split(",")] if args.variants != ",".join(VARIANTS) \
+        else list(CONTEXT_VARIANTS)
+    print(f"{args.model} on {args.device}, batch 1, LoRA q,v, one AdamW step: the longest sequence "
+          f"whose training peak fits in {args.max_context:.0f} MiB\n{machine_line()}", flush=True)
+    longest = {}
+    for variant in chosen:
+        def fits(seq: int, variant: str = variant) -> bool:
+            peak = _training_peak(args, variant, seq)
+            print(f"  {variant:<30}{seq:>7} tokens: "
+                  f"{'timed out' if peak is None else f'{peak:.0f} MiB'}", flush=True)
+            return peak is not None and peak <= args.max_context
+        longest[variant] = longest_fitting(fits, args.seq)
+    first = longest[chosen[0]][0]
+    for variant, (good, bad) in longest.items():
+        ratio = f"{good / first:.2f} x {chosen[0]}" if first else ""
+        print(f"  {variant:<30} fits {good} tokens (not {bad})  {ratio}")
 
 
 def print_table(results: dict[str, dict]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -67,3 +68,37 @@ def own_memory(model: torch.nn.Module) -> None:
             tensor.data = tensor.data.clone()
     gc.collect()
     release_freed_memory()
+
+
+class SavedTensors:
+    """Counts the bytes autograd saves while it is active, once per storage, by label.
+
+    >>> x = torch.randn(4, 8, requires_grad=True)
+    >>> with SavedTensors() as saved:
+    ...     y = (x * x).sum()
+    >>> saved.total(), dict(saved.by_label)  # x kept once, though ``mul`` saves it twice
+    (128, {('?', (4, 8)): 128})
+    """
+
+    def __init__(self, exclude: "list[torch.Tensor] | None" = None) -> None:
+        self.by_label: dict[tuple[str, tuple], int] = defaultdict(int)
+        self.label = "?"
+        self._seen: set[int] = {t.untyped_storage().data_ptr() for t in exclude or []}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._seen and storage.device.type != "meta":
+            self._seen.add(storage.data_ptr())
+            self.by_label[(self.label, tuple(tensor.shape))] += storage.nbytes()
+        return tensor
+
+    def total(self) -> int:
+        return sum(self.by_label.values())
+
+    def __enter__(self) -> "SavedTensors":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)

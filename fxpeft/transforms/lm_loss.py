@@ -19,8 +19,22 @@ import torch
 
 from fxpeft.transforms.cpu_gemm import project
 
-CHUNK_TOKENS = 1024
+# Each chunk's logits (and their softmax, made beside them) stay under this many bytes: with a
+# fixed token count, a batch of up to that many tokens made its whole [tokens, vocab] logits at
+# once, the largest tensor of a fused step (two of them: 192 MiB at 512 tokens of a 49,152 vocab).
+CHUNK_LOGITS_BYTES = 24 * 2 ** 20
+MIN_CHUNK_TOKENS = 64  # below this the head's GEMM runs slowly on the CPU
 IGNORE_INDEX = -100
+
+
+def chunk_tokens(vocab: int, element_size: int) -> int:
+    """How many tokens one chunk of the fused loss takes: as many as keep its logits within
+    ``CHUNK_LOGITS_BYTES``, and at least ``MIN_CHUNK_TOKENS``.
+
+    >>> chunk_tokens(49152, 4), chunk_tokens(128256, 4), chunk_tokens(1000, 4)
+    (128, 64, 6291)
+    """
+    return max(MIN_CHUNK_TOKENS, CHUNK_LOGITS_BYTES // (vocab * element_size))
 
 
 @torch.library.custom_op("fxpeft::chunked_linear_cross_entropy", mutates_args=())
@@ -39,8 +53,9 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     total = hidden.new_zeros((), dtype=torch.float32)
     grad_hidden = torch.zeros_like(hidden)
     grad_weight = torch.zeros_like(weight) if weight_grad else weight.new_empty(0)
-    for start in range(0, hidden.shape[0], CHUNK_TOKENS):
-        rows, wanted = hidden[start:start + CHUNK_TOKENS], targets[start:start + CHUNK_TOKENS]
+    step = chunk_tokens(weight.shape[0], weight.element_size())
+    for start in range(0, hidden.shape[0], step):
+        rows, wanted = hidden[start:start + step], targets[start:start + step]
         logits = project(rows, weight)  # oneDNN's GEMM on the CPU (fxpeft.transforms.cpu_gemm)
         counted = wanted != IGNORE_INDEX
         safe = torch.where(counted, wanted, 0)
@@ -48,7 +63,7 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
         dlogits = torch.softmax(logits, -1)
         dlogits[torch.arange(len(safe)), safe] -= 1
         dlogits *= counted[:, None]
-        grad_hidden[start:start + CHUNK_TOKENS] = project(dlogits, weight.t())
+        grad_hidden[start:start + step] = project(dlogits, weight.t())
         if weight_grad:
             grad_weight += dlogits.T @ rows
     return total, grad_hidden, grad_weight
