@@ -14,6 +14,8 @@ of the model's dtype that this script times on the same device at start-up.
 Rows:
 - eager: one AdamW training step, LoRA q,v (r=8, alpha=16, dropout 0): fxpeft's graph, its fused
   copy (``fxpeft.fuse``), PEFT.
+- bf16: the eager step on a bf16 base with fp32 adapters, as PEFT autocasts them (CPUs with
+  AVX-512 BF16 or AMX; skipped, saying so, elsewhere).
 - compiled: the same step under ``torch.compile`` (inductor), each side warmed up first.
 - cudagraphs (GPU): the same step under ``torch.compile(mode="reduce-overhead")``, which
   records CUDA graphs where the compiled graph has no break.
@@ -53,7 +55,7 @@ from flops import DecoderShape, gemm_size, lora_step_flops, measured_peak_flops,
 
 import fxpeft  # noqa: E402
 
-ROWS = ("eager", "compiled", "cudagraphs", "adapters", "mixed", "inference", "rewrite", "compile_time")
+ROWS = ("eager", "bf16", "compiled", "cudagraphs", "adapters", "mixed", "inference", "rewrite", "compile_time")
 TRAINING_ROWS = {"eager", "compiled", "cudagraphs", "adapters"}  # these print tokens/s and MFU
 
 
@@ -134,6 +136,26 @@ def row_eager(args, base, ids, results, step: StepMeasure) -> None:
     sides = {"fxpeft": training_step(gm, ids), "fxpeft fused": training_step(fxpeft.fuse(gm), ids),
              "PEFT": training_step(peft_lora(copy.deepcopy(base)), ids)}
     report("eager training step (LoRA q,v)", interleaved_medians(sides, args.steps, 2), "PEFT", results, step)
+
+
+def bf16_supported() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): elsewhere bf16 GEMMs are
+    emulated, and a bf16 row would time the emulation."""
+    from fxpeft.transforms.cpu_gemm import native_bf16
+    return native_bf16()
+
+
+def row_bf16(args, base, ids, results) -> None:
+    """The eager row on a bf16 base with fp32 adapters (PEFT's ``autocast_adapter_dtype``)."""
+    if base.device.type == "cpu" and not bf16_supported():
+        print("\nbf16: skipped (this CPU has no avx512_bf16 / amx_bf16: bf16 GEMMs would be emulated)")
+        return
+    base = copy.deepcopy(base).to(torch.bfloat16)
+    gm = fxpeft.rewrite(copy.deepcopy(base), "lora_qv", dropout=0.0)
+    sides = {"fxpeft bf16": training_step(gm, ids), "fxpeft fused bf16": training_step(fxpeft.fuse(gm), ids),
+             "PEFT bf16": training_step(peft_lora(copy.deepcopy(base)), ids)}
+    report("eager training step, bf16 base, fp32 LoRA q,v", interleaved_medians(sides, args.steps, 2),
+           "PEFT bf16", results, StepMeasure(args, base))  # MFU against a bf16 GEMM
 
 
 def row_compiled(args, base, ids, results, step: StepMeasure) -> None:
@@ -326,6 +348,7 @@ def main() -> None:
     training = TRAINING_ROWS & set(rows)
     step = StepMeasure(args, base) if training else None
     runners = {"eager": lambda: row_eager(args, base, ids, results, step),
+               "bf16": lambda: row_bf16(args, base, ids, results),
                "compiled": lambda: row_compiled(args, base, ids, results, step),
                "cudagraphs": lambda: row_cudagraphs(args, base, ids, results, step),
                "adapters": lambda: row_adapters(args, base, ids, results, step),

@@ -24,7 +24,7 @@ the order and reports what each changed, with its time:
   alone, unless ``shared_dropout=True`` (a semantic choice: one mask for sibling branches).
 - ``fuse_lm_loss``: in train mode with labels, a causal LM's head and loss become a chunked
   linear cross-entropy that never holds the full logits (``fxpeft.transforms.lm_loss``);
-  ``.logits`` is then None. Only where exact: a plain fp32 head without an adapter.
+  ``.logits`` is then None. Only where exact: a plain fp32 or bf16 head without an adapter.
 - ``causal_mask``: where the caller's ``attention_mask`` is absent or all ones, SDPA runs with
   ``is_causal=True`` and the 4-D mask is not built, as eager transformers does
   (``fxpeft.transforms.causal_mask``; only where checked exact).
@@ -192,23 +192,26 @@ def strip_leftovers(gm: torch.fx.GraphModule) -> int:
     return removed + before - len(gm.graph.nodes)
 
 
-def _plain_fp32_head(node: Any) -> bool:
-    """An un-adapted ``linear(h, W)`` in fp32: where the fused loss is exact."""
+FUSED_LOSS_DTYPES = (torch.float32, torch.bfloat16)  # transformers' loss upcasts bf16 logits
+
+
+def _plain_head(node: Any) -> bool:
+    """An un-adapted ``linear(h, W)`` in fp32 or bf16 (both the same): where the fused loss is exact."""
     if not isinstance(node, torch.fx.Node) or node.target != aten.linear.default or \
             len(node.args) != 2 or adapter_node(node) is not None or len(node.users) != 1:
         return False
     values = [a.meta.get("val") for a in node.args if isinstance(a, torch.fx.Node)]
-    return len(values) == 2 and all(isinstance(v, torch.Tensor) and v.dtype == torch.float32
-                                    for v in values)
+    return len(values) == 2 and all(isinstance(v, torch.Tensor) and v.dtype == values[0].dtype
+                                    in FUSED_LOSS_DTYPES for v in values)
 
 
 def fuse_lm_loss(gm: torch.fx.GraphModule) -> int:
-    """A causal LM's plain fp32 head and loss become one chunked linear cross-entropy."""
+    """A causal LM's plain fp32 or bf16 head and loss become one chunked linear cross-entropy."""
     outputs = list(gm.graph.find_nodes(op="call_module", target=OUTPUT_MODULE))
     if not outputs or not gm.get_submodule(OUTPUT_MODULE).output_class.startswith("CausalLMOutput"):
         return 0
     out = outputs[0]
-    head = next((a for a in out.args[2:] if _plain_fp32_head(a)), None)
+    head = next((a for a in out.args[2:] if _plain_head(a)), None)
     if head is None:
         return 0
     gm.add_module(LM_LOSS_MODULE, LMHeadLoss().train(gm.training))

@@ -8,7 +8,9 @@ The loss is transformers' ``ForCausalLMLoss``: labels shifted left, ``ignore_ind
 the mean over counted tokens, or the sum over ``num_items_in_batch`` when the ``Trainer`` passes
 it. Outside train mode, or without labels, the head runs as before and returns logits; in train
 mode with labels, ``.logits`` is None. ``fxpeft.fuse`` applies it (pass ``fuse_lm_loss``) only
-where it is exact: a causal LM whose plain fp32 ``lm_head`` carries no adapter.
+where it is exact: a causal LM whose plain fp32 or bf16 ``lm_head`` carries no adapter. A bf16
+head keeps transformers' casts: each chunk's logits are the bf16 GEMM's, upcast to fp32 for the
+loss, and the logits' gradient is rounded to bf16 before the GEMMs back, as autograd does there.
 """
 
 from __future__ import annotations
@@ -52,21 +54,23 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     """
     total = hidden.new_zeros((), dtype=torch.float32)
     grad_hidden = torch.zeros_like(hidden)
-    grad_weight = torch.zeros_like(weight) if weight_grad else weight.new_empty(0)
-    step = chunk_tokens(weight.shape[0], weight.element_size())
+    # fp32 sums over chunks; a bf16 weight's gradient is rounded once, at the end
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight_grad else weight.new_empty(0)
+    step = chunk_tokens(weight.shape[0], 4)  # the logits are fp32, whatever the head's dtype
     for start in range(0, hidden.shape[0], step):
         rows, wanted = hidden[start:start + step], targets[start:start + step]
-        logits = project(rows, weight)  # oneDNN's GEMM on the CPU (fxpeft.transforms.cpu_gemm)
+        logits = project(rows, weight).float()  # oneDNN's GEMM on the CPU (fxpeft.transforms.cpu_gemm)
         counted = wanted != IGNORE_INDEX
         safe = torch.where(counted, wanted, 0)
         total += (torch.logsumexp(logits, -1) - logits.gather(1, safe[:, None])[:, 0])[counted].sum()
         dlogits = torch.softmax(logits, -1)
         dlogits[torch.arange(len(safe)), safe] -= 1
         dlogits *= counted[:, None]
+        dlogits = dlogits.to(hidden.dtype)  # a bf16 head's logit gradient, as autograd rounds it
         grad_hidden[start:start + step] = project(dlogits, weight.t())
         if weight_grad:
             grad_weight += dlogits.T @ rows
-    return total, grad_hidden, grad_weight
+    return total, grad_hidden, grad_weight.to(weight.dtype)
 
 
 @chunked_linear_cross_entropy.register_fake
