@@ -11,7 +11,8 @@ Dropout 0 keeps the call free of the train / eval flag. The module's inference f
 (``torch._native_multi_head_attention``, eval under ``no_grad``) is not taken, as under
 ``torch.export``: outputs equal the module's other path.
 
-Each weight read carries the layer's path (node meta ``ATTENTION_LAYER``): PEFT adapts an
+Each read of an adapted weight carries the layer's path (node meta ``ATTENTION_LAYER``, under
+either frontend: ``mark_weight_reads``): PEFT adapts an
 attention layer as a whole (``target_modules=["mha"]``: LoRA on ``in_proj_weight`` and on
 ``out_proj.weight``), and wraps ``out_proj`` inside its layer, so the adapters of
 ``out_proj.weight`` live under the layer's ``base_layer`` (``adapter_owner``). PEFT (0.21.2,
@@ -94,10 +95,7 @@ def trace_attention(tracer: torch.fx.Tracer, module: torch.nn.MultiheadAttention
     def read(name: str) -> Any:
         owner, _, attr = name.rpartition(".")
         # under tracing, a parameter attribute is a proxy of its get_attr (the tracer's getattr)
-        proxy = getattr(module.get_submodule(owner) if owner else module, attr)
-        if proxy is not None:
-            proxy.node.meta[ATTENTION_LAYER] = path
-        return proxy
+        return getattr(module.get_submodule(owner) if owner else module, attr)
 
     weights = tuple(read(name) for name in ("in_proj_weight", "in_proj_bias", "out_proj.weight",
                                             "out_proj.bias", "bias_k", "bias_v"))
@@ -107,6 +105,24 @@ def trace_attention(tracer: torch.fx.Tracer, module: torch.nn.MultiheadAttention
                                 "add_zero_attn": module.add_zero_attn,
                                 "batch_first": module.batch_first})
 
+
+
+def mark_weight_reads(graph: torch.fx.Graph, model: torch.nn.Module) -> int:
+    """Tag each read of an attention layer's adapted weights with the layer's path
+    (``ATTENTION_LAYER``), whichever frontend captured it; returns how many reads.
+
+    >>> mha = torch.nn.Sequential(torch.nn.MultiheadAttention(4, 2))
+    >>> graph = torch.fx.Graph(); read = graph.get_attr("0.out_proj.weight")
+    >>> mark_weight_reads(graph, mha), read.meta[ATTENTION_LAYER]
+    (1, '0')
+    """
+    layers = {f"{path}.{name}" if path else name: path for path, module in model.named_modules()
+              if isinstance(module, torch.nn.MultiheadAttention) and module._qkv_same_embed_dim
+              for name in ADAPTED_WEIGHTS}
+    reads = [n for n in graph.find_nodes(op="get_attr") if n.target in layers]
+    for node in reads:
+        node.meta[ATTENTION_LAYER] = layers[node.target]
+    return len(reads)
 
 
 def adapter_owner(layer: str, owner: str) -> str:

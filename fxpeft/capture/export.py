@@ -67,6 +67,7 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, leaf_modules: Se
             program = _capture_plain(model, example_inputs, tuple(leaf_modules))
     if program.frontend == "export" and not allow_training_branches:
         _refuse_training_branches(model, program.graph)
+    attention.mark_weight_reads(program.graph, model)
     program.sites = find_linear_sites(program.graph_module)
     log.debug("capture: %s via %s, %d linear sites", program.model_class, program.frontend,
               len(program.sites))

@@ -520,12 +520,13 @@ def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str,
                             lora_bias=_flag(config.get("lora_bias")))
     modules = tuple(site for site in params_class.match_kinds if site != "parameter")
     rules: tuple[Rule, ...] = ()
+    weights = _attention_weights(config, model, source, params_class)
     if config.get("target_modules") or not config.get("target_parameters"):
         rules = bd_lora.with_block_diagonal(
             pattern_rules(config, model, source, modules, params_for, "lora_alpha"), config, source,
             params_class is LoraParams).rules
-    parameters = [*(config.get("target_parameters") or []),
-                  *_attention_weights(config, model, source, params_class)]
+        rules = _skip_attention_calls(rules, weights)
+    parameters = [*(config.get("target_parameters") or []), *weights]
     if parameters:
         regex = _parameters_regex(parameters, model, params_class, source)
         rules += pattern_rules(config, model, source, ("parameter",), params_for, "lora_alpha",
@@ -547,6 +548,17 @@ def _attention_weights(config: dict[str, Any], model: torch.nn.Module, source: s
         raise PeftFormatError(f"{source}: target_modules selects {layers[0]} (MultiheadAttention): "
                               f"{params_class.kind} on MultiheadAttention is not supported")
     return [f"{path}.{name}" for path in layers for name in attention.ADAPTED_WEIGHTS]
+
+
+def _skip_attention_calls(rules: tuple[Rule, ...], weights: list[str]) -> tuple[Rule, ...]:
+    """Under ``torch.export`` an attention layer's ``out_proj`` is a linear at the layer's own
+    path; LoRA on the layer is on its weights (``_attention_weights``), not on that call."""
+    layers = sorted({w.rpartition(".")[0] for w in weights if w.endswith(".in_proj_weight")})
+    if not layers:
+        return rules
+    skip = tuple(f"^{re.escape(layer)}$" for layer in layers)
+    return tuple(dataclasses.replace(r, where=dataclasses.replace(r.where, exclude=(*r.where.exclude, *skip)))
+                 for r in rules)
 
 
 def _parameters_regex(names: Any, model: torch.nn.Module, params_class: type, source: str) -> str:

@@ -129,3 +129,32 @@ def test_dora_on_the_attention_is_refused_by_name():
     """PEFT refuses DoRA on MultiheadAttention too; not a MatchError about a rule."""
     with pytest.raises(PeftFormatError, match=r"mha \(MultiheadAttention\): dora on MultiheadAttention"):
         fxpeft.rewrite(mha_net(), LoraConfig(target_modules=["mha"], use_dora=True))
+
+
+class MHANetForExport(MHANet):
+    """MHANet with a shape branch ``symbolic_trace`` cannot take: captured by ``torch.export``."""
+
+    def forward(self, x):
+        if x.dim() == 2:
+            return super().forward(x)
+        raise ValueError(x.dim())
+
+
+def test_under_export_lora_is_on_the_weights_at_peft_keys(tmp_path):
+    """Export decomposes the layer itself: out_proj is a linear at the layer's path, which the
+    config must not adapt as a module; keys, the doubled out_proj delta and merge as PEFT's."""
+    x = matrix_input("MHA")
+    torch.manual_seed(0)
+    base = MHANetForExport().eval()
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=["mha", "lin0"])).eval()
+    perturb_adapters(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft")
+    gm = fxpeft.load(copy.deepcopy(base), tmp_path / "peft", example_inputs=(x,)).eval()
+    assert gm.capture_info.frontend == "export"
+    assert set(fxpeft.adapter_state_dict(gm)) == {*KEYS, "lin0.lora_A.weight", "lin0.lora_B.weight"}
+    back = PeftModel.from_pretrained(copy.deepcopy(base), str(fxpeft.save(gm, tmp_path / "ours"))).eval()
+    with torch.no_grad():
+        expected = peft_model(x)
+        assert (gm(x) - expected).abs().max() <= ATOL
+        assert (back(x) - expected).abs().max() <= ATOL
+        assert (fxpeft.merge(gm)(x) - expected).abs().max() <= ATOL
