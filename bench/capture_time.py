@@ -6,7 +6,12 @@ second ``fxpeft.generate`` of 8 tokens (the first one builds the decode graph), 
 fresh process (medians over ``--repeat`` processes); the model is loaded before the clock
 starts.
 
+``--model gemma3``: a Gemma-3-270M-shaped model instead (hidden 640, 18 layers, Gemma-3's
+``layer_types``: 5 sliding-window layers to 1 full-attention one; random weights), whose layers
+come in two kinds: ``rewrite`` only (first and second call), replication per kind on and off.
+
     python bench/capture_time.py [--layers 2 8 30] [--repeat 3] [--json out.json]
+    python bench/capture_time.py --model gemma3 --layers 18 --repeat 5
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -24,7 +30,7 @@ from common import machine_line  # noqa: E402
 
 _LOAD = """
 import json, time, torch
-from fxpeft.models import load_smollm2
+from fxpeft.helpers.models import load_smollm2
 model, _ = load_smollm2()
 layers = {layers}
 model.model.layers = model.model.layers[:layers]  # the first layers, as a shallower SmolLM2
@@ -36,6 +42,25 @@ def timed(run):
     start = time.perf_counter()
     out = run()
     return out, time.perf_counter() - start
+"""
+_LOAD_GEMMA3 = """
+import json, time, torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+torch.manual_seed(0)
+config = Gemma3TextConfig(hidden_size=640, intermediate_size=2048, num_hidden_layers={layers},
+                          num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                          vocab_size=262144, sliding_window=512, max_position_embeddings=32768)
+model = Gemma3ForCausalLM(config).eval()  # Gemma-3-270M's shape, random weights
+def timed(run):
+    start = time.perf_counter()
+    out = run()
+    return out, time.perf_counter() - start
+"""
+_REWRITE_ONLY = """
+import fxpeft
+gm, first = timed(lambda: fxpeft.rewrite(model, "lora_qv"))
+_, second = timed(lambda: fxpeft.rewrite(model, "lora_qv"))
+print(json.dumps([first, second, float("nan"), float("nan")]))
 """
 _FXPEFT = _LOAD + """
 import fxpeft
@@ -57,11 +82,24 @@ print(json.dumps([first, float("nan"), generate_first, generate_second]))
 MEASURES = ("first call", "second call", "first generate", "second generate")
 
 
-def child_seconds(layers: int, side: str) -> list[float]:
+def child_seconds(layers: int, side: str, capture_cache: str | None = None,
+                  model: str = "smollm2") -> list[float]:
     """The seconds of ``MEASURES`` in a fresh process: ``side`` is "fxpeft" (replication on),
-    "fxpeft whole" (``FXPEFT_REPLICATE=0``) or "PEFT" (its first call is ``get_peft_model``)."""
-    env = {**os.environ, "FXPEFT_REPLICATE": "0" if side == "fxpeft whole" else "1"}
-    code = (_PEFT if side == "PEFT" else _FXPEFT).format(layers=layers)
+    "fxpeft whole" (``FXPEFT_REPLICATE=0``) or "PEFT" (its first call is ``get_peft_model``);
+    ``model`` "gemma3" measures the two rewrites only (the generate measures are nan).
+    ``capture_cache`` is the on-disk capture cache folder the process uses (``fxpeft.capture.
+    disk_cache``); by default an empty one of its own, so the first call captures cold."""
+    with tempfile.TemporaryDirectory() as empty:
+        env = {**os.environ, "FXPEFT_REPLICATE": "0" if side == "fxpeft whole" else "1",
+               "FXPEFT_CAPTURE_CACHE_DIR": capture_cache or empty}
+        return _run_child(layers, side, env, model)
+
+
+def _run_child(layers: int, side: str, env: dict[str, str], model: str) -> list[float]:
+    if model == "gemma3":
+        code = (_LOAD_GEMMA3 + _REWRITE_ONLY).format(layers=layers)
+    else:
+        code = (_PEFT if side == "PEFT" else _FXPEFT).format(layers=layers)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=Path(__file__).parent.parent)
     if out.returncode:
@@ -75,25 +113,40 @@ def rewrite_seconds(layers: int, replicate: bool) -> tuple[float, float]:
     return first, second
 
 
+def new_process_seconds(layers: int, repeat: int = 3) -> tuple[float, float, float]:
+    """Medians over ``repeat`` rounds of (cold: the first ``rewrite`` in a new process with an
+    empty capture cache; warm: the first ``rewrite`` in another new process that finds the
+    first one's capture on disk; the second call in the warm process)."""
+    rounds = []
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory() as folder:
+            cold = child_seconds(layers, "fxpeft", folder)[0]
+            warm, second, *_ = child_seconds(layers, "fxpeft", folder)
+        rounds.append((cold, warm, second))
+    return tuple(statistics.median(r[i] for r in rounds) for i in range(3))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 30])
     parser.add_argument("--repeat", type=int, default=3, help="fresh processes per measure (median)")
+    parser.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2")
     parser.add_argument("--json")
     args = parser.parse_args()
     print(machine_line())
+    sides = ("fxpeft", "fxpeft whole") if args.model == "gemma3" else ("fxpeft", "fxpeft whole", "PEFT")
     runs: dict[str, list[list[float]]] = {}
     for _ in range(args.repeat):  # interleaved, so load changes hit every measure alike
         for layers in args.layers:
-            for side in ("fxpeft", "fxpeft whole", "PEFT"):
-                runs.setdefault(f"{layers} layers, {side}", []).append(child_seconds(layers, side))
+            for side in sides:
+                runs.setdefault(f"{layers} layers, {side}", []).append(child_seconds(layers, side, model=args.model))
     results = {}
     for label, times in runs.items():
         medians = {name: statistics.median(t[i] for t in times) for i, name in enumerate(MEASURES)}
         print(f"  {label:<22} " + "   ".join(f"{name} {seconds:6.2f} s" for name, seconds in medians.items())
               + f"   (median of {len(times)})")
         results[label] = {**medians, "runs": times}
-    for layers in args.layers:
+    for layers in args.layers if args.model == "smollm2" else ():
         ours, theirs = results[f"{layers} layers, fxpeft"], results[f"{layers} layers, PEFT"]
         print(f"  {layers} layers: first generate {ours['first generate'] / theirs['first generate']:.2f} x "
               f"PEFT's; rewrite + first generate {(ours['first call'] + ours['first generate']) / (theirs['first call'] + theirs['first generate']):.2f} x "

@@ -5,13 +5,22 @@
 #
 #   bench/gpu.sh [tests,memory,run,profile,int8,fsdp,compile_time]   # default: all but compile_time
 #
+# Realistic shapes (bench/gpu_shapes.py; issue 29), planned as two runs of at most 10 minutes:
+#   run 1: bench/gpu.sh shapes_lora,shapes_context   # Llama-3.2-1B shape, all sides; longest context
+#   run 2: bench/gpu.sh shapes_more,memory           # QLoRA nf4, DoRA, the SmolLM2 shape; memory.py
+#          (then, with time left: shapes_context_rest, tests)
+# The shapes sections add to one JSON file, out/gpu_shapes.json (copied to $OUT after each):
+# carry it to the second run (or run it on the still-warm machine) for the DoRA / LoRA ratio.
+# Wheels in .whl/ for run 1: liger-kernel (and triton if the machine lacks it), peft.
 # Wheels for what the machine lacks (bitsandbytes, and the transformers and peft versions the
 # project is tested with) can travel in .whl/ and are installed first.
 set -u
 OUT=${OUT:-out/gpu}
 SECTIONS=${1:-tests,memory,run,profile,int8,fsdp}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+# No network: a Hub look-up fails at once instead of waiting on connection timeouts (importing
+# bitsandbytes asks the Hub for a CPU kernel where the `kernels` package is installed).
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site
@@ -28,7 +37,7 @@ section() {  # name, seconds, command...
     [[ ",$SECTIONS," == *",$name,"* ]] || return 0
     echo "=== $name (limit ${seconds}s)"
     local start=$SECONDS
-    timeout "$seconds" "$@" >"$OUT/$name.log" 2>&1
+    timeout -k 10 "$seconds" "$@" >"$OUT/$name.log" 2>&1
     echo "=== $name: rc $? in $((SECONDS - start))s"
     tail -n 40 "$OUT/$name.log"
 }
@@ -64,5 +73,16 @@ PY
 # also through accelerate's FSDP2 plugin (torchrun: accelerate sees MULTI_GPU, so FSDP is on).
 section fsdp 90 python3 -m torch.distributed.run --standalone --nproc_per_node=1 bench/fsdp_check.py \
     --device cuda --backend nccl
+SHAPES=(python3 bench/gpu_shapes.py --json out/gpu_shapes.json)
+mkdir -p out
+# Each side is a process of its own with its own limit (the section's limit is the backstop).
+section shapes_lora 290 "${SHAPES[@]}" --sections lora --steps 10 --warmup 3 --side-timeout 110
+# the context search: the target side and the two it is compared with first (recompiles cost)
+section shapes_context 240 "${SHAPES[@]}" --sections context --budget-gib 40 --context-seconds 50 \
+    --side-timeout 110 --sides "PEFT eager,fxpeft fused + compiled,PEFT + Liger"
+section shapes_more 420 "${SHAPES[@]}" --sections qlora,dora,smollm2 --steps 8 --warmup 3 --side-timeout 80
+section shapes_context_rest 200 "${SHAPES[@]}" --sections context --budget-gib 40 --context-seconds 50 \
+    --side-timeout 95 --sides "PEFT + compile,fxpeft"
+cp out/gpu_shapes.json "$OUT/" 2>/dev/null
 section compile_time 300 python3 bench/run.py --device cuda --rows compile_time --compile-repeats 1
 exit 0

@@ -27,14 +27,14 @@ interleaved step by step, medians of N steps after one warm-up round.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_medians, machine_line, synchronize  # noqa: E402
+from common import exit_on_sigterm, interleaved_medians, machine_line, run_child, synchronize  # noqa: E402
 
 from fxpeft.helpers.memory import (STEADY_MALLOC_ENV, current_rss_mib, own_memory, peak_rss_mib,
                                    release_freed_memory, reset_peak_rss)
@@ -98,6 +98,8 @@ def child(args: argparse.Namespace) -> None:
         import bitsandbytes  # noqa: F401
     gpu = args.device == "cuda"
     started = time.perf_counter()
+    # a variant that stalls prints every thread's stack (where it waits) before its limit kills it
+    faulthandler.dump_traceback_later(max(1.0, args.timeout - 5), exit=False)
 
     def stage(name: str) -> None:  # on stderr, so a variant that times out says how far it got
         print(f"{time.perf_counter() - started:7.1f} s  {name}", file=sys.stderr, flush=True)
@@ -105,16 +107,18 @@ def child(args: argparse.Namespace) -> None:
     stage("baseline read")
     model = _model(args.model, args.variant, args.device)
     stage("model built")
-    own_memory(model)  # the checkpoint's mapped pages go: RSS counts what the model holds
+    if not gpu:
+        own_memory(model)  # the checkpoint's mapped pages go: RSS counts what the model holds
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq),
                         generator=torch.Generator().manual_seed(0)).to(args.device)
     adapted = _adapted(args.variant, model).train()
     stage("adapted")
     optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-4)
-    release_freed_memory()  # what loading and quantizing freed
-    reset_peak_rss()
-    if gpu:
+    if gpu:  # the allocator's own counters; the RSS helpers below are the CPU's measure
         torch.cuda.reset_peak_memory_stats()
+    else:
+        release_freed_memory()  # what loading and quantizing freed
+        reset_peak_rss()
     loaded = _gpu_mib() if gpu else current_rss_mib()
     times = []
     for _ in range(args.steps):
@@ -174,6 +178,7 @@ def main() -> None:
         return child(args)
     if args.step_time:
         return step_times(args)
+    exit_on_sigterm()
     print(f"{args.model} on {args.device}, batch {args.batch} x {args.seq}, LoRA q,v, {args.steps} AdamW steps\n"
           f"{machine_line()}")
     results = {}
@@ -186,32 +191,16 @@ def main() -> None:
                    "--device", args.device,
                    "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
         steady = STEADY_MALLOC_ENV if args.device == "cpu" else {}  # RSS is not measured there
-        code, stdout, stderr = _run_child(command, {**os.environ, **steady}, args.timeout)
+        command += ["--timeout", str(args.timeout)]  # the child dumps its stacks just before
+        code, stdout, stderr = run_child(command, {**os.environ, **steady}, args.timeout)
         if code is None:
-            print(f"  {variant}: no result after {args.timeout:.0f} s; it had reached:\n{stderr[-800:]}")
+            print(f"  {variant}: no result after {args.timeout:.0f} s; it had reached:\n{stderr[-3000:]}")
             continue
         if code:
             raise SystemExit(f"{variant} failed:\n{stderr[-2000:]}")
         results[variant] = json.loads(stdout.strip().splitlines()[-1])
     if "PEFT" in results:
         print_table(results)
-
-
-def _run_child(command: list[str], env: dict[str, str], timeout: float) -> tuple[int | None, str, str]:
-    """(exit code, or None if it ran past ``timeout`` and was killed; stdout; stderr). Output
-    goes through files, so a killed child's last lines are still there to read."""
-    import tempfile
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env)
-        try:
-            code: int | None = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            code = None
-        out.seek(0)
-        err.seek(0)
-        return code, out.read(), err.read()
 
 
 def print_table(results: dict[str, dict]) -> None:

@@ -6,6 +6,11 @@ from this run only, with the thread count and load average.
                         [--rows eager,compiled,adapters,mixed,inference,rewrite,compile_time]
                         [--device cuda] [--json out.json]
 
+Every training row (eager, compiled, cudagraphs, adapters) also prints tokens per second and MFU:
+the step's model FLOPs (``bench/flops.py``: forward, input gradients and the adapter's weight
+gradients, attention counted in full) over the median step time, over the peak of a large GEMM
+of the model's dtype that this script times on the same device at start-up.
+
 Rows:
 - eager: one AdamW training step, LoRA q,v (r=8, alpha=16, dropout 0): fxpeft's graph, its fused
   copy (``fxpeft.fuse``), PEFT.
@@ -44,10 +49,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import interleaved_medians, machine_line, synchronize  # noqa: E402, F401 (synchronize: the compile child)
+from flops import DecoderShape, gemm_size, lora_step_flops, measured_peak_flops, mfu  # noqa: E402
 
 import fxpeft  # noqa: E402
 
 ROWS = ("eager", "compiled", "cudagraphs", "adapters", "mixed", "inference", "rewrite", "compile_time")
+TRAINING_ROWS = {"eager", "compiled", "cudagraphs", "adapters"}  # these print tokens/s and MFU
 
 
 def llama(args: argparse.Namespace) -> torch.nn.Module:
@@ -92,30 +99,53 @@ def inference_step(model: torch.nn.Module, ids: torch.Tensor, **kwargs):
     return step
 
 
-def report(title: str, medians: dict[str, float], reference: str, results: dict) -> None:
+def report(title: str, medians: dict[str, float], reference: str, results: dict,
+           step: "StepMeasure | None" = None) -> None:
+    """Print and record each side's median and its ratio to ``reference``; for a training row
+    (``step`` given) also tokens per second and MFU."""
     print(f"\n{title}")
     for name, seconds in medians.items():
-        print(f"  {name:<34} {seconds * 1000:9.1f} ms   {seconds / medians[reference]:6.3f} x {reference}")
-    results[title] = {name: {"ms": s * 1000, "ratio": s / medians[reference]} for name, s in medians.items()}
+        extra = f"   {step.tokens / seconds:9.0f} tokens/s   MFU {step.mfu(seconds):6.2%}" if step else ""
+        print(f"  {name:<34} {seconds * 1000:9.1f} ms   {seconds / medians[reference]:6.3f} x {reference}{extra}")
+    results[title] = {name: {"ms": s * 1000, "ratio": s / medians[reference],
+                             **({"tokens_per_s": step.tokens / s, "mfu": step.mfu(s)} if step else {})}
+                      for name, s in medians.items()}
 
 
-def row_eager(args, base, ids, results) -> None:
+class StepMeasure:
+    """A LoRA q,v training step's tokens and model FLOPs (``bench/flops.py``: forward, input
+    gradients, the adapter's weight gradients, attention in full) and the peak they are divided
+    by: a large GEMM of the model's dtype on its device, timed once per run by this script."""
+
+    def __init__(self, args: argparse.Namespace, base: torch.nn.Module) -> None:
+        self.tokens = args.batch * args.seq
+        self.flops = lora_step_flops(DecoderShape.of(base.config), args.batch, args.seq).total
+        weight = next(base.parameters())
+        self.peak = measured_peak_flops(weight.device, weight.dtype)
+        print(f"step model FLOPs {self.flops / 1e9:.2f} G; measured peak ({weight.dtype} GEMM "
+              f"{gemm_size(weight.device)}^3 on {weight.device}) {self.peak / 1e9:.1f} GFLOP/s")
+
+    def mfu(self, seconds: float) -> float:
+        return mfu(self.flops, seconds, self.peak)
+
+
+def row_eager(args, base, ids, results, step: StepMeasure) -> None:
     gm = fxpeft.rewrite(copy.deepcopy(base), "lora_qv", dropout=0.0)
     sides = {"fxpeft": training_step(gm, ids), "fxpeft fused": training_step(fxpeft.fuse(gm), ids),
              "PEFT": training_step(peft_lora(copy.deepcopy(base)), ids)}
-    report("eager training step (LoRA q,v)", interleaved_medians(sides, args.steps, 2), "PEFT", results)
+    report("eager training step (LoRA q,v)", interleaved_medians(sides, args.steps, 2), "PEFT", results, step)
 
 
-def row_compiled(args, base, ids, results) -> None:
+def row_compiled(args, base, ids, results, step: StepMeasure) -> None:
     torch._dynamo.reset()
     gm = fxpeft.rewrite(copy.deepcopy(base), "lora_qv", dropout=0.0)
     sides = {"fxpeft compiled": training_step(gm, ids, True),
              "fxpeft fused compiled": training_step(fxpeft.fuse(gm), ids, True),
              "PEFT compiled": training_step(peft_lora(copy.deepcopy(base)), ids, True)}
-    report("compiled training step", interleaved_medians(sides, args.steps, 3), "PEFT compiled", results)
+    report("compiled training step", interleaved_medians(sides, args.steps, 3), "PEFT compiled", results, step)
 
 
-def row_cudagraphs(args, base, ids, results) -> None:
+def row_cudagraphs(args, base, ids, results, step: StepMeasure) -> None:
     if base.device.type != "cuda":
         print("\ncudagraphs: skipped (a GPU row; run with --device cuda)")
         return
@@ -126,10 +156,10 @@ def row_cudagraphs(args, base, ids, results) -> None:
              "PEFT, reduce-overhead": training_step(peft_lora(copy.deepcopy(base)), ids, True, mode),
              "PEFT compiled (default mode)": training_step(peft_lora(copy.deepcopy(base)), ids, True)}
     report("compiled training step, CUDA graphs (mode='reduce-overhead')",
-           interleaved_medians(sides, args.steps, 3), "PEFT, reduce-overhead", results)
+           interleaved_medians(sides, args.steps, 3), "PEFT, reduce-overhead", results, step)
 
 
-def row_adapters(args, base, ids, results) -> None:
+def row_adapters(args, base, ids, results, step: StepMeasure) -> None:
     one = fxpeft.rewrite(copy.deepcopy(base), "lora_qv", dropout=0.0)
     four = fxpeft.rewrite(copy.deepcopy(base), "lora_qv", dropout=0.0)
     for name in ("b", "c", "d"):
@@ -139,7 +169,7 @@ def row_adapters(args, base, ids, results) -> None:
              "fxpeft fused, 4 loaded": training_step(fxpeft.fuse(four), ids),
              "PEFT 4 loaded, 1 active": training_step(peft_lora(copy.deepcopy(base), ("default", "b", "c", "d")), ids)}
     report("training step, 4 adapters loaded, 1 active", interleaved_medians(sides, args.steps, 2),
-           "fxpeft 1 adapter", results)
+           "fxpeft 1 adapter", results, step)  # model FLOPs: the one active adapter's
 
 
 def _mixtures(names: list[str], batch: int, count: int = 5) -> list[list[str]]:
@@ -190,15 +220,19 @@ def row_inference(args, base, ids, results) -> None:
 
 
 def row_rewrite(results) -> None:
-    """``fxpeft.rewrite`` of the real SmolLM2-135M (30 layers): the first call in a fresh process
-    (cold) and the second (the capture cache), against ``get_peft_model`` of it with a deepcopy."""
-    from capture_time import rewrite_seconds
+    """``fxpeft.rewrite`` of the real SmolLM2-135M (30 layers), each the first call in a new
+    process: cold (an empty capture cache) and warm (the on-disk capture cache holds the graph a
+    previous process captured); and the second call in the same process (the in-process cache),
+    against ``get_peft_model`` of it with a deepcopy. Medians of 3 rounds."""
+    from capture_time import new_process_seconds
     from fxpeft.helpers.models import load_smollm2
-    first, second = rewrite_seconds(30, replicate=True)
+    cold, warm, second = new_process_seconds(30)
     model = load_smollm2()[0]
     start = time.perf_counter()
     peft_lora(copy.deepcopy(model))
-    timings = {"fxpeft.rewrite, first call (fresh process)": first, "fxpeft.rewrite, second call": second,
+    timings = {"fxpeft.rewrite, new process, cold": cold,
+               "fxpeft.rewrite, new process, capture cache on disk": warm,
+               "fxpeft.rewrite, second call": second,
                "get_peft_model incl. deepcopy": time.perf_counter() - start}
     report("set-up time, real SmolLM2 (30 layers)", timings, "get_peft_model incl. deepcopy", results)
 
@@ -289,10 +323,12 @@ def main() -> None:
     base, ids, results = llama(args), batch(args), {}
     print(f"Llama: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, batch {args.batch} x "
           f"{args.seq}\n{machine_line()}")
-    runners = {"eager": lambda: row_eager(args, base, ids, results),
-               "compiled": lambda: row_compiled(args, base, ids, results),
-               "cudagraphs": lambda: row_cudagraphs(args, base, ids, results),
-               "adapters": lambda: row_adapters(args, base, ids, results),
+    training = TRAINING_ROWS & set(rows)
+    step = StepMeasure(args, base) if training else None
+    runners = {"eager": lambda: row_eager(args, base, ids, results, step),
+               "compiled": lambda: row_compiled(args, base, ids, results, step),
+               "cudagraphs": lambda: row_cudagraphs(args, base, ids, results, step),
+               "adapters": lambda: row_adapters(args, base, ids, results, step),
                "mixed": lambda: row_mixed(args, base, results),
                "inference": lambda: row_inference(args, base, ids, results),
                "rewrite": lambda: row_rewrite(results),
@@ -301,8 +337,9 @@ def main() -> None:
         runners[row]()
     print(f"\n{machine_line()}")
     if args.json:
+        mfu_basis = {"step_flops": step.flops, "peak_flops": step.peak} if step else {}
         Path(args.json).write_text(json.dumps({"machine": machine_line(), "args": vars(args),
-                                               "results": results}, indent=2))
+                                               **mfu_basis, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -135,6 +135,9 @@ class AdapterKind:
     the prompt's token ids (aLoRA's invocation) writes its per-row state into a decode graph
     before the prefill of ``ids`` (at cache slots ``filled`` on), since the decode steps no
     longer see the prompt.
+    ``carries``: kinds whose rules this kind's PEFT config holds in a field of its own (LoRA's
+    ``trainable_token_indices``): an adapter of this kind may mix in their rules, its
+    ``to_config`` gets their matches too, and their parameters join its saved keys.
     """
 
     name: str
@@ -152,6 +155,7 @@ class AdapterKind:
     no_weight_delta: str | None = None
     combines: Combines | None = None
     prompt_state: "Callable[[torch.nn.Module, str, Any, torch.Tensor, int], None] | None" = None
+    carries: tuple[str, ...] = ()
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -214,6 +218,15 @@ def rewrite_kinds() -> dict[str, type]:
 def match_kinds() -> list[str]:
     """What rules may match: the union of every kind's sites."""
     return sorted({site for k in _KINDS.values() for site in k.sites})
+
+
+def saved_components(kind: AdapterKind) -> tuple[str, ...]:
+    """The components of ``kind``'s saved keys: its own and those of the kinds it carries.
+
+    >>> "trainable_tokens_delta" in saved_components(get("lora"))
+    True
+    """
+    return tuple(kind.components) + tuple(c for name in kind.carries for c in get(name).components)
 
 
 def components() -> list[str]:

@@ -26,6 +26,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _TEST_COMPILE_CACHE = None
 if "FXPEFT_COMPILE_CACHE" not in os.environ:
     _TEST_COMPILE_CACHE = os.environ["FXPEFT_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="fxpeft-test-compile-cache-")
+# captures kept on disk (fxpeft.capture.disk_cache) go to a folder of this run's too
+_TEST_CAPTURE_CACHE = None
+if "FXPEFT_CAPTURE_CACHE_DIR" not in os.environ:
+    _TEST_CAPTURE_CACHE = os.environ["FXPEFT_CAPTURE_CACHE_DIR"] = tempfile.mkdtemp(prefix="fxpeft-test-capture-cache-")
 warnings.filterwarnings("ignore")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -34,6 +38,8 @@ def pytest_unconfigure(config):
     if _TEST_COMPILE_CACHE:
         os.environ["FXPEFT_COMPILE_CACHE"] = "0"  # nothing more kept at exit
         shutil.rmtree(_TEST_COMPILE_CACHE, ignore_errors=True)
+    if _TEST_CAPTURE_CACHE:
+        shutil.rmtree(_TEST_CAPTURE_CACHE, ignore_errors=True)
 
 # The checkout holding tests/ (test files sit one folder deeper, by pipeline stage).
 REPO_ROOT = Path(__file__).resolve().parents[1]

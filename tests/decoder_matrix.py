@@ -64,6 +64,9 @@ EXTRA: list[tuple[str, str, str, dict[str, Any]]] = [
     ("Llama", "lora", "LoraConfig", {"target_modules": ["down_proj", "up_proj"], "lora_dropout": 0.0,
                                      "layer_replication": [[0, 1], [0, 2], [1, 2]]}),
     ("Gemma3", "lora", "LoraConfig", {"target_modules": ["embed_tokens"], "use_dora": True}),
+    # PEFT's TrainableTokens alone (its custom-model row's config), on a scaled, tied embedding too
+    ("Llama", "trainable_tokens", "TrainableTokensConfig", {"token_indices": [0, 1, 3]}),
+    ("Gemma3", "trainable_tokens", "TrainableTokensConfig", {"token_indices": [0, 1, 3]}),
 ]
 
 GENERATE_TOKENS = 6

@@ -21,7 +21,10 @@ KIND_RULES = {"lora": "lora_qv", "ia3": "ia3", "adaption_prompt": "llama_adapter
               "modules_to_save": "lora_qv", "dora": "dora_qv", "adalora": "adalora_qv",
               "prompt_tuning": "prompt_tuning", "vera": "vera", "loha": "loha",
               "bottleneck": "bottleneck_seq", "oft": "oft", "boft": "boft", "p_tuning": "p_tuning",
-              "lokr": "lokr", "prefix_tuning": "prefix_tuning"}
+              "lokr": "lokr", "prefix_tuning": "prefix_tuning",
+              "trainable_tokens": {"peft_type": "TRAINABLE_TOKENS", "token_indices": [0, 1, 3]},
+              "alora": {"peft_type": "LORA", "target_modules": ["q_proj", "v_proj"],
+                        "alora_invocation_tokens": [5, 6]}}
 
 # Written out, not read from the registry: which kinds export (exactly, at max_rank 64, which
 # holds every weight of the tiny Llama at full rank) and which are refused, with the words of
@@ -32,7 +35,9 @@ REFUSED = {"adaption_prompt": "adaption prompts are no linear change of a weight
            "prompt_tuning": "prompt tuning adds input positions",
            "bottleneck": "a bottleneck adapter puts a non-linearity",
            "p_tuning": "p-tuning adds input positions",
-           "prefix_tuning": "prefix tuning adds attended keys and values"}
+           "prefix_tuning": "prefix tuning adds attended keys and values",
+           "trainable_tokens": "trainable tokens replace whole rows of the embedding table",
+           "alora": "aLoRA applies only from the invocation tokens on"}
 MAX_RANK = 64
 _ROOT = Path(tempfile.mkdtemp(prefix="fxpeft-export-tests-"))
 atexit.register(shutil.rmtree, _ROOT, True)

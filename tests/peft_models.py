@@ -233,4 +233,7 @@ def peft_custom_cases() -> list[tuple[str, str, type, dict]]:
         ("Conv2d 2 AdaLoRA", "Conv2d", ada,
          {"target_modules": ["conv2d", "lin0"], "init_lora_weights": False, "total_step": 1}),
     ]
+    from peft import TrainableTokensConfig
+    rows.append(("Embedding + transformers Conv1D 1 trainable_tokens", "EmbConv1D", TrainableTokensConfig,
+                 {"target_modules": ["emb"], "token_indices": [0, 1, 3], "init_weights": False}))
     return rows

@@ -7,7 +7,8 @@ implementations,
 every module's path and type, every parameter's and buffer's name, shape, dtype and device, the
 captured inputs' names, dtypes and ranks, and the torch and transformers versions. A changed
 forward that none of these reveal (a monkeypatched method) is not seen: set
-``FXPEFT_CAPTURE_CACHE=0`` to turn the cache off.
+``FXPEFT_CAPTURE_CACHE=0`` to turn the cache off. HF captures are also kept on disk, for a new
+process (``fxpeft.capture.disk_cache``; ``FXPEFT_CAPTURE_CACHE=memory`` keeps them in memory only).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_modu
 
 from fxpeft.graph.targets import fetch, has_target, place
 from fxpeft.graph.bounded_cache import BoundedCache
+from fxpeft.capture import disk_cache
 from fxpeft.capture.hf import face_of
 from fxpeft.capture.program import CaptureInfo, Program, copy_graph
 
@@ -59,20 +61,30 @@ def cache_key(model: torch.nn.Module, inputs: dict[str, Any]) -> Hashable:
             getattr(config, "_experts_implementation", None), structure, tensors, signature, _versions())
 
 
-def store(key: Hashable, model: torch.nn.Module, program: Program) -> None:
-    """Keep a copy of ``program``'s graph (before emit changes it) and its constants."""
-    _ENTRIES.keep(key, CachedGraph(copy_graph(program.graph), _own(constants(program.graph_module, model)),
+def store(key: Hashable, model: torch.nn.Module, program: Program, disk: bool = False) -> None:
+    """Keep a copy of ``program``'s graph (before emit changes it) and its constants; with
+    ``disk``, write it to the on-disk cache too (``fxpeft.capture.disk_cache``)."""
+    lifted = constants(program.graph_module, model)
+    _ENTRIES.keep(key, CachedGraph(copy_graph(program.graph), _own(lifted),
                                    replace(program.info, config=None, hf=None)))
+    if disk and not lifted and disk_cache.enabled():  # lifted constants are data: not on disk
+        disk_cache.save(key, program.graph, program.info)
 
 
-def lookup(key: Hashable, model: torch.nn.Module) -> Program | None:
-    """A ``Program`` bound to ``model``'s parameters, or None on a miss."""
+def lookup(key: Hashable, model: torch.nn.Module, disk: bool = False) -> Program | None:
+    """A ``Program`` bound to ``model``'s parameters, or None on a miss; with ``disk``, an
+    in-process miss reads the on-disk cache (whose graph the ``Program`` then gets: copying it
+    for the in-process cache would cost what reading it again does)."""
     cached = _ENTRIES.recall(key)
-    if cached is None:
+    if cached is not None:
+        graph, info = copy_graph(cached.graph), cached.info
+    elif disk and disk_cache.enabled() and (found := disk_cache.load(key)) is not None:
+        graph, info = found
+    else:
         return None
-    info = replace(cached.info, config=model.config, training=model.training,
-                   hf=face_of(model) if cached.info.inputs else None)
-    return Program(bind(copy_graph(cached.graph), _own(cached.constants), model), info)
+    info = replace(info, config=model.config, training=model.training,
+                   hf=face_of(model) if info.inputs else None)
+    return Program(bind(graph, _own(cached.constants) if cached is not None else {}, model), info)
 
 
 def _own(constants: dict[str, Any]) -> dict[str, Any]:

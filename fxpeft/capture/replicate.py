@@ -1,20 +1,32 @@
-"""Capture once, replicate: export a shallow copy of an HF model holding only its first and last
-decoder layers, check that the two layers' subgraphs are the same graph, and build the full
-model's graph by copying that layer's subgraph once per layer. ``torch.export`` costs time in
-proportion to depth (6 s for 30 layers); a 2-layer export and a graph copy cost a fraction.
+"""Capture once, replicate: export a shallow copy of an HF model holding a few of its decoder
+layers, check that the layers of one kind are the same subgraph, and build the full model's graph
+by copying each layer's kind's subgraph once per layer, in the model's own order. ``torch.export``
+costs time in proportion to depth (6 s for 30 layers); a shallow export and a graph copy cost a
+fraction.
+
+Layers come in kinds: two layers are of one kind where they have the same submodule types, the
+same plain attributes (a sliding window, an attention type, a KV-sharing flag, a MoE layer among
+dense ones all differ), the same tensor shapes, dtypes and devices, and the same value in every
+per-layer list of the config (``layer_types``, ...). A model of identical layers has one kind,
+and the shallow copy holds its first and last layers; Gemma-3's sliding and full attention layers
+are two kinds, and it holds the first and last layer of each (4 of 18). The shallow copy's config
+holds those layers' entries of the per-layer lists that differ, in the model's order, so every
+value appears first where it did (what is built once from them, Gemma-3's rotary tables and masks
+per layer type, is built alike).
 
 The result is the graph a full export gives, node for node (op, target, arguments, module paths,
 shapes), bound to the full model's parameters. It is only used where that is shown, not assumed:
 
-- the model has exactly one ``ModuleList`` of ``num_hidden_layers`` layers, all of one class, with
-  the same submodules, the same tensor shapes, dtypes and devices, and the same plain attributes
-  (a sliding-window layer, a KV-sharing layer, a MoE layer among dense ones all differ);
-- no layer shares a tensor with another;
-- every per-layer list in the config (``layer_types``, ...) holds one value;
-- in the shallow graph, the last layer's nodes equal the first layer's one for one, reading the
-  same shared nodes (rotary tables, the mask) and, where the first layer read the embeddings, the
-  first layer's output; no shared node runs between the layers, and nothing after the layers
-  reads the first layer.
+- the model has exactly one ``ModuleList`` of ``num_hidden_layers`` layers; no layer shares a
+  tensor with another, none has hooks or a forward of its own; the shallow copy holds fewer;
+- in the shallow graph, every layer's nodes equal its kind's last layer's (the template's) one
+  for one, reading the same shared nodes (a kind's rotary table and mask), their twins inside the
+  layer, and the same value the previous layer hands on (its nodes read outside it, in graph
+  order: the hidden state); the first layer reads the embeddings there instead;
+- every layer hands on as many values, of the same shapes; a layer's nodes are read only by the
+  next layer (the last layer's by what follows the layers); no shared node runs between the
+  layers' computations, and each run of layer nodes (parameters, computation) holds the layers in
+  order, each layer's part as long as its template's.
 
 Anything else is refused with a reason, and capture exports the whole model.
 """
@@ -67,8 +79,42 @@ class LayerStack:
             any(target == name.format(index) for name in self.root_names)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Each layer's kind (numbered by first appearance, in the model's order) and the layers the
+    shallow copy holds: the first and last layer of each kind, ascending.
+
+    >>> plan = Plan.of((0, 0, 1, 0, 1))
+    >>> plan.held, plan.templates, plan.source(3)
+    ((0, 2, 3, 4), {0: 2, 1: 3}, 2)
+    """
+
+    kinds: tuple[int, ...]
+    held: tuple[int, ...]
+
+    @staticmethod
+    def of(kinds: tuple[int, ...]) -> "Plan":
+        ends = {index for kind in set(kinds) for index in (kinds.index(kind),
+                                                           len(kinds) - 1 - kinds[::-1].index(kind))}
+        return Plan(tuple(kinds), tuple(sorted(ends)))
+
+    @property
+    def templates(self) -> dict[int, int]:
+        """Each kind's template: the shallow position of its last held layer."""
+        return {self.kinds[index]: position for position, index in enumerate(self.held)}
+
+    def kind_at(self, position: int) -> int:
+        """The kind of the layer at shallow ``position``."""
+        return self.kinds[self.held[position]]
+
+    def source(self, index: int) -> int:
+        """The shallow position layer ``index`` is copied from: the first layer is the shallow
+        copy's first; any other, its kind's template (which reads a previous layer)."""
+        return 0 if index == 0 else self.templates[self.kinds[index]]
+
+
 def captured_once(model: torch.nn.Module, export: Callable[[torch.nn.Module], Program],
-                  stack: LayerStack | None = None) -> Program:
+                  stack: LayerStack | None = None, plan: Plan | None = None) -> Program:
     """``model``'s program, built from ``export`` of its shallow copy (``shallow_model``) and
     bound to ``model``'s own tensors; raises ``NotReplicable`` where that is not shown to be
     the graph a full export gives.
@@ -82,11 +128,9 @@ def captured_once(model: torch.nn.Module, export: Callable[[torch.nn.Module], Pr
     True
     """
     stack = stack or find_layer_stack(model)
-    if len(stack.layers) <= 2:
-        raise NotReplicable(f"{len(stack.layers)} layers: nothing to save")
-    check_uniform(model, stack)
-    shallow = export(shallow_model(model, stack))
-    graph = replicate(shallow.graph, stack, partition(shallow.graph, stack), len(stack.layers))
+    plan = plan or plan_layers(model, stack)
+    shallow = export(shallow_model(model, stack, plan.held))
+    graph = replicate(shallow.graph, stack, partition(shallow.graph, stack, plan), plan)
     lifted = capture_cache.constants(shallow.graph_module, model)
     return Program(capture_cache.bind(graph, lifted, model), shallow.info)
 
@@ -112,30 +156,51 @@ def _text_config(config: Any) -> Any:
     return getter() if getter is not None else config
 
 
-def check_uniform(model: torch.nn.Module, stack: LayerStack) -> None:
-    """Raise ``NotReplicable`` unless every layer is built like the first (see the module doc).
+def plan_layers(model: torch.nn.Module, stack: LayerStack) -> Plan:
+    """``stack``'s layers by kind, and which the shallow copy holds; raises ``NotReplicable``
+    where it would hold them all.
+
+    >>> model = _tiny_llama(4)
+    >>> model.model.layers[1].mlp.act_fn = torch.nn.GELU()
+    >>> plan_layers(model, find_layer_stack(model))
+    Plan(kinds=(0, 1, 0, 0), held=(0, 1, 3))
+    """
+    count = len(stack.layers)
+    if count <= 2:
+        raise NotReplicable(f"{count} layers: nothing to save")
+    plan = Plan.of(layer_kinds(model, stack))
+    if len(plan.held) >= count:
+        raise NotReplicable(f"{len(set(plan.kinds))} kinds of layer among {count} layers "
+                            f"(each kind's first and last are exported): nothing to save")
+    return plan
+
+
+def layer_kinds(model: torch.nn.Module, stack: LayerStack) -> tuple[int, ...]:
+    """Each layer's kind, numbered by first appearance: layers of one kind have the same
+    ``_layer_signature`` and the same value in each per-layer list of the config. Raises
+    ``NotReplicable`` where a layer has hooks or its own forward, or layers share tensors.
 
     >>> model = _tiny_llama()
     >>> model.model.layers[2].mlp.act_fn = torch.nn.GELU()
-    >>> check_uniform(model, find_layer_stack(model))
-    Traceback (most recent call last):
-    ...
-    fxpeft.capture.replicate.NotReplicable: layer 2 differs from layer 0 (LlamaDecoderLayer)
+    >>> layer_kinds(model, find_layer_stack(model))
+    (0, 0, 1)
     """
-    _check_config_lists(_text_config(model.config), len(stack.layers))
-    first = _layer_signature(stack.layers[0])
-    for index, layer in enumerate(stack.layers[1:], start=1):
-        if _layer_signature(layer) != first:
-            raise NotReplicable(f"layer {index} differs from layer 0 ({type(layer).__name__})")
+    lists = _per_layer_lists(_text_config(model.config), len(stack.layers))
+    signatures = [(_layer_signature(layer), tuple(repr(values[index]) for values in lists.values()))
+                  for index, layer in enumerate(stack.layers)]
     tensors = [id(t) for layer in stack.layers for t in (*layer.parameters(), *layer.buffers())]
     if len(set(tensors)) != len(tensors):
         raise NotReplicable("layers share tensors")
+    first = {signature: kind for kind, signature in reversed(list(enumerate(signatures)))}
+    numbers = {index: number for number, index in enumerate(sorted(set(first.values())))}
+    return tuple(numbers[first[signature]] for signature in signatures)
 
 
-def _check_config_lists(config: Any, count: int) -> None:
-    for key, value in config.to_dict().items():
-        if isinstance(value, (list, tuple)) and len(value) == count and len(set(map(repr, value))) > 1:
-            raise NotReplicable(f"config.{key} differs between layers")
+def _per_layer_lists(config: Any, count: int) -> dict[str, list]:
+    """The config's lists of one value per layer that hold more than one value (they decide kinds)."""
+    return {key: list(value) for key, value in config.to_dict().items()
+            if isinstance(value, (list, tuple)) and len(value) == count
+            and len(set(map(repr, value))) > 1 and isinstance(getattr(config, key, None), (list, tuple))}
 
 
 def _layer_signature(layer: torch.nn.Module) -> tuple:
@@ -170,34 +235,56 @@ def _is_plain(value: Any) -> bool:
     return isinstance(value, _PLAIN) or isinstance(value, torch.dtype)
 
 
-def shallow_model(model: torch.nn.Module, stack: LayerStack) -> torch.nn.Module:
-    """A copy of ``model`` whose layer list holds only its first and last layers (under names
-    ``<path>.0`` and ``<path>.1``); every module and tensor is the model's own, not copied. The
-    config is the model's too, so what is built from it outside the layers (masks, rotary
-    tables) is what the full model builds.
+def shallow_model(model: torch.nn.Module, stack: LayerStack,
+                  held: tuple[int, ...] | None = None) -> torch.nn.Module:
+    """A copy of ``model`` whose layer list holds only the layers ``held`` (by default the first
+    and last, under names ``<path>.0``, ``<path>.1``, ...); every module and tensor is the
+    model's own, not copied. The config is the model's too, so what is built from it outside the
+    layers (masks, rotary tables) is what the full model builds; where its per-layer lists differ
+    between layers, the shell modules above the layers get a copy holding the held layers' entries.
 
     >>> model = _tiny_llama()
     >>> shallow = shallow_model(model, find_layer_stack(model))
     >>> len(shallow.model.layers), shallow.model.layers[1] is model.model.layers[2]
     (2, True)
     """
+    held = held if held is not None else (0, len(stack.layers) - 1)
+    text = _text_config(model.config)
+    lists = _per_layer_lists(text, len(stack.layers))
+    shallow_config = copy.copy(text) if lists else text
+    for key, values in lists.items():
+        setattr(shallow_config, key, type(getattr(text, key))(values[index] for index in held))
     root = shell_module(model)
     owner = root
     *parents, name = stack.path.split(".")
-    for part in parents:
-        owner._modules[part] = shell_module(owner._modules[part])
-        owner = owner._modules[part]
-    owner._modules[name] = torch.nn.ModuleList([stack.layers[0], stack.layers[-1]])
+    for part in ("", *parents):
+        if part:
+            owner._modules[part] = shell_module(owner._modules[part])
+            owner = owner._modules[part]
+        _use_config(owner, text, shallow_config)
+    owner._modules[name] = torch.nn.ModuleList([stack.layers[index] for index in held])
     return root
 
 
-def _layer_of(node: torch.fx.Node, stack: LayerStack) -> int | None:
-    """The index (0 or 1 in a shallow graph) of the layer ``node`` belongs to, or None (shared)."""
+def _use_config(shell: torch.nn.Module, text: Any, shallow_config: Any) -> None:
+    """Point ``shell`` (a shell module above the layers) at the shallow copy's config."""
+    config = vars(shell).get("config")
+    if shallow_config is text or config is None:
+        return
+    if config is text:
+        shell.config = shallow_config
+    elif getattr(config, "text_config", None) is text:  # a multimodal model's config
+        shell.config = copy.copy(config)
+        shell.config.text_config = shallow_config
+
+
+def _layer_of(node: torch.fx.Node, stack: LayerStack, count: int) -> int | None:
+    """The shallow position of the layer ``node`` belongs to, or None (shared)."""
     if node.op == "get_attr":
         paths = [node.target]
     else:
         paths = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
-    for index in (0, 1):
+    for index in range(count):
         if any(stack.owns(index, p) for p in paths):
             return index
     return None
@@ -235,66 +322,106 @@ def _renumbered_stack(meta: dict, stack: LayerStack, old: int, new: int) -> dict
 
 @dataclass
 class _Partition:
-    """The shallow graph's nodes by layer, and the first layer's node for each last-layer node."""
+    """The shallow graph's nodes by layer, what each layer hands on, and each layer node's twin
+    in its kind's template."""
 
-    layers: list[list[torch.fx.Node]]  # [layer 0 nodes, layer 1 nodes], graph order
-    layer: dict[torch.fx.Node, int | None]
-    twin: dict[torch.fx.Node, torch.fx.Node]  # layer-0 node -> its layer-1 counterpart
+    plan: Plan
+    layer: dict[torch.fx.Node, int | None]  # node -> shallow position, None where shared
+    layers: list[list[torch.fx.Node]]  # per shallow position, graph order
+    handed_on: list[list[torch.fx.Node]]  # per shallow position: its nodes read outside it
+    twin: dict[torch.fx.Node, torch.fx.Node]  # node of a non-template layer -> template's node
+
+    def slot(self, node: torch.fx.Node) -> int:
+        return self.handed_on[self.layer[node]].index(node)
 
 
-def partition(graph: torch.fx.Graph, stack: LayerStack) -> _Partition:
-    """Split the shallow graph and check that its two layers are the same subgraph."""
-    layer = {n: _layer_of(n, stack) for n in graph.nodes}
-    layers = [[n for n in graph.nodes if layer[n] == i] for i in (0, 1)]
-    if len(layers[0]) != len(layers[1]) or not layers[0]:
-        raise NotReplicable(f"the layers differ: {len(layers[0])} and {len(layers[1])} nodes")
-    found = _Partition(layers, layer, {})
-    for first, last in zip(*layers):
-        _check_twins(first, last, found, stack)
-        found.twin[first] = last
+def partition(graph: torch.fx.Graph, stack: LayerStack, plan: Plan) -> _Partition:
+    """Split the shallow graph by layer and check that the layers of each kind are the same
+    subgraph (see the module doc)."""
+    count = len(plan.held)
+    layer = {n: _layer_of(n, stack, count) for n in graph.nodes}
+    layers = [[n for n in graph.nodes if layer[n] == i] for i in range(count)]
+    handed_on = [[n for n in nodes if any(layer[u] != i for u in n.users)]
+                 for i, nodes in enumerate(layers)]
+    found = _Partition(plan, layer, layers, handed_on, {})
+    _check_handed_on(found)
+    templates = plan.templates
+    for position in range(count):
+        template = templates[plan.kind_at(position)]
+        if position == template:
+            continue
+        if len(layers[position]) != len(layers[template]) or not layers[position]:
+            raise NotReplicable(f"layers {plan.held[position]} and {plan.held[template]} differ: "
+                                f"{len(layers[position])} and {len(layers[template])} nodes")
+        for node, twin in zip(layers[position], layers[template]):
+            _check_twins(node, twin, found, stack, (position, template))
+            found.twin[node] = twin
     _check_span(graph, found)
     return found
 
 
-def _check_twins(first: torch.fx.Node, last: torch.fx.Node, found: _Partition,
-                 stack: LayerStack) -> None:
-    target = renumber(first.target, stack, 0, 1) if first.op == "get_attr" else first.target
-    if (first.op, target) != (last.op, last.target):
-        raise NotReplicable(f"{first.format_node()} vs {last.format_node()}")
-    if not _same_args((first.args, first.kwargs), (last.args, last.kwargs), found):
-        raise NotReplicable(f"the arguments of {first.name} and {last.name} differ")
-    if _renumbered_stack(first.meta, stack, 0, 1) != (last.meta.get("nn_module_stack") or {}) or \
-            first.meta.get("stack_trace") != last.meta.get("stack_trace") or \
-            _describe(first.meta.get("val")) != _describe(last.meta.get("val")):
-        raise NotReplicable(f"the metadata of {first.name} and {last.name} differ")
+def _check_handed_on(found: _Partition) -> None:
+    """Each layer's nodes are read by itself and the next layer (the last one's by what
+    follows); every layer hands on as many values, of the same shapes."""
+    last = len(found.layers) - 1
+    for position, nodes in enumerate(found.layers):
+        for node in found.handed_on[position]:
+            for user in node.users:
+                reader = found.layer[user]
+                if reader != position and reader != position + 1 and not (reader is None and position == last):
+                    raise NotReplicable(f"{user.name} reads {node.name} of layer "
+                                        f"{found.plan.held[position]}, not the layer before it")
+    shapes = {tuple(_describe(n.meta.get("val")) for n in handed) for handed in found.handed_on}
+    if len(shapes) != 1:
+        raise NotReplicable("the layers hand on different values to the next")
 
 
-def _same_args(a: Any, b: Any, found: _Partition) -> bool:
-    """Equal argument trees; a node the first layer reads must be the one the last layer reads
-    (shared), its twin (inside the layer), or, where the first reads a shared node, a first-layer
-    node (the hidden state carried from layer to layer)."""
+def _check_twins(node: torch.fx.Node, twin: torch.fx.Node, found: _Partition, stack: LayerStack,
+                 positions: tuple[int, int]) -> None:
+    old, new = positions
+    target = renumber(node.target, stack, old, new) if node.op == "get_attr" else node.target
+    if (node.op, target) != (twin.op, twin.target):
+        raise NotReplicable(f"{node.format_node()} vs {twin.format_node()}")
+    if not _same_args((node.args, node.kwargs), (twin.args, twin.kwargs), found, positions):
+        raise NotReplicable(f"the arguments of {node.name} and {twin.name} differ")
+    if _renumbered_stack(node.meta, stack, old, new) != (twin.meta.get("nn_module_stack") or {}) or \
+            node.meta.get("stack_trace") != twin.meta.get("stack_trace") or \
+            _describe(node.meta.get("val")) != _describe(twin.meta.get("val")):
+        raise NotReplicable(f"the metadata of {node.name} and {twin.name} differ")
+
+
+def _same_args(a: Any, b: Any, found: _Partition, positions: tuple[int, int]) -> bool:
+    """Equal argument trees; a node the layer reads must be the one its twin reads (shared), the
+    twin of its own node, or the same value handed on by the layer before (where the first
+    layer reads a shared node there: the embeddings)."""
     if isinstance(a, torch.fx.Node) or isinstance(b, torch.fx.Node):
-        return isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and _same_node(a, b, found)
+        return isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and \
+            _same_node(a, b, found, positions)
     if type(a) is not type(b):
         return False
     if isinstance(a, (tuple, list)):
-        return len(a) == len(b) and all(_same_args(x, y, found) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same_args(x, y, found, positions) for x, y in zip(a, b))
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same_args(a[k], b[k], found) for k in a)
+        return a.keys() == b.keys() and all(_same_args(a[k], b[k], found, positions) for k in a)
     if isinstance(a, slice):
-        return _same_args((a.start, a.stop, a.step), (b.start, b.stop, b.step), found)
+        return _same_args((a.start, a.stop, a.step), (b.start, b.stop, b.step), found, positions)
     if isinstance(a, torch.Tensor):
         return a is b
     return a == b
 
 
-def _same_node(a: torch.fx.Node, b: torch.fx.Node, found: _Partition) -> bool:
+def _same_node(a: torch.fx.Node, b: torch.fx.Node, found: _Partition, positions: tuple[int, int]) -> bool:
+    old, new = positions
     where_a, where_b = found.layer[a], found.layer[b]
-    if where_b == 1:
-        return where_a == 0 and found.twin.get(a) is b
-    if where_b == 0:
-        return where_a is None  # the carried hidden state
-    return a is b
+    if where_a == old:
+        return where_b == new and found.twin.get(a) is b
+    if where_a is None and where_b is None:
+        return a is b
+    if where_b == new - 1:
+        if where_a is None:
+            return old == 0  # the first layer reads the embeddings where others read the hidden state
+        return where_a == old - 1 and found.slot(a) == found.slot(b)
+    return False
 
 
 def _describe(value: Any) -> Any:
@@ -304,89 +431,109 @@ def _describe(value: Any) -> Any:
 
 
 def _check_span(graph: torch.fx.Graph, found: _Partition) -> None:
-    """Layer 0's computation, then layer 1's, nothing shared in between; later shared nodes do
-    not read layer 0."""
+    """The layers' computations run in order, nothing shared in between."""
     compute = [n for n in graph.nodes if n.op != "get_attr"]
     where = [found.layer[n] for n in compute]
     layered = [i for i, w in enumerate(where) if w is not None]
     span = where[layered[0]:layered[-1] + 1] if layered else []
     if not span or None in span or span != sorted(span):
         raise NotReplicable("shared nodes run between the layers, or the layers interleave")
-    for node in compute[layered[-1] + 1:]:
-        if any(found.layer[n] == 0 for n in node.all_input_nodes):
-            raise NotReplicable(f"{node.name}, after the layers, reads the first layer")
 
 
-def replicate(graph: torch.fx.Graph, stack: LayerStack, found: _Partition, count: int) -> torch.fx.Graph:
-    """The graph of the model with ``count`` layers: layer 1's nodes, copied for layers
-    2 .. count - 1 after each run of them, and later shared nodes reading the last copy.
+def replicate(graph: torch.fx.Graph, stack: LayerStack, found: _Partition, plan: Plan) -> torch.fx.Graph:
+    """The graph of the model with ``plan``'s layers: each run of layer nodes in the shallow
+    graph (parameters, computation) becomes the same run for every layer, copied from the layer's
+    source (``Plan.source``); shared nodes are copied once, those after the layers reading the
+    last layer.
 
     >>> from fxpeft.capture.export import _export
     >>> from fxpeft.capture.hf import example_inputs
     >>> model = _tiny_llama()
     >>> stack = find_layer_stack(model)
-    >>> shallow = _export(shallow_model(model, stack), example_inputs(model)).module().graph
-    >>> full = replicate(shallow, stack, partition(shallow, stack), 3)
+    >>> plan = plan_layers(model, stack)
+    >>> shallow = _export(shallow_model(model, stack, plan.held), example_inputs(model)).module().graph
+    >>> full = replicate(shallow, stack, partition(shallow, stack, plan), plan)
     >>> sorted({n.target.split(".")[2] for n in full.find_nodes(op="get_attr") if ".layers." in n.target})
     ['0', '1', '2']
     """
     new = torch.fx.Graph()
     new._codegen = copy.deepcopy(graph._codegen)
-    base: dict[torch.fx.Node, torch.fx.Node] = {}  # every node of the shallow graph -> its copy
-    copies: dict[int, dict[torch.fx.Node, torch.fx.Node]] = {i: {} for i in range(2, count)}
+    shared: dict[torch.fx.Node, torch.fx.Node] = {}
+    copies: list[dict[torch.fx.Node, torch.fx.Node]] = [{} for _ in plan.kinds]  # per layer
 
-    def at(index: int, node: torch.fx.Node) -> torch.fx.Node:
-        """Layer ``index``'s copy of layer-1 template ``node``."""
-        return base[node] if index == 1 else copies[index][node]
+    def handed_on(index: int, node: torch.fx.Node) -> torch.fx.Node:
+        """Layer ``index``'s copy of the value ``node`` (of another shallow layer) hands on."""
+        return copies[index][found.handed_on[plan.source(index)][found.slot(node)]]
 
     def in_layer(index: int) -> Callable[[torch.fx.Node], torch.fx.Node]:
+        source = plan.source(index)
+
         def arg(node: torch.fx.Node) -> torch.fx.Node:
             where = found.layer[node]
-            if where == 1:
-                return at(index, node)
-            return at(index - 1, found.twin[node]) if where == 0 else base[node]
+            if where is None:
+                return shared[node]
+            return copies[index][node] if where == source else handed_on(index - 1, node)
         return arg
 
-    last = in_layer(count - 1)
-    for node, run_ends in _with_run_ends(graph, found):
-        after_layers = found.layer[node] is None and node.op != "get_attr"
-        base[node] = new.node_copy(node, last if after_layers else base.__getitem__)
-        if run_ends:
-            for index in range(2, count):
-                _copy_run(new, run_ends, index, stack, copies[index], in_layer(index))
+    after_layers = in_layer(len(plan.kinds) - 1)
+    for run in _runs(graph, found):
+        if found.layer[run[0]] is None:
+            for node in run:
+                shared[node] = new.node_copy(node, after_layers)
+            continue
+        blocks = _blocks(run, found)
+        for index in range(len(plan.kinds)):
+            source = plan.source(index)
+            _copy_block(new, blocks.get(source, []), (source, index), stack, copies[index], in_layer(index))
     return new
 
 
-def _with_run_ends(graph: torch.fx.Graph, found: _Partition
-                   ) -> Iterator[tuple[torch.fx.Node, list[torch.fx.Node]]]:
-    """Each node, with the run of layer-1 nodes it ends (empty unless it ends one)."""
+def _runs(graph: torch.fx.Graph, found: _Partition) -> Iterator[list[torch.fx.Node]]:
+    """The graph's nodes in maximal runs of shared nodes and of layer nodes."""
     run: list[torch.fx.Node] = []
     for node in graph.nodes:
-        if found.layer[node] == 1:
-            run.append(node)
-            if node.next.op == "root" or found.layer[node.next] != 1:
-                yield node, run
-                run = []
-                continue
-        yield node, []
+        if run and (found.layer[run[0]] is None) != (found.layer[node] is None):
+            yield run
+            run = []
+        run.append(node)
+    if run:
+        yield run
 
 
-def _copy_run(new: torch.fx.Graph, run: list[torch.fx.Node], index: int, stack: LayerStack,
-              env: dict[torch.fx.Node, torch.fx.Node], arg: Callable) -> None:
-    for node in run:
-        if node.op == "get_attr":  # named as export names it, after the target
-            target = renumber(node.target, stack, 1, index)
+def _blocks(run: list[torch.fx.Node], found: _Partition) -> dict[int, list[torch.fx.Node]]:
+    """A run of layer nodes by shallow position; each layer's block as long as its template's."""
+    positions = [found.layer[n] for n in run]
+    if positions != sorted(positions):
+        raise NotReplicable(f"the layers interleave at {run[0].name}")
+    blocks: dict[int, list[torch.fx.Node]] = {}
+    for node, position in zip(run, positions):
+        blocks.setdefault(position, []).append(node)
+    for position, block in blocks.items():
+        template = found.plan.templates[found.plan.kind_at(position)]
+        if len(block) != len(blocks.get(template, [])):
+            raise NotReplicable(f"layers {found.plan.held[position]} and {found.plan.held[template]} "
+                                f"differ at {block[0].name}")
+    return blocks
+
+
+def _copy_block(new: torch.fx.Graph, block: list[torch.fx.Node], positions: tuple[int, int],
+                stack: LayerStack, env: dict[torch.fx.Node, torch.fx.Node], arg: Callable) -> None:
+    """Copy ``block`` (nodes of the shallow layer at ``positions[0]``) as layer ``positions[1]``."""
+    source, index = positions
+    for node in block:
+        if node.op == "get_attr" and (source, index) != (0, 0):  # named as export names it, after the target
+            target = renumber(node.target, stack, source, index)
             copied = new.create_node("get_attr", target, name=target.replace(".", "_"))
             copied.meta = copy.copy(node.meta)
         else:
             copied = new.node_copy(node, arg)
-        if "nn_module_stack" in node.meta:
-            copied.meta["nn_module_stack"] = _renumbered_stack(node.meta, stack, 1, index)
+        if "nn_module_stack" in node.meta and source != index:
+            copied.meta["nn_module_stack"] = _renumbered_stack(node.meta, stack, source, index)
         env[node] = copied
 
 
-def _tiny_llama() -> torch.nn.Module:
-    """A 3-layer Llama for the examples above."""
+def _tiny_llama(layers: int = 3) -> torch.nn.Module:
+    """A Llama of ``layers`` layers for the examples above."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    return LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+    return LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
                                         num_attention_heads=2, vocab_size=32))

@@ -49,7 +49,8 @@ from fxpeft.io.base_model import load_base, local_name
 from fxpeft.io.folders import (CONFIG, RULES, WEIGHTS, AdapterFileError, _fsync, _read_folder,
                                replace_file, replace_folder)
 from fxpeft.runtime.adapted_module import AdaptedModule
-from fxpeft.registry import AdapterKind, values_from_file
+from fxpeft import registry
+from fxpeft.registry import AdapterKind, saved_components, values_from_file
 from fxpeft.names import PEFT_PREFIX
 from fxpeft.formats.peft_format import (INERT_FIELDS, PeftFormatError, neutral, check_fields,
                                         kind_for_config, kind_for_rewrite, to_peft_key)
@@ -73,11 +74,19 @@ _short = _REPR.repr  # adversarial values can be huge; messages quote only their
 # --- save: the files' contents ------------------------------------------------------------------
 
 def _kind_of(rules: RuleSet) -> AdapterKind:
+    """The kind whose PEFT config describes the adapter: its only kind, or the one whose config
+    carries all the others (``AdapterKind.carries``: LoRA's ``trainable_token_indices``)."""
     kinds = sorted({rule.rewrite for rule in rules.rules})
-    if len(kinds) != 1:
+    found = [name for name in kinds if set(kinds) <= {name, *registry.get(name).carries}]
+    if len(found) != 1:
         raise FxpeftError(f"an adapter mixing {' and '.join(kinds)} has no PEFT format; give each "
                           f"kind its own adapter (fxpeft.add_adapter)")
-    return kind_for_rewrite(kinds[0])
+    return kind_for_rewrite(found[0])
+
+
+def _described(kind: AdapterKind) -> set[str]:
+    """The rewrites an adapter described by ``kind``'s config may hold."""
+    return {kind.name, *kind.carries}
 
 
 def _task_type(model_class: str) -> str | None:
@@ -105,7 +114,7 @@ def peft_config(program: Program, rec: AdapterRecord, kind: AdapterKind) -> dict
     config = config_header(program, kind.peft.peft_type)
     if rec.modules_to_save:  # only PEFT configs that know the field (not ADAPTION_PROMPT) get it
         config["modules_to_save"] = list(rec.modules_to_save)
-    mine = [m for m in rec.matches if m.rule.rewrite == kind.name]
+    mine = [m for m in rec.matches if m.rule.rewrite in _described(kind)]
     return {**config, **kind.peft.to_config(mine, program)}
 
 
@@ -126,7 +135,7 @@ def peft_state_dict(gm: torch.nn.Module, adapter: str, kind: AdapterKind) -> dic
     gathered whole: a collective, so every rank must call this."""
     tensors = {}
     for name, tensor in gm.state_dict().items():
-        key = to_peft_key(name, adapter, kind.components, kind.peft.key_prefix) \
+        key = to_peft_key(name, adapter, saved_components(kind), kind.peft.key_prefix) \
             if is_adapter_parameter(name) else None
         if key is not None:
             tensor = tensor.full_tensor() if is_sharded(tensor) else tensor
@@ -342,7 +351,7 @@ def _rules(folder: Path, files: dict[str, bytes], config: dict[str, Any], kind: 
     with _located(folder / RULES):
         rules = parse_rules(files[RULES].decode("utf-8"), source=str(folder / RULES))
     written = sorted({rule.rewrite for rule in rules.rules})
-    if written != [kind.name]:  # PEFT rewrites only the JSON; it is the source of truth
+    if kind.name not in written or not set(written) <= _described(kind):  # PEFT rewrites only the JSON
         raise AdapterFileError(f"{folder / RULES} builds {', '.join(written)} adapters but "
                                f"{CONFIG} describes a {kind.name} adapter; {CONFIG} wins: "
                                f"delete {RULES} to load from {CONFIG} alone")
@@ -415,7 +424,7 @@ def _check_modules(model: torch.nn.Module, kind: AdapterKind, tensors: dict[str,
     ``c_attn`` in a Llama): said first, before anything is built or any field compared."""
     have = {path for path, _ in model.named_modules()}
     named = {path for key in tensors if key.startswith(PEFT_PREFIX)
-             and (path := _module_path(key, kind.components))}
+             and (path := _module_path(key, saved_components(kind)))}
     foreign = sorted(named - have)
     if not foreign or len(foreign) < len(named):  # a stray key is "unexpected", said later
         return
@@ -435,7 +444,7 @@ def _expected(gm: torch.nn.Module, adapter: str, kind: AdapterKind) -> dict[str,
     """PEFT key -> our parameter name, for every tensor ``adapter`` needs."""
     names = (n for n in gm.state_dict() if is_adapter_parameter(n))
     return {key: name for name in names
-            if (key := to_peft_key(name, adapter, kind.components, kind.peft.key_prefix)) is not None}
+            if (key := to_peft_key(name, adapter, saved_components(kind), kind.peft.key_prefix)) is not None}
 
 
 def _check_tensors(expected: dict[str, str], tensors: dict[str, torch.Tensor],

@@ -13,7 +13,7 @@ from fxpeft.registry import register
 
 BUILTIN = ("lora", "ia3", "adaption_prompt", "modules_to_save", "dora", "adalora", "prompt_tuning",
            "vera", "loha", "bottleneck", "oft", "boft", "p_tuning", "lokr",
-           "prefix_tuning", "alora")
+           "prefix_tuning", "alora", "trainable_tokens")
 
 for _name in BUILTIN:
     register(importlib.import_module(f"fxpeft.kinds.{_name}").KIND)

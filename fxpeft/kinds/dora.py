@@ -231,4 +231,5 @@ KIND = AdapterKind(
     peft=PeftFormat("LORA", functools.partial(rules_to_config, use_dora=True),
                     functools.partial(config_to_rules, params_class=DoraParams),
                     LORA_FIELDS, selector={"use_dora": True, "alora_invocation_tokens": False}),
-    combines=Combines(linear_branch, unit_scale_params, row_gain, base_rows, set_row_gain))
+    combines=Combines(linear_branch, unit_scale_params, row_gain, base_rows, set_row_gain),
+    carries=("trainable_tokens",))

@@ -34,7 +34,7 @@ from fxpeft.graph.dropout import dropout_target
 from fxpeft.registry import AdapterKind, Combines, LowRankBranch, SpliceInput, Spliced
 from fxpeft.match.layer_sites import ConvSite, EmbeddingSite, find_conv_sites, find_embedding_sites
 from fxpeft.match.parameter_sites import ParameterSite, find_parameter_sites
-from fxpeft.kinds import bd_lora, lora_parameters
+from fxpeft.kinds import bd_lora, lora_parameters, trainable_tokens
 from fxpeft.match.query import Match
 from fxpeft.names import ADAPTER_META, AdapterNode
 from fxpeft.formats.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, names_regex,
@@ -445,7 +445,7 @@ LORA_FIELDS = frozenset({"target_modules", "exclude_modules", "layers_to_transfo
                          "layers_pattern", "r", "lora_alpha", "rank_pattern", "alpha_pattern",
                          "use_rslora", "fan_in_fan_out", "bias", "lora_dropout",
                          "init_lora_weights", "lora_bias", "target_parameters", bd_lora.CONFIG_FIELD,
-                         *_REFUSED_VARIANTS})
+                         trainable_tokens.CARRIED_FIELD, *_REFUSED_VARIANTS})
 
 
 def _check_init(config: dict[str, Any], source: str) -> None:
@@ -531,6 +531,8 @@ def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str,
         regex = _parameters_regex(parameters, model, params_class, source)
         rules += pattern_rules(config, model, source, ("parameter",), params_for, "lora_alpha",
                                regex).rules
+    rules += trainable_tokens.carried_rules(config.get(trainable_tokens.CARRIED_FIELD), model,
+                                            source, config.get("modules_to_save"))
     return RuleSet(rules, source=source)
 
 
@@ -622,7 +624,10 @@ def _one_value(params: dict[str, LoraParams], field: str) -> Any:
 
 def rules_to_config(matches: list[Match], program: Program, use_dora: bool = False) -> dict[str, Any]:
     """The ``LoraConfig`` fields that select ``matches``' modules (and parameters:
-    ``target_parameters``, their full names) with their rank and scale."""
+    ``target_parameters``, their full names) with their rank and scale; trainable tokens'
+    matches become ``trainable_token_indices``."""
+    rows = [m for m in matches if isinstance(m.rule.params, trainable_tokens.TrainableTokensParams)]
+    matches = [m for m in matches if m not in rows]
     params = {m.module_path: m.rule.params for m in matches}
     layers = {m.site.attention for m in matches if isinstance(m.site, ParameterSite) and m.site.attention}
     modules = sorted({*layers, *(m.module_path for m in matches if not isinstance(m.site, ParameterSite))})
@@ -640,7 +645,8 @@ def rules_to_config(matches: list[Match], program: Program, use_dora: bool = Fal
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": rslora,
             "lora_dropout": dropout, "bias": "none", "init_lora_weights": "mica" if mica else True,
             "lora_bias": lora_bias, **bd_lora.config_fields(params),
-            "use_dora": use_dora, "fan_in_fan_out": any(m.site.fan_in_fan_out for m in matches)}
+            "use_dora": use_dora, "fan_in_fan_out": any(m.site.fan_in_fan_out for m in matches),
+            trainable_tokens.CARRIED_FIELD: trainable_tokens.carried_value(rows)}
 
 
 def branch_of(record: AdapterNode) -> LowRankBranch | None:
@@ -671,4 +677,4 @@ KIND = AdapterKind(
     peft=PeftFormat("LORA", rules_to_config, config_to_rules, LORA_FIELDS,
                     selector={"use_dora": False, "alora_invocation_tokens": False}),
     default_rule=True, low_rank=branch_of,
-    combines=Combines(branch_of, unit_scale_params))
+    combines=Combines(branch_of, unit_scale_params), carries=("trainable_tokens",))

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from fxpeft.names import is_fxpeft_node
+from fxpeft.names import ADAPTER_META, is_fxpeft_node
 from fxpeft.capture.linear_sites import WeightedSite, weight_of, weight_owner
 from fxpeft.capture.program import layer_index
 
@@ -125,10 +125,24 @@ def _arg(node: torch.fx.Node, index: int, name: str, default: Any) -> Any:
     return node.kwargs.get(name, default)
 
 
+def _base_table(node: Any) -> Any:
+    """The table an adapter's new table stands in for (its removable node's bypass: trainable
+    tokens' ``index_copy``), so another adapter finds the lookup still.
+
+    >>> _base_table(None) is None
+    True
+    """
+    record = getattr(node, "meta", {}).get(ADAPTER_META)
+    while record is not None and record.bypass is not None:
+        node = node.args[record.bypass]
+        record = node.meta.get(ADAPTER_META)
+    return node
+
+
 def _embedding_from_aten(gm: torch.fx.GraphModule, node: torch.fx.Node) -> EmbeddingSite | None:
     if node.op != "call_function" or node.target not in _EMBEDDINGS:
         return None
-    found = weight_of(gm, node.args[0])
+    found = weight_of(gm, _base_table(node.args[0]))
     if found is None or found[1].dim() != 2:
         return None
     target, weight = found

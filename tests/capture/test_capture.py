@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import fxpeft
-from fxpeft.capture import cache as capture_cache
 from conftest import assert_only_adapters_get_grads, randomize_adapters, tiny_gpt2, tiny_llama, token_batch
 from fxpeft.capture.export import capture
 from fxpeft.rules import LoraParams, Rule, Where
@@ -134,13 +133,14 @@ def test_per_call_overrides_change_rank_and_scale():
     assert scales == [2.0]
 
 
-def test_a_no_grad_block_in_forward_runs_as_a_grad_mode_region_without_export_checks():
+def test_a_no_grad_block_in_forward_runs_as_a_grad_mode_region_without_export_checks(monkeypatch):
     """Export keeps a ``no_grad`` block as a higher-order op over a submodule; capture strips
     the metadata asserts there too and calls it through ``grad_mode_region``, which restores
     the grad mode even when the block raises (torch's own op leaves it off)."""
     from conftest import tiny_llama, token_batch
     from fxpeft.capture.export import _EXPORT_CHECKS, grad_mode_region
-    capture_cache.clear()  # the cache cannot tell a patched forward from the plain one
+    # the caches (in memory and on disk) cannot tell a patched forward from the plain one
+    monkeypatch.setenv("FXPEFT_CAPTURE_CACHE", "0")
     model = tiny_llama()
     rotary = model.model.rotary_emb
     # transformers 5.23 decorates it with no_grad already (5.25 does not); nested blocks export

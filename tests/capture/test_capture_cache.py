@@ -25,7 +25,8 @@ def from_the_cache(model, caplog) -> bool:
 
 
 @pytest.fixture(autouse=True)
-def empty_cache():
+def empty_cache(monkeypatch):
+    monkeypatch.setenv("FXPEFT_CAPTURE_CACHE", "memory")  # the disk cache: test_capture_disk_cache.py
     capture_cache.clear()
     yield
     capture_cache.clear()

@@ -1,7 +1,8 @@
-"""Capture once and replicate (``fxpeft.capture.replicate``): a model with identical layers is exported
-with its first and last layers only, and the full graph is built by copying the layer. The result
-must be the graph a full export gives, node for node, and adapt and train the same; a model whose
-layers differ is exported whole."""
+"""Capture once and replicate (``fxpeft.capture.replicate``): a model is exported with the first and
+last layer of each kind of layer only (its first and last where the layers are identical), and the
+full graph is built by copying each kind's layer, in the model's order. The result must be the
+graph a full export gives, node for node, and adapt and train the same; a model whose layers
+cannot be shown alike (or are all of different kinds) is exported whole."""
 
 import logging
 
@@ -28,6 +29,32 @@ FAMILIES = {
 }
 
 
+def tiny_gemma3(layers: int = 7):
+    """Gemma-3's text model: 5 sliding-window layers to 1 full-attention one (``layer_types``),
+    each kind with its own rotary table and mask."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                              num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                              vocab_size=128, sliding_window=4)).eval()
+
+
+def _one_gelu_layer():
+    model = tiny_llama(num_hidden_layers=4)
+    model.model.layers[1].mlp.act_fn = torch.nn.GELU()
+    return model
+
+
+# Models whose layers come in kinds: (builder, layers the shallow export holds, kinds).
+PER_KIND = {
+    "gemma3_sliding_full": (tiny_gemma3, 3, 2),  # S S S S S F S: layers 0, 5 and 6
+    "qwen2_mixed": (lambda: tiny_qwen2(num_hidden_layers=6, use_sliding_window=True, sliding_window=4,
+                                       max_window_layers=3), 4, 2),  # F F F S S S: 0, 2, 3, 5
+    "llama_one_gelu_layer": (_one_gelu_layer, 3, 2),  # a module of another class: 0, 1, 3
+}
+BUILDERS = {**FAMILIES, **{name: make for name, (make, _, _) in PER_KIND.items()}}
+
+
 @pytest.fixture(autouse=True)
 def no_capture_cache(monkeypatch):
     monkeypatch.setenv("FXPEFT_CAPTURE_CACHE", "0")  # each capture here must really capture
@@ -38,13 +65,13 @@ def captured(model, monkeypatch, replicated: bool, caplog):
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger="fxpeft"):
         program = capture(model)
-    assert any("replicated from 2" in r.message for r in caplog.records) == replicated
+    assert any("replicated from" in r.message for r in caplog.records) == replicated
     return program
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", BUILDERS)
 def test_a_replicated_capture_is_the_full_capture_node_for_node(family, monkeypatch, caplog):
-    model = FAMILIES[family]()
+    model = BUILDERS[family]()
     fast = captured(model, monkeypatch, True, caplog)
     full = captured(model, monkeypatch, False, caplog)
     assert graph_signature(fast.graph) == graph_signature(full.graph)
@@ -73,9 +100,11 @@ def _outputs_and_grads(model, rules, monkeypatch, replicated: bool):
 @pytest.mark.parametrize("family, rules", [("llama_gqa", "lora_qv"), ("llama_gqa", "ia3"),
                                            ("llama_gqa", "llama_adapter"), ("qwen2", "lora_all_linear"),
                                            ("qwen2_all_sliding", "lora_qv"),
-                                           ("gpt2", "lora_all_linear"), ("gemma", "ia3")])
+                                           ("gpt2", "lora_all_linear"), ("gemma", "ia3"),
+                                           ("gemma3_sliding_full", "lora_all_linear"),
+                                           ("qwen2_mixed", "lora_qv")])
 def test_adapted_replicated_graphs_compute_what_full_ones_do(family, rules, monkeypatch):
-    model = FAMILIES[family]()
+    model = BUILDERS[family]()
     logits, grads = _outputs_and_grads(model, rules, monkeypatch, replicated=True)
     full_logits, full_grads = _outputs_and_grads(model, rules, monkeypatch, replicated=False)
     torch.testing.assert_close(logits, full_logits, rtol=0, atol=1e-6)
@@ -84,15 +113,53 @@ def test_adapted_replicated_graphs_compute_what_full_ones_do(family, rules, monk
         torch.testing.assert_close(grads[name], full_grads[name], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", PER_KIND)
+def test_layers_of_a_few_kinds_are_replicated_one_per_kind(family, monkeypatch, caplog):
+    """The shallow export holds each kind's first and last layer; the graph then has every
+    layer, each reading its own kind's shared nodes (Gemma-3: a rotary table and a mask per kind)."""
+    make, held, kinds = PER_KIND[family]
+    model = make()
+    program = captured(model, monkeypatch, True, caplog)
+    count = len(replicate.find_layer_stack(model).layers)
+    assert f"replicated from {held} of its {count} layers ({kinds} kinds)" in caplog.text
+    plan = replicate.plan_layers(model, replicate.find_layer_stack(model))
+    assert len(plan.held) == held and len(set(plan.kinds)) == kinds
+    assert program.layer_count == count
+    ids = token_batch()
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "position_ids": torch.arange(ids.shape[1]).expand(ids.shape[0], -1)}
+    logits = program.graph_module(*(inputs[name] for name in program.info.inputs))[0]
+    torch.testing.assert_close(logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_gemma3_layers_read_their_kinds_rotary_table_and_mask(monkeypatch, caplog):
+    """Per kind, not per layer: the sliding layers share one rotary table's cos and one mask, the
+    full-attention layers another."""
+    model = tiny_gemma3()
+    graph = captured(model, monkeypatch, True, caplog).graph
+    kinds = model.config.layer_types
+    readers = {}  # layer -> the shared nodes its attention reads
+    for node in graph.nodes:
+        layer = next((p for p, _ in (node.meta.get("nn_module_stack") or {}).values()
+                      if p.startswith("model.layers.") and p.count(".") == 2), None)
+        if layer is not None:
+            for arg in node.all_input_nodes:
+                if not any(p.startswith("model.layers.") for p, _ in (arg.meta.get("nn_module_stack") or {}).values()) \
+                        and arg.op != "get_attr":
+                    readers.setdefault(int(layer.split(".")[2]), set()).add(arg)
+    by_kind = {kind: {frozenset(readers[i] - {n for n in readers[i] if n.op == "placeholder"})
+                      for i in range(1, len(kinds)) if kinds[i] == kind} for kind in set(kinds)}
+    assert all(len(shared) == 1 for shared in by_kind.values()), by_kind
+    assert by_kind["sliding_attention"] != by_kind["full_attention"]
+
+
 def _sliding_qwen2():  # layer_types: 2 full-attention layers, then 2 sliding-window ones
     return tiny_qwen2(num_hidden_layers=4, use_sliding_window=True, sliding_window=4,
                       max_window_layers=2)
 
 
-def _one_gelu_layer():
-    model = tiny_llama(num_hidden_layers=4)
-    model.model.layers[1].mlp.act_fn = torch.nn.GELU()
-    return model
+def _all_layers_differ():  # GPT-2 scales each layer's attention by 1 / (its index + 1)
+    return tiny_gpt2(n_layer=4, scale_attn_by_inverse_layer_idx=True)
 
 
 def _hooked_layer():
@@ -102,10 +169,9 @@ def _hooked_layer():
 
 
 @pytest.mark.parametrize("make, reason", [
-    (_sliding_qwen2, "config.layer_types differs"),
-    (_one_gelu_layer, "layer 1 differs"),
+    (_sliding_qwen2, "2 kinds of layer among 4 layers (each kind's first and last are exported): nothing to save"),
     (_hooked_layer, "has hooks"),
-    (lambda: tiny_gpt2(n_layer=4, scale_attn_by_inverse_layer_idx=True), "layer 1 differs"),  # scaling
+    (_all_layers_differ, "4 kinds of layer among 4 layers"),
     (lambda: tiny_llama(num_hidden_layers=2), None),
 ])
 def test_models_whose_layers_differ_are_exported_whole(make, reason, monkeypatch, caplog):
@@ -131,9 +197,8 @@ def test_a_last_layer_that_computes_differently_fails_the_graph_check(monkeypatc
                                                   "__module__": base.__module__,
                                                   "__qualname__": base.__qualname__})
     stack = replicate.find_layer_stack(model)
-    with pytest.raises(replicate.NotReplicable):
-        replicate.check_uniform(model, stack)  # the class object differs
-    monkeypatch.setattr(replicate, "check_uniform", lambda model, stack: None)
+    assert replicate.layer_kinds(model, stack) == (0, 0, 0, 1)  # the class object differs
+    monkeypatch.setattr(replicate, "layer_kinds", lambda model, stack: (0, 0, 0, 0))
     with caplog.at_level(logging.DEBUG, logger="fxpeft"):
         gm = fxpeft.rewrite(model, "lora_qv")
     messages = " ".join(r.message for r in caplog.records)

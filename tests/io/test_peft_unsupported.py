@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from peft import AdaLoraConfig, FourierFTConfig, LoraConfig, PeftModel, get_peft_model
+from peft import BOFTConfig, FourierFTConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.config import KasaConfig
 
 import fxpeft
@@ -41,12 +41,13 @@ def test_lora_on_a_conv3d_loads(tmp_path, targets):
         torch.testing.assert_close(fxpeft.load(base, folder)(x), peft_model(x), rtol=0, atol=1e-6)
 
 
-def test_adalora_on_a_conv2d_names_the_layer_and_leaves_the_graph(tmp_path):
+def test_boft_on_a_conv2d_names_the_layer_and_leaves_the_graph(tmp_path):
+    """PEFT's BOFT adapts a Conv2d; fxpeft's, linears only."""
     folder = saved(tmp_path, custom_model("Conv2d"),
-                   AdaLoraConfig(target_modules=["conv2d", "lin0"], total_step=1))
+                   BOFTConfig(target_modules=["conv2d", "lin0"], boft_block_size=5))
     graph = fxpeft.rewrite(custom_model("Conv2d"), LoraConfig(target_modules=["lin0"]))
-    with pytest.raises(PeftFormatError, match=r"needs ADALORA \(adalora\) on Conv2d at conv2d.*"
-                                              r"its adalora adapters apply to linear layers"):
+    with pytest.raises(PeftFormatError, match=r"needs BOFT \(boft\) on Conv2d at conv2d.*"
+                                              r"its boft adapters apply to linear layers"):
         fxpeft.load(graph, folder, adapter="other")
     assert graph.adapter_names == ["default"]  # the graph is left as it was
 
@@ -55,8 +56,8 @@ def test_adalora_on_a_conv2d_names_the_layer_and_leaves_the_graph(tmp_path):
     (FourierFTConfig(target_modules=["q_proj"]), r"adapter_config.json: peft_type 'FOURIERFT' is not supported"),
     (LoraConfig(target_modules=["q_proj"], kasa_config=KasaConfig()),
      r"adapter_config.json: kasa_config is set: the LoRA variant is not supported: KaSA"),
-    (LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1, 2]),
-     r"adapter_config.json: trainable_token_indices = \[1, 2\] is not supported"),
+    (LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 1]]),
+     r"adapter_config.json: layer_replication = \[\[0, 1\]\] is not supported"),
 ])
 def test_unsupported_types_and_fields_are_named(tmp_path, config, feature):
     with pytest.raises(PeftFormatError, match=feature):

@@ -38,7 +38,7 @@ BUILTIN_KINDS = [
     "adaption_prompt: sites attention; PEFT ADAPTION_PROMPT; cannot merge (adaption prompts are",
     "modules_to_save: sites by keyword; PEFT -; merges",
     "dora: sites linear, embedding, conv; PEFT LORA; merges",
-    "adalora: sites linear; PEFT ADALORA; merges",
+    "adalora: sites linear, conv; PEFT ADALORA; merges",
     "prompt_tuning: sites input_embedding; PEFT PROMPT_TUNING; cannot merge (prompt tuning adds",
     "vera: sites linear; PEFT VERA; merges",
     "loha: sites linear, conv; PEFT LOHA; merges",
@@ -49,6 +49,7 @@ BUILTIN_KINDS = [
     "lokr: sites linear, conv; PEFT LOKR; merges",
     "prefix_tuning: sites attention_op; PEFT PREFIX_TUNING; cannot merge (prefix tuning adds",
     "alora: sites linear; PEFT LORA; cannot merge (aLoRA applies only from the invocation",
+    "trainable_tokens: sites embedding; PEFT TRAINABLE_TOKENS; merges",
 ]
 
 
