@@ -21,7 +21,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch.utils._sympy.numbers import int_oo
 
-from fxpeft.capture import cache as capture_cache, hf, positions, quantized, replicate
+from fxpeft.capture import attention, cache as capture_cache, hf, positions, quantized, replicate
 from fxpeft.errors import CaptureError
 from fxpeft.capture.linear_sites import find_linear_sites
 from fxpeft.graph.targets import owning_module
@@ -67,6 +67,7 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, leaf_modules: Se
             program = _capture_plain(model, example_inputs, tuple(leaf_modules))
     if program.frontend == "export" and not allow_training_branches:
         _refuse_training_branches(model, program.graph)
+    attention.mark_weight_reads(program.graph, model)
     program.sites = find_linear_sites(program.graph_module)
     log.debug("capture: %s via %s, %d linear sites", program.model_class, program.frontend,
               len(program.sites))
@@ -305,6 +306,13 @@ class _LeafTracer(torch.fx.Tracer):
 
     def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
         return isinstance(module, self.leaf_modules) or super().is_leaf_module(module, qualified_name)
+
+    def call_module(self, module: torch.nn.Module, forward: Callable[..., Any], args: tuple,
+                    kwargs: dict[str, Any]) -> Any:
+        # An attention layer's packed weights become reads a kind can adapt (fxpeft.capture.attention).
+        if attention.opens(module) and not isinstance(module, self.leaf_modules):
+            return attention.trace_attention(self, module, args, kwargs)
+        return super().call_module(module, forward, args, kwargs)
 
 
 def _capture_plain(model: torch.nn.Module, example_inputs: Any,

@@ -42,6 +42,7 @@ from fxpeft.formats.peft_format import (PeftFormat, PeftFormatError, exclude_reg
                                         targets_for, layers_prefix)
 from fxpeft.capture.quantized import base_weight, weight_so_far
 from fxpeft.capture.linear_sites import LinearSite, find_linear_sites
+from fxpeft.capture import attention
 from fxpeft.capture.program import Program
 from fxpeft.rules import checks
 from fxpeft.rules.schema import Params, Rule, RuleSet, Where, spec
@@ -519,11 +520,13 @@ def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str,
                             lora_bias=_flag(config.get("lora_bias")))
     modules = tuple(site for site in params_class.match_kinds if site != "parameter")
     rules: tuple[Rule, ...] = ()
+    weights = _attention_weights(config, model, source, params_class)
     if config.get("target_modules") or not config.get("target_parameters"):
         rules = bd_lora.with_block_diagonal(
             pattern_rules(config, model, source, modules, params_for, "lora_alpha"), config, source,
             params_class is LoraParams).rules
-    parameters = config.get("target_parameters")
+        rules = _skip_attention_calls(rules, weights)
+    parameters = [*(config.get("target_parameters") or []), *weights]
     if parameters:
         regex = _parameters_regex(parameters, model, params_class, source)
         rules += pattern_rules(config, model, source, ("parameter",), params_for, "lora_alpha",
@@ -531,6 +534,33 @@ def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str,
     rules += trainable_tokens.carried_rules(config.get(trainable_tokens.CARRIED_FIELD), model,
                                             source, config.get("modules_to_save"))
     return RuleSet(rules, source=source)
+
+
+def _attention_weights(config: dict[str, Any], model: torch.nn.Module, source: str,
+                       params_class: type) -> list[str]:
+    """The weights PEFT adapts on each attention layer ``target_modules`` selects (its
+    ``MultiheadAttention`` LoRA: ``in_proj_weight`` and ``out_proj.weight``), full names."""
+    if not config.get("target_modules"):
+        return []
+    selects = re.compile("^" + layers_prefix(config) + target_regex(config, model, source))
+    excluded = [re.compile(e) for e in exclude_regexes(config)]
+    layers = [path for path, module in model.named_modules() if attention.opens(module)
+              and selects.match(path) and not any(e.match(path) for e in excluded)]
+    if layers and "parameter" not in params_class.match_kinds:
+        raise PeftFormatError(f"{source}: target_modules selects {layers[0]} (MultiheadAttention): "
+                              f"{params_class.kind} on MultiheadAttention is not supported")
+    return [f"{path}.{name}" for path in layers for name in attention.ADAPTED_WEIGHTS]
+
+
+def _skip_attention_calls(rules: tuple[Rule, ...], weights: list[str]) -> tuple[Rule, ...]:
+    """Under ``torch.export`` an attention layer's ``out_proj`` is a linear at the layer's own
+    path; LoRA on the layer is on its weights (``_attention_weights``), not on that call."""
+    layers = sorted({w.rpartition(".")[0] for w in weights if w.endswith(".in_proj_weight")})
+    if not layers:
+        return rules
+    skip = tuple(f"^{re.escape(layer)}$" for layer in layers)
+    return tuple(dataclasses.replace(r, where=dataclasses.replace(r.where, exclude=(*r.where.exclude, *skip)))
+                 for r in rules)
 
 
 def _parameters_regex(names: Any, model: torch.nn.Module, params_class: type, source: str) -> str:
@@ -575,6 +605,11 @@ def adaptable_paths(program: Program) -> list[str]:
     return [site.module_path for site in found]
 
 
+def _attention_layers(program: Program) -> set[str]:
+    """The paths of the attention layers whose weights ``program``'s graph reads."""
+    return {site.attention for site in find_parameter_sites(program.graph_module) if site.attention}
+
+
 _CONFIG_FIELDS = {"dropout": "lora_dropout", "lora_bias": "lora_bias", "mica": "init_lora_weights"}
 
 
@@ -594,14 +629,17 @@ def rules_to_config(matches: list[Match], program: Program, use_dora: bool = Fal
     rows = [m for m in matches if isinstance(m.rule.params, trainable_tokens.TrainableTokensParams)]
     matches = [m for m in matches if m not in rows]
     params = {m.module_path: m.rule.params for m in matches}
-    modules = sorted(m.module_path for m in matches if not isinstance(m.site, ParameterSite))
-    parameters = sorted(m.module_path for m in matches if isinstance(m.site, ParameterSite))
+    layers = {m.site.attention for m in matches if isinstance(m.site, ParameterSite) and m.site.attention}
+    modules = sorted({*layers, *(m.module_path for m in matches if not isinstance(m.site, ParameterSite))})
+    parameters = sorted(m.module_path for m in matches if isinstance(m.site, ParameterSite)
+                        and not m.site.attention)
     rslora = all(p.use_rslora for p in params.values())
     r, rank_pattern = _common_and_exceptions({k: p.r for k, p in params.items()})
     alpha, alpha_pattern = _common_and_exceptions(
         {k: _number(p.scale * (p.r ** 0.5 if rslora else p.r)) for k, p in params.items()})
     dropout, lora_bias, mica = (_one_value(params, field) for field in ("dropout", "lora_bias", "mica"))
-    targets = targets_for(modules, program, adaptable_paths(program)) if modules or not parameters else None
+    known = [*adaptable_paths(program), *_attention_layers(program)]
+    targets = targets_for(modules, program, known) if modules or not parameters else None
     return {"target_modules": targets, "target_parameters": parameters or None,
             "r": r, "lora_alpha": alpha,
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": rslora,

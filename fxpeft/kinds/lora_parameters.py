@@ -67,6 +67,11 @@ def _depth_path(owner: str, depth: int) -> str:
 
 def _ensure_path(gm: torch.nn.Module, owner: str, depth: int) -> str:
     """The module at ``owner`` + ``depth`` times ``.base_layer`` (plain modules created)."""
+    parent = gm
+    for name in owner.split(".") if owner else ():
+        if name not in parent._modules:
+            parent.add_module(name, torch.nn.Module())
+        parent = parent._modules[name]
     for level in range(1, depth + 1):
         parent = gm.get_submodule(_depth_path(owner, level - 1))
         if NEST not in parent._modules:
@@ -81,11 +86,12 @@ def _records_at(gm: torch.fx.GraphModule, adapter: str, owner: str) -> list[tupl
             and n.meta[ADAPTER_META].detail.weight.rpartition(".")[0] == owner]
 
 
-def _nest(gm: torch.fx.GraphModule, adapter: str, owner: str, names: tuple[str, str]) -> list[str]:
+def _nest(gm: torch.fx.GraphModule, adapter: str, owner: str, names: tuple[str, str],
+          home: str) -> list[str]:
     """Move ``adapter``'s A and B of every adapted parameter of ``owner`` to PEFT's nesting: the
     k-th of n (registration order) under ``n - 1 - k`` ``base_layer`` prefixes; the graph's
-    reads and the records follow. Returns the new deepest A and B paths (the slots the set of
-    paths gained)."""
+    reads and the records follow; ``home`` is where they live (the owner, or PEFT's path for
+    it). Returns the new deepest A and B paths (the slots the set of paths gained)."""
     records = _records_at(gm, adapter, owner)
     order = list(gm.get_submodule(owner)._parameters)
     details = sorted({r.detail.weight: r.detail for _, r in records}.values(),
@@ -93,7 +99,7 @@ def _nest(gm: torch.fx.GraphModule, adapter: str, owner: str, names: tuple[str, 
     moved: dict[str, str] = {}  # old module path -> new
     for depth, detail in zip(range(len(details) - 1, -1, -1), details):
         for target, base in ((detail.lora_A, names[0]), (detail.lora_B, names[1])):
-            new = f"{_ensure_path(gm, owner, depth)}.{adapter_component(base, adapter)}"
+            new = f"{_ensure_path(gm, home, depth)}.{adapter_component(base, adapter)}"
             moved[target.rpartition(".")[0]] = new
     modules = {old: gm.get_submodule(old) for old in moved}
     for old in moved:  # detach all first: two may swap places
@@ -103,7 +109,7 @@ def _nest(gm: torch.fx.GraphModule, adapter: str, owner: str, names: tuple[str, 
         parent, _, name = new.rpartition(".")
         gm.get_submodule(parent).add_module(name, modules[old])
     _retarget(gm, records, {f"{old}.weight": f"{new}.weight" for old, new in moved.items()})
-    deepest = _depth_path(owner, len(details) - 1)
+    deepest = _depth_path(home, len(details) - 1)
     return [f"{deepest}.{adapter_component(base, adapter)}" for base in names]
 
 
@@ -136,10 +142,11 @@ def _attach(job: SpliceInput, dtype: torch.dtype, names: tuple[str, str]) -> Par
     site = job.site
     weight = fetch(job.gm, site.weight_target)
     lora_a, lora_b = _pair(site, job.params.r, job.params.init, {"dtype": dtype, "device": weight.device})
-    path = _ensure_path(job.gm, site.owner, _free_depth(job.gm, job.adapter, site.owner, names[0]))
+    home = site.adapter_owner
+    path = _ensure_path(job.gm, home, _free_depth(job.gm, job.adapter, home, names[0]))
     a_path = attach_component(job.gm, path, names[0], job.adapter, lora_a)
     b_path = attach_component(job.gm, path, names[1], job.adapter, lora_b)
-    return ParameterDetail(job.params.scale, site.weight_target, f"{a_path}.weight", f"{b_path}.weight",
+    return ParameterDetail(job.params.scale * site.delta_factor, site.weight_target, f"{a_path}.weight", f"{b_path}.weight",
                            site.shape[0] if len(site.shape) == 3 else 0)
 
 
@@ -159,7 +166,9 @@ def splice(job: SpliceInput, dtype: torch.dtype, names: tuple[str, str],
            record: Callable[..., list[torch.fx.Node]]) -> Spliced:
     """Make the parameter's reads yield ``W + scale * gate * ΔW`` (``ΔW`` cast to W's dtype, as
     PEFT adds it); ``names`` are LoRA's A and B names, ``record`` its ``record_nodes``."""
-    if job.params.dropout > 0:  # PEFT: dropout cannot act on x through a weight update
+    # PEFT: dropout cannot act on x through a weight update; on an attention layer's weights
+    # PEFT takes the config's lora_dropout and, merging before the call, never applies it
+    if job.params.dropout > 0 and not job.site.attention:
         raise FxpeftError(f"{job.site.module_path}: LoRA on a parameter cannot have dropout "
                           f"(got {job.params.dropout}), as in PEFT")
     detail, graph, read = _attach(job, dtype, names), job.gm.graph, job.site.node
@@ -179,7 +188,7 @@ def splice(job: SpliceInput, dtype: torch.dtype, names: tuple[str, str],
     for other in job.site.reads:
         other.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
     added = record(job, read, total, "lora", detail)
-    return Spliced(added, _nest(job.gm, job.adapter, job.site.owner, names))
+    return Spliced(added, _nest(job.gm, job.adapter, job.site.owner, names, job.site.adapter_owner))
 
 
 def parameter_delta(gm: torch.nn.Module, detail: ParameterDetail) -> torch.Tensor:

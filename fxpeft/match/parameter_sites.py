@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.fx
 
+from fxpeft.capture import attention
 from fxpeft.capture.linear_sites import WeightedSite
 from fxpeft.capture.program import layer_index
 from fxpeft.graph.targets import fetch
@@ -45,7 +46,19 @@ class ParameterSite(WeightedSite):
     reads: tuple[torch.fx.Node, ...]
     module_type: str = PARAMETER_TYPE
     module_call: bool = False
+    attention: str = ""
     fan_in_fan_out = False
+
+    @property
+    def adapter_owner(self) -> str:
+        """Where adapters of this parameter live: its owner, or, for a weight an attention layer
+        reads (``attention``, its path), PEFT's place (``fxpeft.capture.attention``)."""
+        return attention.adapter_owner(self.attention, self.owner) if self.attention else self.owner
+
+    @property
+    def delta_factor(self) -> float:
+        """The multiple of its LoRA delta PEFT applies (``fxpeft.capture.attention``)."""
+        return attention.delta_factor(self.attention, self.owner) if self.attention else 1.0
 
     @property
     def weight_target(self) -> str:
@@ -71,7 +84,8 @@ def _site(gm: torch.fx.GraphModule, reads: list[torch.fx.Node]) -> ParameterSite
     owner, _, name = target.rpartition(".")
     own = list(gm.get_submodule(owner)._parameters)
     return ParameterSite(reads[0], target, owner, name, own.index(name),
-                         tuple(fetch(gm, target).shape), tuple(reads))
+                         tuple(fetch(gm, target).shape), tuple(reads),
+                         attention=reads[0].meta.get(attention.ATTENTION_LAYER, ""))
 
 
 def _linear_weight_calls(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
