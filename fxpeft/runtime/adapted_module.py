@@ -27,6 +27,24 @@ CHECKPOINTING_ADVICE = ("call gm.gradient_checkpointing_enable() on the graph (o
                         "fxpeft.fuse(gm, checkpoint='layers') for a fused copy that checkpoints each layer)")
 
 
+SHARDED_UNDER_DDP = ("DistributedDataParallel cannot wrap an fxpeft graph that FSDP2 has sharded "
+                     "(plain accelerator.prepare on a CPU, or transformers.Trainer, does that): "
+                     "prepare it with fxpeft.helpers.sharding.accelerate_prepare, or train it with "
+                     "fxpeft.Trainer and fsdp arguments")
+
+
+def is_fsdp_sharded(module: torch.nn.Module) -> bool:
+    """Whether FSDP2's ``fully_shard`` has made ``module`` one of its units.
+
+    >>> is_fsdp_sharded(torch.nn.Linear(2, 2))
+    False
+    """
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(module, FSDPModule)
+
+
 class AdaptedModule(HfModelFace, torch.fx.GraphModule):
     """What ``fxpeft.rewrite`` returns. ``train()`` / ``eval()`` switch every dropout in the graph.
 
@@ -62,6 +80,22 @@ class AdaptedModule(HfModelFace, torch.fx.GraphModule):
         if wrapped is not None and not isinstance(wrapped, _WrappedCall):
             type(self)._wrapped_call = _WrappedCall(wrapped.cls, wrapped.cls_call)
         return result
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """What ``DistributedDataParallel`` reads first of a module it wraps: a graph FSDP2 has
+        sharded (DTensor parameters, which DDP fails on deep inside) is refused here, by name,
+        with the routes that work (plain ``accelerator.prepare`` on a CPU and the stock
+        ``transformers.Trainer`` wrap it so). Otherwise what DDP was told, or no attribute."""
+        if is_fsdp_sharded(self):
+            raise FxpeftError(SHARDED_UNDER_DDP)
+        if "_fxpeft_ddp_ignore" not in self.__dict__:
+            raise AttributeError("_ddp_params_and_buffers_to_ignore")
+        return self.__dict__["_fxpeft_ddp_ignore"]
+
+    @_ddp_params_and_buffers_to_ignore.setter
+    def _ddp_params_and_buffers_to_ignore(self, names: list[str]) -> None:
+        self.__dict__["_fxpeft_ddp_ignore"] = list(names)  # DDP's own setter, kept working
 
     def _deepcopy_init(self) -> Any:
         return AdaptedModule.__init__  # GraphModule's would drop the pre-hook

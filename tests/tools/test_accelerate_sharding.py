@@ -136,3 +136,18 @@ def test_load_onto_a_sharded_graph_fills_its_adapter_and_refuses_a_new_one(tmp_p
     # saved from the sharded graph (its linears inside the layer modules): the flat graph's config
     config = json.loads((fxpeft.save(sharded, tmp_path / "b") / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_ddp_around_a_sharded_graph_is_refused_naming_the_routes_that_work(one_process_group):
+    """What plain ``accelerator.prepare`` on a CPU and the stock ``transformers.Trainer`` do with
+    a sharded graph: DDP would fail deep inside on DTensors; fxpeft names the working routes. A
+    flat graph still takes DDP, and DDP's own list of ignored tensors."""
+    sharded = shard_layers(_adapted())
+    with pytest.raises(fxpeft.FxpeftError, match="DistributedDataParallel cannot wrap an fxpeft graph "
+                                                 "that FSDP2 has sharded .*accelerate_prepare.*fxpeft.Trainer"):
+        torch.nn.parallel.DistributedDataParallel(sharded)
+    flat = _adapted()
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(flat, ["lm_head.weight"])
+    wrapped = torch.nn.parallel.DistributedDataParallel(flat)
+    assert wrapped.parameters_to_ignore == {"lm_head.weight"}
+    assert wrapped(ROWS[:2], labels=ROWS[:2]).loss.isfinite()
