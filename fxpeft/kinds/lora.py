@@ -539,8 +539,9 @@ def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str,
 def _attention_weights(config: dict[str, Any], model: torch.nn.Module, source: str,
                        params_class: type) -> list[str]:
     """The weights PEFT adapts on each attention layer ``target_modules`` selects (its
-    ``MultiheadAttention`` LoRA: ``in_proj_weight`` and ``out_proj.weight``), full names."""
-    if not config.get("target_modules"):
+    ``MultiheadAttention`` LoRA: ``in_proj_weight`` and ``out_proj.weight``), full names;
+    none without a model (``fxpeft convert`` of a config alone: names only)."""
+    if not config.get("target_modules") or model is None:
         return []
     selects = re.compile("^" + layers_prefix(config) + target_regex(config, model, source))
     excluded = [re.compile(e) for e in exclude_regexes(config)]
