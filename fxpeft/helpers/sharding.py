@@ -19,7 +19,7 @@ import torch
 from fxpeft.errors import FxpeftError
 from fxpeft.io.checkpoints import restore_adapters, save_adapters
 from fxpeft.io.serialize import has_sharded_adapters
-from fxpeft.runtime.adapted_module import AdaptedModule
+from fxpeft.runtime.adapted_module import AdaptedModule, is_fsdp_sharded
 from fxpeft.transforms.units import layer_modules, layer_units
 
 
@@ -53,12 +53,11 @@ def without_ddp(accelerator: Any) -> Iterator[None]:
     >>> from types import SimpleNamespace
     >>> with without_ddp(SimpleNamespace(prepare_model=print)): pass
     """
-    from torch.distributed.fsdp import FSDPModule
     prepare_model = accelerator.prepare_model
 
     def prepare_sharded(model: torch.nn.Module, device_placement: bool | None = None,
                         evaluation_mode: bool = False) -> torch.nn.Module:
-        evaluation_mode = evaluation_mode or isinstance(model, FSDPModule)  # no DDP, no placement
+        evaluation_mode = evaluation_mode or is_fsdp_sharded(model)  # no DDP, no placement
         return prepare_model(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
 
     accelerator.prepare_model = prepare_sharded
@@ -190,8 +189,8 @@ def accelerate_prepare(accelerator: Any, gm: torch.nn.Module, *objects: Any) -> 
 
 
 def _groups(model: torch.nn.Module) -> list[Any]:
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-    states = (fully_shard.state(m) for m in model.modules() if isinstance(m, FSDPModule))
+    from torch.distributed.fsdp import fully_shard
+    states = (fully_shard.state(m) for m in model.modules() if is_fsdp_sharded(m))
     return [s._fsdp_param_group for s in states if s._fsdp_param_group is not None]
 
 

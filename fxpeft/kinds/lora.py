@@ -550,6 +550,9 @@ def _attention_weights(config: dict[str, Any], model: torch.nn.Module, source: s
     if layers and "parameter" not in params_class.match_kinds:
         raise PeftFormatError(f"{source}: target_modules selects {layers[0]} (MultiheadAttention): "
                               f"{params_class.kind} on MultiheadAttention is not supported")
+    if layers and _flag(config.get("lora_bias")):
+        raise PeftFormatError(f"{source}: target_modules selects {layers[0]} (MultiheadAttention): "
+                              "lora_bias on MultiheadAttention is not supported")
     return [f"{path}.{name}" for path in layers for name in attention.ADAPTED_WEIGHTS]
 
 

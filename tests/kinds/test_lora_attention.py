@@ -131,6 +131,13 @@ def test_dora_on_the_attention_is_refused_by_name():
         fxpeft.rewrite(mha_net(), LoraConfig(target_modules=["mha"], use_dora=True))
 
 
+def test_lora_bias_on_the_attention_is_refused_by_name():
+    """PEFT merges only the weights' delta into ``in_proj_weight`` before the module's forward,
+    so its ``lora_B`` bias there is never applied: refused by name, not a ``PassError``."""
+    with pytest.raises(PeftFormatError, match=r"mha \(MultiheadAttention\): lora_bias on MultiheadAttention"):
+        fxpeft.rewrite(mha_net(), LoraConfig(target_modules=["mha"], lora_bias=True))
+
+
 class MHANetForExport(MHANet):
     """MHANet with a shape branch ``symbolic_trace`` cannot take: captured by ``torch.export``."""
 
