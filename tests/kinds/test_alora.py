@@ -130,6 +130,9 @@ def test_generate_with_the_kv_cache_is_peft_generate(tmp_path):
         theirs = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                                      eos_token_id=None, pad_token_id=0, min_new_tokens=6)
     assert torch.equal(ours, theirs)
+    hf_style = gm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)  # transformers' call on the graph
+    assert torch.equal(hf_style, theirs)
     with gm.disable_adapters():
         plain = fxpeft.generate(gm, ids, max_new_tokens=6, attention_mask=mask, eos_token_id=[])
     assert torch.equal(ours[2], plain[2]) and not torch.equal(ours[:2], plain[:2])
