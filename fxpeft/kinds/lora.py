@@ -545,8 +545,15 @@ def _attention_weights(config: dict[str, Any], model: torch.nn.Module, source: s
         return []
     selects = re.compile("^" + layers_prefix(config) + target_regex(config, model, source))
     excluded = [re.compile(e) for e in exclude_regexes(config)]
-    layers = [path for path, module in model.named_modules() if attention.opens(module)
-              and selects.match(path) and not any(e.match(path) for e in excluded)]
+    selected = [(path, module) for path, module in model.named_modules()
+                if isinstance(module, torch.nn.MultiheadAttention) and selects.match(path)
+                and not any(e.match(path) for e in excluded)]
+    closed = [path for path, module in selected if not attention.opens(module)]
+    if closed:
+        raise PeftFormatError(f"{source}: target_modules selects {closed[0]} (MultiheadAttention with "
+                              "dropout, separate key / value sizes or a custom out_proj): LoRA is "
+                              "supported on one with equal sizes and dropout 0 only")
+    layers = [path for path, _ in selected]
     if layers and "parameter" not in params_class.match_kinds:
         raise PeftFormatError(f"{source}: target_modules selects {layers[0]} (MultiheadAttention): "
                               f"{params_class.kind} on MultiheadAttention is not supported")

@@ -131,6 +131,16 @@ def test_dora_on_the_attention_is_refused_by_name():
         fxpeft.rewrite(mha_net(), LoraConfig(target_modules=["mha"], use_dora=True))
 
 
+@pytest.mark.parametrize("options", [{"dropout": 0.1}, {"kdim": 4, "vdim": 4}])
+def test_an_attention_layer_the_frontend_keeps_whole_is_refused_by_name(options):
+    """Dropout or separate key / value sizes: not opened, so the config is refused naming the
+    layer, not "matches no module"."""
+    net = mha_net()
+    net.mha = torch.nn.MultiheadAttention(net.mha.embed_dim, net.mha.num_heads, **options)
+    with pytest.raises(PeftFormatError, match=r"selects mha \(MultiheadAttention with dropout"):
+        fxpeft.rewrite(net, LoraConfig(target_modules=["mha"]))
+
+
 def test_lora_bias_on_the_attention_is_refused_by_name():
     """PEFT merges only the weights' delta into ``in_proj_weight`` before the module's forward,
     so its ``lora_B`` bias there is never applied: refused by name, not a ``PassError``."""
