@@ -310,10 +310,13 @@ def _shallow_cache(shallow: torch.nn.Module, held: tuple[int, ...]) -> torch.nn.
     ``fxpeft_kv_keys_<i>``.
 
     >>> shallow = torch.nn.Module()
-    >>> for name in ("fxpeft_kv_keys_0", "fxpeft_kv_keys_5", "fxpeft_kv_keys_6", "fxpeft_kv_length"):
-    ...     shallow.register_buffer(name, torch.zeros(1), persistent=False)
-    >>> list(_shallow_cache(shallow, (0, 5, 6))._buffers)
-    ['fxpeft_kv_keys_0', 'fxpeft_kv_keys_1', 'fxpeft_kv_keys_2', 'fxpeft_kv_length']
+    >>> for layer in range(7):
+    ...     shallow.register_buffer(f"fxpeft_kv_keys_{layer}", torch.full((1,), layer))
+    ...     shallow.register_buffer(f"fxpeft_kv_values_{layer}", torch.full((1,), layer))
+    >>> shallow.register_buffer("fxpeft_kv_length", torch.zeros(1))
+    >>> held = _shallow_cache(shallow, (0, 5, 6))._buffers
+    >>> [(name, int(tensor)) for name, tensor in held.items() if "keys" in name]
+    [('fxpeft_kv_keys_0', 0), ('fxpeft_kv_keys_1', 5), ('fxpeft_kv_keys_2', 6)]
     """
     full = {name: shallow._buffers.pop(name) for name in list(shallow._buffers)
             if name.startswith(_CACHE_PREFIX)}

@@ -295,3 +295,25 @@ def test_a_decode_graph_whose_last_layer_reads_another_cache_is_exported_whole(m
     messages = " ".join(r.message for r in caplog.records)
     assert "not replicated" in messages and "cache of a layer the shallow model does not hold" in messages
     assert tokens.shape == (2, 8)
+
+
+@pytest.mark.parametrize("family", ["gemma3_sliding_full", "qwen2_mixed", "llama_gqa", "gpt2"])
+def test_the_position_probe_answers_on_one_layer_per_kind_as_on_the_whole_model(family):
+    """Cold ``rewrite`` probes positions on each kind's first layer only (``probe_model``): the
+    same answers as the whole model, with and without ``position_ids`` among the inputs."""
+    from fxpeft.capture import positions
+    from fxpeft.capture.export import probe_model
+    from fxpeft.capture.hf import example_inputs
+    model = BUILDERS[family]()
+    stack = replicate.find_layer_stack(model)
+    kinds = replicate.plan_layers(model, stack).kinds
+    shallow = probe_model(model)
+    layers = replicate.find_layer_stack(model).path.split(".")
+    held = fetch(shallow, ".".join(layers))
+    assert len(held) == len(set(kinds)) and list(held) == [stack.layers[kinds.index(k)] for k in sorted(set(kinds))]
+    inputs = example_inputs(model)
+    assert positions.probe(shallow, dict(inputs)) == positions.probe(model, dict(inputs))
+    unpadded = {"input_ids": inputs["input_ids"]}
+    assert positions.probe(shallow, dict(unpadded)) == positions.probe(model, dict(unpadded))
+    if "position_ids" in inputs:  # decoders count positions and keep packs apart
+        assert positions.probe(shallow, dict(inputs)) == ("counting", True)
