@@ -58,9 +58,11 @@ def timed(run):
 """
 _REWRITE_ONLY = """
 import fxpeft
+cpu = time.process_time()
 gm, first = timed(lambda: fxpeft.rewrite(model, "lora_qv"))
+first_cpu = time.process_time() - cpu
 _, second = timed(lambda: fxpeft.rewrite(model, "lora_qv"))
-print(json.dumps([first, second, float("nan"), float("nan")]))
+print(json.dumps([first, second, float("nan"), float("nan"), first_cpu]))
 """
 _FXPEFT = _LOAD + """
 import fxpeft
@@ -79,14 +81,16 @@ _, generate_first = timed(generate)
 _, generate_second = timed(generate)
 print(json.dumps([first, float("nan"), generate_first, generate_second]))
 """
-MEASURES = ("first call", "second call", "first generate", "second generate")
+MEASURES = ("first call", "second call", "first generate", "second generate", "first call CPU")
 
 
 def child_seconds(layers: int, side: str, capture_cache: str | None = None,
                   model: str = "smollm2") -> list[float]:
     """The seconds of ``MEASURES`` in a fresh process: ``side`` is "fxpeft" (replication on),
     "fxpeft whole" (``FXPEFT_REPLICATE=0``) or "PEFT" (its first call is ``get_peft_model``);
-    ``model`` "gemma3" measures the two rewrites only (the generate measures are nan).
+    ``model`` "gemma3" measures the two rewrites only (the generate measures are nan), and the
+    first call's CPU seconds (``time.process_time``: on a shared machine, wall time counts the
+    other processes' share too).
     ``capture_cache`` is the on-disk capture cache folder the process uses (``fxpeft.capture.
     disk_cache``); by default an empty one of its own, so the first call captures cold."""
     with tempfile.TemporaryDirectory() as empty:
@@ -131,10 +135,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 30])
     parser.add_argument("--repeat", type=int, default=3, help="fresh processes per measure (median)")
     parser.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2")
+    parser.add_argument("--sides", nargs="+", help="fxpeft, 'fxpeft whole', PEFT (default: all the model's)")
     parser.add_argument("--json")
     args = parser.parse_args()
     print(machine_line())
-    sides = ("fxpeft", "fxpeft whole") if args.model == "gemma3" else ("fxpeft", "fxpeft whole", "PEFT")
+    sides = args.sides or (("fxpeft", "fxpeft whole") if args.model == "gemma3" else ("fxpeft", "fxpeft whole", "PEFT"))
     runs: dict[str, list[list[float]]] = {}
     for _ in range(args.repeat):  # interleaved, so load changes hit every measure alike
         for layers in args.layers:
@@ -142,11 +147,11 @@ def main() -> None:
                 runs.setdefault(f"{layers} layers, {side}", []).append(child_seconds(layers, side, model=args.model))
     results = {}
     for label, times in runs.items():
-        medians = {name: statistics.median(t[i] for t in times) for i, name in enumerate(MEASURES)}
+        medians = {name: statistics.median(t[i] for t in times) for i, name in enumerate(MEASURES) if i < len(times[0])}
         print(f"  {label:<22} " + "   ".join(f"{name} {seconds:6.2f} s" for name, seconds in medians.items())
               + f"   (median of {len(times)})")
         results[label] = {**medians, "runs": times}
-    for layers in args.layers if args.model == "smollm2" else ():
+    for layers in args.layers if args.model == "smollm2" and "PEFT" in sides else ():
         ours, theirs = results[f"{layers} layers, fxpeft"], results[f"{layers} layers, PEFT"]
         print(f"  {layers} layers: first generate {ours['first generate'] / theirs['first generate']:.2f} x "
               f"PEFT's; rewrite + first generate {(ours['first call'] + ours['first generate']) / (theirs['first call'] + theirs['first generate']):.2f} x "

@@ -96,16 +96,17 @@ def _which_default(model: torch.nn.Module, inputs: dict[str, Any]) -> Optional[s
 
 def _keeps_packed_apart(model: torch.nn.Module, inputs: dict[str, Any]) -> bool:
     """Whether, with no attention mask, tokens after a restart of ``position_ids`` ignore those
-    before it: changing the first sequence leaves the second one's outputs as they were."""
+    before it: changing the first sequence leaves the second one's outputs as they were. Both
+    versions run as the two rows of one batch (rows never mix: one forward, not two)."""
     ids = inputs["input_ids"][:1]
     half = ids.shape[-1] // 2
     positions = torch.cat([torch.arange(half), torch.arange(ids.shape[-1] - half)])[None].to(ids.device)
     other = ids.clone()
     other[:, :half] = (other[:, :half] + 1) % max(int(getattr(model.config, "vocab_size", 2) or 2), 2)
-    extra = {k: v[:1] for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    first, second = (_run(model, input_ids=x, position_ids=positions, **extra) for x in (ids, other))
-    return first is not None and second is not None and \
-        torch.allclose(first[:, half:], second[:, half:], atol=1e-5)
+    extra = {k: v[:1].repeat(2, *([1] * (v.dim() - 1))) for k, v in inputs.items()
+             if k not in ("input_ids", "attention_mask")}
+    both = _run(model, input_ids=torch.cat([ids, other]), position_ids=positions.repeat(2, 1), **extra)
+    return both is not None and torch.allclose(both[0, half:], both[1, half:], atol=1e-5)
 
 
 def probe(model: torch.nn.Module, example: dict[str, Any]) -> tuple[Optional[str], bool]:

@@ -9,9 +9,10 @@ model's own names) and its config (``capture_info``). On first use the model cla
 of its parameters and buffers is pointed at the graph's own tensor (shared, not copied), and a
 subclass whose forward reads and writes a ``StaticCache`` held as buffers is exported with
 ``torch.export`` (dynamic sequence length: one graph runs the prefill and every decoding step).
-Where the layers are identical, only the first and last are exported and the others are copies
-of the last one's subgraph (``fxpeft.capture.replicate``, as ``rewrite`` captures): the same graph, node
-for node, for a fraction of the export time (SmolLM2's first ``generate``: 2.0 s, against 6.1 s).
+Only the first and last layer of each kind are exported (the first and last where the layers are
+identical; each layer's cache tensors go with it) and the others are copies of their kind's last one's
+subgraph (``fxpeft.capture.replicate``, as ``rewrite`` captures): the same graph, node for node, for a
+fraction of the export time (SmolLM2's first ``generate``: 2.0 s, against 6.1 s).
 Each adapter record (``fxpeft.graph.records.AdapterRecord``) is matched again against that graph and
 the kinds' passes splice it; every target they attached, and the gate module, is then replaced by
 the training graph's object. Decode graphs are cached per training graph, batch size, cache length
@@ -279,8 +280,9 @@ def _export(shell: torch.nn.Module, batch: int, length: int) -> Program:
 
 def _replicated(shell: torch.nn.Module, inputs: dict[str, torch.Tensor],
                 shapes: dict[str, Any]) -> Program | None:
-    """The decode graph built from an export of the first and last layers (``fxpeft.capture.replicate``),
-    or None where that is not shown to be the graph a full export gives."""
+    """The decode graph built from an export of each kind's first and last layers (``fxpeft.capture.
+    replicate``'s plan, as ``rewrite`` captures), or None where that is not shown to be the graph a
+    full export gives."""
     if not replication_enabled():
         return None
     try:
@@ -290,24 +292,37 @@ def _replicated(shell: torch.nn.Module, inputs: dict[str, torch.Tensor],
                                           f"{len(stack.layers)} layers")
         stack = dataclasses.replace(stack, root_names=tuple(f"{_CACHE_PREFIX}_{part}_{{}}"
                                                             for part in ("keys", "values")))
+        plan = replicate.plan_layers(shell, stack)
         program = replicate.captured_once(
-            shell, lambda shallow: _exported(_shallow_cache(shallow, stack), inputs, shapes), stack)
+            shell, lambda shallow: _exported(_shallow_cache(shallow, plan.held), inputs, shapes), stack, plan)
     except (replicate.NotReplicable, FxpeftError) as why:
         log.debug("fxpeft decode graph: exported whole, not replicated: %s", why)
         return None
-    log.debug("fxpeft decode graph: replicated from 2 of %d layers", len(stack.layers))
+    log.debug("fxpeft decode graph: replicated from %d of %d layers (%d kinds)", len(plan.held),
+              len(stack.layers), len(set(plan.kinds)))
     return program
 
 
-def _shallow_cache(shallow: torch.nn.Module, stack: replicate.LayerStack) -> torch.nn.Module:
-    """``shallow`` (``replicate.shallow_model`` of a decode shell) holding the cache tensors of
-    its two layers under the names of layers 0 and 1, as it holds the layers themselves."""
-    count = len(stack.layers)
+def _shallow_cache(shallow: torch.nn.Module, held: tuple[int, ...]) -> torch.nn.Module:
+    """``shallow`` (``replicate.shallow_model`` of a decode shell, holding layers ``held``) with
+    the cache tensors of each held layer under its shallow position's names, as it holds the
+    layers themselves: the layer at position ``i`` (real index ``held[i]``) reads
+    ``fxpeft_kv_keys_<i>``.
+
+    >>> shallow = torch.nn.Module()
+    >>> for layer in range(7):
+    ...     shallow.register_buffer(f"fxpeft_kv_keys_{layer}", torch.full((1,), layer))
+    ...     shallow.register_buffer(f"fxpeft_kv_values_{layer}", torch.full((1,), layer))
+    >>> shallow.register_buffer("fxpeft_kv_length", torch.zeros(1))
+    >>> held = _shallow_cache(shallow, (0, 5, 6))._buffers
+    >>> [(name, int(tensor)) for name, tensor in held.items() if "keys" in name]
+    [('fxpeft_kv_keys_0', 0), ('fxpeft_kv_keys_1', 5), ('fxpeft_kv_keys_2', 6)]
+    """
     full = {name: shallow._buffers.pop(name) for name in list(shallow._buffers)
             if name.startswith(_CACHE_PREFIX)}
-    for index, layer in enumerate((0, count - 1)):  # in the full shell's order: layer by layer
+    for position, layer in enumerate(held):  # in the full shell's order: layer by layer
         for part in ("keys", "values"):
-            shallow._buffers[f"{_CACHE_PREFIX}_{part}_{index}"] = full[f"{_CACHE_PREFIX}_{part}_{layer}"]
+            shallow._buffers[f"{_CACHE_PREFIX}_{part}_{position}"] = full[f"{_CACHE_PREFIX}_{part}_{layer}"]
     shallow._buffers[f"{_CACHE_PREFIX}_length"] = full[f"{_CACHE_PREFIX}_length"]
     return shallow
 

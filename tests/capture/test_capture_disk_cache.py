@@ -224,7 +224,7 @@ def test_a_new_process_reads_the_file(cache_folder, llama_file):
 @pytest.mark.parametrize("build", [lambda: tiny_llama(num_hidden_layers=4),
                                    lambda: tiny_gpt2(n_layer=4)], ids=["llama", "gpt2"])
 def test_the_position_probe_answers_on_the_shallow_copy_as_on_the_whole_model(build):
-    """Cold ``rewrite`` probes positions on the first and last layers only (``probe_model``)."""
+    """Cold ``rewrite`` probes positions on one layer per kind only (``probe_model``)."""
     from fxpeft.capture import positions
     from fxpeft.capture.export import probe_model
     from fxpeft.capture.hf import example_inputs

@@ -208,24 +208,33 @@ def test_a_last_layer_that_computes_differently_fails_the_graph_check(monkeypatc
 
 
 def _decode(gm, replicated: bool, monkeypatch, caplog):
-    """Greedy tokens and the decode graph of ``gm``, built again with replication on or off."""
+    """Greedy tokens, the decode graph of ``gm`` built again with replication on or off, and the
+    debug log of building it."""
     monkeypatch.setenv("FXPEFT_REPLICATE", "1" if replicated else "0")
     decode_graph.forget(gm)
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger="fxpeft"):
         tokens = fxpeft.generate(gm, token_batch()[:2, :5], max_new_tokens=5)
     messages = " ".join(r.message for r in caplog.records)
-    assert ("decode graph: replicated from 2" in messages) == replicated, messages
+    assert ("decode graph: replicated from" in messages) == replicated, messages
     assert len(decode_graph.cached_keys(gm)) == 1
-    return tokens, decode_graph.decoder_for(gm, 2, 10)  # the one generate built (5 + 5 tokens)
+    return tokens, decode_graph.decoder_for(gm, 2, 10), messages  # the one generate built (5 + 5 tokens)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# Decode graphs: every family of identical layers, and the models whose layers come in kinds.
+DECODE = {**FAMILIES, "gemma3_sliding_full": tiny_gemma3, "qwen2_mixed": PER_KIND["qwen2_mixed"][0]}
+
+
+@pytest.mark.parametrize("family", DECODE)
 def test_a_replicated_decode_graph_is_the_full_export_node_for_node(family, monkeypatch, caplog):
-    gm = fxpeft.rewrite(FAMILIES[family](), "lora_all_linear")
+    model = DECODE[family]()
+    gm = fxpeft.rewrite(model, "lora_all_linear")
     randomize_adapters(gm)
-    tokens, decoder = _decode(gm, True, monkeypatch, caplog)
-    full_tokens, full_decoder = _decode(gm, False, monkeypatch, caplog)
+    tokens, decoder, messages = _decode(gm, True, monkeypatch, caplog)
+    full_tokens, full_decoder, _ = _decode(gm, False, monkeypatch, caplog)
+    plan = replicate.plan_layers(model, replicate.find_layer_stack(model))
+    held = f"replicated from {len(plan.held)} of {len(plan.kinds)} layers ({len(set(plan.kinds))} kinds)"
+    assert held in messages, messages  # per kind: 3 of Gemma-3's 7 layers, 4 of the Qwen2's 6
     assert graph_signature(decoder.graph) == graph_signature(full_decoder.graph)
     assert [n.name for n in decoder.graph.find_nodes(op="get_attr")] == \
         [n.name for n in full_decoder.graph.find_nodes(op="get_attr")]
@@ -233,6 +242,24 @@ def test_a_replicated_decode_graph_is_the_full_export_node_for_node(family, monk
     kv = [n.target for n in decoder.graph.find_nodes(op="get_attr") if n.target.startswith("fxpeft_kv")]
     assert len(kv) == 2 * gm.capture_info.config.num_hidden_layers + 1  # keys, values; one length
     decoder.graph.lint()
+
+
+def test_a_gemma3_replicated_decode_graph_generates_peft_greedy_tokens(monkeypatch, caplog, tmp_path):
+    """LoRA on Gemma-3 (sliding and full layers; 5 + 5 tokens pass the window of 4): the decode
+    graph replicated per kind writes each layer's own cache, so its greedy tokens are PEFT's."""
+    from peft import PeftModel
+    gm = fxpeft.rewrite(tiny_gemma3(), "lora_qv")
+    randomize_adapters(gm, seed=3)
+    tokens, _, messages = _decode(gm, True, monkeypatch, caplog)
+    assert "replicated from 3 of 7 layers (2 kinds)" in messages
+    fxpeft.save(gm, tmp_path / "adapter")
+    twin = PeftModel.from_pretrained(tiny_gemma3(), tmp_path / "adapter").eval()
+    prompt = token_batch()[:2, :5]
+    theirs = twin.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5,
+                           do_sample=False)
+    assert torch.equal(tokens, theirs)
+    with gm.disable_adapters():  # the adapter changes the tokens: the comparison sees it
+        assert not torch.equal(fxpeft.generate(gm, prompt, max_new_tokens=5), tokens)
 
 
 def test_each_decode_graph_owns_its_kv_cache(monkeypatch):
@@ -268,3 +295,25 @@ def test_a_decode_graph_whose_last_layer_reads_another_cache_is_exported_whole(m
     messages = " ".join(r.message for r in caplog.records)
     assert "not replicated" in messages and "cache of a layer the shallow model does not hold" in messages
     assert tokens.shape == (2, 8)
+
+
+@pytest.mark.parametrize("family", ["gemma3_sliding_full", "qwen2_mixed", "llama_gqa", "gpt2"])
+def test_the_position_probe_answers_on_one_layer_per_kind_as_on_the_whole_model(family):
+    """Cold ``rewrite`` probes positions on each kind's first layer only (``probe_model``): the
+    same answers as the whole model, with and without ``position_ids`` among the inputs."""
+    from fxpeft.capture import positions
+    from fxpeft.capture.export import probe_model
+    from fxpeft.capture.hf import example_inputs
+    model = BUILDERS[family]()
+    stack = replicate.find_layer_stack(model)
+    kinds = replicate.plan_layers(model, stack).kinds
+    shallow = probe_model(model)
+    layers = replicate.find_layer_stack(model).path.split(".")
+    held = fetch(shallow, ".".join(layers))
+    assert len(held) == len(set(kinds)) and list(held) == [stack.layers[kinds.index(k)] for k in sorted(set(kinds))]
+    inputs = example_inputs(model)
+    assert positions.probe(shallow, dict(inputs)) == positions.probe(model, dict(inputs))
+    unpadded = {"input_ids": inputs["input_ids"]}
+    assert positions.probe(shallow, dict(unpadded)) == positions.probe(model, dict(unpadded))
+    if "position_ids" in inputs:  # decoders count positions and keep packs apart
+        assert positions.probe(shallow, dict(inputs)) == ("counting", True)
