@@ -363,8 +363,8 @@ class _Reader:
         else:  # torch before 2.13
             self.shape_env.var_to_val[symbol] = sympy.Integer(entry[0])
         low, high = entry[1], entry[2]
-        self.shape_env.constrain_symbol_range(symbol, low if low is not None else 0,
-                                              high if high is not None else int(2**63 - 1))
+        _set_range(self.shape_env, symbol, low if low is not None else 0,
+                   high if high is not None else int(2**63 - 1))
         return symbol
 
     def expr(self, data: Any) -> Any:
@@ -435,11 +435,32 @@ class _Reader:
         shape, stride, dtype, device, requires_grad = _list(body)
         if dtype not in _DTYPES:
             raise BadFile(f"dtype {dtype!r}")
-        with self.fake_mode:
-            return torch.empty_strided([self.size(s) for s in _list(shape)],
-                                       [self.size(s) for s in _list(stride)], dtype=_DTYPES[dtype],
-                                       device=torch.device(str(device)),
-                                       requires_grad=bool(requires_grad))
+        sizes, strides = [self.size(s) for s in _list(shape)], [self.size(s) for s in _list(stride)]
+        device = torch.device(str(device))
+        # A meta tensor wrapped as the fake tensor the mode's dispatch would make: the dispatch
+        # (its output cache, stride checks over symbols) took ten times as long per tensor.
+        elem = torch.empty_strided(sizes, strides, dtype=_DTYPES[dtype], device="meta",
+                                   requires_grad=bool(requires_grad))
+        return _as_fake(self.fake_mode, elem, device)
+
+
+def _set_range(shape_env: Any, symbol: Any, low: int, high: int) -> None:
+    """``constrain_symbol_range`` with a fixed source location: the public call looks up the
+    caller's frame, whose first use imports ``torch.export``'s tracer and AOTAutograd (0.3-0.7 s
+    of a new process's ``rewrite`` from the cache, which never exports)."""
+    from torch._guards import SLoc
+    from torch.fx.experimental.symbolic_shapes import ValueRangesSLoc
+    from torch.utils._sympy.value_ranges import ValueRanges
+    where = SLoc("fxpeft capture cache file", None)
+    try:
+        shape_env._update_var_to_range(symbol, ValueRanges(low, high), ValueRangesSLoc(where, where))
+    except (AttributeError, TypeError):  # a torch without it: the public call
+        shape_env.constrain_symbol_range(symbol, low, high)
+
+
+def _as_fake(mode: Any, elem: torch.Tensor, device: torch.device) -> torch.Tensor:
+    from torch._subclasses.fake_tensor import FakeTensor
+    return FakeTensor(mode, elem, device)
 
 
 def _list(body: Any) -> list[Any]:
