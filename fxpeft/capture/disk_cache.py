@@ -251,12 +251,20 @@ def _size(size: Any, symbols: dict[str, list[Any]]) -> Any:
 
 def _expr(size: torch.SymInt, symbols: dict[str, list[Any]]) -> Any:
     node = size.node
-    _note_symbols(node.expr, node.shape_env, symbols)
-    return _sympy(node.expr)
+    data, free = _expr_parts(node.expr)
+    _note_symbols(free, node.shape_env, symbols)
+    return data
 
 
-def _note_symbols(expr: Any, shape_env: Any, symbols: dict[str, list[Any]]) -> None:
-    for symbol in expr.free_symbols:
+@functools.lru_cache(maxsize=4096)
+def _expr_parts(expr: Any) -> tuple[Any, tuple[Any, ...]]:
+    """A size expression's data and its symbols: a graph has thousands of sizes but a few dozen
+    expressions, and sympy's ``free_symbols`` was half the time of writing a file."""
+    return _sympy(expr), tuple(expr.free_symbols)
+
+
+def _note_symbols(free: tuple[Any, ...], shape_env: Any, symbols: dict[str, list[Any]]) -> None:
+    for symbol in free:
         name = str(symbol)
         if name not in symbols:
             hints = getattr(shape_env, "backed_var_to_val", None)  # torch 2.13; var_to_val before
