@@ -12,6 +12,7 @@ come in two kinds: ``rewrite`` only (first and second call), replication per kin
 
     python bench/capture_time.py [--layers 2 8 30] [--repeat 3] [--json out.json]
     python bench/capture_time.py --model gemma3 --layers 18 --repeat 5
+    python bench/capture_time.py --new-process --layers 30 --repeat 5  # import and call, wall and CPU
 """
 
 from __future__ import annotations
@@ -82,6 +83,23 @@ _, generate_second = timed(generate)
 print(json.dumps([first, float("nan"), generate_first, generate_second]))
 """
 MEASURES = ("first call", "second call", "first generate", "second generate", "first call CPU")
+# One new process: import times, then the first rewrite's wall and CPU seconds (the model loaded
+# before the clock starts, as above).
+_NEW_PROCESS = """
+import time
+start, cpu = time.perf_counter(), time.process_time()
+import torch, transformers
+from transformers import LlamaForCausalLM
+middle, middle_cpu = time.perf_counter(), time.process_time()
+import fxpeft
+imported, imported_cpu = time.perf_counter(), time.process_time()
+""" + _LOAD + """
+call, call_cpu = time.perf_counter(), time.process_time()
+fxpeft.rewrite(model, "lora_qv")
+print(json.dumps({{"import torch + transformers": middle - start, "import fxpeft": imported - middle,
+                  "import fxpeft CPU": imported_cpu - middle_cpu, "rewrite": time.perf_counter() - call,
+                  "rewrite CPU": time.process_time() - call_cpu}}))
+"""
 
 
 def child_seconds(layers: int, side: str, capture_cache: str | None = None,
@@ -130,6 +148,25 @@ def new_process_seconds(layers: int, repeat: int = 3) -> tuple[float, float, flo
     return tuple(statistics.median(r[i] for r in rounds) for i in range(3))
 
 
+def new_process_table(layers: int, repeat: int) -> dict[str, dict[str, float]]:
+    """Medians over ``repeat`` rounds of a cold process (an empty capture cache) and a warm one
+    (the cold one's capture on disk): import seconds, and the first ``rewrite``'s wall and CPU
+    seconds. ``--new-process`` prints it."""
+    rounds: dict[str, list[dict[str, float]]] = {"cold": [], "warm": []}
+    code = _NEW_PROCESS.format(layers=layers)
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory() as folder:
+            env = {**os.environ, "FXPEFT_CAPTURE_CACHE_DIR": folder}
+            for case in rounds:
+                out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                     text=True, cwd=Path(__file__).parent.parent)
+                if out.returncode:
+                    raise SystemExit(f"capture_time --new-process failed:\n{out.stderr[-2000:]}")
+                rounds[case].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {case: {name: statistics.median(r[name] for r in runs) for name in runs[0]}
+            for case, runs in rounds.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 30])
@@ -137,8 +174,17 @@ def main() -> None:
     parser.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2")
     parser.add_argument("--sides", nargs="+", help="fxpeft, 'fxpeft whole', PEFT (default: all the model's)")
     parser.add_argument("--json")
+    parser.add_argument("--new-process", action="store_true",
+                        help="import and first-rewrite seconds (wall and CPU) of a cold and a warm process")
     args = parser.parse_args()
     print(machine_line())
+    if args.new_process:
+        for layers in args.layers:
+            for case, medians in new_process_table(layers, args.repeat).items():
+                print(f"  {layers} layers, {case:<5} " + "   ".join(f"{k} {v:5.2f} s" for k, v in medians.items())
+                      + f"   (median of {args.repeat})")
+        print(machine_line())
+        return
     sides = args.sides or (("fxpeft", "fxpeft whole") if args.model == "gemma3" else ("fxpeft", "fxpeft whole", "PEFT"))
     runs: dict[str, list[list[float]]] = {}
     for _ in range(args.repeat):  # interleaved, so load changes hit every measure alike

@@ -251,12 +251,20 @@ def _size(size: Any, symbols: dict[str, list[Any]]) -> Any:
 
 def _expr(size: torch.SymInt, symbols: dict[str, list[Any]]) -> Any:
     node = size.node
-    _note_symbols(node.expr, node.shape_env, symbols)
-    return _sympy(node.expr)
+    data, free = _expr_parts(node.expr)
+    _note_symbols(free, node.shape_env, symbols)
+    return data
 
 
-def _note_symbols(expr: Any, shape_env: Any, symbols: dict[str, list[Any]]) -> None:
-    for symbol in expr.free_symbols:
+@functools.lru_cache(maxsize=4096)
+def _expr_parts(expr: Any) -> tuple[Any, tuple[Any, ...]]:
+    """A size expression's data and its symbols: a graph has thousands of sizes but a few dozen
+    expressions, and sympy's ``free_symbols`` was half the time of writing a file."""
+    return _sympy(expr), tuple(expr.free_symbols)
+
+
+def _note_symbols(free: tuple[Any, ...], shape_env: Any, symbols: dict[str, list[Any]]) -> None:
+    for symbol in free:
         name = str(symbol)
         if name not in symbols:
             hints = getattr(shape_env, "backed_var_to_val", None)  # torch 2.13; var_to_val before
@@ -363,8 +371,8 @@ class _Reader:
         else:  # torch before 2.13
             self.shape_env.var_to_val[symbol] = sympy.Integer(entry[0])
         low, high = entry[1], entry[2]
-        self.shape_env.constrain_symbol_range(symbol, low if low is not None else 0,
-                                              high if high is not None else int(2**63 - 1))
+        _set_range(self.shape_env, symbol, low if low is not None else 0,
+                   high if high is not None else int(2**63 - 1))
         return symbol
 
     def expr(self, data: Any) -> Any:
@@ -435,11 +443,32 @@ class _Reader:
         shape, stride, dtype, device, requires_grad = _list(body)
         if dtype not in _DTYPES:
             raise BadFile(f"dtype {dtype!r}")
-        with self.fake_mode:
-            return torch.empty_strided([self.size(s) for s in _list(shape)],
-                                       [self.size(s) for s in _list(stride)], dtype=_DTYPES[dtype],
-                                       device=torch.device(str(device)),
-                                       requires_grad=bool(requires_grad))
+        sizes, strides = [self.size(s) for s in _list(shape)], [self.size(s) for s in _list(stride)]
+        device = torch.device(str(device))
+        # A meta tensor wrapped as the fake tensor the mode's dispatch would make: the dispatch
+        # (its output cache, stride checks over symbols) took ten times as long per tensor.
+        elem = torch.empty_strided(sizes, strides, dtype=_DTYPES[dtype], device="meta",
+                                   requires_grad=bool(requires_grad))
+        return _as_fake(self.fake_mode, elem, device)
+
+
+def _set_range(shape_env: Any, symbol: Any, low: int, high: int) -> None:
+    """``constrain_symbol_range`` with a fixed source location: the public call looks up the
+    caller's frame, whose first use imports ``torch.export``'s tracer and AOTAutograd (0.3-0.7 s
+    of a new process's ``rewrite`` from the cache, which never exports)."""
+    from torch._guards import SLoc
+    from torch.fx.experimental.symbolic_shapes import ValueRangesSLoc
+    from torch.utils._sympy.value_ranges import ValueRanges
+    where = SLoc("fxpeft capture cache file", None)
+    try:
+        shape_env._update_var_to_range(symbol, ValueRanges(low, high), ValueRangesSLoc(where, where))
+    except (AttributeError, TypeError):  # a torch without it: the public call
+        shape_env.constrain_symbol_range(symbol, low, high)
+
+
+def _as_fake(mode: Any, elem: torch.Tensor, device: torch.device) -> torch.Tensor:
+    from torch._subclasses.fake_tensor import FakeTensor
+    return FakeTensor(mode, elem, device)
 
 
 def _list(body: Any) -> list[Any]:

@@ -9,21 +9,23 @@ subgraph matching. Nothing here knows a model family's module or node names.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import networkx as nx
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
-from networkx.algorithms.isomorphism import DiGraphMatcher
 
 from fxpeft.graph.gates import sample_gate
 from fxpeft.names import ADAPTER_META
 from fxpeft.graph.targets import owning_module
 from fxpeft.capture.linear_sites import LinearSite
 from fxpeft.capture.program import Program
+
+if TYPE_CHECKING:  # networkx takes a fifth of fxpeft's import: imported when a rule needs attention
+    import networkx as nx
 
 aten = torch.ops.aten
 ANCHOR_OPS: dict[Any, str] = {
@@ -35,26 +37,44 @@ ANCHOR_OPS: dict[Any, str] = {
 }
 
 
-def _pattern(nodes: dict[str, str], edges: list[tuple[str, str, int]]) -> nx.DiGraph:
+def _pattern(nodes: dict[str, str], edges: list[tuple[str, str, int]]) -> "nx.DiGraph":
+    import networkx as nx
     pattern = nx.DiGraph()
     pattern.add_nodes_from((name, {"kind": kind}) for name, kind in nodes.items())
     pattern.add_edges_from((a, b, {"operand": i}) for a, b, i in edges)
     return pattern
 
 
-# q, k and v projections feed the attention op's operands 0, 1, 2; its output feeds o.
-SDPA_PATTERN = _pattern(
-    {"q": "linear", "k": "linear", "v": "linear", "attention": "sdpa", "o": "linear"},
-    [("q", "attention", 0), ("k", "attention", 1), ("v", "attention", 2), ("attention", "o", 0)])
+_PATTERNS = {
+    # q, k and v projections feed the attention op's operands 0, 1, 2; its output feeds o.
+    "sdpa": ({"q": "linear", "k": "linear", "v": "linear", "attention": "sdpa", "o": "linear"},
+             [("q", "attention", 0), ("k", "attention", 1), ("v", "attention", 2), ("attention", "o", 0)]),
+    # Eager attention: scores = q @ k^T (scaled, masked) -> softmax -> @ v -> o.
+    "eager": ({"q": "linear", "k": "linear", "v": "linear", "scores": "matmul", "softmax": "softmax",
+               "attention": "matmul", "o": "linear"},
+              [("q", "scores", 0), ("k", "scores", 1), ("scores", "softmax", 0),
+               ("softmax", "attention", 0), ("v", "attention", 1), ("attention", "o", 0)]),
+}
+_PATTERN_NAMES = {"SDPA_PATTERN": "sdpa", "EAGER_PATTERN": "eager"}
 
-# Eager attention: scores = q @ k^T (scaled, masked) -> softmax -> @ v -> o.
-EAGER_PATTERN = _pattern(
-    {"q": "linear", "k": "linear", "v": "linear", "scores": "matmul", "softmax": "softmax",
-     "attention": "matmul", "o": "linear"},
-    [("q", "scores", 0), ("k", "scores", 1), ("scores", "softmax", 0), ("softmax", "attention", 0),
-     ("v", "attention", 1), ("attention", "o", 0)])
 
-ATTENTION_PATTERNS: dict[str, nx.DiGraph] = {"sdpa": SDPA_PATTERN, "eager": EAGER_PATTERN}
+@functools.cache
+def attention_patterns() -> "dict[str, nx.DiGraph]":
+    """The patterns by form (``"sdpa"``, ``"eager"``), built on first use.
+
+    >>> sorted(attention_patterns()["sdpa"].nodes)
+    ['attention', 'k', 'o', 'q', 'v']
+    """
+    return {form: _pattern(*spec) for form, spec in _PATTERNS.items()}
+
+
+def __getattr__(name: str) -> Any:
+    """``SDPA_PATTERN``, ``EAGER_PATTERN`` and ``ATTENTION_PATTERNS``, built on first use."""
+    if name in _PATTERN_NAMES:
+        return attention_patterns()[_PATTERN_NAMES[name]]
+    if name == "ATTENTION_PATTERNS":
+        return attention_patterns()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -109,9 +129,10 @@ def _positional_operands(node: torch.fx.Node) -> Iterator[tuple[int, torch.fx.No
                 yield index, leaf
 
 
-def condense(graph: torch.fx.Graph, linears: dict[torch.fx.Node, LinearSite]) -> nx.DiGraph:
+def condense(graph: torch.fx.Graph, linears: dict[torch.fx.Node, LinearSite]) -> "nx.DiGraph":
     """The anchor graph: one vertex per anchor op, an edge ``a -> b`` with ``operands`` = the
     positions of ``b`` that ``a`` reaches through non-anchor ops. One topological sweep."""
+    import networkx as nx
     reach: dict[torch.fx.Node, frozenset[torch.fx.Node]] = {}  # anchors feeding each node
     condensed = nx.DiGraph()
     for node in graph.nodes:
@@ -140,8 +161,9 @@ def _feeds_operand(host: dict, pattern: dict) -> bool:
     return pattern["operand"] in host["operands"]
 
 
-def bind(host: nx.DiGraph, pattern: nx.DiGraph) -> Iterator[dict[str, torch.fx.Node]]:
+def bind(host: "nx.DiGraph", pattern: "nx.DiGraph") -> Iterator[dict[str, torch.fx.Node]]:
     """Every embedding of ``pattern`` in ``host``, as pattern name -> graph node."""
+    from networkx.algorithms.isomorphism import DiGraphMatcher
     matcher = DiGraphMatcher(host, pattern, node_match=_same_kind, edge_match=_feeds_operand)
     for mapping in matcher.subgraph_monomorphisms_iter():
         yield {name: node for node, name in mapping.items()}
@@ -226,7 +248,7 @@ def find_attention_sites(program: Program) -> list[AttentionSite]:
     linears = {n: site for site in program.sites for n in (site.node, site.core) if n is not None}
     host = condense(program.graph, linears)
     sites: dict[torch.fx.Node, AttentionSite] = {}
-    for form, pattern in ATTENTION_PATTERNS.items():
+    for form, pattern in attention_patterns().items():
         for bound in bind(host, pattern):
             if bound["attention"] not in sites and (site := _site(bound, form, linears)):
                 sites[bound["attention"]] = site

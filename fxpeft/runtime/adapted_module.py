@@ -58,7 +58,12 @@ class AdaptedModule(HfModelFace, torch.fx.GraphModule):
     # (fxpeft.runtime.input_checks): None on the CPU only (on a GPU it is a sync), True always.
     check_token_values: "bool | None" = None
 
-    def __init__(self, root: Any, graph: torch.fx.Graph, class_name: str = "GraphModule") -> None:
+    def __init__(self, root: Any, graph: torch.fx.Graph, class_name: str = "GraphModule",
+                 generate_code: bool = True) -> None:
+        # Without generate_code, the module has no forward until ``recompile`` (``fxpeft.rewrite``
+        # calls it once after its passes, which change the graph: generating the code of a
+        # 30-layer model twice was a fifth of a rewrite from the capture cache).
+        object.__setattr__(self, "_fxpeft_code_deferred", not generate_code)
         super().__init__(root, graph, class_name)
         # bad tensors are refused here, before the graph and outside torch.compile's frame
         self.register_forward_pre_hook(input_checks.check_inputs, with_kwargs=True)
@@ -73,6 +78,8 @@ class AdaptedModule(HfModelFace, torch.fx.GraphModule):
         A subclass made after the first compile (FSDP2's ``fully_shard`` makes one) keeps its
         base's call wrapper: fx would give it a new one whose ``super().__call__`` is the
         base's ``call_wrapped`` again, a loop."""
+        if self.__dict__.pop("_fxpeft_code_deferred", False):  # GraphModule.__init__'s call
+            return None
         keep_call_wrapper(self)
         result = super().recompile()
         type(self).forward = checkpoint_switch(type(self).forward)
@@ -80,6 +87,17 @@ class AdaptedModule(HfModelFace, torch.fx.GraphModule):
         if wrapped is not None and not isinstance(wrapped, _WrappedCall):
             type(self)._wrapped_call = _WrappedCall(wrapped.cls, wrapped.cls_call)
         return result
+
+    def ensure_code(self) -> None:
+        """Generate ``forward`` if the module was built with ``generate_code=False`` and no
+        pass has recompiled it since.
+
+        >>> gm = AdaptedModule(torch.nn.Module(), torch.fx.Graph(), generate_code=False)
+        >>> hasattr(gm, "_code"), gm.ensure_code(), hasattr(gm, "_code")
+        (False, None, True)
+        """
+        if not hasattr(self, "_code"):
+            self.recompile()
 
     @property
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:

@@ -27,10 +27,11 @@ _SDPA = aten.scaled_dot_product_attention.default
 _SDPA_P_INDEX = 4  # (query, key, value, attn_mask, dropout_p, is_causal)
 
 
-def emit(program: Program) -> AdaptedModule:
+def emit(program: Program, generate_code: bool = True) -> AdaptedModule:
     """The ``AdaptedModule`` around ``program``'s graph (the same graph and node objects, so
     ``program.sites`` stay valid). ``program`` itself is left as it was: a caller that goes on
-    matching wants ``dataclasses.replace(program, graph_module=gm)``.
+    matching wants ``dataclasses.replace(program, graph_module=gm)``. ``generate_code=False``
+    leaves ``forward`` to a later ``gm.recompile()`` or ``gm.ensure_code()``.
 
     >>> from fxpeft.capture.export import capture
     >>> gm = emit(capture(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))))
@@ -44,7 +45,7 @@ def emit(program: Program) -> AdaptedModule:
             masks.route_packed(root, info.config, info.model_class)
     _dropout_as_data(root, graph)
     _quantized_routes_as_data(root, graph)
-    gm = AdaptedModule(root, graph, class_name=f"Adapted{info.model_class}")
+    gm = AdaptedModule(root, graph, class_name=f"Adapted{info.model_class}", generate_code=generate_code)
     gm.capture_info = info
     log.debug("emit: %s", type(gm).__name__)
     return gm.train(info.training)

@@ -147,9 +147,10 @@ def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = N
     require_matches(program, ruleset, result, modules_to_save, allow_empty or from_config)
     if from_config:
         _check_config_targets(model, program, ruleset, result)
-    gm = emit(program)
+    gm = emit(program, generate_code=False)  # the passes change the graph: its code is made once
     apply_adapter(dataclasses.replace(program, graph_module=gm), ruleset, result, adapter,
                   modules_to_save)
+    gm.ensure_code()
     return gm
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fxpeft
-from conftest import (tiny_gemma, tiny_gpt2, tiny_llama, tiny_mistral, tiny_opt, tiny_qwen2,
+from conftest import (REPO_ROOT, tiny_gemma, tiny_gpt2, tiny_llama, tiny_mistral, tiny_opt, tiny_qwen2,
                       tiny_qwen3)
 from fxpeft.match.attention import EAGER_PATTERN, SDPA_PATTERN, bind, condense, find_attention_sites
 from fxpeft.capture.export import capture
@@ -100,3 +100,13 @@ def test_explain_shows_what_was_bound_per_layer():
                 and f"o=model.layers.{layer}.self_attn.o_proj" in text)
     assert "kv_heads=2" in text
     assert "outside [1, 2]" in report.why("model.layers.0.self_attn")["top attention layers"]
+
+
+def test_networkx_is_imported_only_when_attention_sites_are_asked_for():
+    import subprocess
+    import sys
+    code = ("import sys, fxpeft; assert 'networkx' not in sys.modules; "
+            "from fxpeft.match.attention import SDPA_PATTERN; assert 'networkx' in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -153,3 +153,17 @@ def test_deepcopy_gives_an_independent_graph_whose_records_name_its_own_nodes(tm
     fused = fxpeft.fuse(gm.eval())
     with torch.no_grad():
         torch.testing.assert_close(copy.deepcopy(fused)(ids).logits, gm(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_rewrite_generates_the_code_once_after_its_passes(monkeypatch):
+    """``rewrite`` builds the module without code and generates it once, after the passes
+    changed the graph (it used to be generated at emit too)."""
+    from torch.fx.graph_module import GraphModule
+    generated = []
+    original = GraphModule.recompile
+    monkeypatch.setattr(GraphModule, "recompile", lambda self: generated.append(type(self).__name__)
+                        or original(self))
+    gm = fxpeft.rewrite(tiny_llama(), "lora_qv")
+    assert generated.count(type(gm).__name__) == 1
+    ids = token_batch()
+    assert gm(ids).logits.shape[:2] == ids.shape
