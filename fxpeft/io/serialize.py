@@ -394,7 +394,8 @@ def _check_rules_match_config(gm: AdaptedModule, adapter: str, kind: AdapterKind
     rewrites only the JSON, so an edited JSON with a stale TOML is refused. Resuming: the graph
     the weights go into must have been built with that config."""
     ours = peft_config(program_of(gm), record(gm, adapter), kind)
-    compared = (kind.peft.fields | {"modules_to_save"}) - INERT_FIELDS - kind.peft.state_fields
+    compared = (kind.peft.fields | {"modules_to_save"}) - INERT_FIELDS - kind.peft.state_fields \
+        - kind.peft.graph_fields
     for field in sorted(compared):
         if _comparable(ours.get(field)) != _comparable(config.get(field)):
             says = f"{folder / CONFIG}: says {field} = {config.get(field)!r}"

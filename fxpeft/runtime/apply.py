@@ -7,6 +7,7 @@ The adapted module keeps no capture ``Program``: ``program_of(gm)`` re-indexes i
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import torch
@@ -74,6 +75,23 @@ def apply_adapter(program: Program, ruleset: RuleSet, result: MatchResult, adapt
     return reports
 
 
+def _check_replication(program: Program, ruleset: RuleSet, adapter: str) -> None:
+    """Layers are replicated when the graph is captured: a later adapter's rules may repeat the
+    graph's ``layer_replication`` (a second folder saved from it) or leave it out (the adapter
+    sits on the replicated layers, as PEFT's does), never ask for other ranges; and on a
+    replicated graph only kinds able to say so in their config (``AdapterKind.layer_replication``)
+    may be added, since their saved folders must rebuild the same layers."""
+    graph_ranges = program.info.layer_replication
+    if ruleset.layer_replication and ruleset.layer_replication != graph_ranges:
+        raise FxpeftError(f"add_adapter {adapter!r}: {ruleset.located('layer_replication')}: "
+                          f"layer_replication = {[list(r) for r in ruleset.layer_replication]} "
+                          f"differs from this graph's ({[list(r) for r in graph_ranges]}); layers "
+                          f"are replicated when the model is captured: fxpeft.rewrite the "
+                          f"original model with these rules")
+    if graph_ranges and not ruleset.layer_replication:
+        dataclasses.replace(ruleset, layer_replication=graph_ranges)  # the kinds' check
+
+
 def add_adapter(gm: torch.fx.GraphModule, adapter: str, rules: Any, *,
                 modules_to_save: Sequence[str] = (), allow_empty: bool = False,
                 **overrides: Any) -> torch.fx.GraphModule:
@@ -96,6 +114,7 @@ def add_adapter(gm: torch.fx.GraphModule, adapter: str, rules: Any, *,
         raise FxpeftError(f"adapter {adapter!r} already exists in this graph")
     program = program_of(gm)
     ruleset = load_rules(rules).with_params(**overrides)
+    _check_replication(program, ruleset, adapter)
     result = match(program, ruleset)
     require_matches(program, ruleset, result, modules_to_save, allow_empty)
     active = active_adapters(gm)
