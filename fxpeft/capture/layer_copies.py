@@ -97,7 +97,8 @@ def _layer_copy(layer: torch.nn.Module, config: Any, new_config: Any, index: int
     """A deep copy of ``layer`` sharing its parameters (the memo maps each to itself) and holding
     ``new_config`` where it held ``config``; every ``layer_idx`` set to ``index``."""
     memo: dict[int, Any] = {id(p): p for p in layer.parameters()}
-    memo[id(config)] = new_config
+    if new_config is not None:
+        memo[id(config)] = new_config
     clone = copy.deepcopy(layer, memo)
     for module in clone.modules():
         if hasattr(module, "layer_idx"):
@@ -107,9 +108,12 @@ def _layer_copy(layer: torch.nn.Module, config: Any, new_config: Any, index: int
 
 def _new_config(config: Any, sources: list[int]) -> Any:
     """``config`` copied, with ``num_hidden_layers`` the new count and every per-layer list
-    (``layer_types``, one entry per layer) in the new order."""
+    (``layer_types``, one entry per layer) in the new order; None for a model without one
+    (a plain module)."""
+    count = getattr(config, "num_hidden_layers", None)
+    if count is None:
+        return None
     new = copy.deepcopy(config)
-    count = config.num_hidden_layers
     for name, value in vars(config).items():
         if isinstance(value, (list, tuple)) and len(value) == count and name != "architectures":
             setattr(new, name, type(value)(value[i] for i in sources))
@@ -130,7 +134,7 @@ def replicated_model(model: torch.nn.Module, ranges: tuple[tuple[int, int], ...]
     check_ranges(model, ranges, where)
     path = _stack_path(model)
     sources = source_layers(ranges)
-    config = model.config
+    config = getattr(model, "config", None)
     new_config = _new_config(config, sources)
     top = holder = _shallow(model)
     for name in path[:-1]:
@@ -141,6 +145,6 @@ def replicated_model(model: torch.nn.Module, ranges: tuple[tuple[int, int], ...]
     holder._modules[path[-1]] = torch.nn.ModuleList(
         _layer_copy(layers[source], config, new_config, index) for index, source in enumerate(sources))
     for module in (top, *(_walk(top, path[:i + 1]) for i in range(len(path) - 1))):
-        if getattr(module, "config", None) is config:
+        if new_config is not None and getattr(module, "config", None) is config:
             module.config = new_config
     return top
