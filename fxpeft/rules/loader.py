@@ -154,7 +154,7 @@ def _build_rule(table: dict, prefix: str) -> Rule:
     if "rewrite" not in table:
         raise RuleError(f"missing required key; one of: {', '.join(kinds)}", key=f"{prefix}rewrite")
     kind = table["rewrite"]
-    if kind not in kinds:
+    if not isinstance(kind, str) or kind not in kinds:  # a TOML list or table is no kind's name
         raise RuleError(f"unknown rewrite {kind!r}{did_you_mean(kind, kinds)}; known: {', '.join(kinds)}",
                         key=f"{prefix}rewrite")
     where = _build(Where, table.get("where", {}), prefix, "where")

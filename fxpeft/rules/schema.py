@@ -118,6 +118,23 @@ class Rule:
         return self.params.kind
 
 
+def check_replicable_kinds(rules: "tuple[Rule, ...]") -> None:
+    """A ``RuleError`` unless every rule's kind may sit on replicated layers
+    (``AdapterKind.layer_replication``) or is carried by a kind in ``rules`` that may.
+
+    >>> check_replicable_kinds((Rule(where=Where(path=["q"])),))
+    """
+    kinds = {rule.rewrite for rule in rules}
+    carried = {name for kind in kinds for name in registry.get(kind).carries
+               if registry.get(kind).layer_replication}
+    refused = sorted(k for k in kinds - carried if not registry.get(k).layer_replication)
+    if refused:
+        able = [k.name for k in registry.all_kinds() if k.layer_replication]
+        raise RuleError(f"{refused[0]} adapters cannot be built on replicated layers (PEFT's "
+                        f"layer_replication is LoRA's; here: {', '.join(able)})",
+                        key="layer_replication")
+
+
 @dataclass(frozen=True)
 class RuleSet:
     """An ordered set of rules; a module claimed by an earlier rule is not matched by a later one.
@@ -157,15 +174,7 @@ class RuleSet:
             raise RuleError(problem, key="layer_replication")
         object.__setattr__(self, "layer_replication",
                            tuple((int(a), int(b)) for a, b in self.layer_replication))
-        kinds = {rule.rewrite for rule in self.rules}
-        carried = {name for kind in kinds for name in registry.get(kind).carries
-                   if registry.get(kind).layer_replication}
-        refused = sorted(k for k in kinds - carried if not registry.get(k).layer_replication)
-        if refused:
-            able = [k.name for k in registry.all_kinds() if k.layer_replication]
-            raise RuleError(f"{refused[0]} adapters cannot be built on replicated layers (PEFT's "
-                            f"layer_replication is LoRA's; here: {', '.join(able)})",
-                            key="layer_replication")
+        check_replicable_kinds(self.rules)
 
     def located(self, key: str) -> str:
         """``file:line`` of a dotted key (``rule[0].where.layers``), or the source alone when the

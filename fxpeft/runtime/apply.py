@@ -7,7 +7,6 @@ The adapted module keeps no capture ``Program``: ``program_of(gm)`` re-indexes i
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import torch
@@ -15,7 +14,7 @@ import torch.fx
 
 from fxpeft.graph.records import AdapterRecord, adapter_records, set_trainable
 from fxpeft.graph.params import freeze_base
-from fxpeft.errors import FxpeftError
+from fxpeft.errors import FxpeftError, RuleError
 from fxpeft.match.selection import check_selection
 from fxpeft.graph.gates import active_adapters, adapter_names, check_adapter_name, set_adapter
 from fxpeft import registry
@@ -26,7 +25,7 @@ from fxpeft.capture.program import Program
 from fxpeft.graph.rollback import rollback_on_error
 from fxpeft.graph.state import graph_state
 from fxpeft.rules.loader import load_rules
-from fxpeft.rules.schema import RuleSet
+from fxpeft.rules.schema import RuleSet, check_replicable_kinds
 from fxpeft.runtime.passes import PassResult, default_passes, run_passes
 
 
@@ -88,8 +87,12 @@ def _check_replication(program: Program, ruleset: RuleSet, adapter: str) -> None
                           f"differs from this graph's ({[list(r) for r in graph_ranges]}); layers "
                           f"are replicated when the model is captured: fxpeft.rewrite the "
                           f"original model with these rules")
-    if graph_ranges and not ruleset.layer_replication:
-        dataclasses.replace(ruleset, layer_replication=graph_ranges)  # the kinds' check
+    if graph_ranges:
+        try:
+            check_replicable_kinds(ruleset.rules)
+        except RuleError as err:
+            raise RuleError(f"add_adapter {adapter!r}: this graph's layers are replicated: "
+                            f"{err.message}", file=ruleset.source, key=err.key) from None
 
 
 def add_adapter(gm: torch.fx.GraphModule, adapter: str, rules: Any, *,

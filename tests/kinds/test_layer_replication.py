@@ -16,6 +16,7 @@ import fxpeft
 from fxpeft.capture import cache as capture_cache
 from fxpeft.capture.layer_copies import replicated_model
 from fxpeft.generation.decode_graph import decoder_for
+from fxpeft.graph.state import graph_state
 from fxpeft.formats.peft_format import PeftFormatError
 from fxpeft.rules import parse_rules
 from fxpeft.rules.dump import dump_rules
@@ -33,9 +34,10 @@ def lora_config(**extra):
                       task_type="CAUSAL_LM", **extra)
 
 
-def peft_replicated(base=None):
+def peft_replicated(base=None, **extra):
+    """PEFT's replicated LoRA of ``base`` (a tiny Llama), its adapters moved off their init."""
     from peft import get_peft_model
-    model = get_peft_model(base if base is not None else tiny_llama(), lora_config()).eval()
+    model = get_peft_model(base if base is not None else tiny_llama(), lora_config(**extra)).eval()
     perturb(model, "lora_", seed=1)
     return model
 
@@ -65,7 +67,8 @@ def test_peft_row_both_ways_and_generate_with_the_replicated_cache(tmp_path):
         peft_tokens = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
                                       min_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(ours, peft_tokens)
-    decoder = decoder_for(gm, 2, 15)
+    decoder = decoder_for(gm, 2, 15)  # the one generate built (the cache rounds 15 to 16)
+    assert len(graph_state(gm).decoders) == 1
     assert sum(1 for name, _ in decoder.named_buffers() if "_keys_" in name) == len(SOURCES)
 
 
@@ -167,6 +170,18 @@ def test_compiles_fullgraph_and_fuses():
     ids = token_batch()
     torch.testing.assert_close(logits(fxpeft.fuse(gm).eval(), ids), logits(gm.eval(), ids), rtol=0, atol=ATOL)
     check_compiles_whole(gm, ids)
+
+
+def test_dora_on_replicated_layers_both_ways(tmp_path):
+    from peft import PeftModel
+    theirs = peft_replicated(use_dora=True)
+    theirs.save_pretrained(tmp_path / "peft")
+    gm = fxpeft.load(tiny_llama(), tmp_path / "peft").eval()
+    ids = token_batch()
+    torch.testing.assert_close(logits(gm, ids), logits(theirs, ids), rtol=0, atol=ATOL)
+    assert "model.layers.3.mlp.up_proj.lora_magnitude_vector" in fxpeft.adapter_state_dict(gm)
+    back = PeftModel.from_pretrained(tiny_llama(), str(fxpeft.save(gm, tmp_path / "ours"))).eval()
+    torch.testing.assert_close(logits(back, ids), logits(theirs, ids), rtol=0, atol=ATOL)
 
 
 def test_bf16_base_both_ways(tmp_path):
