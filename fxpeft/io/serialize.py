@@ -24,6 +24,7 @@ Atomic saves and consistent reads: ``fxpeft.io.folders``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -214,7 +215,10 @@ def _writers(gm: AdaptedModule, adapter: str, directory: Path) -> dict[str, Call
         if str(directory) in str(err):
             raise
         raise PeftFormatError(f"{directory / CONFIG}: {err}") from err
-    rules = _exact_rules(rec.rules, directory / RULES)
+    # the graph's layers, which the folder must rebuild alone (an adapter added later leaves
+    # the ranges out of its own rules: AdapterKind.layer_replication)
+    layers = dataclasses.replace(rec.rules, layer_replication=program.info.layer_replication)
+    rules = _exact_rules(layers, directory / RULES)
     metadata = {"format": "pt", DIGEST: tensor_digest(tensors)}
     return {WEIGHTS: lambda path: save_file(tensors, str(path), metadata=metadata),
             RULES: lambda path: path.write_bytes(rules.encode("utf-8")),

@@ -148,6 +148,8 @@ def test_named_adapters_on_replicated_layers(tmp_path):
         theirs.set_adapter(name)
         gm.set_adapter(name)
         torch.testing.assert_close(logits(gm.eval(), ids), logits(theirs, ids), rtol=0, atol=ATOL)
+    alone = fxpeft.load(tiny_llama(), fxpeft.save(gm, tmp_path / "other", adapter="other")).eval()
+    torch.testing.assert_close(logits(alone, ids), logits(theirs, ids), rtol=0, atol=ATOL)
     with pytest.raises(fxpeft.FxpeftError, match=r"layer_replication = \[\[0, 2\]\] differs") as other:
         fxpeft.add_adapter(gm, "third", parse_rules(
             'layer_replication = [[0, 2]]\n[[rule]]\nmatch = "linear"\nrewrite = "lora"\n'))
@@ -253,3 +255,46 @@ def test_a_model_without_a_layer_list_and_a_bad_config_are_refused(tmp_path):
                        r"expected \[start, end\] pairs") as config:
         fxpeft.load(tiny_llama(), tmp_path)
     assert "\n" not in str(gpt2.value) + str(config.value)
+
+
+def test_captures_own_replication_copies_the_replicated_stack(monkeypatch, caplog):
+    """Copies of one layer share tensors under one name: capture exports two of the five layers
+    and copies their subgraph, node for node the whole export, each copy reading its source's
+    one tensor."""
+    import logging
+    from fxpeft.capture.export import capture
+    monkeypatch.setenv("FXPEFT_CAPTURE_CACHE", "0")
+    model = replicated_model(tiny_llama(num_hidden_layers=3), ((0, 3), (1, 3)), "<test>")  # 0 1 2 1 2
+    programs = {}
+    for replicated in ("1", "0"):
+        monkeypatch.setenv("FXPEFT_REPLICATE", replicated)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="fxpeft"):
+            programs[replicated] = capture(model)
+        assert any("replicated from 2 of its 5 layers" in r.message for r in caplog.records) == (replicated == "1")
+    fast, full = programs["1"], programs["0"]
+    assert _computation(fast, model) == _computation(full, model)
+    fast.graph.lint()
+    assert fast.graph_module.get_parameter("model.layers.3.mlp.up_proj.weight") is \
+        model.model.layers[1].mlp.up_proj.weight
+
+
+def _computation(program, model):
+    """Each node's op, target and arguments, a parameter read named by its tensor (its first
+    name in ``model``): export reads a shared tensor under any of its names (layer 1 may read
+    ``model.layers.3.input_layernorm.weight``) and places the reads in its own order."""
+    from torch.fx.node import map_aggregate
+    from fxpeft.graph.targets import fetch
+    first = {}
+    for name, tensor in (*model.named_parameters(remove_duplicate=False), *model.named_buffers()):
+        first.setdefault(id(tensor), name)
+    gm = program.graph_module
+    reads = {n: first.get(id(fetch(gm, n.target)), n.target) for n in program.graph.find_nodes(op="get_attr")}
+    kept = [n for n in program.graph.nodes if n not in reads]
+    position = {node: i for i, node in enumerate(kept)}
+
+    def arg(a):
+        if not isinstance(a, torch.fx.Node):
+            return a
+        return reads[a] if a in reads else ("node", position[a])
+    return [(n.op, str(n.target), map_aggregate(n.args, arg), map_aggregate(n.kwargs, arg)) for n in kept]
