@@ -1,11 +1,13 @@
 """bf16 attention on the CPU, in fp32 where that is faster.
 
 PyTorch's CPU flash attention (2.13) is slow in bf16 on short sequences when gradients are
-needed: measured on an AVX-512 BF16 CPU, one thread, causal, forward and backward, bf16 took
-1.8-2.6x fp32's time at 64-128 keys (heads 9/3, 32/8, 16/16; head dim 64 and 128), 1.0-1.2x
-at 256-384, and 0.8-0.95x from 512 keys, where bf16 wins. Casting q, k and v up (and the
-output back) costs a few percent of the attention itself; so up to ``SHORT_ATTENTION_TOKENS``
-keys, with gradients on, a bf16 SDPA runs in fp32, which is also the more exact of the two.
+needed: measured on an AVX-512 BF16 CPU (no AMX), one thread, causal, forward and backward, bf16
+took 1.35-2.5x fp32's time at 64-128 keys (heads 9/3, 32/8, 16/16; head dim 64 and 128), 1.0-1.25x
+at 256-384, 0.9-1.07x at 512 and 0.76x at 1024, where bf16 wins. The fp32 call with its casts (q,
+k and v up, the output back) took 0.39-0.79x the bf16 call's time at 64-128 keys, 0.83-1.01x at
+256-384 and 0.96-1.10x at 512; so up to ``SHORT_ATTENTION_TOKENS`` keys, with gradients on, a
+bf16 SDPA runs in fp32, which is also the more exact of the two. The forward alone is about as
+fast in either dtype, so without gradients nothing changes.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ the order and reports what each changed, with its time:
   ``is_causal=True`` and the 4-D mask is not built, as eager transformers does
   (``fxpeft.transforms.causal_mask``; only where checked exact).
 - ``fp32_short_attention``: a bf16 CPU SDPA runs in fp32 when its keys are short (up to
-  384 tokens) and gradients are on: there, PyTorch's bf16 CPU flash attention backward takes
-  about twice fp32's time (``fxpeft.transforms.cpu_attention``).
+  384 tokens) and gradients are on: there, PyTorch's bf16 CPU flash attention with its backward
+  takes up to 2.5x fp32's time (``fxpeft.transforms.cpu_attention``).
 - ``sdpa_gqa`` and ``gated_activation``: less for backward to keep: SDPA reads grouped-query
   keys and values without ``repeat_kv`` (``fxpeft.transforms.gqa``, which the decode graph runs
   too), and ``act(gate) * up`` saves only its two inputs (``fxpeft.transforms.activations``).
