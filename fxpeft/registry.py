@@ -138,6 +138,9 @@ class AdapterKind:
     ``carries``: kinds whose rules this kind's PEFT config holds in a field of its own (LoRA's
     ``trainable_token_indices``): an adapter of this kind may mix in their rules, its
     ``to_config`` gets their matches too, and their parameters join its saved keys.
+    ``layer_replication``: its adapters may sit on a layer stack that capture rebuilt from a rule
+    set's ``layer_replication`` ranges (PEFT's ``LoraConfig.layer_replication``), and its PEFT
+    config writes the ranges back.
     """
 
     name: str
@@ -156,6 +159,7 @@ class AdapterKind:
     combines: Combines | None = None
     prompt_state: "Callable[[torch.nn.Module, str, Any, torch.Tensor, int], None] | None" = None
     carries: tuple[str, ...] = ()
+    layer_replication: bool = False
 
     @property
     def sites(self) -> tuple[str, ...]:

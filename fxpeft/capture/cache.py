@@ -4,8 +4,8 @@ rewrite costs) and rebinds the cached graph to the new model's own parameters by
 
 The key holds the model class, its config (``to_json_string``), attention and experts
 implementations,
-every module's path and type, every parameter's and buffer's name, shape, dtype and device, the
-captured inputs' names, dtypes and ranks, and the torch and transformers versions. A changed
+every module's path and type, every parameter's and buffer's name, shape, dtype and device,
+which names share one parameter (tied weights, replicated layers), the captured inputs' names, dtypes and ranks, and the torch and transformers versions. A changed
 forward that none of these reveal (a monkeypatched method) is not seen: set
 ``FXPEFT_CAPTURE_CACHE=0`` to turn the cache off. HF captures are also kept on disk, for a new
 process (``fxpeft.capture.disk_cache``; ``FXPEFT_CAPTURE_CACHE=memory`` keeps them in memory only).
@@ -58,7 +58,23 @@ def cache_key(model: torch.nn.Module, inputs: dict[str, Any]) -> Hashable:
                       for name, t in inputs.items())
     return (type(model).__module__, type(model).__qualname__, config.to_json_string(),
             getattr(config, "_attn_implementation", None),
-            getattr(config, "_experts_implementation", None), structure, tensors, signature, _versions())
+            getattr(config, "_experts_implementation", None), structure, tensors, shared_names(model),
+            signature, _versions())
+
+
+def shared_names(model: torch.nn.Module) -> tuple[tuple[str, ...], ...]:
+    """The names that hold one parameter object between them (tied embeddings, the copies of a
+    replicated layer): export reads such a parameter once, so they shape the graph.
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    >>> net[1].weight = net[0].weight
+    >>> shared_names(net)
+    (('0.weight', '1.weight'),)
+    """
+    holders: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(param), []).append(name)
+    return tuple(tuple(names) for names in holders.values() if len(names) > 1)
 
 
 def store(key: Hashable, model: torch.nn.Module, program: Program, disk: bool = False) -> None:

@@ -99,7 +99,9 @@ class CaptureInfo:
     ``positions``: what the model computes for ``position_ids=None`` (a name in
     ``fxpeft.capture.positions.DEFAULTS``), whether the graph takes ``position_ids`` (it fills
     them so) or computes them inside (``fxpeft.generate`` then numbers as it does); ``packs``: whether the model keeps
-    packed sequences apart when no attention mask is given (``fxpeft.capture.positions.probe``).
+    packed sequences apart when no attention mask is given (``fxpeft.capture.positions.probe``);
+    ``layer_replication``: the ranges the captured model's layers were rebuilt from
+    (``fxpeft.capture.layer_copies``), () for a model captured as it is.
     """
 
     model_class: str
@@ -112,6 +114,7 @@ class CaptureInfo:
     hf: HfFace | None = None
     positions: str | None = None
     packs: bool = False
+    layer_replication: tuple[tuple[int, int], ...] = ()  # ranges the layer stack was rebuilt from
 
 
 @dataclass

@@ -172,13 +172,15 @@ def plan_layers(model: torch.nn.Module, stack: LayerStack) -> Plan:
     if len(plan.held) >= count:
         raise NotReplicable(f"{len(set(plan.kinds))} kinds of layer among {count} layers "
                             f"(each kind's first and last are exported): nothing to save")
+    _distinct_held(stack, plan)
     return plan
 
 
 def layer_kinds(model: torch.nn.Module, stack: LayerStack) -> tuple[int, ...]:
     """Each layer's kind, numbered by first appearance: layers of one kind have the same
     ``_layer_signature`` and the same value in each per-layer list of the config. Raises
-    ``NotReplicable`` where a layer has hooks or its own forward, or layers share tensors.
+    ``NotReplicable`` where a layer has hooks or its own forward, or layers share tensors
+    other than as copies of one layer (``layer_replication``).
 
     >>> model = _tiny_llama()
     >>> model.model.layers[2].mlp.act_fn = torch.nn.GELU()
@@ -188,12 +190,44 @@ def layer_kinds(model: torch.nn.Module, stack: LayerStack) -> tuple[int, ...]:
     lists = _per_layer_lists(_text_config(model.config), len(stack.layers))
     signatures = [(_layer_signature(layer), tuple(repr(values[index]) for values in lists.values()))
                   for index, layer in enumerate(stack.layers)]
-    tensors = [id(t) for layer in stack.layers for t in (*layer.parameters(), *layer.buffers())]
-    if len(set(tensors)) != len(tensors):
-        raise NotReplicable("layers share tensors")
+    _check_shared_tensors(stack.layers)
     first = {signature: kind for kind, signature in reversed(list(enumerate(signatures)))}
     numbers = {index: number for number, index in enumerate(sorted(set(first.values())))}
     return tuple(numbers[first[signature]] for signature in signatures)
+
+
+def _check_shared_tensors(layers: "tuple[torch.nn.Module, ...] | list[torch.nn.Module]") -> None:
+    """Layers may share a tensor only under one name, as copies of one layer do (PEFT's
+    ``layer_replication``: ``fxpeft.capture.layer_copies``); any other sharing is refused.
+
+    >>> first, second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    >>> second.weight = first.weight
+    >>> _check_shared_tensors([first, second])
+    >>> second.bias = first.weight
+    >>> _check_shared_tensors([first, second])
+    Traceback (most recent call last):
+    ...
+    fxpeft.capture.replicate.NotReplicable: layers share tensors (weight and weight and bias)
+    """
+    names: dict[int, tuple[str, ...]] = {}
+    for layer in layers:
+        own: dict[int, tuple[str, ...]] = {}  # a tensor's names in this layer (tied ones: several)
+        for name, tensor in (*layer.named_parameters(remove_duplicate=False),
+                             *layer.named_buffers(remove_duplicate=False)):
+            own[id(tensor)] = (*own.get(id(tensor), ()), name)
+        for key, held in own.items():
+            seen = names.setdefault(key, held)
+            if seen != held:
+                raise NotReplicable(f"layers share tensors ({' and '.join(seen)} and {' and '.join(held)})")
+
+
+def _distinct_held(stack: LayerStack, plan: "Plan") -> None:
+    """The shallow copy's layers share no tensor (export reads a shared one once, under one
+    layer's name, so the held layers' subgraphs would differ)."""
+    held = [stack.layers[index] for index in plan.held]
+    tensors = [id(t) for layer in held for t in (*layer.parameters(), *layer.buffers())]
+    if len(set(tensors)) != len(tensors):
+        raise NotReplicable("the exported layers share tensors (copies of one layer)")
 
 
 def _per_layer_lists(config: Any, count: int) -> dict[str, list]:

@@ -16,6 +16,10 @@ A kind's ``PeftFormat`` (``AdapterKind.peft``) says how it meets one PEFT ``peft
   config, tensors) -> (config, tensors)`` and ``load_state(gm, adapter, config, tensors, source)
   -> tensors`` (the file's tensors as the graph holds them); ``state_fields`` are the config
   fields they own, which are not compared with the rules that rebuild the graph.
+- ``graph_fields``: config fields that describe the captured graph rather than one adapter
+  (LoRA's ``layer_replication``): ``to_config`` writes the graph's value, so each saved folder
+  rebuilds the graph alone; a later adapter loaded into a graph (PEFT's second adapter saves
+  ``None``) is checked against the graph by ``add_adapter``, not compared field by field.
 
 Keys: the kind's ``components`` map our parameter names to PEFT's saved keys and back:
 ``model.layers.0.self_attn.q_proj.lora_A.weight`` <-> ``base_model.model.model.layers.0.
@@ -66,6 +70,7 @@ class PeftFormat:
     save_state: Callable[..., tuple[dict[str, Any], dict[str, Any]]] | None = None
     load_state: Callable[..., dict[str, Any]] | None = None
     state_fields: frozenset[str] = frozenset()
+    graph_fields: frozenset[str] = frozenset()
     key_prefix: str = PEFT_PREFIX  # prompt tuning's one key, "prompt_embeddings", has none
 
     def selects(self, config: dict[str, Any]) -> bool:

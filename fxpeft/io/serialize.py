@@ -24,6 +24,7 @@ Atomic saves and consistent reads: ``fxpeft.io.folders``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -214,7 +215,10 @@ def _writers(gm: AdaptedModule, adapter: str, directory: Path) -> dict[str, Call
         if str(directory) in str(err):
             raise
         raise PeftFormatError(f"{directory / CONFIG}: {err}") from err
-    rules = _exact_rules(rec.rules, directory / RULES)
+    # the graph's layers, which the folder must rebuild alone (an adapter added later leaves
+    # the ranges out of its own rules: AdapterKind.layer_replication)
+    layers = dataclasses.replace(rec.rules, layer_replication=program.info.layer_replication)
+    rules = _exact_rules(layers, directory / RULES)
     metadata = {"format": "pt", DIGEST: tensor_digest(tensors)}
     return {WEIGHTS: lambda path: save_file(tensors, str(path), metadata=metadata),
             RULES: lambda path: path.write_bytes(rules.encode("utf-8")),
@@ -394,7 +398,8 @@ def _check_rules_match_config(gm: AdaptedModule, adapter: str, kind: AdapterKind
     rewrites only the JSON, so an edited JSON with a stale TOML is refused. Resuming: the graph
     the weights go into must have been built with that config."""
     ours = peft_config(program_of(gm), record(gm, adapter), kind)
-    compared = (kind.peft.fields | {"modules_to_save"}) - INERT_FIELDS - kind.peft.state_fields
+    compared = (kind.peft.fields | {"modules_to_save"}) - INERT_FIELDS - kind.peft.state_fields \
+        - kind.peft.graph_fields
     for field in sorted(compared):
         if _comparable(ours.get(field)) != _comparable(config.get(field)):
             says = f"{folder / CONFIG}: says {field} = {config.get(field)!r}"

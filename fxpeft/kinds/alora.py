@@ -41,7 +41,7 @@ from fxpeft.formats.peft_format import PeftFormat, PeftFormatError
 from fxpeft.graph.state import graph_state
 from fxpeft.graph.targets import place
 from fxpeft.graph.gates import reroute
-from fxpeft.kinds.lora import (LINEAR, LORA_FIELDS, LoraParams, adapter_input, attach_lora, casts,
+from fxpeft.kinds.lora import (GRAPH_FIELDS, LINEAR, LORA_FIELDS, LoraParams, adapter_input, attach_lora, casts,
                                config_to_rules, join, low_rank, record_nodes, rules_to_config)
 from fxpeft.match.input_embedding import INPUT_IDS, model_input
 from fxpeft.match.query import Match
@@ -207,5 +207,5 @@ KIND = AdapterKind(
           "express (PEFT does not merge aLoRA either)",
     components=LINEAR.names,
     peft=PeftFormat("LORA", to_config, to_rules, LORA_FIELDS | {CONFIG_FIELD},
-                    selector={"use_dora": False, CONFIG_FIELD: True}),
-    prompt_state=prompt_state)
+                    selector={"use_dora": False, CONFIG_FIELD: True}, graph_fields=GRAPH_FIELDS),
+    prompt_state=prompt_state, layer_replication=True)

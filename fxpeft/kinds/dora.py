@@ -33,7 +33,7 @@ import torch.fx
 from fxpeft.graph.params import attach_component
 from fxpeft.graph.targets import fetch
 from fxpeft.graph.gates import gate_node, reroute
-from fxpeft.kinds.lora import (EMBEDDING, LORA_FIELDS, LoraDetail, LoraParams, adapter_dtype,
+from fxpeft.kinds.lora import (EMBEDDING, GRAPH_FIELDS, LORA_FIELDS, LoraDetail, LoraParams, adapter_dtype,
                                adapter_input, attach_lora, branch_of, casts, check_mergeable,
                                config_to_rules, join, layer_op, layout_of, lora_delta, low_rank,
                                record_nodes, rules_to_config, unit_scale_params)
@@ -230,6 +230,7 @@ KIND = AdapterKind(
     components=("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", MAGNITUDE),
     peft=PeftFormat("LORA", functools.partial(rules_to_config, use_dora=True),
                     functools.partial(config_to_rules, params_class=DoraParams),
-                    LORA_FIELDS, selector={"use_dora": True, "alora_invocation_tokens": False}),
+                    LORA_FIELDS, selector={"use_dora": True, "alora_invocation_tokens": False},
+                    graph_fields=GRAPH_FIELDS),
     combines=Combines(linear_branch, unit_scale_params, row_gain, base_rows, set_row_gain),
-    carries=("trainable_tokens",))
+    carries=("trainable_tokens",), layer_replication=True)

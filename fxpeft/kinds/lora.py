@@ -37,7 +37,7 @@ from fxpeft.match.parameter_sites import ParameterSite, find_parameter_sites
 from fxpeft.kinds import bd_lora, lora_parameters, trainable_tokens
 from fxpeft.match.query import Match
 from fxpeft.names import ADAPTER_META, AdapterNode
-from fxpeft.formats.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, names_regex,
+from fxpeft.formats.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, names_regex, neutral,
                                         target_regex,
                                         targets_for, layers_prefix)
 from fxpeft.capture.quantized import base_weight, weight_so_far
@@ -445,7 +445,10 @@ LORA_FIELDS = frozenset({"target_modules", "exclude_modules", "layers_to_transfo
                          "layers_pattern", "r", "lora_alpha", "rank_pattern", "alpha_pattern",
                          "use_rslora", "fan_in_fan_out", "bias", "lora_dropout",
                          "init_lora_weights", "lora_bias", "target_parameters", bd_lora.CONFIG_FIELD,
-                         trainable_tokens.CARRIED_FIELD, *_REFUSED_VARIANTS})
+                         trainable_tokens.CARRIED_FIELD, "layer_replication", *_REFUSED_VARIANTS})
+
+
+GRAPH_FIELDS = frozenset({"layer_replication"})  # PeftFormat.graph_fields
 
 
 def _check_init(config: dict[str, Any], source: str) -> None:
@@ -533,7 +536,23 @@ def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str,
                                regex).rules
     rules += trainable_tokens.carried_rules(config.get(trainable_tokens.CARRIED_FIELD), model,
                                             source, config.get("modules_to_save"))
-    return RuleSet(rules, source=source)
+    return RuleSet(rules, source=source, layer_replication=_layer_replication(config, source))
+
+
+def _layer_replication(config: dict[str, Any], source: str) -> tuple:
+    """PEFT's ``layer_replication`` ranges, checked as a rule file's are (the model's layer count
+    is checked when the layers are replicated, before capture).
+
+    >>> _layer_replication({"layer_replication": [[0, 2], [1, 2]]}, "adapter_config.json")
+    ((0, 2), (1, 2))
+    """
+    value = config.get("layer_replication")
+    if neutral(value):  # PEFT, too, replicates nothing for None or []
+        return ()
+    problem = checks.layer_ranges(value)
+    if problem:
+        raise PeftFormatError(f"{source}: layer_replication: {problem}")
+    return tuple((start, end) for start, end in value)
 
 
 def _attention_weights(config: dict[str, Any], model: torch.nn.Module, source: str,
@@ -657,7 +676,8 @@ def rules_to_config(matches: list[Match], program: Program, use_dora: bool = Fal
             "lora_dropout": dropout, "bias": "none", "init_lora_weights": "mica" if mica else True,
             "lora_bias": lora_bias, **bd_lora.config_fields(params),
             "use_dora": use_dora, "fan_in_fan_out": any(m.site.fan_in_fan_out for m in matches),
-            trainable_tokens.CARRIED_FIELD: trainable_tokens.carried_value(rows)}
+            trainable_tokens.CARRIED_FIELD: trainable_tokens.carried_value(rows),
+            "layer_replication": [list(pair) for pair in program.info.layer_replication] or None}
 
 
 def branch_of(record: AdapterNode) -> LowRankBranch | None:
@@ -686,6 +706,8 @@ KIND = AdapterKind(
     name="lora", params=LoraParams, splice=splice, merge=merge,
     components=(*LINEAR.names, *EMBEDDING.names),
     peft=PeftFormat("LORA", rules_to_config, config_to_rules, LORA_FIELDS,
-                    selector={"use_dora": False, "alora_invocation_tokens": False}),
+                    selector={"use_dora": False, "alora_invocation_tokens": False},
+                    graph_fields=GRAPH_FIELDS),
     default_rule=True, low_rank=branch_of,
-    combines=Combines(branch_of, unit_scale_params), carries=("trainable_tokens",))
+    combines=Combines(branch_of, unit_scale_params), carries=("trainable_tokens",),
+    layer_replication=True)

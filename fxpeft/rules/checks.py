@@ -47,6 +47,24 @@ def boolean(value: Any) -> str | None:
     return None if isinstance(value, bool) else f"expected true or false, got {_show(value)}"
 
 
+def layer_ranges(value: Any) -> str | None:
+    """An error message unless ``value`` is PEFT's ``layer_replication``: ``[start, end)`` pairs
+    of integers, ``0 <= start < end`` (the model's layer count is checked at capture).
+
+    >>> layer_ranges([[0, 4], [2, 5]]) is None, layer_ranges([[3, 1]])
+    (True, 'expected [start, end] pairs of integers with 0 <= start < end, got [3, 1]')
+    """
+    if not isinstance(value, (list, tuple)) or not value:
+        return f"expected a non-empty list of [start, end] layer ranges, got {_show(value)}"
+    for pair in value:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in pair)
+                and 0 <= pair[0] < pair[1]):
+            return (f"expected [start, end] pairs of integers with 0 <= start < end, got "
+                    f"{_show(list(pair) if isinstance(pair, tuple) else pair)}")
+    return None
+
+
 def text(value: Any) -> str | None:
     return None if isinstance(value, str) and value else f"expected a non-empty string, got {_show(value)}"
 

@@ -56,5 +56,6 @@ def dump_rules(rules: RuleSet, description: str = "") -> str:
     """TOML text for ``rules``."""
     head = [f"version = {rules.version}", f"description = {_value(description or rules.source)}",
             f"allow_training_branches = {_value(rules.allow_training_branches)}",
-            *(["allow_empty = true"] if rules.allow_empty else []), ""]
+            *(["allow_empty = true"] if rules.allow_empty else []),
+            *([f"layer_replication = {_value(rules.layer_replication)}"] if rules.layer_replication else []), ""]
     return "\n".join(head + [line for rule in rules.rules for line in _rule(rule)])

@@ -14,7 +14,8 @@ from fxpeft.rules.locate import KeyLocator, LazyKeyLocator
 from fxpeft.registry import rewrite_kinds
 from fxpeft.rules.schema import Rule, RuleSet, Where, did_you_mean, known_keys
 
-TOP_KEYS = ("version", "description", "allow_training_branches", "allow_empty", "rule")
+TOP_KEYS = ("version", "description", "allow_training_branches", "allow_empty", "layer_replication",
+            "rule")
 RULE_KEYS = ("name", "match", "rewrite", "optional", "where", "params")
 SUPPORTED_VERSIONS = (1,)
 # What one rule file may hold: past these a file is refused before it is parsed or validated
@@ -141,7 +142,8 @@ def _build_rule_set(data: dict, source: str) -> RuleSet:
     built = tuple(_build_rule(_expect_table(r, f"rule[{i}]"), f"rule[{i}].") for i, r in enumerate(rules))
     return RuleSet(built, source=source, version=version,
                    allow_training_branches=data.get("allow_training_branches", False),
-                   allow_empty=data.get("allow_empty", False))
+                   allow_empty=data.get("allow_empty", False),
+                   layer_replication=data.get("layer_replication", ()))
 
 
 def _build_rule(table: dict, prefix: str) -> Rule:
@@ -152,7 +154,7 @@ def _build_rule(table: dict, prefix: str) -> Rule:
     if "rewrite" not in table:
         raise RuleError(f"missing required key; one of: {', '.join(kinds)}", key=f"{prefix}rewrite")
     kind = table["rewrite"]
-    if kind not in kinds:
+    if not isinstance(kind, str) or kind not in kinds:  # a TOML list or table is no kind's name
         raise RuleError(f"unknown rewrite {kind!r}{did_you_mean(kind, kinds)}; known: {', '.join(kinds)}",
                         key=f"{prefix}rewrite")
     where = _build(Where, table.get("where", {}), prefix, "where")

@@ -118,6 +118,23 @@ class Rule:
         return self.params.kind
 
 
+def check_replicable_kinds(rules: "tuple[Rule, ...]") -> None:
+    """A ``RuleError`` unless every rule's kind may sit on replicated layers
+    (``AdapterKind.layer_replication``) or is carried by a kind in ``rules`` that may.
+
+    >>> check_replicable_kinds((Rule(where=Where(path=["q"])),))
+    """
+    kinds = {rule.rewrite for rule in rules}
+    carried = {name for kind in kinds for name in registry.get(kind).carries
+               if registry.get(kind).layer_replication}
+    refused = sorted(k for k in kinds - carried if not registry.get(k).layer_replication)
+    if refused:
+        able = [k.name for k in registry.all_kinds() if k.layer_replication]
+        raise RuleError(f"{refused[0]} adapters cannot be built on replicated layers (PEFT's "
+                        f"layer_replication is LoRA's; here: {', '.join(able)})",
+                        key="layer_replication")
+
+
 @dataclass(frozen=True)
 class RuleSet:
     """An ordered set of rules; a module claimed by an earlier rule is not matched by a later one.
@@ -131,6 +148,8 @@ class RuleSet:
     version: int = 1
     allow_training_branches: bool = False  # the model's train-only ops (besides dropout) are safe
     allow_empty: bool = False  # selecting nothing (no match at all, an absent layer) is no error
+    # PEFT's layer_replication: the layer stack rebuilt from [start, end) ranges before capture
+    layer_replication: tuple[tuple[int, int], ...] = ()
     locator: Any = field(default=None, compare=False, repr=False)  # KeyLocator of the file text
 
     def __post_init__(self) -> None:
@@ -144,6 +163,18 @@ class RuleSet:
         named = tuple(r if r.name else dataclasses.replace(r, name=f"rule[{i}]")
                       for i, r in enumerate(rules))
         object.__setattr__(self, "rules", named)
+        if self.layer_replication != ():  # an empty list is an error, not "none"
+            self._check_layer_replication()
+
+    def _check_layer_replication(self) -> None:
+        """Ranges as PEFT's ``layer_replication`` takes them, for kinds whose adapters may sit
+        on replicated layers (``AdapterKind.layer_replication``; PEFT: LoRA's config only)."""
+        problem = checks.layer_ranges(self.layer_replication)
+        if problem:
+            raise RuleError(problem, key="layer_replication")
+        object.__setattr__(self, "layer_replication",
+                           tuple((int(a), int(b)) for a, b in self.layer_replication))
+        check_replicable_kinds(self.rules)
 
     def located(self, key: str) -> str:
         """``file:line`` of a dotted key (``rule[0].where.layers``), or the source alone when the

@@ -14,7 +14,7 @@ import torch.fx
 
 from fxpeft.graph.records import AdapterRecord, adapter_records, set_trainable
 from fxpeft.graph.params import freeze_base
-from fxpeft.errors import FxpeftError
+from fxpeft.errors import FxpeftError, RuleError
 from fxpeft.match.selection import check_selection
 from fxpeft.graph.gates import active_adapters, adapter_names, check_adapter_name, set_adapter
 from fxpeft import registry
@@ -25,7 +25,7 @@ from fxpeft.capture.program import Program
 from fxpeft.graph.rollback import rollback_on_error
 from fxpeft.graph.state import graph_state
 from fxpeft.rules.loader import load_rules
-from fxpeft.rules.schema import RuleSet
+from fxpeft.rules.schema import RuleSet, check_replicable_kinds
 from fxpeft.runtime.passes import PassResult, default_passes, run_passes
 
 
@@ -74,6 +74,27 @@ def apply_adapter(program: Program, ruleset: RuleSet, result: MatchResult, adapt
     return reports
 
 
+def _check_replication(program: Program, ruleset: RuleSet, adapter: str) -> None:
+    """Layers are replicated when the graph is captured: a later adapter's rules may repeat the
+    graph's ``layer_replication`` (a second folder saved from it) or leave it out (the adapter
+    sits on the replicated layers, as PEFT's does), never ask for other ranges; and on a
+    replicated graph only kinds able to say so in their config (``AdapterKind.layer_replication``)
+    may be added, since their saved folders must rebuild the same layers."""
+    graph_ranges = program.info.layer_replication
+    if ruleset.layer_replication and ruleset.layer_replication != graph_ranges:
+        raise FxpeftError(f"add_adapter {adapter!r}: {ruleset.located('layer_replication')}: "
+                          f"layer_replication = {[list(r) for r in ruleset.layer_replication]} "
+                          f"differs from this graph's ({[list(r) for r in graph_ranges]}); layers "
+                          f"are replicated when the model is captured: fxpeft.rewrite the "
+                          f"original model with these rules")
+    if graph_ranges:
+        try:
+            check_replicable_kinds(ruleset.rules)
+        except RuleError as err:
+            raise RuleError(f"add_adapter {adapter!r}: this graph's layers are replicated: "
+                            f"{err.message}", file=ruleset.source, key=err.key) from None
+
+
 def add_adapter(gm: torch.fx.GraphModule, adapter: str, rules: Any, *,
                 modules_to_save: Sequence[str] = (), allow_empty: bool = False,
                 **overrides: Any) -> torch.fx.GraphModule:
@@ -96,6 +117,7 @@ def add_adapter(gm: torch.fx.GraphModule, adapter: str, rules: Any, *,
         raise FxpeftError(f"adapter {adapter!r} already exists in this graph")
     program = program_of(gm)
     ruleset = load_rules(rules).with_params(**overrides)
+    _check_replication(program, ruleset, adapter)
     result = match(program, ruleset)
     require_matches(program, ruleset, result, modules_to_save, allow_empty)
     active = active_adapters(gm)

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from fxpeft.runtime.apply import add_adapter, apply_adapter, require_matches
+from fxpeft.capture import layer_copies
 from fxpeft.capture.export import capture
 from fxpeft.runtime.emit import emit
 from fxpeft.errors import FxpeftError
@@ -80,10 +81,22 @@ def _tensors(model: torch.nn.Module) -> Any:
 def _matched(model: torch.nn.Module, rules: Any, example_inputs: Any, leaf_modules: Sequence[type],
              overrides: dict[str, Any]) -> tuple[Program, RuleSet, MatchResult]:
     ruleset = load_rules(rules).with_params(**overrides)
+    model = _with_replicated_layers(model, ruleset)
     if example_inputs is None and _lengthens(ruleset) and is_hf_model(model):
         example_inputs = _without_positions(example_inputs_of(model))
     program = capture(model, example_inputs, leaf_modules, ruleset.allow_training_branches)
+    if ruleset.layer_replication:
+        program.info = dataclasses.replace(program.info, layer_replication=ruleset.layer_replication)
     return program, ruleset, match(program, ruleset)
+
+
+def _with_replicated_layers(model: torch.nn.Module, ruleset: RuleSet) -> torch.nn.Module:
+    """The model to capture: with a rule set's ``layer_replication``, a copy whose layer stack
+    is rebuilt from its ranges (``fxpeft.capture.layer_copies``; ``model`` stays as it is)."""
+    if not ruleset.layer_replication:
+        return model
+    return layer_copies.replicated_model(model, ruleset.layer_replication,
+                                         ruleset.located(layer_copies.KEY))
 
 
 def _lengthens(ruleset: RuleSet) -> bool:

@@ -18,6 +18,8 @@ the order and reports what each changed, with its time:
   (``fxpeft.transforms.slots``).
 - ``fold_lora_scale``: ``B(g * A x) * s`` becomes ``B((g * s) * A x)``: the scale moves onto the
   0-d gate, which removes a full ``[tokens, out]`` multiply forward and backward per site.
+- ``share_input_casts``: on a half-precision base, the fp32 adapters' input casts of one
+  tensor (q and v both cast the norm output) become one cast, so ``fuse_lora_a`` can join them.
 - ``fuse_lora_a``: the LoRA ``A`` projections that read the same tensor (q/k/v, gate/up, or
   several adapters on one layer) become one matmul on the concatenated weights and a split.
   Adapter dropout draws a mask per branch, so such branches read different tensors and are left
@@ -28,6 +30,9 @@ the order and reports what each changed, with its time:
 - ``causal_mask``: where the caller's ``attention_mask`` is absent or all ones, SDPA runs with
   ``is_causal=True`` and the 4-D mask is not built, as eager transformers does
   (``fxpeft.transforms.causal_mask``; only where checked exact).
+- ``fp32_short_attention``: a bf16 CPU SDPA runs in fp32 when its keys are short (up to
+  384 tokens) and gradients are on: there, PyTorch's bf16 CPU flash attention with its backward
+  takes up to 2.5x fp32's time (``fxpeft.transforms.cpu_attention``).
 - ``sdpa_gqa`` and ``gated_activation``: less for backward to keep: SDPA reads grouped-query
   keys and values without ``repeat_kv`` (``fxpeft.transforms.gqa``, which the decode graph runs
   too), and ``act(gate) * up`` saves only its two inputs (``fxpeft.transforms.activations``).
@@ -75,6 +80,7 @@ from fxpeft.transforms.causal_mask import causal_mask
 from fxpeft.transforms.gqa import gqa_in_sdpa
 from fxpeft.transforms.checkpoint import checkpoint_layers, recompute_norms
 from fxpeft.transforms.cpu_gemm import onednn_linear
+from fxpeft.transforms.cpu_attention import fp32_short_attention
 from fxpeft.transforms.lm_loss import LMHeadLoss
 from fxpeft.transforms.regions import region_layers
 
@@ -147,14 +153,15 @@ def fuse_lora_a(gm: torch.fx.GraphModule) -> int:
     return len(groups)
 
 
-def share_dropout(gm: torch.fx.GraphModule) -> int:
-    """Adapter dropouts of the same tensor and probability become one (one mask)."""
+def _share_identical(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> int:
+    """Adapter nodes among ``nodes`` with the same target and arguments become the first of
+    them; returns how many went."""
     seen: dict[tuple, torch.fx.Node] = {}
     shared = 0
-    for node in list(gm.graph.find_nodes(op="call_module", target=DROPOUT_MODULE)):
+    for node in nodes:
         if adapter_node(node) is None:
             continue
-        key = tuple(node.args)
+        key = (node.target, tuple(node.args), tuple(sorted(node.kwargs.items())))
         if key in seen:
             node.replace_all_uses_with(seen[key])
             gm.graph.erase_node(node)
@@ -162,6 +169,18 @@ def share_dropout(gm: torch.fx.GraphModule) -> int:
         else:
             seen[key] = node
     return shared
+
+
+def share_dropout(gm: torch.fx.GraphModule) -> int:
+    """Adapter dropouts of the same tensor and probability become one (one mask)."""
+    return _share_identical(gm, list(gm.graph.find_nodes(op="call_module", target=DROPOUT_MODULE)))
+
+
+def share_input_casts(gm: torch.fx.GraphModule) -> int:
+    """Adapter input casts of the same tensor to the same dtype become one: on a bf16 base, the
+    q and v adapters (PEFT's too) each cast the shared norm output to fp32; one cast is enough,
+    and their A projections then read one tensor, which ``fuse_lora_a`` joins."""
+    return _share_identical(gm, list(gm.graph.find_nodes(op="call_function", target=aten.to.dtype)))
 
 
 def drop_dropout(gm: torch.fx.GraphModule) -> int:
@@ -303,12 +322,14 @@ GRAPH_PASSES = (
     _graph_pass("fold_lora_scale", fold_lora_scale, "slims",
                 requires={"explicit_lora_scale", "aten_linear"}, invalidates={"explicit_lora_scale"}),
     _graph_pass("share_dropout", share_dropout, "shares_dropout"),
-    # sibling branches read one tensor only once their dropouts are shared or gone
+    _graph_pass("share_input_casts", share_input_casts, "shares_casts"),
+    # sibling branches read one tensor only once their casts and dropouts are shared or gone
     _graph_pass("fuse_lora_a", fuse_lora_a, "slims", requires={"lora_branches", "aten_linear"},
-                after=("share_dropout", "drop_dropout")),
+                after=("share_dropout", "drop_dropout", "share_input_casts")),
     _graph_pass("fuse_lm_loss", fuse_lm_loss, "fuses_loss", requires={"aten_linear"}),
     _graph_pass("sdpa_gqa", gqa_in_sdpa, "saves_activations"),
     _graph_pass("causal_mask", causal_mask, "skips_mask"),
+    _graph_pass("fp32_short_attention", fp32_short_attention, "cpu_attention", after=("causal_mask",)),
     _graph_pass("gated_activation", gated_activation, "saves_activations"),
     _graph_pass("strip_leftovers", strip_leftovers, "slims", ensures={"no_cast_leftovers"}),
     _graph_pass("fuse_rms_norm", fuse_rms_norm, "slims", requires={"eval_only"}),
@@ -320,7 +341,8 @@ GRAPH_PASSES = (
                 requires={"flat_layers", "no_cast_leftovers", "aten_linear"}),
     _graph_pass("onednn_linear", onednn_linear, "cpu_gemm", invalidates={"aten_linear"}),
 )
-_TRAINING = {"slims", "saves_activations", "skips_mask", "cpu_gemm"}  # what every fuse asks for
+# what every fuse asks for
+_TRAINING = {"slims", "saves_activations", "skips_mask", "cpu_gemm", "shares_casts", "cpu_attention"}
 
 
 def fuse_passes(shared_dropout: bool = False, mixed: bool = False, checkpoint: str | None = None,

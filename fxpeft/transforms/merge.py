@@ -38,11 +38,23 @@ def _check_gates(gm: torch.nn.Module) -> None:
                               f"only on (1) or off (0) adapters can be folded")
 
 
+def _check_not_replicated(gm: torch.nn.Module) -> None:
+    """Copies of a replicated layer (``layer_replication``) read one shared base weight, each
+    through an adapter of its own: no single weight holds every copy's adapter (PEFT refuses
+    too)."""
+    ranges = getattr(getattr(gm, "capture_info", None), "layer_replication", ())
+    if ranges:
+        raise FxpeftError(f"merge: cannot merge adapters when the base model's layers are "
+                          f"replicated (layer_replication = {[list(r) for r in ranges]}): its "
+                          f"copies share one base weight, each with its own adapter")
+
+
 def merged_weights(gm: torch.fx.GraphModule, adapters: "set[str] | None" = None,
                    start: "dict[str, torch.Tensor] | None" = None) -> dict[str, torch.Tensor]:
     """Base parameter target -> its value with every active adapter folded in (new tensors);
     with ``adapters``, those adapters whatever their gates, and with ``start``, folded into
     these values of the base weights instead (fp32 copies: ``fxpeft.export_lora``)."""
+    _check_not_replicated(gm)
     if adapters is None:
         _check_gates(gm)
     active = set(adapters) if adapters is not None else \

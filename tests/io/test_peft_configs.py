@@ -92,10 +92,9 @@ def test_overrides_and_explain_take_configs_too():
 UNSUPPORTED = {
     "fourierft": lambda: FourierFTConfig(target_modules=["q_proj"]),
     "kasa": lambda: LoraConfig(target_modules=["q_proj"], kasa_config=KasaConfig()),
-    "layer replication": lambda: LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 1]]),
     "bias": lambda: LoraConfig(target_modules=["q_proj"], bias="all"),
     "dict field": lambda: {"peft_type": "LORA", "target_modules": ["q_proj"], "use_dora": True,
-                           "layer_replication": [[0, 1]]},
+                           "bias": "lora_only"},
 }
 
 

@@ -56,8 +56,6 @@ def test_boft_on_a_conv2d_names_the_layer_and_leaves_the_graph(tmp_path):
     (FourierFTConfig(target_modules=["q_proj"]), r"adapter_config.json: peft_type 'FOURIERFT' is not supported"),
     (LoraConfig(target_modules=["q_proj"], kasa_config=KasaConfig()),
      r"adapter_config.json: kasa_config is set: the LoRA variant is not supported: KaSA"),
-    (LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 1]]),
-     r"adapter_config.json: layer_replication = \[\[0, 1\]\] is not supported"),
 ])
 def test_unsupported_types_and_fields_are_named(tmp_path, config, feature):
     with pytest.raises(PeftFormatError, match=feature):

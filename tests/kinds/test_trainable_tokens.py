@@ -2,8 +2,8 @@
 trainable_token_indices. Only the chosen rows train (identity at init, gradients only on the
 rows), the graph reads the table once through an ``index_copy``, a tied lm_head follows, and
 PEFT's folders load both ways with PEFT's logits, merge and greedy generate; named adapters
-switch; torch.compile(fullgraph=True); PEFT's custom-model rows reproduce. layer_replication
-stays refused in one line."""
+switch; torch.compile(fullgraph=True); PEFT's custom-model rows reproduce; what cannot be
+honoured is refused in one line."""
 
 import copy
 
@@ -150,8 +150,6 @@ def test_peft_custom_model_rows_reproduce(tmp_path, name, model_id, config_class
     (LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1, VOCAB]), r"must be distinct rows"),
     (LoraConfig(target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1]},
                 modules_to_save=["embed_tokens"]), r"also in modules_to_save"),
-    (LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 1]]),
-     r"layer_replication = \[\[0, 1\]\] is not supported"),
 ])
 def test_what_cannot_be_honoured_is_one_line(config, message):
     with pytest.raises(fxpeft.FxpeftError, match=message) as refused:

@@ -20,9 +20,9 @@ from fxpeft.graph.patterns import match
 from fxpeft.names import GATE_META
 from fxpeft.transforms.fuse import GRAPH_PASSES, SCALED_BRANCH, fuse_passes
 
-FUSE_DEFAULT = ["drop_inactive", "fold_lora_scale", "fuse_lora_a", "fuse_lm_loss", "sdpa_gqa",
-                "causal_mask", "gated_activation", "strip_leftovers", "recompute_norms",
-                "onednn_linear"]
+FUSE_DEFAULT = ["drop_inactive", "fold_lora_scale", "share_input_casts", "fuse_lora_a", "fuse_lm_loss",
+                "sdpa_gqa", "causal_mask", "fp32_short_attention", "gated_activation",
+                "strip_leftovers", "recompute_norms", "onednn_linear"]
 
 
 def _names(passes) -> list[str]:
@@ -37,7 +37,8 @@ def test_fuse_pipelines_are_what_their_options_ask_for():
         FUSE_DEFAULT[:-2] + ["checkpoint_layers", "onednn_linear"]  # no recompute_norms in regions
     assert _names(fuse_passes(regions="layers")) == \
         FUSE_DEFAULT[:-2] + ["region_layers", "onednn_linear"]
-    assert _names(fuse_passes(mixed=True)) == ["gather_lora", "sdpa_gqa", "causal_mask",
+    assert _names(fuse_passes(mixed=True)) == ["gather_lora", "share_input_casts", "sdpa_gqa",
+                                               "causal_mask", "fp32_short_attention",
                                                "gated_activation", "strip_leftovers",
                                                "recompute_norms", "onednn_linear"]
 

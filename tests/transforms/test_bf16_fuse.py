@@ -82,3 +82,75 @@ def test_bf16_base_linears_stay_on_aten_which_already_runs_onednn():
     fused = fxpeft.fuse(adapted(torch.bfloat16))
     assert not nodes_with_target(fused, torch.ops.fxpeft.frozen_linear.default)
     assert len(nodes_with_target(fxpeft.fuse(adapted(torch.float32)), torch.ops.fxpeft.frozen_linear.default)) == 14
+
+
+def adapter_casts(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The adapters' input casts (``aten.to.dtype`` nodes carrying an adapter record)."""
+    from fxpeft.names import adapter_node
+    return [n for n in nodes_with_target(gm, aten.to.dtype) if adapter_node(n) is not None]
+
+
+def test_one_input_cast_per_lora_site_unfused_and_one_per_shared_input_fused():
+    """PEFT casts x to the adapter dtype once per LoRA layer (q and v each cast the same norm
+    output) and adds its fp32 output back with one cast; the unfused graph does as PEFT, the
+    fused copy casts each layer's shared input once and joins q's and v's A projections."""
+    from fxpeft.kinds.lora import add_in_dtype_of
+    gm = adapted(torch.bfloat16)
+    layers = gm.config.num_hidden_layers
+    assert len(adapter_casts(gm)) == 2 * layers  # q and v
+    assert len(nodes_with_target(gm, add_in_dtype_of)) == 2 * layers
+    fused = fxpeft.fuse(gm)
+    assert fused.graph.lint() is None
+    assert len(adapter_casts(fused)) == layers
+    assert len(nodes_with_target(fused, aten.to.dtype)) == len(nodes_with_target(gm, aten.to.dtype)) - layers
+    assert len(nodes_with_target(fused, add_in_dtype_of)) == 2 * layers
+    assert len(nodes_with_target(fused, aten.split_with_sizes.default)) == layers  # one A for q and v
+    assert not adapter_casts(fxpeft.fuse(adapted(torch.float32)))  # fp32: nothing to cast
+
+
+def test_the_fused_bf16_copy_is_the_identity_at_init_and_trains_only_adapters():
+    ids = token_batch()
+    base = tiny_llama().to(torch.bfloat16)
+    fused = fxpeft.fuse(fxpeft.rewrite(tiny_llama().to(torch.bfloat16), "lora_qv", dropout=0.0))
+    with torch.no_grad():
+        assert torch.equal(fused.eval()(ids).logits, base(ids).logits)
+    loss, grads = train_step(fused, ids)
+    assert set(grads) == set(fxpeft.adapter_state_dict(fused))
+    assert all(g.dtype == torch.float32 for g in grads.values())
+
+
+def test_short_bf16_attention_runs_in_fp32_only_on_bf16_cpu_graphs():
+    from fxpeft.transforms.cpu_attention import sdpa_fp32_when_short
+    layers = tiny_llama().config.num_hidden_layers
+    assert len(nodes_with_target(fxpeft.fuse(adapted(torch.bfloat16)), sdpa_fp32_when_short)) == layers
+    assert not nodes_with_target(fxpeft.fuse(adapted(torch.float32)), sdpa_fp32_when_short)
+    skipped = fxpeft.fuse(adapted(torch.bfloat16), skip=("fp32_short_attention",))
+    assert not nodes_with_target(skipped, sdpa_fp32_when_short)
+
+
+def _qkv(length: int, heads: int = 4, kv_heads: int = 2) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(2, heads, length, 8), (2, kv_heads, length, 8), (2, kv_heads, length, 8)]
+    return [torch.randn(s, generator=generator).bfloat16().requires_grad_() for s in shapes]
+
+
+def _sdpa(q, k, v, **kwargs) -> torch.Tensor:
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+
+
+def test_sdpa_fp32_when_short_is_fp32_sdpa_up_to_the_limit_and_bf16_sdpa_past_it():
+    from fxpeft.transforms.cpu_attention import SHORT_ATTENTION_TOKENS, sdpa_fp32_when_short
+    q, k, v = _qkv(12)
+    out = sdpa_fp32_when_short(q, k, v, enable_gqa=True, unmasked_is_causal=True)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, _sdpa(q.float(), k.float(), v.float(), is_causal=True).bfloat16())
+    out.float().sum().backward()
+    assert q.grad.dtype == k.grad.dtype == torch.bfloat16
+    additive = torch.zeros(12, 12, dtype=torch.bfloat16).masked_fill(torch.ones(12, 12).triu(1).bool(), -1e4)
+    assert torch.equal(sdpa_fp32_when_short(q, k, v, additive, enable_gqa=True),
+                       _sdpa(q.float(), k.float(), v.float(), attn_mask=additive.float()).bfloat16())
+    with torch.no_grad():  # inference: no backward to speed up, bf16 as before
+        assert torch.equal(sdpa_fp32_when_short(q, k, v, enable_gqa=True), _sdpa(q, k, v))
+    q, k, v = _qkv(SHORT_ATTENTION_TOKENS + 1, 2, 1)
+    assert torch.equal(sdpa_fp32_when_short(q, k, v, is_causal=True, enable_gqa=True),
+                       _sdpa(q, k, v, is_causal=True))

@@ -12,8 +12,9 @@ from conftest import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, tiny_
 from fxpeft.transforms.causal_mask import CausalMask, masked_or_causal_sdpa
 
 aten = torch.ops.aten
-OTHER_PASSES = ("drop_inactive", "fold_lora_scale", "fuse_lora_a", "fuse_lm_loss", "sdpa_gqa",
-                "gated_activation", "recompute_norms", "strip_leftovers", "onednn_linear")
+OTHER_PASSES = ("drop_inactive", "fold_lora_scale", "share_input_casts", "fuse_lora_a", "fuse_lm_loss",
+                "sdpa_gqa", "fp32_short_attention", "gated_activation", "recompute_norms", "strip_leftovers",
+                "onednn_linear")
 
 
 def gpt2_without_dropout():

@@ -17,8 +17,9 @@ from fxpeft.transforms.checkpoint import CHECKPOINT_MODULE, CheckpointedRegion
 from fxpeft.transforms.norms import rms_norm_then_down
 
 aten = torch.ops.aten
-PASSES = ("drop_inactive", "fold_lora_scale", "fuse_lora_a", "fuse_lm_loss", "sdpa_gqa", "causal_mask", "gated_activation",
-          "recompute_norms", "strip_leftovers", "onednn_linear")
+PASSES = ("drop_inactive", "fold_lora_scale", "share_input_casts", "fuse_lora_a", "fuse_lm_loss", "sdpa_gqa",
+          "causal_mask", "fp32_short_attention", "gated_activation", "recompute_norms", "strip_leftovers",
+          "onednn_linear")
 
 
 def lora_graph(rules="lora_all_linear", **overrides):
