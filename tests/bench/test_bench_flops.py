@@ -13,7 +13,7 @@ import fxpeft
 from conftest import VOCAB, tiny_llama, token_batch
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))
-from flops import DecoderShape, lora_step_flops, measured_peak_flops, mfu  # noqa: E402
+from flops import DecoderShape, lora_step_flops, measured_peak_flops, mfu, peak_gemms  # noqa: E402
 
 BATCH, SEQ, R = 2, 8, 4
 T = BATCH * SEQ  # tokens
@@ -89,3 +89,14 @@ def test_the_peak_is_a_timed_gemm_and_mfu_divides_by_it():
     peak = measured_peak_flops("cpu", torch.float32, size=128, repeats=2)
     assert peak > 1e6  # any CPU does a 128^3 GEMM faster than 4 s
     assert mfu(int(peak), 2.0, peak) == pytest.approx(0.5)
+
+
+def test_every_peak_route_is_a_square_gemm_of_the_same_flops():
+    """The peak is the fastest of the routes a step may take (oneDNN's linear on a CPU, which
+    the fused copy's ``onednn_linear`` uses): each must be the same n^3 product."""
+    a, b = torch.randn(32, 32), torch.randn(32, 32)
+    routes = peak_gemms("cpu", torch.float32)
+    assert "mm" in routes
+    expected = {"mm": a @ b, "onednn linear": a @ b.T}
+    for name, gemm in routes.items():
+        torch.testing.assert_close(gemm(a, b), expected[name])
