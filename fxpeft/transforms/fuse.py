@@ -350,7 +350,7 @@ def fuse_passes(shared_dropout: bool = False, mixed: bool = False, checkpoint: s
     """The passes ``fuse`` runs with these options, in order.
 
     >>> [p.name for p in fuse_passes(mixed=True)][:2]
-    ['gather_lora', 'sdpa_gqa']
+    ['gather_lora', 'share_input_casts']
     """
     wants = _TRAINING | ({"mixes"} if mixed else {"specialises", "fuses_loss"})
     wants |= {"shares_dropout"} if shared_dropout and not mixed else set()
