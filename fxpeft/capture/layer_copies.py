@@ -31,6 +31,11 @@ from fxpeft.errors import RuleError
 KEY = "layer_replication"
 # Where PEFT looks for the layer list, below ``model(.model)*`` (and BERT's ``.bert``).
 _STACKS = (("layers",), ("encoder", "layer"), ("h",))
+# transformers 5 config fields holding one entry per layer (the entry's meaning, not a layer
+# index), which follow the copies; a list of layer indices (``kv_source_layers``)
+# would need its values remapped too, so it is not among them.
+PER_LAYER_FIELDS = ("layer_types", "mlp_layer_types", "num_attention_heads_per_layer",
+                    "intermediate_size", "no_rope_layers")
 
 
 def _stack_path(model: torch.nn.Module) -> tuple[str, ...] | None:
@@ -78,6 +83,15 @@ def source_layers(ranges: tuple[tuple[int, int], ...]) -> list[int]:
     return [i for start, end in ranges for i in range(start, end)]
 
 
+def ranges_text(ranges: tuple[tuple[int, int], ...]) -> str:
+    """Ranges as a rule file and PEFT's config write them, for messages.
+
+    >>> ranges_text(((0, 2), (1, 2)))
+    '[[0, 2], [1, 2]]'
+    """
+    return str([list(pair) for pair in ranges])
+
+
 def check_ranges(model: torch.nn.Module, ranges: tuple[tuple[int, int], ...], where: str) -> None:
     """A one-line ``RuleError`` at ``where`` (``file:line``) unless ``model`` has a layer list
     PEFT finds and every range lies inside it."""
@@ -107,15 +121,16 @@ def _layer_copy(layer: torch.nn.Module, config: Any, new_config: Any, index: int
 
 
 def _new_config(config: Any, sources: list[int]) -> Any:
-    """``config`` copied, with ``num_hidden_layers`` the new count and every per-layer list
-    (``layer_types``, one entry per layer) in the new order; None for a model without one
+    """``config`` copied, with ``num_hidden_layers`` the new count and each per-layer list
+    (``PER_LAYER_FIELDS``, one entry per layer) in the new order; None for a model without one
     (a plain module)."""
     count = getattr(config, "num_hidden_layers", None)
     if count is None:
         return None
     new = copy.deepcopy(config)
-    for name, value in vars(config).items():
-        if isinstance(value, (list, tuple)) and len(value) == count and name != "architectures":
+    for name in PER_LAYER_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)) and len(value) == count:
             setattr(new, name, type(value)(value[i] for i in sources))
     new.num_hidden_layers = len(sources)
     return new

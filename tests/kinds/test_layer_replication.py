@@ -131,6 +131,17 @@ def test_per_layer_config_lists_follow_the_copies():
     torch.testing.assert_close(logits(gm, ids), logits(copy_, ids), rtol=0, atol=ATOL)
 
 
+def test_only_per_layer_config_lists_are_remapped():
+    """Only the named per-layer fields follow the copies: a list of layer indices, or any other
+    list that happens to have one entry per layer, keeps its value."""
+    base = tiny_llama()
+    base.config.kv_source_layers = [1, 0]
+    base.config.custom_pair = ["a", "b"]
+    copy_ = replicated_model(base, tuple(map(tuple, RANGES)), "<test>")
+    assert copy_.config.kv_source_layers == [1, 0] and copy_.config.custom_pair == ["a", "b"]
+    assert copy_.config.num_hidden_layers == len(SOURCES)
+
+
 def test_named_adapters_on_replicated_layers(tmp_path):
     """A second LoRA without ``layer_replication`` sits on the replicated layers, as in PEFT
     (``add_adapter`` there keeps the stack); other ranges, or a kind PEFT has no replication
