@@ -20,6 +20,7 @@ from fxpeft.graph.gates import active_adapters, adapter_names, check_adapter_nam
 from fxpeft import registry
 from fxpeft.match.query import MatchResult, match
 from fxpeft.names import MODULES_TO_SAVE
+from fxpeft.capture.layer_copies import ranges_text
 from fxpeft.capture.linear_sites import find_linear_sites
 from fxpeft.capture.program import Program
 from fxpeft.graph.rollback import rollback_on_error
@@ -83,8 +84,8 @@ def _check_replication(program: Program, ruleset: RuleSet, adapter: str) -> None
     graph_ranges = program.info.layer_replication
     if ruleset.layer_replication and ruleset.layer_replication != graph_ranges:
         raise FxpeftError(f"add_adapter {adapter!r}: {ruleset.located('layer_replication')}: "
-                          f"layer_replication = {[list(r) for r in ruleset.layer_replication]} "
-                          f"differs from this graph's ({[list(r) for r in graph_ranges]}); layers "
+                          f"layer_replication = {ranges_text(ruleset.layer_replication)} "
+                          f"differs from this graph's ({ranges_text(graph_ranges)}); layers "
                           f"are replicated when the model is captured: fxpeft.rewrite the "
                           f"original model with these rules")
     if graph_ranges:

@@ -23,6 +23,7 @@ from fxpeft.runtime.adapted_module import AdaptedModule
 from fxpeft import registry
 from fxpeft.names import DEFAULT_ADAPTER, GATES, INPUTS_MODULE, adapter_node, is_fxpeft_node
 from fxpeft.graph.targets import owning_module
+from fxpeft.capture.layer_copies import ranges_text
 from fxpeft.capture.program import copy_graph
 from fxpeft.capture.quantized import dequantize_layers, quantized_op, requantize
 
@@ -45,7 +46,7 @@ def _check_not_replicated(gm: torch.nn.Module) -> None:
     ranges = getattr(getattr(gm, "capture_info", None), "layer_replication", ())
     if ranges:
         raise FxpeftError(f"merge: cannot merge adapters when the base model's layers are "
-                          f"replicated (layer_replication = {[list(r) for r in ranges]}): its "
+                          f"replicated (layer_replication = {ranges_text(ranges)}): its "
                           f"copies share one base weight, each with its own adapter")
 
 
