@@ -156,7 +156,8 @@ def _evaluating(model: torch.nn.Module) -> Iterator[None]:
 def _one_thread() -> Iterator[None]:
     """torch's intra-op threads cut to one inside (restored after): the probe's matmuls are a
     few rows each, and waking a thread pool for each cost ten times the work on a busy 2-core
-    machine (0.59 s against 0.055 s for the probe of SmolLM2's two-layer copy).
+    machine (0.59 s against 0.055 s for the probe of SmolLM2's two-layer copy). The setting is
+    torch's, process-wide: torch work on another Python thread meanwhile runs on one thread too.
 
     >>> with _one_thread():
     ...     torch.get_num_threads()
