@@ -11,6 +11,7 @@ example inputs are given.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 from dataclasses import replace
@@ -41,6 +42,26 @@ _RANDOM_OPS = frozenset({aten.rand.default, aten.rand_like.default, aten.randn.d
 _BATCH_NORMS = {aten._native_batch_norm_legit_functional.default: 5,  # -> the "training" argument
                 aten._native_batch_norm_legit.default: 5, aten.native_batch_norm.default: 5,
                 aten.batch_norm.default: 5, aten.cudnn_batch_norm.default: 5}
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off inside, as it was after. Capture makes hundreds of
+    thousands of short-lived objects (fake tensors, symbolic sizes, nodes), which set off full
+    collections that walk every object the process holds: 0.27 s of a 2.0 s first ``rewrite`` of
+    SmolLM2 (for 2 MB more peak memory). The setting is process-wide, like ``gc.disable``.
+
+    >>> with collector_paused():
+    ...     gc.isenabled()
+    False
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def capture(model: torch.nn.Module, example_inputs: Any = None, leaf_modules: Sequence[type] = (),

@@ -38,7 +38,7 @@ from fxpeft.runtime.apply import apply_adapter, program_of
 from fxpeft import registry
 from fxpeft.graph.records import adapter_records
 from fxpeft.graph.targets import fetch, has_target, place
-from fxpeft.capture.export import replication_enabled, tidy_export
+from fxpeft.capture.export import collector_paused, replication_enabled, tidy_export
 from fxpeft.runtime.emit import emit
 from fxpeft.errors import FxpeftError
 from fxpeft.graph.state import GraphState, graph_state, set_graph_state
@@ -85,7 +85,7 @@ def _built_keeping_the_random_state(gm: AdaptedModule, batch: int, length: int, 
     """Building splices (and so initialises) adapters whose tensors are then the training
     graph's: it must not move the caller's random state, or a seeded sampling run would draw
     differently on a graph's first generate than on later ones."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), collector_paused():
         return _build(gm, batch, length, dtype, device)
 
 

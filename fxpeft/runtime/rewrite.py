@@ -15,7 +15,7 @@ import torch
 
 from fxpeft.runtime.apply import add_adapter, apply_adapter, require_matches
 from fxpeft.capture import layer_copies
-from fxpeft.capture.export import capture
+from fxpeft.capture.export import capture, collector_paused
 from fxpeft.runtime.emit import emit
 from fxpeft.errors import FxpeftError
 from fxpeft.match.explain import Explanation, build_explanation, unadapted_targets
@@ -123,9 +123,10 @@ def explain(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = N
     ['q_proj', 'v_proj']
     """
     check_model(model, "explain")
-    rules, _ = _from_config(model, rules, ())
-    program, ruleset, result = _matched(model, rules, example_inputs, leaf_modules, overrides)
-    return build_explanation(program, ruleset, result)
+    with collector_paused():
+        rules, _ = _from_config(model, rules, ())
+        program, ruleset, result = _matched(model, rules, example_inputs, leaf_modules, overrides)
+        return build_explanation(program, ruleset, result)
 
 
 def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = None,
@@ -153,6 +154,14 @@ def rewrite(model: torch.nn.Module, rules: RulesLike, *, example_inputs: Any = N
     """
     check_model(model, "rewrite")
     _warn_hf_checkpointing(model)
+    with collector_paused():
+        return _rewritten(model, rules, example_inputs, leaf_modules, adapter, modules_to_save,
+                          allow_empty, overrides)
+
+
+def _rewritten(model: torch.nn.Module, rules: RulesLike, example_inputs: Any,
+               leaf_modules: Sequence[type], adapter: str, modules_to_save: Sequence[str],
+               allow_empty: bool, overrides: dict[str, Any]) -> AdaptedModule:
     from_config = is_config(rules)
     rules, modules_to_save = _from_config(model, rules, modules_to_save)
     program, ruleset, result = _matched(model, rules, example_inputs, leaf_modules, overrides)
