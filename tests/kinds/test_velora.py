@@ -128,6 +128,26 @@ def test_training_gradients_and_vectors_are_peft_s(tmp_path, init):
     torch.testing.assert_close(exact["lin0.lora_B.weight"], ours["lin0.lora_B.weight"])
 
 
+def test_the_vector_is_taken_after_the_adapter_dropout_as_peft_s(tmp_path):
+    """With ``lora_dropout`` and the same seed, PEFT's dropout masks, gradients and vectors."""
+    torch.manual_seed(0)
+    model = get_peft_model(base(), config("batch_average", lora_dropout=0.3))
+    perturb_adapters(model)
+    model.save_pretrained(tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(base(), str(tmp_path / "peft"), is_trainable=True).train()
+    gm = fxpeft.load(base(), tmp_path / "peft", trainable=True).train()
+    x = batch(1)
+    torch.manual_seed(5)
+    theirs = step(peft_model, x)
+    torch.manual_seed(5)
+    ours = step(gm, x)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7)
+    vector = embeds(gm)["lin0.lora_velora_embed"]
+    torch.testing.assert_close(vector, embeds(peft_model)["lin0.lora_velora_embed"], rtol=1e-6, atol=1e-7)
+    assert (vector - velora.batch_vector(x, 3)).abs().max() > 1e-3  # not the undropped input's
+
+
 def _without_velora(tmp_path):
     """The PEFT folder with the same weights as plain LoRA (no VeLoRA, no vector)."""
     import json
@@ -206,6 +226,8 @@ def test_named_adapters_keep_their_own_vectors(tmp_path):
     assert torch.equal(back["base_model.model.lin0.lora_velora_embed"],
                        gm.get_buffer("lin0.lora_velora_embed_other"))
     gm.set_adapter("other")
+    with torch.no_grad():
+        torch.testing.assert_close(fxpeft.fuse(gm.eval())(batch(1)), gm(batch(1)), rtol=0, atol=1e-6)
     grads = step(gm.train(), batch(1))
     assert {n for n in grads} == {f"lin{i}.lora_{f}_other.weight" for i in (0, 1) for f in "AB"}
     gm.delete_adapter("other")
