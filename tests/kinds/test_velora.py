@@ -13,14 +13,14 @@ from peft.tuners.lora.config import VeloraConfig
 from safetensors.torch import load_file
 
 import fxpeft
-from conftest import adapter_nodes
+from conftest import adapter_nodes, tiny_llama, token_batch
 from fxpeft.errors import FxpeftError
 from fxpeft.formats.peft_format import PeftFormatError
 from fxpeft.graph.records import adapter_parameters
 from fxpeft.kinds import velora
 from fxpeft.registry import low_rank_branch
 from fxpeft.rules import LoraParams, Rule, Where
-from kind_checks import check_compiles
+from kind_checks import check_compiles, check_generate, check_named_adapters
 from peft_io import perturb_adapters
 from peft_models import custom_model
 
@@ -275,3 +275,37 @@ def test_rules_with_velora_on_some_layers_only_do_not_save_as_peft(tmp_path):
     with pytest.raises(PeftFormatError, match="one velora_config"):
         fxpeft.save(gm, tmp_path / "mixed")
     assert not (tmp_path / "mixed").exists()
+
+
+# --- on a decoder ----------------------------------------------------------------------------------
+
+def llama_config(init):
+    return LoraConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                      velora_config=VeloraConfig(num_groups=4, init_type=init))
+
+
+def test_on_llama_peft_s_logits_gradients_generate_and_named_adapters(tmp_path):
+    """Tiny Llama, q_proj and v_proj: PEFT's logits and training gradients, PEFT's greedy
+    tokens with the KV cache, and a second VeLoRA adapter beside the first (mixed rows, fuse)."""
+    torch.manual_seed(0)
+    peft_model = get_peft_model(tiny_llama(), llama_config("batch_average"))
+    perturb_adapters(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft")
+    gm = fxpeft.load(tiny_llama(), tmp_path / "peft", trainable=True)
+    ids = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(gm.eval()(ids).logits, peft_model.eval()(ids).logits, rtol=0, atol=1e-5)
+    peft_model.train().zero_grad()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    gm.train()(input_ids=ids, labels=ids).loss.backward()
+    theirs = {_short(n): p.grad for n, p in peft_model.named_parameters() if p.grad is not None}
+    ours = {n: p.grad for n, p in gm.named_parameters() if p.grad is not None}
+    assert ours.keys() == theirs.keys() and len(ours) == 8
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-7)
+    gm.eval()
+    check_generate(gm, tmp_path)
+    other = fxpeft.rewrite(tiny_llama(), llama_config("random"))
+    perturb_adapters(other, seed=2)
+    fxpeft.load(gm, fxpeft.save(other, tmp_path / "other"), adapter="other")
+    check_named_adapters(gm, tmp_path)
