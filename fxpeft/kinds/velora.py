@@ -9,13 +9,13 @@ backward rebuilds the input as ``compressed * embed * scale`` for A's weight gra
 gradient is LoRA's own). In eval, or without gradients, the node is a plain linear.
 
 ``embed`` is a buffer of the adapted layer, ``lora_velora_embed`` (``lora_velora_embed_<name>``
-for another adapter), in the adapter dtype (fp32 on a half base, as PEFT casts it), saved
-under PEFT's key; it never trains. Its
-``init``: ``random``, a fixed random unit vector; ``batch_average``, before every training
-forward, the normalised mean of the batch's sub-tokens; ``batch_average_once``, that from the
-first training batch after the adapter was built or loaded, then fixed (PEFT does not save that
-the vector was set, so a loaded adapter sets it again; nor does fxpeft). Linear layers only,
-without DoRA, MiCA or BD-LoRA, as in PEFT.
+for another adapter), in the adapter dtype (fp32 on a half base, as PEFT casts it), saved under
+PEFT's key; it never trains. Its ``init``: ``random``, a fixed random unit vector;
+``batch_average``, before every training forward, the normalised mean of the batch's sub-tokens
+(after the adapter dropout); ``batch_average_once``, that from the first training batch after the
+adapter was built or loaded, then fixed (PEFT does not save that the vector was set, so a loaded
+adapter sets it again; nor does fxpeft). Linear layers only, without DoRA, MiCA, BD-LoRA or
+``target_parameters``, as in PEFT.
 
 >>> import fxpeft
 >>> from fxpeft.rules import LoraParams, Rule
