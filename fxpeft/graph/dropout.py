@@ -53,3 +53,16 @@ def dropout_target(gm: torch.nn.Module) -> str:
     if not hasattr(gm, DROPOUT_MODULE):
         gm.add_module(DROPOUT_MODULE, Dropout().train(gm.training))
     return DROPOUT_MODULE
+
+
+def training_flag_target(gm: torch.nn.Module) -> str:
+    """The shared ``TrainingFlag`` submodule of ``gm`` (added on first use): graph nodes that
+    call it follow the graph's mode, not a flag of their own, which a decode graph sharing it
+    sets to eval.
+
+    >>> training_flag_target(torch.nn.Module())
+    'fxpeft_training'
+    """
+    if not hasattr(gm, TRAINING_FLAG_MODULE):
+        gm.add_module(TRAINING_FLAG_MODULE, TrainingFlag().train(gm.training))
+    return TRAINING_FLAG_MODULE

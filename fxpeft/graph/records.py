@@ -60,7 +60,9 @@ def adapter_parameters(gm: torch.nn.Module, adapter: str) -> list[torch.nn.Param
     found: dict[int, torch.nn.Parameter] = {}
     for target in record(gm, adapter).attached:
         value = fetch(gm, target)
-        for param in value.parameters() if isinstance(value, torch.nn.Module) else [value]:
+        params = value.parameters() if isinstance(value, torch.nn.Module) else \
+            [value] if isinstance(value, torch.nn.Parameter) else []  # a buffer never trains
+        for param in params:
             found[id(param)] = param
     return list(found.values())
 

@@ -34,7 +34,7 @@ from fxpeft.graph.dropout import dropout_target
 from fxpeft.registry import AdapterKind, Combines, LowRankBranch, SpliceInput, Spliced
 from fxpeft.match.layer_sites import ConvSite, EmbeddingSite, find_conv_sites, find_embedding_sites
 from fxpeft.match.parameter_sites import ParameterSite, find_parameter_sites
-from fxpeft.kinds import bd_lora, lora_parameters, trainable_tokens
+from fxpeft.kinds import bd_lora, lora_parameters, trainable_tokens, velora
 from fxpeft.match.query import Match
 from fxpeft.names import ADAPTER_META, AdapterNode
 from fxpeft.formats.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, names_regex, neutral,
@@ -72,6 +72,10 @@ class LoraParams(Params):
     block_diagonal: str = spec("none", checks.one_of("none", "A", "B"),
                                "BD-LoRA: the factor that is block-diagonal (linears only)")
     blocks: int = spec(1, checks.positive_int, "BD-LoRA: the number of diagonal blocks")
+    velora: str = spec("none", checks.one_of("none", *velora.INITS),
+                       "VeLoRA: its vector's init (none: plain LoRA; linears only)")
+    velora_groups: int = spec(64, checks.positive_int, "VeLoRA: sub-tokens per input row")
+    velora_scale: float = spec(1.0, checks.positive_number, "VeLoRA: scale of the rebuilt input")
 
     @property
     def scale(self) -> float:
@@ -94,6 +98,7 @@ class LoraDetail:
     lora_bias: str | None = None
     base_bias: str | None = None
     blocks: tuple[int, int] = (1, 1)  # BD-LoRA: diagonal blocks of A and of B
+    velora: tuple[str, ...] = ()  # VeLoRA: the targets of its vector and set flag
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -236,6 +241,8 @@ LINEAR = Layout(("lora_A", "lora_B"), make_lora_modules, _linear_op, _linear_op)
 EMBEDDING = Layout(("lora_embedding_A", "lora_embedding_B"), _embedding_pair, _lookup, _linear_op,
                    transposed=True, features_in=False)
 CONV = Layout(("lora_A", "lora_B"), _conv_pair, _conv_down, _conv_up)
+# VeLoRA's buffers (``velora``): its vector (saved, PEFT's key) and whether it is set (not saved).
+VELORA = ("lora_velora_embed", "lora_velora_set")
 
 
 def layout_of(site: Any) -> Layout:
@@ -257,6 +264,8 @@ def attach_lora(job: SpliceInput) -> tuple[LoraDetail, list[str]]:
     site, params, layout = job.site, job.params, layout_of(job.site)
     if params.block_diagonal != "none":
         bd_lora.check_site(site, params, layout is LINEAR)
+    if params.velora != "none":
+        velora.check_site(site, params, layout is LINEAR)
     lora_a, lora_b = layout.make(site, params, site.weight_like(job.gm))
     transposed = site.fan_in_fan_out or layout.transposed
     if params.init == "mica":
@@ -268,7 +277,10 @@ def attach_lora(job: SpliceInput) -> tuple[LoraDetail, list[str]]:
                         _tensor_target(b_path, lora_b), transposed, getattr(site, "groups", 1),
                         f"{b_path}.bias" if b_bias is not None else None, site.bias_target(job.gm),
                         bd_lora.blocks_of(params))
-    return detail, [a_path, b_path]
+    if params.velora != "none":
+        detail = dataclasses.replace(detail, velora=tuple(velora.attach(
+            job.gm, site, params, job.adapter, _weight_of(lora_a).dtype, VELORA)))
+    return detail, [a_path, b_path, *detail.velora]
 
 
 def _weight_of(value: Any) -> torch.Tensor:
@@ -318,7 +330,9 @@ def low_rank(job: SpliceInput, detail: LoraDetail, x: torch.fx.Node,
     ``B(A(x)) + bias`` when B has a bias (``lora_bias``), which an off adapter must not add; with
     ``gated=False`` plain ``B(A(x))``, for a caller that gates the whole branch."""
     graph, layout = job.gm.graph, layout_of(job.site)
-    down = layout.down(graph, job.site, x, _factor(graph, detail.lora_A, detail.blocks[0]))
+    weight = _factor(graph, detail.lora_A, detail.blocks[0])
+    down = velora.down(job.gm, x, weight, list(detail.velora), job.params) if detail.velora \
+        else layout.down(graph, job.site, x, weight)
     if gated and not detail.lora_bias:
         down = _gated(job, detail, down)
     bias = graph.get_attr(detail.lora_bias) if detail.lora_bias else None
@@ -357,6 +371,8 @@ def _linear_site_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearSite
 def splice(job: SpliceInput) -> Spliced:
     """Insert the LoRA branch after ``job.site.node`` and route its users through the sum; at a
     parameter read, adapt the weight it yields (``lora_parameters``)."""
+    if isinstance(job.site, ParameterSite) and job.params.velora != "none":
+        velora.check_site(job.site, job.params, linear=False)
     if isinstance(job.site, ParameterSite) and job.site.module_call:  # W of a whole nn.Linear
         job = dataclasses.replace(job, site=_linear_site_of(job.gm, job.site.node))
     elif isinstance(job.site, ParameterSite):
@@ -436,8 +452,6 @@ _REFUSED_VARIANTS = {
                    "(it changes the base weights)",
     "monteclora_config": "MonteCLoRA samples a random perturbation of A in every training forward "
                          "(its forward is not a fixed function of its parameters)",
-    "velora_config": "VeLoRA trains with its own approximate backward of A (compressed "
-                     "activations), which fxpeft's graph does not reproduce",
 }
 
 
@@ -445,6 +459,7 @@ LORA_FIELDS = frozenset({"target_modules", "exclude_modules", "layers_to_transfo
                          "layers_pattern", "r", "lora_alpha", "rank_pattern", "alpha_pattern",
                          "use_rslora", "fan_in_fan_out", "bias", "lora_dropout",
                          "init_lora_weights", "lora_bias", "target_parameters", bd_lora.CONFIG_FIELD,
+                         velora.CONFIG_FIELD,
                          trainable_tokens.CARRIED_FIELD, "layer_replication", *_REFUSED_VARIANTS})
 
 
@@ -515,12 +530,13 @@ def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str,
     """PEFT ``LoraConfig`` fields to rules (``pattern_rules``), for linears, embeddings and
     convolutions (the site kinds the params apply to)."""
     _check_config(config, source)
+    variant = velora.params_fields(config, source, params_class is LoraParams)
 
     def params_for(r: int, alpha: float) -> Params:
         return params_class(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0),
                             use_rslora=_flag(config.get("use_rslora")),
                             init="mica" if config.get("init_lora_weights") == "mica" else "default",
-                            lora_bias=_flag(config.get("lora_bias")))
+                            lora_bias=_flag(config.get("lora_bias")), **variant)
     modules = tuple(site for site in params_class.match_kinds if site != "parameter")
     rules: tuple[Rule, ...] = ()
     weights = _attention_weights(config, model, source, params_class)
@@ -674,7 +690,7 @@ def rules_to_config(matches: list[Match], program: Program, use_dora: bool = Fal
             "r": r, "lora_alpha": alpha,
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": rslora,
             "lora_dropout": dropout, "bias": "none", "init_lora_weights": "mica" if mica else True,
-            "lora_bias": lora_bias, **bd_lora.config_fields(params),
+            "lora_bias": lora_bias, **bd_lora.config_fields(params), **velora.config_fields(params),
             "use_dora": use_dora, "fan_in_fan_out": any(m.site.fan_in_fan_out for m in matches),
             trainable_tokens.CARRIED_FIELD: trainable_tokens.carried_value(rows),
             "layer_replication": [list(pair) for pair in program.info.layer_replication] or None}
@@ -683,11 +699,11 @@ def rules_to_config(matches: list[Match], program: Program, use_dora: bool = Fal
 def branch_of(record: AdapterNode) -> LowRankBranch | None:
     """The branch's A and B weights and scale, for the fuse passes (``AdapterKind.low_rank``);
     None for a weight update at a parameter read (no branch on an activation to fuse), or for a
-    branch whose B has a bias (``lora_bias``) or a block-diagonal factor (BD-LoRA): not the plain
-    branch the fuse passes rewrite."""
+    branch whose B has a bias (``lora_bias``), a block-diagonal factor (BD-LoRA) or VeLoRA's
+    training projection: not the plain branch the fuse passes rewrite."""
     detail = record.detail
     if isinstance(detail, lora_parameters.ParameterDetail) or detail.lora_bias is not None or \
-            detail.blocks != (1, 1):
+            detail.blocks != (1, 1) or detail.velora:
         return None
     return LowRankBranch(detail.lora_A, detail.lora_B, detail.scale, detail.fan_in_fan_out)
 
@@ -704,7 +720,7 @@ def unit_scale_params(params: LoraParams, r: int) -> LoraParams:
 
 KIND = AdapterKind(
     name="lora", params=LoraParams, splice=splice, merge=merge,
-    components=(*LINEAR.names, *EMBEDDING.names),
+    components=(*LINEAR.names, *EMBEDDING.names, *VELORA),
     peft=PeftFormat("LORA", rules_to_config, config_to_rules, LORA_FIELDS,
                     selector={"use_dora": False, "alora_invocation_tokens": False},
                     graph_fields=GRAPH_FIELDS),

@@ -37,7 +37,7 @@ import torch.fx
 
 from fxpeft.errors import RuleError
 from fxpeft.formats.peft_format import PeftFormat, PeftFormatError
-from fxpeft.graph.dropout import TRAINING_FLAG_MODULE, TrainingFlag
+from fxpeft.graph.dropout import training_flag_target
 from fxpeft.graph.params import attach_component
 from fxpeft.graph.records import record
 from fxpeft.graph.targets import fetch
@@ -162,17 +162,10 @@ def _mlp(dim: int, hidden: int, out: int, hidden_layers: int) -> torch.nn.Sequen
 
 # --- the splice ------------------------------------------------------------------------------
 
-def _training_flag(gm: torch.fx.GraphModule) -> str:
-    """The graph's train/eval flag module (added on first use): the encoder's LSTM dropout
-    follows the graph's mode, not its own flag, which a decode graph sharing it sets to eval."""
-    if not hasattr(gm, TRAINING_FLAG_MODULE):
-        gm.add_module(TRAINING_FLAG_MODULE, TrainingFlag().train(gm.training))
-    return TRAINING_FLAG_MODULE
-
-
 def _encode(gm: torch.fx.GraphModule, graph: torch.fx.Graph, target: str) -> list[torch.fx.Node]:
-    """The graph's flag, then the encoder's one call: the prompt."""
-    flag = graph.call_module(_training_flag(gm), ())
+    """The graph's flag, then the encoder's one call: the prompt (the encoder's LSTM dropout
+    follows the graph's mode)."""
+    flag = graph.call_module(training_flag_target(gm), ())
     encoded = graph.call_module(target, (flag,))
     encoded.prepend(flag)  # created after the same node, so in reverse order
     return [flag, encoded]
