@@ -20,6 +20,7 @@ from fxpeft.kinds.lora import LoraParams
 from fxpeft.rules import Rule, Where
 from kind_checks import (bf16_llama, check_bf16_both_ways, check_compiles_whole, check_generate, check_merge,
                          check_named_adapters, logits, perturb)
+from peft_io import matrix_case
 from peft_models import custom_model
 
 ATOL = 1e-5
@@ -110,6 +111,23 @@ def test_folders_both_ways_keys_config_and_merge(tmp_path):
     torch.testing.assert_close(logits(fxpeft.fuse(gm), ids), expected, rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("options", [dict(lora_bias=True), dict(use_rslora=True, init_lora_weights=False)])
+def test_kasa_with_other_lora_options_is_peft_both_ways_and_merged(tmp_path, options):
+    errors = matrix_case("MLP", LoraConfig, dict(target_modules=["lin0"], kasa_config=KasaConfig(), r=4,
+                                                 **options), tmp_path)
+    assert max(errors.values()) <= ATOL, errors
+
+
+def test_the_correction_reads_the_base_input_not_the_adapter_dropout():
+    """PEFT's truncated base sees ``x``; only A sees the adapter's dropout."""
+    gm = fxpeft.rewrite(tiny_llama(), _config(lora_dropout=0.1))
+    linear = torch.ops.aten.linear.default
+    reads = {n.args[1].target: n for n in gm.graph.nodes
+             if n.target is linear and n.args[1].op == "get_attr"}
+    assert reads[f"{Q}.kasa_dropped_vh"].args[0] is reads[f"{Q}.weight"].args[0]
+    assert reads[f"{Q}.lora_A.weight"].args[0].op == "call_module"  # the adapter's dropout
+
+
 def test_kasa_loss_is_peft_get_kasa_loss(tmp_path):
     peft_model, gm = _twin(tmp_path)
     theirs = peft_model.base_model._get_kasa_loss()
@@ -131,6 +149,18 @@ def test_named_adapters_generate_and_compile(tmp_path):
     check_named_adapters(gm, tmp_path)
     check_generate(gm, tmp_path)
     check_compiles_whole(gm, token_batch())
+    with pytest.raises(fxpeft.FxpeftError, match="combine cannot mix it"):
+        fxpeft.combine(gm, {"default": 0.5}, "cat")
+
+
+def test_export_lora_writes_the_whole_change_as_plain_lora_on_the_untouched_base(tmp_path):
+    """PEFT has no convert_to_lora for KaSA; fxpeft's export: rank <= 2r, PEFT loads it."""
+    ids = token_batch()
+    _, gm = _twin(tmp_path)
+    exported = fxpeft.export_lora(gm, tmp_path / "plain")
+    assert exported.r <= 2 * 4
+    plain = PeftModel.from_pretrained(tiny_llama(), tmp_path / "plain").eval()
+    torch.testing.assert_close(logits(plain, ids), logits(gm, ids), rtol=0, atol=1e-4)
 
 
 def test_bf16_base_matches_peft(tmp_path):
