@@ -19,7 +19,7 @@ one model: as in PEFT. ``kasa_loss`` is PEFT's ``_get_kasa_loss``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx
@@ -127,7 +127,7 @@ def scaled_down(graph: torch.fx.Graph, detail: KasaDetail, down: torch.fx.Node) 
 
 
 def less_dropped(graph: torch.fx.Graph, detail: KasaDetail, x: torch.fx.Node, branch: torch.fx.Node,
-                 gated: Any) -> torch.fx.Node:
+                 gated: Callable[[torch.fx.Node], torch.fx.Node]) -> torch.fx.Node:
     """``branch - gate * (x Vh_d^T) (U_d S_d)^T``: the base's dropped part taken off (``x``
     without the adapter's dropout: it is the base's input), gated on the rank-r tensor."""
     down = gated(graph.call_function(aten.linear.default, (x, graph.get_attr(detail.dropped_vh))))

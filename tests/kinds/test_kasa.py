@@ -146,7 +146,8 @@ def test_named_adapters_generate_and_compile(tmp_path):
     fxpeft.add_adapter(gm, "other", Rule(where=where, params=LoraParams(r=2, alpha=4, kasa=True)))
     perturb(gm, "lora_", seed=2, scale=0.3)
     gm.eval()
-    check_named_adapters(gm, tmp_path)
+    check_named_adapters(gm, tmp_path)  # deletes "other": its buffers go too
+    assert [n for n, _ in gm.named_buffers() if "kasa_" in n and n.endswith("_other")] == []
     check_generate(gm, tmp_path)
     check_compiles_whole(gm, token_batch())
     with pytest.raises(fxpeft.FxpeftError, match="combine cannot mix it"):
@@ -198,6 +199,19 @@ def test_what_peft_refuses_is_refused_by_name(model, config, message):
         fxpeft.rewrite(model(), _config(**config))
     with pytest.raises(ValueError):
         get_peft_model(model(), _config(**config))
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"beta": -1}, r"kasa_config.beta: expected a number >= 0, got -1"),
+    ({"beta": 1e-4, "delta": 2}, r"kasa_config must be a mapping with beta and gamma"),
+    ("yes", r"kasa_config must be a mapping with beta and gamma"),
+])
+def test_a_bad_kasa_config_is_a_located_error(tmp_path, value, message):
+    get_peft_model(tiny_llama(), _config()).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "kasa_config": value}))
+    with pytest.raises(fxpeft.FxpeftError, match=f"adapter_config.json: {message}"):
+        fxpeft.load(tiny_llama(), tmp_path)
 
 
 def test_a_convolution_and_a_parameter_are_refused():
