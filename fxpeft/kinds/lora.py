@@ -275,15 +275,15 @@ def attach_lora(job: SpliceInput) -> tuple[LoraDetail, list[str]]:
     a_path = attach_component(job.gm, site.module_path, layout.names[0], job.adapter, lora_a)
     b_path = attach_component(job.gm, site.module_path, layout.names[1], job.adapter, lora_b)
     b_bias = getattr(lora_b, "bias", None)
-    variant, added = None, []
+    kasa_detail, added = None, []
     if params.kasa:
-        variant, diag, buffers = kasa.attach(job.gm, site, params, job.adapter, _weight_of(lora_a).dtype,
+        kasa_detail, diag, buffers = kasa.attach(job.gm, site, params, job.adapter, _weight_of(lora_a).dtype,
                                               KASA_DIAG)
         added = [diag, *buffers]
     detail = LoraDetail(params.scale, site.weight_target, _tensor_target(a_path, lora_a),
                         _tensor_target(b_path, lora_b), transposed, getattr(site, "groups", 1),
                         f"{b_path}.bias" if b_bias is not None else None, site.bias_target(job.gm),
-                        bd_lora.blocks_of(params), variant)
+                        bd_lora.blocks_of(params), kasa_detail)
     return detail, [a_path, b_path, *added]
 
 
@@ -547,13 +547,13 @@ def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str,
     """PEFT ``LoraConfig`` fields to rules (``pattern_rules``), for linears, embeddings and
     convolutions (the site kinds the params apply to)."""
     _check_config(config, source)
+    kasa_fields = kasa.params_fields(config, source)
 
     def params_for(r: int, alpha: float) -> Params:
         return params_class(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0),
                             use_rslora=_flag(config.get("use_rslora")),
                             init="mica" if config.get("init_lora_weights") == "mica" else "default",
-                            lora_bias=_flag(config.get("lora_bias")), **variant)
-    variant = kasa.params_fields(config, source)
+                            lora_bias=_flag(config.get("lora_bias")), **kasa_fields)
     modules = tuple(site for site in params_class.match_kinds if site != "parameter")
     rules: tuple[Rule, ...] = ()
     weights = _attention_weights(config, model, source, params_class)
