@@ -34,7 +34,8 @@ from fxpeft.graph.dropout import dropout_target
 from fxpeft.registry import AdapterKind, Combines, LowRankBranch, SpliceInput, Spliced
 from fxpeft.match.layer_sites import ConvSite, EmbeddingSite, find_conv_sites, find_embedding_sites
 from fxpeft.match.parameter_sites import ParameterSite, find_parameter_sites
-from fxpeft.kinds import bd_lora, lora_parameters, trainable_tokens, velora
+from fxpeft.kinds import bd_lora, kasa, lora_parameters, trainable_tokens, velora
+from fxpeft.kinds.kasa import DEFAULTS as KASA_DEFAULTS, non_negative
 from fxpeft.match.query import Match
 from fxpeft.names import ADAPTER_META, AdapterNode
 from fxpeft.formats.peft_format import (PeftFormat, PeftFormatError, exclude_regexes, names_regex, neutral,
@@ -76,6 +77,11 @@ class LoraParams(Params):
                        "VeLoRA: its vector's init (none: plain LoRA; linears only)")
     velora_groups: int = spec(64, checks.positive_int, "VeLoRA: sub-tokens per input row")
     velora_scale: float = spec(1.0, checks.positive_number, "VeLoRA: scale of the rebuilt input")
+    kasa: bool = spec(False, checks.boolean, "KaSA: drop W's r smallest singular components, "
+                                             "learn singular values between A and B (linears)")
+    kasa_beta: float = spec(KASA_DEFAULTS["beta"], non_negative, "KaSA: kasa_loss's weight of sum(diag^2)")
+    kasa_gamma: float = spec(KASA_DEFAULTS["gamma"], non_negative,
+                             "KaSA: kasa_loss's weight of A's and B's orthogonality")
 
     @property
     def scale(self) -> float:
@@ -99,9 +105,11 @@ class LoraDetail:
     base_bias: str | None = None
     blocks: tuple[int, int] = (1, 1)  # BD-LoRA: diagonal blocks of A and of B
     velora: tuple[str, ...] = ()  # VeLoRA: the targets of its vector and set flag
+    kasa: kasa.KasaDetail | None = None  # KaSA: its singular values and the base's dropped part
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+KASA_DIAG = "lora_diag"  # KaSA's learnable singular values (PEFT's key)
 
 
 def adapter_dtype(params: Any, base: torch.dtype) -> torch.dtype:
@@ -266,6 +274,9 @@ def attach_lora(job: SpliceInput) -> tuple[LoraDetail, list[str]]:
         bd_lora.check_site(site, params, layout is LINEAR)
     if params.velora != "none":
         velora.check_site(site, params, layout is LINEAR)
+    kasa.check_mixing(job.gm, job.adapter, params)
+    if params.kasa:
+        kasa.check_site(site, params, layout is LINEAR)
     lora_a, lora_b = layout.make(site, params, site.weight_like(job.gm))
     transposed = site.fan_in_fan_out or layout.transposed
     if params.init == "mica":
@@ -273,14 +284,19 @@ def attach_lora(job: SpliceInput) -> tuple[LoraDetail, list[str]]:
     a_path = attach_component(job.gm, site.module_path, layout.names[0], job.adapter, lora_a)
     b_path = attach_component(job.gm, site.module_path, layout.names[1], job.adapter, lora_b)
     b_bias = getattr(lora_b, "bias", None)
+    kasa_detail, added = None, []
+    if params.kasa:
+        kasa_detail, diag, buffers = kasa.attach(job.gm, site, params, job.adapter, _weight_of(lora_a).dtype,
+                                              KASA_DIAG)
+        added = [diag, *buffers]
     detail = LoraDetail(params.scale, site.weight_target, _tensor_target(a_path, lora_a),
                         _tensor_target(b_path, lora_b), transposed, getattr(site, "groups", 1),
                         f"{b_path}.bias" if b_bias is not None else None, site.bias_target(job.gm),
-                        bd_lora.blocks_of(params))
+                        bd_lora.blocks_of(params), kasa=kasa_detail)
     if params.velora != "none":
         detail = dataclasses.replace(detail, velora=tuple(velora.attach(
             job.gm, site, params, job.adapter, _weight_of(lora_a).dtype, VELORA)))
-    return detail, [a_path, b_path, *detail.velora]
+    return detail, [a_path, b_path, *added, *detail.velora]
 
 
 def _weight_of(value: Any) -> torch.Tensor:
@@ -311,15 +327,19 @@ def casts(job: SpliceInput) -> bool:
     return adapter_dtype(job.params, base) != base
 
 
-def adapter_input(job: SpliceInput) -> torch.fx.Node:
-    """The site's input, cast to the adapter dtype and through the adapter's dropout when it
-    has one (train mode only), in PEFT's order; an embedding's indices as they are."""
+def cast_input(job: SpliceInput) -> torch.fx.Node:
+    """The site's input in the adapter dtype; an embedding's indices as they are."""
     x = job.site.input
-    if not layout_of(job.site).features_in:
-        return x
-    if casts(job):
+    if layout_of(job.site).features_in and casts(job):
         x = job.gm.graph.call_function(aten.to.dtype, (x, torch.float32))
-    if job.params.dropout > 0:
+    return x
+
+
+def adapter_input(job: SpliceInput, cast: torch.fx.Node | None = None) -> torch.fx.Node:
+    """The site's input, cast to the adapter dtype (``cast``, when the caller made it) and
+    through the adapter's dropout when it has one (train mode only), in PEFT's order."""
+    x = cast_input(job) if cast is None else cast
+    if layout_of(job.site).features_in and job.params.dropout > 0:
         x = job.gm.graph.call_module(dropout_target(job.gm), (x, job.params.dropout))
     return x
 
@@ -335,6 +355,8 @@ def low_rank(job: SpliceInput, detail: LoraDetail, x: torch.fx.Node,
         else layout.down(graph, job.site, x, weight)
     if gated and not detail.lora_bias:
         down = _gated(job, detail, down)
+    if detail.kasa is not None:
+        down = kasa.scaled_down(graph, detail.kasa, down)
     bias = graph.get_attr(detail.lora_bias) if detail.lora_bias else None
     up = layout.up(graph, job.site, down, _factor(graph, detail.lora_B, detail.blocks[1]), bias)
     return _gated(job, detail, up) if gated and detail.lora_bias else up
@@ -376,6 +398,9 @@ def splice(job: SpliceInput) -> Spliced:
     if isinstance(job.site, ParameterSite) and job.site.module_call:  # W of a whole nn.Linear
         job = dataclasses.replace(job, site=_linear_site_of(job.gm, job.site.node))
     elif isinstance(job.site, ParameterSite):
+        kasa.check_mixing(job.gm, job.adapter, job.params)
+        if job.params.kasa:  # PEFT's parameter wrapper has no variant
+            kasa.check_site(job.site, job.params, linear=False)
         if job.params.lora_bias or job.params.init == "mica":  # PEFT's parameter wrapper takes neither
             raise FxpeftError(f"{job.site.module_path}: LoRA on a parameter takes no lora_bias or "
                               f"MiCA (as in PEFT)")
@@ -384,14 +409,20 @@ def splice(job: SpliceInput) -> Spliced:
     detail, attached = attach_lora(job)
     graph, y = job.gm.graph, job.site.node
     with graph.inserting_before(y.next):  # keeps creation order
-        up = low_rank(job, detail, adapter_input(job))
-        total = join(graph, y, graph.call_function(aten.mul.Tensor, (up, detail.scale)), casts(job))
+        x = cast_input(job) if detail.kasa else None  # KaSA's correction: the base's input, no dropout
+        up = low_rank(job, detail, adapter_input(job, x))
+        branch = graph.call_function(aten.mul.Tensor, (up, detail.scale))
+        if detail.kasa is not None:
+            branch = kasa.less_dropped(graph, detail.kasa, x, branch, lambda v: _gated(job, detail, v))
+        total = join(graph, y, branch, casts(job))
     reroute(y, total)
     return Spliced(record_nodes(job, y, total, "lora", detail), attached, frozen_of(job, detail))
 
 
 def frozen_of(job: SpliceInput, detail: LoraDetail) -> list[str]:
-    """MiCA trains A only: its B is frozen for good."""
+    """MiCA trains A only: its B is frozen for good; KaSA's dropped part is a frozen buffer."""
+    if detail.kasa is not None:
+        return [detail.kasa.dropped_us, detail.kasa.dropped_vh]
     return [detail.lora_B] if job.params.init == "mica" else []
 
 
@@ -404,6 +435,8 @@ def lora_delta(gm: torch.nn.Module, detail: LoraDetail) -> torch.Tensor:
     lora_b, lora_a = fetch(gm, detail.lora_B).detach(), fetch(gm, detail.lora_A).detach()
     if detail.blocks != (1, 1):
         lora_a, lora_b = (bd_lora.block_diagonal(t, n) for t, n in zip((lora_a, lora_b), detail.blocks))
+    if detail.kasa is not None:
+        return kasa.delta(gm, detail.kasa, lora_a, lora_b, detail.scale)
     delta = (lora_b.float().flatten(1) @ lora_a.float().flatten(1)) * detail.scale
     delta = delta.T if detail.fan_in_fan_out else delta
     return delta.reshape(fetch(gm, detail.weight).shape) if lora_a.dim() > 2 else delta
@@ -448,8 +481,6 @@ _PLAIN_INITS = (True, False, "gaussian", "orthogonal", "mica")
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 # PEFT 0.21.2's LoRA variants that fxpeft refuses, with why (their config field -> reason).
 _REFUSED_VARIANTS = {
-    "kasa_config": "KaSA truncates the base weight's r smallest singular values when it is added "
-                   "(it changes the base weights)",
     "monteclora_config": "MonteCLoRA samples a random perturbation of A in every training forward "
                          "(its forward is not a fixed function of its parameters)",
 }
@@ -459,7 +490,7 @@ LORA_FIELDS = frozenset({"target_modules", "exclude_modules", "layers_to_transfo
                          "layers_pattern", "r", "lora_alpha", "rank_pattern", "alpha_pattern",
                          "use_rslora", "fan_in_fan_out", "bias", "lora_dropout",
                          "init_lora_weights", "lora_bias", "target_parameters", bd_lora.CONFIG_FIELD,
-                         velora.CONFIG_FIELD,
+                         velora.CONFIG_FIELD, kasa.CONFIG_FIELD,
                          trainable_tokens.CARRIED_FIELD, "layer_replication", *_REFUSED_VARIANTS})
 
 
@@ -531,12 +562,13 @@ def config_to_rules(config: dict[str, Any], model: torch.nn.Module, source: str,
     convolutions (the site kinds the params apply to)."""
     _check_config(config, source)
     variant = velora.params_fields(config, source, params_class is LoraParams)
+    kasa_fields = kasa.params_fields(config, source)
 
     def params_for(r: int, alpha: float) -> Params:
         return params_class(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0),
                             use_rslora=_flag(config.get("use_rslora")),
                             init="mica" if config.get("init_lora_weights") == "mica" else "default",
-                            lora_bias=_flag(config.get("lora_bias")), **variant)
+                            lora_bias=_flag(config.get("lora_bias")), **variant, **kasa_fields)
     modules = tuple(site for site in params_class.match_kinds if site != "parameter")
     rules: tuple[Rule, ...] = ()
     weights = _attention_weights(config, model, source, params_class)
@@ -691,6 +723,7 @@ def rules_to_config(matches: list[Match], program: Program, use_dora: bool = Fal
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": rslora,
             "lora_dropout": dropout, "bias": "none", "init_lora_weights": "mica" if mica else True,
             "lora_bias": lora_bias, **bd_lora.config_fields(params), **velora.config_fields(params),
+            **kasa.config_fields(params),
             "use_dora": use_dora, "fan_in_fan_out": any(m.site.fan_in_fan_out for m in matches),
             trainable_tokens.CARRIED_FIELD: trainable_tokens.carried_value(rows),
             "layer_replication": [list(pair) for pair in program.info.layer_replication] or None}
@@ -699,11 +732,12 @@ def rules_to_config(matches: list[Match], program: Program, use_dora: bool = Fal
 def branch_of(record: AdapterNode) -> LowRankBranch | None:
     """The branch's A and B weights and scale, for the fuse passes (``AdapterKind.low_rank``);
     None for a weight update at a parameter read (no branch on an activation to fuse), or for a
-    branch whose B has a bias (``lora_bias``), a block-diagonal factor (BD-LoRA) or VeLoRA's
-    training projection: not the plain branch the fuse passes rewrite."""
+    branch whose B has a bias (``lora_bias``), a block-diagonal factor (BD-LoRA), VeLoRA's
+    training projection or KaSA's singular values and correction: not the plain branch the fuse
+    passes rewrite."""
     detail = record.detail
     if isinstance(detail, lora_parameters.ParameterDetail) or detail.lora_bias is not None or \
-            detail.blocks != (1, 1) or detail.velora:
+            detail.blocks != (1, 1) or detail.velora or detail.kasa is not None:
         return None
     return LowRankBranch(detail.lora_A, detail.lora_B, detail.scale, detail.fan_in_fan_out)
 
@@ -720,7 +754,7 @@ def unit_scale_params(params: LoraParams, r: int) -> LoraParams:
 
 KIND = AdapterKind(
     name="lora", params=LoraParams, splice=splice, merge=merge,
-    components=(*LINEAR.names, *EMBEDDING.names, *VELORA),
+    components=(*LINEAR.names, *EMBEDDING.names, KASA_DIAG, *VELORA),
     peft=PeftFormat("LORA", rules_to_config, config_to_rules, LORA_FIELDS,
                     selector={"use_dora": False, "alora_invocation_tokens": False},
                     graph_fields=GRAPH_FIELDS),

@@ -150,7 +150,7 @@ def check_site(site: Any, params: Any, linear: bool) -> None:
         raise FxpeftError(f"{where} applies to linear layers only (as in PEFT; not to an "
                           f"embedding, a convolution or target_parameters)")
     for flag, name in ((params.kind != "lora", params.kind), (params.init == "mica", "MiCA"),
-                       (params.block_diagonal != "none", "BD-LoRA")):
+                       (params.block_diagonal != "none", "BD-LoRA"), (params.kasa, "KaSA")):
         if flag:
             raise FxpeftError(f"{where} does not combine with {name} (as in PEFT)")
 

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 from peft import AdaptionPromptConfig, FourierFTConfig, IA3Config, LoraConfig, get_peft_model
-from peft.tuners.lora.config import KasaConfig
+from peft.tuners.lora.config import MontecloraConfig
 
 import fxpeft
 from conftest import assert_only_adapters_get_grads, randomize_adapters, tiny_llama, token_batch
@@ -91,7 +91,7 @@ def test_overrides_and_explain_take_configs_too():
 
 UNSUPPORTED = {
     "fourierft": lambda: FourierFTConfig(target_modules=["q_proj"]),
-    "kasa": lambda: LoraConfig(target_modules=["q_proj"], kasa_config=KasaConfig()),
+    "monteclora": lambda: LoraConfig(target_modules=["q_proj"], monteclora_config=MontecloraConfig()),
     "bias": lambda: LoraConfig(target_modules=["q_proj"], bias="all"),
     "dict field": lambda: {"peft_type": "LORA", "target_modules": ["q_proj"], "use_dora": True,
                            "bias": "lora_only"},

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 from peft import BOFTConfig, FourierFTConfig, LoraConfig, PeftModel, get_peft_model
-from peft.tuners.lora.config import KasaConfig
+from peft.tuners.lora.config import MontecloraConfig
 
 import fxpeft
 from conftest import tiny_llama
@@ -54,8 +54,8 @@ def test_boft_on_a_conv2d_names_the_layer_and_leaves_the_graph(tmp_path):
 
 @pytest.mark.parametrize("config, feature", [
     (FourierFTConfig(target_modules=["q_proj"]), r"adapter_config.json: peft_type 'FOURIERFT' is not supported"),
-    (LoraConfig(target_modules=["q_proj"], kasa_config=KasaConfig()),
-     r"adapter_config.json: kasa_config is set: the LoRA variant is not supported: KaSA"),
+    (LoraConfig(target_modules=["q_proj"], monteclora_config=MontecloraConfig()),
+     r"adapter_config.json: monteclora_config is set: the LoRA variant is not supported: MonteCLoRA"),
 ])
 def test_unsupported_types_and_fields_are_named(tmp_path, config, feature):
     with pytest.raises(PeftFormatError, match=feature):

@@ -1,7 +1,7 @@
 """PEFT's custom-model matrix (its tests/test_custom_models.py TEST_CASES), the slice of rows whose
 site or option fxpeft newly supports: DoRA on embeddings and 1-d / 2-d / 3-d convolutions
 (grouped ones included), Conv3d LoRA, IA3 on Conv2d / Conv3d, lora_bias, MiCA, AdaLoRA on Conv2d,
-BD-LoRA, VeLoRA and LoRA on nn.MultiheadAttention. Each row both ways through folders and merged
+BD-LoRA, VeLoRA, KaSA and LoRA on nn.MultiheadAttention. Each row both ways through folders and merged
 (bench/peft_custom_matrix.py runs every row); the rows fxpeft refuses name the feature; and each new site keeps the guarantees of
 the existing kinds: identity at init, the graph, gradients only on adapters, named adapters,
 fuse, bf16 bases and torch.compile(fullgraph=True). DoRA on a tiny Llama's embed_tokens
@@ -34,10 +34,11 @@ NEW_ROWS = {
     "Conv2d 1 AdaLoRA", "Conv2d 2 AdaLoRA", "BD-LoRA A only", "BD-LoRA B only", "BD-LoRA both A and B",
     "MHA 1 LoRA", "MHA 2 LoRA", "Vanilla MLP 10 LoRA with VeLoRA random",
     "Vanilla MLP 11 LoRA with VeLoRA batch_average", "Vanilla MLP 12 LoRA with VeLoRA batch_average_once",
+    "Vanilla MLP 1 LoRA with KaSA",
 }
 CASES = [case for case in peft_custom_cases() if case[0] in NEW_ROWS]
 # Rows fxpeft refuses, and what the refusal must name.
-REFUSED = {"Vanilla MLP 1 LoRA with KaSA": "KaSA", "Vanilla MLP 1 LoRA with Monteclora": "MonteCLoRA"}
+REFUSED = {"Vanilla MLP 1 LoRA with Monteclora": "MonteCLoRA"}
 REFUSED_CASES = [case for case in peft_custom_cases() if case[0] in REFUSED]
 
 

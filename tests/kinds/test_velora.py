@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.lora.config import VeloraConfig
+from peft.tuners.lora.config import KasaConfig, VeloraConfig
 from safetensors.torch import load_file
 
 import fxpeft
@@ -262,6 +262,9 @@ def test_what_peft_does_not_combine_with_velora_is_refused_by_name(tmp_path):
                                           velora_config=VeloraConfig(num_groups=2)))
     with pytest.raises(FxpeftError, match="VeLoRA does not combine with MiCA"):
         fxpeft.rewrite(base(), LoraConfig(target_modules=["lin0"], init_lora_weights="mica", r=4,
+                                          velora_config=VeloraConfig(num_groups=2)))
+    with pytest.raises(FxpeftError, match="VeLoRA does not combine with KaSA"):  # PEFT: no such variant pair
+        fxpeft.rewrite(base(), LoraConfig(target_modules=["lin0"], r=2, kasa_config=KasaConfig(),
                                           velora_config=VeloraConfig(num_groups=2)))
     with pytest.raises(PeftFormatError, match="velora_config.num_groups must be positive"):
         fxpeft.rewrite(base(), {"peft_type": "LORA", "target_modules": ["lin0"],
