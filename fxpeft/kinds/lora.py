@@ -393,17 +393,12 @@ def _linear_site_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearSite
 def splice(job: SpliceInput) -> Spliced:
     """Insert the LoRA branch after ``job.site.node`` and route its users through the sum; at a
     parameter read, adapt the weight it yields (``lora_parameters``)."""
-    if isinstance(job.site, ParameterSite) and job.params.velora != "none":
-        velora.check_site(job.site, job.params, linear=False)
+    if isinstance(job.site, ParameterSite):
+        _check_parameter_site(job)
     if isinstance(job.site, ParameterSite) and job.site.module_call:  # W of a whole nn.Linear
         job = dataclasses.replace(job, site=_linear_site_of(job.gm, job.site.node))
     elif isinstance(job.site, ParameterSite):
         kasa.check_mixing(job.gm, job.adapter, job.params)
-        if job.params.kasa:  # PEFT's parameter wrapper has no variant
-            kasa.check_site(job.site, job.params, linear=False)
-        if job.params.lora_bias or job.params.init == "mica":  # PEFT's parameter wrapper takes neither
-            raise FxpeftError(f"{job.site.module_path}: LoRA on a parameter takes no lora_bias or "
-                              f"MiCA (as in PEFT)")
         return lora_parameters.splice(job, _factory(job.params, job.site.weight_like(job.gm))["dtype"],
                                       LINEAR.names, record_nodes)
     detail, attached = attach_lora(job)
@@ -417,6 +412,18 @@ def splice(job: SpliceInput) -> Spliced:
         total = join(graph, y, branch, casts(job))
     reroute(y, total)
     return Spliced(record_nodes(job, y, total, "lora", detail), attached, frozen_of(job, detail))
+
+
+def _check_parameter_site(job: SpliceInput) -> None:
+    """PEFT's parameter wrapper (``target_parameters``) has no variant, ``lora_bias`` or MiCA,
+    whether the parameter is a bare one or the weight of a whole ``nn.Linear``: refused by name."""
+    if job.params.velora != "none":
+        velora.check_site(job.site, job.params, linear=False)
+    if job.params.kasa:
+        kasa.check_site(job.site, job.params, linear=False)
+    if job.params.lora_bias or job.params.init == "mica":
+        raise FxpeftError(f"{job.site.module_path}: LoRA on a parameter takes no lora_bias or "
+                          f"MiCA (as in PEFT)")
 
 
 def frozen_of(job: SpliceInput, detail: LoraDetail) -> list[str]:

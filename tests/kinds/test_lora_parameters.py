@@ -226,6 +226,21 @@ def test_dropout_on_a_parameter_is_refused():
                                                            params=LoraParams(dropout=0.1)),)))
 
 
+@pytest.mark.parametrize("model", [MlpUsingParameters, MLP], ids=["bare parameter", "nn.Linear weight"])
+@pytest.mark.parametrize("options, message", [
+    ({"lora_bias": True}, "lin0.weight: LoRA on a parameter takes no lora_bias or MiCA"),
+    ({"init": "mica"}, "lin0.weight: LoRA on a parameter takes no lora_bias or MiCA"),
+    ({"kasa": True}, "lin0.weight: KaSA applies to linear layers only"),
+    ({"velora": "random"}, "lin0.weight: VeLoRA applies to linear layers only")])
+def test_what_peft_s_parameter_wrapper_lacks_is_refused_on_every_parameter(model, options, message):
+    """PEFT's parameter wrapper refuses these for any targeted parameter, a whole linear's weight
+    included; so does fxpeft, whichever way the graph reads the parameter."""
+    rules = RuleSet((Rule(match="parameter", where=Where(path=["lin0.weight"]),
+                          params=LoraParams(r=2, **options)),))
+    with pytest.raises(FxpeftError, match=message):
+        fxpeft.rewrite(model(), rules)
+
+
 def test_transposed_experts_are_refused():
     """Experts stored ``[experts, in, out]`` (``is_transposed``, GPT-OSS) are refused by name."""
     from fxpeft.kinds.lora import config_to_rules
