@@ -110,11 +110,11 @@ def attach(gm: torch.fx.GraphModule, site: Any, params: Any, adapter: str, dtype
     parameter's target and the buffers' targets."""
     owner, path = gm.get_submodule(site.module_path), site.module_path
     weight = base_weight(gm, site.weight_target)
-    factors = [t.to(dtype) for t in dropped_part(weight, params.r)]
     names = [adapter_component(base, adapter) for base in (diag_name, *DROPPED)]
-    if names[0] not in owner._parameters:  # a module called at two sites shares them
+    if names[0] not in owner._parameters:  # a module called at two sites shares them (one SVD)
         owner.register_parameter(names[0], torch.nn.Parameter(torch.randn(params.r, dtype=dtype,
                                                                           device=weight.device)))
+        factors = [t.to(dtype) for t in dropped_part(weight, params.r)]
         for name, factor in zip(names[1:], factors):
             owner.register_buffer(name, factor, persistent=False)
     diag, us, vh = (f"{path}.{name}" if path else name for name in names)
